@@ -1,0 +1,456 @@
+//! Configuration: the `Config` tree with its defaults, loading it from built-in defaults < TOML
+//! file < `SCALECHAT_…` environment < the plain `PORT` / `REDIS_*` names (figment), and
+//! validation that reports every problem at once, each naming its key.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::value::{Dict, Value};
+use figment::{Figment, Provider};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// The file read when `--config` is not given, if it exists.
+pub const DEFAULT_CONFIG_PATH: &str = "config/scalechat.toml";
+
+/// Prefix of the environment variables that set any key (`SCALECHAT_SERVER__PORT`).
+pub const ENV_PREFIX: &str = "SCALECHAT_";
+
+/// Plain environment names that the original app's users already set, and the keys they set.
+pub const PLAIN_ENV: &[(&str, &str)] = &[
+    ("PORT", "server.port"),
+    ("REDIS_HOST", "redis.host"),
+    ("REDIS_PORT", "redis.port"),
+    ("REDIS_PASSWORD", "redis.password"),
+];
+
+/// The whole configuration of one scalechat node.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Which transport carries messages between the hub and the rooms.
+    pub transport: TransportKind,
+    /// Listener, HTTP and lifecycle settings.
+    pub server: ServerConfig,
+    /// Per-connection limits.
+    pub limits: LimitsConfig,
+    /// Redis connection settings (used by the `redis` transport).
+    pub redis: RedisConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// The message transport.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    /// In-process: one node, no external service.
+    #[default]
+    Memory,
+}
+
+/// `[server]`: listener, HTTP and lifecycle settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub host: String,
+    /// TCP port to listen on (`PORT` in the environment). 0 picks a free port.
+    pub port: u16,
+    /// Name of this node, sent in `welcome`; empty means a random `node-…` name.
+    pub node_id: String,
+    /// WebSocket connections accepted at once; more get HTTP 503.
+    pub max_connections: usize,
+    /// Browser origins allowed to open a WebSocket; empty allows any.
+    pub allowed_origins: Vec<String>,
+    /// Time an HTTP client has to send its request headers.
+    pub header_read_timeout_secs: u64,
+    /// Time clients get to close after a shutdown signal before the process exits.
+    pub shutdown_grace_secs: u64,
+    /// Listen backlog for bursts of new connections.
+    pub listen_backlog: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            host: "0.0.0.0".into(),
+            port: 8000,
+            node_id: String::new(),
+            max_connections: 100_000,
+            allowed_origins: Vec::new(),
+            header_read_timeout_secs: 10,
+            shutdown_grace_secs: 10,
+            listen_backlog: 4096,
+        }
+    }
+}
+
+/// `[limits]`: what one connection may do.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Longest chat message, in characters.
+    pub max_message_chars: usize,
+    /// Largest WebSocket message (one frame or all fragments together), in bytes.
+    pub max_frame_bytes: usize,
+    /// Rooms one connection may be in at once.
+    pub max_rooms_per_connection: usize,
+    /// Sustained messages per second one connection may send.
+    pub messages_per_second: f64,
+    /// Messages one connection may send in a burst above the sustained rate.
+    pub message_burst: u32,
+    /// Frames queued for one connection before it is disconnected as a slow consumer.
+    pub max_queued_frames: usize,
+    /// Seconds between server pings.
+    pub ping_interval_secs: u64,
+    /// Seconds a peer has to answer a ping (or to accept queued bytes) before it is closed.
+    pub ping_timeout_secs: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_message_chars: 4000,
+            max_frame_bytes: 64 * 1024,
+            max_rooms_per_connection: 32,
+            messages_per_second: 10.0,
+            message_burst: 20,
+            max_queued_frames: 1024,
+            ping_interval_secs: 20,
+            ping_timeout_secs: 20,
+        }
+    }
+}
+
+/// `[redis]`: how to reach Redis.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// Redis host (`REDIS_HOST`).
+    pub host: String,
+    /// Redis port (`REDIS_PORT`).
+    pub port: u16,
+    /// Redis password (`REDIS_PASSWORD`); masked in logs and `check-config`.
+    pub password: Secret,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 6379,
+            password: Secret::default(),
+        }
+    }
+}
+
+/// `[log]`: log level and format.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// Level or filter (`info`, `scalechat=debug`); `RUST_LOG` overrides it.
+    pub level: String,
+    /// `text` for people, `json` for log collectors.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A secret string: shown as `********` in `Debug`, logs and `check-config`.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    fn masked(&self) -> &'static str {
+        if self.0.is_empty() { "" } else { "********" }
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Self {
+        Self(s.to_owned())
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.masked())
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.masked())
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // The environment provider parses `REDIS_PASSWORD=1234` as a number: a password is
+        // whatever was written, so take any scalar as its text.
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Scalar {
+            Text(String),
+            Int(i64),
+            Float(f64),
+            Bool(bool),
+        }
+        Ok(Secret(match Scalar::deserialize(d)? {
+            Scalar::Text(s) => s,
+            Scalar::Int(n) => n.to_string(),
+            Scalar::Float(n) => n.to_string(),
+            Scalar::Bool(b) => b.to_string(),
+        }))
+    }
+}
+
+/// Every problem found while loading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file named with `--config` does not exist.
+    #[error("config file {0} not found")]
+    NotFound(PathBuf),
+    /// The file or environment could not be read (TOML syntax, for one).
+    #[error("{0}")]
+    Unreadable(String),
+    /// Keys that are unknown or whose values are invalid: one line each.
+    #[error("{}", .0.join("\n"))]
+    Invalid(Vec<String>),
+}
+
+/// Loads the configuration: defaults < TOML file < environment.
+///
+/// `path` is the `--config` argument; without it [`DEFAULT_CONFIG_PATH`] is read if present.
+pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+    let file = match path {
+        Some(p) if !p.exists() => return Err(ConfigError::NotFound(p.to_owned())),
+        Some(p) => Some(p.to_owned()),
+        None => Some(PathBuf::from(DEFAULT_CONFIG_PATH)).filter(|p| p.exists()),
+    };
+    let mut user = Figment::new();
+    if let Some(file) = &file {
+        user = user.merge(Toml::file_exact(file));
+    }
+    user = user.merge(Env::prefixed(ENV_PREFIX).split("__"));
+    for (var, key) in PLAIN_ENV {
+        user = user.merge(Env::raw().only(&[var]).map(move |_| (*key).into()));
+    }
+    from_figment(&user)
+}
+
+/// Parses configuration from TOML text alone (defaults for what it leaves out).
+pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+    from_figment(&Figment::from(Toml::string(text)))
+}
+
+/// Extracts and validates a [`Config`] from user-provided sources layered over the defaults.
+fn from_figment(user: &Figment) -> Result<Config, ConfigError> {
+    let user_data = user
+        .data()
+        .map_err(|e| ConfigError::Unreadable(e.to_string()))?;
+    let defaults = Value::serialize(Config::default())
+        .ok()
+        .and_then(|v| v.into_dict())
+        .unwrap_or_default();
+    let mut problems = Vec::new();
+    let mut set_keys = Vec::new();
+    for dict in user_data.values() {
+        walk_keys(dict, &defaults, "", &mut set_keys, &mut problems, user);
+    }
+    let figment = Figment::from(Serialized::defaults(Config::default())).merge(user.clone());
+    let config = match figment.extract::<Config>() {
+        Ok(config) => Some(config),
+        Err(_) => {
+            // Extraction stops at the first bad value; try each key alone to name them all.
+            set_keys.sort_by(|a, b| a.0.cmp(&b.0));
+            set_keys.dedup_by(|a, b| a.0 == b.0);
+            for (key, value) in set_keys {
+                let one = Figment::from(Serialized::defaults(Config::default()))
+                    .merge(Serialized::default(&key, value));
+                if let Err(e) = one.extract::<Config>() {
+                    problems.push(format!("{key}: {}{}", e.kind, source_of(user, &key)));
+                }
+            }
+            None
+        }
+    };
+    if let Some(config) = &config {
+        problems.extend(config.validate());
+    }
+    match config {
+        Some(config) if problems.is_empty() => Ok(config),
+        _ => {
+            problems.dedup();
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+}
+
+/// Collects the leaf keys the user set, and reports those the defaults do not know.
+fn walk_keys(
+    dict: &Dict,
+    known: &Dict,
+    prefix: &str,
+    leaves: &mut Vec<(String, Value)>,
+    problems: &mut Vec<String>,
+    user: &Figment,
+) {
+    for (name, value) in dict {
+        let key = if prefix.is_empty() {
+            name.clone()
+        } else {
+            format!("{prefix}.{name}")
+        };
+        match (known.get(name), value) {
+            (None, _) => problems.push(format!("{key}: unknown key{}", source_of(user, &key))),
+            (Some(Value::Dict(_, inner_known)), Value::Dict(_, inner)) => {
+                walk_keys(inner, inner_known, &key, leaves, problems, user)
+            }
+            _ => leaves.push((key, value.clone())),
+        }
+    }
+}
+
+/// " (in …)": where a key's value came from, for error messages.
+fn source_of(user: &Figment, key: &str) -> String {
+    let Some(md) = user.find_metadata(key) else {
+        return String::new();
+    };
+    let keys: Vec<&str> = key.split('.').collect();
+    match &md.source {
+        Some(source) => format!(" (in {} {})", md.name, source),
+        None => format!(
+            " (in {}: {})",
+            md.name,
+            md.interpolate(&figment::Profile::Default, &keys)
+        ),
+    }
+}
+
+impl Config {
+    /// Checks values that parse but make no sense; one line per problem, naming the key.
+    pub fn validate(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        let mut check = |ok: bool, key: &str, why: &str| {
+            if !ok {
+                p.push(format!("{key}: {why}"));
+            }
+        };
+        let s = &self.server;
+        check(
+            s.host.parse::<std::net::IpAddr>().is_ok(),
+            "server.host",
+            "must be an IP address such as 0.0.0.0 or 127.0.0.1",
+        );
+        check(
+            s.max_connections > 0,
+            "server.max_connections",
+            "must be at least 1",
+        );
+        check(
+            s.header_read_timeout_secs > 0,
+            "server.header_read_timeout_secs",
+            "must be at least 1",
+        );
+        check(
+            s.listen_backlog > 0,
+            "server.listen_backlog",
+            "must be at least 1",
+        );
+        check(
+            s.node_id.len() <= 64 && !s.node_id.chars().any(char::is_control),
+            "server.node_id",
+            "must be at most 64 bytes with no control characters",
+        );
+        for origin in &s.allowed_origins {
+            check(
+                origin.starts_with("http://") || origin.starts_with("https://"),
+                "server.allowed_origins",
+                "each entry must be an origin such as https://chat.example.com",
+            );
+        }
+        let l = &self.limits;
+        check(
+            l.max_message_chars > 0,
+            "limits.max_message_chars",
+            "must be at least 1",
+        );
+        check(
+            l.max_frame_bytes >= 125 && l.max_frame_bytes <= 16 << 20,
+            "limits.max_frame_bytes",
+            "must be between 125 and 16777216",
+        );
+        check(
+            l.max_message_chars.saturating_mul(4).saturating_add(256) <= l.max_frame_bytes,
+            "limits.max_message_chars",
+            "must fit in a frame: limits.max_frame_bytes must be at least 4 x max_message_chars + 256",
+        );
+        check(
+            l.max_rooms_per_connection > 0,
+            "limits.max_rooms_per_connection",
+            "must be at least 1",
+        );
+        check(
+            l.messages_per_second.is_finite() && l.messages_per_second > 0.0,
+            "limits.messages_per_second",
+            "must be a positive number",
+        );
+        check(
+            l.message_burst > 0,
+            "limits.message_burst",
+            "must be at least 1",
+        );
+        check(
+            l.max_queued_frames >= 8,
+            "limits.max_queued_frames",
+            "must be at least 8",
+        );
+        check(
+            l.ping_interval_secs > 0,
+            "limits.ping_interval_secs",
+            "must be at least 1",
+        );
+        check(
+            l.ping_timeout_secs > 0,
+            "limits.ping_timeout_secs",
+            "must be at least 1",
+        );
+        check(
+            tracing_subscriber::EnvFilter::try_new(&self.log.level).is_ok(),
+            "log.level",
+            "must be a level (error, warn, info, debug, trace) or a tracing filter",
+        );
+        p
+    }
+
+    /// The effective configuration as TOML, secrets masked.
+    pub fn to_toml(&self) -> String {
+        // Serializing plain structs of strings, numbers and lists cannot fail.
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+}

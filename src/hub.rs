@@ -1,0 +1,231 @@
+//! The hub: which local connections are in which room, and delivery of an encoded frame to
+//! every local member of a room.
+//!
+//! Everything here is synchronous and never awaits a member: [`Hub::deliver`] clones the
+//! frame's `Bytes` (a reference-count bump) into each member's bounded [`Outbox`]. A member
+//! whose outbox is full is closed as a slow consumer by the outbox itself and skipped.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use bytes::Bytes;
+
+use crate::outbox::{Outbox, Refused};
+use crate::protocol::RoomName;
+
+/// A connection's id, unique within one node's lifetime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub u64);
+
+impl fmt::Display for ConnId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:x}", self.0)
+    }
+}
+
+/// Result of a join or leave, as seen by this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Membership {
+    /// Local members of the room after the change.
+    pub online: usize,
+    /// The room went from no local member to one (join) or from one to none (leave): the
+    /// transport should subscribe or unsubscribe.
+    pub edge: bool,
+}
+
+/// What one delivery did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Delivered {
+    /// Members the frame was queued for.
+    pub queued: usize,
+    /// Members disconnected as slow consumers by this delivery.
+    pub slow: usize,
+}
+
+/// Rooms and their local members.
+#[derive(Debug, Default)]
+pub struct Hub {
+    // Read-locked for delivery (deliveries run in parallel), write-locked for the O(1) join
+    // and leave. Never held across an await.
+    rooms: RwLock<HashMap<RoomName, HashMap<ConnId, Arc<Outbox>>>>,
+}
+
+impl Hub {
+    /// An empty hub.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, HashMap<RoomName, HashMap<ConnId, Arc<Outbox>>>> {
+        // Poisoning needs a panic under the lock; the maps stay consistent regardless.
+        self.rooms.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, HashMap<RoomName, HashMap<ConnId, Arc<Outbox>>>> {
+        self.rooms.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds `conn` to `room` and queues `reply(online)` for it before any message of the room
+    /// can be. Joining a room twice is harmless.
+    pub fn join(
+        &self,
+        room: &RoomName,
+        conn: ConnId,
+        outbox: &Arc<Outbox>,
+        reply: impl FnOnce(usize) -> Bytes,
+    ) -> Membership {
+        let mut rooms = self.write();
+        let members = rooms.entry(room.clone()).or_default();
+        let edge = members.is_empty();
+        members.insert(conn, outbox.clone());
+        let online = members.len();
+        // Refused only when the connection is closing; then nobody reads the reply.
+        let _ = outbox.push(reply(online));
+        Membership { online, edge }
+    }
+
+    /// Removes `conn` from `room`; `None` if it was not a member.
+    pub fn leave(&self, room: &str, conn: ConnId) -> Option<Membership> {
+        let mut rooms = self.write();
+        let members = rooms.get_mut(room)?;
+        members.remove(&conn)?;
+        let online = members.len();
+        if online == 0 {
+            rooms.remove(room);
+        }
+        Some(Membership {
+            online,
+            edge: online == 0,
+        })
+    }
+
+    /// Local members of `room`.
+    pub fn online(&self, room: &str) -> usize {
+        self.read().get(room).map_or(0, HashMap::len)
+    }
+
+    /// Rooms with at least one local member.
+    pub fn rooms(&self) -> Vec<RoomName> {
+        self.read().keys().cloned().collect()
+    }
+
+    /// Queues `frame` for every local member of `room`; never waits.
+    pub fn deliver(&self, room: &str, frame: &Bytes) -> Delivered {
+        let rooms = self.read();
+        let mut done = Delivered::default();
+        for outbox in rooms.get(room).into_iter().flat_map(HashMap::values) {
+            match outbox.push(frame.clone()) {
+                Ok(()) => done.queued += 1,
+                Err(Refused::Full) => done.slow += 1,
+                Err(Refused::Closed) => {}
+            }
+        }
+        done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+
+    fn room(name: &str) -> RoomName {
+        RoomName::new(name).unwrap()
+    }
+
+    fn reply(online: usize) -> Bytes {
+        Bytes::from(online.to_string())
+    }
+
+    fn drain(outbox: &Outbox) -> VecDeque<Bytes> {
+        let mut batch = VecDeque::new();
+        outbox.take(&mut batch);
+        batch
+    }
+
+    #[test]
+    fn join_and_leave_report_edges_and_counts() {
+        let hub = Hub::new();
+        let a = Arc::new(Outbox::new(8));
+        let b = Arc::new(Outbox::new(8));
+        let general = room("general");
+        assert_eq!(
+            hub.join(&general, ConnId(1), &a, reply),
+            Membership {
+                online: 1,
+                edge: true
+            }
+        );
+        assert_eq!(
+            hub.join(&general, ConnId(2), &b, reply),
+            Membership {
+                online: 2,
+                edge: false
+            }
+        );
+        assert_eq!(hub.join(&general, ConnId(2), &b, reply).online, 2);
+        assert_eq!(hub.leave("general", ConnId(3)), None);
+        assert_eq!(
+            hub.leave("general", ConnId(1)),
+            Some(Membership {
+                online: 1,
+                edge: false
+            })
+        );
+        assert_eq!(
+            hub.leave("general", ConnId(2)),
+            Some(Membership {
+                online: 0,
+                edge: true
+            })
+        );
+        assert!(hub.rooms().is_empty());
+    }
+
+    #[test]
+    fn deliver_shares_one_buffer_with_members_of_that_room_only() {
+        let hub = Hub::new();
+        let a = Arc::new(Outbox::new(8));
+        let b = Arc::new(Outbox::new(8));
+        let other = Arc::new(Outbox::new(8));
+        hub.join(&room("general"), ConnId(1), &a, reply);
+        hub.join(&room("general"), ConnId(2), &b, reply);
+        hub.join(&room("dev"), ConnId(3), &other, reply);
+        assert_eq!(
+            drain(&a),
+            [&b"1"[..]],
+            "the joined reply with the online count"
+        );
+        assert_eq!(drain(&b), [&b"2"[..]]);
+        drain(&other);
+        let frame = Bytes::from(vec![1u8; 100]);
+        assert_eq!(
+            hub.deliver("general", &frame),
+            Delivered { queued: 2, slow: 0 }
+        );
+        for outbox in [&a, &b] {
+            let batch = drain(outbox);
+            assert_eq!(batch.len(), 1);
+            assert_eq!(batch[0].as_ptr(), frame.as_ptr(), "same bytes, not a copy");
+        }
+        assert!(other.is_empty());
+    }
+
+    #[test]
+    fn a_full_member_is_counted_slow_and_others_still_get_the_frame() {
+        let hub = Hub::new();
+        let slow = Arc::new(Outbox::new(8));
+        let fast = Arc::new(Outbox::new(8));
+        hub.join(&room("general"), ConnId(1), &slow, reply);
+        hub.join(&room("general"), ConnId(2), &fast, reply);
+        drain(&fast);
+        while slow.len() < 8 {
+            slow.push(Bytes::new()).unwrap();
+        }
+        let done = hub.deliver("general", &Bytes::from_static(b"m"));
+        assert_eq!(done, Delivered { queued: 1, slow: 1 });
+        assert!(slow.is_closed());
+        assert_eq!(fast.len(), 1);
+    }
+}

@@ -1,0 +1,212 @@
+//! A connection's bounded queue of encoded frames, filled by the hub and drained by the
+//! connection's one writer.
+//!
+//! The hub pushes with [`Outbox::push`], which never waits: a full queue means the peer reads
+//! too slowly, so the queue is dropped and the connection is closed with
+//! [`close_code::SLOW_CONSUMER`]; everyone else goes on at full speed. The writer takes
+//! everything queued at once ([`Outbox::take`]) and writes it in one vectored write. The lock
+//! is held only to push or to swap the queue out, never across an await.
+
+use std::collections::VecDeque;
+use std::sync::{Mutex, MutexGuard};
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+use crate::protocol::ws::{self, close_code};
+
+/// Why a push was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The queue was full: the connection is now closing as a slow consumer.
+    Full,
+    /// The connection is already closing.
+    Closed,
+}
+
+/// What the writer should do next.
+#[derive(Debug)]
+pub enum Next {
+    /// Frames were moved into the writer's batch: write them.
+    Frames,
+    /// Nothing queued, nothing to close: wait for [`Outbox::wait`].
+    Idle,
+    /// Send this close frame, then end the connection.
+    Close(Bytes),
+}
+
+/// A bounded queue of frames for one connection.
+#[derive(Debug)]
+pub struct Outbox {
+    state: Mutex<State>,
+    wake: Notify,
+    max_frames: usize,
+}
+
+#[derive(Debug)]
+struct State {
+    frames: VecDeque<Bytes>,
+    close: Option<Bytes>,
+    closed: bool,
+}
+
+/// Slots reserved up front, so that delivering to a connection allocates nothing until a
+/// burst outgrows them (the writer swaps two queues, so both keep their capacity).
+const INITIAL_SLOTS: usize = 8;
+
+impl Outbox {
+    /// An empty outbox holding at most `max_frames` frames.
+    pub fn new(max_frames: usize) -> Self {
+        Self {
+            state: Mutex::new(State {
+                frames: VecDeque::with_capacity(INITIAL_SLOTS),
+                close: None,
+                closed: false,
+            }),
+            wake: Notify::new(),
+            max_frames,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The lock guards plain data and no code under it can panic midway; a poisoned lock
+        // still holds a consistent queue.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `frame`. Never waits. On overflow the queue is dropped and the connection is
+    /// set to close with [`close_code::SLOW_CONSUMER`].
+    pub fn push(&self, frame: Bytes) -> Result<(), Refused> {
+        let mut state = self.lock();
+        if state.closed {
+            return Err(Refused::Closed);
+        }
+        if state.frames.len() >= self.max_frames {
+            state.frames.clear();
+            state.close = Some(ws::close(close_code::SLOW_CONSUMER, "slow consumer"));
+            state.closed = true;
+            drop(state);
+            self.wake.notify_one();
+            return Err(Refused::Full);
+        }
+        let was_empty = state.frames.is_empty();
+        state.frames.push_back(frame);
+        drop(state);
+        // A writer with frames in hand re-checks the queue before it waits, so only the
+        // empty-to-non-empty transition needs a wake-up.
+        if was_empty {
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Closes the connection with `code` after the frames already queued (`flush`), or at
+    /// once, dropping them. Later pushes are refused. The first close wins.
+    pub fn close(&self, code: u16, reason: &str, flush: bool) {
+        let mut state = self.lock();
+        if state.closed {
+            return;
+        }
+        if !flush {
+            state.frames.clear();
+        }
+        state.close = Some(ws::close(code, reason));
+        state.closed = true;
+        drop(state);
+        self.wake.notify_one();
+    }
+
+    /// Whether the connection is closing.
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
+    /// For the writer: moves all queued frames into `batch` (which must be empty), or hands
+    /// over the close frame once the queue is drained.
+    pub fn take(&self, batch: &mut VecDeque<Bytes>) -> Next {
+        let mut state = self.lock();
+        if !state.frames.is_empty() {
+            std::mem::swap(&mut state.frames, batch);
+            Next::Frames
+        } else if let Some(close) = state.close.take() {
+            Next::Close(close)
+        } else {
+            Next::Idle
+        }
+    }
+
+    /// Resolves when something was queued or a close was requested since the last `take`.
+    pub async fn wait(&self) {
+        self.wake.notified().await
+    }
+
+    /// Frames queued now.
+    pub fn len(&self) -> usize {
+        self.lock().frames.len()
+    }
+
+    /// Whether no frame is queued.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn take_moves_everything_queued() {
+        let outbox = Outbox::new(8);
+        outbox.push(Bytes::from_static(b"a")).unwrap();
+        outbox.push(Bytes::from_static(b"b")).unwrap();
+        let mut batch = VecDeque::new();
+        assert!(matches!(outbox.take(&mut batch), Next::Frames));
+        assert_eq!(batch, [&b"a"[..], &b"b"[..]]);
+        batch.clear();
+        assert!(matches!(outbox.take(&mut batch), Next::Idle));
+    }
+
+    #[test]
+    fn overflow_drops_the_queue_and_closes_as_slow() {
+        let outbox = Outbox::new(8);
+        for _ in 0..8 {
+            outbox.push(Bytes::from_static(b"x")).unwrap();
+        }
+        assert_eq!(outbox.push(Bytes::from_static(b"x")), Err(Refused::Full));
+        assert_eq!(outbox.push(Bytes::from_static(b"x")), Err(Refused::Closed));
+        let mut batch = VecDeque::new();
+        let Next::Close(frame) = outbox.take(&mut batch) else {
+            panic!("expected a close");
+        };
+        assert!(batch.is_empty());
+        assert_eq!(&frame[2..4], &close_code::SLOW_CONSUMER.to_be_bytes());
+    }
+
+    #[test]
+    fn flushing_close_comes_after_queued_frames() {
+        let outbox = Outbox::new(8);
+        outbox.push(Bytes::from_static(b"a")).unwrap();
+        outbox.close(close_code::GOING_AWAY, "bye", true);
+        outbox.close(close_code::NORMAL, "ignored", true);
+        let mut batch = VecDeque::new();
+        assert!(matches!(outbox.take(&mut batch), Next::Frames));
+        batch.clear();
+        let Next::Close(frame) = outbox.take(&mut batch) else {
+            panic!("expected a close");
+        };
+        assert_eq!(&frame[2..4], &close_code::GOING_AWAY.to_be_bytes());
+    }
+
+    #[tokio::test]
+    async fn push_to_an_empty_queue_wakes_the_writer() {
+        let outbox = std::sync::Arc::new(Outbox::new(8));
+        let waiter = tokio::spawn({
+            let outbox = outbox.clone();
+            async move { outbox.wait().await }
+        });
+        tokio::task::yield_now().await;
+        outbox.push(Bytes::from_static(b"a")).unwrap();
+        waiter.await.unwrap();
+    }
+}

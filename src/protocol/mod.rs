@@ -1,0 +1,154 @@
+//! Wire formats. `native` is scalechat's JSON protocol v1 (docs/protocol.md); `ws` builds the
+//! WebSocket frames the server sends. Names shared by every codec live here: room and user
+//! names, and the stable error codes a client sees.
+
+pub mod native;
+pub mod ws;
+
+use std::borrow::Borrow;
+use std::fmt;
+use std::sync::Arc;
+
+use serde::{Serialize, Serializer};
+
+/// Longest room name, in bytes.
+pub const MAX_ROOM_LEN: usize = 64;
+/// Longest display name, in characters.
+pub const MAX_NAME_CHARS: usize = 32;
+/// Longest client `ref`, in characters.
+pub const MAX_REF_CHARS: usize = 64;
+
+/// A validated room name: 1 to 64 of `A-Za-z0-9_.-`. Cheap to clone.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RoomName(Arc<str>);
+
+impl RoomName {
+    /// Validates `name`.
+    pub fn new(name: &str) -> Result<Self, ProtocolError> {
+        let valid = !name.is_empty()
+            && name.len() <= MAX_ROOM_LEN
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+        if valid {
+            Ok(Self(name.into()))
+        } else {
+            Err(ProtocolError::new(
+                ErrorCode::BadRoom,
+                "room names are 1 to 64 of A-Z a-z 0-9 _ . -",
+            ))
+        }
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Borrow<str> for RoomName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for RoomName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for RoomName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl Serialize for RoomName {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+/// Checks a display name: 1 to 32 characters, no control characters, not only spaces.
+pub fn valid_user_name(name: &str) -> bool {
+    let chars = name.chars().count();
+    (1..=MAX_NAME_CHARS).contains(&chars)
+        && !name.chars().any(char::is_control)
+        && !name.trim().is_empty()
+}
+
+/// The stable codes of `error` frames. Clients may match on them; never rename one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// The frame is not a JSON object.
+    BadJson,
+    /// `type` is missing or not one this server knows.
+    UnknownType,
+    /// A field is missing or has the wrong type.
+    BadField,
+    /// The message is empty or only white space.
+    EmptyMessage,
+    /// The message is longer than `max_message_chars`.
+    MessageTooLong,
+    /// A room name is not 1 to 64 of `A-Za-z0-9_.-`.
+    BadRoom,
+    /// `ref` is longer than 64 characters.
+    BadRef,
+    /// The connection is not in that room.
+    NotJoined,
+    /// Joining would exceed `max_rooms_per_connection`.
+    TooManyRooms,
+    /// Sent faster than `messages_per_second` allows; the message was not delivered.
+    RateLimited,
+    /// The message could not be accepted right now (transport down); it was not delivered.
+    Unavailable,
+}
+
+impl ErrorCode {
+    /// The code as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BadJson => "bad_json",
+            Self::UnknownType => "unknown_type",
+            Self::BadField => "bad_field",
+            Self::EmptyMessage => "empty_message",
+            Self::MessageTooLong => "message_too_long",
+            Self::BadRoom => "bad_room",
+            Self::BadRef => "bad_ref",
+            Self::NotJoined => "not_joined",
+            Self::TooManyRooms => "too_many_rooms",
+            Self::RateLimited => "rate_limited",
+            Self::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// A refused client frame: what the client is told in an `error` frame.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{}: {message}", code.as_str())]
+pub struct ProtocolError {
+    /// The stable code.
+    pub code: ErrorCode,
+    /// A sentence for people.
+    pub message: String,
+    /// The client's `ref` of the refused frame, when it had one.
+    pub reference: Option<String>,
+}
+
+impl ProtocolError {
+    /// An error without a `ref`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            reference: None,
+        }
+    }
+
+    /// The same error, echoing the client's `ref`.
+    pub fn with_ref(mut self, reference: Option<&str>) -> Self {
+        self.reference = reference.map(str::to_owned);
+        self
+    }
+}

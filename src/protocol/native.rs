@@ -1,0 +1,333 @@
+//! scalechat's native protocol v1: JSON text frames, each one object with a `type`
+//! (docs/protocol.md). Decodes what clients send; encodes what the server sends, each frame once.
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use super::{ErrorCode, MAX_REF_CHARS, ProtocolError, RoomName, ws};
+
+/// What a client asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Request {
+    /// Send `message` to `room` (the connection's first room when `None`).
+    Send {
+        /// Target room.
+        room: Option<RoomName>,
+        /// The chat text.
+        message: String,
+        /// Client id echoed in the ack.
+        reference: Option<String>,
+    },
+    /// Join a room.
+    Join {
+        /// The room.
+        room: RoomName,
+    },
+    /// Leave a room.
+    Leave {
+        /// The room.
+        room: RoomName,
+    },
+}
+
+/// Decodes one client frame, checking every field; `max_message_chars` bounds `send`.
+pub fn decode(payload: &[u8], max_message_chars: usize) -> Result<Request, ProtocolError> {
+    let value: Value = serde_json::from_slice(payload)
+        .map_err(|e| ProtocolError::new(ErrorCode::BadJson, format!("not valid JSON: {e}")))?;
+    let Value::Object(obj) = value else {
+        return Err(ProtocolError::new(
+            ErrorCode::BadJson,
+            "a frame must be one JSON object",
+        ));
+    };
+    let reference = optional_str(&obj, "ref")?;
+    if let Some(r) = reference
+        && r.chars().count() > MAX_REF_CHARS
+    {
+        return Err(ProtocolError::new(
+            ErrorCode::BadRef,
+            "`ref` must be at most 64 characters",
+        ));
+    }
+    decode_typed(&obj, reference, max_message_chars).map_err(|e| e.with_ref(reference))
+}
+
+fn decode_typed(
+    obj: &Map<String, Value>,
+    reference: Option<&str>,
+    max_message_chars: usize,
+) -> Result<Request, ProtocolError> {
+    let kind = optional_str(obj, "type")?
+        .ok_or_else(|| ProtocolError::new(ErrorCode::BadField, "`type` is required"))?;
+    match kind {
+        "send" => {
+            let room = optional_str(obj, "room")?.map(RoomName::new).transpose()?;
+            let message = optional_str(obj, "message")?
+                .ok_or_else(|| ProtocolError::new(ErrorCode::BadField, "`message` is required"))?;
+            check_message(message, max_message_chars)?;
+            Ok(Request::Send {
+                room,
+                message: message.to_owned(),
+                reference: reference.map(str::to_owned),
+            })
+        }
+        "join" => Ok(Request::Join {
+            room: required_room(obj)?,
+        }),
+        "leave" => Ok(Request::Leave {
+            room: required_room(obj)?,
+        }),
+        other => Err(ProtocolError::new(
+            ErrorCode::UnknownType,
+            format!("unknown type {other:?}; expected send, join or leave"),
+        )),
+    }
+}
+
+fn check_message(message: &str, max_chars: usize) -> Result<(), ProtocolError> {
+    if message.trim().is_empty() {
+        return Err(ProtocolError::new(
+            ErrorCode::EmptyMessage,
+            "the message is empty",
+        ));
+    }
+    let chars = message.chars().count();
+    if chars > max_chars {
+        return Err(ProtocolError::new(
+            ErrorCode::MessageTooLong,
+            format!("the message has {chars} characters; the limit is {max_chars}"),
+        ));
+    }
+    Ok(())
+}
+
+fn optional_str<'a>(
+    obj: &'a Map<String, Value>,
+    field: &str,
+) -> Result<Option<&'a str>, ProtocolError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(ProtocolError::new(
+            ErrorCode::BadField,
+            format!("`{field}` must be a string"),
+        )),
+    }
+}
+
+fn required_room(obj: &Map<String, Value>) -> Result<RoomName, ProtocolError> {
+    let room = optional_str(obj, "room")?
+        .ok_or_else(|| ProtocolError::new(ErrorCode::BadField, "`room` is required"))?;
+    RoomName::new(room)
+}
+
+/// Frames the server sends to one connection (not chat messages: see [`MessageTemplate`]).
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Reply<'a> {
+    /// First frame of every connection.
+    Welcome {
+        /// Connection id.
+        conn: &'a str,
+        /// Display name.
+        name: &'a str,
+        /// Node that serves the connection.
+        node: &'a str,
+        /// Rooms the connection is in.
+        rooms: &'a [RoomName],
+    },
+    /// The connection is in `room`, where `online` members are now.
+    Joined {
+        /// The room.
+        room: &'a RoomName,
+        /// Members online in the room.
+        online: usize,
+    },
+    /// The connection left `room`.
+    Left {
+        /// The room.
+        room: &'a RoomName,
+    },
+    /// A `send` was accepted as message `id` of `room`.
+    Ack {
+        /// The client's `ref`, when it sent one.
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a str>,
+        /// The room.
+        room: &'a RoomName,
+        /// The message's id in the room.
+        id: u64,
+    },
+    /// A frame was refused.
+    Error {
+        /// Stable error code.
+        code: &'static str,
+        /// A sentence for people.
+        message: &'a str,
+        /// The refused frame's `ref`, when it had one.
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a str>,
+    },
+}
+
+impl Reply<'_> {
+    /// The reply as a ready-to-send text frame.
+    pub fn frame(&self) -> Bytes {
+        // Serializing these plain structs into a Vec cannot fail.
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        ws::text(&json)
+    }
+}
+
+/// The frame for a refused request.
+pub fn error_frame(err: &ProtocolError) -> Bytes {
+    Reply::Error {
+        code: err.code.as_str(),
+        message: &err.message,
+        reference: err.reference.as_deref(),
+    }
+    .frame()
+}
+
+/// A chat message encoded once, before its id is known: the JSON text around the id.
+///
+/// `{"type":"message","room":"general","id":` + id + `,"user":…,"ts":…,"message":…}`. The
+/// transport that assigns the id joins the parts, so the message is serialized exactly once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MessageTemplate {
+    json: Vec<u8>,
+    id_at: usize,
+}
+
+impl MessageTemplate {
+    /// Encodes a message from `user` in `room`, sent at `ts` (ms since the Unix epoch).
+    pub fn new(room: &RoomName, user: &str, ts: u64, message: &str) -> Self {
+        let mut json = Vec::with_capacity(64 + room.as_str().len() + user.len() + message.len());
+        json.extend_from_slice(b"{\"type\":\"message\",\"room\":");
+        push_json_str(&mut json, room.as_str());
+        json.extend_from_slice(b",\"id\":");
+        let id_at = json.len();
+        json.extend_from_slice(b",\"user\":");
+        push_json_str(&mut json, user);
+        json.extend_from_slice(b",\"ts\":");
+        json.extend_from_slice(itoa::Buffer::new().format(ts).as_bytes());
+        json.extend_from_slice(b",\"message\":");
+        push_json_str(&mut json, message);
+        json.push(b'}');
+        Self { json, id_at }
+    }
+
+    /// JSON before the id.
+    pub fn head(&self) -> &[u8] {
+        &self.json[..self.id_at]
+    }
+
+    /// JSON after the id.
+    pub fn tail(&self) -> &[u8] {
+        &self.json[self.id_at..]
+    }
+
+    /// The complete text frame for message `id`: one allocation, shared by every recipient.
+    pub fn frame(&self, id: u64) -> Bytes {
+        let mut digits = itoa::Buffer::new();
+        ws::text_parts(&[self.head(), digits.format(id).as_bytes(), self.tail()])
+    }
+}
+
+fn push_json_str(out: &mut Vec<u8>, s: &str) {
+    // Writing a str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(payload: &str) -> ErrorCode {
+        decode(payload.as_bytes(), 10).unwrap_err().code
+    }
+
+    #[test]
+    fn decodes_each_request() {
+        assert_eq!(
+            decode(br#"{"type":"send","message":"hi","ref":"c-1"}"#, 10).unwrap(),
+            Request::Send {
+                room: None,
+                message: "hi".into(),
+                reference: Some("c-1".into())
+            }
+        );
+        let room = RoomName::new("dev").unwrap();
+        assert_eq!(
+            decode(br#"{"type":"join","room":"dev"}"#, 10).unwrap(),
+            Request::Join { room: room.clone() }
+        );
+        assert_eq!(
+            decode(br#"{"type":"leave","room":"dev","extra":1}"#, 10).unwrap(),
+            Request::Leave { room }
+        );
+    }
+
+    #[test]
+    fn refuses_bad_frames_with_stable_codes() {
+        assert_eq!(code("nope"), ErrorCode::BadJson);
+        assert_eq!(code("[1]"), ErrorCode::BadJson);
+        assert_eq!(code(r#"{"message":"hi"}"#), ErrorCode::BadField);
+        assert_eq!(code(r#"{"type":7}"#), ErrorCode::BadField);
+        assert_eq!(code(r#"{"type":"shout"}"#), ErrorCode::UnknownType);
+        assert_eq!(code(r#"{"type":"send"}"#), ErrorCode::BadField);
+        assert_eq!(code(r#"{"type":"send","message":5}"#), ErrorCode::BadField);
+        assert_eq!(
+            code(r#"{"type":"send","message":"  "}"#),
+            ErrorCode::EmptyMessage
+        );
+        assert_eq!(
+            code(r#"{"type":"send","message":"12345678901"}"#),
+            ErrorCode::MessageTooLong
+        );
+        assert_eq!(code(r#"{"type":"join","room":"a b"}"#), ErrorCode::BadRoom);
+        assert_eq!(code(r#"{"type":"join"}"#), ErrorCode::BadField);
+        let long_ref = format!(
+            r#"{{"type":"send","message":"x","ref":"{}"}}"#,
+            "r".repeat(65)
+        );
+        assert_eq!(code(&long_ref), ErrorCode::BadRef);
+    }
+
+    #[test]
+    fn errors_echo_the_ref() {
+        let err = decode(br#"{"type":"send","message":"","ref":"c-9"}"#, 10).unwrap_err();
+        assert_eq!(err.reference.as_deref(), Some("c-9"));
+    }
+
+    #[test]
+    fn message_counts_characters_not_bytes() {
+        assert!(decode(r#"{"type":"send","message":"éééééééééé"}"#.as_bytes(), 10).is_ok());
+    }
+
+    #[test]
+    fn message_frame_is_valid_json_with_the_id() {
+        let room = RoomName::new("general").unwrap();
+        let t = MessageTemplate::new(&room, "al\"ice", 1_764_288_000_000, "hi <b>\n");
+        let frame = t.frame(17);
+        let v: Value = serde_json::from_slice(&frame[2..]).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"message","room":"general","id":17,"user":"al\"ice",
+                "ts":1_764_288_000_000u64,"message":"hi <b>\n"})
+        );
+    }
+
+    #[test]
+    fn replies_are_tagged_objects() {
+        let room = RoomName::new("dev").unwrap();
+        let frame = Reply::Ack {
+            reference: None,
+            room: &room,
+            id: 3,
+        }
+        .frame();
+        assert_eq!(&frame[2..], br#"{"type":"ack","room":"dev","id":3}"#);
+    }
+}

@@ -1,0 +1,130 @@
+//! Server-to-client WebSocket frames, built whole: header and payload in one `Bytes`.
+//!
+//! Server frames are never masked, so one encoded frame is valid for every recipient and is
+//! shared by reference count. Reading frames is fastwebsockets' job (`server::session`).
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// Close codes scalechat sends (RFC 6455 section 7.4, and 4000-4999 for its own).
+pub mod close_code {
+    /// The peer asked to close, or the session ended normally.
+    pub const NORMAL: u16 = 1000;
+    /// The server is shutting down.
+    pub const GOING_AWAY: u16 = 1001;
+    /// The peer broke the WebSocket protocol.
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// The peer sent a binary message; chat speaks JSON text.
+    pub const UNSUPPORTED_DATA: u16 = 1003;
+    /// A text message was not valid UTF-8.
+    pub const INVALID_DATA: u16 = 1007;
+    /// A frame, or a fragmented message in total, exceeded `max_frame_bytes`.
+    pub const MESSAGE_TOO_BIG: u16 = 1009;
+    /// The server failed in a way it did not expect.
+    pub const INTERNAL_ERROR: u16 = 1011;
+    /// The peer read too slowly: its queue passed `max_queued_frames`.
+    pub const SLOW_CONSUMER: u16 = 4001;
+    /// The peer did not answer a ping, or accepted no bytes, within `ping_timeout_secs`.
+    pub const PING_TIMEOUT: u16 = 4002;
+}
+
+const OP_TEXT: u8 = 0x1;
+const OP_CLOSE: u8 = 0x8;
+const OP_PING: u8 = 0x9;
+const OP_PONG: u8 = 0xA;
+
+/// Bytes of header a frame with `len` payload bytes needs.
+fn header_len(len: usize) -> usize {
+    match len {
+        0..=125 => 2,
+        126..=0xFFFF => 4,
+        _ => 10,
+    }
+}
+
+fn put_header(buf: &mut BytesMut, opcode: u8, len: usize) {
+    buf.put_u8(0x80 | opcode); // FIN, no RSV bits
+    match len {
+        0..=125 => buf.put_u8(len as u8),
+        126..=0xFFFF => {
+            buf.put_u8(126);
+            buf.put_u16(len as u16);
+        }
+        _ => {
+            buf.put_u8(127);
+            buf.put_u64(len as u64);
+        }
+    }
+}
+
+/// One final frame of `opcode` whose payload is `parts` joined: a single allocation.
+fn frame(opcode: u8, parts: &[&[u8]]) -> Bytes {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let mut buf = BytesMut::with_capacity(header_len(len) + len);
+    put_header(&mut buf, opcode, len);
+    for part in parts {
+        buf.put_slice(part);
+    }
+    buf.freeze()
+}
+
+/// A text frame carrying `payload`, which must be UTF-8.
+pub fn text(payload: &[u8]) -> Bytes {
+    frame(OP_TEXT, &[payload])
+}
+
+/// A text frame whose payload is `parts` joined (all UTF-8), built with one allocation.
+pub fn text_parts(parts: &[&[u8]]) -> Bytes {
+    frame(OP_TEXT, parts)
+}
+
+/// A close frame with `code` and a reason (cut to the 123 bytes a control frame allows).
+pub fn close(code: u16, reason: &str) -> Bytes {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    frame(OP_CLOSE, &[&code.to_be_bytes(), &reason.as_bytes()[..end]])
+}
+
+/// A ping frame.
+pub fn ping(payload: &[u8]) -> Bytes {
+    frame(OP_PING, &[payload])
+}
+
+/// A pong frame answering a ping with `payload`.
+pub fn pong(payload: &[u8]) -> Bytes {
+    frame(OP_PONG, &[payload])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_use_the_shortest_length_form() {
+        assert_eq!(&text(b"hi")[..], b"\x81\x02hi");
+        let medium = text(&[b'a'; 300]);
+        assert_eq!(&medium[..4], &[0x81, 126, 0x01, 0x2C]);
+        assert_eq!(medium.len(), 304);
+        let large = text(&vec![b'a'; 70_000]);
+        assert_eq!(&large[..10], &[0x81, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);
+    }
+
+    #[test]
+    fn close_reason_is_cut_on_a_char_boundary() {
+        let frame = close(1001, &"é".repeat(100));
+        assert_eq!(frame[0], 0x88);
+        let len = frame[1] as usize;
+        assert!(len <= 125);
+        assert_eq!(&frame[2..4], &1001u16.to_be_bytes());
+        assert!(std::str::from_utf8(&frame[4..]).is_ok());
+    }
+
+    #[test]
+    fn parts_are_joined() {
+        assert_eq!(
+            &text_parts(&[b"{\"id\":", b"17", b"}"])[..],
+            b"\x81\x09{\"id\":17}"
+        );
+    }
+}

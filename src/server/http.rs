@@ -1,0 +1,176 @@
+//! HTTP routing: `/healthz`, `/readyz`, and `/ws`, which checks the request (method, upgrade
+//! headers, Origin, capacity, query) and answers with a clear status before upgrading.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use tracing::debug;
+
+use super::Node;
+use super::session::{self, Params};
+use crate::protocol::{RoomName, valid_user_name};
+
+type Body = Full<Bytes>;
+
+/// The room a connection starts in when the query names none.
+pub const DEFAULT_ROOM: &str = "general";
+
+/// Answers one HTTP request.
+pub async fn route(
+    node: Arc<Node>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let response = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/readyz") => readiness(&node),
+        (&Method::GET, "/ws") => websocket(node, peer, req),
+        (_, "/healthz" | "/readyz" | "/ws") => {
+            let mut res = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+            res.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET"));
+            res
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    };
+    Ok(response)
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut res = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    res
+}
+
+fn owned_text(status: StatusCode, body: String) -> Response<Body> {
+    let mut res = text(status, "");
+    *res.body_mut() = Full::new(Bytes::from(body));
+    res
+}
+
+fn readiness(node: &Node) -> Response<Body> {
+    if node.shutdown.is_cancelled() {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: shutting down\n",
+        )
+    } else if !node.transport.is_ready() {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: transport down\n",
+        )
+    } else {
+        text(StatusCode::OK, "ready\n")
+    }
+}
+
+fn websocket(node: Arc<Node>, peer: SocketAddr, mut req: Request<Incoming>) -> Response<Body> {
+    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+        let mut res = text(
+            StatusCode::UPGRADE_REQUIRED,
+            "this endpoint speaks WebSocket: send an Upgrade: websocket request\n",
+        );
+        res.headers_mut()
+            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        res.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        return res;
+    }
+    if !origin_allowed(&node, &req) {
+        return text(StatusCode::FORBIDDEN, "origin not allowed\n");
+    }
+    if node.shutdown.is_cancelled() {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
+    }
+    let params = match params(req.uri().query().unwrap_or("")) {
+        Ok(params) => params,
+        Err(why) => return owned_text(StatusCode::BAD_REQUEST, why),
+    };
+    let Some(slot) = node.reserve_slot() else {
+        let mut res = text(StatusCode::SERVICE_UNAVAILABLE, "too many connections\n");
+        res.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        return res;
+    };
+    let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
+        Ok(pair) => pair,
+        Err(e) => return owned_text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+    };
+    debug!(%peer, room = %params.room, "websocket upgrade");
+    node.sessions
+        .spawn(session::run(node.clone(), upgrade, params, slot));
+    response.map(|_| Full::new(Bytes::new()))
+}
+
+fn origin_allowed(node: &Node, req: &Request<Incoming>) -> bool {
+    let allowed = &node.config.server.allowed_origins;
+    if allowed.is_empty() {
+        return true;
+    }
+    // Browsers always send Origin; a client without one is not a browser page that could be
+    // abused cross-site, so it is let through.
+    match req.headers().get(header::ORIGIN) {
+        None => true,
+        Some(origin) => allowed.iter().any(|a| a.as_bytes() == origin.as_bytes()),
+    }
+}
+
+/// Reads `room` and `name` from the `/ws` query; unknown parameters are ignored.
+fn params(query: &str) -> Result<Params, String> {
+    let mut room = None;
+    let mut name = None;
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        match &*key {
+            "room" => {
+                room = Some(RoomName::new(&value).map_err(|e| format!("room: {}\n", e.message))?)
+            }
+            "name" if valid_user_name(&value) => name = Some(value.into_owned()),
+            "name" => {
+                return Err(
+                    "name: display names are 1 to 32 characters, not blank, no control characters\n"
+                        .into(),
+                );
+            }
+            _ => {}
+        }
+    }
+    Ok(Params {
+        room: room.unwrap_or_else(|| {
+            // The default room name is a valid constant.
+            RoomName::new(DEFAULT_ROOM).expect("valid default room")
+        }),
+        name: name.unwrap_or_else(|| format!("guest-{:04x}", fastrand::u16(..))),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::params;
+
+    #[test]
+    fn query_defaults_and_decoding() {
+        let p = params("").unwrap();
+        assert_eq!(p.room.as_str(), "general");
+        assert!(p.name.starts_with("guest-"));
+        let p = params("room=dev&name=Ana%20Mar%C3%ADa&since=4").unwrap();
+        assert_eq!(p.room.as_str(), "dev");
+        assert_eq!(p.name, "Ana María");
+    }
+
+    #[test]
+    fn query_rejects_bad_room_and_name() {
+        assert!(params("room=a%20b").unwrap_err().starts_with("room:"));
+        assert!(params("name=%20%20").unwrap_err().starts_with("name:"));
+        assert!(params(&format!("name={}", "x".repeat(33))).is_err());
+    }
+}

@@ -1,0 +1,242 @@
+//! The server: the listener and accept loop, the shared [`Node`] state, and shutdown.
+//!
+//! `http` routes each request (health, readiness, the WebSocket upgrade); `session` runs one
+//! upgraded WebSocket connection. Shutdown: the token is cancelled, the accept loop stops,
+//! HTTP connections end gracefully, every session sends Close 1001, and [`Server::run`] waits
+//! for them up to `shutdown_grace_secs`.
+
+mod http;
+mod session;
+mod writer;
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpSocket};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::config::Config;
+use crate::hub::{ConnId, Hub};
+use crate::transport::Transport;
+
+/// State shared by every connection of this node.
+#[derive(Debug)]
+pub struct Node {
+    /// The effective configuration.
+    pub config: Config,
+    /// This node's name, sent in `welcome`.
+    pub id: String,
+    /// Rooms and local members.
+    pub hub: Arc<Hub>,
+    /// The message transport.
+    pub transport: Transport,
+    shutdown: CancellationToken,
+    sessions: TaskTracker,
+    connections: AtomicUsize,
+    next_conn: AtomicU64,
+}
+
+impl Node {
+    fn new(config: Config, shutdown: CancellationToken) -> Self {
+        let hub = Arc::new(Hub::new());
+        let transport = Transport::new(&config, hub.clone());
+        let id = if config.server.node_id.is_empty() {
+            format!("node-{:06x}", fastrand::u32(..1 << 24))
+        } else {
+            config.server.node_id.clone()
+        };
+        Self {
+            config,
+            id,
+            hub,
+            transport,
+            shutdown,
+            sessions: TaskTracker::new(),
+            connections: AtomicUsize::new(0),
+            next_conn: AtomicU64::new(1),
+        }
+    }
+
+    /// Whether the node takes new clients: not shutting down, transport up.
+    pub fn is_ready(&self) -> bool {
+        !self.shutdown.is_cancelled() && self.transport.is_ready()
+    }
+
+    /// WebSocket connections open now.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    fn next_conn_id(&self) -> ConnId {
+        ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Takes one of `max_connections` slots, released when the guard drops.
+    fn reserve_slot(self: &Arc<Self>) -> Option<ConnSlot> {
+        let max = self.config.server.max_connections;
+        let taken = self.connections.fetch_add(1, Ordering::AcqRel);
+        let slot = ConnSlot(self.clone());
+        (taken < max).then_some(slot)
+    }
+}
+
+/// One of the node's `max_connections` slots.
+#[derive(Debug)]
+struct ConnSlot(Arc<Node>);
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A bound, not yet running server.
+#[derive(Debug)]
+pub struct Server {
+    listener: TcpListener,
+    node: Arc<Node>,
+}
+
+impl Server {
+    /// Binds the listener from `config.server`; `shutdown` stops the server when cancelled.
+    pub async fn bind(config: Config, shutdown: CancellationToken) -> io::Result<Self> {
+        let ip: IpAddr = config.server.host.parse().map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "server.host is not an IP address",
+            )
+        })?;
+        let addr = SocketAddr::new(ip, config.server.port);
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        // tokio's default backlog of 1,024 drops SYNs under connection bursts.
+        let listener = socket.listen(config.server.listen_backlog)?;
+        let node = Arc::new(Node::new(config, shutdown));
+        Ok(Self { listener, node })
+    }
+
+    /// The address the listener is bound to.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The node's shared state.
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    /// Serves until the shutdown token is cancelled, then shuts down gracefully.
+    pub async fn run(self) {
+        let Server { listener, node } = self;
+        info!(
+            addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            node = %node.id,
+            transport = ?node.config.transport,
+            "scalechat listening"
+        );
+        let http_conns = TaskTracker::new();
+        let mut http = http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(
+                node.config.server.header_read_timeout_secs,
+            ))
+            .keep_alive(true);
+        let mut accept_errors = AcceptErrors::default();
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = node.shutdown.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        accept_errors.backoff(e).await;
+                        continue;
+                    }
+                },
+            };
+            // Chat frames are small and latency matters more than packet count.
+            let _ = stream.set_nodelay(true);
+            let service = {
+                let node = node.clone();
+                service_fn(move |req| http::route(node.clone(), peer, req))
+            };
+            let conn = http
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            let shutdown = node.shutdown.clone();
+            http_conns.spawn(async move {
+                tokio::pin!(conn);
+                let result = tokio::select! {
+                    result = conn.as_mut() => result,
+                    _ = shutdown.cancelled() => {
+                        // Finish the request in flight, then close; upgraded sessions are
+                        // no longer hyper's and are tracked separately.
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                };
+                if let Err(e) = result {
+                    debug!(%peer, error = %e, "http connection ended with an error");
+                }
+            });
+        }
+        drop(listener);
+        let grace = Duration::from_secs(node.config.server.shutdown_grace_secs);
+        info!(
+            connections = node.connections(),
+            grace_secs = grace.as_secs(),
+            "shutting down: closing every connection"
+        );
+        node.sessions.close();
+        http_conns.close();
+        let done = tokio::time::timeout(grace, async {
+            http_conns.wait().await;
+            node.sessions.wait().await;
+        })
+        .await;
+        match done {
+            Ok(()) => info!("shutdown complete"),
+            Err(_) => warn!(
+                remaining = node.connections(),
+                "shutdown grace period over; dropping the remaining connections"
+            ),
+        }
+    }
+}
+
+/// Accept failures (out of file descriptors, mostly): log once a second, pause briefly so the
+/// loop does not spin while the condition lasts.
+#[derive(Default)]
+struct AcceptErrors {
+    last_log: Option<tokio::time::Instant>,
+    suppressed: u64,
+}
+
+impl AcceptErrors {
+    async fn backoff(&mut self, e: io::Error) {
+        let now = tokio::time::Instant::now();
+        if self
+            .last_log
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
+            warn!(error = %e, suppressed = self.suppressed, "accept failed");
+            self.last_log = Some(now);
+            self.suppressed = 0;
+        } else {
+            self.suppressed += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
