@@ -286,15 +286,21 @@ fn from_figment(user: &Figment) -> Result<Config, ConfigError> {
     let config = match figment.extract::<Config>() {
         Ok(config) => Some(config),
         Err(_) => {
-            // Extraction stops at the first bad value; try each key alone to name them all.
+            // Extraction stops at the first bad value; try each key alone to name them all,
+            // then validate the keys that parsed, so their problems are reported too.
             set_keys.sort_by(|a, b| a.0.cmp(&b.0));
             set_keys.dedup_by(|a, b| a.0 == b.0);
+            let mut parsed = Figment::from(Serialized::defaults(Config::default()));
             for (key, value) in set_keys {
                 let one = Figment::from(Serialized::defaults(Config::default()))
-                    .merge(Serialized::default(&key, value));
-                if let Err(e) = one.extract::<Config>() {
-                    problems.push(format!("{key}: {}{}", e.kind, source_of(user, &key)));
+                    .merge(Serialized::default(&key, &value));
+                match one.extract::<Config>() {
+                    Ok(_) => parsed = parsed.merge(Serialized::default(&key, value)),
+                    Err(e) => problems.push(format!("{key}: {}{}", e.kind, source_of(user, &key))),
                 }
+            }
+            if let Ok(config) = parsed.extract::<Config>() {
+                problems.extend(config.validate());
             }
             None
         }

@@ -127,6 +127,11 @@ impl Outbox {
         let mut state = self.lock();
         if !state.frames.is_empty() {
             std::mem::swap(&mut state.frames, batch);
+            if state.frames.capacity() < INITIAL_SLOTS {
+                // The writer's first batch came without slots: give the queue its own, here on
+                // the writer's side, so that deliveries never allocate.
+                state.frames.reserve(INITIAL_SLOTS);
+            }
             Next::Frames
         } else if let Some(close) = state.close.take() {
             Next::Close(close)

@@ -83,7 +83,7 @@ pub fn valid_user_name(name: &str) -> bool {
 pub enum ErrorCode {
     /// The frame is not a JSON object.
     BadJson,
-    /// `type` is missing or not one this server knows.
+    /// `type` names no request this server knows (a missing `type` is `BadField`).
     UnknownType,
     /// A field is missing or has the wrong type.
     BadField,

@@ -19,11 +19,10 @@ pub mod close_code {
     pub const INVALID_DATA: u16 = 1007;
     /// A frame, or a fragmented message in total, exceeded `max_frame_bytes`.
     pub const MESSAGE_TOO_BIG: u16 = 1009;
-    /// The server failed in a way it did not expect.
-    pub const INTERNAL_ERROR: u16 = 1011;
     /// The peer read too slowly: its queue passed `max_queued_frames`.
     pub const SLOW_CONSUMER: u16 = 4001;
-    /// The peer did not answer a ping, or accepted no bytes, within `ping_timeout_secs`.
+    /// The peer did not answer a ping within `ping_timeout_secs`. (A socket that accepts no
+    /// bytes for that long is dropped without a close frame: none could reach the peer.)
     pub const PING_TIMEOUT: u16 = 4002;
 }
 

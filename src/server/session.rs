@@ -218,6 +218,12 @@ impl Session {
         if self.outbox.is_closed() {
             return; // closing: the close handshake is all that is left
         }
+        // The writer runs in this task: while frames arrive back to back the reader never
+        // waits, so let the writer drain our replies before they pile up to the slow-consumer
+        // limit. A client that sends but does not read still ends up there.
+        if self.outbox.len() >= self.node.config.limits.max_queued_frames / 4 {
+            tokio::task::yield_now().await;
+        }
         let max_chars = self.node.config.limits.max_message_chars;
         match native::decode(payload, max_chars) {
             Ok(Request::Join { room }) => self.join(room),
