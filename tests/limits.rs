@@ -1,0 +1,301 @@
+//! Protocol violations, HTTP refusals, timeouts and slow consumers: each gets a clear answer
+//! (a close code or an HTTP status) and never disturbs other clients.
+
+mod common;
+
+use common::{Client, RawClient, WAIT, config, http_get, start};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+
+const TEXT: u8 = 0x1;
+const BINARY: u8 = 0x2;
+const CONTINUATION: u8 = 0x0;
+const PING: u8 = 0x9;
+
+/// A raw client past its `welcome` and `joined` frames.
+async fn raw(addr: std::net::SocketAddr) -> RawClient {
+    let mut c = RawClient::connect(addr, "/ws").await;
+    for _ in 0..2 {
+        let (opcode, _) = c.recv_frame().await.expect("greeting");
+        assert_eq!(opcode, TEXT);
+    }
+    c
+}
+
+#[tokio::test]
+async fn binary_frames_are_closed_with_1003() {
+    let server = start(config()).await;
+    let mut c = raw(server.addr).await;
+    c.send_frame(true, BINARY, b"\x00\x01").await;
+    assert_eq!(c.close_code().await, 1003);
+}
+
+#[tokio::test]
+async fn invalid_utf8_is_closed_with_1007_whole_or_fragmented() {
+    let server = start(config()).await;
+    let mut c = raw(server.addr).await;
+    c.send_frame(true, TEXT, b"{\"type\":\"send\",\"message\":\"\xff\"}")
+        .await;
+    assert_eq!(c.close_code().await, 1007);
+
+    let mut c = raw(server.addr).await;
+    c.send_frame(false, TEXT, b"{\"type\":\"send\",\"message\":\"\xC3")
+        .await;
+    c.send_frame(true, CONTINUATION, b"\"}").await;
+    assert_eq!(c.close_code().await, 1007);
+}
+
+#[tokio::test]
+async fn oversized_frames_and_fragmented_totals_are_closed_with_1009() {
+    let mut cfg = config();
+    cfg.limits.max_frame_bytes = 1024;
+    cfg.limits.max_message_chars = 100;
+    let server = start(cfg).await;
+    let mut c = raw(server.addr).await;
+    c.send_frame(true, TEXT, &[b' '; 1025]).await;
+    assert_eq!(c.close_code().await, 1009);
+
+    // Each fragment is small; together they pass the cap.
+    let mut c = raw(server.addr).await;
+    c.send_frame(false, TEXT, &[b' '; 600]).await;
+    c.send_frame(false, CONTINUATION, &[b' '; 300]).await;
+    c.send_frame(true, CONTINUATION, &[b' '; 300]).await;
+    assert_eq!(c.close_code().await, 1009);
+
+    // Exactly at the cap is fine.
+    let mut c = raw(server.addr).await;
+    let mut frame = br#"{"type":"send","message":"hi","ref":"edge"}"#.to_vec();
+    frame.resize(1024, b' ');
+    c.send_frame(true, TEXT, &frame).await;
+    let mut saw_ack = false;
+    while let Some((_, payload)) = c.recv_frame().await {
+        let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+        if v["type"] == "ack" {
+            saw_ack = true;
+            break;
+        }
+    }
+    assert!(saw_ack);
+}
+
+#[tokio::test]
+async fn fragmented_messages_are_assembled_and_pings_answered() {
+    let server = start(config()).await;
+    let mut c = raw(server.addr).await;
+    c.send_frame(false, TEXT, br#"{"type":"send","#).await;
+    c.send_frame(false, CONTINUATION, br#""message":"in three ","#)
+        .await;
+    c.send_frame(true, PING, b"between").await; // control frames may interleave
+    c.send_frame(true, CONTINUATION, br#""ref":"f-1"}"#).await;
+    let (opcode, payload) = c.recv_frame().await.unwrap();
+    assert_eq!(
+        (opcode, &payload[..]),
+        (0xA, &b"between"[..]),
+        "pong echoes the ping"
+    );
+    let (_, payload) = c.recv_frame().await.unwrap();
+    let msg: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(msg["message"], "in three ");
+}
+
+#[tokio::test]
+async fn protocol_errors_are_closed_with_1002() {
+    let server = start(config()).await;
+    let mut c = raw(server.addr).await;
+    c.send_frame(true, CONTINUATION, b"orphan").await;
+    assert_eq!(c.close_code().await, 1002);
+
+    let mut c = raw(server.addr).await;
+    c.stream.write_all(&[0xC1, 0x80, 0, 0, 0, 0]).await.unwrap(); // RSV1 set, no extension
+    assert_eq!(c.close_code().await, 1002);
+}
+
+#[tokio::test]
+async fn client_close_is_echoed() {
+    let server = start(config()).await;
+    let mut c = raw(server.addr).await;
+    c.send_frame(true, 0x8, &[0x03, 0xE8, b'b', b'y', b'e'])
+        .await;
+    assert_eq!(c.close_code().await, 1000);
+    assert!(
+        c.recv_frame().await.is_none(),
+        "then the server closes the TCP stream"
+    );
+}
+
+#[tokio::test]
+async fn http_refusals_come_before_the_upgrade() {
+    let mut cfg = config();
+    cfg.server.allowed_origins = vec!["https://chat.example.com".into()];
+    cfg.server.max_connections = 2;
+    let server = start(cfg).await;
+    let upgrade = [
+        ("Upgrade", "websocket"),
+        ("Connection", "Upgrade"),
+        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ("Sec-WebSocket-Version", "13"),
+    ];
+    let with = |extra: &[(&'static str, &'static str)]| {
+        let mut h = upgrade.to_vec();
+        h.extend_from_slice(extra);
+        h
+    };
+    assert_eq!(http_get(server.addr, "/ws", &[]).await.0, 426);
+    let (status, text) = http_get(
+        server.addr,
+        "/ws",
+        &with(&[("Origin", "https://evil.example")]),
+    )
+    .await;
+    assert_eq!(status, 403, "{text}");
+    let (status, text) = http_get(server.addr, "/ws?room=no%20spaces", &upgrade).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("room"));
+    assert_eq!(http_get(server.addr, "/ws?name=%20", &upgrade).await.0, 400);
+    assert_eq!(http_get(server.addr, "/nope", &[]).await.0, 404);
+    assert_eq!(http_get(server.addr, "/healthz", &[]).await.0, 200);
+    assert_eq!(http_get(server.addr, "/readyz", &[]).await.0, 200);
+
+    // The allowed origin upgrades; so does a client without Origin (not a browser).
+    let _a = RawClient::connect(server.addr, "/ws").await;
+    let mut b = TcpStream::connect(server.addr).await.unwrap();
+    let req = "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Origin: https://chat.example.com\r\n\r\n";
+    b.write_all(req.as_bytes()).await.unwrap();
+    let mut head = [0u8; 12];
+    b.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 101");
+    // Two connections open: the third is refused.
+    let (status, text) = http_get(server.addr, "/ws", &upgrade).await;
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("Retry-After") || text.contains("retry-after"));
+}
+
+#[tokio::test]
+async fn a_peer_that_ignores_pings_is_closed_with_4002() {
+    let mut cfg = config();
+    cfg.limits.ping_interval_secs = 1;
+    cfg.limits.ping_timeout_secs = 1;
+    let server = start(cfg).await;
+    let mut silent = raw(server.addr).await;
+    let (opcode, _) = silent.recv_frame().await.unwrap();
+    assert_eq!(opcode, PING);
+    assert_eq!(silent.close_code().await, 4002);
+
+    // A client that answers (tungstenite pongs automatically) stays: three pings later it
+    // still chats.
+    let mut lively = server.client("").await;
+    let mut pings = 0;
+    while pings < 3 {
+        match tokio::time::timeout(WAIT, lively.ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
+            Message::Ping(_) => pings += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    lively.say("general", "still here", "p-1").await;
+    assert_eq!(lively.expect("message").await["message"], "still here");
+}
+
+#[tokio::test]
+async fn slow_http_clients_are_cut_off() {
+    let mut cfg = config();
+    cfg.server.header_read_timeout_secs = 1;
+    let server = start(cfg).await;
+    let mut slow = TcpStream::connect(server.addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(WAIT, slow.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the server closed the connection");
+    assert!(!String::from_utf8_lossy(&buf).contains("200 OK"));
+}
+
+#[tokio::test]
+async fn a_reader_that_stops_is_closed_as_slow_and_others_get_everything() {
+    let mut cfg = config();
+    cfg.limits.max_queued_frames = 64;
+    cfg.limits.ping_timeout_secs = 60; // long enough for the slow reader to resume
+    let server = start(cfg).await;
+
+    // A tiny receive buffer so the socket fills up after a few frames.
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(server.addr).await.unwrap();
+    let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
+    let (ws, _) = tokio_tungstenite::client_async(server.url("name=slow"), stream)
+        .await
+        .unwrap();
+    let mut slow = Client {
+        ws,
+        name: "slow".into(),
+    };
+    slow.expect("welcome").await;
+    slow.expect("joined").await;
+    let mut fast = server.client("name=fast").await;
+    let sender = server.client("name=sender").await;
+    let (mut tx, mut rx) = sender.ws.split();
+    // The sender reads its own copies and acks, as a live client does.
+    let sender_acks = tokio::spawn(async move {
+        let mut acks = 0;
+        while let Some(Ok(msg)) = rx.next().await {
+            if msg.to_text().unwrap_or("").contains(r#""type":"ack""#) {
+                acks += 1;
+            }
+        }
+        acks
+    });
+
+    // The slow client stops reading while 2,000 messages of 2 KiB go out.
+    const COUNT: u64 = 2000;
+    let text = "x".repeat(2000);
+    let send = async {
+        for n in 0..COUNT {
+            let frame = json!({"type":"send","message":text,"ref":format!("r{n}")});
+            tx.send(Message::text(frame.to_string())).await.unwrap();
+        }
+    };
+    let receive = async {
+        let mut last = 0;
+        while last < COUNT {
+            let m = fast.recv().await;
+            assert_eq!(m["type"], "message");
+            assert_eq!(m["id"].as_u64().unwrap(), last + 1, "in order, none lost");
+            last += 1;
+        }
+    };
+    tokio::join!(send, receive);
+    // The slow client now reads: what was already in flight, then close 4001.
+    let (code, reason, before) = slow.closed().await;
+    assert_eq!(code, 4001, "{reason}");
+    assert!(
+        (before.len() as u64) < COUNT,
+        "got {} of {COUNT}",
+        before.len()
+    );
+    let node = server.node.clone();
+    common::eventually("the slow client leaves the room", || {
+        node.hub.online("general") == 2
+    })
+    .await;
+    // The others were not disturbed.
+    let frame = json!({"type":"send","message":"after","ref":"last"});
+    tx.send(Message::text(frame.to_string())).await.unwrap();
+    assert_eq!(fast.expect("message").await["message"], "after");
+    server.shutdown(); // the sender's stream ends with the server's close
+    let acks = tokio::time::timeout(WAIT, sender_acks)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(acks, COUNT + 1, "every send was acked");
+    drop(tx);
+}

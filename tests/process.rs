@@ -1,0 +1,401 @@
+//! The real `scalechat` binary as an operator runs it: the example config, `check-config`,
+//! configuration errors and precedence, `--version`, and graceful shutdown on SIGTERM.
+//!
+//! Every child runs in a fresh scratch directory (so it never picks up
+//! `config/scalechat.toml` unless told to) with the `SCALECHAT_*`, `PORT` and `REDIS_*`
+//! variables of the test's own environment removed, and is killed if the test fails.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::{Client, RawClient, WAIT};
+use futures_util::StreamExt;
+use scalechat::config::{self, Config};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+
+/// The example config, by absolute path: children run elsewhere.
+const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/scalechat.toml");
+
+/// A directory of its own for one child, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(test: &str) -> Scratch {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!(
+            "scalechat-process-{}-{test}-{n}",
+            std::process::id()
+        ));
+        // A leftover from an earlier run with the same pid would only hold stale files.
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create scratch dir");
+        Scratch(dir)
+    }
+
+    /// Writes `name` in the directory and returns its path.
+    fn file(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, text).expect("write scratch file");
+        path
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `scalechat` in `dir`, without the test environment's configuration variables.
+fn scalechat(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_scalechat"));
+    cmd.args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    for (key, _) in std::env::vars_os() {
+        let name = key.to_string_lossy();
+        if name.starts_with(config::ENV_PREFIX) || name == "PORT" || name.starts_with("REDIS_") {
+            cmd.env_remove(&key);
+        }
+    }
+    cmd.envs(env.iter().copied());
+    cmd
+}
+
+/// What a command that exits by itself printed.
+struct Output {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `scalechat args` to completion in a fresh directory.
+async fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let scratch = Scratch::new("run");
+    run_in(&scratch, args, env).await
+}
+
+async fn run_in(scratch: &Scratch, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let output = tokio::time::timeout(WAIT, scalechat(&scratch.0, args, env).output())
+        .await
+        .unwrap_or_else(|_| panic!("scalechat {args:?} did not exit within {WAIT:?}"))
+        .expect("run scalechat");
+    Output {
+        status: output.status,
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// `check-config` with `env`: the effective configuration it printed.
+async fn effective(args: &[&str], env: &[(&str, &str)]) -> Config {
+    let out = run(&[args, &["check-config"]].concat(), env).await;
+    assert!(out.status.success(), "{}", out.stderr);
+    config::from_toml(&out.stdout)
+        .unwrap_or_else(|e| panic!("check-config printed invalid TOML ({e}):\n{}", out.stdout))
+}
+
+/// The dotted names of every leaf key in a TOML document.
+fn keys(table: &toml::Table, prefix: &str, out: &mut BTreeSet<String>) {
+    for (name, value) in table {
+        let key = format!("{prefix}{name}");
+        match value {
+            toml::Value::Table(inner) => keys(inner, &format!("{key}."), out),
+            _ => {
+                out.insert(key);
+            }
+        }
+    }
+}
+
+#[test]
+fn example_config_sets_every_key_to_its_default() {
+    let text = include_str!("../config/scalechat.toml");
+    // Parsing also proves that every key in the file is known.
+    assert_eq!(config::from_toml(text).unwrap(), Config::default());
+    let (mut example, mut all) = (BTreeSet::new(), BTreeSet::new());
+    keys(&toml::from_str(text).unwrap(), "", &mut example);
+    keys(
+        &toml::from_str(&Config::default().to_toml()).unwrap(),
+        "",
+        &mut all,
+    );
+    assert_eq!(example, all, "the example config should list every key");
+}
+
+#[tokio::test]
+async fn check_config_prints_the_example_config_as_toml() {
+    assert_eq!(
+        effective(&["--config", EXAMPLE], &[]).await,
+        Config::default()
+    );
+}
+
+#[tokio::test]
+async fn check_config_masks_the_redis_password() {
+    let out = run(
+        &["--config", EXAMPLE, "check-config"],
+        &[("REDIS_PASSWORD", "hunter2")],
+    )
+    .await;
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(
+        out.stdout.contains(r#"password = "********""#),
+        "{}",
+        out.stdout
+    );
+    assert!(!out.stdout.contains("hunter2") && !out.stderr.contains("hunter2"));
+    assert!(config::from_toml(&out.stdout).is_ok(), "{}", out.stdout);
+}
+
+#[tokio::test]
+async fn invalid_config_names_every_bad_key_and_exits_nonzero() {
+    let scratch = Scratch::new("invalid");
+    let file = scratch.file(
+        "bad.toml",
+        "[server]\ncolour = \"blue\"\n\n[limits]\nmax_message_chars = \"many\"\n",
+    );
+    let out = run_in(
+        &scratch,
+        &["--config", file.to_str().unwrap(), "check-config"],
+        &[("SCALECHAT_LIMITS__PING_INTERVAL_SECS", "0")],
+    )
+    .await;
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty(), "{}", out.stdout);
+    for key in [
+        "server.colour",
+        "limits.max_message_chars",
+        "limits.ping_interval_secs",
+    ] {
+        assert!(
+            out.stderr.contains(key),
+            "stderr should name {key}:\n{}",
+            out.stderr
+        );
+    }
+}
+
+#[tokio::test]
+async fn missing_config_file_is_reported_and_nothing_serves() {
+    for args in [
+        &["--config", "/nonexistent.toml"][..],
+        &["--config", "/nonexistent.toml", "check-config"],
+    ] {
+        let out = run(args, &[]).await;
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            out.stderr.contains("/nonexistent.toml") && out.stderr.contains("not found"),
+            "{args:?}: {}",
+            out.stderr
+        );
+    }
+}
+
+#[tokio::test]
+async fn plain_port_beats_scalechat_env_which_beats_the_file() {
+    let scratch = Scratch::new("precedence");
+    let file = scratch.file("port.toml", "[server]\nport = 7001\n");
+    let args = ["--config", file.to_str().unwrap()];
+    let env_port = ("SCALECHAT_SERVER__PORT", "7002");
+    assert_eq!(effective(&args, &[]).await.server.port, 7001);
+    assert_eq!(effective(&args, &[env_port]).await.server.port, 7002);
+    let all = effective(&args, &[env_port, ("PORT", "7003")]).await;
+    assert_eq!(all.server.port, 7003);
+}
+
+#[tokio::test]
+async fn version_flag_prints_the_version() {
+    let out = run(&["--version"], &[]).await;
+    assert!(out.status.success(), "{}", out.stderr);
+    assert_eq!(
+        out.stdout.trim(),
+        concat!("scalechat ", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+/// A serving `scalechat` child; killed when dropped, its log printed if the test failed.
+struct Running {
+    child: Child,
+    addr: SocketAddr,
+    scratch: Scratch,
+}
+
+impl Running {
+    /// Starts `scalechat` on a free port of 127.0.0.1 and waits until `/readyz` says 200.
+    async fn start(test: &str, env: &[(&str, &str)]) -> Running {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("find a free port")
+            .port();
+        let scratch = Scratch::new(test);
+        let log = File::create(scratch.0.join("stderr.log")).expect("create log file");
+        let port_text = port.to_string();
+        let mut env = env.to_vec();
+        env.extend([
+            ("PORT", port_text.as_str()),
+            ("SCALECHAT_SERVER__HOST", "127.0.0.1"),
+        ]);
+        let child = scalechat(&scratch.0, &[], &env)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn scalechat");
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let mut running = Running {
+            child,
+            addr,
+            scratch,
+        };
+        running.wait_ready().await;
+        running
+    }
+
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + WAIT;
+        while readyz(self.addr).await != Some(200) {
+            if let Some(status) = self.child.try_wait().expect("poll child") {
+                panic!("scalechat exited before it was ready: {status}");
+            }
+            assert!(Instant::now() < deadline, "scalechat not ready in {WAIT:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Sends SIGTERM, as systemd and Kubernetes do.
+    fn terminate(&self) {
+        let pid = self.child.id().expect("child still running").to_string();
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM {pid}: {status}");
+    }
+
+    /// The exit status, failing if the process is still running after `limit`.
+    async fn exit_within(&mut self, limit: Duration) -> ExitStatus {
+        tokio::time::timeout(limit, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("scalechat still running after {limit:?}"))
+            .expect("wait for scalechat")
+    }
+
+    fn url(&self, query: &str) -> String {
+        format!("ws://{}/ws?{query}", self.addr)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.scratch.0.join("stderr.log"));
+            eprintln!("--- scalechat stderr ---\n{}", log.unwrap_or_default());
+        }
+    }
+}
+
+/// `GET /readyz`: the status code, or `None` when nothing answers.
+async fn readyz(addr: SocketAddr) -> Option<u16> {
+    let ask = async {
+        let mut stream = TcpStream::connect(addr).await.ok()?;
+        let req = format!("GET /readyz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(req.as_bytes()).await.ok()?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.ok()?;
+        let text = String::from_utf8_lossy(&response);
+        text.split(' ').nth(1)?.parse().ok()
+    };
+    tokio::time::timeout(Duration::from_secs(2), ask)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Connects a chat client and reads its `welcome` and `joined`.
+async fn chat_client(server: &Running, query: &str) -> Client {
+    let mut client = Client::connect(&server.url(query)).await;
+    client.expect("welcome").await;
+    client.expect("joined").await;
+    client
+}
+
+#[tokio::test]
+async fn sigterm_closes_clients_with_1001_and_exits_zero() {
+    const GRACE: u64 = 10;
+    let grace = GRACE.to_string();
+    let mut server = Running::start(
+        "sigterm",
+        &[("SCALECHAT_SERVER__SHUTDOWN_GRACE_SECS", &grace)],
+    )
+    .await;
+    let mut alice = chat_client(&server, "name=alice").await;
+    let mut bob = chat_client(&server, "name=bob").await;
+
+    let signalled = Instant::now();
+    server.terminate();
+    for client in [&mut alice, &mut bob] {
+        let (code, reason, _) = client.closed().await;
+        assert_eq!(code, 1001, "{reason}");
+        assert!(reason.contains("shutting down"), "{reason}");
+        // Keep reading: that sends our close reply, and the server then ends the connection.
+        let ended = tokio::time::timeout(WAIT, async {
+            while let Some(Ok(_)) = client.ws.next().await {}
+        });
+        ended
+            .await
+            .expect("server ends the connection after the close");
+    }
+    assert_ne!(readyz(server.addr).await, Some(200), "ready while stopping");
+
+    let status = server.exit_within(Duration::from_secs(GRACE + 5)).await;
+    assert!(status.success(), "{status}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(GRACE),
+        "with every client closed, shutdown should not wait out the grace period"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_exits_after_the_grace_period_despite_a_silent_client() {
+    // Below the server's 5 s wait for a close reply, so only the grace period can end it.
+    const GRACE: u64 = 2;
+    const MARGIN: Duration = Duration::from_millis(2500);
+    let grace = GRACE.to_string();
+    let mut server = Running::start(
+        "silent",
+        &[("SCALECHAT_SERVER__SHUTDOWN_GRACE_SECS", &grace)],
+    )
+    .await;
+    let mut silent = RawClient::connect(server.addr, "/ws?name=silent").await;
+    // welcome and joined: the session is running. From here on the client neither reads
+    // nor writes, so it never answers the server's close.
+    for _ in 0..2 {
+        assert_eq!(silent.recv_frame().await.expect("a frame").0, 0x1);
+    }
+
+    let signalled = Instant::now();
+    server.terminate();
+    let status = server
+        .exit_within(Duration::from_secs(GRACE) + MARGIN)
+        .await;
+    assert!(status.success(), "{status}");
+    assert!(
+        signalled.elapsed() >= Duration::from_secs(GRACE),
+        "exited before the grace period although a client was still open"
+    );
+    // What the client would have read: the close, then the end of the stream.
+    assert_eq!(silent.close_code().await, 1001);
+}
