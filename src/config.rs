@@ -47,6 +47,8 @@ pub enum TransportKind {
     /// In-process: one node, no external service.
     #[default]
     Memory,
+    /// Redis Pub/Sub: any number of nodes share rooms.
+    Redis,
 }
 
 /// `[server]`: listener, HTTP and lifecycle settings.
@@ -131,8 +133,20 @@ pub struct RedisConfig {
     pub host: String,
     /// Redis port (`REDIS_PORT`).
     pub port: u16,
+    /// Redis ACL user name; empty for the default user.
+    pub username: String,
     /// Redis password (`REDIS_PASSWORD`); masked in logs and `check-config`.
     pub password: Secret,
+    /// Redis database number.
+    pub db: u32,
+    /// Connect with TLS (`rediss://`), verifying the server's certificate.
+    pub tls: bool,
+    /// Prefix of every channel and key, so several deployments can share one Redis.
+    pub channel_prefix: String,
+    /// How long a `send` waits for Redis before it is refused with `unavailable`.
+    pub publish_timeout_ms: u64,
+    /// How long a node stays subscribed to a room after its last local member left.
+    pub unsubscribe_linger_secs: u64,
 }
 
 impl Default for RedisConfig {
@@ -140,7 +154,13 @@ impl Default for RedisConfig {
         Self {
             host: "127.0.0.1".into(),
             port: 6379,
+            username: String::new(),
             password: Secret::default(),
+            db: 0,
+            tls: false,
+            channel_prefix: "scalechat".into(),
+            publish_timeout_ms: 2000,
+            unsubscribe_linger_secs: 5,
         }
     }
 }
@@ -253,6 +273,11 @@ pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         None => Some(PathBuf::from(DEFAULT_CONFIG_PATH)).filter(|p| p.exists()),
     };
     let mut user = Figment::new();
+    // Setting REDIS_HOST, as users of the original app do, means "use Redis"; a `transport`
+    // set in the file or SCALECHAT_TRANSPORT still wins.
+    if std::env::var_os("REDIS_HOST").is_some_and(|h| !h.is_empty()) {
+        user = user.merge(Serialized::default("transport", "redis"));
+    }
     if let Some(file) = &file {
         user = user.merge(Toml::file_exact(file));
     }
@@ -400,6 +425,25 @@ impl Config {
                 "each entry must be an origin such as https://chat.example.com",
             );
         }
+        let r = &self.redis;
+        check(!r.host.is_empty(), "redis.host", "must not be empty");
+        check(
+            r.port > 0,
+            "redis.port",
+            "must be a port number from 1 to 65535",
+        );
+        check(
+            !r.channel_prefix.is_empty()
+                && r.channel_prefix.len() <= 64
+                && !r.channel_prefix.contains(char::is_whitespace),
+            "redis.channel_prefix",
+            "must be 1 to 64 characters without spaces",
+        );
+        check(
+            r.publish_timeout_ms > 0,
+            "redis.publish_timeout_ms",
+            "must be at least 1",
+        );
         let l = &self.limits;
         check(
             l.max_message_chars > 0,

@@ -45,15 +45,16 @@ pub struct Node {
 }
 
 impl Node {
-    fn new(config: Config, shutdown: CancellationToken) -> Self {
+    fn new(config: Config, shutdown: CancellationToken) -> io::Result<Self> {
         let hub = Arc::new(Hub::new());
-        let transport = Transport::new(&config, hub.clone());
+        let transport = Transport::new(&config, hub.clone())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
         let id = if config.server.node_id.is_empty() {
             format!("node-{:06x}", fastrand::u32(..1 << 24))
         } else {
             config.server.node_id.clone()
         };
-        Self {
+        Ok(Self {
             config,
             id,
             hub,
@@ -62,7 +63,7 @@ impl Node {
             sessions: TaskTracker::new(),
             connections: AtomicUsize::new(0),
             next_conn: AtomicU64::new(1),
-        }
+        })
     }
 
     /// Whether the node takes new clients: not shutting down, transport up.
@@ -124,7 +125,7 @@ impl Server {
         socket.bind(addr)?;
         // tokio's default backlog of 1,024 drops SYNs under connection bursts.
         let listener = socket.listen(config.server.listen_backlog)?;
-        let node = Arc::new(Node::new(config, shutdown));
+        let node = Arc::new(Node::new(config, shutdown)?);
         Ok(Self { listener, node })
     }
 

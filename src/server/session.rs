@@ -65,7 +65,7 @@ pub async fn run(node: Arc<Node>, upgrade: UpgradeFut, params: Params, slot: Con
     let conn = node.next_conn_id();
     let outbox = Arc::new(Outbox::new(node.config.limits.max_queued_frames));
     let mut session = Session::new(node.clone(), conn, params, outbox.clone());
-    session.start();
+    session.start().await;
 
     let (read_half, mut write_half) = stream.split();
     let (mut reader, _) = fastwebsockets::after_handshake_split(
@@ -154,7 +154,7 @@ impl Session {
     }
 
     /// Greets the client and joins its first room.
-    fn start(&mut self) {
+    async fn start(&mut self) {
         let welcome = Reply::Welcome {
             conn: &self.conn.to_string(),
             name: &self.name,
@@ -162,7 +162,7 @@ impl Session {
             rooms: std::slice::from_ref(&self.first_room),
         };
         self.reply(welcome.frame());
-        self.join(self.first_room.clone());
+        self.join(self.first_room.clone()).await;
     }
 
     fn reply(&self, frame: Bytes) {
@@ -226,7 +226,7 @@ impl Session {
         }
         let max_chars = self.node.config.limits.max_message_chars;
         match native::decode(payload, max_chars) {
-            Ok(Request::Join { room }) => self.join(room),
+            Ok(Request::Join { room }) => self.join(room).await,
             Ok(Request::Leave { room }) => self.leave(room),
             Ok(Request::Send {
                 room,
@@ -237,7 +237,7 @@ impl Session {
         }
     }
 
-    fn join(&mut self, room: RoomName) {
+    async fn join(&mut self, room: RoomName) {
         let node = &self.node;
         if !self.rooms.rooms.contains(&room) {
             if self.rooms.rooms.len() >= node.config.limits.max_rooms_per_connection {
@@ -249,17 +249,17 @@ impl Session {
             }
             self.rooms.rooms.push(room.clone());
         }
+        // Subscribed first, so that once `joined` is sent every message of the room reaches
+        // this connection, its own included.
+        node.transport.subscribe(&room).await;
         // The reply is queued under the hub's lock, so no message of the room precedes it.
-        let joined = node.hub.join(&room, self.conn, &self.outbox, |online| {
+        node.hub.join(&room, self.conn, &self.outbox, |online| {
             Reply::Joined {
                 room: &room,
                 online,
             }
             .frame()
         });
-        if joined.edge {
-            node.transport.subscribe(&room);
-        }
     }
 
     fn leave(&mut self, room: RoomName) {

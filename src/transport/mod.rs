@@ -3,13 +3,15 @@
 //! path: `publish` an [`Envelope`]; the transport hands the encoded frame to
 //! [`Hub::deliver`](crate::hub::Hub::deliver) in id order.
 //!
-//! `memory` serves one node in-process.
+//! `memory` serves one node in-process; `redis` shares rooms among any number of nodes.
 
 mod memory;
+mod redis;
 
 use std::sync::Arc;
 
 pub use memory::MemoryTransport;
+pub use redis::RedisTransport;
 
 use crate::config::{Config, TransportKind};
 use crate::hub::Hub;
@@ -38,14 +40,18 @@ pub enum TransportError {
 pub enum Transport {
     /// In-process, one node.
     Memory(MemoryTransport),
+    /// Redis Pub/Sub, many nodes.
+    Redis(Arc<RedisTransport>),
 }
 
 impl Transport {
-    /// Builds the transport `config` names, delivering into `hub`.
-    pub fn new(config: &Config, hub: Arc<Hub>) -> Self {
-        match config.transport {
+    /// Builds the transport `config` names, delivering into `hub`. The Redis transport
+    /// starts its subscriber task, so this must run inside the runtime.
+    pub fn new(config: &Config, hub: Arc<Hub>) -> Result<Self, TransportError> {
+        Ok(match config.transport {
             TransportKind::Memory => Transport::Memory(MemoryTransport::new(hub)),
-        }
+            TransportKind::Redis => Transport::Redis(RedisTransport::spawn(&config.redis, hub)?),
+        })
     }
 
     /// Assigns the room's next id to `envelope` and delivers it to every member of its room,
@@ -53,20 +59,23 @@ impl Transport {
     pub async fn publish(&self, envelope: Envelope) -> Result<u64, TransportError> {
         match self {
             Transport::Memory(t) => Ok(t.publish(&envelope)),
+            Transport::Redis(t) => t.publish(&envelope).await,
         }
     }
 
-    /// This node now has a member in `room`: start receiving its messages.
-    pub fn subscribe(&self, _room: &RoomName) {
+    /// This node is about to have a member in `room`: receive its messages from now on.
+    pub async fn subscribe(&self, room: &RoomName) {
         match self {
             Transport::Memory(_) => {}
+            Transport::Redis(t) => t.subscribe(room).await,
         }
     }
 
     /// This node has no member left in `room`: stop receiving its messages.
-    pub fn unsubscribe(&self, _room: &RoomName) {
+    pub fn unsubscribe(&self, room: &RoomName) {
         match self {
             Transport::Memory(_) => {}
+            Transport::Redis(t) => t.unsubscribe(room),
         }
     }
 
@@ -74,6 +83,7 @@ impl Transport {
     pub fn is_ready(&self) -> bool {
         match self {
             Transport::Memory(_) => true,
+            Transport::Redis(t) => t.is_ready(),
         }
     }
 }
