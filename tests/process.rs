@@ -15,11 +15,9 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{Client, RawClient, WAIT};
+use common::{Client, RawClient, WAIT, readyz};
 use futures_util::StreamExt;
 use scalechat::config::{self, Config};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
@@ -305,23 +303,6 @@ impl Drop for Running {
             eprintln!("--- scalechat stderr ---\n{}", log.unwrap_or_default());
         }
     }
-}
-
-/// `GET /readyz`: the status code, or `None` when nothing answers.
-async fn readyz(addr: SocketAddr) -> Option<u16> {
-    let ask = async {
-        let mut stream = TcpStream::connect(addr).await.ok()?;
-        let req = format!("GET /readyz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        stream.write_all(req.as_bytes()).await.ok()?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await.ok()?;
-        let text = String::from_utf8_lossy(&response);
-        text.split(' ').nth(1)?.parse().ok()
-    };
-    tokio::time::timeout(Duration::from_secs(2), ask)
-        .await
-        .ok()
-        .flatten()
 }
 
 /// Connects a chat client and reads its `welcome` and `joined`.

@@ -7,9 +7,8 @@ use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{Client, eventually_async};
+use common::{Client, eventually_async, readyz};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
@@ -138,27 +137,6 @@ impl Node {
         c.expect("joined").await;
         c
     }
-}
-
-/// `GET /readyz`: the status, or `None` when nothing answers.
-async fn readyz(addr: SocketAddr) -> Option<u16> {
-    let ask = async {
-        let mut s = TcpStream::connect(addr).await.ok()?;
-        s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .ok()?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await.ok()?;
-        String::from_utf8_lossy(&buf)
-            .split(' ')
-            .nth(1)?
-            .parse()
-            .ok()
-    };
-    tokio::time::timeout(Duration::from_secs(2), ask)
-        .await
-        .ok()
-        .flatten()
 }
 
 /// Sends `EACH` messages, every other one to dev when `dev`.
@@ -342,6 +320,11 @@ async fn a_wrong_password_keeps_the_node_unready() {
     let wrong = Node::spawn("node-wrong", &redis, Some("guess"));
     // A node with the right password becomes ready meanwhile: the wrong one never does.
     let _right = Node::start("node-right", &redis, Some("s3cret")).await;
+    let addr = wrong.addr;
+    eventually_async("the node answers", || async move {
+        readyz(addr).await.is_some()
+    })
+    .await;
     for _ in 0..20 {
         assert_eq!(readyz(wrong.addr).await, Some(503));
         tokio::time::sleep(Duration::from_millis(100)).await;
