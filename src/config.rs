@@ -273,13 +273,13 @@ pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         None => Some(PathBuf::from(DEFAULT_CONFIG_PATH)).filter(|p| p.exists()),
     };
     let mut user = Figment::new();
-    // Setting REDIS_HOST, as users of the original app do, means "use Redis"; a `transport`
-    // set in the file or SCALECHAT_TRANSPORT still wins.
-    if std::env::var_os("REDIS_HOST").is_some_and(|h| !h.is_empty()) {
-        user = user.merge(Serialized::default("transport", "redis"));
-    }
     if let Some(file) = &file {
         user = user.merge(Toml::file_exact(file));
+    }
+    // Setting REDIS_HOST, as users of the original app do, means "use Redis", over the file
+    // (whose example sets "memory"); SCALECHAT_TRANSPORT still decides when set.
+    if std::env::var_os("REDIS_HOST").is_some_and(|h| !h.is_empty()) {
+        user = user.merge(Serialized::default("transport", "redis"));
     }
     user = user.merge(Env::prefixed(ENV_PREFIX).split("__"));
     for (var, key) in PLAIN_ENV {

@@ -304,10 +304,7 @@ impl Session {
                 }
                 .frame(),
             ),
-            Err(e) => self.refuse(&refuse(
-                ErrorCode::Unavailable,
-                format!("{e}; not delivered, send again later"),
-            )),
+            Err(e) => self.refuse(&refuse(ErrorCode::Unavailable, e.to_string())),
         }
     }
 }

@@ -30,9 +30,12 @@ pub struct Envelope {
 /// Why a message could not be accepted. The sender is told; nothing is retried silently.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
-    /// The transport cannot accept messages right now.
-    #[error("transport unavailable: {0}")]
+    /// The transport cannot accept messages right now; the message was not delivered.
+    #[error("{0}; not delivered")]
     Unavailable(String),
+    /// The transport did not answer in time; the message may still be delivered.
+    #[error("{0}; it may still be delivered")]
+    Timeout(String),
 }
 
 /// The transport in use.

@@ -130,11 +130,17 @@ impl RedisTransport {
             Ok(Ok(id)) => Ok(id),
             Ok(Err(e)) => {
                 debug!(error = %e, "publish failed");
-                Err(TransportError::Unavailable(format!("redis: {e}")))
+                // Only a command that never reached Redis is known not to have run.
+                if e.is_timeout() || (e.is_io_error() && !e.is_connection_refusal()) {
+                    Err(TransportError::Timeout(format!("redis: {e}")))
+                } else {
+                    Err(TransportError::Unavailable(format!("redis: {e}")))
+                }
             }
-            Err(_) => Err(TransportError::Unavailable(
-                "redis did not answer in time".into(),
-            )),
+            Err(_) => Err(TransportError::Timeout(format!(
+                "redis did not answer within {} ms",
+                self.publish_timeout.as_millis()
+            ))),
         }
     }
 
@@ -194,7 +200,11 @@ impl RedisTransport {
             let reason = match connected {
                 Ok(pubsub) => {
                     let (mut sink, mut stream) = pubsub.split();
-                    match self.reconcile(&mut sink).await {
+                    let usable = match self.check_publisher().await {
+                        Ok(()) => self.reconcile(&mut sink).await,
+                        Err(e) => Err(e),
+                    };
+                    match usable {
                         Ok(()) => {
                             self.ready.store(true, Ordering::Relaxed);
                             match outage.take() {
@@ -221,6 +231,22 @@ impl RedisTransport {
             }
             tokio::time::sleep(backoff.next()).await;
         }
+    }
+
+    /// Makes sure the publisher works too before the node calls itself ready: a `PING` that
+    /// fails on a connection broken by the outage makes the connection manager reconnect,
+    /// so the first `send` after an outage does not hit the dead connection, and a Redis
+    /// that wants a password nobody gave is refused here, not at the first join.
+    async fn check_publisher(&self) -> Result<(), RedisError> {
+        let mut conn = self.publisher.clone();
+        let mut last = None;
+        for _ in 0..3 {
+            match redis::cmd("PING").query_async::<()>(&mut conn).await {
+                Ok(()) => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(closed_error))
     }
 
     /// Delivers every message until the connection fails; reconciles subscriptions when
