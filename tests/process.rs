@@ -380,3 +380,19 @@ async fn sigterm_exits_after_the_grace_period_despite_a_silent_client() {
     // What the client would have read: the close, then the end of the stream.
     assert_eq!(silent.close_code().await, 1001);
 }
+
+#[tokio::test]
+async fn redis_host_selects_redis_over_the_file_but_not_over_scalechat_transport() {
+    use scalechat::config::TransportKind;
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/scalechat.toml");
+    let args = ["--config", example];
+    assert_eq!(effective(&args, &[]).await.transport, TransportKind::Memory);
+    let host = ("REDIS_HOST", "10.1.2.3");
+    let cfg = effective(&args, &[host]).await;
+    assert_eq!(
+        (cfg.transport, cfg.redis.host.as_str()),
+        (TransportKind::Redis, "10.1.2.3")
+    );
+    let forced = effective(&args, &[host, ("SCALECHAT_TRANSPORT", "memory")]).await;
+    assert_eq!(forced.transport, TransportKind::Memory);
+}
