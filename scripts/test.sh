@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every check scalechat has: formatting, clippy, and the whole test suite (unit tests,
-# integration tests against real servers and processes). Installs what it needs if missing.
+# integration tests against real servers, processes and Redis, and the built-in page in
+# headless Chromium). Installs what it needs if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,6 +9,8 @@ need_apt=()
 command -v cc >/dev/null || need_apt+=(build-essential)
 command -v curl >/dev/null || need_apt+=(curl)
 command -v redis-server >/dev/null || need_apt+=(redis-server) # the multi-node tests start their own
+command -v npm >/dev/null || need_apt+=(nodejs npm)             # the browser tests' driver
+[[ -x /usr/bin/chromium ]] || need_apt+=(chromium)               # the browser they drive
 if ((${#need_apt[@]})); then
     echo "installing: ${need_apt[*]}"
     apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"
@@ -24,3 +27,6 @@ echo "== cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --all-targets --locked
+echo "== browser tests"
+cargo build --locked
+bash tests/browser/run.sh target/debug/scalechat

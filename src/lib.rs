@@ -9,6 +9,7 @@
 //!   encoded frame to the hub of every node with members in the room.
 //! - [`hub`]: rooms to local members; `deliver` queues the same bytes for each member.
 //! - [`outbox`]: a connection's bounded frame queue; overflow closes a slow consumer.
+//! - [`web`]: the built-in chat page, embedded in the binary.
 //! - [`config`]: defaults < TOML file < environment, validated all at once.
 
 pub mod config;
@@ -17,3 +18,4 @@ pub mod outbox;
 pub mod protocol;
 pub mod server;
 pub mod transport;
+pub mod web;

@@ -1,4 +1,5 @@
-//! HTTP routing: `/healthz`, `/readyz`, and `/ws`, which checks the request (method, upgrade
+//! HTTP routing: the built-in page (`/`, `/app.js`, `/style.css`), `/healthz`, `/readyz`,
+//! and `/ws`, which checks the request (method, upgrade
 //! headers, Origin, capacity, query) and answers with a clear status before upgrading.
 
 use std::convert::Infallible;
@@ -15,6 +16,7 @@ use tracing::debug;
 use super::Node;
 use super::session::{self, Params};
 use crate::protocol::{RoomName, valid_user_name};
+use crate::web;
 
 type Body = Full<Bytes>;
 
@@ -31,6 +33,7 @@ pub async fn route(
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => readiness(&node),
         (&Method::GET, "/ws") => websocket(node, peer, req),
+        (&Method::GET | &Method::HEAD, path) if web::asset(path).is_some() => page(&req, path),
         (_, "/healthz" | "/readyz" | "/ws") => {
             let mut res = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
             res.headers_mut()
@@ -55,6 +58,49 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
 fn owned_text(status: StatusCode, body: String) -> Response<Body> {
     let mut res = text(status, "");
     *res.body_mut() = Full::new(Bytes::from(body));
+    res
+}
+
+/// A file of the built-in page, or 304 when the browser's copy is current.
+fn page(req: &Request<Incoming>, path: &str) -> Response<Body> {
+    let Some(asset) = web::asset(path) else {
+        return text(StatusCode::NOT_FOUND, "not found\n");
+    };
+    let fresh = req
+        .headers()
+        .get(header::IF_NONE_MATCH)
+        .is_some_and(|tag| tag.as_bytes() == asset.etag.as_bytes());
+    let mut res = if fresh {
+        let mut res = Response::new(Full::new(Bytes::new()));
+        *res.status_mut() = StatusCode::NOT_MODIFIED;
+        res
+    } else if req.method() == Method::HEAD {
+        Response::new(Full::new(Bytes::new()))
+    } else {
+        Response::new(Full::new(Bytes::from_static(asset.body)))
+    };
+    let headers = res.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(asset.content_type),
+    );
+    if let Ok(etag) = HeaderValue::from_str(&asset.etag) {
+        headers.insert(header::ETAG, etag);
+    }
+    // Revalidate every time: a 304 is cheap, and an upgraded server never serves stale code.
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(web::CONTENT_SECURITY_POLICY),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     res
 }
 

@@ -1,0 +1,495 @@
+// scalechat web client: one WebSocket speaking the native protocol (docs/protocol.md), a small
+// state object, and render functions that build the DOM with textContent only (never HTML).
+
+const ROOM_RE = /^[A-Za-z0-9_.-]{1,64}$/;
+const MAX_NAME_CHARS = 32;
+const BACKOFF_START_MS = 250;
+const BACKOFF_CAP_MS = 5000;
+const RETRY_UNAVAILABLE_MS = 1000;
+const MAX_UNAVAILABLE_TRIES = 5;
+const MAX_ITEMS_PER_ROOM = 500; // older messages are dropped from memory and the page
+const MAX_OUTBOX = 100; // unsent messages held while offline: no unbounded queues
+
+const NOT_UNDERSTOOD = 'The server did not understand the request.';
+const ERROR_TEXT = {
+  message_too_long: 'That message is too long to send.',
+  rate_limited: 'You are sending too fast. Wait a moment and try again.',
+  empty_message: 'Type something before sending.',
+  bad_room: 'Room names are 1–64 letters, digits, “_”, “.” or “-”.',
+  not_joined: 'You are not in that room. Join it first.',
+  too_many_rooms: 'You are in too many rooms. Leave one first.',
+  unavailable: 'The server could not take the message right now. Try again shortly.',
+  bad_json: NOT_UNDERSTOOD, bad_field: NOT_UNDERSTOOD, unknown_type: NOT_UNDERSTOOD, bad_ref: NOT_UNDERSTOOD,
+};
+
+const $ = (selector) => document.querySelector(selector);
+const ui = {
+  login: $('#login'), nameInput: $('#name-input'), loginError: $('#login-error'),
+  chat: $('#chat'), me: $('#me'), status: $('#status'),
+  rooms: $('#rooms'), joinForm: $('#join-form'), joinInput: $('#join-input'),
+  roomTitle: $('#room-title'), messages: $('#messages'), newMessages: $('#new-messages'),
+  sendForm: $('#send-form'), input: $('#message-input'), error: $('#error'),
+};
+
+// localStorage can throw (storage disabled, some private modes); the chat works without it.
+const store = {
+  get(key) { try { return localStorage.getItem(key); } catch { return null; } },
+  set(key, value) { try { localStorage.setItem(key, value); } catch { /* not remembered */ } },
+};
+
+// A room is { online: number|null, unread, items }. An item is a message in the list:
+// { id, user, ts, text, own } from the server, or a pending one of ours that also has
+// { ref, room, pending: true, acked, tries, retry }. Pending items always sit after confirmed ones.
+const state = {
+  name: null, // our display name
+  rooms: new Map(), // joined (or to-be-joined) rooms, in display order
+  current: null, // the room in view
+  outbox: [], // pending items not yet acked, in send order: resent after a reconnect
+  // `join`s sent on this connection as { room, wanted }. The server answers each, in order,
+  // with `joined` or `too_many_rooms`; the latter carries no ref, so order is how we match.
+  joinQueue: [],
+  stuck: true, // the message list is scrolled to the newest message
+  conn: 'reconnecting', // connected | reconnecting | offline
+};
+const newRoom = () => ({ online: null, unread: 0, items: [] });
+
+// `crypto.randomUUID` needs a secure context, which plain-http LAN deployments are not, so a
+// ref is a random per-page prefix plus a counter.
+const refPrefix = Array.from(crypto.getRandomValues(new Uint8Array(4)), (b) => b.toString(16).padStart(2, '0')).join('');
+let refCount = 0;
+const nextRef = () => `${refPrefix}-${++refCount}`;
+
+/** One WebSocket at a time; reconnects forever with capped, jittered exponential backoff. */
+class Connection {
+  #ws = null;
+  #attempt = 0;
+  #timer = 0;
+  ready = false; // from `welcome` to close: frames may be sent
+  everReady = false;
+  constructor({ query, onFrame, onChange }) { Object.assign(this, { query, onFrame, onChange }); }
+  start() { this.#connect(); }
+
+  /** Sends a frame if connected; returns false when it was not sent. */
+  send(frame) {
+    if (this.ready) this.#ws.send(JSON.stringify(frame));
+    return this.ready;
+  }
+
+  /** Retries now (the browser came back online) instead of waiting out the backoff. */
+  kick() {
+    if (this.#ws || !this.#timer) return;
+    clearTimeout(this.#timer);
+    this.#connect();
+  }
+
+  #connect() {
+    this.#timer = 0;
+    // Relative to the page, so the chat also works behind a proxy under a path prefix.
+    const url = new URL(`ws?${new URLSearchParams(this.query())}`, location.href);
+    url.protocol = url.protocol === 'https:' ? 'wss:' : 'ws:';
+    const ws = new WebSocket(url);
+    this.#ws = ws;
+    ws.onmessage = (event) => {
+      let frame;
+      try { frame = JSON.parse(event.data); } catch { return; }
+      if (frame.type === 'welcome') {
+        this.ready = this.everReady = true;
+        this.#attempt = 0; // reset once the server has really taken us, not on TCP open
+        this.onChange();
+      }
+      this.onFrame(frame);
+    };
+    ws.onclose = () => {
+      this.#ws = null;
+      this.ready = false;
+      this.onChange();
+      // "Equal jitter": half the delay fixed, half random, so clients dropped by the same
+      // restart do not all come back in the same millisecond.
+      const base = Math.min(BACKOFF_CAP_MS, BACKOFF_START_MS * 2 ** Math.min(this.#attempt++, 10));
+      this.#timer = setTimeout(() => this.#connect(), base / 2 + Math.random() * (base / 2));
+    };
+  }
+}
+
+const conn = new Connection({
+  query: () => ({ room: state.current ?? firstRoom() ?? 'general', name: state.name }),
+  onFrame: (frame) => handlers[frame.type]?.(frame),
+  onChange: onConnectionChange,
+});
+
+// ---- Server frames ----
+
+const handlers = {
+  welcome(f) {
+    state.joinQueue = [];
+    const first = f.rooms?.[0];
+    // The server always puts us in one room; leave it if the user had left every room.
+    if (first && !state.rooms.has(first)) conn.send({ type: 'leave', room: first });
+    for (const room of state.rooms.keys()) if (room !== first) requestJoin(room);
+    for (const item of state.outbox) transmit(item); // with the same refs as before the drop
+  },
+  joined(f) {
+    const request = state.joinQueue[0]?.room === f.room ? state.joinQueue.shift() : null;
+    let room = state.rooms.get(f.room);
+    if (!room) {
+      // Not ours: the automatic first room of a user who left it, or a room left meanwhile.
+      if (!request?.wanted) return;
+      room = addRoom(f.room);
+      switchRoom(f.room); // the user asked for this join
+    }
+    room.online = f.online;
+    renderRooms();
+  },
+  message(f) {
+    const room = state.rooms.get(f.room);
+    if (!room) return; // a room left a moment ago
+    const own = f.user === state.name;
+    const pending = own && findPending(room, f);
+    if (pending) {
+      // Our own echo replaces the greyed entry, so nothing is shown twice. It also proves the
+      // message was accepted, so it is not resent even if its ack is lost in a drop.
+      dropFromOutbox(pending);
+      removeItem(f.room, pending);
+    }
+    addItem(f.room, { id: f.id, user: f.user, ts: f.ts, text: f.message, own });
+  },
+  ack(f) {
+    const item = state.outbox.find((x) => x.ref === f.ref);
+    if (!item) return;
+    dropFromOutbox(item);
+    // With a multi-node transport the ack may beat the echo: keep the id to match it exactly.
+    Object.assign(item, { acked: true, id: f.id });
+  },
+  error(f) {
+    const item = f.ref && state.outbox.find((x) => x.ref === f.ref);
+    if (item) return refused(item, f);
+    if (f.code === 'too_many_rooms') {
+      const request = state.joinQueue.shift();
+      if (request?.wanted) leaveRoom(request.room); // a rejoin that no longer fits
+    }
+    if (f.code !== 'not_joined' || f.ref) showError(f); // else a `leave` that crossed a reconnect
+  },
+};
+
+// Oldest match first: the acked id when known, else same room, same user (ours), same text.
+function findPending(room, f) {
+  return room.items.find((x) => x.pending && x.acked && x.id === f.id)
+    ?? room.items.find((x) => x.pending && !x.acked && x.text === f.message);
+}
+
+function refused(item, f) {
+  if (f.code === 'unavailable' && item.tries < MAX_UNAVAILABLE_TRIES) {
+    item.tries += 1; // stays pending; a reconnect meanwhile resends it anyway
+    clearTimeout(item.retry);
+    item.retry = setTimeout(() => { if (state.outbox.includes(item)) transmit(item); }, RETRY_UNAVAILABLE_MS);
+    return;
+  }
+  dropFromOutbox(item);
+  removeItem(item.room, item);
+  if (!ui.input.value) ui.input.value = item.text;
+  showError(f);
+}
+
+function onConnectionChange() {
+  if (!conn.ready) {
+    state.joinQueue = [];
+    for (const item of state.outbox) clearTimeout(item.retry);
+    // Acked but dropped before the echo came (there is no replay): the message was delivered,
+    // so show it as sent, with the id the ack gave it.
+    for (const room of state.rooms.values()) {
+      for (const item of room.items.filter((x) => x.pending && x.acked)) {
+        item.pending = false;
+        if (item.el?.isConnected) item.el.replaceWith(messageEl(item));
+      }
+    }
+  }
+  renderStatus();
+}
+
+// ---- Actions ----
+
+function transmit(item) {
+  clearTimeout(item.retry);
+  conn.send({ type: 'send', room: item.room, message: item.text, ref: item.ref });
+}
+
+function dropFromOutbox(item) {
+  clearTimeout(item.retry);
+  const i = state.outbox.indexOf(item);
+  if (i >= 0) state.outbox.splice(i, 1);
+}
+
+function requestJoin(room) {
+  state.joinQueue.push({ room, wanted: true });
+  conn.send({ type: 'join', room });
+}
+
+function addRoom(name) {
+  const room = newRoom();
+  state.rooms.set(name, room);
+  saveRooms();
+  return room;
+}
+
+function leaveRoom(name) {
+  if (!state.rooms.delete(name)) return;
+  for (const request of state.joinQueue) if (request.room === name) request.wanted = false;
+  conn.send({ type: 'leave', room: name }); // skipped while offline: a reconnect won't rejoin it
+  state.outbox.filter((x) => x.room === name).forEach(dropFromOutbox);
+  saveRooms();
+  if (state.current === name) switchRoom(firstRoom() ?? null);
+  else renderRooms();
+}
+
+function switchRoom(name) {
+  state.current = name;
+  const room = state.rooms.get(name);
+  if (room) room.unread = 0;
+  renderRooms();
+  renderMessages();
+}
+
+const firstRoom = () => state.rooms.keys().next().value;
+const saveRooms = () => store.set('scalechat.rooms', JSON.stringify([...state.rooms.keys()]));
+
+function sendMessage(text) {
+  if (!state.current) return showError('Join a room first.');
+  if (state.outbox.length >= MAX_OUTBOX) return showError('Too many unsent messages. Wait for the connection.');
+  const item = { ref: nextRef(), room: state.current, user: state.name, ts: Date.now(), text,
+    own: true, pending: true, acked: false, tries: 0, retry: 0 };
+  state.outbox.push(item);
+  addItem(state.current, item);
+  transmit(item); // if not connected it waits in the outbox and goes out on `welcome`
+  return true;
+}
+
+// ---- Message list ----
+
+// Confirmed messages go before the first pending one: pending ones stay at the bottom and the
+// rest keep the server's order.
+function addItem(roomName, item) {
+  const room = state.rooms.get(roomName);
+  const at = item.pending ? -1 : room.items.findIndex((x) => x.pending);
+  const before = at < 0 ? null : room.items[at];
+  if (before) room.items.splice(at, 0, item); else room.items.push(item);
+  if (room.items.length > MAX_ITEMS_PER_ROOM) removeItem(roomName, room.items[0]);
+  if (roomName === state.current) {
+    ui.messages.insertBefore(messageEl(item), before?.el ?? null);
+    if (state.stuck || item.own) scrollToEnd(); else ui.newMessages.hidden = false;
+  } else if (!item.own) {
+    room.unread += 1;
+    renderRooms();
+  }
+}
+
+function removeItem(roomName, item) {
+  const items = state.rooms.get(roomName)?.items ?? [];
+  const i = items.indexOf(item);
+  if (i >= 0) items.splice(i, 1);
+  item.el?.remove();
+}
+
+function messageEl(item) {
+  const li = el('li', 'msg');
+  li.classList.toggle('own', item.own);
+  li.classList.toggle('pending', item.pending === true);
+  if (item.pending) li.title = 'Sending…';
+  else li.dataset.id = String(item.id);
+  const date = new Date(Number.isFinite(item.ts) ? item.ts : Date.now());
+  const time = el('time', 'time', `${pad(date.getHours())}:${pad(date.getMinutes())}`);
+  time.dateTime = date.toISOString();
+  li.append(el('span', 'user', item.user), time, el('div', 'text', item.text));
+  item.el = li; // so a pending entry can later be replaced in place
+  return li;
+}
+
+function renderMessages() {
+  ui.messages.replaceChildren(...(state.rooms.get(state.current)?.items.map(messageEl) ?? []));
+  ui.roomTitle.textContent = state.current ? `# ${state.current}` : 'No room: join one';
+  ui.input.placeholder = state.current ? `Message #${state.current}` : 'Join a room to chat';
+  scrollToEnd();
+}
+
+function scrollToEnd() {
+  ui.messages.scrollTop = ui.messages.scrollHeight;
+  state.stuck = true;
+  ui.newMessages.hidden = true;
+}
+
+// ---- Rooms, status, errors ----
+
+// Updates the list in place, keyed by room, so a focused room keeps focus as counts change.
+function renderRooms() {
+  const existing = new Map([...ui.rooms.children].map((li) => [li.dataset.room, li]));
+  let index = 0;
+  let unreadTotal = 0;
+  for (const [name, room] of state.rooms) {
+    const li = existing.get(name) ?? roomEl(name);
+    existing.delete(name);
+    const online = li.querySelector('.online');
+    online.hidden = room.online === null; // unknown until the server's `joined`
+    online.textContent = online.hidden ? '' : String(room.online);
+    online.title = online.hidden ? '' : `${room.online} online when you joined`;
+    const unread = li.querySelector('.unread');
+    unread.textContent = String(room.unread);
+    unread.hidden = room.unread === 0;
+    if (name === state.current) li.setAttribute('aria-current', 'true');
+    else li.removeAttribute('aria-current');
+    if (ui.rooms.children[index] !== li) ui.rooms.insertBefore(li, ui.rooms.children[index] ?? null);
+    index += 1;
+    unreadTotal += room.unread;
+  }
+  for (const li of existing.values()) li.remove();
+  document.title = unreadTotal ? `(${unreadTotal}) scalechat` : 'scalechat';
+}
+
+function roomEl(name) {
+  const li = el('li', 'room');
+  li.dataset.room = name;
+  li.tabIndex = 0;
+  const leave = el('button', 'leave', '×');
+  leave.type = 'button';
+  leave.title = `Leave ${name}`;
+  leave.setAttribute('aria-label', `Leave ${name}`);
+  li.append(el('span', 'room-name', name), el('span', 'online'), el('span', 'unread'), leave);
+  return li;
+}
+
+function renderStatus() {
+  const s = !navigator.onLine ? 'offline' : conn.ready ? 'connected' : 'reconnecting';
+  state.conn = s;
+  ui.status.dataset.state = s;
+  ui.status.textContent = s === 'connected' ? 'Connected'
+    : s === 'offline' ? 'Offline' : conn.everReady ? 'Reconnecting…' : 'Connecting…';
+}
+
+// Takes a sentence or an `error` frame; returns false so callers can `return showError(…)`.
+function showError(error) {
+  ui.error.textContent = typeof error === 'string' ? error
+    : ERROR_TEXT[error.code] ?? error.message ?? 'Something went wrong.';
+  return false;
+}
+
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+const pad = (n) => String(n).padStart(2, '0');
+
+function nameProblem(name) {
+  const chars = [...name].length; // code points, as the server counts
+  if (chars === 0 || !name.trim()) return 'Enter a display name.';
+  if (chars > MAX_NAME_CHARS) return `Names are at most ${MAX_NAME_CHARS} characters.`;
+  if (/\p{Cc}/u.test(name)) return 'Names cannot contain control characters.';
+  return null;
+}
+
+// ---- Events ----
+
+function bindEvents() {
+  ui.login.addEventListener('submit', (event) => {
+    event.preventDefault();
+    const name = ui.nameInput.value.trim();
+    const problem = nameProblem(name);
+    ui.loginError.textContent = problem ?? '';
+    ui.nameInput.setAttribute('aria-invalid', String(Boolean(problem)));
+    if (!problem) start(name);
+  });
+
+  ui.sendForm.addEventListener('submit', (event) => {
+    event.preventDefault();
+    const text = ui.input.value;
+    if (!text.trim()) return;
+    ui.error.textContent = '';
+    if (sendMessage(text)) ui.input.value = '';
+  });
+
+  ui.input.addEventListener('keydown', (event) => {
+    // While composing (IME: Japanese, Chinese…) Enter confirms the text; it must not send.
+    if (event.key === 'Enter' && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      ui.sendForm.requestSubmit();
+    }
+  });
+
+  ui.joinForm.addEventListener('submit', (event) => {
+    event.preventDefault();
+    const name = ui.joinInput.value.trim();
+    ui.joinInput.setAttribute('aria-invalid', String(!ROOM_RE.test(name)));
+    if (!ROOM_RE.test(name)) return showError({ code: 'bad_room' });
+    ui.joinInput.value = '';
+    ui.error.textContent = '';
+    if (state.rooms.has(name)) return switchRoom(name);
+    if (conn.ready) return requestJoin(name); // shown and switched to on `joined`
+    addRoom(name); // offline: it is joined on reconnect
+    switchRoom(name);
+  });
+
+  ui.rooms.addEventListener('click', (event) => {
+    const li = event.target.closest('li[data-room]');
+    if (!li) return;
+    if (!event.target.closest('button.leave')) return switchRoom(li.dataset.room);
+    // Removing the focused room would drop focus to <body>: move it to a neighbour.
+    const next = li.nextElementSibling ?? li.previousElementSibling ?? ui.joinInput;
+    leaveRoom(li.dataset.room);
+    next.focus();
+  });
+
+  ui.rooms.addEventListener('keydown', (event) => {
+    if (!event.target.matches('li[data-room]') || (event.key !== 'Enter' && event.key !== ' ')) return;
+    event.preventDefault();
+    switchRoom(event.target.dataset.room);
+  });
+
+  ui.messages.addEventListener('scroll', () => {
+    const m = ui.messages;
+    state.stuck = m.scrollHeight - m.scrollTop - m.clientHeight < 48;
+    if (state.stuck) ui.newMessages.hidden = true;
+  });
+  // The list shrinks when a phone keyboard opens: stay on the newest message if we were there.
+  new ResizeObserver(() => { if (state.stuck) scrollToEnd(); }).observe(ui.messages);
+  ui.newMessages.addEventListener('click', () => { scrollToEnd(); ui.input.focus(); });
+
+  window.addEventListener('online', () => { renderStatus(); conn.kick(); });
+  window.addEventListener('offline', renderStatus);
+}
+
+// ---- Start ----
+
+function start(name) {
+  state.name = name;
+  store.set('scalechat.name', name);
+  ui.login.hidden = true;
+  ui.chat.hidden = false;
+  ui.me.hidden = false;
+  ui.me.textContent = `You are ${name}`;
+  renderRooms();
+  renderMessages();
+  conn.start();
+  ui.input.focus();
+}
+
+let saved = null;
+try { saved = JSON.parse(store.get('scalechat.rooms')); } catch { /* a bad value: start over */ }
+// No remembered list: chat in `general` right away. An empty list means the user left all rooms.
+for (const name of Array.isArray(saved) ? saved : ['general']) {
+  if (typeof name === 'string' && ROOM_RE.test(name) && !state.rooms.has(name)) state.rooms.set(name, newRoom());
+}
+state.current = firstRoom() ?? null;
+
+bindEvents();
+renderStatus();
+window.scalechat = Object.freeze({ get state() { return state.conn; } });
+
+const preset = new URLSearchParams(location.search).get('name')?.trim();
+const remembered = store.get('scalechat.name');
+if (preset && !nameProblem(preset)) start(preset);
+else if (remembered && !nameProblem(remembered)) start(remembered);
+else {
+  ui.login.hidden = false;
+  ui.nameInput.value = preset ?? '';
+  ui.nameInput.focus();
+}

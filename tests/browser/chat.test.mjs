@@ -1,0 +1,329 @@
+// The built-in chat page in headless Chromium, against two real scalechat nodes that share
+// rooms through a real redis-server: messages across nodes and rooms, escaping of what users
+// type, reconnecting through a node restart, and screenshots. Run by tests/browser/run.sh.
+
+import assert from 'node:assert/strict';
+import { mkdir, readdir, readFile, rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import { after, before, test } from 'node:test';
+import {
+  ARTIFACTS,
+  freePort,
+  joinRoom,
+  launchBrowser,
+  messages,
+  openChat,
+  roomItem,
+  send,
+  startNode,
+  startRedis,
+  status,
+  stop,
+  stopAll,
+  switchRoom,
+  waitForCurrentRoom,
+  waitForMessage,
+  waitForStatus,
+  waitForUnread,
+} from './harness.mjs';
+
+let redis;
+let browser;
+const nodes = {};
+
+before(async () => {
+  // Failure screenshots of an earlier run would only mislead.
+  const old = await readdir(ARTIFACTS).catch(() => []);
+  await Promise.all(
+    old.filter((f) => /^failed-.*\.png$/.test(f)).map((f) => rm(join(ARTIFACTS, f))),
+  );
+  redis = await startRedis();
+  const portA = await freePort();
+  let portB = await freePort();
+  while (portB === portA) portB = await freePort();
+  [nodes.a, nodes.b, browser] = await Promise.all([
+    startNode({ nodeId: 'node-a', port: portA, redisPort: redis.port }),
+    startNode({ nodeId: 'node-b', port: portB, redisPort: redis.port }),
+    launchBrowser(),
+  ]);
+});
+
+after(async () => {
+  await browser?.close().catch(() => {});
+  await stopAll();
+});
+
+/**
+ * A test body that gets `open(node, name, options)` to open chat pages. Whatever happens, the
+ * pages are closed; on failure each is screenshotted to tests/artifacts/failed-<test>-<page>.png.
+ * A page that threw an uncaught error, broke its own CSP or opened a dialog fails the test.
+ */
+function scenario(slug, body) {
+  return async () => {
+    const pages = [];
+    const open = (node, name, options = {}) =>
+      openChat(browser, node, name, { ...options, track: (page) => pages.push(page) });
+    try {
+      await body(open);
+      for (const page of pages) {
+        assert.deepEqual(page.errors, [], `${page.label}: uncaught errors`);
+        assert.deepEqual(page.cspViolations, [], `${page.label}: CSP violations`);
+        assert.deepEqual(page.dialogs, [], `${page.label}: dialogs opened`);
+      }
+    } catch (err) {
+      await mkdir(ARTIFACTS, { recursive: true });
+      for (const [i, page] of pages.entries()) {
+        const file = `failed-${slug}-${i}-${page.label.replace(/[^\w@.-]/g, '_')}.png`;
+        await page.screenshot({ path: join(ARTIFACTS, file) }).catch(() => {});
+      }
+      throw err;
+    } finally {
+      for (const page of pages) await page.context().close().catch(() => {});
+    }
+  };
+}
+
+/**
+ * Asserts the current room shows exactly `expected` ({user, text, own}) in order, none pending,
+ * each with a data-id and a time.
+ */
+async function assertShown(page, expected) {
+  const shown = await messages(page);
+  assert.deepEqual(
+    shown.map(({ user, text, own, pending }) => ({ user, text, own, pending })),
+    expected.map((m) => ({ ...m, pending: false })),
+    `${page.label}: #messages`,
+  );
+  for (const m of shown) {
+    assert.ok(m.id, `${page.label}: ${JSON.stringify(m)} has a data-id`);
+    assert.ok(m.time?.trim(), `${page.label}: ${JSON.stringify(m)} has a .time`);
+  }
+  return shown;
+}
+
+/** Asserts both pages show the same messages with the same data-ids. */
+function assertSameIds(a, b) {
+  assert.deepEqual(
+    a.map((m) => m.id),
+    b.map((m) => m.id),
+    'both nodes number the room the same',
+  );
+}
+
+test('two pages on two nodes exchange messages both ways in two rooms', { timeout: 40_000 }, scenario('two-nodes', async (open) => {
+  const alice = await open(nodes.a, 'alice');
+  const bob = await open(nodes.b, 'bob');
+  for (const page of [alice, bob]) await waitForCurrentRoom(page, 'general');
+
+  await joinRoom(alice, 'dev');
+  await joinRoom(bob, 'dev');
+  for (const page of [alice, bob]) {
+    const rooms = await page.$$eval('#rooms li', (els) => els.map((el) => el.dataset.room));
+    assert.deepEqual(rooms.toSorted(), ['dev', 'general'], `${page.label}: #rooms`);
+    for (const room of rooms) {
+      const li = roomItem(page, room);
+      assert.equal(await li.locator('.room-name').textContent(), room);
+      assert.equal(await li.locator('.online').count(), 1, `${room} has .online`);
+      assert.equal(await li.locator('button.leave').count(), 1, `${room} has button.leave`);
+      await waitForUnread(page, room, 0);
+    }
+  }
+
+  // general, alice -> bob. Bob is looking at dev, so general counts it as unread.
+  await switchRoom(alice, 'general');
+  const hello = 'hi bob, alice here';
+  await send(alice, hello);
+  await waitForMessage(alice, hello);
+  await waitForUnread(bob, 'general', 1);
+  assert.deepEqual(await messages(bob), [], 'bob: dev shows nothing from general');
+  await switchRoom(bob, 'general');
+  await waitForMessage(bob, hello);
+  await waitForUnread(bob, 'general', 0);
+
+  // general, bob -> alice.
+  const reply = 'hi alice, bob on the other node';
+  await send(bob, reply);
+  await waitForMessage(alice, reply);
+  await waitForMessage(bob, reply);
+
+  // dev, bob -> alice while alice looks at general.
+  await switchRoom(bob, 'dev');
+  const news = 'the dev build is green';
+  await send(bob, news);
+  await waitForMessage(bob, news);
+  await waitForUnread(alice, 'dev', 1);
+  assert.ok(
+    !(await messages(alice)).some((m) => m.text === news),
+    'alice: general does not show a dev message',
+  );
+  await switchRoom(alice, 'dev');
+  await waitForMessage(alice, news);
+  await waitForUnread(alice, 'dev', 0);
+
+  // Alice's last message comes after everything either page sent, so once both show it, any
+  // duplicate of an earlier message would already be on screen.
+  const thanks = 'thanks bob';
+  await send(alice, thanks);
+  await waitForMessage(alice, thanks);
+  await waitForMessage(bob, thanks);
+
+  const devA = await assertShown(alice, [
+    { user: 'bob', text: news, own: false },
+    { user: 'alice', text: thanks, own: true },
+  ]);
+  const devB = await assertShown(bob, [
+    { user: 'bob', text: news, own: true },
+    { user: 'alice', text: thanks, own: false },
+  ]);
+  assertSameIds(devA, devB);
+
+  await switchRoom(alice, 'general');
+  await switchRoom(bob, 'general');
+  const generalA = await assertShown(alice, [
+    { user: 'alice', text: hello, own: true },
+    { user: 'bob', text: reply, own: false },
+  ]);
+  const generalB = await assertShown(bob, [
+    { user: 'alice', text: hello, own: false },
+    { user: 'bob', text: reply, own: true },
+  ]);
+  assertSameIds(generalA, generalB);
+}));
+
+test('what users type is shown as text, never run as markup', { timeout: 30_000 }, scenario('xss', async (open) => {
+  const evil = '<img src=x onerror=alert(1)>';
+  const evilName = '<img src=y onerror=alert(2)>';
+  const alice = await open(nodes.a, 'alice');
+  const mallory = await open(nodes.b, evilName);
+
+  await send(alice, evil);
+  await waitForMessage(alice, evil);
+  await waitForMessage(mallory, evil);
+  const note = 'that was <b>not</b> an image';
+  await send(mallory, note);
+  await waitForMessage(alice, note);
+  await waitForMessage(mallory, note);
+
+  for (const page of [alice, mallory]) {
+    await assertShown(page, [
+      { user: 'alice', text: evil, own: page === alice },
+      { user: evilName, text: note, own: page === mallory },
+    ]);
+    assert.equal(await page.locator('#messages img, #messages b').count(), 0, `${page.label}: no markup`);
+    assert.deepEqual(page.dialogs, [], `${page.label}: no dialog`);
+  }
+
+  const page = await fetch(`${nodes.a.url}/`);
+  assert.equal(page.status, 200);
+  assert.match(page.headers.get('content-type') ?? '', /^text\/html\b/, 'content-type of /');
+  assert.match(await page.text(), /app\.js/);
+  const csp = page.headers.get('content-security-policy');
+  assert.ok(csp, '/ has a content-security-policy header');
+  const scriptSrc = csp
+    .split(';')
+    .map((d) => d.trim().split(/\s+/))
+    .find(([name]) => name === 'script-src');
+  assert.ok(scriptSrc, `CSP has script-src: ${csp}`);
+  assert.ok(scriptSrc.includes("'self'"), `script-src allows 'self': ${csp}`);
+  assert.ok(!scriptSrc.includes("'unsafe-inline'"), `script-src forbids inline scripts: ${csp}`);
+  for (const [path, type] of [
+    ['/app.js', /^(text|application)\/javascript\b/],
+    ['/style.css', /^text\/css\b/],
+  ]) {
+    const res = await fetch(`${nodes.a.url}${path}`);
+    await res.arrayBuffer();
+    assert.equal(res.status, 200, `GET ${path}`);
+    assert.match(res.headers.get('content-type') ?? '', type, `content-type of ${path}`);
+  }
+}));
+
+test('a message sent while the node is down is delivered once when it is back', { timeout: 45_000 }, scenario('reconnect', async (open) => {
+  const alice = await open(nodes.a, 'alice');
+  const bob = await open(nodes.b, 'bob');
+  try {
+    const exit = await stop(nodes.a.child, 'SIGTERM');
+    assert.notEqual(exit.signal, 'SIGKILL', 'node-a shuts down by itself on SIGTERM');
+    await waitForStatus(alice, 'reconnecting');
+
+    const offline = 'typed while node-a was down';
+    await send(alice, offline);
+    const pending = await waitForMessage(alice, offline, (m) => m.pending);
+    assert.deepEqual(
+      pending.map(({ user, own, pending }) => ({ user, own, pending })),
+      [{ user: 'alice', own: true, pending: true }],
+      'alice: one pending own message',
+    );
+
+    nodes.a = await startNode({ nodeId: 'node-a', port: nodes.a.port, redisPort: redis.port });
+    await waitForStatus(alice, 'connected', 20_000);
+    await waitForMessage(bob, offline);
+    await waitForMessage(alice, offline);
+
+    // Sent after the resend, so once both show it any duplicate would be on screen too.
+    const back = 'back online';
+    await send(alice, back);
+    await waitForMessage(alice, back);
+    await waitForMessage(bob, back);
+    const shownA = await assertShown(alice, [
+      { user: 'alice', text: offline, own: true },
+      { user: 'alice', text: back, own: true },
+    ]);
+    const shownB = await assertShown(bob, [
+      { user: 'alice', text: offline, own: false },
+      { user: 'alice', text: back, own: false },
+    ]);
+    assertSameIds(shownA, shownB);
+    assert.equal(await status(bob), 'connected', 'bob, on node-b, never lost his connection');
+  } finally {
+    // The next test needs node-a whatever happened here.
+    const { child } = nodes.a;
+    if (child.exitCode !== null || child.signalCode !== null) {
+      nodes.a = await startNode({ nodeId: 'node-a', port: nodes.a.port, redisPort: redis.port });
+    }
+  }
+}));
+
+/** Width and height from a PNG's IHDR, after checking its signature. */
+function pngSize(bytes) {
+  const signature = Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]);
+  assert.ok(bytes.subarray(0, 8).equals(signature), 'a PNG signature');
+  assert.equal(bytes.toString('latin1', 12, 16), 'IHDR');
+  return { width: bytes.readUInt32BE(16), height: bytes.readUInt32BE(20) };
+}
+
+test('screenshots of a conversation, on a desktop and a phone', { timeout: 30_000 }, scenario('screenshots', async (open) => {
+  const alice = await open(nodes.a, 'alice');
+  const bob = await open(nodes.b, 'bob');
+  await joinRoom(alice, 'dev');
+  await switchRoom(alice, 'general');
+  const lines = [
+    [alice, 'Morning! Is the deploy still on for today?'],
+    [bob, 'Yes, after lunch. Redis is upgraded already.'],
+    [alice, 'Great, I will watch #dev for the build.'],
+  ];
+  for (const [page, text] of lines) {
+    await send(page, text);
+    await waitForMessage(alice, text);
+    await waitForMessage(bob, text);
+  }
+
+  const desktop = join(ARTIFACTS, 'chat.png');
+  const phone = join(ARTIFACTS, 'chat-phone.png');
+  await mkdir(ARTIFACTS, { recursive: true });
+  await Promise.all([rm(desktop, { force: true }), rm(phone, { force: true })]);
+
+  await alice.screenshot({ path: desktop });
+  await alice.setViewportSize({ width: 390, height: 844 });
+  // What a phone user needs: no sideways scrolling, and the message box on screen.
+  const overflow = await alice.evaluate(() => document.documentElement.scrollWidth);
+  assert.ok(overflow <= 390, `no horizontal scrolling at 390 px (scrollWidth ${overflow})`);
+  const box = await alice.locator('#message-input').boundingBox();
+  assert.ok(
+    box && box.x >= 0 && box.y >= 0 && box.x + box.width <= 390 && box.y + box.height <= 844,
+    `#message-input is on screen at 390x844: ${JSON.stringify(box)}`,
+  );
+  await alice.screenshot({ path: phone });
+
+  assert.deepEqual(pngSize(await readFile(desktop)), { width: 1280, height: 800 });
+  assert.deepEqual(pngSize(await readFile(phone)), { width: 390, height: 844 });
+}));
