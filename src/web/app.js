@@ -464,6 +464,7 @@ function start(name) {
   store.set('scalechat.name', name);
   ui.login.hidden = true;
   ui.chat.hidden = false;
+  ui.status.hidden = false;
   ui.me.hidden = false;
   ui.me.textContent = `You are ${name}`;
   renderRooms();
@@ -490,6 +491,7 @@ if (preset && !nameProblem(preset)) start(preset);
 else if (remembered && !nameProblem(remembered)) start(remembered);
 else {
   ui.login.hidden = false;
+  ui.status.hidden = true; // nothing connects until there is a name
   ui.nameInput.value = preset ?? '';
   ui.nameInput.focus();
 }
