@@ -11,6 +11,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use bytes::Bytes;
 
+use crate::metrics::Metrics;
 use crate::outbox::{Outbox, Refused};
 use crate::protocol::RoomName;
 
@@ -49,12 +50,21 @@ pub struct Hub {
     // Read-locked for delivery (deliveries run in parallel), write-locked for the O(1) join
     // and leave. Never held across an await.
     rooms: RwLock<HashMap<RoomName, HashMap<ConnId, Arc<Outbox>>>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Hub {
-    /// An empty hub.
+    /// An empty hub with metrics of its own.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty hub counting rooms and deliveries in `metrics`.
+    pub fn with_metrics(metrics: Arc<Metrics>) -> Self {
+        Self {
+            rooms: RwLock::default(),
+            metrics,
+        }
     }
 
     fn read(&self) -> RwLockReadGuard<'_, HashMap<RoomName, HashMap<ConnId, Arc<Outbox>>>> {
@@ -78,6 +88,9 @@ impl Hub {
         let mut rooms = self.write();
         let members = rooms.entry(room.clone()).or_default();
         let edge = members.is_empty();
+        if edge {
+            self.metrics.rooms.inc();
+        }
         members.insert(conn, outbox.clone());
         let online = members.len();
         // Refused only when the connection is closing; then nobody reads the reply.
@@ -93,6 +106,7 @@ impl Hub {
         let online = members.len();
         if online == 0 {
             rooms.remove(room);
+            self.metrics.rooms.dec();
         }
         Some(Membership {
             online,
@@ -120,6 +134,14 @@ impl Hub {
                 Err(Refused::Full) => done.slow += 1,
                 Err(Refused::Closed) => {}
             }
+        }
+        drop(rooms);
+        // Counted once per fan-out, not per member.
+        self.metrics.messages_out_total.add(done.queued as u64);
+        if done.slow > 0 {
+            self.metrics
+                .slow_consumer_disconnects_total
+                .add(done.slow as u64);
         }
         done
     }

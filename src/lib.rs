@@ -1,19 +1,21 @@
 //! scalechat: a real-time chat server over WebSocket, one binary, horizontally scalable.
 //!
 //! Module map, in the order a message travels:
-//! - [`server`]: listener, HTTP routing (`/ws`, `/healthz`, `/readyz`), one task per
-//!   WebSocket session (a reader and the one writer), graceful shutdown.
+//! - [`server`]: listener, HTTP routing (`/ws`, `/healthz`, `/readyz`, `/metrics`), one
+//!   task per WebSocket session (a reader and the one writer), graceful shutdown.
 //! - [`protocol`]: wire formats. `native` decodes client frames and encodes server frames
 //!   once; `ws` builds whole WebSocket frames as shared `Bytes`.
 //! - [`transport`]: the one delivery path. `publish` assigns a room's next id and hands the
 //!   encoded frame to the hub of every node with members in the room.
 //! - [`hub`]: rooms to local members; `deliver` queues the same bytes for each member.
 //! - [`outbox`]: a connection's bounded frame queue; overflow closes a slow consumer.
+//! - [`metrics`]: counters and gauges, exposed on `/metrics` in Prometheus text format.
 //! - [`web`]: the built-in chat page, embedded in the binary.
 //! - [`config`]: defaults < TOML file < environment, validated all at once.
 
 pub mod config;
 pub mod hub;
+pub mod metrics;
 pub mod outbox;
 pub mod protocol;
 pub mod server;

@@ -106,6 +106,21 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, in declaration order (`code as usize` is its index).
+    pub const ALL: [ErrorCode; 11] = [
+        Self::BadJson,
+        Self::UnknownType,
+        Self::BadField,
+        Self::EmptyMessage,
+        Self::MessageTooLong,
+        Self::BadRoom,
+        Self::BadRef,
+        Self::NotJoined,
+        Self::TooManyRooms,
+        Self::RateLimited,
+        Self::Unavailable,
+    ];
+
     /// The code as it appears on the wire.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -1,5 +1,5 @@
 //! HTTP routing: the built-in page (`/`, `/app.js`, `/style.css`), `/healthz`, `/readyz`,
-//! and `/ws`, which checks the request (method, upgrade
+//! `/metrics`, and `/ws`, which checks the request (method, upgrade
 //! headers, Origin, capacity, query) and answers with a clear status before upgrading.
 
 use std::convert::Infallible;
@@ -15,6 +15,7 @@ use tracing::debug;
 
 use super::Node;
 use super::session::{self, Params};
+use crate::metrics::{self, Refusal};
 use crate::protocol::{RoomName, valid_user_name};
 use crate::web;
 
@@ -32,9 +33,10 @@ pub async fn route(
     let response = match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => readiness(&node),
+        (&Method::GET, "/metrics") => exposition(&node),
         (&Method::GET, "/ws") => websocket(node, peer, req),
         (&Method::GET | &Method::HEAD, path) if web::asset(path).is_some() => page(&req, path),
-        (_, "/healthz" | "/readyz" | "/ws") => {
+        (_, "/healthz" | "/readyz" | "/metrics" | "/ws") => {
             let mut res = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
             res.headers_mut()
                 .insert(header::ALLOW, HeaderValue::from_static("GET"));
@@ -120,8 +122,20 @@ fn readiness(node: &Node) -> Response<Body> {
     }
 }
 
+/// `/metrics`: every counter in Prometheus text format.
+fn exposition(node: &Node) -> Response<Body> {
+    let mut res = owned_text(StatusCode::OK, node.metrics.render());
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(metrics::CONTENT_TYPE),
+    );
+    res
+}
+
 fn websocket(node: Arc<Node>, peer: SocketAddr, mut req: Request<Incoming>) -> Response<Body> {
+    let refuse = |why| node.metrics.refused(why);
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+        refuse(Refusal::BadRequest);
         let mut res = text(
             StatusCode::UPGRADE_REQUIRED,
             "this endpoint speaks WebSocket: send an Upgrade: websocket request\n",
@@ -133,16 +147,22 @@ fn websocket(node: Arc<Node>, peer: SocketAddr, mut req: Request<Incoming>) -> R
         return res;
     }
     if !origin_allowed(&node, &req) {
+        refuse(Refusal::Origin);
         return text(StatusCode::FORBIDDEN, "origin not allowed\n");
     }
     if node.shutdown.is_cancelled() {
+        refuse(Refusal::ShuttingDown);
         return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
     }
     let params = match params(req.uri().query().unwrap_or("")) {
         Ok(params) => params,
-        Err(why) => return owned_text(StatusCode::BAD_REQUEST, why),
+        Err(why) => {
+            refuse(Refusal::BadRequest);
+            return owned_text(StatusCode::BAD_REQUEST, why);
+        }
     };
     let Some(slot) = node.reserve_slot() else {
+        refuse(Refusal::Capacity);
         let mut res = text(StatusCode::SERVICE_UNAVAILABLE, "too many connections\n");
         res.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
@@ -150,8 +170,12 @@ fn websocket(node: Arc<Node>, peer: SocketAddr, mut req: Request<Incoming>) -> R
     };
     let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,
-        Err(e) => return owned_text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+        Err(e) => {
+            refuse(Refusal::BadRequest);
+            return owned_text(StatusCode::BAD_REQUEST, format!("{e}\n"));
+        }
     };
+    node.metrics.connections_total.inc();
     debug!(%peer, room = %params.room, "websocket upgrade");
     node.sessions
         .spawn(session::run(node.clone(), upgrade, params, slot));

@@ -25,6 +25,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::hub::{ConnId, Hub};
+use crate::metrics::Metrics;
 use crate::transport::Transport;
 
 /// State shared by every connection of this node.
@@ -38,6 +39,8 @@ pub struct Node {
     pub hub: Arc<Hub>,
     /// The message transport.
     pub transport: Transport,
+    /// Counters and gauges for `/metrics`.
+    pub metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     sessions: TaskTracker,
     connections: AtomicUsize,
@@ -46,8 +49,9 @@ pub struct Node {
 
 impl Node {
     fn new(config: Config, shutdown: CancellationToken) -> io::Result<Self> {
-        let hub = Arc::new(Hub::new());
-        let transport = Transport::new(&config, hub.clone())
+        let metrics = Arc::new(Metrics::default());
+        let hub = Arc::new(Hub::with_metrics(metrics.clone()));
+        let transport = Transport::new(&config, hub.clone(), metrics.clone())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
         let id = if config.server.node_id.is_empty() {
             format!("node-{:06x}", fastrand::u32(..1 << 24))
@@ -59,6 +63,7 @@ impl Node {
             id,
             hub,
             transport,
+            metrics,
             shutdown,
             sessions: TaskTracker::new(),
             connections: AtomicUsize::new(0),

@@ -23,7 +23,8 @@ use tracing::{debug, error};
 use super::writer::{self, Liveness, WriteEnd};
 use super::{ConnSlot, Node};
 use crate::hub::ConnId;
-use crate::outbox::Outbox;
+use crate::metrics::OpenSession;
+use crate::outbox::{Outbox, Refused};
 use crate::protocol::native::{self, MessageTemplate, Reply, Request};
 use crate::protocol::ws::close_code;
 use crate::protocol::{ErrorCode, ProtocolError, RoomName};
@@ -57,6 +58,7 @@ pub async fn run(node: Arc<Node>, upgrade: UpgradeFut, params: Params, slot: Con
         error!("upgraded connection is not a TCP stream");
         return;
     };
+    let _open = OpenSession::new(&node.metrics);
     let mut stream = parts.io.into_inner();
     // Bytes the client sent right after its handshake: copied out so hyper's buffer is freed.
     let early = Bytes::copy_from_slice(&parts.read_buf);
@@ -89,6 +91,7 @@ pub async fn run(node: Arc<Node>, upgrade: UpgradeFut, params: Params, slot: Con
         &node.config.limits,
         &liveness,
         &node.shutdown,
+        &node.metrics,
     );
     tokio::pin!(reading, writing);
     let end = tokio::select! {
@@ -166,11 +169,14 @@ impl Session {
     }
 
     fn reply(&self, frame: Bytes) {
-        // A refused push means the connection is already closing; the reply has no reader.
-        let _ = self.outbox.push(frame);
+        // A refused push means the connection is closing; the reply has no reader.
+        if let Err(Refused::Full) = self.outbox.push(frame) {
+            self.node.metrics.slow_consumer_disconnects_total.inc();
+        }
     }
 
     fn refuse(&self, err: &ProtocolError) {
+        self.node.metrics.error(err.code);
         self.reply(native::error_frame(err));
     }
 
@@ -295,16 +301,26 @@ impl Session {
             room,
         };
         let room = envelope.room.clone();
-        match self.node.transport.publish(envelope).await {
-            Ok(id) => self.reply(
-                Reply::Ack {
-                    reference,
-                    room: &room,
-                    id,
-                }
-                .frame(),
-            ),
-            Err(e) => self.refuse(&refuse(ErrorCode::Unavailable, e.to_string())),
+        let metrics = &self.node.metrics;
+        let started = std::time::Instant::now();
+        let published = self.node.transport.publish(envelope).await;
+        metrics.publish_seconds.observe(started.elapsed());
+        match published {
+            Ok(id) => {
+                metrics.messages_in_total.inc();
+                self.reply(
+                    Reply::Ack {
+                        reference,
+                        room: &room,
+                        id,
+                    }
+                    .frame(),
+                )
+            }
+            Err(e) => {
+                metrics.publish_errors_total.inc();
+                self.refuse(&refuse(ErrorCode::Unavailable, e.to_string()))
+            }
         }
     }
 }

@@ -13,6 +13,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::LimitsConfig;
+use crate::metrics::Metrics;
 use crate::outbox::{Next, Outbox};
 use crate::protocol::ws::{self, close_code};
 
@@ -70,6 +71,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
     limits: &LimitsConfig,
     liveness: &Liveness,
     shutdown: &CancellationToken,
+    metrics: &Metrics,
 ) -> WriteEnd {
     let stall = Duration::from_secs(limits.ping_timeout_secs);
     let mut pinger = Pinger::new(
@@ -87,7 +89,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
         match pinger.poll(Instant::now(), liveness) {
             Ping::Send => {
                 let mut ping = VecDeque::from([ws::ping(b"")]);
-                if let Err(e) = write_batch(socket, &mut ping, stall).await {
+                if let Err(e) = write_batch(socket, &mut ping, stall, metrics).await {
                     return WriteEnd::Failed(e);
                 }
             }
@@ -100,6 +102,10 @@ pub async fn run<W: AsyncWrite + Unpin>(
         let close = match outbox.take(&mut batch) {
             Next::Frames => false,
             Next::Close(frame) => {
+                // A close frame from `ws::close`: two header bytes, then the code.
+                if let Some(code) = frame.get(2..4) {
+                    metrics.close_code(u16::from_be_bytes([code[0], code[1]]));
+                }
                 batch.push_back(frame);
                 true
             }
@@ -112,7 +118,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
                 continue;
             }
         };
-        if let Err(e) = write_batch(socket, &mut batch, stall).await {
+        if let Err(e) = write_batch(socket, &mut batch, stall, metrics).await {
             return WriteEnd::Failed(e);
         }
         if close {
@@ -129,6 +135,7 @@ async fn write_batch<W: AsyncWrite + Unpin>(
     socket: &mut W,
     batch: &mut VecDeque<Bytes>,
     stall: Duration,
+    metrics: &Metrics,
 ) -> io::Result<()> {
     while !batch.is_empty() {
         let mut iov = [IoSlice::new(&[]); MAX_IOV];
@@ -147,6 +154,7 @@ async fn write_batch<W: AsyncWrite + Unpin>(
         if written == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
+        metrics.bytes_out_total.add(written as u64);
         consume(batch, written);
     }
     Ok(())

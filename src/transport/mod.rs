@@ -15,6 +15,7 @@ pub use redis::RedisTransport;
 
 use crate::config::{Config, TransportKind};
 use crate::hub::Hub;
+use crate::metrics::Metrics;
 use crate::protocol::RoomName;
 use crate::protocol::native::MessageTemplate;
 
@@ -48,12 +49,23 @@ pub enum Transport {
 }
 
 impl Transport {
-    /// Builds the transport `config` names, delivering into `hub`. The Redis transport
-    /// starts its subscriber task, so this must run inside the runtime.
-    pub fn new(config: &Config, hub: Arc<Hub>) -> Result<Self, TransportError> {
+    /// Builds the transport `config` names, delivering into `hub` and reporting the
+    /// backplane's state in `metrics`. The Redis transport starts its subscriber task, so
+    /// this must run inside the runtime.
+    pub fn new(
+        config: &Config,
+        hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, TransportError> {
         Ok(match config.transport {
-            TransportKind::Memory => Transport::Memory(MemoryTransport::new(hub)),
-            TransportKind::Redis => Transport::Redis(RedisTransport::spawn(&config.redis, hub)?),
+            TransportKind::Memory => {
+                // In-process delivery is always up.
+                metrics.backplane_up.set(1);
+                Transport::Memory(MemoryTransport::new(hub))
+            }
+            TransportKind::Redis => {
+                Transport::Redis(RedisTransport::spawn(&config.redis, hub, metrics)?)
+            }
         })
     }
 

@@ -23,6 +23,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::RedisConfig;
 use crate::hub::Hub;
+use crate::metrics::Metrics;
 use crate::protocol::{RoomName, ws};
 use crate::transport::{Envelope, TransportError};
 
@@ -63,6 +64,7 @@ pub struct RedisTransport {
     /// Wakes the subscriber loop to reconcile `wanted` with `subscribed`.
     changed: Notify,
     ready: AtomicBool,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for RedisTransport {
@@ -83,7 +85,11 @@ struct Want {
 
 impl RedisTransport {
     /// Builds the transport and starts its subscriber task.
-    pub fn spawn(config: &RedisConfig, hub: Arc<Hub>) -> Result<Arc<Self>, TransportError> {
+    pub fn spawn(
+        config: &RedisConfig,
+        hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, TransportError> {
         let client = client(config).map_err(|e| TransportError::Unavailable(e.to_string()))?;
         let publish_timeout = Duration::from_millis(config.publish_timeout_ms);
         let manager = ConnectionManagerConfig::new()
@@ -107,6 +113,7 @@ impl RedisTransport {
             generation: watch::Sender::new(0),
             changed: Notify::new(),
             ready: AtomicBool::new(false),
+            metrics,
         });
         tokio::spawn(transport.clone().run_subscriber());
         Ok(transport)
@@ -207,11 +214,15 @@ impl RedisTransport {
                     match usable {
                         Ok(()) => {
                             self.ready.store(true, Ordering::Relaxed);
+                            self.metrics.backplane_up.set(1);
                             match outage.take() {
-                                Some(since) => info!(
-                                    down_ms = since.elapsed().as_millis() as u64,
-                                    "redis backplane reconnected"
-                                ),
+                                Some(since) => {
+                                    self.metrics.backplane_reconnects_total.inc();
+                                    info!(
+                                        down_ms = since.elapsed().as_millis() as u64,
+                                        "redis backplane reconnected"
+                                    )
+                                }
                                 None => info!("redis backplane connected"),
                             }
                             backoff = Backoff::default();
@@ -223,6 +234,7 @@ impl RedisTransport {
                 Err(e) => e,
             };
             self.ready.store(false, Ordering::Relaxed);
+            self.metrics.backplane_up.set(0);
             self.lock_subscribed().clear();
             self.generation.send_modify(|g| *g += 1);
             if outage.is_none() {
