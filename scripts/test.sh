@@ -30,3 +30,7 @@ cargo test --all-targets --locked
 echo "== browser tests"
 cargo build --locked
 bash tests/browser/run.sh target/debug/scalechat
+echo "== packaging checks"
+bash packaging/check-systemd.sh
+bash packaging/check-nginx.sh
+bash packaging/check-deb.sh

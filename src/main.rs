@@ -3,10 +3,13 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
+use sd_notify::NotifyState;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_tokio::Signals;
 use tokio_util::sync::CancellationToken;
@@ -14,7 +17,7 @@ use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
 use scalechat::config::{self, Config, LogFormat};
-use scalechat::server::Server;
+use scalechat::server::{Node, Server};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -91,6 +94,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
         let server = Server::bind(config, shutdown.clone())
             .await
             .with_context(|| format!("binding {addr}"))?;
+        tokio::spawn(notify_systemd(server.node().clone(), shutdown.clone()));
         tokio::spawn(watch_signals(signals, shutdown));
         server.run().await;
         Ok(())
@@ -106,5 +110,72 @@ async fn watch_signals(mut signals: Signals, shutdown: CancellationToken) {
     if let Some(signal) = signals.next().await {
         warn!(signal, "second signal: exiting without waiting for clients");
         std::process::exit(1);
+    }
+}
+
+/// Keeps systemd (`Type=notify`) informed: READY=1 once the node is ready (for the redis
+/// transport: the backplane is connected), STATUS= whenever readiness changes, WATCHDOG=1 at
+/// half of `WATCHDOG_USEC` if the unit sets `WatchdogSec=`, and STOPPING=1 when shutdown
+/// starts. Without `NOTIFY_SOCKET` (not started by systemd) it does nothing.
+async fn notify_systemd(node: Arc<Node>, shutdown: CancellationToken) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    if let Some(timeout) = sd_notify::watchdog_enabled() {
+        // Fed until the process exits, so a shutdown grace period longer than the watchdog
+        // timeout does not get the process killed as hung.
+        tokio::spawn(feed_watchdog(timeout / 2));
+    }
+    notify(&[NotifyState::Status("starting: waiting for the transport")]);
+    let mut poll = tokio::time::interval(Duration::from_millis(100));
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut announced = None;
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            _ = poll.tick() => {}
+        }
+        if shutdown.is_cancelled() {
+            break;
+        }
+        let ready = node.is_ready();
+        if announced == Some(ready) {
+            continue;
+        }
+        if ready {
+            let status = format!(
+                "ready: node {}, transport {:?}",
+                node.id, node.config.transport
+            );
+            // systemd acts on the first READY=1 only; resending it after a reconnect is harmless.
+            notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+        } else if announced.is_some() {
+            notify(&[NotifyState::Status(
+                "degraded: transport unavailable, not ready",
+            )]);
+        }
+        announced = Some(ready);
+    }
+    notify(&[
+        NotifyState::Stopping,
+        NotifyState::Status("stopping: closing connections"),
+    ]);
+}
+
+/// Sends WATCHDOG=1 every `period` for as long as the runtime runs.
+async fn feed_watchdog(period: Duration) {
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tick.tick().await;
+        notify(&[NotifyState::Watchdog]);
+    }
+}
+
+/// Sends one notification to systemd; a failure is logged (systemd will act on what it missed,
+/// e.g. a start timeout) and otherwise ignored.
+fn notify(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        warn!(error = %e, "sd_notify failed");
     }
 }
