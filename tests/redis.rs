@@ -340,14 +340,8 @@ async fn a_frozen_redis_does_not_stall_local_sockets() {
     let node = Node::start("node-a", &redis, None).await;
     let mut a = node.client("name=ann").await;
     let mut b = node.client("name=bob&room=dev").await;
-    let pid = redis.child.as_ref().unwrap().id().unwrap().to_string();
-    let signal = |sig: &str| {
-        let ok = std::process::Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap();
-        assert!(ok.success());
-    };
+    let pid = redis.child.as_ref().unwrap().id().unwrap();
+    let signal = |sig: &str| common::send_signal(pid, sig);
     signal("-STOP"); // Redis still holds its connections but answers nothing
     a.say("general", "into the void", "v1").await;
     // Meanwhile another connection on the same node is served at once.

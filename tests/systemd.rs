@@ -69,12 +69,7 @@ impl Notified {
     }
 
     fn terminate(&self) {
-        let pid = self.child.id().expect("child still running").to_string();
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -TERM {pid}: {status}");
+        common::send_signal(self.child.id().expect("child still running"), "-TERM");
     }
 }
 

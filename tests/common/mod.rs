@@ -87,6 +87,15 @@ impl TestServer {
     }
 }
 
+/// Sends `signal` (e.g. "-TERM", "-STOP") to process `pid` with kill(1).
+pub fn send_signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill {signal} {pid}: {status}");
+}
+
 /// Polls `condition` until it holds, failing after [`WAIT`].
 pub async fn eventually(what: &str, condition: impl Fn() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
