@@ -22,9 +22,25 @@ use scalechat::server::{Node, Server};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Environment variables, listed in `--help`.
+const ENV_HELP: &str = "\
+Environment:
+  PORT                      server.port (wins over everything)
+  REDIS_HOST                redis.host, and selects transport = \"redis\" over the file
+  REDIS_PORT                redis.port
+  REDIS_PASSWORD            redis.password
+  SCALECHAT_<SECTION>__<KEY>  any key, e.g. SCALECHAT_LIMITS__MAX_MESSAGE_CHARS=2000,
+                            SCALECHAT_TRANSPORT=redis (over the file, under the names above)
+  RUST_LOG                  log filter, replacing log.level
+  NOTIFY_SOCKET, WATCHDOG_USEC  set by systemd for Type=notify and WatchdogSec=
+
+Load order: built-in defaults < TOML file < SCALECHAT_* < PORT and REDIS_*.
+Every key with its default: config/scalechat.toml; `scalechat check-config` prints the effective
+configuration with secrets masked.";
+
 /// A real-time chat server over WebSocket.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version, about, after_help = ENV_HELP)]
 struct Cli {
     /// TOML config file [default: config/scalechat.toml if it exists].
     #[arg(long, short, global = true, value_name = "PATH")]

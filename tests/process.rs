@@ -391,3 +391,25 @@ async fn redis_host_selects_redis_over_the_file_but_not_over_scalechat_transport
     let forced = effective(&args, &[host, ("SCALECHAT_TRANSPORT", "memory")]).await;
     assert_eq!(forced.transport, TransportKind::Memory);
 }
+
+#[tokio::test]
+async fn help_documents_flags_and_environment_variables() {
+    let out = run(&["--help"], &[]).await;
+    assert!(out.status.success(), "{}", out.stderr);
+    for word in [
+        "--config",
+        "check-config",
+        "PORT",
+        "REDIS_HOST",
+        "REDIS_PORT",
+        "REDIS_PASSWORD",
+        "SCALECHAT_<SECTION>__<KEY>",
+        "RUST_LOG",
+    ] {
+        assert!(
+            out.stdout.contains(word),
+            "--help does not mention {word}:\n{}",
+            out.stdout
+        );
+    }
+}
