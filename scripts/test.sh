@@ -34,3 +34,4 @@ echo "== packaging checks"
 bash packaging/check-systemd.sh
 bash packaging/check-nginx.sh
 bash packaging/check-deb.sh
+bash packaging/check-static.sh
