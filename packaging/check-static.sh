@@ -5,7 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash packaging/build-static.sh
 bin=target/x86_64-unknown-linux-musl/release/scalechat
-file "$bin" | tee /dev/stderr | grep -q 'static' || { echo "not static" >&2; exit 1; }
+info=$(file "$bin")
+echo "$info"
+grep -q 'static' <<<"$info" || { echo "not static" >&2; exit 1; }
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 scratch=$(mktemp -d)
