@@ -504,3 +504,160 @@ impl Config {
         toml::to_string_pretty(self).unwrap_or_default()
     }
 }
+
+/// Keys that SIGHUP applies to a running node; every other key needs a restart.
+///
+/// A key is reloadable if it equals an entry or starts with an entry ending in `.`.
+pub const RELOADABLE: &[&str] = &[
+    "log.level",
+    "limits.",
+    "server.allowed_origins",
+    "server.max_connections",
+];
+
+/// Whether SIGHUP applies `key` (a dotted key such as `limits.message_burst`) at run time.
+pub fn is_reloadable(key: &str) -> bool {
+    RELOADABLE
+        .iter()
+        .any(|r| key == *r || (r.ends_with('.') && key.starts_with(r)))
+}
+
+/// The settings a running node takes from a reloaded configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reloadable {
+    /// `[limits]`.
+    pub limits: LimitsConfig,
+    /// `server.allowed_origins`.
+    pub allowed_origins: Vec<String>,
+    /// `server.max_connections`.
+    pub max_connections: usize,
+}
+
+/// One key whose value differs between two configurations, secrets masked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// Dotted key, e.g. `limits.max_message_chars`.
+    pub key: String,
+    /// The value before, as TOML.
+    pub from: String,
+    /// The value after, as TOML.
+    pub to: String,
+    /// Whether SIGHUP applies it without a restart.
+    pub reloadable: bool,
+}
+
+impl Config {
+    /// The part of the configuration that SIGHUP applies at run time.
+    pub fn reloadable(&self) -> Reloadable {
+        Reloadable {
+            limits: self.limits.clone(),
+            allowed_origins: self.server.allowed_origins.clone(),
+            max_connections: self.server.max_connections,
+        }
+    }
+
+    /// This configuration with the reloadable keys taken from `new`, the rest kept.
+    pub fn with_reloaded(&self, new: &Config) -> Config {
+        let mut merged = self.clone();
+        merged.limits = new.limits.clone();
+        merged.server.allowed_origins = new.server.allowed_origins.clone();
+        merged.server.max_connections = new.server.max_connections;
+        merged.log.level = new.log.level.clone();
+        merged
+    }
+
+    /// Every key whose value differs in `new`, in key order.
+    pub fn changes(&self, new: &Config) -> Vec<Change> {
+        let flat = |c: &Config| {
+            let mut out = std::collections::BTreeMap::new();
+            if let Ok(toml::Value::Table(t)) = toml::Value::try_from(c) {
+                flatten(&t, "", &mut out);
+            }
+            out
+        };
+        let (before, after) = (flat(self), flat(new));
+        let mut changes: Vec<Change> = after
+            .iter()
+            .filter(|(key, value)| before.get(*key) != Some(*value))
+            .map(|(key, value)| Change {
+                key: key.clone(),
+                from: before.get(key).map(ToString::to_string).unwrap_or_default(),
+                to: value.to_string(),
+                reloadable: is_reloadable(key),
+            })
+            .collect();
+        // Secrets serialize masked, so a changed password can look unchanged above.
+        if self.redis.password != new.redis.password
+            && !changes.iter().any(|c| c.key == "redis.password")
+        {
+            changes.push(Change {
+                key: "redis.password".into(),
+                from: format!("\"{}\"", self.redis.password.masked()),
+                to: format!("\"{}\"", new.redis.password.masked()),
+                reloadable: false,
+            });
+            changes.sort_by(|a, b| a.key.cmp(&b.key));
+        }
+        changes
+    }
+}
+
+/// Dotted leaf keys of a TOML table and their values.
+fn flatten(
+    table: &toml::Table,
+    prefix: &str,
+    out: &mut std::collections::BTreeMap<String, toml::Value>,
+) {
+    for (name, value) in table {
+        let key = format!("{prefix}{name}");
+        match value {
+            toml::Value::Table(inner) => flatten(inner, &format!("{key}."), out),
+            _ => {
+                out.insert(key, value.clone());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changes_name_each_key_and_whether_sighup_applies_it() {
+        let old = Config::default();
+        let mut new = old.clone();
+        new.limits.max_message_chars = 100;
+        new.server.allowed_origins = vec!["https://chat.example.com".into()];
+        new.server.port = 9000;
+        new.redis.password = Secret::from("hunter2");
+        let changes = old.changes(&new);
+        let summary: Vec<(&str, &str, bool)> = changes
+            .iter()
+            .map(|c| (c.key.as_str(), c.to.as_str(), c.reloadable))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("limits.max_message_chars", "100", true),
+                ("redis.password", "\"********\"", false),
+                (
+                    "server.allowed_origins",
+                    "[\"https://chat.example.com\"]",
+                    true
+                ),
+                ("server.port", "9000", false),
+            ]
+        );
+        assert!(old.changes(&old).is_empty());
+        // Both masked, yet reported.
+        let mut other = new.clone();
+        other.redis.password = Secret::from("hunter3");
+        let changed: Vec<String> = new.changes(&other).into_iter().map(|c| c.key).collect();
+        assert_eq!(changed, ["redis.password"]);
+        let merged = old.with_reloaded(&new);
+        assert_eq!(merged.limits.max_message_chars, 100);
+        assert_eq!(merged.server.port, old.server.port);
+        assert!(merged.changes(&new).iter().all(|c| !c.reloadable));
+    }
+}

@@ -10,11 +10,13 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 use sd_notify::NotifyState;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_tokio::Signals;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
 
 use scalechat::config::{self, Config, LogFormat};
 use scalechat::server::{Node, Server};
@@ -31,10 +33,13 @@ Environment:
   REDIS_PASSWORD            redis.password
   SCALECHAT_<SECTION>__<KEY>  any key, e.g. SCALECHAT_LIMITS__MAX_MESSAGE_CHARS=2000,
                             SCALECHAT_TRANSPORT=redis (over the file, under the names above)
-  RUST_LOG                  log filter, replacing log.level
+  RUST_LOG                  log filter, replacing log.level (also on reload)
   NOTIFY_SOCKET, WATCHDOG_USEC  set by systemd for Type=notify and WatchdogSec=
 
 Load order: built-in defaults < TOML file < SCALECHAT_* < PORT and REDIS_*.
+Signals: SIGTERM or SIGINT shuts down gracefully (a second one exits at once). SIGHUP reloads
+the file and applies log.level, [limits], server.allowed_origins and server.max_connections;
+it logs every changed key, and those that need a restart.
 Every key with its default: config/scalechat.toml; `scalechat check-config` prints the effective
 configuration with secrets masked.";
 
@@ -72,8 +77,13 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Serve => {
-            init_tracing(&config);
-            match serve(config) {
+            let log_filter = init_tracing(&config);
+            let reloader = Reloader {
+                path: cli.config,
+                current: config.clone(),
+                log_filter,
+            };
+            match serve(config, reloader) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     error!("{e:#}");
@@ -84,48 +94,120 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing(config: &Config) {
+/// Handle to swap the log filter on reload.
+type LogFilter = reload::Handle<EnvFilter, Registry>;
+
+fn init_tracing(config: &Config) -> LogFilter {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let (filter, handle) = reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
-    match config.log.format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    let fmt = match config.log.format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
+    };
+    tracing_subscriber::registry().with(filter).with(fmt).init();
+    handle
 }
 
-fn serve(config: Config) -> anyhow::Result<()> {
+fn serve(config: Config, reloader: Reloader) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
-        let signals = Signals::new([SIGTERM, SIGINT]).context("installing signal handlers")?;
+        let signals =
+            Signals::new([SIGTERM, SIGINT, SIGHUP]).context("installing signal handlers")?;
         let addr = format!("{}:{}", config.server.host, config.server.port);
         let server = Server::bind(config, shutdown.clone())
             .await
             .with_context(|| format!("binding {addr}"))?;
         tokio::spawn(notify_systemd(server.node().clone(), shutdown.clone()));
-        tokio::spawn(watch_signals(signals, shutdown));
+        tokio::spawn(watch_signals(
+            signals,
+            shutdown,
+            reloader,
+            server.node().clone(),
+        ));
         server.run().await;
         Ok(())
     })
 }
 
-/// First SIGTERM/SIGINT: graceful shutdown. A second one: exit at once.
-async fn watch_signals(mut signals: Signals, shutdown: CancellationToken) {
-    if let Some(signal) = signals.next().await {
-        info!(signal, "shutdown requested");
-        shutdown.cancel();
+/// First SIGTERM/SIGINT: graceful shutdown. A second one: exit at once. SIGHUP: reload.
+async fn watch_signals(
+    mut signals: Signals,
+    shutdown: CancellationToken,
+    mut reloader: Reloader,
+    node: Arc<Node>,
+) {
+    let mut stopping = false;
+    while let Some(signal) = signals.next().await {
+        match signal {
+            SIGHUP if !stopping => reloader.reload(&node),
+            SIGHUP => {}
+            _ if !stopping => {
+                info!(signal, "shutdown requested");
+                shutdown.cancel();
+                stopping = true;
+            }
+            _ => {
+                warn!(signal, "second signal: exiting without waiting for clients");
+                std::process::exit(1);
+            }
+        }
     }
-    if let Some(signal) = signals.next().await {
-        warn!(signal, "second signal: exiting without waiting for clients");
-        std::process::exit(1);
+}
+
+/// Re-reads the configuration on SIGHUP and applies what can change at run time.
+struct Reloader {
+    /// `--config`, read again on each reload.
+    path: Option<PathBuf>,
+    /// What the node runs with now.
+    current: Config,
+    log_filter: LogFilter,
+}
+
+impl Reloader {
+    fn reload(&mut self, node: &Node) {
+        let new = match config::load(self.path.as_deref()) {
+            Ok(new) => new,
+            Err(e) => {
+                error!("configuration reload failed, nothing changed:\n{e}");
+                return;
+            }
+        };
+        let changes = self.current.changes(&new);
+        if changes.is_empty() {
+            info!("configuration reloaded: nothing changed");
+            return;
+        }
+        for c in &changes {
+            if c.reloadable {
+                info!(key = %c.key, from = %c.from, to = %c.to, "configuration reloaded");
+            } else {
+                warn!(
+                    key = %c.key, from = %c.from, to = %c.to,
+                    "configuration changed, but this key takes effect only after a restart"
+                );
+            }
+        }
+        if new.log.level != self.current.log.level {
+            if std::env::var_os("RUST_LOG").is_some() {
+                warn!("RUST_LOG is set and replaces log.level: the log filter is unchanged");
+            } else if let Err(e) = EnvFilter::try_new(&new.log.level)
+                .map_err(|e| e.to_string())
+                .and_then(|f| self.log_filter.reload(f).map_err(|e| e.to_string()))
+            {
+                error!(error = %e, "log.level could not be applied");
+            }
+        }
+        node.reconfigure(new.reloadable());
+        self.current = self.current.with_reloaded(&new);
     }
 }
 

@@ -150,6 +150,11 @@ impl Outbox {
         self.lock().frames.len()
     }
 
+    /// The most frames this outbox holds before the connection counts as a slow consumer.
+    pub fn capacity(&self) -> usize {
+        self.max_frames
+    }
+
     /// Whether no frame is queued.
     pub fn is_empty(&self) -> bool {
         self.len() == 0

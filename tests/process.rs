@@ -234,11 +234,15 @@ struct Running {
 impl Running {
     /// Starts `scalechat` on a free port of 127.0.0.1 and waits until `/readyz` says 200.
     async fn start(test: &str, env: &[(&str, &str)]) -> Running {
+        Running::start_in(Scratch::new(test), &[], env).await
+    }
+
+    /// [`Running::start`] in `scratch`, with command line `args`.
+    async fn start_in(scratch: Scratch, args: &[&str], env: &[(&str, &str)]) -> Running {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("find a free port")
             .port();
-        let scratch = Scratch::new(test);
         let log = File::create(scratch.0.join("stderr.log")).expect("create log file");
         let port_text = port.to_string();
         let mut env = env.to_vec();
@@ -246,7 +250,7 @@ impl Running {
             ("PORT", port_text.as_str()),
             ("SCALECHAT_SERVER__HOST", "127.0.0.1"),
         ]);
-        let child = scalechat(&scratch.0, &[], &env)
+        let child = scalechat(&scratch.0, args, &env)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -287,6 +291,24 @@ impl Running {
 
     fn url(&self, query: &str) -> String {
         format!("ws://{}/ws?{query}", self.addr)
+    }
+
+    /// What the server has logged so far.
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.scratch.0.join("stderr.log")).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `text`.
+    async fn wait_for_log(&self, text: &str) {
+        let deadline = Instant::now() + WAIT;
+        while !self.log().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "the log never said {text:?}:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 
@@ -412,4 +434,98 @@ async fn help_documents_flags_and_environment_variables() {
             out.stdout
         );
     }
+}
+
+/// The status of an upgrade request to `/ws` sent with `origin`.
+async fn upgrade_status(server: &Running, origin: &str) -> u16 {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = server.url("name=o").into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("origin", origin.parse().unwrap());
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((_, response)) => response.status().as_u16(),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status().as_u16(),
+        Err(e) => panic!("upgrade failed: {e}"),
+    }
+}
+
+/// Sends `text` in the first room and returns its delivery back to us, or the `error`.
+async fn say_and_read(client: &mut Client, text: &str) -> serde_json::Value {
+    client
+        .send(serde_json::json!({"type":"send","message":text,"ref":"r"}))
+        .await;
+    loop {
+        let frame = client.recv().await;
+        if frame["type"] == "error" || (frame["type"] == "message" && frame["message"] == text) {
+            return frame;
+        }
+    }
+}
+
+#[tokio::test]
+async fn sighup_reloads_limits_and_origins_and_logs_what_needs_a_restart() {
+    let scratch = Scratch::new("sighup");
+    let config = scratch.file(
+        "scalechat.toml",
+        "[limits]\nmax_message_chars = 100\n\n[log]\nlevel = \"info\"\n",
+    );
+    let config_arg = config.to_str().unwrap().to_owned();
+    let server = Running::start_in(scratch, &["--config", &config_arg], &[]).await;
+    let mut open = chat_client(&server, "name=alice").await;
+    let eighty = "x".repeat(80);
+    assert_eq!(say_and_read(&mut open, &eighty).await["type"], "message");
+    assert_eq!(
+        upgrade_status(&server, "https://elsewhere.example").await,
+        101
+    );
+
+    std::fs::write(
+        &config,
+        "[server]\nallowed_origins = [\"https://chat.example\"]\n\n\
+         [limits]\nmax_message_chars = 50\n\n[log]\nlevel = \"debug\"\n\n\
+         [redis]\nchannel_prefix = \"elsewhere\"\n",
+    )
+    .unwrap();
+    common::send_signal(server.child.id().unwrap(), "-HUP");
+    server.wait_for_log("server.allowed_origins").await;
+    let log = server.log();
+    for line in [
+        "limits.max_message_chars",
+        "log.level",
+        "redis.channel_prefix",
+    ] {
+        assert!(log.contains(line), "the reload did not log {line}:\n{log}");
+    }
+    let restart = log
+        .lines()
+        .find(|l| l.contains("redis.channel_prefix"))
+        .unwrap();
+    assert!(restart.contains("restart"), "{restart}");
+
+    // The open connection follows the new limit; so does a new one.
+    let refused = say_and_read(&mut open, &eighty).await;
+    assert_eq!(refused["code"], "message_too_long", "{refused}");
+    let mut fresh = chat_client(&server, "name=bob").await;
+    assert_eq!(
+        say_and_read(&mut fresh, &eighty).await["code"],
+        "message_too_long"
+    );
+    assert_eq!(say_and_read(&mut fresh, "short").await["type"], "message");
+    assert_eq!(
+        upgrade_status(&server, "https://elsewhere.example").await,
+        403
+    );
+    assert_eq!(upgrade_status(&server, "https://chat.example").await, 101);
+
+    // A broken file is reported and changes nothing.
+    std::fs::write(&config, "[limits]\nmax_message_chars = \"many\"\n").unwrap();
+    common::send_signal(server.child.id().unwrap(), "-HUP");
+    server.wait_for_log("configuration reload failed").await;
+    assert!(server.log().contains("limits.max_message_chars"));
+    assert_eq!(
+        say_and_read(&mut open, &eighty).await["code"],
+        "message_too_long"
+    );
+    assert_eq!(readyz(server.addr).await, Some(200));
 }

@@ -183,7 +183,8 @@ fn websocket(node: Arc<Node>, peer: SocketAddr, mut req: Request<Incoming>) -> R
 }
 
 fn origin_allowed(node: &Node, req: &Request<Incoming>) -> bool {
-    let allowed = &node.config.server.allowed_origins;
+    let live = node.live();
+    let allowed = &live.allowed_origins;
     if allowed.is_empty() {
         return true;
     }

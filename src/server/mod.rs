@@ -11,8 +11,8 @@ mod writer;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use hyper::server::conn::http1;
@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, Reloadable};
 use crate::hub::{ConnId, Hub};
 use crate::metrics::Metrics;
 use crate::transport::Transport;
@@ -31,7 +31,8 @@ use crate::transport::Transport;
 /// State shared by every connection of this node.
 #[derive(Debug)]
 pub struct Node {
-    /// The effective configuration.
+    /// The configuration the node started with. The keys that SIGHUP reloads are read from
+    /// [`Node::live`] instead.
     pub config: Config,
     /// This node's name, sent in `welcome`.
     pub id: String,
@@ -45,6 +46,8 @@ pub struct Node {
     sessions: TaskTracker,
     connections: AtomicUsize,
     next_conn: AtomicU64,
+    live: RwLock<Arc<Reloadable>>,
+    live_version: AtomicU64,
 }
 
 impl Node {
@@ -59,6 +62,8 @@ impl Node {
             config.server.node_id.clone()
         };
         Ok(Self {
+            live: RwLock::new(Arc::new(config.reloadable())),
+            live_version: AtomicU64::new(0),
             config,
             id,
             hub,
@@ -81,13 +86,32 @@ impl Node {
         self.connections.load(Ordering::Relaxed)
     }
 
+    /// The settings SIGHUP can change: limits, allowed origins, the connection cap.
+    pub fn live(&self) -> Arc<Reloadable> {
+        self.live
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Bumped by every [`Node::reconfigure`]: sessions compare it to refresh their limits.
+    fn live_version(&self) -> u64 {
+        self.live_version.load(Ordering::Acquire)
+    }
+
+    /// Applies reloaded settings: new connections and the next message of open ones see them.
+    pub fn reconfigure(&self, live: Reloadable) {
+        *self.live.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(live);
+        self.live_version.fetch_add(1, Ordering::AcqRel);
+    }
+
     fn next_conn_id(&self) -> ConnId {
         ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed))
     }
 
     /// Takes one of `max_connections` slots, released when the guard drops.
     fn reserve_slot(self: &Arc<Self>) -> Option<ConnSlot> {
-        let max = self.config.server.max_connections;
+        let max = self.live().max_connections;
         let taken = self.connections.fetch_add(1, Ordering::AcqRel);
         let slot = ConnSlot(self.clone());
         (taken < max).then_some(slot)

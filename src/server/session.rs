@@ -22,6 +22,7 @@ use tracing::{debug, error};
 
 use super::writer::{self, Liveness, WriteEnd};
 use super::{ConnSlot, Node};
+use crate::config::Reloadable;
 use crate::hub::ConnId;
 use crate::metrics::OpenSession;
 use crate::outbox::{Outbox, Refused};
@@ -65,7 +66,10 @@ pub async fn run(node: Arc<Node>, upgrade: UpgradeFut, params: Params, slot: Con
     drop(parts.read_buf);
 
     let conn = node.next_conn_id();
-    let outbox = Arc::new(Outbox::new(node.config.limits.max_queued_frames));
+    // Frame size, queue and ping limits are fixed for the connection's life; the message
+    // limits follow a reload (see `Session::refresh_limits`).
+    let live = node.live();
+    let outbox = Arc::new(Outbox::new(live.limits.max_queued_frames));
     let mut session = Session::new(node.clone(), conn, params, outbox.clone());
     session.start().await;
 
@@ -81,14 +85,14 @@ pub async fn run(node: Arc<Node>, upgrade: UpgradeFut, params: Params, slot: Con
     reader.set_auto_close(false);
     reader.set_auto_pong(false);
     // fastwebsockets refuses frames of at least this size.
-    reader.set_max_message_size(node.config.limits.max_frame_bytes + 1);
+    reader.set_max_message_size(live.limits.max_frame_bytes + 1);
 
     let liveness = Liveness::new();
     let reading = session.read_loop(&mut reader, &liveness);
     let writing = writer::run(
         &mut write_half,
         &outbox,
-        &node.config.limits,
+        &live.limits,
         &liveness,
         &node.shutdown,
         &node.metrics,
@@ -135,13 +139,19 @@ struct Session {
     outbox: Arc<Outbox>,
     rooms: Memberships,
     bucket: TokenBucket,
+    /// The reloadable settings as of `live_version`.
+    live: Arc<Reloadable>,
+    live_version: u64,
 }
 
 impl Session {
     fn new(node: Arc<Node>, conn: ConnId, params: Params, outbox: Arc<Outbox>) -> Self {
-        let limits = &node.config.limits;
-        let bucket = TokenBucket::new(limits.messages_per_second, limits.message_burst);
+        let live_version = node.live_version();
+        let live = node.live();
+        let bucket = TokenBucket::new(live.limits.messages_per_second, live.limits.message_burst);
         Self {
+            live,
+            live_version,
             rooms: Memberships {
                 node: node.clone(),
                 conn,
@@ -185,7 +195,7 @@ impl Session {
         ws: &mut WebSocketRead<R>,
         liveness: &Liveness,
     ) -> ReadEnd {
-        let mut message = Assembler::new(self.node.config.limits.max_frame_bytes);
+        let mut message = Assembler::new(self.live.limits.max_frame_bytes);
         // With auto-close and auto-pong off, fastwebsockets has nothing to send itself.
         let mut no_send = |_: Frame<'_>| std::future::ready(Ok::<(), Infallible>(()));
         loop {
@@ -227,10 +237,11 @@ impl Session {
         // The writer runs in this task: while frames arrive back to back the reader never
         // waits, so let the writer drain our replies before they pile up to the slow-consumer
         // limit. A client that sends but does not read still ends up there.
-        if self.outbox.len() >= self.node.config.limits.max_queued_frames / 4 {
+        if self.outbox.len() >= self.outbox.capacity() / 4 {
             tokio::task::yield_now().await;
         }
-        let max_chars = self.node.config.limits.max_message_chars;
+        self.refresh_limits();
+        let max_chars = self.live.limits.max_message_chars;
         match native::decode(payload, max_chars) {
             Ok(Request::Join { room }) => self.join(room).await,
             Ok(Request::Leave { room }) => self.leave(room),
@@ -243,11 +254,24 @@ impl Session {
         }
     }
 
+    /// Takes reloaded message limits (length, rooms, rate) once a SIGHUP changed them.
+    fn refresh_limits(&mut self) {
+        let version = self.node.live_version();
+        if version == self.live_version {
+            return;
+        }
+        self.live = self.node.live();
+        self.live_version = version;
+        let limits = &self.live.limits;
+        self.bucket
+            .reconfigure(limits.messages_per_second, limits.message_burst);
+    }
+
     async fn join(&mut self, room: RoomName) {
         let node = &self.node;
         if !self.rooms.rooms.contains(&room) {
-            if self.rooms.rooms.len() >= node.config.limits.max_rooms_per_connection {
-                let limit = node.config.limits.max_rooms_per_connection;
+            let limit = self.live.limits.max_rooms_per_connection;
+            if self.rooms.rooms.len() >= limit {
                 return self.refuse(&ProtocolError::new(
                     ErrorCode::TooManyRooms,
                     format!("a connection may be in at most {limit} rooms"),
@@ -287,7 +311,7 @@ impl Session {
             return self.refuse(&refuse(ErrorCode::NotJoined, format!("not in room {room}")));
         }
         if !self.bucket.take(Instant::now()) {
-            let rate = self.node.config.limits.messages_per_second;
+            let rate = self.live.limits.messages_per_second;
             return self.refuse(&refuse(
                 ErrorCode::RateLimited,
                 format!("sending faster than {rate} messages per second; not delivered"),
@@ -457,6 +481,13 @@ impl TokenBucket {
             tokens: f64::from(burst),
             last: Instant::now(),
         }
+    }
+
+    /// Changes the rate and burst, keeping the tokens saved up (at most the new burst).
+    fn reconfigure(&mut self, rate: f64, burst: u32) {
+        self.rate = rate;
+        self.burst = f64::from(burst);
+        self.tokens = self.tokens.min(self.burst);
     }
 
     fn take(&mut self, now: Instant) -> bool {
