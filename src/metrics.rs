@@ -1,49 +1,75 @@
 //! The node's counters and gauges, and their Prometheus text exposition (format 0.0.4) for
-//! `GET /metrics`.
+//! `GET /metrics`, written by the `prometheus-client` encoder.
 //!
-//! Every value is one `AtomicU64` updated with `Relaxed` ordering: an event costs one atomic
-//! add, a fan-out adds its recipient count once, and nothing is formatted until a scrape.
-//! Values read during one scrape are not a consistent snapshot of each other, which
-//! Prometheus does not expect either.
+//! Every counter and gauge is one atomic updated with `Relaxed` ordering: an event costs one
+//! atomic add, a fan-out adds its recipient count once, and nothing is formatted until a scrape.
+//! Labelled series are created once, when [`Metrics`] is built, and kept in arrays indexed like
+//! their label lists, so counting one takes no lookup and no lock; they are exposed in that
+//! order. The publish latency histogram keeps per-bucket atomics of its own, where the crate's
+//! histogram would take a lock on every observation. Values read during one scrape are not a
+//! consistent snapshot of each other, which Prometheus does not expect either.
 
-use std::fmt::Write;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use prometheus_client::encoding::{
+    EncodeLabelValue, EncodeMetric, MetricEncoder, NoLabelSet, prometheus_text,
+};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::{counter, gauge};
+use prometheus_client::registry::Registry;
 
 use crate::protocol::ErrorCode;
 use crate::protocol::ws::close_code;
 
 /// `Content-Type` of the exposition.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 
-/// One counter or gauge.
-#[derive(Debug, Default)]
-pub struct Count(AtomicU64);
+/// A counter: only goes up.
+#[derive(Debug, Clone, Default)]
+pub struct Counter(counter::Counter);
 
-impl Count {
+impl Counter {
     /// Adds one.
     pub fn inc(&self) {
-        self.add(1);
+        self.0.inc();
     }
 
     /// Adds `n`.
     pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
-    }
-
-    /// Subtracts one (gauges only).
-    pub fn dec(&self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-
-    /// Sets the value (gauges only).
-    pub fn set(&self, n: u64) {
-        self.0.store(n, Ordering::Relaxed);
+        self.0.inc_by(n);
     }
 
     /// The current value.
     pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.0.get()
+    }
+}
+
+/// A gauge: a value that goes up and down.
+#[derive(Debug, Clone, Default)]
+pub struct Gauge(gauge::Gauge<u64, AtomicU64>);
+
+impl Gauge {
+    /// Adds one.
+    pub fn inc(&self) {
+        self.0.inc();
+    }
+
+    /// Subtracts one.
+    pub fn dec(&self) {
+        self.0.dec();
+    }
+
+    /// Sets the value.
+    pub fn set(&self, n: u64) {
+        self.0.set(n);
+    }
+
+    /// The current value.
+    pub fn get(&self) -> u64 {
+        self.0.get()
     }
 }
 
@@ -78,7 +104,7 @@ impl Refusal {
     }
 }
 
-/// Close codes the server sends that are counted, in exposition order.
+/// Close codes the server sends that are counted.
 const CLOSE_CODES: [u16; 7] = [
     close_code::PROTOCOL_ERROR,
     close_code::UNSUPPORTED_DATA,
@@ -89,28 +115,22 @@ const CLOSE_CODES: [u16; 7] = [
     close_code::GOING_AWAY,
 ];
 
-/// Upper bounds of the publish latency buckets, in seconds, with their labels; the last
-/// bucket (`+Inf`) is implicit.
-const PUBLISH_BUCKETS: [(f64, &str); 11] = [
-    (0.0005, "0.0005"),
-    (0.001, "0.001"),
-    (0.0025, "0.0025"),
-    (0.005, "0.005"),
-    (0.01, "0.01"),
-    (0.025, "0.025"),
-    (0.05, "0.05"),
-    (0.1, "0.1"),
-    (0.25, "0.25"),
-    (0.5, "0.5"),
-    (1.0, "1"),
+/// Upper bounds of the publish latency buckets, in seconds; the last bucket (`+Inf`) is
+/// implicit.
+const PUBLISH_BUCKETS: [f64; 11] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 ];
 
 /// A fixed-bucket latency histogram: per-bucket (not cumulative) counts and the sum in
 /// nanoseconds. The count is the buckets' total, so one observation is two atomic adds.
+/// Clones share their values.
+#[derive(Debug, Clone, Default)]
+pub struct Histogram(Arc<HistogramValues>);
+
 #[derive(Debug, Default)]
-pub struct Histogram {
-    buckets: [Count; PUBLISH_BUCKETS.len() + 1],
-    sum_nanos: Count,
+struct HistogramValues {
+    buckets: [AtomicU64; PUBLISH_BUCKETS.len() + 1],
+    sum_nanos: AtomicU64,
 }
 
 impl Histogram {
@@ -119,58 +139,193 @@ impl Histogram {
         let secs = took.as_secs_f64();
         let at = PUBLISH_BUCKETS
             .iter()
-            .position(|(le, _)| secs <= *le)
+            .position(|le| secs <= *le)
             .unwrap_or(PUBLISH_BUCKETS.len());
-        self.buckets[at].inc();
-        self.sum_nanos
-            .add(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX));
-    }
-
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        header(out, name, help, "histogram");
-        let mut total = 0;
-        for (i, bucket) in self.buckets.iter().enumerate() {
-            total += bucket.get();
-            let le = PUBLISH_BUCKETS.get(i).map_or("+Inf", |(_, label)| label);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {total}");
-        }
-        let sum = self.sum_nanos.get() as f64 / 1e9;
-        let _ = writeln!(out, "{name}_sum {sum}");
-        let _ = writeln!(out, "{name}_count {total}");
+        self.0.buckets[at].fetch_add(1, Ordering::Relaxed);
+        self.0.sum_nanos.fetch_add(
+            u64::try_from(took.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
     }
 }
 
-/// Everything the node counts.
-#[derive(Debug, Default)]
+impl EncodeMetric for Histogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let counts = self.0.buckets.each_ref().map(|b| b.load(Ordering::Relaxed));
+        let count = counts.iter().sum();
+        // The encoder adds the `+Inf` bucket, valued at `count`.
+        let buckets: [(f64, u64); PUBLISH_BUCKETS.len()] =
+            std::array::from_fn(|i| (PUBLISH_BUCKETS[i], counts[i]));
+        let sum = self.0.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+/// A counter family with one label whose values are fixed: every series exists from the
+/// start, is exposed in the order given, and is counted through its own handle.
+#[derive(Debug)]
+struct Labelled<V: 'static, const N: usize> {
+    key: &'static str,
+    series: [(V, counter::Counter); N],
+}
+
+impl<V, const N: usize> Labelled<V, N> {
+    /// The family and a handle on each of its series, in the order of `values`.
+    fn new(key: &'static str, values: [V; N]) -> (Self, [Counter; N]) {
+        let series = values.map(|value| (value, counter::Counter::default()));
+        let handles = std::array::from_fn(|i| Counter(series[i].1.clone()));
+        (Self { key, series }, handles)
+    }
+}
+
+impl<V, const N: usize> EncodeMetric for Labelled<V, N>
+where
+    V: EncodeLabelValue + Copy + std::fmt::Debug,
+{
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        for (value, count) in &self.series {
+            count.encode(encoder.encode_family(&[(self.key, *value)])?)?;
+        }
+        Ok(())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Counter
+    }
+}
+
+/// Everything the node counts, and the registry that encodes it.
+#[derive(Debug)]
 pub struct Metrics {
-    /// Open WebSocket sessions (gauge).
-    pub connections: Count,
+    /// Open WebSocket sessions.
+    pub connections: Gauge,
     /// Accepted WebSocket upgrades.
-    pub connections_total: Count,
-    refused: [Count; Refusal::ALL.len()],
-    /// Rooms with at least one local member (gauge).
-    pub rooms: Count,
+    pub connections_total: Counter,
+    refused: [Counter; Refusal::ALL.len()],
+    /// Rooms with at least one local member.
+    pub rooms: Gauge,
     /// `send`s accepted by the transport.
-    pub messages_in_total: Count,
+    pub messages_in_total: Counter,
     /// Message frames queued for local members, summed over deliveries.
-    pub messages_out_total: Count,
+    pub messages_out_total: Counter,
     /// Bytes the writers wrote to sockets.
-    pub bytes_out_total: Count,
+    pub bytes_out_total: Counter,
     /// Connections closed because their outbox overflowed.
-    pub slow_consumer_disconnects_total: Count,
-    errors: [Count; ErrorCode::ALL.len()],
-    close_codes: [Count; CLOSE_CODES.len()],
-    /// 1 while the transport can deliver across nodes; always 1 for `memory` (gauge).
-    pub backplane_up: Count,
+    pub slow_consumer_disconnects_total: Counter,
+    errors: [Counter; ErrorCode::ALL.len()],
+    close_codes: [Counter; CLOSE_CODES.len()],
+    /// 1 while the transport can deliver across nodes; always 1 for `memory`.
+    pub backplane_up: Gauge,
     /// Times the backplane came back after an outage.
-    pub backplane_reconnects_total: Count,
+    pub backplane_reconnects_total: Counter,
     /// Publishes the transport refused or did not answer.
-    pub publish_errors_total: Count,
+    pub publish_errors_total: Counter,
     /// Transport publish latency.
     pub publish_seconds: Histogram,
+    registry: Registry,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Metrics {
+    /// Every metric at zero, registered for the exposition; labelled series are all present.
+    pub fn new() -> Self {
+        let (refusals, refused) = Labelled::new("reason", Refusal::ALL.map(Refusal::label));
+        let (errors, error_counts) = Labelled::new("code", ErrorCode::ALL.map(ErrorCode::as_str));
+        let (closes, close_counts) = Labelled::new("code", CLOSE_CODES);
+        let mut metrics = Self {
+            connections: Gauge::default(),
+            connections_total: Counter::default(),
+            refused,
+            rooms: Gauge::default(),
+            messages_in_total: Counter::default(),
+            messages_out_total: Counter::default(),
+            bytes_out_total: Counter::default(),
+            slow_consumer_disconnects_total: Counter::default(),
+            errors: error_counts,
+            close_codes: close_counts,
+            backplane_up: Gauge::default(),
+            backplane_reconnects_total: Counter::default(),
+            publish_errors_total: Counter::default(),
+            publish_seconds: Histogram::default(),
+            registry: Registry::with_prefix("scalechat"),
+        };
+        // Counters are registered without `_total`, which the encoder appends. The encoder
+        // ends every HELP text with a full stop.
+        let registry = &mut metrics.registry;
+        registry.register(
+            "connections",
+            "Open WebSocket sessions",
+            metrics.connections.0.clone(),
+        );
+        registry.register(
+            "connections",
+            "Accepted WebSocket upgrades",
+            metrics.connections_total.0.clone(),
+        );
+        registry.register(
+            "rooms",
+            "Rooms with at least one local member",
+            metrics.rooms.0.clone(),
+        );
+        registry.register(
+            "messages_in",
+            "Chat messages accepted from local clients",
+            metrics.messages_in_total.0.clone(),
+        );
+        registry.register(
+            "messages_out",
+            "Chat message frames queued for local members",
+            metrics.messages_out_total.0.clone(),
+        );
+        registry.register(
+            "bytes_out",
+            "Bytes written to WebSocket connections",
+            metrics.bytes_out_total.0.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Refused WebSocket upgrade requests",
+            refusals,
+        );
+        registry.register(
+            "slow_consumer_disconnects",
+            "Connections closed as slow consumers (4001)",
+            metrics.slow_consumer_disconnects_total.0.clone(),
+        );
+        registry.register("errors", "Error frames sent to clients", errors);
+        registry.register("close_codes", "Close frames sent, by code", closes);
+        registry.register(
+            "backplane_up",
+            "1 when the transport is connected (always 1 for memory)",
+            metrics.backplane_up.0.clone(),
+        );
+        registry.register(
+            "backplane_reconnects",
+            "Backplane reconnections after an outage",
+            metrics.backplane_reconnects_total.0.clone(),
+        );
+        registry.register(
+            "publish_errors",
+            "Messages the transport refused or did not confirm in time",
+            metrics.publish_errors_total.0.clone(),
+        );
+        registry.register(
+            "publish_seconds",
+            "Transport publish latency in seconds",
+            metrics.publish_seconds.clone(),
+        );
+        metrics
+    }
+
     /// Counts a refused `/ws` request.
     pub fn refused(&self, why: Refusal) {
         self.refused[why as usize].inc();
@@ -191,102 +346,7 @@ impl Metrics {
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
-        let simple: [(&str, &str, &str, &Count); 6] = [
-            (
-                "scalechat_connections",
-                "Open WebSocket sessions.",
-                "gauge",
-                &self.connections,
-            ),
-            (
-                "scalechat_connections_total",
-                "Accepted WebSocket upgrades.",
-                "counter",
-                &self.connections_total,
-            ),
-            (
-                "scalechat_rooms",
-                "Rooms with at least one local member.",
-                "gauge",
-                &self.rooms,
-            ),
-            (
-                "scalechat_messages_in_total",
-                "Chat messages accepted from local clients.",
-                "counter",
-                &self.messages_in_total,
-            ),
-            (
-                "scalechat_messages_out_total",
-                "Chat message frames queued for local members.",
-                "counter",
-                &self.messages_out_total,
-            ),
-            (
-                "scalechat_bytes_out_total",
-                "Bytes written to WebSocket connections.",
-                "counter",
-                &self.bytes_out_total,
-            ),
-        ];
-        for (name, help, kind, count) in simple {
-            single(&mut out, name, help, kind, count);
-        }
-        let name = "scalechat_connections_refused_total";
-        header(
-            &mut out,
-            name,
-            "Refused WebSocket upgrade requests.",
-            "counter",
-        );
-        for (why, count) in Refusal::ALL.iter().zip(&self.refused) {
-            let _ = writeln!(out, "{name}{{reason=\"{}\"}} {}", why.label(), count.get());
-        }
-        single(
-            &mut out,
-            "scalechat_slow_consumer_disconnects_total",
-            "Connections closed as slow consumers (4001).",
-            "counter",
-            &self.slow_consumer_disconnects_total,
-        );
-        let name = "scalechat_errors_total";
-        header(&mut out, name, "Error frames sent to clients.", "counter");
-        for (code, count) in ErrorCode::ALL.iter().zip(&self.errors) {
-            let _ = writeln!(out, "{name}{{code=\"{}\"}} {}", code.as_str(), count.get());
-        }
-        let name = "scalechat_close_codes_total";
-        header(&mut out, name, "Close frames sent, by code.", "counter");
-        for (code, count) in CLOSE_CODES.iter().zip(&self.close_codes) {
-            let _ = writeln!(out, "{name}{{code=\"{code}\"}} {}", count.get());
-        }
-        let backplane: [(&str, &str, &str, &Count); 3] = [
-            (
-                "scalechat_backplane_up",
-                "1 when the transport is connected (always 1 for memory).",
-                "gauge",
-                &self.backplane_up,
-            ),
-            (
-                "scalechat_backplane_reconnects_total",
-                "Backplane reconnections after an outage.",
-                "counter",
-                &self.backplane_reconnects_total,
-            ),
-            (
-                "scalechat_publish_errors_total",
-                "Messages the transport refused or did not confirm in time.",
-                "counter",
-                &self.publish_errors_total,
-            ),
-        ];
-        for (name, help, kind, count) in backplane {
-            single(&mut out, name, help, kind, count);
-        }
-        self.publish_seconds.render(
-            &mut out,
-            "scalechat_publish_seconds",
-            "Transport publish latency in seconds.",
-        );
+        prometheus_text::encode(&mut out, &self.registry).expect("a String takes any text");
         out
     }
 }
@@ -307,15 +367,6 @@ impl Drop for OpenSession<'_> {
     fn drop(&mut self) {
         self.0.connections.dec();
     }
-}
-
-fn header(out: &mut String, name: &str, help: &str, kind: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-}
-
-fn single(out: &mut String, name: &str, help: &str, kind: &str, count: &Count) {
-    header(out, name, help, kind);
-    let _ = writeln!(out, "{name} {}", count.get());
 }
 
 #[cfg(test)]
@@ -344,6 +395,7 @@ mod tests {
             if let Some(rest) = line.strip_prefix("# TYPE ") {
                 let (name, kind) = rest.split_once(' ').unwrap();
                 assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
+                assert_eq!(kind == "counter", name.ends_with("_total"), "{line}");
                 assert!(
                     text.contains(&format!("# HELP {name} ")),
                     "no HELP for {name}"
@@ -360,6 +412,10 @@ mod tests {
         }
         assert_eq!(families.len(), 14, "{families:?}");
         assert!(text.ends_with('\n'));
+        assert!(!text.contains("# EOF"), "0.0.4 text has no EOF marker");
+        for line in text.lines().filter(|l| l.starts_with("# HELP ")) {
+            assert!(line.ends_with('.') && !line.ends_with(".."), "{line}");
+        }
         assert_eq!(value(&text, "scalechat_connections"), Some(1.0));
         let refused = "scalechat_connections_refused_total";
         assert_eq!(
