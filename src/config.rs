@@ -34,6 +34,8 @@ pub struct Config {
     pub server: ServerConfig,
     /// Per-connection limits.
     pub limits: LimitsConfig,
+    /// Room history, recovery and duplicate suppression.
+    pub rooms: RoomsConfig,
     /// Redis connection settings (used by the `redis` transport).
     pub redis: RedisConfig,
     /// Logging.
@@ -121,6 +123,32 @@ impl Default for LimitsConfig {
             max_queued_frames: 1024,
             ping_interval_secs: 20,
             ping_timeout_secs: 20,
+        }
+    }
+}
+
+/// `[rooms]`: what each room keeps, and what a client gets when it joins.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoomsConfig {
+    /// Messages kept per room (the newest), for history on join, recovery and paging.
+    pub history_size: usize,
+    /// Seconds a message stays in a room's history.
+    pub history_ttl_secs: u64,
+    /// Newest messages a client gets when it joins without `since`.
+    pub history_on_join: usize,
+    /// Seconds during which a `send` repeating an accepted `ref` is acked again and not
+    /// delivered twice.
+    pub dedupe_window_secs: u64,
+}
+
+impl Default for RoomsConfig {
+    fn default() -> Self {
+        Self {
+            history_size: 200,
+            history_ttl_secs: 24 * 3600,
+            history_on_join: 50,
+            dedupe_window_secs: 300,
         }
     }
 }
@@ -442,6 +470,22 @@ impl Config {
         check(
             r.publish_timeout_ms > 0,
             "redis.publish_timeout_ms",
+            "must be at least 1",
+        );
+        let h = &self.rooms;
+        check(
+            h.history_size <= 100_000,
+            "rooms.history_size",
+            "must be at most 100000",
+        );
+        check(
+            h.history_on_join <= h.history_size,
+            "rooms.history_on_join",
+            "must be at most rooms.history_size",
+        );
+        check(
+            h.history_ttl_secs > 0,
+            "rooms.history_ttl_secs",
             "must be at least 1",
         );
         let l = &self.limits;

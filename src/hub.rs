@@ -5,14 +5,14 @@
 //! frame's `Bytes` (a reference-count bump) into each member's bounded [`Outbox`]. A member
 //! whose outbox is full is closed as a slow consumer by the outbox itself and skipped.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use bytes::Bytes;
 
 use crate::metrics::Metrics;
-use crate::outbox::{Outbox, Refused};
+use crate::outbox::{Next, Outbox, Refused};
 use crate::protocol::RoomName;
 
 /// A connection's id, unique within one node's lifetime.
@@ -98,6 +98,46 @@ impl Hub {
         Membership { online, edge }
     }
 
+    /// Adds `conn` to `room` with a `staging` outbox that collects the room's live frames
+    /// while the connection is sent the room's history; [`Hub::promote`] ends the staging.
+    pub fn join_staged(&self, room: &RoomName, conn: ConnId, staging: &Arc<Outbox>) -> Membership {
+        let mut rooms = self.write();
+        let members = rooms.entry(room.clone()).or_default();
+        let edge = members.is_empty();
+        if edge {
+            self.metrics.rooms.inc();
+        }
+        members.insert(conn, staging.clone());
+        Membership {
+            online: members.len(),
+            edge,
+        }
+    }
+
+    /// Ends a staged join: from now on `room`'s frames go to `outbox`. Under the lock, so no
+    /// frame is delivered meanwhile, `flush` gets the staged frames (oldest first), or `None`
+    /// if the staging overflowed. Returns `false` if `conn` is no longer in `room`.
+    pub fn promote(
+        &self,
+        room: &str,
+        conn: ConnId,
+        staging: &Outbox,
+        outbox: &Arc<Outbox>,
+        flush: impl FnOnce(Option<VecDeque<Bytes>>),
+    ) -> bool {
+        let mut rooms = self.write();
+        let Some(entry) = rooms.get_mut(room).and_then(|m| m.get_mut(&conn)) else {
+            return false;
+        };
+        *entry = outbox.clone();
+        let mut staged = VecDeque::new();
+        match staging.take(&mut staged) {
+            Next::Close(_) => flush(None),
+            Next::Frames | Next::Idle => flush(Some(staged)),
+        }
+        true
+    }
+
     /// Removes `conn` from `room`; `None` if it was not a member.
     pub fn leave(&self, room: &str, conn: ConnId) -> Option<Membership> {
         let mut rooms = self.write();
@@ -150,7 +190,6 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::VecDeque;
 
     fn room(name: &str) -> RoomName {
         RoomName::new(name).unwrap()

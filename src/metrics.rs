@@ -224,6 +224,14 @@ pub struct Metrics {
     pub backplane_reconnects_total: Counter,
     /// Publishes the transport refused or did not answer.
     pub publish_errors_total: Counter,
+    /// `send`s whose `ref` had already been accepted: acked again, not delivered twice.
+    pub duplicate_sends_total: Counter,
+    /// Gaps in a room's ids seen on the backplane (a lost message or subscription).
+    pub backplane_gaps_total: Counter,
+    /// Gaps filled completely from the room's history.
+    pub backplane_gaps_healed_total: Counter,
+    /// Messages delivered from history to fill gaps.
+    pub backplane_messages_healed_total: Counter,
     /// Transport publish latency.
     pub publish_seconds: Histogram,
     registry: Registry,
@@ -255,6 +263,10 @@ impl Metrics {
             backplane_up: Gauge::default(),
             backplane_reconnects_total: Counter::default(),
             publish_errors_total: Counter::default(),
+            duplicate_sends_total: Counter::default(),
+            backplane_gaps_total: Counter::default(),
+            backplane_gaps_healed_total: Counter::default(),
+            backplane_messages_healed_total: Counter::default(),
             publish_seconds: Histogram::default(),
             registry: Registry::with_prefix("scalechat"),
         };
@@ -317,6 +329,26 @@ impl Metrics {
             "publish_errors",
             "Messages the transport refused or did not confirm in time",
             metrics.publish_errors_total.0.clone(),
+        );
+        registry.register(
+            "duplicate_sends",
+            "Sends repeating an accepted ref: acked again, not delivered twice",
+            metrics.duplicate_sends_total.0.clone(),
+        );
+        registry.register(
+            "backplane_gaps",
+            "Gaps in a room's message ids seen on the backplane",
+            metrics.backplane_gaps_total.0.clone(),
+        );
+        registry.register(
+            "backplane_gaps_healed",
+            "Backplane gaps filled completely from the room's history",
+            metrics.backplane_gaps_healed_total.0.clone(),
+        );
+        registry.register(
+            "backplane_messages_healed",
+            "Messages delivered from history to fill backplane gaps",
+            metrics.backplane_messages_healed_total.0.clone(),
         );
         registry.register(
             "publish_seconds",
@@ -410,7 +442,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(families.len(), 14, "{families:?}");
+        assert_eq!(families.len(), 18, "{families:?}");
         assert!(text.ends_with('\n'));
         assert!(!text.contains("# EOF"), "0.0.4 text has no EOF marker");
         for line in text.lines().filter(|l| l.starts_with("# HELP ")) {

@@ -7,6 +7,7 @@ use std::cell::Cell;
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use scalechat::config::RoomsConfig;
 use scalechat::hub::{ConnId, Hub};
 use scalechat::outbox::Outbox;
 use scalechat::protocol::RoomName;
@@ -56,7 +57,7 @@ fn allocations(f: impl FnOnce()) -> usize {
 /// queued frames afterwards.
 fn deliver_to(members: usize) -> (usize, Vec<Arc<Outbox>>) {
     let hub = Arc::new(Hub::new());
-    let transport = MemoryTransport::new(hub.clone());
+    let transport = MemoryTransport::new(hub.clone(), RoomsConfig::default());
     let room = RoomName::new("general").unwrap();
     let outboxes: Vec<Arc<Outbox>> = (0..members)
         .map(|i| {
@@ -65,11 +66,12 @@ fn deliver_to(members: usize) -> (usize, Vec<Arc<Outbox>>) {
             outbox
         })
         .collect();
-    // The room's first message creates its id counter: per room, not per member.
+    // The room's first message creates its log: per room, not per member.
     let first = MessageTemplate::new(&room, "alice", 1, "warm-up");
     transport.publish(&Envelope {
         room: room.clone(),
         message: first,
+        dedupe: None,
     });
     for outbox in &outboxes {
         outbox.take(&mut VecDeque::new()); // as each connection's writer does, once
@@ -79,8 +81,9 @@ fn deliver_to(members: usize) -> (usize, Vec<Arc<Outbox>>) {
         let id = transport.publish(&Envelope {
             room: room.clone(),
             message,
+            dedupe: None,
         });
-        assert_eq!(id, 2);
+        assert_eq!(id.id, 2);
     });
     (count, outboxes)
 }
@@ -94,7 +97,8 @@ fn delivery_allocations_do_not_grow_with_members() {
         one, thousand,
         "1 member: {one} allocations; 1,000 members: {thousand}"
     );
-    // Encoding the JSON and building the frame: a couple of allocations per message.
+    // Encoding the JSON and building the frame (kept in the history too, by reference):
+    // a couple of allocations per message.
     assert!(one <= 4, "{one} allocations per message");
     // And all 1,000 members hold the very same bytes.
     let mut first = VecDeque::new();

@@ -31,9 +31,12 @@ async fn welcome_then_joined_with_names_rooms_and_online_counts() {
     assert_eq!(welcome["node"], "test-node");
     assert_eq!(welcome["rooms"], json!(["lobby"]));
     assert!(welcome["conn"].as_str().is_some_and(|c| !c.is_empty()));
+    let joined = alice.expect("joined").await;
+    assert!(joined["epoch"].as_str().is_some_and(|e| !e.is_empty()));
     assert_eq!(
-        alice.expect("joined").await,
-        json!({"type":"joined","room":"lobby","online":1})
+        joined,
+        json!({"type":"joined","room":"lobby","online":1,"epoch":joined["epoch"],
+            "last_id":0,"history":0})
     );
 
     let mut guest = Client::connect(&server.url("room=lobby")).await;

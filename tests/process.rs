@@ -450,14 +450,14 @@ async fn upgrade_status(server: &Running, origin: &str) -> u16 {
     }
 }
 
-/// Sends `text` in the first room and returns its delivery back to us, or the `error`.
+/// Sends `text` in the first room and returns the `ack` or the `error` that answers it.
 async fn say_and_read(client: &mut Client, text: &str) -> serde_json::Value {
     client
-        .send(serde_json::json!({"type":"send","message":text,"ref":"r"}))
+        .send(serde_json::json!({"type":"send","message":text}))
         .await;
     loop {
         let frame = client.recv().await;
-        if frame["type"] == "error" || (frame["type"] == "message" && frame["message"] == text) {
+        if frame["type"] == "error" || frame["type"] == "ack" {
             return frame;
         }
     }
@@ -474,7 +474,7 @@ async fn sighup_reloads_limits_and_origins_and_logs_what_needs_a_restart() {
     let server = Running::start_in(scratch, &["--config", &config_arg], &[]).await;
     let mut open = chat_client(&server, "name=alice").await;
     let eighty = "x".repeat(80);
-    assert_eq!(say_and_read(&mut open, &eighty).await["type"], "message");
+    assert_eq!(say_and_read(&mut open, &eighty).await["type"], "ack");
     assert_eq!(
         upgrade_status(&server, "https://elsewhere.example").await,
         101
@@ -511,7 +511,7 @@ async fn sighup_reloads_limits_and_origins_and_logs_what_needs_a_restart() {
         say_and_read(&mut fresh, &eighty).await["code"],
         "message_too_long"
     );
-    assert_eq!(say_and_read(&mut fresh, "short").await["type"], "message");
+    assert_eq!(say_and_read(&mut fresh, "short").await["type"], "ack");
     assert_eq!(
         upgrade_status(&server, "https://elsewhere.example").await,
         403

@@ -24,6 +24,8 @@ struct Redis {
     port: u16,
     password: Option<&'static str>,
     child: Option<Child>,
+    /// With an append-only file in this directory (fsync on every write), else nothing kept.
+    aof: Option<std::path::PathBuf>,
 }
 
 impl Redis {
@@ -32,6 +34,23 @@ impl Redis {
             port: free_port(),
             password,
             child: None,
+            aof: None,
+        };
+        redis.restart().await;
+        redis
+    }
+
+    /// A server that persists every write to an append-only file.
+    async fn start_persistent() -> Redis {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("scalechat-aof-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut redis = Redis {
+            port,
+            password: None,
+            child: None,
+            aof: Some(dir),
         };
         redis.restart().await;
         redis
@@ -41,9 +60,15 @@ impl Redis {
     async fn restart(&mut self) {
         let mut cmd = Command::new("redis-server");
         cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--dir", "/tmp"])
+            .args(["--save", ""])
             .stdout(Stdio::null())
             .kill_on_drop(true);
+        match &self.aof {
+            Some(dir) => cmd
+                .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
+                .arg(dir),
+            None => cmd.args(["--appendonly", "no", "--dir", "/tmp"]),
+        };
         if let Some(pw) = self.password {
             cmd.args(["--requirepass", pw]);
         }
@@ -115,6 +140,8 @@ impl Node {
             .env("SCALECHAT_SERVER__NODE_ID", name)
             .env("SCALECHAT_LIMITS__MESSAGES_PER_SECOND", "100000")
             .env("SCALECHAT_LIMITS__MESSAGE_BURST", "100000")
+            // Enough history to cover the outages the tests cause mid-stream.
+            .env("SCALECHAT_ROOMS__HISTORY_SIZE", "2000")
             .env("REDIS_HOST", "127.0.0.1")
             .env("REDIS_PORT", redis.port.to_string())
             .env("RUST_LOG", "warn")
@@ -130,11 +157,19 @@ impl Node {
         }
     }
 
+    /// Connects with `query`: the client, its `joined` and the history that follows.
+    async fn connect(&self, query: &str) -> (Client, Value, Vec<Value>) {
+        let mut c = Client::connect(&format!("ws://{}/ws?{query}", self.addr)).await;
+        c.expect("welcome").await;
+        let (joined, history) = c.joined().await;
+        (c, joined, history)
+    }
+
     async fn client(&self, query: &str) -> Client {
         let mut c = Client::connect(&format!("ws://{}/ws?{query}", self.addr)).await;
         let welcome = c.expect("welcome").await;
         assert_eq!(welcome["node"], self.name.as_str());
-        c.expect("joined").await;
+        c.joined().await;
         c
     }
 }
@@ -370,4 +405,277 @@ async fn a_frozen_redis_does_not_stall_local_sockets() {
             break;
         }
     }
+}
+
+/// The ids of `messages`.
+fn ids(messages: &[Value]) -> Vec<u64> {
+    messages.iter().map(|m| m["id"].as_u64().unwrap()).collect()
+}
+
+/// Sends `count` messages to general and waits for their acks.
+async fn say_acked(client: &mut Client, prefix: &str, count: usize) {
+    for n in 0..count {
+        client
+            .say("general", &format!("{prefix}{n}"), &format!("{prefix}-{n}"))
+            .await;
+    }
+    let mut acks = 0;
+    while acks < count {
+        if client.recv().await["type"] == "ack" {
+            acks += 1;
+        }
+    }
+}
+
+#[tokio::test]
+async fn history_written_on_one_node_is_served_on_join_by_another() {
+    let redis = Redis::start(None).await;
+    let a_node = Node::start("node-a", &redis, None).await;
+    let b_node = Node::start("node-b", &redis, None).await;
+    let mut a = a_node.client("name=ann").await;
+    say_acked(&mut a, "m", 5).await;
+    let (mut b, joined, history) = b_node.connect("name=bob").await;
+    assert_eq!(joined["last_id"], 5);
+    assert_eq!(ids(&history), [1, 2, 3, 4, 5]);
+    assert_eq!(history[4]["message"], "m4");
+    a.say("general", "live", "l").await;
+    assert_eq!(b.expect("message").await["id"], 6);
+    // Scroll-back through node b reads the same store.
+    b.send(serde_json::json!({"type":"history","room":"general","before":3,"limit":10}))
+        .await;
+    let page = b.expect("history").await;
+    assert_eq!(ids(page["messages"].as_array().unwrap()), [1, 2]);
+    assert_eq!(
+        (page["more"].as_bool(), &page["epoch"]),
+        (Some(false), &joined["epoch"])
+    );
+}
+
+#[tokio::test]
+async fn reconnecting_to_another_node_with_since_gets_exactly_what_was_missed() {
+    let redis = Redis::start(None).await;
+    let a_node = Node::start("node-a", &redis, None).await;
+    let b_node = Node::start("node-b", &redis, None).await;
+    let mut a = a_node.client("name=ann").await;
+    let (mut b, joined, _) = b_node.connect("name=bob").await;
+    let epoch = joined["epoch"].as_str().unwrap().to_owned();
+    say_acked(&mut a, "x", 3).await;
+    assert_eq!(ids(&messages(&mut b, 3).await), [1, 2, 3]);
+    drop(b);
+    say_acked(&mut a, "y", 4).await;
+
+    let (mut b, joined, missed) = a_node
+        .connect(&format!("name=bob&since=3&epoch={epoch}"))
+        .await;
+    assert_eq!(joined["recovered"], true, "{joined}");
+    assert_eq!(ids(&missed), [4, 5, 6, 7]);
+    a.say("general", "live", "l").await;
+    assert_eq!(ids(&messages(&mut b, 1).await), [8]);
+}
+
+#[tokio::test]
+async fn a_send_resent_through_another_node_is_delivered_once() {
+    let redis = Redis::start(None).await;
+    let a_node = Node::start("node-a", &redis, None).await;
+    let b_node = Node::start("node-b", &redis, None).await;
+    let mut watcher = b_node.client("name=wes").await;
+    // The sender's connection drops before it reads the ack...
+    let mut first = a_node.client("name=ann").await;
+    first.say("general", "only once", "ann-42").await;
+    drop(first);
+    let delivered = messages(&mut watcher, 1).await;
+    assert_eq!(delivered[0]["message"], "only once");
+    // ...so it sends the same message again with the same ref, through node b.
+    let mut again = b_node.client("name=ann").await;
+    again.say("general", "only once", "ann-42").await;
+    let ack = loop {
+        let f = again.recv().await;
+        if f["type"] == "ack" {
+            break f;
+        }
+    };
+    assert_eq!(
+        (ack["id"].as_u64(), ack["duplicate"].as_bool()),
+        (Some(1), Some(true)),
+        "{ack}"
+    );
+    watcher.say("general", "after", "w-1").await;
+    let seen = messages(&mut watcher, 1).await;
+    assert_eq!(
+        ids(&seen),
+        [2],
+        "the resent message was not delivered again"
+    );
+    assert_eq!(seen[0]["message"], "after");
+}
+
+/// Restarts `redis` (SIGKILL, then start) and waits until `node` is ready again.
+async fn restart_redis(redis: &mut Redis, nodes: &[&Node]) {
+    redis.kill().await;
+    redis.restart().await;
+    for node in nodes {
+        let addr = node.addr;
+        eventually_async(
+            "ready again",
+            || async move { readyz(addr).await == Some(200) },
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn a_redis_restart_without_persistence_is_reported_as_not_recovered() {
+    let mut redis = Redis::start(None).await;
+    let node = Node::start("node-a", &redis, None).await;
+    let mut a = node.client("name=ann").await;
+    let (_b, joined, _) = node.connect("name=bob").await;
+    let epoch = joined["epoch"].as_str().unwrap().to_owned();
+    say_acked(&mut a, "m", 5).await;
+    restart_redis(&mut redis, &[&node]).await;
+    // Bob comes back from id 3: ids 4 and 5 are gone with Redis, and the server says so.
+    let (_, joined, history) = node
+        .connect(&format!("name=bob&since=3&epoch={epoch}"))
+        .await;
+    assert_eq!(joined["recovered"], false, "{joined}");
+    assert_ne!(
+        joined["epoch"].as_str(),
+        Some(epoch.as_str()),
+        "a new epoch"
+    );
+    assert!(history.is_empty());
+    // The room goes on in its new epoch.
+    say_acked(&mut a, "new era", 1).await;
+    let (_, joined, history) = node.connect("name=cy").await;
+    assert_eq!(
+        (ids(&history), &joined["epoch"]),
+        (vec![1], &history[0]["epoch"])
+    );
+}
+
+#[tokio::test]
+async fn a_redis_restart_with_an_append_only_file_loses_nothing() {
+    let mut redis = Redis::start_persistent().await;
+    let node = Node::start("node-a", &redis, None).await;
+    let mut a = node.client("name=ann").await;
+    let (_b, joined, _) = node.connect("name=bob").await;
+    let epoch = joined["epoch"].as_str().unwrap().to_owned();
+    say_acked(&mut a, "m", 5).await;
+    restart_redis(&mut redis, &[&node]).await;
+    let (_, joined, missed) = node
+        .connect(&format!("name=bob&since=3&epoch={epoch}"))
+        .await;
+    assert_eq!(joined["recovered"], true, "{joined}");
+    assert_eq!(ids(&missed), [4, 5]);
+    a.say("general", "still counting", "n").await;
+    let next = loop {
+        let f = a.recv().await;
+        if f["type"] == "ack" {
+            break f;
+        }
+    };
+    assert_eq!(next["id"], 6);
+    if let Some(dir) = &redis.aof {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+#[tokio::test]
+async fn nodes_heal_gaps_when_their_subscriptions_are_killed_mid_stream() {
+    let redis = Redis::start(None).await;
+    let a_node = Node::start("node-a", &redis, None).await;
+    let b_node = Node::start("node-b", &redis, None).await;
+    let mut receivers = vec![
+        a_node.client("name=ra").await,
+        b_node.client("name=rb").await,
+    ];
+    let mut sender = a_node.client("name=sender").await;
+    const TOTAL: usize = 400;
+    let flood = async {
+        for n in 0..TOTAL {
+            sender
+                .say("general", &format!("m{n}"), &format!("s-{n}"))
+                .await;
+            if n % 20 == 0 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    };
+    let kills = async {
+        let mut killed = 0;
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_millis(15)).await;
+            killed += redis::cmd("CLIENT")
+                .arg("KILL")
+                .arg("TYPE")
+                .arg("pubsub")
+                .query_async::<u64>(&mut redis.conn().await)
+                .await
+                .unwrap();
+        }
+        killed
+    };
+    let ((), killed) = tokio::join!(flood, kills);
+    assert!(killed >= 2, "subscriber connections killed: {killed}");
+    let all: Vec<u64> = (1..=TOTAL as u64).collect();
+    for r in &mut receivers {
+        assert_eq!(
+            ids(&messages(r, TOTAL).await),
+            all,
+            "every id once, in order"
+        );
+    }
+    let mut healed = 0;
+    for node in [&a_node, &b_node] {
+        let (_, text) = common::http_get(node.addr, "/metrics", &[]).await;
+        let value = |name: &str| -> u64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+                .unwrap_or_else(|| panic!("{name} missing"))
+        };
+        println!(
+            "{}: {} gaps, {} healed, {} messages from history",
+            node.name,
+            value("scalechat_backplane_gaps_total "),
+            value("scalechat_backplane_gaps_healed_total "),
+            value("scalechat_backplane_messages_healed_total ")
+        );
+        assert_eq!(
+            value("scalechat_backplane_gaps_total "),
+            value("scalechat_backplane_gaps_healed_total "),
+            "every gap found was healed"
+        );
+        healed += value("scalechat_backplane_messages_healed_total ");
+    }
+    assert!(
+        healed > 0,
+        "the kills during the flood made the nodes miss messages"
+    );
+}
+
+#[tokio::test]
+async fn each_message_is_stored_once_whatever_the_number_of_nodes() {
+    let redis = Redis::start(None).await;
+    let nodes = [
+        Node::start("node-a", &redis, None).await,
+        Node::start("node-b", &redis, None).await,
+        Node::start("node-c", &redis, None).await,
+    ];
+    for (i, node) in nodes.iter().enumerate() {
+        let mut c = node.client(&format!("name=u{i}")).await;
+        say_acked(&mut c, &format!("n{i}-"), 10).await;
+    }
+    let mut conn = redis.conn().await;
+    let stored: u64 = redis::cmd("ZCARD")
+        .arg("scalechat:hist:general")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(stored, 30);
+    let last: u64 = redis::cmd("HGET")
+        .arg("scalechat:meta:general")
+        .arg("seq")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(last, 30);
 }

@@ -23,6 +23,17 @@ pub enum Request {
     Join {
         /// The room.
         room: RoomName,
+        /// The last message the client saw there, to receive what it missed.
+        since: Option<Since>,
+    },
+    /// Older messages of a room, for scroll-back.
+    History {
+        /// The room.
+        room: RoomName,
+        /// Only messages with a smaller id; the newest when `None`.
+        before: Option<u64>,
+        /// At most this many.
+        limit: usize,
     },
     /// Leave a room.
     Leave {
@@ -30,6 +41,45 @@ pub enum Request {
         room: RoomName,
     },
 }
+
+/// Where a client left a room: the id of the last message it saw, and the room's epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Since {
+    /// Last message id seen.
+    pub id: u64,
+    /// The room history's epoch, as the server sent it in `joined` or a message.
+    pub epoch: String,
+}
+
+impl Since {
+    /// Checks a `since` and `epoch` pair as a client sent it (in a `join` or the `/ws` query).
+    pub fn new(id: u64, epoch: Option<&str>) -> Result<Self, ProtocolError> {
+        let epoch = epoch.ok_or_else(|| {
+            ProtocolError::new(
+                ErrorCode::BadField,
+                "`since` needs the room's `epoch` from `joined` or a message",
+            )
+        })?;
+        if !valid_epoch(epoch) {
+            return Err(ProtocolError::new(
+                ErrorCode::BadField,
+                "`epoch` must be 1 to 32 letters or digits",
+            ));
+        }
+        Ok(Self {
+            id,
+            epoch: epoch.to_owned(),
+        })
+    }
+}
+
+/// Whether `epoch` could be one the server sent: 1 to 32 ASCII letters or digits.
+pub fn valid_epoch(epoch: &str) -> bool {
+    (1..=32).contains(&epoch.len()) && epoch.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+/// Most messages one `history` request returns.
+pub const MAX_HISTORY_PAGE: usize = 100;
 
 /// Decodes one client frame, checking every field; `max_message_chars` bounds `send`.
 pub fn decode(payload: &[u8], max_message_chars: usize) -> Result<Request, ProtocolError> {
@@ -72,15 +122,36 @@ fn decode_typed(
                 reference: reference.map(str::to_owned),
             })
         }
-        "join" => Ok(Request::Join {
-            room: required_room(obj)?,
-        }),
+        "join" => {
+            let room = required_room(obj)?;
+            let epoch = optional_str(obj, "epoch")?;
+            let since = optional_u64(obj, "since")?
+                .map(|id| Since::new(id, epoch))
+                .transpose()?;
+            Ok(Request::Join { room, since })
+        }
+        "history" => {
+            let room = required_room(obj)?;
+            let before = optional_u64(obj, "before")?;
+            let limit = optional_u64(obj, "limit")?.unwrap_or(50);
+            if limit == 0 || limit > MAX_HISTORY_PAGE as u64 {
+                return Err(ProtocolError::new(
+                    ErrorCode::BadField,
+                    format!("`limit` must be 1 to {MAX_HISTORY_PAGE}"),
+                ));
+            }
+            Ok(Request::History {
+                room,
+                before,
+                limit: limit as usize,
+            })
+        }
         "leave" => Ok(Request::Leave {
             room: required_room(obj)?,
         }),
         other => Err(ProtocolError::new(
             ErrorCode::UnknownType,
-            format!("unknown type {other:?}; expected send, join or leave"),
+            format!("unknown type {other:?}; expected send, join, leave or history"),
         )),
     }
 }
@@ -116,6 +187,17 @@ fn optional_str<'a>(
     }
 }
 
+fn optional_u64(obj: &Map<String, Value>, field: &str) -> Result<Option<u64>, ProtocolError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) if n.as_u64().is_some() => Ok(n.as_u64()),
+        Some(_) => Err(ProtocolError::new(
+            ErrorCode::BadField,
+            format!("`{field}` must be a whole number, 0 or more"),
+        )),
+    }
+}
+
 fn required_room(obj: &Map<String, Value>) -> Result<RoomName, ProtocolError> {
     let room = optional_str(obj, "room")?
         .ok_or_else(|| ProtocolError::new(ErrorCode::BadField, "`room` is required"))?;
@@ -137,12 +219,25 @@ pub enum Reply<'a> {
         /// Rooms the connection is in.
         rooms: &'a [RoomName],
     },
-    /// The connection is in `room`, where `online` members are now.
+    /// The connection is in `room`, where `online` members are now. `history` messages
+    /// (ids up to `last_id`) follow, then live ones.
     Joined {
         /// The room.
         room: &'a RoomName,
         /// Members online in the room.
         online: usize,
+        /// The room history's epoch: send it back with `since`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        epoch: Option<&'a str>,
+        /// The room's newest message id when the client joined (0: none yet).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        last_id: Option<u64>,
+        /// Messages of history that follow this reply.
+        history: usize,
+        /// With `since`: whether the messages that follow are exactly those missed. `false`
+        /// means some could not be served (too old, or the history was reset).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        recovered: Option<bool>,
     },
     /// The connection left `room`.
     Left {
@@ -158,6 +253,10 @@ pub enum Reply<'a> {
         room: &'a RoomName,
         /// The message's id in the room.
         id: u64,
+        /// The `ref` had already been accepted: this is the first ack again, and the message
+        /// was not delivered twice.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        duplicate: bool,
     },
     /// A frame was refused.
     Error {
@@ -192,8 +291,9 @@ pub fn error_frame(err: &ProtocolError) -> Bytes {
 
 /// A chat message encoded once, before its id is known: the JSON text around the id.
 ///
-/// `{"type":"message","room":"general","id":` + id + `,"user":…,"ts":…,"message":…}`. The
-/// transport that assigns the id joins the parts, so the message is serialized exactly once.
+/// `{"type":"message","room":"general","id":` + id + `,"epoch":"…"` + `,"user":…,"ts":…,
+/// "message":…}`. The transport that assigns the id joins the parts (see [`epoch_field`]), so
+/// the message is serialized exactly once.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MessageTemplate {
     json: Vec<u8>,
@@ -228,11 +328,72 @@ impl MessageTemplate {
         &self.json[self.id_at..]
     }
 
-    /// The complete text frame for message `id`: one allocation, shared by every recipient.
-    pub fn frame(&self, id: u64) -> Bytes {
+    /// The complete text frame for message `id` of `epoch`: one allocation, shared by every
+    /// recipient.
+    pub fn frame(&self, id: u64, epoch: &str) -> Bytes {
         let mut digits = itoa::Buffer::new();
-        ws::text_parts(&[self.head(), digits.format(id).as_bytes(), self.tail()])
+        ws::text_parts(&[
+            self.head(),
+            digits.format(id).as_bytes(),
+            EPOCH_OPEN,
+            epoch.as_bytes(),
+            EPOCH_CLOSE,
+            self.tail(),
+        ])
     }
+}
+
+const EPOCH_OPEN: &[u8] = b",\"epoch\":\"";
+const EPOCH_CLOSE: &[u8] = b"\"";
+
+/// `,"epoch":"E"`: what goes between a message's id and its tail.
+pub fn epoch_field(epoch: &str) -> String {
+    format!(",\"epoch\":\"{epoch}\"")
+}
+
+/// The id and epoch of an encoded chat message (the JSON text of a `message` frame).
+///
+/// Only the server's own encoding is read: the first `,"id":` and `,"epoch":"` are the
+/// fields, since a JSON string cannot hold an unescaped quote.
+pub fn message_meta(json: &[u8]) -> Option<(u64, &str)> {
+    let id_at = find(json, b",\"id\":")? + 6;
+    let digits = json[id_at..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .count();
+    let id = std::str::from_utf8(&json[id_at..id_at + digits])
+        .ok()?
+        .parse()
+        .ok()?;
+    let epoch_at = find(json, EPOCH_OPEN)? + EPOCH_OPEN.len();
+    let len = json[epoch_at..].iter().position(|b| *b == b'"')?;
+    let epoch = std::str::from_utf8(&json[epoch_at..epoch_at + len]).ok()?;
+    Some((id, epoch))
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// A `history` reply: `{"type":"history","room":…,"epoch":…,"messages":[…],"more":…}` built
+/// from the messages' stored JSON texts, oldest first.
+pub fn history_frame(room: &RoomName, epoch: &str, messages: &[Bytes], more: bool) -> Bytes {
+    let mut json = Vec::with_capacity(64 + messages.iter().map(|m| m.len() + 1).sum::<usize>());
+    json.extend_from_slice(b"{\"type\":\"history\",\"room\":");
+    push_json_str(&mut json, room.as_str());
+    json.extend_from_slice(b",\"epoch\":");
+    push_json_str(&mut json, epoch);
+    json.extend_from_slice(b",\"messages\":[");
+    for (i, message) in messages.iter().enumerate() {
+        if i > 0 {
+            json.push(b',');
+        }
+        json.extend_from_slice(message);
+    }
+    json.extend_from_slice(b"],\"more\":");
+    json.extend_from_slice(if more { b"true" } else { b"false" });
+    json.push(b'}');
+    ws::text(&json)
 }
 
 fn push_json_str(out: &mut Vec<u8>, s: &str) {
@@ -261,7 +422,32 @@ mod tests {
         let room = RoomName::new("dev").unwrap();
         assert_eq!(
             decode(br#"{"type":"join","room":"dev"}"#, 10).unwrap(),
-            Request::Join { room: room.clone() }
+            Request::Join {
+                room: room.clone(),
+                since: None
+            }
+        );
+        assert_eq!(
+            decode(
+                br#"{"type":"join","room":"dev","since":7,"epoch":"ab1"}"#,
+                10
+            )
+            .unwrap(),
+            Request::Join {
+                room: room.clone(),
+                since: Some(Since {
+                    id: 7,
+                    epoch: "ab1".into()
+                })
+            }
+        );
+        assert_eq!(
+            decode(br#"{"type":"history","room":"dev","before":9}"#, 10).unwrap(),
+            Request::History {
+                room: room.clone(),
+                before: Some(9),
+                limit: 50
+            }
         );
         assert_eq!(
             decode(br#"{"type":"leave","room":"dev","extra":1}"#, 10).unwrap(),
@@ -288,6 +474,22 @@ mod tests {
         );
         assert_eq!(code(r#"{"type":"join","room":"a b"}"#), ErrorCode::BadRoom);
         assert_eq!(code(r#"{"type":"join"}"#), ErrorCode::BadField);
+        assert_eq!(
+            code(r#"{"type":"join","room":"a","since":3}"#),
+            ErrorCode::BadField
+        );
+        assert_eq!(
+            code(r#"{"type":"join","room":"a","since":-1,"epoch":"e"}"#),
+            ErrorCode::BadField
+        );
+        assert_eq!(
+            code(r#"{"type":"join","room":"a","since":1,"epoch":"e\"}"}"#),
+            ErrorCode::BadField
+        );
+        assert_eq!(
+            code(r#"{"type":"history","room":"a","limit":101}"#),
+            ErrorCode::BadField
+        );
         let long_ref = format!(
             r#"{{"type":"send","message":"x","ref":"{}"}}"#,
             "r".repeat(65)
@@ -310,13 +512,17 @@ mod tests {
     fn message_frame_is_valid_json_with_the_id() {
         let room = RoomName::new("general").unwrap();
         let t = MessageTemplate::new(&room, "al\"ice", 1_764_288_000_000, "hi <b>\n");
-        let frame = t.frame(17);
+        let frame = t.frame(17, "e1");
         let v: Value = serde_json::from_slice(&frame[2..]).unwrap();
         assert_eq!(
             v,
-            serde_json::json!({"type":"message","room":"general","id":17,"user":"al\"ice",
-                "ts":1_764_288_000_000u64,"message":"hi <b>\n"})
+            serde_json::json!({"type":"message","room":"general","id":17,"epoch":"e1",
+                "user":"al\"ice","ts":1_764_288_000_000u64,"message":"hi <b>\n"})
         );
+        assert_eq!(message_meta(&frame[2..]), Some((17, "e1")));
+        // Field names inside a string are escaped, so they cannot be mistaken for fields.
+        let tricky = MessageTemplate::new(&room, ",\"id\":9,\"epoch\":\"x\"", 1, "m");
+        assert_eq!(message_meta(&tricky.frame(3, "e2")[2..]), Some((3, "e2")));
     }
 
     #[test]
@@ -326,8 +532,16 @@ mod tests {
             reference: None,
             room: &room,
             id: 3,
+            duplicate: false,
         }
         .frame();
         assert_eq!(&frame[2..], br#"{"type":"ack","room":"dev","id":3}"#);
+        let page = history_frame(&room, "e1", &[Bytes::from_static(b"{\"id\":1}")], true);
+        let v: Value = serde_json::from_slice(&page[2..]).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"history","room":"dev","epoch":"e1",
+                "messages":[{"id":1}],"more":true})
+        );
     }
 }

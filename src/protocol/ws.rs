@@ -76,6 +76,17 @@ pub fn text_parts(parts: &[&[u8]]) -> Bytes {
     frame(OP_TEXT, parts)
 }
 
+/// The payload of a frame built here (its bytes after the header), sharing its memory.
+pub fn text_payload(frame: &Bytes) -> Bytes {
+    let header = match frame.get(1).map(|b| b & 0x7F) {
+        Some(126) => 4,
+        Some(127) => 10,
+        Some(_) => 2,
+        None => return Bytes::new(),
+    };
+    frame.slice(header.min(frame.len())..)
+}
+
 /// A close frame with `code` and a reason (cut to the 123 bytes a control frame allows).
 pub fn close(code: u16, reason: &str) -> Bytes {
     let mut end = reason.len().min(123);
@@ -117,6 +128,14 @@ mod tests {
         assert!(len <= 125);
         assert_eq!(&frame[2..4], &1001u16.to_be_bytes());
         assert!(std::str::from_utf8(&frame[4..]).is_ok());
+    }
+
+    #[test]
+    fn payload_is_the_frame_without_its_header() {
+        for len in [0, 5, 125, 126, 300, 70_000] {
+            let payload = vec![b'a'; len];
+            assert_eq!(&text_payload(&text(&payload))[..], &payload[..], "{len}");
+        }
     }
 
     #[test]

@@ -16,6 +16,7 @@ use tracing::debug;
 use super::Node;
 use super::session::{self, Params};
 use crate::metrics::{self, Refusal};
+use crate::protocol::native::Since;
 use crate::protocol::{RoomName, valid_user_name};
 use crate::web;
 
@@ -196,10 +197,13 @@ fn origin_allowed(node: &Node, req: &Request<Incoming>) -> bool {
     }
 }
 
-/// Reads `room` and `name` from the `/ws` query; unknown parameters are ignored.
+/// Reads `room`, `name`, `since` and `epoch` from the `/ws` query; unknown parameters are
+/// ignored.
 fn params(query: &str) -> Result<Params, String> {
     let mut room = None;
     let mut name = None;
+    let mut since = None;
+    let mut epoch = None;
     for (key, value) in form_urlencoded::parse(query.as_bytes()) {
         match &*key {
             "room" => {
@@ -212,15 +216,26 @@ fn params(query: &str) -> Result<Params, String> {
                         .into(),
                 );
             }
+            "since" => {
+                since = Some(value.parse::<u64>().map_err(|_| {
+                    "since: the id of the last message seen, a whole number\n".to_owned()
+                })?)
+            }
+            "epoch" => epoch = Some(value.into_owned()),
             _ => {}
         }
     }
+    let since = since
+        .map(|id| Since::new(id, epoch.as_deref()))
+        .transpose()
+        .map_err(|e| format!("since: {}\n", e.message))?;
     Ok(Params {
         room: room.unwrap_or_else(|| {
             // The default room name is a valid constant.
             RoomName::new(DEFAULT_ROOM).expect("valid default room")
         }),
         name: name.unwrap_or_else(|| format!("guest-{:04x}", fastrand::u16(..))),
+        since,
     })
 }
 
@@ -233,9 +248,16 @@ mod tests {
         let p = params("").unwrap();
         assert_eq!(p.room.as_str(), "general");
         assert!(p.name.starts_with("guest-"));
-        let p = params("room=dev&name=Ana%20Mar%C3%ADa&since=4").unwrap();
+        let p = params("room=dev&name=Ana%20Mar%C3%ADa&since=4&epoch=ab12").unwrap();
         assert_eq!(p.room.as_str(), "dev");
         assert_eq!(p.name, "Ana María");
+        assert_eq!(
+            p.since.as_ref().map(|s| (s.id, s.epoch.as_str())),
+            Some((4, "ab12"))
+        );
+        assert!(params("since=4").is_err(), "since needs its epoch");
+        assert!(params("since=x&epoch=ab").is_err());
+        assert!(params("since=1&epoch=a%22b").is_err());
     }
 
     #[test]

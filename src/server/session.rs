@@ -26,10 +26,10 @@ use crate::config::Reloadable;
 use crate::hub::ConnId;
 use crate::metrics::OpenSession;
 use crate::outbox::{Outbox, Refused};
-use crate::protocol::native::{self, MessageTemplate, Reply, Request};
+use crate::protocol::native::{self, MessageTemplate, Reply, Request, Since};
 use crate::protocol::ws::close_code;
 use crate::protocol::{ErrorCode, ProtocolError, RoomName};
-use crate::transport::Envelope;
+use crate::transport::{Envelope, Snapshot, dedupe_key};
 
 /// How long either side waits for the other's close frame once one was sent.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -41,6 +41,8 @@ pub struct Params {
     pub room: RoomName,
     /// The display name.
     pub name: String,
+    /// Where the client left the first room, to receive what it missed.
+    pub since: Option<Since>,
 }
 
 /// Runs one connection from the completed upgrade to the closed socket.
@@ -136,6 +138,8 @@ struct Session {
     conn: ConnId,
     name: String,
     first_room: RoomName,
+    /// `since` from the query, for the first room; taken by the first join.
+    first_since: Option<Since>,
     outbox: Arc<Outbox>,
     rooms: Memberships,
     bucket: TokenBucket,
@@ -161,6 +165,7 @@ impl Session {
             conn,
             name: params.name,
             first_room: params.room,
+            first_since: params.since,
             outbox,
             bucket,
         }
@@ -175,7 +180,8 @@ impl Session {
             rooms: std::slice::from_ref(&self.first_room),
         };
         self.reply(welcome.frame());
-        self.join(self.first_room.clone()).await;
+        let since = self.first_since.take();
+        self.join(self.first_room.clone(), since).await;
     }
 
     fn reply(&self, frame: Bytes) {
@@ -243,8 +249,13 @@ impl Session {
         self.refresh_limits();
         let max_chars = self.live.limits.max_message_chars;
         match native::decode(payload, max_chars) {
-            Ok(Request::Join { room }) => self.join(room).await,
+            Ok(Request::Join { room, since }) => self.join(room, since).await,
             Ok(Request::Leave { room }) => self.leave(room),
+            Ok(Request::History {
+                room,
+                before,
+                limit,
+            }) => self.history(room, before, limit).await,
             Ok(Request::Send {
                 room,
                 message,
@@ -267,29 +278,124 @@ impl Session {
             .reconfigure(limits.messages_per_second, limits.message_burst);
     }
 
-    async fn join(&mut self, room: RoomName) {
-        let node = &self.node;
-        if !self.rooms.rooms.contains(&room) {
-            let limit = self.live.limits.max_rooms_per_connection;
-            if self.rooms.rooms.len() >= limit {
-                return self.refuse(&ProtocolError::new(
-                    ErrorCode::TooManyRooms,
-                    format!("a connection may be in at most {limit} rooms"),
-                ));
-            }
-            self.rooms.rooms.push(room.clone());
+    /// Joins `room`: `joined`, then the history (what was missed since `since`, or the newest
+    /// messages), then live messages, with no gap and no duplicate between the two.
+    ///
+    /// The connection is registered with a staging outbox that collects live frames while
+    /// the history is read. The history's snapshot is atomic with publishing, so every id up
+    /// to its `last_id` is either in it or was delivered before the staging began; staged
+    /// frames up to `last_id` are dropped as duplicates, the rest follow the history.
+    async fn join(&mut self, room: RoomName, since: Option<Since>) {
+        let node = self.node.clone();
+        if self.rooms.rooms.contains(&room) {
+            // Already in: the live stream is running, so there is no history to add.
+            let online = node.hub.online(room.as_str());
+            return self.reply(
+                Reply::Joined {
+                    room: &room,
+                    online,
+                    epoch: None,
+                    last_id: None,
+                    history: 0,
+                    recovered: None,
+                }
+                .frame(),
+            );
         }
-        // Subscribed first, so that once `joined` is sent every message of the room reaches
-        // this connection, its own included.
+        let limit = self.live.limits.max_rooms_per_connection;
+        if self.rooms.rooms.len() >= limit {
+            return self.refuse(&ProtocolError::new(
+                ErrorCode::TooManyRooms,
+                format!("a connection may be in at most {limit} rooms"),
+            ));
+        }
+        self.rooms.rooms.push(room.clone());
+        // Subscribed first, so that every message of the room published from now on reaches
+        // this node.
         node.transport.subscribe(&room).await;
-        // The reply is queued under the hub's lock, so no message of the room precedes it.
-        node.hub.join(&room, self.conn, &self.outbox, |online| {
+        let staging = Arc::new(Outbox::new(self.outbox.capacity()));
+        let online = node.hub.join_staged(&room, self.conn, &staging).online;
+        let snapshot = node.transport.snapshot(&room, since.as_ref()).await;
+        let joined = |s: Option<&Snapshot>| {
             Reply::Joined {
                 room: &room,
                 online,
+                epoch: s.map(|s| s.epoch.as_str()),
+                last_id: s.map(|s| s.last_id),
+                history: s.map_or(0, |s| s.frames.len()),
+                recovered: since
+                    .as_ref()
+                    .map(|_| s.and_then(|s| s.recovered) == Some(true)),
             }
             .frame()
-        });
+        };
+        match &snapshot {
+            Ok(s) => {
+                self.reply(joined(Some(s)));
+                self.push_all(&s.frames).await;
+            }
+            Err(e) => {
+                self.reply(joined(None));
+                self.refuse(&ProtocolError::new(
+                    ErrorCode::Unavailable,
+                    format!("the history of room {room} is unavailable: {e}"),
+                ));
+            }
+        }
+        let covered = snapshot
+            .as_ref()
+            .ok()
+            .map(|s| (s.epoch.as_str(), s.last_id));
+        let outbox = &self.outbox;
+        let metrics = &node.metrics;
+        node.hub
+            .promote(room.as_str(), self.conn, &staging, outbox, |staged| {
+                let Some(staged) = staged else {
+                    metrics.slow_consumer_disconnects_total.inc();
+                    return outbox.close(close_code::SLOW_CONSUMER, "slow consumer", false);
+                };
+                for frame in staged {
+                    let payload = crate::protocol::ws::text_payload(&frame);
+                    let in_history = matches!((native::message_meta(&payload), covered),
+                        (Some((id, epoch)), Some((e, last))) if epoch == e && id <= last);
+                    if !in_history && outbox.push(frame) == Err(Refused::Full) {
+                        metrics.slow_consumer_disconnects_total.inc();
+                    }
+                }
+            });
+    }
+
+    /// Queues `frames`, letting the writer drain the outbox when it fills up.
+    async fn push_all(&self, frames: &[Bytes]) {
+        for frame in frames {
+            while self.outbox.len() >= self.outbox.capacity() / 2 && !self.outbox.is_closed() {
+                // The writer runs in this task: give it a turn.
+                tokio::task::yield_now().await;
+            }
+            self.reply(frame.clone());
+        }
+    }
+
+    /// Answers a `history` request with up to `limit` messages older than `before`.
+    async fn history(&mut self, room: RoomName, before: Option<u64>, limit: usize) {
+        if !self.rooms.rooms.contains(&room) {
+            return self.refuse(&ProtocolError::new(
+                ErrorCode::NotJoined,
+                format!("not in room {room}"),
+            ));
+        }
+        match self.node.transport.page(&room, before, limit).await {
+            Ok(page) => self.reply(native::history_frame(
+                &room,
+                &page.epoch,
+                &page.messages,
+                page.more,
+            )),
+            Err(e) => self.refuse(&ProtocolError::new(
+                ErrorCode::Unavailable,
+                format!("the history of room {room} is unavailable: {e}"),
+            )),
+        }
     }
 
     fn leave(&mut self, room: RoomName) {
@@ -323,6 +429,7 @@ impl Session {
         let envelope = Envelope {
             message: MessageTemplate::new(&room, &self.name, ts, message),
             room,
+            dedupe: reference.map(|r| dedupe_key(&self.name, r)),
         };
         let room = envelope.room.clone();
         let metrics = &self.node.metrics;
@@ -330,13 +437,18 @@ impl Session {
         let published = self.node.transport.publish(envelope).await;
         metrics.publish_seconds.observe(started.elapsed());
         match published {
-            Ok(id) => {
-                metrics.messages_in_total.inc();
+            Ok(published) => {
+                if published.duplicate {
+                    metrics.duplicate_sends_total.inc();
+                } else {
+                    metrics.messages_in_total.inc();
+                }
                 self.reply(
                     Reply::Ack {
                         reference,
                         room: &room,
-                        id,
+                        id: published.id,
+                        duplicate: published.duplicate,
                     }
                     .frame(),
                 )

@@ -1,45 +1,203 @@
-//! The embedded transport: one node, no external service. Ids come from a per-room counter;
-//! the counter's lock is held while the frame is handed to the hub, so every member sees
-//! messages in id order.
+//! The embedded transport: one node, no external service. Each room has a log: its last id,
+//! its epoch, its history and its recent `ref`s. The log's lock is held while an id is
+//! assigned, the message stored and handed to the hub, so every member sees messages in id
+//! order and a history snapshot never disagrees with live delivery.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use crate::config::RoomsConfig;
 use crate::hub::Hub;
-use crate::protocol::RoomName;
-use crate::transport::Envelope;
+use crate::protocol::native::Since;
+use crate::protocol::{RoomName, ws};
+use crate::transport::{Envelope, Page, Published, Snapshot, new_epoch};
 
 /// In-process transport.
 #[derive(Debug)]
 pub struct MemoryTransport {
     hub: Arc<Hub>,
-    // Room -> last id. Outer lock only to find the room's counter; the per-room lock orders
-    // id assignment and delivery, so rooms do not wait on each other.
-    last_ids: Mutex<HashMap<RoomName, Arc<Mutex<u64>>>>,
+    policy: RoomsConfig,
+    // Outer lock only to find the room's log; the per-room lock orders id assignment,
+    // storage and delivery, so rooms do not wait on each other.
+    rooms: Mutex<HashMap<RoomName, Arc<Mutex<RoomLog>>>>,
 }
 
-impl MemoryTransport {
-    /// A transport delivering into `hub`.
-    pub fn new(hub: Arc<Hub>) -> Self {
+#[derive(Debug)]
+struct RoomLog {
+    epoch: String,
+    last_id: u64,
+    /// Oldest first.
+    history: VecDeque<Stored>,
+    /// `ref` key -> id, for the dedupe window; `ref_order` expires them oldest first.
+    refs: HashMap<String, u64>,
+    ref_order: VecDeque<(Instant, String)>,
+}
+
+#[derive(Debug)]
+struct Stored {
+    id: u64,
+    at: Instant,
+    /// The whole frame, as delivered live: replayed to joining clients without a copy.
+    frame: Bytes,
+}
+
+impl RoomLog {
+    fn new() -> Self {
         Self {
-            hub,
-            last_ids: Mutex::new(HashMap::new()),
+            epoch: new_epoch(),
+            last_id: 0,
+            history: VecDeque::new(),
+            refs: HashMap::new(),
+            ref_order: VecDeque::new(),
         }
     }
 
-    /// Assigns the next id and delivers; returns the id.
-    pub fn publish(&self, envelope: &Envelope) -> u64 {
-        let counter = {
-            let mut rooms = self.last_ids.lock().unwrap_or_else(PoisonError::into_inner);
-            match rooms.get(&envelope.room) {
-                Some(counter) => counter.clone(),
-                None => rooms.entry(envelope.room.clone()).or_default().clone(),
+    /// Drops history older than the TTL and `ref`s older than the dedupe window.
+    fn expire(&mut self, now: Instant, ttl: Duration) {
+        while self
+            .history
+            .front()
+            .is_some_and(|m| now.saturating_duration_since(m.at) >= ttl)
+        {
+            self.history.pop_front();
+        }
+        while self
+            .ref_order
+            .front()
+            .is_some_and(|(until, _)| *until <= now)
+        {
+            if let Some((_, key)) = self.ref_order.pop_front() {
+                self.refs.remove(&key);
+            }
+        }
+    }
+}
+
+impl MemoryTransport {
+    /// A transport delivering into `hub`, keeping history as `policy` says.
+    pub fn new(hub: Arc<Hub>, policy: RoomsConfig) -> Self {
+        Self {
+            hub,
+            policy,
+            rooms: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn log(&self, room: &RoomName) -> Arc<Mutex<RoomLog>> {
+        let mut rooms = self.rooms.lock().unwrap_or_else(PoisonError::into_inner);
+        match rooms.get(room) {
+            Some(log) => log.clone(),
+            None => rooms
+                .entry(room.clone())
+                .or_insert_with(|| Arc::new(Mutex::new(RoomLog::new())))
+                .clone(),
+        }
+    }
+
+    fn ttl(&self) -> Duration {
+        Duration::from_secs(self.policy.history_ttl_secs)
+    }
+
+    /// Assigns the next id, stores and delivers; or, for a `ref` seen within the dedupe
+    /// window, returns the id it got then and delivers nothing.
+    pub fn publish(&self, envelope: &Envelope) -> Published {
+        let log = self.log(&envelope.room);
+        let mut log = log.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        log.expire(now, self.ttl());
+        let window = Duration::from_secs(self.policy.dedupe_window_secs);
+        let dedupe = envelope.dedupe.as_ref().filter(|_| !window.is_zero());
+        if let Some(id) = dedupe.and_then(|key| log.refs.get(key)) {
+            return Published {
+                id: *id,
+                duplicate: true,
+            };
+        }
+        log.last_id += 1;
+        let id = log.last_id;
+        let frame = envelope.message.frame(id, &log.epoch);
+        if self.policy.history_size > 0 {
+            if log.history.len() >= self.policy.history_size {
+                log.history.pop_front();
+            }
+            log.history.push_back(Stored {
+                id,
+                at: now,
+                frame: frame.clone(),
+            });
+        }
+        if let Some(key) = dedupe {
+            log.refs.insert(key.clone(), id);
+            log.ref_order.push_back((now + window, key.clone()));
+        }
+        self.hub.deliver(envelope.room.as_str(), &frame);
+        Published {
+            id,
+            duplicate: false,
+        }
+    }
+
+    /// What a client joining `room` gets: the messages after `since` if they are all still
+    /// here, else the newest `history_on_join`.
+    pub fn snapshot(&self, room: &RoomName, since: Option<&Since>) -> Snapshot {
+        let log = self.log(room);
+        let mut log = log.lock().unwrap_or_else(PoisonError::into_inner);
+        log.expire(Instant::now(), self.ttl());
+        let reachable = |s: &Since| {
+            s.epoch == log.epoch
+                && s.id <= log.last_id
+                && (s.id == log.last_id || log.history.front().is_some_and(|m| m.id <= s.id + 1))
+        };
+        let recovered = since.map(reachable);
+        let frames = match since {
+            Some(s) if recovered == Some(true) => log
+                .history
+                .iter()
+                .filter(|m| m.id > s.id)
+                .map(|m| m.frame.clone())
+                .collect(),
+            _ => {
+                let skip = log
+                    .history
+                    .len()
+                    .saturating_sub(self.policy.history_on_join);
+                log.history
+                    .iter()
+                    .skip(skip)
+                    .map(|m| m.frame.clone())
+                    .collect()
             }
         };
-        let mut last = counter.lock().unwrap_or_else(PoisonError::into_inner);
-        *last += 1;
-        let frame = envelope.message.frame(*last);
-        self.hub.deliver(envelope.room.as_str(), &frame);
-        *last
+        Snapshot {
+            epoch: log.epoch.clone(),
+            last_id: log.last_id,
+            frames,
+            recovered,
+        }
+    }
+
+    /// Up to `limit` messages of `room` older than `before` (the newest when `None`).
+    pub fn page(&self, room: &RoomName, before: Option<u64>, limit: usize) -> Page {
+        let log = self.log(room);
+        let mut log = log.lock().unwrap_or_else(PoisonError::into_inner);
+        log.expire(Instant::now(), self.ttl());
+        let older: Vec<&Stored> = log
+            .history
+            .iter()
+            .filter(|m| before.is_none_or(|b| m.id < b))
+            .collect();
+        let skip = older.len().saturating_sub(limit);
+        Page {
+            epoch: log.epoch.clone(),
+            messages: older[skip..]
+                .iter()
+                .map(|m| ws::text_payload(&m.frame))
+                .collect(),
+            more: skip > 0,
+        }
     }
 }

@@ -1,7 +1,12 @@
 //! Transports carry every chat message from the session that sent it to the hub of each node
 //! with members in its room, assigning the room's next id on the way. There is one delivery
-//! path: `publish` an [`Envelope`]; the transport hands the encoded frame to
-//! [`Hub::deliver`](crate::hub::Hub::deliver) in id order.
+//! path: `publish` an [`Envelope`]; the transport stores the message in the room's history and
+//! hands the encoded frame to [`Hub::deliver`](crate::hub::Hub::deliver) in id order, in one
+//! atomic step, so history and live delivery never disagree.
+//!
+//! Each room's history has an epoch, a random name given when the room's store is created:
+//! ids restart at 1 only with a new epoch, so a client that comes back with an old epoch is
+//! told its position is gone instead of being served the wrong messages.
 //!
 //! `memory` serves one node in-process; `redis` shares rooms among any number of nodes.
 
@@ -10,6 +15,8 @@ mod redis;
 
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 pub use memory::MemoryTransport;
 pub use redis::RedisTransport;
 
@@ -17,7 +24,7 @@ use crate::config::{Config, TransportKind};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::protocol::RoomName;
-use crate::protocol::native::MessageTemplate;
+use crate::protocol::native::{MessageTemplate, Since};
 
 /// A chat message on its way to a room, already encoded but for its id.
 #[derive(Debug, Clone)]
@@ -26,6 +33,53 @@ pub struct Envelope {
     pub room: RoomName,
     /// The encoded message.
     pub message: MessageTemplate,
+    /// The sender's name and `ref`, when it sent one: a second `send` with the same key
+    /// within the dedupe window is not delivered again.
+    pub dedupe: Option<String>,
+}
+
+/// The key under which a `ref` is remembered: unique per user name and room.
+pub fn dedupe_key(user: &str, reference: &str) -> String {
+    // Names hold no control characters, so the separator cannot be forged.
+    format!("{user}\u{1f}{reference}")
+}
+
+/// A message the transport accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    /// Its id in the room.
+    pub id: u64,
+    /// The `ref` had already been accepted as message `id`; nothing was delivered now.
+    pub duplicate: bool,
+}
+
+/// What a client joining a room is sent before live messages.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// The room history's epoch.
+    pub epoch: String,
+    /// The newest id when the snapshot was taken (0: no message yet).
+    pub last_id: u64,
+    /// Message frames, oldest first, all with ids up to `last_id`.
+    pub frames: Vec<Bytes>,
+    /// With `since`: whether `frames` are exactly the messages after it.
+    pub recovered: Option<bool>,
+}
+
+/// One page of older messages.
+#[derive(Debug, Clone)]
+pub struct Page {
+    /// The room history's epoch.
+    pub epoch: String,
+    /// The messages' JSON texts, oldest first.
+    pub messages: Vec<Bytes>,
+    /// Whether still older messages are stored.
+    pub more: bool,
+}
+
+/// A new random epoch: 16 hex digits.
+pub fn new_epoch() -> String {
+    format!("{:016x}", fastrand::u64(..))
 }
 
 /// Why a message could not be accepted. The sender is told; nothing is retried silently.
@@ -61,20 +115,48 @@ impl Transport {
             TransportKind::Memory => {
                 // In-process delivery is always up.
                 metrics.backplane_up.set(1);
-                Transport::Memory(MemoryTransport::new(hub))
+                Transport::Memory(MemoryTransport::new(hub, config.rooms.clone()))
             }
-            TransportKind::Redis => {
-                Transport::Redis(RedisTransport::spawn(&config.redis, hub, metrics)?)
-            }
+            TransportKind::Redis => Transport::Redis(RedisTransport::spawn(
+                &config.redis,
+                &config.rooms,
+                hub,
+                metrics,
+            )?),
         })
     }
 
-    /// Assigns the room's next id to `envelope` and delivers it to every member of its room,
-    /// on every node; returns the id once the message is accepted.
-    pub async fn publish(&self, envelope: Envelope) -> Result<u64, TransportError> {
+    /// Assigns the room's next id to `envelope`, stores it and delivers it to every member of
+    /// its room, on every node; returns the id once the message is accepted.
+    pub async fn publish(&self, envelope: Envelope) -> Result<Published, TransportError> {
         match self {
             Transport::Memory(t) => Ok(t.publish(&envelope)),
             Transport::Redis(t) => t.publish(&envelope).await,
+        }
+    }
+
+    /// The history a client joining `room` gets (see [`Snapshot`]).
+    pub async fn snapshot(
+        &self,
+        room: &RoomName,
+        since: Option<&Since>,
+    ) -> Result<Snapshot, TransportError> {
+        match self {
+            Transport::Memory(t) => Ok(t.snapshot(room, since)),
+            Transport::Redis(t) => t.snapshot(room, since).await,
+        }
+    }
+
+    /// Up to `limit` messages of `room` older than `before`, for scroll-back.
+    pub async fn page(
+        &self,
+        room: &RoomName,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Page, TransportError> {
+        match self {
+            Transport::Memory(t) => Ok(t.page(room, before, limit)),
+            Transport::Redis(t) => t.page(room, before, limit).await,
         }
     }
 

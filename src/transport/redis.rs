@@ -1,8 +1,19 @@
 //! The Redis Pub/Sub backplane: any number of nodes share rooms through one Redis.
 //!
 //! Two connections per node. The publisher (multiplexed, reconnecting by itself) runs one
-//! script per message that takes the room's next id with `INCR` and `PUBLISH`es the frame
-//! text with that id, atomically, so the order on a room's channel is the order of its ids.
+//! script per message that checks the sender's `ref` against the dedupe window, takes the
+//! room's next id, `PUBLISH`es the message text with that id and stores it in the room's
+//! history, atomically: the order on a room's channel is the order of its ids, and a message
+//! is stored exactly once, whatever the number of nodes.
+//!
+//! Keys, under `redis.channel_prefix`: `meta:<room>` (hash: `epoch`, `seq`, the last id),
+//! `hist:<room>` (sorted set of message texts scored by id, trimmed by count and age),
+//! `ref:<room>:<user>\x1f<ref>` (the id a `ref` got, expiring after the dedupe window). The
+//! channel is `room:<room>`.
+//!
+//! Each node remembers the last id it received per room. A gap in the ids (a message lost by
+//! a dropped subscriber connection, or published while it was reconnecting) is filled from
+//! the history before the next message is delivered, so members see every id once, in order.
 //! The subscriber is a dedicated connection subscribed to exactly the rooms that have local
 //! members (plus a short linger); its loop only copies each payload once into a WebSocket
 //! frame and hands it to the hub, so Redis never has to buffer for us. When the subscriber
@@ -21,18 +32,91 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
-use crate::config::RedisConfig;
+use crate::config::{RedisConfig, RoomsConfig};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::protocol::native::{self, Since};
 use crate::protocol::{RoomName, ws};
-use crate::transport::{Envelope, TransportError};
+use crate::transport::{Envelope, Page, Published, Snapshot, TransportError, new_epoch};
 
-/// Takes the room's next id and publishes the message with it, in one atomic step.
-/// KEYS[1]: the room's id counter. ARGV: channel, JSON before the id, JSON after it.
-const PUBLISH_SCRIPT: &str = r"
-local id = redis.call('INCR', KEYS[1])
-redis.call('PUBLISH', ARGV[1], ARGV[2] .. id .. ARGV[3])
-return id
+/// Sets the room's epoch if it has none yet; returns it. Shared by the scripts.
+const EPOCH_LUA: &str = r"
+local function room_epoch(meta, candidate)
+  local epoch = redis.call('HGET', meta, 'epoch')
+  if not epoch then
+    epoch = candidate
+    redis.call('HSET', meta, 'epoch', epoch)
+  end
+  return epoch
+end
+";
+
+/// Dedupe check, id, publish and history, in one atomic step. Returns `{id, duplicate}`.
+/// KEYS: meta, hist, ref. ARGV: channel, JSON before the id, JSON after it, epoch candidate,
+/// history size, history TTL (ms), dedupe window (s, 0 = off).
+const PUBLISH_LUA: &str = r#"
+local epoch = room_epoch(KEYS[1], ARGV[4])
+local window = tonumber(ARGV[7])
+if window > 0 then
+  local prev = redis.call('GET', KEYS[3])
+  if prev then return {tonumber(prev), 1} end
+end
+local id = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+local msg = ARGV[2] .. id .. ',"epoch":"' .. epoch .. '"' .. ARGV[3]
+redis.call('PUBLISH', ARGV[1], msg)
+local size = tonumber(ARGV[5])
+if size > 0 then
+  local ttl = tonumber(ARGV[6])
+  redis.call('ZADD', KEYS[2], id, msg)
+  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(size + 1))
+  local now = redis.call('TIME')
+  local cutoff = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - ttl
+  for _ = 1, 16 do
+    local oldest = redis.call('ZRANGE', KEYS[2], 0, 0)
+    local ts = oldest[1] and tonumber(string.match(oldest[1], ',"ts":(%d+)'))
+    if not (ts and ts < cutoff) then break end
+    redis.call('ZREMRANGEBYRANK', KEYS[2], 0, 0)
+  end
+  redis.call('PEXPIRE', KEYS[2], ttl)
+end
+if window > 0 then redis.call('SET', KEYS[3], id, 'EX', window) end
+return {id, 0}
+"#;
+
+/// A joining client's history, atomically with the last id. Returns
+/// `{epoch, last_id, recovered (-1 not asked, 0, 1), messages}`.
+/// KEYS: meta, hist. ARGV: epoch candidate, since (-1 = none), the client's epoch, how many
+/// of the newest to return when not recovering.
+const SNAPSHOT_LUA: &str = r"
+local epoch = room_epoch(KEYS[1], ARGV[1])
+local last = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+local since = tonumber(ARGV[2])
+local recovered = -1
+if since >= 0 then
+  recovered = 0
+  if ARGV[3] == epoch and since <= last then
+    if since == last then return {epoch, last, 1, {}} end
+    if #redis.call('ZRANGEBYSCORE', KEYS[2], since + 1, since + 1) == 1 then
+      return {epoch, last, 1, redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. since, last)}
+    end
+  end
+end
+local n = tonumber(ARGV[4])
+local msgs = {}
+if n > 0 then
+  msgs = redis.call('ZREVRANGEBYSCORE', KEYS[2], last, '-inf', 'LIMIT', 0, n)
+end
+return {epoch, last, recovered, msgs}
+";
+
+/// Older messages, newest first, one more than asked (to tell whether there are more).
+/// Returns `{epoch, messages}`. KEYS: meta, hist. ARGV: epoch candidate, before (-1 =
+/// newest), limit.
+const PAGE_LUA: &str = r"
+local epoch = room_epoch(KEYS[1], ARGV[1])
+local max = '+inf'
+if tonumber(ARGV[2]) >= 0 then max = '(' .. ARGV[2] end
+return {epoch, redis.call('ZREVRANGEBYSCORE', KEYS[2], max, '-inf', 'LIMIT', 0, tonumber(ARGV[3]) + 1)}
 ";
 
 /// How long a join waits for its room's subscription before answering anyway.
@@ -48,11 +132,16 @@ pub struct RedisTransport {
     hub: Arc<Hub>,
     client: Client,
     publisher: ConnectionManager,
-    script: Script,
+    publish_script: Script,
+    snapshot_script: Script,
+    page_script: Script,
     /// `{prefix}:room:`; a room's channel is this plus its name.
     channel_prefix: String,
-    /// `{prefix}:seq:`; a room's id counter is this plus its name.
-    seq_prefix: String,
+    /// `{prefix}:`; the room's keys are this plus `meta:`, `hist:`, `ref:` and its name.
+    key_prefix: String,
+    policy: RoomsConfig,
+    /// Per room: the epoch and last id this node delivered, to find gaps.
+    seen: Mutex<HashMap<RoomName, Seen>>,
     publish_timeout: Duration,
     linger: Duration,
     /// Rooms this node wants to receive, and since when.
@@ -76,6 +165,13 @@ impl std::fmt::Debug for RedisTransport {
     }
 }
 
+/// The newest message of a room this node delivered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Seen {
+    epoch: String,
+    last: u64,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Want {
     since: Instant,
@@ -87,6 +183,7 @@ impl RedisTransport {
     /// Builds the transport and starts its subscriber task.
     pub fn spawn(
         config: &RedisConfig,
+        policy: &RoomsConfig,
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, TransportError> {
@@ -103,9 +200,13 @@ impl RedisTransport {
             hub,
             client,
             publisher,
-            script: Script::new(PUBLISH_SCRIPT),
+            publish_script: Script::new(&format!("{EPOCH_LUA}{PUBLISH_LUA}")),
+            snapshot_script: Script::new(&format!("{EPOCH_LUA}{SNAPSHOT_LUA}")),
+            page_script: Script::new(&format!("{EPOCH_LUA}{PAGE_LUA}")),
             channel_prefix: format!("{}:room:", config.channel_prefix),
-            seq_prefix: format!("{}:seq:", config.channel_prefix),
+            key_prefix: format!("{}:", config.channel_prefix),
+            policy: policy.clone(),
+            seen: Mutex::new(HashMap::new()),
             publish_timeout,
             linger: Duration::from_secs(config.unsubscribe_linger_secs),
             wanted: Mutex::new(HashMap::new()),
@@ -124,19 +225,107 @@ impl RedisTransport {
         self.ready.load(Ordering::Relaxed)
     }
 
-    /// Assigns the id and publishes in one script call; the id once Redis accepted it.
-    pub async fn publish(&self, envelope: &Envelope) -> Result<u64, TransportError> {
+    fn key(&self, kind: &str, room: &str) -> String {
+        format!("{}{kind}:{room}", self.key_prefix)
+    }
+
+    /// Checks the `ref`, assigns the id, publishes and stores, in one script call; the id once
+    /// Redis accepted it.
+    pub async fn publish(&self, envelope: &Envelope) -> Result<Published, TransportError> {
         let room = envelope.room.as_str();
-        let mut conn = self.publisher.clone();
-        let mut call = self.script.key(format!("{}{room}", self.seq_prefix));
-        call.arg(format!("{}{room}", self.channel_prefix))
+        let dedupe = envelope.dedupe.as_deref().unwrap_or("");
+        let window = if envelope.dedupe.is_some() {
+            self.policy.dedupe_window_secs
+        } else {
+            0
+        };
+        let mut call = self.publish_script.key(self.key("meta", room));
+        call.key(self.key("hist", room))
+            .key(self.key("ref", &format!("{room}:{dedupe}")))
+            .arg(format!("{}{room}", self.channel_prefix))
             .arg(envelope.message.head())
-            .arg(envelope.message.tail());
-        match tokio::time::timeout(self.publish_timeout, call.invoke_async::<u64>(&mut conn)).await
-        {
-            Ok(Ok(id)) => Ok(id),
+            .arg(envelope.message.tail())
+            .arg(new_epoch())
+            .arg(self.policy.history_size)
+            .arg(self.policy.history_ttl_secs.saturating_mul(1000))
+            .arg(window);
+        let (id, duplicate) = self.invoke::<(u64, u8)>(call).await?;
+        Ok(Published {
+            id,
+            duplicate: duplicate == 1,
+        })
+    }
+
+    /// The history a client joining `room` gets; see [`Snapshot`].
+    pub async fn snapshot(
+        &self,
+        room: &RoomName,
+        since: Option<&Since>,
+    ) -> Result<Snapshot, TransportError> {
+        self.snapshot_with(room, since, self.policy.history_on_join)
+            .await
+    }
+
+    /// [`RedisTransport::snapshot`] returning up to `newest` messages when not recovering.
+    async fn snapshot_with(
+        &self,
+        room: &RoomName,
+        since: Option<&Since>,
+        newest: usize,
+    ) -> Result<Snapshot, TransportError> {
+        let mut call = self.snapshot_script.key(self.key("meta", room.as_str()));
+        call.key(self.key("hist", room.as_str()))
+            .arg(new_epoch())
+            .arg(since.map_or(-1, |s| s.id as i64))
+            .arg(since.map_or("", |s| s.epoch.as_str()))
+            .arg(newest);
+        let (epoch, last_id, recovered, mut messages) = self
+            .invoke::<(String, u64, i64, Vec<Vec<u8>>)>(call)
+            .await?;
+        if recovered != 1 {
+            messages.reverse(); // newest first from Redis
+        }
+        Ok(Snapshot {
+            epoch,
+            last_id,
+            frames: messages.iter().map(|m| ws::text(m)).collect(),
+            recovered: (recovered >= 0).then_some(recovered == 1),
+        })
+    }
+
+    /// Up to `limit` messages of `room` older than `before`.
+    pub async fn page(
+        &self,
+        room: &RoomName,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Page, TransportError> {
+        let mut call = self.page_script.key(self.key("meta", room.as_str()));
+        call.key(self.key("hist", room.as_str()))
+            .arg(new_epoch())
+            .arg(before.map_or(-1, |b| b as i64))
+            .arg(limit);
+        let (epoch, mut messages) = self.invoke::<(String, Vec<Vec<u8>>)>(call).await?;
+        let more = messages.len() > limit;
+        messages.truncate(limit);
+        messages.reverse();
+        Ok(Page {
+            epoch,
+            messages: messages.into_iter().map(bytes::Bytes::from).collect(),
+            more,
+        })
+    }
+
+    /// Runs a script on the publisher connection within the publish timeout.
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        call: redis::ScriptInvocation<'_>,
+    ) -> Result<T, TransportError> {
+        let mut conn = self.publisher.clone();
+        match tokio::time::timeout(self.publish_timeout, call.invoke_async::<T>(&mut conn)).await {
+            Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => {
-                debug!(error = %e, "publish failed");
+                debug!(error = %e, "redis script failed");
                 // Only a command that never reached Redis is known not to have run.
                 if e.is_timeout() || (e.is_io_error() && !e.is_connection_refusal()) {
                     Err(TransportError::Timeout(format!("redis: {e}")))
@@ -213,6 +402,9 @@ impl RedisTransport {
                     };
                     match usable {
                         Ok(()) => {
+                            // Messages published while the subscriber was away come from the
+                            // history before any new one is delivered.
+                            self.catch_up().await;
                             self.ready.store(true, Ordering::Relaxed);
                             self.metrics.backplane_up.set(1);
                             match outage.take() {
@@ -268,7 +460,9 @@ impl RedisTransport {
         loop {
             tokio::select! {
                 msg = stream.next() => match msg {
-                    Some(msg) => self.deliver(msg.get_channel_name(), msg.get_payload_bytes()),
+                    Some(msg) => {
+                        self.receive_one(msg.get_channel_name(), msg.get_payload_bytes()).await
+                    }
                     None => return closed_error(),
                 },
                 _ = self.changed.notified() => {
@@ -285,10 +479,119 @@ impl RedisTransport {
         }
     }
 
-    /// The payload is the frame's text: one copy into the frame, none per member.
-    fn deliver(&self, channel: &str, payload: &[u8]) {
-        if let Some(room) = channel.strip_prefix(&self.channel_prefix) {
-            self.hub.deliver(room, &ws::text(payload));
+    fn lock_seen(&self) -> MutexGuard<'_, HashMap<RoomName, Seen>> {
+        self.seen.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Delivers one message from the channel in id order: the first of a gap is preceded by
+    /// the missing ones from the history, and one already delivered is dropped. The payload
+    /// is the frame's text: one copy into the frame, none per member.
+    async fn receive_one(&self, channel: &str, payload: &[u8]) {
+        let Some(room) = channel
+            .strip_prefix(&self.channel_prefix)
+            .and_then(|r| RoomName::new(r).ok())
+        else {
+            return;
+        };
+        let Some((id, epoch)) = native::message_meta(payload) else {
+            warn!(%room, "a message on the channel has no id; delivered as it is");
+            self.hub.deliver(room.as_str(), &ws::text(payload));
+            return;
+        };
+        let state = self.lock_seen().get(&room).cloned();
+        match state {
+            Some(seen) if seen.epoch == epoch && id <= seen.last => return,
+            Some(seen) if seen.epoch != epoch || id > seen.last + 1 => {
+                self.metrics.backplane_gaps_total.inc();
+                if let Some((_, true)) = self.heal(&room, &seen).await {
+                    self.metrics.backplane_gaps_healed_total.inc();
+                }
+                let seen = self.lock_seen().get(&room).cloned();
+                if seen.is_some_and(|s| s.epoch == epoch && id <= s.last) {
+                    return; // the history had it
+                }
+            }
+            _ => {}
+        }
+        self.hub.deliver(room.as_str(), &ws::text(payload));
+        self.lock_seen().insert(
+            room,
+            Seen {
+                epoch: epoch.to_owned(),
+                last: id,
+            },
+        );
+    }
+
+    /// Delivers from the history what this node missed in `room` since `seen`, in order.
+    /// Returns how many messages it delivered and whether the history still held every one
+    /// (`false`: some are lost, e.g. the history was reset or trimmed past them); `None` when
+    /// the history could not be read.
+    async fn heal(&self, room: &RoomName, seen: &Seen) -> Option<(usize, bool)> {
+        let since = Since {
+            id: seen.last,
+            epoch: seen.epoch.clone(),
+        };
+        let snapshot = match self
+            .snapshot_with(room, Some(&since), self.policy.history_size)
+            .await
+        {
+            Ok(snapshot) => snapshot,
+            Err(e) => {
+                warn!(%room, error = %e, "could not read the history to fill a gap");
+                return None;
+            }
+        };
+        // In a new epoch everything is new; in the same one, what follows `seen`.
+        let floor = if snapshot.epoch == seen.epoch {
+            seen.last
+        } else {
+            0
+        };
+        let mut delivered = 0;
+        for frame in &snapshot.frames {
+            let id = native::message_meta(&ws::text_payload(frame)).map_or(0, |(id, _)| id);
+            if id > floor {
+                self.hub.deliver(room.as_str(), frame);
+                delivered += 1;
+            }
+        }
+        let complete = snapshot.recovered == Some(true);
+        self.metrics
+            .backplane_messages_healed_total
+            .add(delivered as u64);
+        if !complete {
+            warn!(
+                %room, after_id = seen.last, epoch = %seen.epoch, new_epoch = %snapshot.epoch,
+                "messages were lost on the backplane and are no longer in the history"
+            );
+        }
+        self.lock_seen().insert(
+            room.clone(),
+            Seen {
+                epoch: snapshot.epoch,
+                last: snapshot.last_id,
+            },
+        );
+        Some((delivered, complete))
+    }
+
+    /// After a reconnect: fills every room's gap from the history.
+    async fn catch_up(&self) {
+        let rooms: Vec<(RoomName, Seen)> = self
+            .lock_seen()
+            .iter()
+            .map(|(room, seen)| (room.clone(), seen.clone()))
+            .collect();
+        for (room, seen) in rooms {
+            if let Some((delivered, complete)) = self.heal(&room, &seen).await
+                && (delivered > 0 || !complete)
+            {
+                self.metrics.backplane_gaps_total.inc();
+                if complete {
+                    self.metrics.backplane_gaps_healed_total.inc();
+                }
+            }
         }
     }
 
@@ -324,8 +627,10 @@ impl RedisTransport {
         if !remove.is_empty() {
             sink.unsubscribe(self.channels(&remove)).await?;
             let mut subscribed = self.lock_subscribed();
+            let mut seen = self.lock_seen();
             for room in &remove {
                 subscribed.remove(room);
+                seen.remove(room);
             }
         }
         Ok(())

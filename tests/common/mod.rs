@@ -225,6 +225,17 @@ impl Client {
         }
     }
 
+    /// Reads a `joined` reply and the history messages it announces.
+    pub async fn joined(&mut self) -> (Value, Vec<Value>) {
+        let joined = self.expect("joined").await;
+        let count = joined["history"].as_u64().unwrap_or(0) as usize;
+        let mut history = Vec::with_capacity(count);
+        for _ in 0..count {
+            history.push(self.expect("message").await);
+        }
+        (joined, history)
+    }
+
     /// The next frame of `kind`, failing if another type comes first.
     pub async fn expect(&mut self, kind: &str) -> Value {
         let frame = self.recv().await;
