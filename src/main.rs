@@ -152,6 +152,13 @@ async fn watch_signals(
             SIGHUP => {}
             _ if !stopping => {
                 info!(signal, "shutdown requested");
+                // Sent here, before anything stops: the runtime may end before a task runs.
+                if std::env::var_os("NOTIFY_SOCKET").is_some() {
+                    notify(&[
+                        NotifyState::Stopping,
+                        NotifyState::Status("stopping: closing connections"),
+                    ]);
+                }
                 shutdown.cancel();
                 stopping = true;
             }
@@ -213,8 +220,9 @@ impl Reloader {
 
 /// Keeps systemd (`Type=notify`) informed: READY=1 once the node is ready (for the redis
 /// transport: the backplane is connected), STATUS= whenever readiness changes, WATCHDOG=1 at
-/// half of `WATCHDOG_USEC` if the unit sets `WatchdogSec=`, and STOPPING=1 when shutdown
-/// starts. Without `NOTIFY_SOCKET` (not started by systemd) it does nothing.
+/// half of `WATCHDOG_USEC` if the unit sets `WatchdogSec=`. STOPPING=1 is sent by
+/// `watch_signals` when shutdown starts. Without `NOTIFY_SOCKET` (not started by systemd) it
+/// does nothing.
 async fn notify_systemd(node: Arc<Node>, shutdown: CancellationToken) {
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
         return;
@@ -255,10 +263,6 @@ async fn notify_systemd(node: Arc<Node>, shutdown: CancellationToken) {
         }
         announced = Some(ready);
     }
-    notify(&[
-        NotifyState::Stopping,
-        NotifyState::Status("stopping: closing connections"),
-    ]);
 }
 
 /// Sends WATCHDOG=1 every `period` for as long as the runtime runs.
