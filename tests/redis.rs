@@ -679,3 +679,30 @@ async fn each_message_is_stored_once_whatever_the_number_of_nodes() {
         .unwrap();
     assert_eq!(last, 30);
 }
+
+#[tokio::test]
+async fn messages_published_while_subscribers_reconnect_are_delivered_from_the_history() {
+    let redis = Redis::start(None).await;
+    let a_node = Node::start("node-a", &redis, None).await;
+    let b_node = Node::start("node-b", &redis, None).await;
+    // A room with no message yet: the nodes know its position from when they subscribed.
+    let mut receivers = vec![
+        a_node.client("name=ra").await,
+        b_node.client("name=rb").await,
+    ];
+    let mut sender = a_node.client("name=sender").await;
+    let killed: u64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut redis.conn().await)
+        .await
+        .unwrap();
+    assert_eq!(killed, 2);
+    // Published through the publisher connections while no node is subscribed.
+    say_acked(&mut sender, "gap", 20).await;
+    let all: Vec<u64> = (1..=20).collect();
+    for r in &mut receivers {
+        assert_eq!(ids(&messages(r, 20).await), all);
+    }
+}

@@ -621,6 +621,21 @@ impl RedisTransport {
         };
         if !add.is_empty() {
             sink.subscribe(self.channels(&add)).await?;
+            // A room subscribed for the first time starts at its current last id: what was
+            // published before belongs to joiners' histories, and what follows is owed to the
+            // members. After a reconnect the rooms keep their positions, so `catch_up` finds
+            // what was published meanwhile.
+            for room in &add {
+                if self.lock_seen().contains_key(room) {
+                    continue;
+                }
+                if let Ok(position) = self.snapshot_with(room, None, 0).await {
+                    self.lock_seen().entry(room.clone()).or_insert(Seen {
+                        epoch: position.epoch,
+                        last: position.last_id,
+                    });
+                }
+            }
             self.lock_subscribed().extend(add);
             self.generation.send_modify(|g| *g += 1);
         }
