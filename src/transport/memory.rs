@@ -4,6 +4,7 @@
 //! order and a history snapshot never disagrees with live delivery.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -24,7 +25,12 @@ pub struct MemoryTransport {
     // Outer lock only to find the room's log; the per-room lock orders id assignment,
     // storage and delivery, so rooms do not wait on each other.
     rooms: Mutex<HashMap<RoomName, Arc<Mutex<RoomLog>>>>,
+    /// Room lookups so far; every [`SWEEP_EVERY`]th one sweeps idle rooms.
+    lookups: AtomicU64,
 }
+
+/// How often (in room lookups) idle rooms are swept.
+const SWEEP_EVERY: u64 = 4096;
 
 #[derive(Debug)]
 struct RoomLog {
@@ -84,11 +90,15 @@ impl MemoryTransport {
             hub,
             policy,
             rooms: Mutex::new(HashMap::new()),
+            lookups: AtomicU64::new(0),
         }
     }
 
     fn log(&self, room: &RoomName) -> Arc<Mutex<RoomLog>> {
         let mut rooms = self.rooms.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.lookups.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
+            self.sweep(&mut rooms);
+        }
         match rooms.get(room) {
             Some(log) => log.clone(),
             None => rooms
@@ -96,6 +106,22 @@ impl MemoryTransport {
                 .or_insert_with(|| Arc::new(Mutex::new(RoomLog::new())))
                 .clone(),
         }
+    }
+
+    /// Forgets rooms with no member, no history left and no `ref` to remember, so that rooms
+    /// used once do not stay in memory. Such a room starts again in a new epoch.
+    fn sweep(&self, rooms: &mut HashMap<RoomName, Arc<Mutex<RoomLog>>>) {
+        let now = Instant::now();
+        let ttl = self.ttl();
+        rooms.retain(|name, log| {
+            // A log in use is not idle; it is looked at again next time.
+            let Ok(mut log) = log.try_lock() else {
+                return true;
+            };
+            log.expire(now, ttl);
+            // Whoever could be about to use the log (a sender, a joiner, a pager) is a member.
+            !(log.history.is_empty() && log.refs.is_empty() && self.hub.online(name.as_str()) == 0)
+        });
     }
 
     fn ttl(&self) -> Duration {
@@ -199,5 +225,40 @@ impl MemoryTransport {
                 .collect(),
             more: skip > 0,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::native::MessageTemplate;
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_rooms_are_forgotten_once_their_history_expired() {
+        let hub = Arc::new(Hub::new());
+        let policy = RoomsConfig {
+            history_ttl_secs: 60,
+            dedupe_window_secs: 30,
+            ..RoomsConfig::default()
+        };
+        let transport = MemoryTransport::new(hub, policy);
+        let room = RoomName::new("once").unwrap();
+        let envelope = Envelope {
+            room: room.clone(),
+            message: MessageTemplate::new(&room, "ann", 1, "hi"),
+            dedupe: Some("ann\u{1f}r1".into()),
+        };
+        assert_eq!(transport.publish(&envelope).id, 1);
+        let sweep = |t: &MemoryTransport| {
+            let mut rooms = t.rooms.lock().unwrap();
+            t.sweep(&mut rooms);
+            rooms.len()
+        };
+        assert_eq!(sweep(&transport), 1, "history still held");
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert_eq!(sweep(&transport), 0, "expired and nobody in it");
+        // The room starts again, in a new epoch.
+        let again = transport.snapshot(&room, None);
+        assert_eq!((again.last_id, again.frames.len()), (0, 0));
     }
 }
