@@ -36,6 +36,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Room history, recovery and duplicate suppression.
     pub rooms: RoomsConfig,
+    /// Optional signed-token authentication.
+    pub auth: AuthConfig,
     /// Redis connection settings (used by the `redis` transport).
     pub redis: RedisConfig,
     /// Logging.
@@ -73,6 +75,14 @@ pub struct ServerConfig {
     pub shutdown_grace_secs: u64,
     /// Listen backlog for bursts of new connections.
     pub listen_backlog: u32,
+    /// Proxies (addresses or networks) whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Vec<String>,
+    /// WebSocket connections one client address may hold; 0 for no limit.
+    pub max_connections_per_ip: usize,
+    /// Connection attempts per second one client address may make, sustained; 0 for no limit.
+    pub connects_per_ip_per_second: f64,
+    /// Connection attempts one client address may make in a burst.
+    pub connect_burst_per_ip: u32,
 }
 
 impl Default for ServerConfig {
@@ -86,6 +96,10 @@ impl Default for ServerConfig {
             header_read_timeout_secs: 10,
             shutdown_grace_secs: 10,
             listen_backlog: 4096,
+            trusted_proxies: Vec::new(),
+            max_connections_per_ip: 0,
+            connects_per_ip_per_second: 0.0,
+            connect_burst_per_ip: 20,
         }
     }
 }
@@ -149,6 +163,25 @@ impl Default for RoomsConfig {
             history_ttl_secs: 24 * 3600,
             history_on_join: 50,
             dedupe_window_secs: 300,
+        }
+    }
+}
+
+/// `[auth]`: signed-token (HS256 JWT) authentication of WebSocket clients.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// The HS256 secret; empty turns authentication off. Masked in logs and `check-config`.
+    pub jwt_secret: Secret,
+    /// Seconds of clock difference allowed when checking `exp`.
+    pub leeway_secs: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            jwt_secret: Secret::default(),
+            leeway_secs: 30,
         }
     }
 }
@@ -446,6 +479,29 @@ impl Config {
             "server.node_id",
             "must be at most 64 bytes with no control characters",
         );
+        for proxy in &s.trusted_proxies {
+            check(
+                crate::server::parse_net(proxy).is_some(),
+                "server.trusted_proxies",
+                "each entry must be an IP address or network such as 10.0.0.0/8",
+            );
+        }
+        check(
+            s.connects_per_ip_per_second.is_finite() && s.connects_per_ip_per_second >= 0.0,
+            "server.connects_per_ip_per_second",
+            "must be 0 (no limit) or a positive number",
+        );
+        check(
+            s.connect_burst_per_ip > 0,
+            "server.connect_burst_per_ip",
+            "must be at least 1",
+        );
+        let a = &self.auth;
+        check(
+            a.jwt_secret.expose().is_empty() || a.jwt_secret.expose().len() >= 32,
+            "auth.jwt_secret",
+            "must be empty (no authentication) or at least 32 bytes",
+        );
         for origin in &s.allowed_origins {
             check(
                 origin.starts_with("http://") || origin.starts_with("https://"),
@@ -630,18 +686,26 @@ impl Config {
                 reloadable: is_reloadable(key),
             })
             .collect();
-        // Secrets serialize masked, so a changed password can look unchanged above.
-        if self.redis.password != new.redis.password
-            && !changes.iter().any(|c| c.key == "redis.password")
-        {
-            changes.push(Change {
-                key: "redis.password".into(),
-                from: format!("\"{}\"", self.redis.password.masked()),
-                to: format!("\"{}\"", new.redis.password.masked()),
-                reloadable: false,
-            });
-            changes.sort_by(|a, b| a.key.cmp(&b.key));
+        // Secrets serialize masked, so a changed secret can look unchanged above.
+        let secrets = [
+            ("redis.password", &self.redis.password, &new.redis.password),
+            (
+                "auth.jwt_secret",
+                &self.auth.jwt_secret,
+                &new.auth.jwt_secret,
+            ),
+        ];
+        for (key, old, new) in secrets {
+            if old != new && !changes.iter().any(|c| c.key == key) {
+                changes.push(Change {
+                    key: key.into(),
+                    from: format!("\"{}\"", old.masked()),
+                    to: format!("\"{}\"", new.masked()),
+                    reloadable: false,
+                });
+            }
         }
+        changes.sort_by(|a, b| a.key.cmp(&b.key));
         changes
     }
 }

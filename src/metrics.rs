@@ -84,14 +84,20 @@ pub enum Refusal {
     BadRequest,
     /// The node is shutting down (503).
     ShuttingDown,
+    /// The client address has too many connections open or connects too fast (429).
+    PerIp,
+    /// Token authentication is on and the token is missing or invalid (401).
+    Unauthorized,
 }
 
 impl Refusal {
-    const ALL: [Refusal; 4] = [
+    const ALL: [Refusal; 6] = [
         Refusal::Origin,
         Refusal::Capacity,
         Refusal::BadRequest,
         Refusal::ShuttingDown,
+        Refusal::PerIp,
+        Refusal::Unauthorized,
     ];
 
     fn label(self) -> &'static str {
@@ -100,6 +106,8 @@ impl Refusal {
             Refusal::Capacity => "capacity",
             Refusal::BadRequest => "bad_request",
             Refusal::ShuttingDown => "shutting_down",
+            Refusal::PerIp => "per_ip",
+            Refusal::Unauthorized => "unauthorized",
         }
     }
 }

@@ -13,8 +13,8 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use tracing::debug;
 
-use super::Node;
 use super::session::{self, Params};
+use super::{Node, guard};
 use crate::metrics::{self, Refusal};
 use crate::protocol::native::Since;
 use crate::protocol::{RoomName, valid_user_name};
@@ -155,20 +155,62 @@ fn websocket(node: Arc<Node>, peer: SocketAddr, mut req: Request<Incoming>) -> R
         refuse(Refusal::ShuttingDown);
         return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
     }
-    let params = match params(req.uri().query().unwrap_or("")) {
+    let query = req.uri().query().unwrap_or("");
+    let mut params = match params(query) {
         Ok(params) => params,
         Err(why) => {
             refuse(Refusal::BadRequest);
             return owned_text(StatusCode::BAD_REQUEST, why);
         }
     };
-    let Some(slot) = node.reserve_slot() else {
+    if let Some(auth) = &node.auth {
+        let query_token = form_urlencoded::parse(query.as_bytes())
+            .find(|(k, _)| k == "token")
+            .map(|(_, v)| v.into_owned());
+        let user = guard::token(query_token.as_deref(), req.headers())
+            .ok_or_else(|| {
+                "a token is required: the token query parameter or the scalechat_token cookie"
+                    .to_owned()
+            })
+            .and_then(|token| auth.user(token));
+        match user {
+            // The token names the user; a `name` in the query cannot override it.
+            Ok(name) => params.name = name,
+            Err(why) => {
+                refuse(Refusal::Unauthorized);
+                return owned_text(StatusCode::UNAUTHORIZED, format!("{why}\n"));
+            }
+        }
+    }
+    let ip = guard::client_ip(peer.ip(), req.headers(), &node.trusted_proxies);
+    let s = &node.config.server;
+    let limits = guard::IpLimits {
+        max_open: s.max_connections_per_ip,
+        rate: s.connects_per_ip_per_second,
+        burst: s.connect_burst_per_ip,
+    };
+    let ip_slot = match node.per_ip.admit(ip, limits) {
+        Ok(slot) => slot,
+        Err(limited) => {
+            refuse(Refusal::PerIp);
+            let why = match limited {
+                guard::Limited::Connections => "too many connections from your address\n",
+                guard::Limited::Rate => "connecting too fast from your address\n",
+            };
+            let mut res = text(StatusCode::TOO_MANY_REQUESTS, why);
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return res;
+        }
+    };
+    let Some(mut slot) = node.reserve_slot() else {
         refuse(Refusal::Capacity);
         let mut res = text(StatusCode::SERVICE_UNAVAILABLE, "too many connections\n");
         res.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
         return res;
     };
+    slot._ip = Some(ip_slot);
     let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,
         Err(e) => {

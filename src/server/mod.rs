@@ -5,9 +5,12 @@
 //! HTTP connections end gracefully, every session sends Close 1001, and [`Server::run`] waits
 //! for them up to `shutdown_grace_secs`.
 
+mod guard;
 mod http;
 mod session;
 mod writer;
+
+pub use guard::parse_net;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -48,6 +51,9 @@ pub struct Node {
     next_conn: AtomicU64,
     live: RwLock<Arc<Reloadable>>,
     live_version: AtomicU64,
+    per_ip: Arc<guard::PerIp>,
+    trusted_proxies: Vec<ipnet::IpNet>,
+    auth: Option<guard::Auth>,
 }
 
 impl Node {
@@ -62,6 +68,9 @@ impl Node {
             config.server.node_id.clone()
         };
         Ok(Self {
+            per_ip: Arc::default(),
+            trusted_proxies: guard::trusted_proxies(&config.server),
+            auth: guard::Auth::new(&config.auth),
             live: RwLock::new(Arc::new(config.reloadable())),
             live_version: AtomicU64::new(0),
             config,
@@ -113,18 +122,24 @@ impl Node {
     fn reserve_slot(self: &Arc<Self>) -> Option<ConnSlot> {
         let max = self.live().max_connections;
         let taken = self.connections.fetch_add(1, Ordering::AcqRel);
-        let slot = ConnSlot(self.clone());
+        let slot = ConnSlot {
+            node: self.clone(),
+            _ip: None,
+        };
         (taken < max).then_some(slot)
     }
 }
 
-/// One of the node's `max_connections` slots.
+/// One of the node's `max_connections` slots, and of its client address's.
 #[derive(Debug)]
-struct ConnSlot(Arc<Node>);
+struct ConnSlot {
+    node: Arc<Node>,
+    _ip: Option<guard::IpSlot>,
+}
 
 impl Drop for ConnSlot {
     fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+        self.node.connections.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
