@@ -202,6 +202,9 @@ pub struct RedisConfig {
     pub db: u32,
     /// Connect with TLS (`rediss://`), verifying the server's certificate.
     pub tls: bool,
+    /// PEM file of the certificate authorities to trust for TLS instead of the built-in
+    /// Mozilla roots; empty for the built-in ones.
+    pub tls_ca_file: String,
     /// Prefix of every channel and key, so several deployments can share one Redis.
     pub channel_prefix: String,
     /// How long a `send` waits for Redis before it is refused with `unavailable`.
@@ -219,6 +222,7 @@ impl Default for RedisConfig {
             password: Secret::default(),
             db: 0,
             tls: false,
+            tls_ca_file: String::new(),
             channel_prefix: "scalechat".into(),
             publish_timeout_ms: 2000,
             unsubscribe_linger_secs: 5,
@@ -543,6 +547,12 @@ impl Config {
             h.history_ttl_secs > 0,
             "rooms.history_ttl_secs",
             "must be at least 1",
+        );
+        check(
+            r.tls_ca_file.is_empty()
+                || std::fs::metadata(&r.tls_ca_file).is_ok_and(|m| m.is_file()),
+            "redis.tls_ca_file",
+            "must be empty or a readable PEM file",
         );
         let l = &self.limits;
         check(

@@ -130,6 +130,16 @@ impl Node {
     }
 
     fn spawn(name: &str, redis: &Redis, password: Option<&str>) -> Node {
+        Node::spawn_with(name, redis.port, password, &[])
+    }
+
+    /// A node of Redis at `redis_port`, with `extra` environment.
+    fn spawn_with(
+        name: &str,
+        redis_port: u16,
+        password: Option<&str>,
+        extra: &[(&str, &str)],
+    ) -> Node {
         let port = free_port();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_scalechat"));
         cmd.current_dir(std::env::temp_dir())
@@ -143,7 +153,8 @@ impl Node {
             // Enough history to cover the outages the tests cause mid-stream.
             .env("SCALECHAT_ROOMS__HISTORY_SIZE", "2000")
             .env("REDIS_HOST", "127.0.0.1")
-            .env("REDIS_PORT", redis.port.to_string())
+            .env("REDIS_PORT", redis_port.to_string())
+            .envs(extra.iter().copied())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .kill_on_drop(true);
@@ -705,4 +716,132 @@ async fn messages_published_while_subscribers_reconnect_are_delivered_from_the_h
     for r in &mut receivers {
         assert_eq!(ids(&messages(r, 20).await), all);
     }
+}
+
+/// Runs `openssl` with `args` in `dir`.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let status = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl is installed");
+    assert!(status.success(), "openssl {args:?}");
+}
+
+#[tokio::test]
+async fn redis_over_tls_with_a_private_ca() {
+    let dir = std::env::temp_dir().join(format!("scalechat-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    openssl(
+        &dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=scalechat test CA",
+        ],
+    );
+    openssl(
+        &dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    );
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(
+        &dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ],
+    );
+    let port = free_port();
+    let _redis = Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .args([
+            "--tls-cert-file",
+            "server.crt",
+            "--tls-key-file",
+            "server.key",
+        ])
+        .args(["--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", "no"])
+        .args(["--save", "", "--appendonly", "no"])
+        .current_dir(&dir)
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("redis-server is installed");
+    eventually_async("redis answers", || async move {
+        TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+    })
+    .await;
+    let ca = dir.join("ca.crt");
+    let ca = ca.to_str().unwrap();
+    let tls = [
+        ("SCALECHAT_REDIS__TLS", "true"),
+        ("SCALECHAT_REDIS__TLS_CA_FILE", ca),
+    ];
+    let a_node = Node::spawn_with("node-a", port, None, &tls);
+    let b_node = Node::spawn_with("node-b", port, None, &tls);
+    // Without the private CA the certificate is not trusted: never ready.
+    let untrusting = Node::spawn_with("node-c", port, None, &[("SCALECHAT_REDIS__TLS", "true")]);
+    for node in [&a_node, &b_node] {
+        let addr = node.addr;
+        eventually_async("ready over TLS", || async move {
+            readyz(addr).await == Some(200)
+        })
+        .await;
+    }
+    let mut a = a_node.client("name=ann").await;
+    let mut b = b_node.client("name=bob").await;
+    a.say("general", "encrypted", "t1").await;
+    assert_eq!(messages(&mut b, 1).await[0]["message"], "encrypted");
+    let addr = untrusting.addr;
+    eventually_async(
+        "node-c answers",
+        || async move { readyz(addr).await.is_some() },
+    )
+    .await;
+    assert_eq!(readyz(untrusting.addr).await, Some(503));
+    let _ = std::fs::remove_dir_all(&dir);
 }

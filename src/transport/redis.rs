@@ -678,7 +678,23 @@ fn client(config: &RedisConfig) -> Result<Client, RedisError> {
     if !config.password.expose().is_empty() {
         settings = settings.set_password(config.password.expose());
     }
-    Client::open(info.set_redis_settings(settings))
+    let info = info.set_redis_settings(settings);
+    if config.tls && !config.tls_ca_file.is_empty() {
+        let pem = std::fs::read(&config.tls_ca_file).map_err(|e| {
+            RedisError::from(std::io::Error::new(
+                e.kind(),
+                format!("redis.tls_ca_file {}: {e}", config.tls_ca_file),
+            ))
+        })?;
+        return Client::build_with_tls(
+            info,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem),
+            },
+        );
+    }
+    Client::open(info)
 }
 
 fn timeout_error() -> RedisError {
