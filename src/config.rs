@@ -211,6 +211,8 @@ pub struct RedisConfig {
     pub publish_timeout_ms: u64,
     /// How long a node stays subscribed to a room after its last local member left.
     pub unsubscribe_linger_secs: u64,
+    /// Seconds between heartbeat `PING`s on the subscriber connection.
+    pub heartbeat_secs: u64,
 }
 
 impl Default for RedisConfig {
@@ -226,6 +228,7 @@ impl Default for RedisConfig {
             channel_prefix: "scalechat".into(),
             publish_timeout_ms: 2000,
             unsubscribe_linger_secs: 5,
+            heartbeat_secs: 5,
         }
     }
 }
@@ -526,6 +529,11 @@ impl Config {
                 && !r.channel_prefix.contains(char::is_whitespace),
             "redis.channel_prefix",
             "must be 1 to 64 characters without spaces",
+        );
+        check(
+            r.heartbeat_secs > 0,
+            "redis.heartbeat_secs",
+            "must be at least 1",
         );
         check(
             r.publish_timeout_ms > 0,

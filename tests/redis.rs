@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
+use common::proxy::{Fault, FaultProxy};
 use common::{Client, eventually_async, readyz};
 use serde_json::Value;
 use tokio::net::TcpStream;
@@ -844,4 +845,107 @@ async fn redis_over_tls_with_a_private_ca() {
     .await;
     assert_eq!(readyz(untrusting.addr).await, Some(503));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Environment that makes a node notice a dead Redis path within about two seconds.
+const FAST_FAILURE: [(&str, &str); 2] = [
+    ("SCALECHAT_REDIS__HEARTBEAT_SECS", "1"),
+    ("SCALECHAT_REDIS__PUBLISH_TIMEOUT_MS", "1000"),
+];
+
+/// Waits until `node`'s `/readyz` says `status`.
+async fn wait_ready(node: &Node, status: u16, what: &str) {
+    let addr = node.addr;
+    eventually_async(what, || async move { readyz(addr).await == Some(status) }).await;
+}
+
+/// `a` (behind a proxy) and `b` (direct) nodes of `redis`, a reader on `a` and a sender on `b`.
+async fn faulty_pair(redis: &Redis) -> (FaultProxy, Node, Node, Client, Client) {
+    let proxy = FaultProxy::start(redis.port).await;
+    let a_node = Node::spawn_with("node-a", proxy.port, None, &FAST_FAILURE);
+    let b_node = Node::spawn_with("node-b", redis.port, None, &FAST_FAILURE);
+    wait_ready(&a_node, 200, "node a ready").await;
+    wait_ready(&b_node, 200, "node b ready").await;
+    let reader = a_node.client("name=reader").await;
+    let sender = b_node.client("name=sender").await;
+    (proxy, a_node, b_node, reader, sender)
+}
+
+#[tokio::test]
+async fn a_black_holed_redis_path_is_detected_and_nothing_is_lost() {
+    let redis = Redis::start(None).await;
+    let (proxy, a_node, _b_node, mut reader, mut sender) = faulty_pair(&redis).await;
+    say_acked(&mut sender, "before", 3).await;
+    assert_eq!(ids(&messages(&mut reader, 3).await), [1, 2, 3]);
+
+    // The path to Redis swallows everything but stays open, like a half-open connection.
+    proxy.set(Fault::BlackHole);
+    wait_ready(&a_node, 503, "the heartbeat notices the dead path").await;
+    // Local sockets on node a are served meanwhile.
+    let started = std::time::Instant::now();
+    reader
+        .send(serde_json::json!({"type":"leave","room":"nowhere"}))
+        .await;
+    assert_eq!(reader.expect("error").await["code"], "not_joined");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+    say_acked(&mut sender, "during", 5).await;
+
+    proxy.set(Fault::Pass);
+    wait_ready(&a_node, 200, "node a recovers on new connections").await;
+    say_acked(&mut sender, "after", 2).await;
+    let got = messages(&mut reader, 7).await;
+    assert_eq!(
+        ids(&got),
+        (4..=10).collect::<Vec<_>>(),
+        "healed from the history"
+    );
+    assert_eq!(got[0]["message"], "during0");
+    // And node a can publish again: its publisher connection was replaced.
+    reader.say("general", "from a", "a-1").await;
+    while sender.expect_chat().await["message"] != "from a" {}
+}
+
+#[tokio::test]
+async fn a_stalled_then_reset_path_recovers_without_loss() {
+    let redis = Redis::start(None).await;
+    let (proxy, a_node, _b_node, mut reader, mut sender) = faulty_pair(&redis).await;
+    proxy.set(Fault::Stall);
+    wait_ready(&a_node, 503, "the heartbeat notices the stall").await;
+    say_acked(&mut sender, "stalled", 4).await;
+    proxy.reset();
+    proxy.set(Fault::Pass);
+    wait_ready(&a_node, 200, "node a reconnects").await;
+    say_acked(&mut sender, "after", 1).await;
+    assert_eq!(ids(&messages(&mut reader, 5).await), [1, 2, 3, 4, 5]);
+}
+
+#[tokio::test]
+async fn a_slow_narrow_redis_path_delays_but_keeps_order() {
+    let redis = Redis::start(None).await;
+    let (proxy, _a_node, _b_node, mut reader, mut sender) = faulty_pair(&redis).await;
+    proxy.set(Fault::Delay(Duration::from_millis(40)));
+    say_acked(&mut sender, "slow", 10).await;
+    proxy.set(Fault::Rate(4_000));
+    say_acked(&mut sender, "narrow", 10).await;
+    assert_eq!(
+        ids(&messages(&mut reader, 20).await),
+        (1..=20).collect::<Vec<_>>()
+    );
+    // node a publishes through the slow path too, within its timeout.
+    reader.say("general", "uphill", "u-1").await;
+    let ack = loop {
+        let f = reader.recv().await;
+        if f["type"] == "ack" || f["type"] == "error" {
+            break f;
+        }
+    };
+    assert_eq!(
+        (ack["type"].as_str(), ack["id"].as_u64()),
+        (Some("ack"), Some(21)),
+        "{ack}"
+    );
 }

@@ -131,7 +131,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub struct RedisTransport {
     hub: Arc<Hub>,
     client: Client,
-    publisher: ConnectionManager,
+    /// Replaced after a timeout: a connection whose replies stopped (a half-open TCP
+    /// connection, a stalled network path) would otherwise hold every later command.
+    publisher: Mutex<ConnectionManager>,
+    manager_config: ConnectionManagerConfig,
+    heartbeat: Duration,
     publish_script: Script,
     snapshot_script: Script,
     page_script: Script,
@@ -194,12 +198,14 @@ impl RedisTransport {
             .set_response_timeout(Some(publish_timeout))
             .set_min_delay(BACKOFF_MIN)
             .set_max_delay(BACKOFF_MAX);
-        let publisher = ConnectionManager::new_lazy_with_config(client.clone(), manager)
+        let publisher = ConnectionManager::new_lazy_with_config(client.clone(), manager.clone())
             .map_err(|e| TransportError::Unavailable(e.to_string()))?;
         let transport = Arc::new(Self {
             hub,
             client,
-            publisher,
+            publisher: Mutex::new(publisher),
+            manager_config: manager,
+            heartbeat: Duration::from_secs(config.heartbeat_secs),
             publish_script: Script::new(&format!("{EPOCH_LUA}{PUBLISH_LUA}")),
             snapshot_script: Script::new(&format!("{EPOCH_LUA}{SNAPSHOT_LUA}")),
             page_script: Script::new(&format!("{EPOCH_LUA}{PAGE_LUA}")),
@@ -316,27 +322,58 @@ impl RedisTransport {
         })
     }
 
+    fn publisher(&self) -> ConnectionManager {
+        self.publisher
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Swaps the publisher for a new connection (made at its first use) after Redis stopped
+    /// answering on it; commands in flight on the old one fail with a timeout, as they would.
+    fn replace_publisher(&self) {
+        match ConnectionManager::new_lazy_with_config(
+            self.client.clone(),
+            self.manager_config.clone(),
+        ) {
+            Ok(fresh) => {
+                *self
+                    .publisher
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = fresh;
+                debug!("redis publisher connection replaced after a timeout");
+            }
+            Err(e) => warn!(error = %e, "could not replace the redis publisher connection"),
+        }
+    }
+
     /// Runs a script on the publisher connection within the publish timeout.
     async fn invoke<T: redis::FromRedisValue>(
         &self,
         call: redis::ScriptInvocation<'_>,
     ) -> Result<T, TransportError> {
-        let mut conn = self.publisher.clone();
+        let mut conn = self.publisher();
         match tokio::time::timeout(self.publish_timeout, call.invoke_async::<T>(&mut conn)).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => {
                 debug!(error = %e, "redis script failed");
                 // Only a command that never reached Redis is known not to have run.
                 if e.is_timeout() || (e.is_io_error() && !e.is_connection_refusal()) {
+                    if e.is_timeout() {
+                        self.replace_publisher();
+                    }
                     Err(TransportError::Timeout(format!("redis: {e}")))
                 } else {
                     Err(TransportError::Unavailable(format!("redis: {e}")))
                 }
             }
-            Err(_) => Err(TransportError::Timeout(format!(
-                "redis did not answer within {} ms",
-                self.publish_timeout.as_millis()
-            ))),
+            Err(_) => {
+                self.replace_publisher();
+                Err(TransportError::Timeout(format!(
+                    "redis did not answer within {} ms",
+                    self.publish_timeout.as_millis()
+                )))
+            }
         }
     }
 
@@ -442,21 +479,38 @@ impl RedisTransport {
     /// so the first `send` after an outage does not hit the dead connection, and a Redis
     /// that wants a password nobody gave is refused here, not at the first join.
     async fn check_publisher(&self) -> Result<(), RedisError> {
-        let mut conn = self.publisher.clone();
         let mut last = None;
         for _ in 0..3 {
-            match redis::cmd("PING").query_async::<()>(&mut conn).await {
-                Ok(()) => return Ok(()),
-                Err(e) => last = Some(e),
+            let mut conn = self.publisher();
+            let ping = redis::cmd("PING");
+            match tokio::time::timeout(self.publish_timeout, ping.query_async::<()>(&mut conn))
+                .await
+            {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => {
+                    if e.is_timeout() {
+                        self.replace_publisher();
+                    }
+                    last = Some(e);
+                }
+                Err(_) => {
+                    self.replace_publisher();
+                    last = Some(timeout_error());
+                }
             }
         }
         Err(last.unwrap_or_else(closed_error))
     }
 
     /// Delivers every message until the connection fails; reconciles subscriptions when
-    /// asked and once a second (for lingering rooms).
+    /// asked and once a second (for lingering rooms); every `redis.heartbeat_secs` sends a
+    /// `PING` on the subscriber connection and gives it up when no answer comes within
+    /// `redis.publish_timeout_ms`, so a stalled or half-open connection is noticed even when
+    /// no message is due.
     async fn receive(&self, sink: &mut PubSubSink, stream: &mut PubSubStream) -> RedisError {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut heartbeat = tokio::time::interval(self.heartbeat);
+        heartbeat.reset();
         loop {
             tokio::select! {
                 msg = stream.next() => match msg {
@@ -473,6 +527,13 @@ impl RedisTransport {
                 _ = tick.tick() => {
                     if let Err(e) = self.reconcile(sink).await {
                         return e;
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    match tokio::time::timeout(self.publish_timeout, sink.ping::<redis::Value>()).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return e,
+                        Err(_) => return heartbeat_error(self.publish_timeout),
                     }
                 }
             }
@@ -701,6 +762,16 @@ fn timeout_error() -> RedisError {
     RedisError::from(std::io::Error::new(
         std::io::ErrorKind::TimedOut,
         "connecting to redis timed out",
+    ))
+}
+
+fn heartbeat_error(waited: Duration) -> RedisError {
+    RedisError::from(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!(
+            "redis did not answer a heartbeat PING within {} ms",
+            waited.as_millis()
+        ),
     ))
 }
 

@@ -2,6 +2,8 @@
 //! client that writes any bytes it is told to (for protocol violations).
 #![allow(dead_code)] // each test binary uses its own part of this module
 
+pub mod proxy;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -221,6 +223,18 @@ impl Client {
                 Message::Text(text) => return serde_json::from_str(&text).unwrap(),
                 Message::Ping(_) | Message::Pong(_) => continue,
                 other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// The next chat `message`, skipping acks.
+    pub async fn expect_chat(&mut self) -> Value {
+        loop {
+            let frame = self.recv().await;
+            match frame["type"].as_str() {
+                Some("message") => return frame,
+                Some("ack") => continue,
+                _ => panic!("expected a message, got {frame}"),
             }
         }
     }
