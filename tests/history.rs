@@ -3,31 +3,8 @@
 
 mod common;
 
-use common::{Client, TestServer, config, start};
+use common::{Client, TestServer, config, ids, start};
 use serde_json::{Value, json};
-
-/// The ids of `messages`.
-fn ids(messages: &[Value]) -> Vec<u64> {
-    messages.iter().map(|m| m["id"].as_u64().unwrap()).collect()
-}
-
-/// Sends `count` messages from `client` and reads its acks (and its own deliveries).
-async fn say_many(client: &mut Client, prefix: &str, count: usize) {
-    for n in 0..count {
-        client
-            .say("general", &format!("{prefix}{n}"), &format!("{prefix}-{n}"))
-            .await;
-    }
-    let (mut acks, mut delivered) = (0, 0);
-    while acks < count || delivered < count {
-        let f = client.recv().await;
-        match f["type"].as_str() {
-            Some("ack") => acks += 1,
-            Some("message") => delivered += 1,
-            _ => panic!("unexpected {f}"),
-        }
-    }
-}
 
 /// Connects with `query` and returns the client, its `joined` and the history that follows.
 async fn connect(server: &TestServer, query: &str) -> (Client, Value, Vec<Value>) {
@@ -41,7 +18,7 @@ async fn connect(server: &TestServer, query: &str) -> (Client, Value, Vec<Value>
 async fn joining_sends_the_history_then_live_messages_without_a_gap() {
     let server = start(config()).await;
     let (mut ann, ..) = connect(&server, "name=ann").await;
-    say_many(&mut ann, "m", 5).await;
+    ann.say_acked("m", 5).await;
 
     let (mut bob, joined, history) = connect(&server, "name=bob").await;
     assert_eq!(
@@ -70,7 +47,7 @@ async fn history_on_join_sends_only_the_newest_and_the_store_keeps_history_size(
     cfg.rooms.history_on_join = 3;
     let server = start(cfg).await;
     let (mut ann, ..) = connect(&server, "name=ann").await;
-    say_many(&mut ann, "m", 12).await;
+    ann.say_acked("m", 12).await;
     let (mut bob, _, history) = connect(&server, "name=bob").await;
     assert_eq!(ids(&history), [10, 11, 12]);
     // Scroll back: the store holds the newest 10 (ids 3 to 12).
@@ -99,7 +76,7 @@ async fn reconnecting_with_since_gets_exactly_the_missed_messages_then_live_ones
     let (mut ann, ..) = connect(&server, "name=ann").await;
     let (mut bob, joined, _) = connect(&server, "name=bob").await;
     let epoch = joined["epoch"].as_str().unwrap().to_owned();
-    say_many(&mut ann, "a", 3).await;
+    ann.say_acked("a", 3).await;
     let seen = ids(&[
         bob.expect("message").await,
         bob.expect("message").await,
@@ -107,7 +84,7 @@ async fn reconnecting_with_since_gets_exactly_the_missed_messages_then_live_ones
     ]);
     assert_eq!(seen, [1, 2, 3]);
     drop(bob);
-    say_many(&mut ann, "b", 4).await;
+    ann.say_acked("b", 4).await;
 
     let query = format!("name=bob&since=3&epoch={epoch}");
     let (mut bob, joined, missed) = connect(&server, &query).await;
@@ -138,7 +115,7 @@ async fn a_position_the_history_cannot_serve_is_reported_not_recovered() {
     let server = start(cfg).await;
     let (mut ann, joined, _) = connect(&server, "name=ann").await;
     let epoch = joined["epoch"].as_str().unwrap().to_owned();
-    say_many(&mut ann, "m", 20).await;
+    ann.say_acked("m", 20).await;
     for (query, why) in [
         (format!("since=1&epoch={epoch}"), "trimmed past"),
         ("since=19&epoch=0123abcd".to_owned(), "another epoch"),

@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::proxy::{Fault, FaultProxy};
-use common::{Client, eventually_async, readyz};
+use common::{Client, eventually_async, ids, readyz};
 use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
@@ -419,33 +419,13 @@ async fn a_frozen_redis_does_not_stall_local_sockets() {
     }
 }
 
-/// The ids of `messages`.
-fn ids(messages: &[Value]) -> Vec<u64> {
-    messages.iter().map(|m| m["id"].as_u64().unwrap()).collect()
-}
-
-/// Sends `count` messages to general and waits for their acks.
-async fn say_acked(client: &mut Client, prefix: &str, count: usize) {
-    for n in 0..count {
-        client
-            .say("general", &format!("{prefix}{n}"), &format!("{prefix}-{n}"))
-            .await;
-    }
-    let mut acks = 0;
-    while acks < count {
-        if client.recv().await["type"] == "ack" {
-            acks += 1;
-        }
-    }
-}
-
 #[tokio::test]
 async fn history_written_on_one_node_is_served_on_join_by_another() {
     let redis = Redis::start(None).await;
     let a_node = Node::start("node-a", &redis, None).await;
     let b_node = Node::start("node-b", &redis, None).await;
     let mut a = a_node.client("name=ann").await;
-    say_acked(&mut a, "m", 5).await;
+    a.say_acked("m", 5).await;
     let (mut b, joined, history) = b_node.connect("name=bob").await;
     assert_eq!(joined["last_id"], 5);
     assert_eq!(ids(&history), [1, 2, 3, 4, 5]);
@@ -471,10 +451,10 @@ async fn reconnecting_to_another_node_with_since_gets_exactly_what_was_missed() 
     let mut a = a_node.client("name=ann").await;
     let (mut b, joined, _) = b_node.connect("name=bob").await;
     let epoch = joined["epoch"].as_str().unwrap().to_owned();
-    say_acked(&mut a, "x", 3).await;
+    a.say_acked("x", 3).await;
     assert_eq!(ids(&messages(&mut b, 3).await), [1, 2, 3]);
     drop(b);
-    say_acked(&mut a, "y", 4).await;
+    a.say_acked("y", 4).await;
 
     let (mut b, joined, missed) = a_node
         .connect(&format!("name=bob&since=3&epoch={epoch}"))
@@ -535,15 +515,22 @@ async fn restart_redis(redis: &mut Redis, nodes: &[&Node]) {
     }
 }
 
-#[tokio::test]
-async fn a_redis_restart_without_persistence_is_reported_as_not_recovered() {
-    let mut redis = Redis::start(None).await;
-    let node = Node::start("node-a", &redis, None).await;
+/// A node of `redis`, ann's client, and the room's epoch as bob saw it before five messages
+/// and a Redis restart (SIGKILL).
+async fn five_messages_then_a_restart(redis: &mut Redis) -> (Node, Client, String) {
+    let node = Node::start("node-a", redis, None).await;
     let mut a = node.client("name=ann").await;
     let (_b, joined, _) = node.connect("name=bob").await;
     let epoch = joined["epoch"].as_str().unwrap().to_owned();
-    say_acked(&mut a, "m", 5).await;
-    restart_redis(&mut redis, &[&node]).await;
+    a.say_acked("m", 5).await;
+    restart_redis(redis, &[&node]).await;
+    (node, a, epoch)
+}
+
+#[tokio::test]
+async fn a_redis_restart_without_persistence_is_reported_as_not_recovered() {
+    let mut redis = Redis::start(None).await;
+    let (node, mut a, epoch) = five_messages_then_a_restart(&mut redis).await;
     // Bob comes back from id 3: ids 4 and 5 are gone with Redis, and the server says so.
     let (_, joined, history) = node
         .connect(&format!("name=bob&since=3&epoch={epoch}"))
@@ -556,7 +543,7 @@ async fn a_redis_restart_without_persistence_is_reported_as_not_recovered() {
     );
     assert!(history.is_empty());
     // The room goes on in its new epoch.
-    say_acked(&mut a, "new era", 1).await;
+    a.say_acked("new era", 1).await;
     let (_, joined, history) = node.connect("name=cy").await;
     assert_eq!(
         (ids(&history), &joined["epoch"]),
@@ -567,12 +554,7 @@ async fn a_redis_restart_without_persistence_is_reported_as_not_recovered() {
 #[tokio::test]
 async fn a_redis_restart_with_an_append_only_file_loses_nothing() {
     let mut redis = Redis::start_persistent().await;
-    let node = Node::start("node-a", &redis, None).await;
-    let mut a = node.client("name=ann").await;
-    let (_b, joined, _) = node.connect("name=bob").await;
-    let epoch = joined["epoch"].as_str().unwrap().to_owned();
-    say_acked(&mut a, "m", 5).await;
-    restart_redis(&mut redis, &[&node]).await;
+    let (node, mut a, epoch) = five_messages_then_a_restart(&mut redis).await;
     let (_, joined, missed) = node
         .connect(&format!("name=bob&since=3&epoch={epoch}"))
         .await;
@@ -674,7 +656,7 @@ async fn each_message_is_stored_once_whatever_the_number_of_nodes() {
     ];
     for (i, node) in nodes.iter().enumerate() {
         let mut c = node.client(&format!("name=u{i}")).await;
-        say_acked(&mut c, &format!("n{i}-"), 10).await;
+        c.say_acked(&format!("n{i}-"), 10).await;
     }
     let mut conn = redis.conn().await;
     let stored: u64 = redis::cmd("ZCARD")
@@ -712,7 +694,7 @@ async fn messages_published_while_subscribers_reconnect_are_delivered_from_the_h
         .unwrap();
     assert_eq!(killed, 2);
     // Published through the publisher connections while no node is subscribed.
-    say_acked(&mut sender, "gap", 20).await;
+    sender.say_acked("gap", 20).await;
     let all: Vec<u64> = (1..=20).collect();
     for r in &mut receivers {
         assert_eq!(ids(&messages(r, 20).await), all);
@@ -875,7 +857,7 @@ async fn faulty_pair(redis: &Redis) -> (FaultProxy, Node, Node, Client, Client) 
 async fn a_black_holed_redis_path_is_detected_and_nothing_is_lost() {
     let redis = Redis::start(None).await;
     let (proxy, a_node, _b_node, mut reader, mut sender) = faulty_pair(&redis).await;
-    say_acked(&mut sender, "before", 3).await;
+    sender.say_acked("before", 3).await;
     assert_eq!(ids(&messages(&mut reader, 3).await), [1, 2, 3]);
 
     // The path to Redis swallows everything but stays open, like a half-open connection.
@@ -892,11 +874,11 @@ async fn a_black_holed_redis_path_is_detected_and_nothing_is_lost() {
         "{:?}",
         started.elapsed()
     );
-    say_acked(&mut sender, "during", 5).await;
+    sender.say_acked("during", 5).await;
 
     proxy.set(Fault::Pass);
     wait_ready(&a_node, 200, "node a recovers on new connections").await;
-    say_acked(&mut sender, "after", 2).await;
+    sender.say_acked("after", 2).await;
     let got = messages(&mut reader, 7).await;
     assert_eq!(
         ids(&got),
@@ -915,11 +897,11 @@ async fn a_stalled_then_reset_path_recovers_without_loss() {
     let (proxy, a_node, _b_node, mut reader, mut sender) = faulty_pair(&redis).await;
     proxy.set(Fault::Stall);
     wait_ready(&a_node, 503, "the heartbeat notices the stall").await;
-    say_acked(&mut sender, "stalled", 4).await;
+    sender.say_acked("stalled", 4).await;
     proxy.reset();
     proxy.set(Fault::Pass);
     wait_ready(&a_node, 200, "node a reconnects").await;
-    say_acked(&mut sender, "after", 1).await;
+    sender.say_acked("after", 1).await;
     assert_eq!(ids(&messages(&mut reader, 5).await), [1, 2, 3, 4, 5]);
 }
 
@@ -928,9 +910,9 @@ async fn a_slow_narrow_redis_path_delays_but_keeps_order() {
     let redis = Redis::start(None).await;
     let (proxy, _a_node, _b_node, mut reader, mut sender) = faulty_pair(&redis).await;
     proxy.set(Fault::Delay(Duration::from_millis(40)));
-    say_acked(&mut sender, "slow", 10).await;
+    sender.say_acked("slow", 10).await;
     proxy.set(Fault::Rate(4_000));
-    say_acked(&mut sender, "narrow", 10).await;
+    sender.say_acked("narrow", 10).await;
     assert_eq!(
         ids(&messages(&mut reader, 20).await),
         (1..=20).collect::<Vec<_>>()

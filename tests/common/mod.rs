@@ -89,6 +89,11 @@ impl TestServer {
     }
 }
 
+/// The ids of chat `messages`.
+pub fn ids(messages: &[Value]) -> Vec<u64> {
+    messages.iter().map(|m| m["id"].as_u64().unwrap()).collect()
+}
+
 /// Sends `signal` (e.g. "-TERM", "-STOP") to process `pid` with kill(1).
 pub fn send_signal(pid: u32, signal: &str) {
     let status = std::process::Command::new("kill")
@@ -223,6 +228,24 @@ impl Client {
                 Message::Text(text) => return serde_json::from_str(&text).unwrap(),
                 Message::Ping(_) | Message::Pong(_) => continue,
                 other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// Sends `count` messages (`prefix0`, `prefix1`, …) to general and reads until all are
+    /// acked, skipping the chat messages that arrive meanwhile.
+    pub async fn say_acked(&mut self, prefix: &str, count: usize) {
+        for n in 0..count {
+            self.say("general", &format!("{prefix}{n}"), &format!("{prefix}-{n}"))
+                .await;
+        }
+        let mut acks = 0;
+        while acks < count {
+            let frame = self.recv().await;
+            match frame["type"].as_str() {
+                Some("ack") => acks += 1,
+                Some("message") => {}
+                _ => panic!("unexpected {frame}"),
             }
         }
     }
