@@ -6,6 +6,7 @@
 //! for them up to `shutdown_grace_secs`.
 
 mod http;
+mod reader;
 mod session;
 mod writer;
 

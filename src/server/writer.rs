@@ -4,11 +4,12 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWrite;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -138,15 +139,9 @@ async fn write_batch<W: AsyncWrite + Unpin>(
     metrics: &Metrics,
 ) -> io::Result<()> {
     while !batch.is_empty() {
-        let mut iov = [IoSlice::new(&[]); MAX_IOV];
-        let mut n = 0;
-        for (slot, frame) in iov.iter_mut().zip(batch.iter()) {
-            *slot = IoSlice::new(frame);
-            n += 1;
-        }
         let written = tokio::select! {
             biased;
-            r = socket.write_vectored(&iov[..n]) => r?,
+            r = write_vectored(socket, batch) => r?,
             _ = tokio::time::sleep(stall) => {
                 return Err(io::Error::new(io::ErrorKind::TimedOut, "peer stopped reading"));
             }
@@ -158,6 +153,23 @@ async fn write_batch<W: AsyncWrite + Unpin>(
         consume(batch, written);
     }
     Ok(())
+}
+
+/// One `writev` of up to [`MAX_IOV`] frames from the front of `batch`. The slice list is built
+/// on each poll, so it is not part of the connection's idle state.
+fn write_vectored<'a, W: AsyncWrite + Unpin>(
+    socket: &'a mut W,
+    batch: &'a VecDeque<Bytes>,
+) -> impl Future<Output = io::Result<usize>> + 'a {
+    std::future::poll_fn(move |cx| {
+        let mut iov = [IoSlice::new(&[]); MAX_IOV];
+        let mut n = 0;
+        for (slot, frame) in iov.iter_mut().zip(batch.iter()) {
+            *slot = IoSlice::new(frame);
+            n += 1;
+        }
+        Pin::new(&mut *socket).poll_write_vectored(cx, &iov[..n])
+    })
 }
 
 /// Drops the first `n` written bytes from the front of `batch`.
