@@ -112,7 +112,10 @@ fn serve(config: Config) -> anyhow::Result<()> {
             .with_context(|| format!("binding {addr}"))?;
         tokio::spawn(notify_systemd(server.node().clone(), shutdown.clone()));
         tokio::spawn(watch_signals(signals, shutdown));
-        server.run().await;
+        // The server runs on a worker thread, not on this one: the accept loop allocates each
+        // connection's state and workers free it. Allocated here and freed there, that memory
+        // stayed resident (about 4 KiB per idle connection at 10,000 connections).
+        tokio::spawn(server.run()).await.context("server task")?;
         Ok(())
     })
 }

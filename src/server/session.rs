@@ -85,7 +85,9 @@ pub async fn run(node: Arc<Node>, upgrade: UpgradeFut, params: Params, slot: Con
         end = &mut reading => {
             if let ReadEnd::Close(code, reason) = end {
                 outbox.close(code, reason, true);
-                let _ = tokio::time::timeout(CLOSE_TIMEOUT, &mut writing).await;
+                // Boxed, as the timeout below: a timer needed only at the close need not be
+                // part of every idle connection's task.
+                let _ = Box::pin(tokio::time::timeout(CLOSE_TIMEOUT, &mut writing)).await;
             }
             format!("{end:?}")
         }
@@ -95,7 +97,7 @@ pub async fn run(node: Arc<Node>, upgrade: UpgradeFut, params: Params, slot: Con
             }
             if let WriteEnd::Closed { await_peer: true } = end {
                 // Only the peer's close frame is still of interest; the reader is dropped after.
-                let _ = tokio::time::timeout(CLOSE_TIMEOUT, &mut reading).await;
+                let _ = Box::pin(tokio::time::timeout(CLOSE_TIMEOUT, &mut reading)).await;
             }
             format!("{end:?}")
         }

@@ -111,6 +111,9 @@ pub async fn run<W: AsyncWrite + Unpin>(
                 true
             }
             Next::Idle => {
+                // An idle connection keeps no batch storage; the queue keeps its slots, so
+                // deliveries still never allocate (the next `take` gives it slots again).
+                batch = VecDeque::new();
                 tokio::select! {
                     _ = outbox.wait() => {}
                     _ = shutdown.cancelled() => {}
