@@ -197,26 +197,31 @@ pub fn close_code(payload: &[u8]) -> Result<Option<u16>, FrameError> {
 #[derive(Debug, Default)]
 struct Utf8 {
     carry: [u8; 4],
-    carried: usize,
+    carried: u8,
 }
 
 impl Utf8 {
     fn push(&mut self, mut bytes: &[u8], fin: bool) -> Result<(), FrameError> {
         if self.carried > 0 {
+            let carried = usize::from(self.carried);
             let want = match self.carry[0] {
                 0xF0.. => 4,
                 0xE0.. => 3,
                 _ => 2,
             };
-            let take = (want - self.carried).min(bytes.len());
-            self.carry[self.carried..self.carried + take].copy_from_slice(&bytes[..take]);
-            self.carried += take;
+            let take = (want - carried).min(bytes.len());
+            self.carry[carried..carried + take].copy_from_slice(&bytes[..take]);
+            let carried = carried + take;
             bytes = &bytes[take..];
-            match std::str::from_utf8(&self.carry[..self.carried]) {
+            match std::str::from_utf8(&self.carry[..carried]) {
                 Ok(_) => self.carried = 0,
                 Err(e) if e.error_len().is_some() => return Err(NOT_UTF8),
                 // Still a valid start of a character: `bytes` is used up.
-                Err(_) => return if fin { Err(NOT_UTF8) } else { Ok(()) },
+                Err(_) if fin => return Err(NOT_UTF8),
+                Err(_) => {
+                    self.carried = carried as u8; // at most 3
+                    return Ok(());
+                }
             }
         }
         if let Err(e) = std::str::from_utf8(bytes) {
@@ -226,7 +231,7 @@ impl Utf8 {
             }
             // An unfinished character at the end: fewer than 4 bytes by definition.
             self.carry[..tail.len()].copy_from_slice(tail);
-            self.carried = tail.len();
+            self.carried = tail.len() as u8;
         }
         Ok(())
     }

@@ -41,23 +41,23 @@ pub enum ReadError {
 
 /// Reads client frames from a socket's read half.
 #[derive(Debug)]
-pub struct FrameReader {
-    /// Received bytes not yet consumed start at `start`; empty, without capacity, when idle.
+pub struct FrameReader<'a> {
+    stream: ReadHalf<'a>,
+    /// Received bytes not yet consumed start at `start` (the frame last handed out ends
+    /// there); empty, without capacity, when idle.
     buf: Vec<u8>,
     start: usize,
-    /// Bytes of the frame last handed out, dropped on the next call.
-    handed_out: usize,
     decoder: Decoder,
 }
 
-impl FrameReader {
-    /// A reader starting with `early`, the bytes read past the handshake (copied), refusing
-    /// messages above `max_message_bytes`.
-    pub fn new(early: &[u8], max_message_bytes: usize) -> Self {
+impl<'a> FrameReader<'a> {
+    /// A reader of `stream` starting with `early`, the bytes read past the handshake (copied),
+    /// refusing messages above `max_message_bytes`.
+    pub fn new(stream: ReadHalf<'a>, early: &[u8], max_message_bytes: usize) -> Self {
         Self {
+            stream,
             buf: early.to_vec(),
             start: 0,
-            handed_out: 0,
             decoder: Decoder::new(max_message_bytes),
         }
     }
@@ -69,8 +69,7 @@ impl FrameReader {
     }
 
     /// The next frame. Cancel-safe: bytes read stay in the reader until a frame is returned.
-    pub async fn next(&mut self, stream: &mut ReadHalf<'_>) -> Result<Frame<'_>, ReadError> {
-        self.start += std::mem::take(&mut self.handed_out);
+    pub async fn next(&mut self) -> Result<Frame<'_>, ReadError> {
         loop {
             if self.start == self.buf.len() {
                 // Everything consumed: free the buffer before waiting for the next bytes.
@@ -79,36 +78,33 @@ impl FrameReader {
             }
             match self.decoder.decode(&mut self.buf[self.start..])? {
                 Decoded::Frame(header) => {
-                    self.handed_out = header.frame_len();
+                    // Consumed now; the payload stays in place until the next call.
                     let at = self.start;
+                    self.start += header.frame_len();
                     return Ok(Frame {
                         fin: header.fin,
                         opcode: header.opcode,
                         payload: &self.buf[at + header.payload_offset..at + header.frame_len()],
                     });
                 }
-                Decoded::Incomplete { frame_len } => self.fill(stream, frame_len).await?,
+                Decoded::Incomplete { frame_len } => self.fill(frame_len).await?,
             }
         }
     }
 
     /// Waits for bytes and appends what arrived, reading at least the rest of the frame whose
     /// length is known.
-    async fn fill(
-        &mut self,
-        stream: &mut ReadHalf<'_>,
-        frame_len: Option<usize>,
-    ) -> io::Result<()> {
+    async fn fill(&mut self, frame_len: Option<usize>) -> io::Result<()> {
         if self.start > 0 {
             self.buf.drain(..self.start);
             self.start = 0;
         }
         let missing = frame_len.map_or(0, |len| len.saturating_sub(self.buf.len()));
         loop {
-            readable(stream).await?;
+            readable(&mut self.stream).await?;
             // Only now, with bytes waiting, is there a buffer to read them into.
             self.buf.reserve_exact(missing.max(READ_CHUNK));
-            match stream.try_read_buf(&mut self.buf) {
+            match self.stream.try_read_buf(&mut self.buf) {
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
                 Ok(_) => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -169,16 +165,16 @@ mod tests {
     #[tokio::test]
     async fn early_bytes_come_first_and_the_buffer_is_freed_when_consumed() {
         let (mut client, mut server) = pair().await;
-        let (mut read, _write) = server.split();
+        let (read, _write) = server.split();
         let mut early = frame(true, 0x1, b"early");
         early.extend_from_slice(&frame(true, 0x1, b"split")[..3]);
-        let mut reader = FrameReader::new(&early, 1024);
-        assert_eq!(reader.next(&mut read).await.unwrap().payload, b"early");
+        let mut reader = FrameReader::new(read, &early, 1024);
+        assert_eq!(reader.next().await.unwrap().payload, b"early");
         client
             .write_all(&frame(true, 0x1, b"split")[3..])
             .await
             .unwrap();
-        assert_eq!(reader.next(&mut read).await.unwrap().payload, b"split");
+        assert_eq!(reader.next().await.unwrap().payload, b"split");
 
         // A frame in many small writes, then two in one.
         let bytes = frame(true, 0x9, &[7; 100]);
@@ -192,35 +188,31 @@ mod tests {
             client.write_all(&two).await.unwrap();
         };
         let reads = async {
-            let ping = reader.next(&mut read).await.unwrap();
+            let ping = reader.next().await.unwrap();
             assert_eq!((ping.opcode, ping.payload), (Opcode::Ping, &[7; 100][..]));
-            assert_eq!(reader.next(&mut read).await.unwrap().payload, b"a");
-            let last = reader.next(&mut read).await.unwrap();
+            assert_eq!(reader.next().await.unwrap().payload, b"a");
+            let last = reader.next().await.unwrap();
             assert_eq!((last.opcode, last.fin), (Opcode::Continuation, true));
         };
         tokio::join!(writes, reads);
         // Idle again: the next read waits with nothing allocated.
-        let waiting =
-            tokio::time::timeout(std::time::Duration::from_millis(20), reader.next(&mut read));
+        let waiting = tokio::time::timeout(std::time::Duration::from_millis(20), reader.next());
         assert!(waiting.await.is_err());
         assert_eq!(reader.buffered_capacity(), 0);
         drop(client);
-        assert!(matches!(
-            reader.next(&mut read).await,
-            Err(ReadError::Gone(_))
-        ));
+        assert!(matches!(reader.next().await, Err(ReadError::Gone(_))));
     }
 
     #[tokio::test]
     async fn a_broken_rule_is_a_protocol_error() {
         let (mut client, mut server) = pair().await;
-        let (mut read, _write) = server.split();
-        let mut reader = FrameReader::new(&[], 1024);
+        let (read, _write) = server.split();
+        let mut reader = FrameReader::new(read, &[], 1024);
         client
             .write_all(&frame(true, 0x0, b"orphan"))
             .await
             .unwrap();
-        let Err(ReadError::Protocol(e)) = reader.next(&mut read).await else {
+        let Err(ReadError::Protocol(e)) = reader.next().await else {
             panic!("expected a protocol error");
         };
         assert_eq!(e.code, 1002);

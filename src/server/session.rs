@@ -9,10 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use fastwebsockets::upgrade::UpgradeFut;
+use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-use tokio::net::tcp::ReadHalf;
 use tokio::time::Instant;
 use tracing::{debug, error};
 
@@ -41,46 +40,52 @@ pub struct Params {
 }
 
 /// Runs one connection from the completed upgrade to the closed socket.
-pub async fn run(node: Arc<Node>, upgrade: UpgradeFut, params: Params, slot: ConnSlot) {
+pub fn run(
+    node: Arc<Node>,
+    upgrade: OnUpgrade,
+    params: Params,
+    slot: ConnSlot,
+) -> impl Future<Output = ()> {
+    // An async fn keeps its arguments for its whole life: boxed, `params` costs a pointer
+    // there rather than its size, in every connection's task.
+    serve(node, upgrade, Box::new(params), slot)
+}
+
+async fn serve(node: Arc<Node>, upgrade: OnUpgrade, params: Box<Params>, slot: ConnSlot) {
     let _slot = slot;
     let upgraded = match upgrade.await {
-        Ok(ws) => ws.into_inner().into_inner(),
+        Ok(upgraded) => upgraded,
         Err(e) => {
             debug!(error = %e, "websocket upgrade did not complete");
             return;
         }
     };
-    // The server only ever serves `TokioIo<TcpStream>`, so the downcast cannot fail; taking
-    // the raw stream back frees hyper's connection buffers.
-    let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
+    let Some((mut stream, early)) = take_stream(upgraded) else {
         error!("upgraded connection is not a TCP stream");
         return;
     };
     let _open = OpenSession::new(&node.metrics);
-    let mut stream = parts.io.into_inner();
-    // Bytes the client sent right after its handshake: copied out so hyper's buffer is freed.
-    let mut reader = FrameReader::new(&parts.read_buf, node.config.limits.max_frame_bytes);
-    drop(parts.read_buf);
+    let (read_half, mut write_half) = stream.split();
+    let mut reader = FrameReader::new(read_half, &early, node.config.limits.max_frame_bytes);
+    // Copied into the reader: hyper's read buffer is freed now.
+    drop(early);
 
     let conn = node.next_conn_id();
     let outbox = Arc::new(Outbox::new(node.config.limits.max_queued_frames));
+    // Moved out in a block of its own, so the box is freed now rather than at the end.
+    let params = {
+        let boxed = params;
+        *boxed
+    };
     let mut session = Session::new(node.clone(), conn, params, outbox.clone());
     // Boxed: joining may await the transport, and that state would otherwise be part of
     // every idle connection's task.
     let starting = Box::pin(session.start());
     starting.await;
 
-    let (mut read_half, mut write_half) = stream.split();
     let liveness = Liveness::new();
-    let mut reading = std::pin::pin!(session.read_loop(&mut reader, &mut read_half, &liveness));
-    let mut writing = std::pin::pin!(writer::run(
-        &mut write_half,
-        &outbox,
-        &node.config.limits,
-        &liveness,
-        &node.shutdown,
-        &node.metrics,
-    ));
+    let mut reading = std::pin::pin!(session.read_loop(&mut reader, &liveness));
+    let mut writing = std::pin::pin!(writer::run(&mut write_half, &outbox, &liveness, &node));
     let end = tokio::select! {
         end = &mut reading => {
             if let ReadEnd::Close(code, reason) = end {
@@ -103,6 +108,14 @@ pub async fn run(node: Arc<Node>, upgrade: UpgradeFut, params: Params, slot: Con
         }
     };
     debug!(conn = %conn, end, "connection closed");
+}
+
+/// The raw stream back from hyper, and the bytes hyper read past the handshake. The server only
+/// ever serves `TokioIo<TcpStream>`, so the downcast cannot fail. Not async, so that hyper's
+/// parts are no part of the session's state.
+fn take_stream(upgraded: Upgraded) -> Option<(TcpStream, Bytes)> {
+    let parts = upgraded.downcast::<TokioIo<TcpStream>>().ok()?;
+    Some((parts.io.into_inner(), parts.read_buf))
 }
 
 /// How the reader ended.
@@ -168,15 +181,10 @@ impl Session {
         self.reply(native::error_frame(err));
     }
 
-    async fn read_loop(
-        &mut self,
-        reader: &mut FrameReader,
-        stream: &mut ReadHalf<'_>,
-        liveness: &Liveness,
-    ) -> ReadEnd {
+    async fn read_loop(&mut self, reader: &mut FrameReader<'_>, liveness: &Liveness) -> ReadEnd {
         let mut message = Assembler::default();
         loop {
-            let frame = match reader.next(stream).await {
+            let frame = match reader.next().await {
                 Ok(frame) => frame,
                 Err(e) => return read_error(e),
             };
