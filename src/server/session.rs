@@ -51,6 +51,9 @@ pub fn run(
     serve(node, upgrade, Box::new(params), slot)
 }
 
+/// [`run`] itself. Its future is allocated whole for every connection and idle connections
+/// are the many, so whatever a session needs only briefly (joining, handling a request, the
+/// close handshake) is boxed while it runs.
 async fn serve(node: Arc<Node>, upgrade: OnUpgrade, params: Box<Params>, slot: ConnSlot) {
     let _slot = slot;
     let upgraded = match upgrade.await {
