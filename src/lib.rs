@@ -3,8 +3,9 @@
 //! Module map, in the order a message travels:
 //! - [`server`]: listener, HTTP routing (`/ws`, `/healthz`, `/readyz`, `/metrics`), one
 //!   task per WebSocket session (a reader and the one writer), graceful shutdown.
-//! - [`protocol`]: wire formats. `native` decodes client frames and encodes server frames
-//!   once; `ws` builds whole WebSocket frames as shared `Bytes`.
+//! - [`protocol`]: wire formats. `frame` decodes and checks the WebSocket frames clients
+//!   send; `native` decodes client requests and encodes server frames once; `ws` builds whole
+//!   WebSocket frames as shared `Bytes`.
 //! - [`transport`]: the one delivery path. `publish` assigns a room's next id and hands the
 //!   encoded frame to the hub of every node with members in the room.
 //! - [`hub`]: rooms to local members; `deliver` queues the same bytes for each member.

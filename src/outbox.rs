@@ -51,8 +51,10 @@ struct State {
 }
 
 /// Slots reserved up front, so that delivering to a connection allocates nothing until a
-/// burst outgrows them (the writer swaps two queues, so both keep their capacity).
-const INITIAL_SLOTS: usize = 8;
+/// burst outgrows them (when the writer takes the queue, it gives the outbox fresh slots from
+/// its side). Four slots are 128 bytes of every idle connection; a longer burst between two
+/// writer rounds grows the queue once.
+const INITIAL_SLOTS: usize = 4;
 
 impl Outbox {
     /// An empty outbox holding at most `max_frames` frames.

@@ -114,6 +114,42 @@ async fn protocol_errors_are_closed_with_1002() {
 }
 
 #[tokio::test]
+async fn unmasked_and_oversized_control_frames_are_closed_with_1002() {
+    let server = start(config()).await;
+    let mut c = raw(server.addr).await;
+    c.stream.write_all(&[0x81, 0x02, b'h', b'i']).await.unwrap();
+    assert_eq!(c.close_code().await, 1002);
+
+    let mut c = raw(server.addr).await;
+    c.send_frame(true, PING, &[b'p'; 126]).await;
+    assert_eq!(c.close_code().await, 1002);
+}
+
+#[tokio::test]
+async fn a_frame_sent_with_the_handshake_is_read() {
+    let server = start(config()).await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    // The request and a ping in one write: the server reads both at once.
+    let mut bytes = b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+        Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        .to_vec();
+    bytes.extend_from_slice(&common::encode_frame(true, PING, b"early"));
+    stream.write_all(&bytes).await.unwrap();
+    let pong = [0x8A, 5, b'e', b'a', b'r', b'l', b'y'];
+    let mut received = Vec::new();
+    while !received.windows(pong.len()).any(|w| w == pong) {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(WAIT, stream.read(&mut chunk))
+            .await
+            .expect("the pong in time")
+            .unwrap();
+        assert!(n > 0, "server closed before answering the ping");
+        received.extend_from_slice(&chunk[..n]);
+    }
+    assert!(received.starts_with(b"HTTP/1.1 101"));
+}
+
+#[tokio::test]
 async fn client_close_is_echoed() {
     let server = start(config()).await;
     let mut c = raw(server.addr).await;

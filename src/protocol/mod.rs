@@ -1,7 +1,9 @@
-//! Wire formats. `native` is scalechat's JSON protocol v1 (docs/protocol.md); `ws` builds the
-//! WebSocket frames the server sends. Names shared by every codec live here: room and user
+//! Wire formats. `native` is scalechat's JSON protocol v1 (docs/protocol.md); `frame` decodes
+//! and checks the WebSocket frames clients send; `ws` builds the WebSocket frames the server
+//! sends. Names shared by every codec live here: room and user
 //! names, and the stable error codes a client sees.
 
+pub mod frame;
 pub mod native;
 pub mod ws;
 

@@ -1,7 +1,7 @@
 //! Server-to-client WebSocket frames, built whole: header and payload in one `Bytes`.
 //!
 //! Server frames are never masked, so one encoded frame is valid for every recipient and is
-//! shared by reference count. Reading frames is fastwebsockets' job (`server::session`).
+//! shared by reference count. Client frames are decoded by [`frame`](super::frame).
 
 use bytes::{BufMut, Bytes, BytesMut};
 

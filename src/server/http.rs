@@ -211,8 +211,12 @@ fn websocket(node: Arc<Node>, peer: SocketAddr, mut req: Request<Incoming>) -> R
         return res;
     };
     slot._ip = Some(ip_slot);
-    let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
-        Ok(pair) => pair,
+    // hyper's upgrade is taken first, so fastwebsockets only checks the request and builds the
+    // 101 response: awaiting its upgrade future would build a `WebSocket` (with an 8 KiB read
+    // buffer) only for the session to take the raw stream back out of it.
+    let upgrade = hyper::upgrade::on(&mut req);
+    let response = match fastwebsockets::upgrade::upgrade(&mut req) {
+        Ok((response, _)) => response,
         Err(e) => {
             refuse(Refusal::BadRequest);
             return owned_text(StatusCode::BAD_REQUEST, format!("{e}\n"));

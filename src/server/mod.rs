@@ -1,12 +1,14 @@
 //! The server: the listener and accept loop, the shared [`Node`] state, and shutdown.
 //!
 //! `http` routes each request (health, readiness, the WebSocket upgrade); `session` runs one
-//! upgraded WebSocket connection. Shutdown: the token is cancelled, the accept loop stops,
-//! HTTP connections end gracefully, every session sends Close 1001, and [`Server::run`] waits
-//! for them up to `shutdown_grace_secs`.
+//! upgraded WebSocket connection, `reader` reading its frames and `writer` writing them.
+//! Shutdown: the token is cancelled, the accept loop stops, HTTP connections end gracefully,
+//! every session sends Close 1001, and [`Server::run`] waits for them up to
+//! `shutdown_grace_secs`.
 
 mod guard;
 mod http;
+mod reader;
 mod session;
 mod writer;
 

@@ -1,31 +1,28 @@
 //! One WebSocket connection: the reader loop, request handling, and the session's lifetime.
 //!
-//! The socket is split: this reader (fastwebsockets' frame parser, which is not cancel-safe,
-//! so it is never raced against anything it could lose to and then resumed) and the
-//! [`writer`](super::writer), the only code that writes. Both run in the session's one task.
-//! Replies and chat messages reach the writer through the connection's [`Outbox`].
+//! The socket is split: this reader (frames from [`FrameReader`], which holds no buffer while
+//! the connection is idle) and the [`writer`](super::writer), the only code that writes. Both
+//! run in the session's one task. Replies and chat messages reach the writer through the
+//! connection's [`Outbox`].
 
-use std::convert::Infallible;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::{Buf, Bytes};
-use fastwebsockets::upgrade::UpgradeFut;
-use fastwebsockets::{CloseCode, Frame, OpCode, Role, WebSocketError, WebSocketRead};
+use bytes::Bytes;
+use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, error};
 
+use super::reader::{FrameReader, ReadError};
 use super::writer::{self, Liveness, WriteEnd};
 use super::{ConnSlot, Node};
 use crate::config::Reloadable;
 use crate::hub::ConnId;
 use crate::metrics::OpenSession;
 use crate::outbox::{Outbox, Refused};
+use crate::protocol::frame::{self, Opcode};
 use crate::protocol::native::{self, MessageTemplate, Reply, Request, Since};
 use crate::protocol::ws::close_code;
 use crate::protocol::{ErrorCode, ProtocolError, RoomName};
@@ -46,65 +43,66 @@ pub struct Params {
 }
 
 /// Runs one connection from the completed upgrade to the closed socket.
-pub async fn run(node: Arc<Node>, upgrade: UpgradeFut, params: Params, slot: ConnSlot) {
+pub fn run(
+    node: Arc<Node>,
+    upgrade: OnUpgrade,
+    params: Params,
+    slot: ConnSlot,
+) -> impl Future<Output = ()> {
+    // An async fn keeps its arguments for its whole life: boxed, `params` costs a pointer
+    // there rather than its size, in every connection's task.
+    serve(node, upgrade, Box::new(params), slot)
+}
+
+/// [`run`] itself. Its future is allocated whole for every connection and idle connections
+/// are the many, so whatever a session needs only briefly (joining, handling a request, the
+/// close handshake) is boxed while it runs.
+async fn serve(node: Arc<Node>, upgrade: OnUpgrade, params: Box<Params>, slot: ConnSlot) {
     let _slot = slot;
     let upgraded = match upgrade.await {
-        Ok(ws) => ws.into_inner().into_inner(),
+        Ok(upgraded) => upgraded,
         Err(e) => {
             debug!(error = %e, "websocket upgrade did not complete");
             return;
         }
     };
-    // The server only ever serves `TokioIo<TcpStream>`, so the downcast cannot fail; taking
-    // the raw stream back frees hyper's connection buffers.
-    let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
+    let Some((mut stream, early)) = take_stream(upgraded) else {
         error!("upgraded connection is not a TCP stream");
         return;
     };
     let _open = OpenSession::new(&node.metrics);
-    let mut stream = parts.io.into_inner();
-    // Bytes the client sent right after its handshake: copied out so hyper's buffer is freed.
-    let early = Bytes::copy_from_slice(&parts.read_buf);
-    drop(parts.read_buf);
-
-    let conn = node.next_conn_id();
+    let (read_half, mut write_half) = stream.split();
     // Frame size, queue and ping limits are fixed for the connection's life; the message
     // limits follow a reload (see `Session::refresh_limits`).
-    let live = node.live();
-    let outbox = Arc::new(Outbox::new(live.limits.max_queued_frames));
-    let mut session = Session::new(node.clone(), conn, params, outbox.clone());
-    session.start().await;
+    let limits = node.live();
+    let mut reader = FrameReader::new(read_half, &early, limits.limits.max_frame_bytes);
+    // Copied into the reader: hyper's read buffer is freed now.
+    drop(early);
 
-    let (read_half, mut write_half) = stream.split();
-    let (mut reader, _) = fastwebsockets::after_handshake_split(
-        Early {
-            bytes: early,
-            inner: read_half,
-        },
-        tokio::io::sink(),
-        Role::Server,
-    );
-    reader.set_auto_close(false);
-    reader.set_auto_pong(false);
-    // fastwebsockets refuses frames of at least this size.
-    reader.set_max_message_size(live.limits.max_frame_bytes + 1);
+    let conn = node.next_conn_id();
+    let outbox = Arc::new(Outbox::new(limits.limits.max_queued_frames));
+    drop(limits);
+    // Moved out in a block of its own, so the box is freed now rather than at the end.
+    let params = {
+        let boxed = params;
+        *boxed
+    };
+    let mut session = Session::new(node.clone(), conn, params, outbox.clone());
+    // Boxed: joining may await the transport, and that state would otherwise be part of
+    // every idle connection's task.
+    let starting = Box::pin(session.start());
+    starting.await;
 
     let liveness = Liveness::new();
-    let reading = session.read_loop(&mut reader, &liveness);
-    let writing = writer::run(
-        &mut write_half,
-        &outbox,
-        &live.limits,
-        &liveness,
-        &node.shutdown,
-        &node.metrics,
-    );
-    tokio::pin!(reading, writing);
+    let mut reading = std::pin::pin!(session.read_loop(&mut reader, &liveness));
+    let mut writing = std::pin::pin!(writer::run(&mut write_half, &outbox, &liveness, &node));
     let end = tokio::select! {
         end = &mut reading => {
             if let ReadEnd::Close(code, reason) = end {
                 outbox.close(code, reason, true);
-                let _ = tokio::time::timeout(CLOSE_TIMEOUT, &mut writing).await;
+                // Boxed, as the timeout below: a timer needed only at the close need not be
+                // part of every idle connection's task.
+                let _ = Box::pin(tokio::time::timeout(CLOSE_TIMEOUT, &mut writing)).await;
             }
             format!("{end:?}")
         }
@@ -113,14 +111,21 @@ pub async fn run(node: Arc<Node>, upgrade: UpgradeFut, params: Params, slot: Con
                 debug!(conn = %conn, error = %e, "write failed");
             }
             if let WriteEnd::Closed { await_peer: true } = end {
-                // The reader is dropped after this, never resumed: its lack of cancel safety
-                // cannot lose a frame that matters.
-                let _ = tokio::time::timeout(CLOSE_TIMEOUT, &mut reading).await;
+                // Only the peer's close frame is still of interest; the reader is dropped after.
+                let _ = Box::pin(tokio::time::timeout(CLOSE_TIMEOUT, &mut reading)).await;
             }
             format!("{end:?}")
         }
     };
     debug!(conn = %conn, end, "connection closed");
+}
+
+/// The raw stream back from hyper, and the bytes hyper read past the handshake. The server only
+/// ever serves `TokioIo<TcpStream>`, so the downcast cannot fail. Not async, so that hyper's
+/// parts are no part of the session's state.
+fn take_stream(upgraded: Upgraded) -> Option<(TcpStream, Bytes)> {
+    let parts = upgraded.downcast::<TokioIo<TcpStream>>().ok()?;
+    Some((parts.io.into_inner(), parts.read_buf))
 }
 
 /// How the reader ended.
@@ -196,39 +201,35 @@ impl Session {
         self.reply(native::error_frame(err));
     }
 
-    async fn read_loop<R: AsyncRead + Unpin>(
-        &mut self,
-        ws: &mut WebSocketRead<R>,
-        liveness: &Liveness,
-    ) -> ReadEnd {
-        let mut message = Assembler::new(self.live.limits.max_frame_bytes);
-        // With auto-close and auto-pong off, fastwebsockets has nothing to send itself.
-        let mut no_send = |_: Frame<'_>| std::future::ready(Ok::<(), Infallible>(()));
+    async fn read_loop(&mut self, reader: &mut FrameReader<'_>, liveness: &Liveness) -> ReadEnd {
+        let mut message = Assembler::default();
         loop {
-            let frame = match ws.read_frame(&mut no_send).await {
+            let frame = match reader.next().await {
                 Ok(frame) => frame,
                 Err(e) => return read_error(e),
             };
             liveness.touch();
+            // The decoder checked the frame order, sizes, UTF-8 and close payloads.
             match frame.opcode {
-                OpCode::Close => return peer_close(&frame.payload),
-                OpCode::Ping => self.reply(crate::protocol::ws::pong(&frame.payload)),
-                OpCode::Pong => {}
-                OpCode::Text if frame.fin && !message.started() => {
-                    // Whole text frames were checked for UTF-8 by fastwebsockets.
-                    self.handle(&frame.payload).await;
-                }
-                OpCode::Binary => {
+                Opcode::Close => return peer_close(frame.payload),
+                Opcode::Ping => self.reply(crate::protocol::ws::pong(frame.payload)),
+                Opcode::Pong => {}
+                Opcode::Binary => {
                     return ReadEnd::Close(
                         close_code::UNSUPPORTED_DATA,
                         "binary messages are not supported; send JSON text",
                     );
                 }
-                OpCode::Text | OpCode::Continuation => {
-                    match message.push(frame.opcode, frame.fin, &frame.payload) {
-                        Ok(None) => {}
-                        Ok(Some(text)) => self.handle(&text).await,
-                        Err(end) => return end,
+                // Boxed: request handling may await the transport, and that state would
+                // otherwise be part of every idle connection's task.
+                Opcode::Text if frame.fin => {
+                    let handling = Box::pin(self.handle(frame.payload));
+                    handling.await;
+                }
+                Opcode::Text | Opcode::Continuation => {
+                    if let Some(text) = message.push(frame.payload, frame.fin) {
+                        let handling = Box::pin(self.handle(&text));
+                        handling.await;
                     }
                 }
             }
@@ -486,93 +487,32 @@ impl Drop for Memberships {
     }
 }
 
-fn read_error(e: WebSocketError) -> ReadEnd {
-    use WebSocketError as E;
+fn read_error(e: ReadError) -> ReadEnd {
     match e {
-        E::FrameTooLarge => ReadEnd::Close(close_code::MESSAGE_TOO_BIG, "frame too large"),
-        E::InvalidUTF8 => ReadEnd::Close(close_code::INVALID_DATA, "text is not valid UTF-8"),
-        E::UnexpectedEOF | E::IoError(_) | E::ConnectionClosed => ReadEnd::Gone,
-        _ => ReadEnd::Close(close_code::PROTOCOL_ERROR, "websocket protocol error"),
+        ReadError::Gone(_) => ReadEnd::Gone,
+        ReadError::Protocol(e) => ReadEnd::Close(e.code, e.reason),
     }
 }
 
 /// The answer to the peer's close frame: its code echoed, or a protocol error.
 fn peer_close(payload: &[u8]) -> ReadEnd {
-    match payload.len() {
-        0 => ReadEnd::Close(close_code::NORMAL, ""),
-        1 => ReadEnd::Close(close_code::PROTOCOL_ERROR, "malformed close frame"),
-        _ => {
-            let code = u16::from_be_bytes([payload[0], payload[1]]);
-            if !CloseCode::from(code).is_allowed() {
-                ReadEnd::Close(close_code::PROTOCOL_ERROR, "invalid close code")
-            } else if std::str::from_utf8(&payload[2..]).is_err() {
-                ReadEnd::Close(close_code::INVALID_DATA, "close reason is not valid UTF-8")
-            } else {
-                ReadEnd::Close(code, "")
-            }
-        }
+    match frame::close_code(payload) {
+        Ok(code) => ReadEnd::Close(code.unwrap_or(close_code::NORMAL), ""),
+        Err(e) => ReadEnd::Close(e.code, e.reason),
     }
 }
 
-/// Collects a fragmented message, capping its total size (fastwebsockets caps frames only).
+/// Collects a fragmented text message (the decoder has checked its order, size and UTF-8).
+#[derive(Default)]
 struct Assembler {
-    buf: Option<Vec<u8>>,
-    max_bytes: usize,
+    buf: Vec<u8>,
 }
 
 impl Assembler {
-    fn new(max_bytes: usize) -> Self {
-        Self {
-            buf: None,
-            max_bytes,
-        }
-    }
-
-    fn started(&self) -> bool {
-        self.buf.is_some()
-    }
-
-    /// Adds a text or continuation frame; returns the whole text once the last one arrives.
-    fn push(
-        &mut self,
-        opcode: OpCode,
-        fin: bool,
-        payload: &[u8],
-    ) -> Result<Option<Vec<u8>>, ReadEnd> {
-        let buf = match (opcode, self.buf.as_mut()) {
-            (OpCode::Text, None) => self.buf.insert(Vec::new()),
-            (OpCode::Continuation, Some(buf)) => buf,
-            (OpCode::Text, Some(_)) => {
-                return Err(ReadEnd::Close(
-                    close_code::PROTOCOL_ERROR,
-                    "new message before the fragmented one ended",
-                ));
-            }
-            _ => {
-                return Err(ReadEnd::Close(
-                    close_code::PROTOCOL_ERROR,
-                    "continuation frame without a message",
-                ));
-            }
-        };
-        if buf.len() + payload.len() > self.max_bytes {
-            return Err(ReadEnd::Close(
-                close_code::MESSAGE_TOO_BIG,
-                "message too large",
-            ));
-        }
-        buf.extend_from_slice(payload);
-        if !fin {
-            return Ok(None);
-        }
-        let text = self.buf.take().unwrap_or_default();
-        if std::str::from_utf8(&text).is_err() {
-            return Err(ReadEnd::Close(
-                close_code::INVALID_DATA,
-                "text is not valid UTF-8",
-            ));
-        }
-        Ok(Some(text))
+    /// Adds a fragment; returns the whole text once the last one arrives.
+    fn push(&mut self, payload: &[u8], fin: bool) -> Option<Vec<u8>> {
+        self.buf.extend_from_slice(payload);
+        fin.then(|| std::mem::take(&mut self.buf))
     }
 }
 
@@ -615,28 +555,6 @@ impl TokenBucket {
     }
 }
 
-/// The read half with the bytes hyper had already read past the handshake in front.
-struct Early<R> {
-    bytes: Bytes,
-    inner: R,
-}
-
-impl<R: AsyncRead + Unpin> AsyncRead for Early<R> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        if self.bytes.is_empty() {
-            return Pin::new(&mut self.inner).poll_read(cx, buf);
-        }
-        let n = self.bytes.len().min(buf.remaining());
-        buf.put_slice(&self.bytes[..n]);
-        self.bytes.advance(n);
-        Poll::Ready(Ok(()))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -654,30 +572,11 @@ mod tests {
     }
 
     #[test]
-    fn assembler_caps_the_total_and_checks_utf8_at_the_end() {
-        let mut a = Assembler::new(10);
-        assert!(matches!(a.push(OpCode::Text, false, b"12345"), Ok(None)));
-        assert!(matches!(
-            a.push(OpCode::Continuation, false, b"123456"),
-            Err(ReadEnd::Close(close_code::MESSAGE_TOO_BIG, _))
-        ));
-        let mut a = Assembler::new(10);
-        a.push(OpCode::Text, false, b"\xC3").unwrap();
-        assert_eq!(
-            a.push(OpCode::Continuation, true, b"\xA9")
-                .unwrap()
-                .unwrap(),
-            "é".as_bytes()
-        );
-        a.push(OpCode::Text, false, b"\xC3").unwrap();
-        assert!(matches!(
-            a.push(OpCode::Continuation, true, b"x"),
-            Err(ReadEnd::Close(close_code::INVALID_DATA, _))
-        ));
-        assert!(matches!(
-            Assembler::new(10).push(OpCode::Continuation, true, b"x"),
-            Err(ReadEnd::Close(close_code::PROTOCOL_ERROR, _))
-        ));
+    fn assembler_joins_fragments_and_starts_over() {
+        let mut a = Assembler::default();
+        assert_eq!(a.push(b"\xC3", false), None);
+        assert_eq!(a.push(b"\xA9", true).unwrap(), "é".as_bytes());
+        assert_eq!(a.push(b"x", true).unwrap(), b"x");
     }
 
     #[test]

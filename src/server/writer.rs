@@ -4,14 +4,15 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWrite;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
+use super::Node;
 use crate::config::LimitsConfig;
 use crate::metrics::Metrics;
 use crate::outbox::{Next, Outbox};
@@ -64,16 +65,16 @@ pub enum WriteEnd {
     Failed(io::Error),
 }
 
-/// Runs the writer until the close frame is sent or the socket fails.
+/// Runs the writer until the close frame is sent or the socket fails. `node` gives the limits,
+/// the shutdown token and the metrics.
 pub async fn run<W: AsyncWrite + Unpin>(
     socket: &mut W,
     outbox: &Outbox,
-    limits: &LimitsConfig,
     liveness: &Liveness,
-    shutdown: &CancellationToken,
-    metrics: &Metrics,
+    node: &Node,
 ) -> WriteEnd {
-    let stall = Duration::from_secs(limits.ping_timeout_secs);
+    let live = node.live();
+    let (limits, shutdown, metrics) = (&live.limits, &node.shutdown, &*node.metrics);
     let mut pinger = Pinger::new(
         Duration::from_secs(limits.ping_interval_secs),
         Duration::from_secs(limits.ping_timeout_secs),
@@ -89,7 +90,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
         match pinger.poll(Instant::now(), liveness) {
             Ping::Send => {
                 let mut ping = VecDeque::from([ws::ping(b"")]);
-                if let Err(e) = write_batch(socket, &mut ping, stall, metrics).await {
+                if let Err(e) = write_batch(socket, &mut ping, limits, metrics).await {
                     return WriteEnd::Failed(e);
                 }
             }
@@ -99,26 +100,31 @@ pub async fn run<W: AsyncWrite + Unpin>(
             }
             Ping::Wait => {}
         }
+        // Decided before any await, so that `Next` is not held in the idle state.
         let close = match outbox.take(&mut batch) {
-            Next::Frames => false,
+            Next::Frames => Some(false),
             Next::Close(frame) => {
                 // A close frame from `ws::close`: two header bytes, then the code.
                 if let Some(code) = frame.get(2..4) {
                     metrics.close_code(u16::from_be_bytes([code[0], code[1]]));
                 }
                 batch.push_back(frame);
-                true
+                Some(true)
             }
-            Next::Idle => {
-                tokio::select! {
-                    _ = outbox.wait() => {}
-                    _ = shutdown.cancelled() => {}
-                    _ = tokio::time::sleep_until(pinger.deadline()) => {}
-                }
-                continue;
-            }
+            Next::Idle => None,
         };
-        if let Err(e) = write_batch(socket, &mut batch, stall, metrics).await {
+        let Some(close) = close else {
+            // An idle connection keeps no batch storage; the queue keeps its slots, so
+            // deliveries still never allocate (the next `take` gives it slots again).
+            batch = VecDeque::new();
+            tokio::select! {
+                _ = outbox.wait() => {}
+                _ = shutdown.cancelled() => {}
+                _ = tokio::time::sleep_until(pinger.deadline()) => {}
+            }
+            continue;
+        };
+        if let Err(e) = write_batch(socket, &mut batch, limits, metrics).await {
             return WriteEnd::Failed(e);
         }
         if close {
@@ -130,23 +136,18 @@ pub async fn run<W: AsyncWrite + Unpin>(
 }
 
 /// Writes every frame of `batch`, as few `writev` calls as the socket allows. A write that
-/// makes no progress for `stall` fails: the peer has stopped reading.
+/// makes no progress for `ping_timeout_secs` fails: the peer has stopped reading.
 async fn write_batch<W: AsyncWrite + Unpin>(
     socket: &mut W,
     batch: &mut VecDeque<Bytes>,
-    stall: Duration,
+    limits: &LimitsConfig,
     metrics: &Metrics,
 ) -> io::Result<()> {
+    let stall = Duration::from_secs(limits.ping_timeout_secs);
     while !batch.is_empty() {
-        let mut iov = [IoSlice::new(&[]); MAX_IOV];
-        let mut n = 0;
-        for (slot, frame) in iov.iter_mut().zip(batch.iter()) {
-            *slot = IoSlice::new(frame);
-            n += 1;
-        }
         let written = tokio::select! {
             biased;
-            r = socket.write_vectored(&iov[..n]) => r?,
+            r = write_vectored(socket, batch) => r?,
             _ = tokio::time::sleep(stall) => {
                 return Err(io::Error::new(io::ErrorKind::TimedOut, "peer stopped reading"));
             }
@@ -158,6 +159,23 @@ async fn write_batch<W: AsyncWrite + Unpin>(
         consume(batch, written);
     }
     Ok(())
+}
+
+/// One `writev` of up to [`MAX_IOV`] frames from the front of `batch`. The slice list is built
+/// on each poll, so it is not part of the connection's idle state.
+fn write_vectored<'a, W: AsyncWrite + Unpin>(
+    socket: &'a mut W,
+    batch: &'a VecDeque<Bytes>,
+) -> impl Future<Output = io::Result<usize>> + 'a {
+    std::future::poll_fn(move |cx| {
+        let mut iov = [IoSlice::new(&[]); MAX_IOV];
+        let mut n = 0;
+        for (slot, frame) in iov.iter_mut().zip(batch.iter()) {
+            *slot = IoSlice::new(frame);
+            n += 1;
+        }
+        Pin::new(&mut *socket).poll_write_vectored(cx, &iov[..n])
+    })
 }
 
 /// Drops the first `n` written bytes from the front of `batch`.

@@ -1,0 +1,617 @@
+//! Client-to-server WebSocket frames (RFC 6455 section 5): the header parser and the rules a
+//! sequence of frames must follow, as plain functions over bytes with no I/O.
+//!
+//! [`Decoder::decode`] takes the bytes received so far and answers "need more bytes", or one
+//! whole frame (its payload unmasked in place), or the close code and reason that fail the
+//! connection. Every rule is checked as early as the bytes allow: a header is refused before
+//! its payload arrives, invalid UTF-8 in a fragmented text message as soon as the fragment that
+//! holds it is complete. No extension is negotiated, so the RSV bits must be clear.
+
+use crate::protocol::ws::close_code;
+
+/// A frame's opcode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opcode {
+    /// The next fragment of a text or binary message.
+    Continuation,
+    /// A text message (or its first fragment).
+    Text,
+    /// A binary message (or its first fragment).
+    Binary,
+    /// Close.
+    Close,
+    /// Ping.
+    Ping,
+    /// Pong.
+    Pong,
+}
+
+impl Opcode {
+    fn from_bits(bits: u8) -> Option<Self> {
+        Some(match bits {
+            0x0 => Self::Continuation,
+            0x1 => Self::Text,
+            0x2 => Self::Binary,
+            0x8 => Self::Close,
+            0x9 => Self::Ping,
+            0xA => Self::Pong,
+            _ => return None,
+        })
+    }
+
+    /// Whether this is a control frame (close, ping, pong).
+    pub fn is_control(self) -> bool {
+        matches!(self, Self::Close | Self::Ping | Self::Pong)
+    }
+}
+
+/// A parsed frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// Whether this is the last frame of its message.
+    pub fin: bool,
+    /// The opcode.
+    pub opcode: Opcode,
+    /// The masking key (every client frame is masked).
+    pub mask: [u8; 4],
+    /// Header bytes before the payload.
+    pub payload_offset: usize,
+    /// Payload bytes.
+    pub payload_len: usize,
+}
+
+impl Header {
+    /// Bytes of the whole frame, header and payload.
+    pub fn frame_len(&self) -> usize {
+        self.payload_offset + self.payload_len
+    }
+}
+
+/// A broken rule: the close code and reason that fail the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{reason} (close code {code})")]
+pub struct FrameError {
+    /// The close code to send.
+    pub code: u16,
+    /// The close reason to send.
+    pub reason: &'static str,
+}
+
+const fn protocol(reason: &'static str) -> FrameError {
+    FrameError {
+        code: close_code::PROTOCOL_ERROR,
+        reason,
+    }
+}
+
+const TOO_BIG: FrameError = FrameError {
+    code: close_code::MESSAGE_TOO_BIG,
+    reason: "message too large",
+};
+
+const NOT_UTF8: FrameError = FrameError {
+    code: close_code::INVALID_DATA,
+    reason: "text is not valid UTF-8",
+};
+
+/// Parses the header at the front of `buf`: `Ok(None)` when more bytes are needed. Checks the
+/// rules one header shows on its own; a data payload above `max_payload` is refused with 1009.
+pub fn parse_header(buf: &[u8], max_payload: usize) -> Result<Option<Header>, FrameError> {
+    let Some(&first) = buf.first() else {
+        return Ok(None);
+    };
+    if first & 0x70 != 0 {
+        return Err(protocol("reserved bits set without an extension"));
+    }
+    let opcode = Opcode::from_bits(first & 0x0F).ok_or(protocol("unknown opcode"))?;
+    let fin = first & 0x80 != 0;
+    if opcode.is_control() && !fin {
+        return Err(protocol("fragmented control frame"));
+    }
+    let Some(&second) = buf.get(1) else {
+        return Ok(None);
+    };
+    if second & 0x80 == 0 {
+        return Err(protocol("client frames must be masked"));
+    }
+    let (len, len_bytes) = match second & 0x7F {
+        126 if opcode.is_control() => return Err(protocol("control frame over 125 bytes")),
+        127 if opcode.is_control() => return Err(protocol("control frame over 125 bytes")),
+        126 => match buf.get(2..4) {
+            Some(b) => (u64::from(u16::from_be_bytes([b[0], b[1]])), 2),
+            None => return Ok(None),
+        },
+        127 => match buf.get(2..10) {
+            Some(b) => {
+                let mut be = [0; 8];
+                be.copy_from_slice(b);
+                (u64::from_be_bytes(be), 8)
+            }
+            None => return Ok(None),
+        },
+        n => (u64::from(n), 0),
+    };
+    if len >> 63 != 0 {
+        return Err(protocol("64-bit length with the top bit set"));
+    }
+    let payload_len = match usize::try_from(len) {
+        Ok(n) if n <= max_payload => n,
+        _ => return Err(TOO_BIG),
+    };
+    let mask_at = 2 + len_bytes;
+    let Some(key) = buf.get(mask_at..mask_at + 4) else {
+        return Ok(None);
+    };
+    Ok(Some(Header {
+        fin,
+        opcode,
+        mask: [key[0], key[1], key[2], key[3]],
+        payload_offset: mask_at + 4,
+        payload_len,
+    }))
+}
+
+/// Unmasks `payload` in place (RFC 6455 section 5.3), eight bytes at a time.
+pub fn unmask(payload: &mut [u8], mask: [u8; 4]) {
+    let wide = u64::from_ne_bytes([
+        mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3],
+    ]);
+    let mut chunks = payload.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        let mut word = [0; 8];
+        word.copy_from_slice(chunk);
+        chunk.copy_from_slice(&(u64::from_ne_bytes(word) ^ wide).to_ne_bytes());
+    }
+    // The tail starts at a multiple of 8, so the key lines up from its first byte again.
+    for (byte, key) in chunks.into_remainder().iter_mut().zip(mask.iter().cycle()) {
+        *byte ^= key;
+    }
+}
+
+/// The code of a close frame's payload: `None` when it has none. Refuses a 1-byte payload, a
+/// code no endpoint may send (RFC 6455 section 7.4) with 1002, and a reason that is not UTF-8
+/// with 1007, as for text.
+pub fn close_code(payload: &[u8]) -> Result<Option<u16>, FrameError> {
+    match payload {
+        [] => Ok(None),
+        [_] => Err(protocol("malformed close frame")),
+        [high, low, reason @ ..] => {
+            let code = u16::from_be_bytes([*high, *low]);
+            let allowed = matches!(code, 1000..=1003 | 1007..=1013 | 3000..=4999);
+            if !allowed {
+                Err(protocol("invalid close code"))
+            } else if std::str::from_utf8(reason).is_err() {
+                Err(FrameError {
+                    reason: "close reason is not valid UTF-8",
+                    ..NOT_UTF8
+                })
+            } else {
+                Ok(Some(code))
+            }
+        }
+    }
+}
+
+/// Checks a text message's UTF-8 fragment by fragment: a character may span fragments, so the
+/// bytes of an unfinished one are carried (at most 3).
+#[derive(Debug, Default)]
+struct Utf8 {
+    carry: [u8; 4],
+    carried: u8,
+}
+
+impl Utf8 {
+    fn push(&mut self, mut bytes: &[u8], fin: bool) -> Result<(), FrameError> {
+        if self.carried > 0 {
+            let carried = usize::from(self.carried);
+            let want = match self.carry[0] {
+                0xF0.. => 4,
+                0xE0.. => 3,
+                _ => 2,
+            };
+            let take = (want - carried).min(bytes.len());
+            self.carry[carried..carried + take].copy_from_slice(&bytes[..take]);
+            let carried = carried + take;
+            bytes = &bytes[take..];
+            match std::str::from_utf8(&self.carry[..carried]) {
+                Ok(_) => self.carried = 0,
+                Err(e) if e.error_len().is_some() => return Err(NOT_UTF8),
+                // Still a valid start of a character: `bytes` is used up.
+                Err(_) if fin => return Err(NOT_UTF8),
+                Err(_) => {
+                    self.carried = carried as u8; // at most 3
+                    return Ok(());
+                }
+            }
+        }
+        if let Err(e) = std::str::from_utf8(bytes) {
+            let tail = &bytes[e.valid_up_to()..];
+            if e.error_len().is_some() || fin {
+                return Err(NOT_UTF8);
+            }
+            // An unfinished character at the end: fewer than 4 bytes by definition.
+            self.carry[..tail.len()].copy_from_slice(tail);
+            self.carried = tail.len() as u8;
+        }
+        Ok(())
+    }
+}
+
+/// The data message in progress, when it came in fragments.
+#[derive(Debug)]
+struct Fragmented {
+    len: usize,
+    /// `None` for a binary message.
+    utf8: Option<Utf8>,
+}
+
+/// What [`Decoder::decode`] found at the front of the buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decoded {
+    /// More bytes are needed; `frame_len` is the whole frame's length once its header is known.
+    Incomplete {
+        /// Bytes the whole frame takes, header included, when known.
+        frame_len: Option<usize>,
+    },
+    /// A whole frame, its payload unmasked in place at `payload_offset..frame_len()`.
+    Frame(Header),
+}
+
+/// Decodes a connection's client frames one at a time and checks the rules that span them:
+/// fragments in order, a message's total size, UTF-8 of text, close payloads.
+#[derive(Debug)]
+pub struct Decoder {
+    max_message_bytes: usize,
+    /// The header of the frame whose payload is still arriving (already checked).
+    header: Option<Header>,
+    message: Option<Fragmented>,
+}
+
+impl Decoder {
+    /// A decoder refusing messages, whole or fragmented, above `max_message_bytes` (1009).
+    pub fn new(max_message_bytes: usize) -> Self {
+        Self {
+            max_message_bytes,
+            header: None,
+            message: None,
+        }
+    }
+
+    /// Decodes the frame at the front of `buf`, the bytes received and not yet consumed. After
+    /// [`Decoded::Frame`] the caller drops that frame's bytes before the next call; after
+    /// [`Decoded::Incomplete`] it calls again with the same bytes and more.
+    pub fn decode(&mut self, buf: &mut [u8]) -> Result<Decoded, FrameError> {
+        let header = match self.header {
+            Some(header) => header,
+            None => match parse_header(buf, self.max_message_bytes)? {
+                Some(header) => {
+                    self.check_sequence(&header)?;
+                    self.header = Some(header);
+                    header
+                }
+                None => return Ok(Decoded::Incomplete { frame_len: None }),
+            },
+        };
+        let Some(payload) = buf.get_mut(header.payload_offset..header.frame_len()) else {
+            let frame_len = Some(header.frame_len());
+            return Ok(Decoded::Incomplete { frame_len });
+        };
+        self.header = None;
+        unmask(payload, header.mask);
+        self.check_payload(&header, payload)?;
+        Ok(Decoded::Frame(header))
+    }
+
+    /// The rules a header breaks given the frames before it.
+    fn check_sequence(&mut self, header: &Header) -> Result<(), FrameError> {
+        let text = header.opcode == Opcode::Text;
+        match (header.opcode, self.message.as_mut()) {
+            (Opcode::Text | Opcode::Binary, Some(_)) => {
+                Err(protocol("new message before the fragmented one ended"))
+            }
+            (Opcode::Continuation, None) => Err(protocol("continuation frame without a message")),
+            (Opcode::Continuation, Some(message)) => {
+                message.len += header.payload_len;
+                if message.len > self.max_message_bytes {
+                    return Err(TOO_BIG);
+                }
+                Ok(())
+            }
+            (Opcode::Text | Opcode::Binary, None) if !header.fin => {
+                self.message = Some(Fragmented {
+                    len: header.payload_len,
+                    utf8: text.then(Utf8::default),
+                });
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The rules a whole frame's unmasked payload breaks.
+    fn check_payload(&mut self, header: &Header, payload: &[u8]) -> Result<(), FrameError> {
+        match header.opcode {
+            Opcode::Close => close_code(payload).map(drop),
+            Opcode::Text if header.fin => Utf8::default().push(payload, true),
+            Opcode::Text | Opcode::Continuation => {
+                let result = match self.message.as_mut().and_then(|m| m.utf8.as_mut()) {
+                    Some(utf8) => utf8.push(payload, header.fin),
+                    None => Ok(()),
+                };
+                if header.fin {
+                    self.message = None;
+                }
+                result
+            }
+            Opcode::Binary | Opcode::Ping | Opcode::Pong => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAX: usize = 1024;
+    const KEY: [u8; 4] = [0x37, 0xFA, 0x21, 0x3D];
+
+    /// A masked client frame.
+    fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mut out = vec![u8::from(fin) << 7 | opcode];
+        match payload.len() {
+            n @ 0..=125 => out.push(0x80 | n as u8),
+            n @ 126..=0xFFFF => {
+                out.push(0x80 | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(0x80 | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&KEY);
+        let start = out.len();
+        out.extend_from_slice(payload);
+        unmask(&mut out[start..], KEY);
+        out
+    }
+
+    /// Decodes `frames` back to back; each whole frame's opcode, fin and payload, or the error.
+    fn decode_all(frames: &[Vec<u8>]) -> Result<Vec<(Opcode, bool, Vec<u8>)>, FrameError> {
+        let mut decoder = Decoder::new(MAX);
+        let mut buf: Vec<u8> = frames.concat();
+        let mut out = Vec::new();
+        while !buf.is_empty() {
+            match decoder.decode(&mut buf)? {
+                Decoded::Frame(h) => {
+                    out.push((
+                        h.opcode,
+                        h.fin,
+                        buf[h.payload_offset..h.frame_len()].to_vec(),
+                    ));
+                    buf.drain(..h.frame_len());
+                }
+                Decoded::Incomplete { .. } => panic!("incomplete"),
+            }
+        }
+        Ok(out)
+    }
+
+    fn code(frames: &[Vec<u8>]) -> u16 {
+        decode_all(frames).expect_err("refused").code
+    }
+
+    #[test]
+    fn a_masked_text_frame_is_unmasked() {
+        let got = decode_all(&[frame(true, 0x1, b"hello")]).unwrap();
+        assert_eq!(got, [(Opcode::Text, true, b"hello".to_vec())]);
+    }
+
+    #[test]
+    fn unmask_matches_the_bytewise_definition_at_every_length() {
+        for len in 0..40 {
+            let data: Vec<u8> = (0..len as u8).collect();
+            let mut fast = data.clone();
+            unmask(&mut fast, KEY);
+            let slow: Vec<u8> = data
+                .iter()
+                .enumerate()
+                .map(|(i, b)| b ^ KEY[i % 4])
+                .collect();
+            assert_eq!(fast, slow, "length {len}");
+        }
+    }
+
+    #[test]
+    fn every_byte_short_of_a_frame_asks_for_more() {
+        for payload_len in [0, 5, 125, 126, 300, 1024] {
+            let bytes = frame(true, 0x1, &vec![b'a'; payload_len]);
+            let mut decoder = Decoder::new(MAX);
+            for cut in 0..bytes.len() {
+                let mut part = bytes[..cut].to_vec();
+                let got = decoder.decode(&mut part).unwrap();
+                assert!(
+                    matches!(got, Decoded::Incomplete { .. }),
+                    "{payload_len} cut {cut}"
+                );
+            }
+            let mut whole = bytes.clone();
+            let Decoded::Frame(h) = decoder.decode(&mut whole).unwrap() else {
+                panic!("whole frame");
+            };
+            assert_eq!((h.payload_len, h.frame_len()), (payload_len, bytes.len()));
+        }
+    }
+
+    #[test]
+    fn the_frame_length_is_known_once_the_header_is() {
+        let mut bytes = frame(true, 0x1, &[b'a'; 300]);
+        bytes.truncate(20);
+        let got = Decoder::new(MAX).decode(&mut bytes).unwrap();
+        assert_eq!(
+            got,
+            Decoded::Incomplete {
+                frame_len: Some(308)
+            }
+        );
+    }
+
+    #[test]
+    fn reserved_bits_are_refused_with_1002() {
+        for rsv in [0x40, 0x20, 0x10] {
+            assert_eq!(parse_header(&[0x81 | rsv], MAX).unwrap_err().code, 1002);
+        }
+    }
+
+    #[test]
+    fn unknown_opcodes_are_refused_with_1002() {
+        for op in [0x3, 0x4, 0x5, 0x6, 0x7, 0xB, 0xC, 0xD, 0xE, 0xF] {
+            assert_eq!(code(&[frame(true, op, b"")]), 1002, "opcode {op:#x}");
+        }
+    }
+
+    #[test]
+    fn control_frames_must_be_final_and_short() {
+        for op in [0x8, 0x9, 0xA] {
+            assert_eq!(code(&[frame(false, op, b"")]), 1002);
+            assert_eq!(code(&[frame(true, op, &[b'a'; 126])]), 1002);
+        }
+        assert!(decode_all(&[frame(true, 0x9, &[b'a'; 125])]).is_ok());
+    }
+
+    #[test]
+    fn unmasked_frames_are_refused_with_1002() {
+        assert_eq!(parse_header(&[0x81, 0x05], MAX).unwrap_err().code, 1002);
+    }
+
+    #[test]
+    fn a_64_bit_length_with_the_top_bit_set_is_refused_with_1002() {
+        let mut bytes = vec![0x82, 0xFF, 0x80, 0, 0, 0, 0, 0, 0, 0];
+        bytes.extend_from_slice(&KEY);
+        assert_eq!(parse_header(&bytes, usize::MAX).unwrap_err().code, 1002);
+        bytes[2] = 0x7F;
+        assert_eq!(parse_header(&bytes, MAX).unwrap_err().code, 1009);
+    }
+
+    #[test]
+    fn a_payload_over_the_limit_is_refused_with_1009_from_its_header() {
+        // Only the header: the payload never needs to arrive.
+        let header = &frame(true, 0x1, &[b'a'; MAX + 1])[..8];
+        assert_eq!(parse_header(header, MAX).unwrap_err().code, 1009);
+        assert!(decode_all(&[frame(true, 0x1, &[b'a'; MAX])]).is_ok());
+    }
+
+    #[test]
+    fn a_fragmented_total_over_the_limit_is_refused_with_1009() {
+        let frames = [
+            frame(false, 0x1, &[b'a'; 600]),
+            frame(true, 0x0, &[b'a'; 425]),
+        ];
+        assert_eq!(code(&frames), 1009);
+        let mut decoder = Decoder::new(MAX);
+        let mut first = frames[0].clone();
+        assert!(matches!(decoder.decode(&mut first), Ok(Decoded::Frame(_))));
+        // Refused from the second fragment's header alone.
+        let mut header = frames[1][..8].to_vec();
+        assert_eq!(decoder.decode(&mut header).unwrap_err().code, 1009);
+    }
+
+    #[test]
+    fn fragments_are_checked_in_order_with_control_frames_between() {
+        let got = decode_all(&[
+            frame(false, 0x1, b"ab"),
+            frame(true, 0x9, b"ping"),
+            frame(false, 0x0, b"cd"),
+            frame(true, 0x0, b"ef"),
+            frame(true, 0x1, b"next"),
+        ])
+        .unwrap();
+        let opcodes: Vec<_> = got.iter().map(|(op, fin, _)| (*op, *fin)).collect();
+        assert_eq!(
+            opcodes,
+            [
+                (Opcode::Text, false),
+                (Opcode::Ping, true),
+                (Opcode::Continuation, false),
+                (Opcode::Continuation, true),
+                (Opcode::Text, true),
+            ]
+        );
+    }
+
+    #[test]
+    fn continuations_without_a_message_and_interleaved_messages_are_refused_with_1002() {
+        assert_eq!(code(&[frame(true, 0x0, b"orphan")]), 1002);
+        assert_eq!(
+            code(&[frame(false, 0x1, b"a"), frame(true, 0x1, b"b")]),
+            1002
+        );
+        assert_eq!(
+            code(&[frame(false, 0x2, b"a"), frame(true, 0x1, b"b")]),
+            1002
+        );
+        assert_eq!(
+            code(&[frame(true, 0x1, b"a"), frame(true, 0x0, b"b")]),
+            1002
+        );
+    }
+
+    #[test]
+    fn invalid_close_payloads_are_refused() {
+        assert_eq!(close_code(b""), Ok(None));
+        assert_eq!(close_code(&[0x03, 0xE8, b'o', b'k']), Ok(Some(1000)));
+        assert_eq!(close_code(&[0x0F, 0xA0]), Ok(Some(4000)));
+        assert_eq!(close_code(&[3]).unwrap_err().code, 1002);
+        for bad in [0, 999, 1004, 1005, 1006, 1014, 1015, 2999, 5000, 65535] {
+            let payload = u16::to_be_bytes(bad);
+            assert_eq!(close_code(&payload).unwrap_err().code, 1002, "code {bad}");
+        }
+        assert_eq!(close_code(&[0x03, 0xE8, 0xFF]).unwrap_err().code, 1007);
+        assert_eq!(code(&[frame(true, 0x8, &[3])]), 1002);
+    }
+
+    #[test]
+    fn invalid_utf8_is_refused_with_1007_whole_or_fragmented() {
+        assert_eq!(code(&[frame(true, 0x1, b"a\xFFb")]), 1007);
+        // A character split over fragments is fine; one cut short at the end is not.
+        let split = [
+            frame(false, 0x1, b"\xF0"),
+            frame(false, 0x0, b"\x9F\x98"),
+            frame(true, 0x0, b"\x80!"),
+        ];
+        assert_eq!(decode_all(&split).unwrap()[2].2, b"\x80!");
+        assert_eq!(
+            code(&[frame(false, 0x1, b"\xC3"), frame(true, 0x0, b"x")]),
+            1007
+        );
+        assert_eq!(
+            code(&[frame(false, 0x1, b"ok"), frame(true, 0x0, b"\xE2\x82")]),
+            1007
+        );
+        // Refused at the fragment that breaks it, before the message ends.
+        let mut decoder = Decoder::new(MAX);
+        let mut first = frame(false, 0x1, b"\xE0\x80");
+        assert_eq!(decoder.decode(&mut first).unwrap_err().code, 1007);
+        // Binary messages are not text.
+        assert!(decode_all(&[frame(false, 0x2, b"\xFF"), frame(true, 0x0, b"\xFF")]).is_ok());
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        for _ in 0..20_000 {
+            let mut decoder = Decoder::new(64);
+            let mut bytes: Vec<u8> = (0..24)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    state as u8
+                })
+                .collect();
+            while let Ok(Decoded::Frame(h)) = decoder.decode(&mut bytes) {
+                bytes.drain(..h.frame_len());
+            }
+        }
+    }
+}

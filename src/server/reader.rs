@@ -1,0 +1,220 @@
+//! The read side of a WebSocket connection: client frames off the socket, with no buffer held
+//! while the connection is idle.
+//!
+//! Most connections are idle most of the time, so an idle connection costs only its socket:
+//! the reader waits for readiness with nothing allocated, reads what arrived into a buffer
+//! sized for it, hands out each whole frame (checked by [`Decoder`]), and frees the buffer
+//! once every byte in it was consumed. A buffer outlives that only while a frame is partly
+//! received, and then holds at most that frame.
+
+use std::io;
+
+use tokio::io::ReadBuf;
+use tokio::net::tcp::ReadHalf;
+
+use crate::protocol::frame::{Decoded, Decoder, FrameError, Opcode};
+
+/// Bytes read at once when no frame header says how many are coming.
+const READ_CHUNK: usize = 4096;
+
+/// One whole client frame, its payload unmasked.
+#[derive(Debug)]
+pub struct Frame<'a> {
+    /// Whether this is the last frame of its message.
+    pub fin: bool,
+    /// The opcode.
+    pub opcode: Opcode,
+    /// The payload.
+    pub payload: &'a [u8],
+}
+
+/// Why no frame came.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The stream ended or failed: no close frame can be exchanged.
+    #[error("stream ended: {0}")]
+    Gone(#[from] io::Error),
+    /// The peer broke a rule: fail the connection with this close code.
+    #[error(transparent)]
+    Protocol(#[from] FrameError),
+}
+
+/// Reads client frames from a socket's read half.
+#[derive(Debug)]
+pub struct FrameReader<'a> {
+    stream: ReadHalf<'a>,
+    /// Received bytes not yet consumed start at `start` (the frame last handed out ends
+    /// there); empty, without capacity, when idle.
+    buf: Vec<u8>,
+    start: usize,
+    decoder: Decoder,
+}
+
+impl<'a> FrameReader<'a> {
+    /// A reader of `stream` starting with `early`, the bytes read past the handshake (copied),
+    /// refusing messages above `max_message_bytes`.
+    pub fn new(stream: ReadHalf<'a>, early: &[u8], max_message_bytes: usize) -> Self {
+        Self {
+            stream,
+            buf: early.to_vec(),
+            start: 0,
+            decoder: Decoder::new(max_message_bytes),
+        }
+    }
+
+    /// Bytes held for frames not yet handed out (0 while idle).
+    #[cfg(test)]
+    fn buffered_capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    /// The next frame. Cancel-safe: bytes read stay in the reader until a frame is returned.
+    pub async fn next(&mut self) -> Result<Frame<'_>, ReadError> {
+        loop {
+            if self.start == self.buf.len() {
+                // Everything consumed: free the buffer before waiting for the next bytes.
+                self.buf = Vec::new();
+                self.start = 0;
+            }
+            match self.decoder.decode(&mut self.buf[self.start..])? {
+                Decoded::Frame(header) => {
+                    // Consumed now; the payload stays in place until the next call.
+                    let at = self.start;
+                    self.start += header.frame_len();
+                    return Ok(Frame {
+                        fin: header.fin,
+                        opcode: header.opcode,
+                        payload: &self.buf[at + header.payload_offset..at + header.frame_len()],
+                    });
+                }
+                Decoded::Incomplete { frame_len } => self.fill(frame_len).await?,
+            }
+        }
+    }
+
+    /// Waits for bytes and appends what arrived, reading at least the rest of the frame whose
+    /// length is known.
+    async fn fill(&mut self, frame_len: Option<usize>) -> io::Result<()> {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        let missing = frame_len.map_or(0, |len| len.saturating_sub(self.buf.len()));
+        loop {
+            readable(&mut self.stream).await?;
+            // Only now, with bytes waiting, is there a buffer to read them into.
+            self.buf.reserve_exact(missing.max(READ_CHUNK));
+            match self.stream.try_read_buf(&mut self.buf) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if self.buf.is_empty() {
+                        self.buf = Vec::new(); // the readiness was stale: stay idle
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Waits until the stream has bytes to read (or has ended), without reading them.
+///
+/// A one-byte peek rather than `ReadHalf::readable`: polling the socket this way stores this
+/// task's waker in the socket's read slot, which drops the waker hyper left there while it
+/// served the handshake. That stale waker would keep hyper's finished connection task
+/// allocated for the whole life of the connection.
+async fn readable(stream: &mut ReadHalf<'_>) -> io::Result<()> {
+    std::future::poll_fn(|cx| {
+        let mut byte = [0; 1];
+        stream
+            .poll_peek(cx, &mut ReadBuf::new(&mut byte))
+            .map_ok(drop)
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// A masked client frame with a zero key: the payload goes as is.
+    fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        assert!(payload.len() < 126);
+        let mut out = vec![
+            u8::from(fin) << 7 | opcode,
+            0x80 | payload.len() as u8,
+            0,
+            0,
+            0,
+            0,
+        ];
+        out.extend_from_slice(payload);
+        out
+    }
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        (client.unwrap(), accepted.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn early_bytes_come_first_and_the_buffer_is_freed_when_consumed() {
+        let (mut client, mut server) = pair().await;
+        let (read, _write) = server.split();
+        let mut early = frame(true, 0x1, b"early");
+        early.extend_from_slice(&frame(true, 0x1, b"split")[..3]);
+        let mut reader = FrameReader::new(read, &early, 1024);
+        assert_eq!(reader.next().await.unwrap().payload, b"early");
+        client
+            .write_all(&frame(true, 0x1, b"split")[3..])
+            .await
+            .unwrap();
+        assert_eq!(reader.next().await.unwrap().payload, b"split");
+
+        // A frame in many small writes, then two in one.
+        let bytes = frame(true, 0x9, &[7; 100]);
+        let writes = async {
+            for chunk in bytes.chunks(9) {
+                client.write_all(chunk).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            let mut two = frame(false, 0x1, b"a");
+            two.extend_from_slice(&frame(true, 0x0, b"b"));
+            client.write_all(&two).await.unwrap();
+        };
+        let reads = async {
+            let ping = reader.next().await.unwrap();
+            assert_eq!((ping.opcode, ping.payload), (Opcode::Ping, &[7; 100][..]));
+            assert_eq!(reader.next().await.unwrap().payload, b"a");
+            let last = reader.next().await.unwrap();
+            assert_eq!((last.opcode, last.fin), (Opcode::Continuation, true));
+        };
+        tokio::join!(writes, reads);
+        // Idle again: the next read waits with nothing allocated.
+        let waiting = tokio::time::timeout(std::time::Duration::from_millis(20), reader.next());
+        assert!(waiting.await.is_err());
+        assert_eq!(reader.buffered_capacity(), 0);
+        drop(client);
+        assert!(matches!(reader.next().await, Err(ReadError::Gone(_))));
+    }
+
+    #[tokio::test]
+    async fn a_broken_rule_is_a_protocol_error() {
+        let (mut client, mut server) = pair().await;
+        let (read, _write) = server.split();
+        let mut reader = FrameReader::new(read, &[], 1024);
+        client
+            .write_all(&frame(true, 0x0, b"orphan"))
+            .await
+            .unwrap();
+        let Err(ReadError::Protocol(e)) = reader.next().await else {
+            panic!("expected a protocol error");
+        };
+        assert_eq!(e.code, 1002);
+    }
+}
