@@ -83,6 +83,8 @@ pub struct ServerConfig {
     pub connects_per_ip_per_second: f64,
     /// Connection attempts one client address may make in a burst.
     pub connect_burst_per_ip: u32,
+    /// Path of a WebSocket echo endpoint for protocol-compliance testing; empty turns it off.
+    pub echo_path: String,
 }
 
 impl Default for ServerConfig {
@@ -100,6 +102,7 @@ impl Default for ServerConfig {
             max_connections_per_ip: 0,
             connects_per_ip_per_second: 0.0,
             connect_burst_per_ip: 20,
+            echo_path: String::new(),
         }
     }
 }
@@ -497,6 +500,15 @@ impl Config {
             s.connects_per_ip_per_second.is_finite() && s.connects_per_ip_per_second >= 0.0,
             "server.connects_per_ip_per_second",
             "must be 0 (no limit) or a positive number",
+        );
+        check(
+            s.echo_path.is_empty()
+                || (s.echo_path.starts_with('/')
+                    && !["/", "/ws", "/healthz", "/readyz", "/metrics"]
+                        .contains(&s.echo_path.as_str())
+                    && crate::web::asset(&s.echo_path).is_none()),
+            "server.echo_path",
+            "must be empty or a path such as /echo that no other endpoint uses",
         );
         check(
             s.connect_burst_per_ip > 0,

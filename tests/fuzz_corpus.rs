@@ -56,3 +56,33 @@ fn config_toml_corpus() {
         "the corpus holds at least the example configuration"
     );
 }
+
+#[test]
+fn ws_frames_corpus() {
+    use scalechat::protocol::frame::{Decoded, Decoder};
+    let mut frames = 0;
+    for (path, data) in corpus("ws_frames") {
+        let mut buf = data.clone();
+        let mut decoder = Decoder::new(1 << 16);
+        let mut at = 0;
+        loop {
+            match decoder.decode(&mut buf[at..]) {
+                Ok(Decoded::Frame(header)) => {
+                    assert!(header.frame_len() <= buf.len() - at, "{}", path.display());
+                    at += header.frame_len();
+                    frames += 1;
+                }
+                Ok(Decoded::Incomplete { .. }) => break,
+                Err(e) => {
+                    assert!(
+                        [1002, 1007, 1009].contains(&e.code),
+                        "{}: {e}",
+                        path.display()
+                    );
+                    break;
+                }
+            }
+        }
+    }
+    assert!(frames > 0, "the seeds hold valid frames");
+}

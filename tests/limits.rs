@@ -335,3 +335,28 @@ async fn a_reader_that_stops_is_closed_as_slow_and_others_get_everything() {
     assert_eq!(acks, COUNT + 1, "every send was acked");
     drop(tx);
 }
+
+#[tokio::test]
+async fn the_echo_endpoint_is_off_by_default_and_echoes_text_and_binary_when_on() {
+    let server = start(config()).await;
+    let (status, _) = common::http_get(server.addr, "/echo", &[]).await;
+    assert_eq!(status, 404, "off unless server.echo_path is set");
+
+    let mut cfg = config();
+    cfg.server.echo_path = "/echo".into();
+    cfg.limits.max_frame_bytes = 1024;
+    let server = start(cfg).await;
+    let mut echo = RawClient::connect(server.addr, "/echo").await;
+    echo.send_frame(true, 0x1, "héllo".as_bytes()).await;
+    assert_eq!(
+        echo.recv_frame().await,
+        Some((0x1, "héllo".as_bytes().to_vec()))
+    );
+    // Fragmented binary comes back whole.
+    echo.send_frame(false, 0x2, &[1, 2]).await;
+    echo.send_frame(true, 0x0, &[3]).await;
+    assert_eq!(echo.recv_frame().await, Some((0x2, vec![1, 2, 3])));
+    // The same limits as chat.
+    echo.send_frame(true, 0x2, &[0; 2000]).await;
+    assert_eq!(echo.close_code().await, 1009);
+}

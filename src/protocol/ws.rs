@@ -27,6 +27,7 @@ pub mod close_code {
 }
 
 const OP_TEXT: u8 = 0x1;
+const OP_BINARY: u8 = 0x2;
 const OP_CLOSE: u8 = 0x8;
 const OP_PING: u8 = 0x9;
 const OP_PONG: u8 = 0xA;
@@ -69,6 +70,11 @@ fn frame(opcode: u8, parts: &[&[u8]]) -> Bytes {
 /// A text frame carrying `payload`, which must be UTF-8.
 pub fn text(payload: &[u8]) -> Bytes {
     frame(OP_TEXT, &[payload])
+}
+
+/// A binary frame carrying `payload` (only the echo endpoint sends these).
+pub fn binary(payload: &[u8]) -> Bytes {
+    frame(OP_BINARY, &[payload])
 }
 
 /// A text frame whose payload is `parts` joined (all UTF-8), built with one allocation.

@@ -35,7 +35,12 @@ pub async fn route(
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => readiness(&node),
         (&Method::GET, "/metrics") => exposition(&node),
-        (&Method::GET, "/ws") => websocket(node, peer, req),
+        (&Method::GET, "/ws") => websocket(node, peer, req, false),
+        (&Method::GET, path)
+            if !node.config.server.echo_path.is_empty() && path == node.config.server.echo_path =>
+        {
+            websocket(node, peer, req, true)
+        }
         (&Method::GET | &Method::HEAD, path) if web::asset(path).is_some() => page(&req, path),
         (_, "/healthz" | "/readyz" | "/metrics" | "/ws") => {
             let mut res = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
@@ -133,7 +138,13 @@ fn exposition(node: &Node) -> Response<Body> {
     res
 }
 
-fn websocket(node: Arc<Node>, peer: SocketAddr, mut req: Request<Incoming>) -> Response<Body> {
+/// Checks and upgrades a WebSocket request: chat on `/ws`, or the echo endpoint (`echo`).
+fn websocket(
+    node: Arc<Node>,
+    peer: SocketAddr,
+    mut req: Request<Incoming>,
+    echo: bool,
+) -> Response<Body> {
     let refuse = |why| node.metrics.refused(why);
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         refuse(Refusal::BadRequest);
@@ -182,6 +193,7 @@ fn websocket(node: Arc<Node>, peer: SocketAddr, mut req: Request<Incoming>) -> R
             }
         }
     }
+    params.echo = echo;
     let ip = guard::client_ip(peer.ip(), req.headers(), &node.trusted_proxies);
     let s = &node.config.server;
     let limits = guard::IpLimits {
@@ -282,6 +294,7 @@ fn params(query: &str) -> Result<Params, String> {
         }),
         name: name.unwrap_or_else(|| format!("guest-{:04x}", fastrand::u16(..))),
         since,
+        echo: false,
     })
 }
 

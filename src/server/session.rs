@@ -40,6 +40,9 @@ pub struct Params {
     pub name: String,
     /// Where the client left the first room, to receive what it missed.
     pub since: Option<Since>,
+    /// The echo endpoint (`server.echo_path`): messages come back to the sender, nothing
+    /// else happens; binary messages are allowed.
+    pub echo: bool,
 }
 
 /// Runs one connection from the completed upgrade to the closed socket.
@@ -145,6 +148,8 @@ struct Session {
     first_room: RoomName,
     /// `since` from the query, for the first room; taken by the first join.
     first_since: Option<Since>,
+    /// Serving the echo endpoint.
+    echo: bool,
     outbox: Arc<Outbox>,
     rooms: Memberships,
     bucket: TokenBucket,
@@ -171,6 +176,7 @@ impl Session {
             name: params.name,
             first_room: params.room,
             first_since: params.since,
+            echo: params.echo,
             outbox,
             bucket,
         }
@@ -178,6 +184,9 @@ impl Session {
 
     /// Greets the client and joins its first room.
     async fn start(&mut self) {
+        if self.echo {
+            return;
+        }
         let welcome = Reply::Welcome {
             conn: &self.conn.to_string(),
             name: &self.name,
@@ -203,6 +212,8 @@ impl Session {
 
     async fn read_loop(&mut self, reader: &mut FrameReader<'_>, liveness: &Liveness) -> ReadEnd {
         let mut message = Assembler::default();
+        // The kind of the fragmented message in progress: the decoder has checked the order.
+        let mut binary = false;
         loop {
             let frame = match reader.next().await {
                 Ok(frame) => frame,
@@ -214,26 +225,45 @@ impl Session {
                 Opcode::Close => return peer_close(frame.payload),
                 Opcode::Ping => self.reply(crate::protocol::ws::pong(frame.payload)),
                 Opcode::Pong => {}
-                Opcode::Binary => {
+                Opcode::Binary if !self.echo => {
                     return ReadEnd::Close(
                         close_code::UNSUPPORTED_DATA,
                         "binary messages are not supported; send JSON text",
                     );
                 }
-                // Boxed: request handling may await the transport, and that state would
-                // otherwise be part of every idle connection's task.
-                Opcode::Text if frame.fin => {
-                    let handling = Box::pin(self.handle(frame.payload));
-                    handling.await;
+                Opcode::Text | Opcode::Binary if frame.fin => {
+                    self.dispatch(frame.opcode == Opcode::Binary, frame.payload)
+                        .await;
                 }
-                Opcode::Text | Opcode::Continuation => {
-                    if let Some(text) = message.push(frame.payload, frame.fin) {
-                        let handling = Box::pin(self.handle(&text));
-                        handling.await;
+                Opcode::Text | Opcode::Binary | Opcode::Continuation => {
+                    if frame.opcode != Opcode::Continuation {
+                        binary = frame.opcode == Opcode::Binary;
+                    }
+                    if let Some(whole) = message.push(frame.payload, frame.fin) {
+                        self.dispatch(binary, &whole).await;
                     }
                 }
             }
         }
+    }
+
+    /// One complete message: echoed on the echo endpoint, else handled as a request.
+    async fn dispatch(&mut self, binary: bool, payload: &[u8]) {
+        if self.echo {
+            if self.outbox.len() >= self.outbox.capacity() / 4 {
+                tokio::task::yield_now().await;
+            }
+            let ws = crate::protocol::ws::binary;
+            return self.reply(if binary {
+                ws(payload)
+            } else {
+                crate::protocol::ws::text(payload)
+            });
+        }
+        // Boxed: request handling may await the transport, and that state would otherwise
+        // be part of every idle connection's task.
+        let handling = Box::pin(self.handle(payload));
+        handling.await;
     }
 
     /// Handles one complete text message.
