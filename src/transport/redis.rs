@@ -548,40 +548,65 @@ impl RedisTransport {
     /// the missing ones from the history, and one already delivered is dropped. The payload
     /// is the frame's text: one copy into the frame, none per member.
     async fn receive_one(&self, channel: &str, payload: &[u8]) {
-        let Some(room) = channel
-            .strip_prefix(&self.channel_prefix)
-            .and_then(|r| RoomName::new(r).ok())
-        else {
+        let Some(room) = channel.strip_prefix(&self.channel_prefix) else {
             return;
         };
         let Some((id, epoch)) = native::message_meta(payload) else {
             warn!(%room, "a message on the channel has no id; delivered as it is");
-            self.hub.deliver(room.as_str(), &ws::text(payload));
+            self.hub.deliver(room, &ws::text(payload));
             return;
         };
-        let state = self.lock_seen().get(&room).cloned();
-        match state {
-            Some(seen) if seen.epoch == epoch && id <= seen.last => return,
-            Some(seen) if seen.epoch != epoch || id > seen.last + 1 => {
+        // The common case, the next id of the same epoch, allocates nothing here.
+        let next = {
+            let mut seen = self.lock_seen();
+            match seen.get_mut(room) {
+                Some(s) if s.epoch == epoch && id <= s.last => return, // delivered already
+                Some(s) if s.epoch == epoch && id == s.last + 1 => {
+                    s.last = id;
+                    Ok(())
+                }
+                Some(s) => Err(Some(s.clone())),
+                None => Err(None),
+            }
+        };
+        match next {
+            Ok(()) => {}
+            Err(Some(seen)) => {
+                // A gap, or a new epoch: what is missing comes from the history first.
                 self.metrics.backplane_gaps_total.inc();
-                if let Some((_, true)) = self.heal(&room, &seen).await {
+                let Ok(room_name) = RoomName::new(room) else {
+                    return;
+                };
+                if let Some((_, true)) = self.heal(&room_name, &seen).await {
                     self.metrics.backplane_gaps_healed_total.inc();
                 }
-                let seen = self.lock_seen().get(&room).cloned();
-                if seen.is_some_and(|s| s.epoch == epoch && id <= s.last) {
+                let mut seen = self.lock_seen();
+                let entry = seen.entry(room_name).or_insert_with(|| Seen {
+                    epoch: epoch.to_owned(),
+                    last: 0,
+                });
+                if entry.epoch == epoch && id <= entry.last {
                     return; // the history had it
                 }
+                *entry = Seen {
+                    epoch: epoch.to_owned(),
+                    last: id,
+                };
             }
-            _ => {}
+            Err(None) => {
+                let Ok(room_name) = RoomName::new(room) else {
+                    return;
+                };
+                self.lock_seen().insert(
+                    room_name,
+                    Seen {
+                        epoch: epoch.to_owned(),
+                        last: id,
+                    },
+                );
+            }
         }
-        self.hub.deliver(room.as_str(), &ws::text(payload));
-        self.lock_seen().insert(
-            room,
-            Seen {
-                epoch: epoch.to_owned(),
-                last: id,
-            },
-        );
+        self.hub.deliver(room, &ws::text(payload));
     }
 
     /// Delivers from the history what this node missed in `room` since `seen`, in order.
