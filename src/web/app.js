@@ -448,10 +448,14 @@ function renderMessages() {
 }
 
 /** Shows "load older messages" while the current room may have older messages to load. */
+// aria-disabled rather than disabled while busy or offline, so the button keeps keyboard focus.
 function renderOlder() {
   const room = state.rooms.get(state.current);
-  ui.loadOlder.hidden = olderBefore(room) === null;
-  ui.loadOlder.disabled = Boolean(room?.loading) || !conn.ready;
+  const hide = olderBefore(room) === null;
+  // Hiding the focused button would drop focus to <body>: keep it on the message list.
+  if (hide && document.activeElement === ui.loadOlder) ui.messages.focus();
+  ui.loadOlder.hidden = hide;
+  ui.loadOlder.setAttribute('aria-disabled', String(Boolean(room?.loading) || !conn.ready));
   ui.loadOlder.textContent = room?.loading ? 'Loading older messages…' : 'Load older messages';
 }
 

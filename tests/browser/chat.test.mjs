@@ -475,9 +475,12 @@ test('older messages are loaded on demand until there are no more', { timeout: 4
   await button.waitFor({ state: 'visible' });
   assert.equal((await button.textContent()).trim(), 'Load older messages');
 
-  await button.click();
+  // By keyboard: once everything is loaded the button goes, and focus stays in the list.
+  await button.focus();
+  await bob.keyboard.press('Enter');
   await waitForMessage(bob, texts[0]);
   await button.waitFor({ state: 'hidden' });
+  assert.equal(await bob.evaluate(() => document.activeElement?.id), 'messages', 'bob: focus');
   const shownB = await assertShown(bob, texts.map((text) => ({ user: 'alice', text, own: false })), { earlier: true });
   const shownA = await assertShown(alice, texts.map((text) => ({ user: 'alice', text, own: true })));
   assertSameIds(shownA, shownB);
