@@ -474,6 +474,8 @@ test('older messages are loaded on demand until there are no more', { timeout: 4
   const button = bob.locator('#load-older');
   await button.waitFor({ state: 'visible' });
   assert.equal((await button.textContent()).trim(), 'Load older messages');
+  await mkdir(ARTIFACTS, { recursive: true });
+  await bob.screenshot({ path: join(ARTIFACTS, 'chat-history.png') });
 
   // By keyboard: once everything is loaded the button goes, and focus stays in the list.
   await button.focus();
@@ -515,6 +517,8 @@ test('a page that could not get everything it missed says that messages may be m
   await notice.waitFor({ state: 'visible' });
   assert.match(await notice.textContent(), /may be missing/);
   assert.deepEqual(await lines(alice), [seen, '|gap', ...missed.slice(5)]);
+  await mkdir(ARTIFACTS, { recursive: true });
+  await alice.screenshot({ path: join(ARTIFACTS, 'chat-gap.png') });
 }));
 
 /** Width and height from a PNG's IHDR, after checking its signature. */
