@@ -492,6 +492,33 @@ test('older messages are loaded on demand until there are no more', { timeout: 4
   assert.ok(await alice.locator('#load-older').isHidden(), 'alice: nothing older than message 1');
 }));
 
+test('scrolling to the top of the list loads older messages, keeping the view in place', { timeout: 40_000 }, scenario('scroll-back', async (open) => {
+  const alice = await open(nodes.a, 'alice');
+  await joinRoom(alice, 'scroll');
+  const texts = Array.from({ length: 8 }, (_, i) => `scroll ${i + 1}\nsecond line\nthird line`);
+  await sendAll(alice, texts);
+
+  // A short window, so the 3 messages node-c sends on join already overflow the list.
+  const bob = await open(nodes.c, 'bob', { viewport: { width: 800, height: 420 } });
+  await joinRoom(bob, 'scroll');
+  await waitForMessage(bob, texts[7], (m) => !m.pending && m.earlier);
+  const list = bob.locator('#messages');
+  const overflows = await list.evaluate((m) => m.scrollHeight > m.clientHeight);
+  assert.ok(overflows, 'bob: the list scrolls');
+  const top = bob.locator('#messages .msg').first();
+  assert.equal(await top.locator('.text').textContent(), texts[5]);
+
+  await list.evaluate((m) => { m.scrollTop = 0; });
+  await waitForMessage(bob, texts[0]);
+  await bob.locator('#load-older').waitFor({ state: 'hidden' });
+  assert.deepEqual((await messages(bob)).map((m) => m.text), texts, 'bob: all, in order, once');
+  // What was at the top before stays where it was on screen instead of jumping away.
+  const previousTop = bob.locator('#messages .msg').nth(5);
+  const [listBox, msgBox] = [await list.boundingBox(), await previousTop.boundingBox()];
+  assert.ok(msgBox.y + msgBox.height > listBox.y && msgBox.y < listBox.y + listBox.height,
+    `bob: ${JSON.stringify(texts[5])} is still in view: ${JSON.stringify({ listBox, msgBox })}`);
+}));
+
 test('a page that could not get everything it missed says that messages may be missing', { timeout: 45_000 }, scenario('gap', async (open) => {
   const net = relay();
   // On node-c a room keeps only its newest 5 messages.
