@@ -9,6 +9,8 @@ const RETRY_UNAVAILABLE_MS = 1000;
 const MAX_UNAVAILABLE_TRIES = 5;
 const MAX_ITEMS_PER_ROOM = 500; // older messages are dropped from memory and the page
 const MAX_OUTBOX = 100; // unsent messages held while offline: no unbounded queues
+const HISTORY_PAGE = 50; // older messages asked for per "load older messages"
+const HISTORY_TIMEOUT_MS = 10_000; // a page request without an answer may be asked again
 
 const NOT_UNDERSTOOD = 'The server did not understand the request.';
 const ERROR_TEXT = {
@@ -28,6 +30,7 @@ const ui = {
   chat: $('#chat'), me: $('#me'), status: $('#status'),
   rooms: $('#rooms'), joinForm: $('#join-form'), joinInput: $('#join-input'),
   roomTitle: $('#room-title'), messages: $('#messages'), newMessages: $('#new-messages'),
+  loadOlder: $('#load-older'),
   sendForm: $('#send-form'), input: $('#message-input'), error: $('#error'),
 };
 
@@ -37,9 +40,15 @@ const store = {
   set(key, value) { try { localStorage.setItem(key, value); } catch { /* not remembered */ } },
 };
 
-// A room is { online: number|null, unread, items }. An item is a message in the list:
-// { id, user, ts, text, own } from the server, or a pending one of ours that also has
-// { ref, room, pending: true, acked, tries, retry }. Pending items always sit after confirmed ones.
+// A room is { online: number|null, unread, items, epoch, lastId, seen, more, loading, history }:
+// `epoch` is the room history's epoch and `lastId` the newest id received in it (both sent back
+// with `since` when rejoining, to get exactly the messages missed); `seen` holds "epoch:id" of
+// every message shown, so none is shown twice; `more` is whether older messages can be loaded
+// (null: unknown); `history` counts the history messages still to come after a `joined`.
+// An item is a message in the list: { id, epoch, user, ts, text, own, earlier } from the
+// server, or a pending one of ours that also has { ref, room, pending: true, acked, tries,
+// retry }, or a marker line { marker: 'divider' | 'gap', text }. Pending items always sit after
+// confirmed ones.
 const state = {
   name: null, // our display name
   rooms: new Map(), // joined (or to-be-joined) rooms, in display order
@@ -51,7 +60,17 @@ const state = {
   stuck: true, // the message list is scrolled to the newest message
   conn: 'reconnecting', // connected | reconnecting | offline
 };
-const newRoom = () => ({ online: null, unread: 0, items: [] });
+const newRoom = () => ({
+  online: null, unread: 0, items: [],
+  epoch: null, lastId: null, seen: new Set(), more: null, loading: false, loadTimer: 0, history: null,
+});
+const seenKey = (epoch, id) => `${epoch}:${id}`;
+
+/** `since` and `epoch` for rejoining `name`, when something of it was received already. */
+function resumeOf(name) {
+  const room = state.rooms.get(name);
+  return room?.epoch && room.lastId !== null ? { since: room.lastId, epoch: room.epoch } : {};
+}
 
 // `crypto.randomUUID` needs a secure context, which plain-http LAN deployments are not, so a
 // ref is a random per-page prefix plus a counter.
@@ -112,7 +131,10 @@ class Connection {
 }
 
 const conn = new Connection({
-  query: () => ({ room: state.current ?? firstRoom() ?? 'general', name: state.name }),
+  query: () => {
+    const room = state.current ?? firstRoom() ?? 'general';
+    return { room, name: state.name, ...resumeOf(room) };
+  },
   onFrame: (frame) => handlers[frame.type]?.(frame),
   onChange: onConnectionChange,
 });
@@ -138,27 +160,81 @@ const handlers = {
       switchRoom(f.room); // the user asked for this join
     }
     room.online = f.online;
+    // No epoch: already in the room (nothing follows), or the history could not be read.
+    if (f.epoch && f.epoch !== room.epoch) {
+      // A new room, or its history was reset: ids start again, older pages are unknown.
+      Object.assign(room, { epoch: f.epoch, lastId: null, more: null });
+    }
+    // `recovered` is only there when we sent `since`: false means the messages that follow are
+    // the newest, not exactly those missed, so the user must know some may be missing.
+    if (f.recovered === false) {
+      addItem(f.room, { marker: 'gap', text: 'Some messages may be missing: not all of those sent while you were away could be loaded.' });
+    }
+    const count = f.history ?? 0;
+    room.history = count > 0 ? { left: count, earlier: f.recovered === undefined } : null;
+    if (count === 0 && f.epoch && Number.isInteger(f.last_id)) room.lastId = Math.max(room.lastId ?? 0, f.last_id);
     renderRooms();
+    if (f.room === state.current) renderOlder();
   },
   message(f) {
     const room = state.rooms.get(f.room);
     if (!room) return; // a room left a moment ago
-    const own = f.user === state.name;
-    const pending = own && findPending(room, f);
-    if (pending) {
-      // Our own echo replaces the greyed entry, so nothing is shown twice. It also proves the
-      // message was accepted, so it is not resent even if its ack is lost in a drop.
-      dropFromOutbox(pending);
-      removeItem(f.room, pending);
+    const history = room.history;
+    if (history) history.left -= 1;
+    else if (f.epoch && room.epoch && f.epoch !== room.epoch) {
+      // The room's history was reset while we were in it.
+      addItem(f.room, { marker: 'gap', text: 'The room’s history was reset: some messages may be missing.' });
+      Object.assign(room, { lastId: null, more: null });
     }
-    addItem(f.room, { id: f.id, user: f.user, ts: f.ts, text: f.message, own });
+    if (f.epoch) room.epoch = f.epoch;
+    if (!room.seen.has(seenKey(f.epoch, f.id))) {
+      const own = f.user === state.name;
+      // Messages from before we joined are never the echo of something we are sending now.
+      const pending = own && !history?.earlier && findPending(room, f);
+      if (pending) {
+        // Our own echo replaces the greyed entry, so nothing is shown twice. It also proves the
+        // message was accepted, so it is not resent even if its ack is lost in a drop.
+        dropFromOutbox(pending);
+        removeItem(f.room, pending);
+      }
+      addItem(f.room, { id: f.id, epoch: f.epoch, user: f.user, ts: f.ts, text: f.message, own,
+        earlier: Boolean(history?.earlier) });
+    }
+    if (f.epoch === room.epoch) room.lastId = Math.max(room.lastId ?? 0, f.id);
+    if (history && history.left <= 0) {
+      room.history = null;
+      if (history.earlier) addItem(f.room, { marker: 'divider', text: 'New messages' });
+      if (f.room === state.current) renderOlder();
+    }
   },
   ack(f) {
     const item = state.outbox.find((x) => x.ref === f.ref);
     if (!item) return;
     dropFromOutbox(item);
     // With a multi-node transport the ack may beat the echo: keep the id to match it exactly.
-    Object.assign(item, { acked: true, id: f.id });
+    Object.assign(item, { acked: true, id: f.id, epoch: state.rooms.get(item.room)?.epoch ?? null });
+    if (!f.duplicate) return;
+    // A resend of a message accepted before the connection dropped: it was not delivered
+    // again. Its echo is either on screen already (it came with the missed messages) or will
+    // not come: show it as sent.
+    if (state.rooms.get(item.room)?.seen.has(seenKey(item.epoch, item.id))) removeItem(item.room, item);
+    else markSent(item);
+  },
+  history(f) {
+    const room = state.rooms.get(f.room);
+    if (!room) return;
+    room.loading = false;
+    clearTimeout(room.loadTimer);
+    // A page of another epoch belongs to a history that was reset meanwhile: not ours.
+    if (f.epoch === room.epoch && Array.isArray(f.messages)) {
+      const older = f.messages
+        .filter((m) => !room.seen.has(seenKey(m.epoch ?? f.epoch, m.id)))
+        .map((m) => ({ id: m.id, epoch: m.epoch ?? f.epoch, user: m.user, ts: m.ts, text: m.message,
+          own: m.user === state.name, earlier: true }));
+      prependItems(f.room, older);
+      room.more = f.more === true;
+    }
+    if (f.room === state.current) renderOlder();
   },
   error(f) {
     const item = f.ref && state.outbox.find((x) => x.ref === f.ref);
@@ -194,16 +270,24 @@ function onConnectionChange() {
   if (!conn.ready) {
     state.joinQueue = [];
     for (const item of state.outbox) clearTimeout(item.retry);
-    // Acked but dropped before the echo came (there is no replay): the message was delivered,
-    // so show it as sent, with the id the ack gave it.
     for (const room of state.rooms.values()) {
-      for (const item of room.items.filter((x) => x.pending && x.acked)) {
-        item.pending = false;
-        if (item.el?.isConnected) item.el.replaceWith(messageEl(item));
-      }
+      // Acked but dropped before the echo came: the message was delivered, so show it as sent,
+      // with the id the ack gave it; if the echo comes with the missed messages it is skipped.
+      for (const item of room.items.filter((x) => x.pending && x.acked)) markSent(item);
+      // A history cut short is asked for again, from the last message received, on rejoin.
+      room.history = null;
+      room.loading = false;
+      clearTimeout(room.loadTimer);
     }
   }
+  renderOlder(); // only asked for while connected
   renderStatus();
+}
+
+function markSent(item) {
+  item.pending = false;
+  state.rooms.get(item.room)?.seen.add(seenKey(item.epoch, item.id));
+  if (item.el?.isConnected) item.el.replaceWith(itemEl(item));
 }
 
 // ---- Actions ----
@@ -221,7 +305,34 @@ function dropFromOutbox(item) {
 
 function requestJoin(room) {
   state.joinQueue.push({ room, wanted: true });
-  conn.send({ type: 'join', room });
+  conn.send({ type: 'join', room, ...resumeOf(room) });
+}
+
+/** The oldest message shown in `room` of its current epoch, or null. */
+function oldestId(room) {
+  const ids = room.items.filter((x) => !x.marker && !x.pending && x.epoch === room.epoch).map((x) => x.id);
+  return ids.length ? Math.min(...ids) : null;
+}
+
+/** The `before` for the next page of older messages, or null when there is none to ask for. */
+function olderBefore(room) {
+  if (!room?.epoch || room.history || room.more === false) return null;
+  const before = oldestId(room) ?? (room.lastId === null ? null : room.lastId + 1);
+  // Ids start at 1 in each epoch: nothing is older than message 1.
+  return before !== null && before > 1 ? before : null;
+}
+
+function loadOlder() {
+  const room = state.rooms.get(state.current);
+  const before = olderBefore(room);
+  if (before === null || room.loading || !conn.ready) return;
+  room.loading = true;
+  conn.send({ type: 'history', room: state.current, before, limit: HISTORY_PAGE });
+  room.loadTimer = setTimeout(() => {
+    room.loading = false;
+    if (room === state.rooms.get(state.current)) renderOlder();
+  }, HISTORY_TIMEOUT_MS);
+  renderOlder();
 }
 
 function addRoom(name) {
@@ -272,14 +383,30 @@ function addItem(roomName, item) {
   const at = item.pending ? -1 : room.items.findIndex((x) => x.pending);
   const before = at < 0 ? null : room.items[at];
   if (before) room.items.splice(at, 0, item); else room.items.push(item);
-  if (room.items.length > MAX_ITEMS_PER_ROOM) removeItem(roomName, room.items[0]);
+  if (!item.marker && !item.pending) room.seen.add(seenKey(item.epoch, item.id));
+  if (room.items.length > MAX_ITEMS_PER_ROOM) {
+    removeItem(roomName, room.items[0]);
+    room.more = null; // what was dropped can be loaded again
+  }
   if (roomName === state.current) {
-    ui.messages.insertBefore(messageEl(item), before?.el ?? null);
-    if (state.stuck || item.own) scrollToEnd(); else ui.newMessages.hidden = false;
-  } else if (!item.own) {
+    ui.messages.insertBefore(itemEl(item), before?.el ?? null);
+    if (state.stuck || item.own) scrollToEnd(); else if (!item.marker) ui.newMessages.hidden = false;
+  } else if (!item.own && !item.marker && !item.earlier) {
     room.unread += 1;
     renderRooms();
   }
+}
+
+/** Puts `older` (oldest first, all older than what is shown) at the top, keeping the view. */
+function prependItems(roomName, older) {
+  const room = state.rooms.get(roomName);
+  room.items.unshift(...older);
+  for (const item of older) room.seen.add(seenKey(item.epoch, item.id));
+  if (roomName !== state.current || !older.length) return;
+  const m = ui.messages;
+  const fromBottom = m.scrollHeight - m.scrollTop;
+  m.prepend(...older.map(itemEl));
+  m.scrollTop = m.scrollHeight - fromBottom;
 }
 
 function removeItem(roomName, item) {
@@ -287,11 +414,20 @@ function removeItem(roomName, item) {
   const i = items.indexOf(item);
   if (i >= 0) items.splice(i, 1);
   item.el?.remove();
+  if (!item.marker && !item.pending) state.rooms.get(roomName)?.seen.delete(seenKey(item.epoch, item.id));
+}
+
+function itemEl(item) {
+  if (!item.marker) return messageEl(item);
+  const li = el('li', `marker ${item.marker}`, item.text);
+  item.el = li;
+  return li;
 }
 
 function messageEl(item) {
   const li = el('li', 'msg');
   li.classList.toggle('own', item.own);
+  li.classList.toggle('earlier', item.earlier === true);
   li.classList.toggle('pending', item.pending === true);
   if (item.pending) li.title = 'Sending…';
   else li.dataset.id = String(item.id);
@@ -304,10 +440,23 @@ function messageEl(item) {
 }
 
 function renderMessages() {
-  ui.messages.replaceChildren(...(state.rooms.get(state.current)?.items.map(messageEl) ?? []));
+  ui.messages.replaceChildren(...(state.rooms.get(state.current)?.items.map(itemEl) ?? []));
+  renderOlder();
   ui.roomTitle.textContent = state.current ? `# ${state.current}` : 'No room: join one';
   ui.input.placeholder = state.current ? `Message #${state.current}` : 'Join a room to chat';
   scrollToEnd();
+}
+
+/** Shows "load older messages" while the current room may have older messages to load. */
+// aria-disabled rather than disabled while busy or offline, so the button keeps keyboard focus.
+function renderOlder() {
+  const room = state.rooms.get(state.current);
+  const hide = olderBefore(room) === null;
+  // Hiding the focused button would drop focus to <body>: keep it on the message list.
+  if (hide && document.activeElement === ui.loadOlder) ui.messages.focus();
+  ui.loadOlder.hidden = hide;
+  ui.loadOlder.setAttribute('aria-disabled', String(Boolean(room?.loading) || !conn.ready));
+  ui.loadOlder.textContent = room?.loading ? 'Loading older messages…' : 'Load older messages';
 }
 
 function scrollToEnd() {
@@ -448,7 +597,10 @@ function bindEvents() {
     const m = ui.messages;
     state.stuck = m.scrollHeight - m.scrollTop - m.clientHeight < 48;
     if (state.stuck) ui.newMessages.hidden = true;
+    // Scrolled up to the oldest message shown: fetch the ones before it.
+    if (m.scrollTop <= 0 && m.scrollHeight > m.clientHeight && !ui.loadOlder.hidden) loadOlder();
   });
+  ui.loadOlder.addEventListener('click', loadOlder);
   // The list shrinks when a phone keyboard opens: stay on the newest message if we were there.
   new ResizeObserver(() => { if (state.stuck) scrollToEnd(); }).observe(ui.messages);
   ui.newMessages.addEventListener('click', () => { scrollToEnd(); ui.input.focus(); });

@@ -1,6 +1,8 @@
 // The built-in chat page in headless Chromium, against two real scalechat nodes that share
 // rooms through a real redis-server: messages across nodes and rooms, escaping of what users
-// type, reconnecting through a node restart, and screenshots. Run by tests/browser/run.sh.
+// type, reconnecting through a node restart, room history on join, resuming after a dropped
+// connection, resending unacknowledged messages, loading older messages, and screenshots.
+// Run by tests/browser/run.sh.
 
 import assert from 'node:assert/strict';
 import { mkdir, readdir, readFile, rm } from 'node:fs/promises';
@@ -11,8 +13,10 @@ import {
   freePort,
   joinRoom,
   launchBrowser,
+  markers,
   messages,
   openChat,
+  relay,
   roomItem,
   send,
   startNode,
@@ -21,6 +25,7 @@ import {
   stop,
   stopAll,
   switchRoom,
+  waitFor,
   waitForCurrentRoom,
   waitForMessage,
   waitForStatus,
@@ -41,9 +46,19 @@ before(async () => {
   const portA = await freePort();
   let portB = await freePort();
   while (portB === portA) portB = await freePort();
-  [nodes.a, nodes.b, browser] = await Promise.all([
+  let portC = await freePort();
+  while (portC === portA || portC === portB) portC = await freePort();
+  [nodes.a, nodes.b, nodes.c, browser] = await Promise.all([
     startNode({ nodeId: 'node-a', port: portA, redisPort: redis.port }),
     startNode({ nodeId: 'node-b', port: portB, redisPort: redis.port }),
+    // Small rooms: a join gets the newest 3 messages, and messages published through node-c
+    // keep only the newest 5, so older ones must be paged in or are gone.
+    startNode({
+      nodeId: 'node-c',
+      port: portC,
+      redisPort: redis.port,
+      env: { SCALECHAT_ROOMS__HISTORY_SIZE: '5', SCALECHAT_ROOMS__HISTORY_ON_JOIN: '3' },
+    }),
     launchBrowser(),
   ]);
 });
@@ -85,10 +100,11 @@ function scenario(slug, body) {
 
 /**
  * Asserts the current room shows exactly `expected` ({user, text, own}) in order, none pending,
- * each with a data-id and a time.
+ * each with a data-id and a time. Messages from before the page joined (history, marked
+ * `.earlier`) are left out unless `earlier` is true.
  */
-async function assertShown(page, expected) {
-  const shown = await messages(page);
+async function assertShown(page, expected, { earlier = false } = {}) {
+  const shown = (await messages(page)).filter((m) => earlier || !m.earlier);
   assert.deepEqual(
     shown.map(({ user, text, own, pending }) => ({ user, text, own, pending })),
     expected.map((m) => ({ ...m, pending: false })),
@@ -281,6 +297,255 @@ test('a message sent while the node is down is delivered once when it is back', 
       nodes.a = await startNode({ nodeId: 'node-a', port: nodes.a.port, redisPort: redis.port });
     }
   }
+}));
+
+/** The lines of `#messages` in order: a message's text, or `|` and a marker's kind. */
+function lines(page) {
+  return page.$$eval('#messages > li', (els) =>
+    els.map((el) =>
+      el.classList.contains('marker')
+        ? `|${el.classList.contains('gap') ? 'gap' : 'divider'}`
+        : el.querySelector('.text').textContent,
+    ),
+  );
+}
+
+/** Sends each of `texts` from `page` and waits until it shows each as sent. */
+async function sendAll(page, texts) {
+  for (const text of texts) {
+    await send(page, text);
+    await waitForMessage(page, text);
+  }
+}
+
+/** Parsed frames the page sent through relay `net` that are `send`s of `text`. */
+function sendsOf(net, text) {
+  return net.sent.map((t) => JSON.parse(t)).filter((f) => f.type === 'send' && f.message === text);
+}
+
+test('a page that joins a room later sees its earlier messages once, then live ones', { timeout: 30_000 }, scenario('history', async (open) => {
+  const alice = await open(nodes.a, 'alice');
+  await joinRoom(alice, 'history');
+  const earlier = ['first of the day', 'second', 'third'];
+  await sendAll(alice, earlier);
+
+  const bob = await open(nodes.b, 'bob');
+  await joinRoom(bob, 'history');
+  for (const text of earlier) await waitForMessage(bob, text, (m) => !m.pending && m.earlier);
+  const live = 'and a live one';
+  await send(alice, live);
+  await waitForMessage(alice, live);
+  await waitForMessage(bob, live);
+
+  const fromAlice = (own) => (text) => ({ user: 'alice', text, own });
+  const shownB = await assertShown(bob, [...earlier, live].map(fromAlice(false)), { earlier: true });
+  assert.deepEqual(shownB.map((m) => m.earlier), [true, true, true, false], 'bob: history is marked');
+  assert.deepEqual(await lines(bob), [...earlier, '|divider', live], 'bob: a divider after the history');
+  assert.deepEqual(await markers(bob), [{ kind: 'divider', text: 'New messages' }]);
+  const shownA = await assertShown(alice, [...earlier, live].map(fromAlice(true)));
+  assertSameIds(shownA, shownB);
+  await waitForUnread(bob, 'general', 0); // history of a room joined is not unread
+}));
+
+test('a page whose connection drops gets exactly what it missed, and what it typed meanwhile goes out once', { timeout: 45_000 }, scenario('resume', async (open) => {
+  const net = relay();
+  const alice = await open(nodes.a, 'alice', { setup: net.install });
+  const bob = await open(nodes.b, 'bob');
+  await joinRoom(alice, 'resume');
+  await joinRoom(bob, 'resume');
+  const seen = 'seen before the drop';
+  await sendAll(bob, [seen]);
+  await waitForMessage(alice, seen);
+
+  net.blocked = true;
+  await net.cut();
+  await waitForStatus(alice, 'reconnecting');
+  const missed = ['missed one', 'missed two'];
+  await sendAll(bob, missed);
+  const typed = 'typed while cut off';
+  await send(alice, typed);
+  await waitForMessage(alice, typed, (m) => m.pending);
+
+  const attempts = net.urls.length;
+  net.blocked = false;
+  await waitForStatus(alice, 'connected', 20_000);
+  for (const text of [...missed, typed]) await waitForMessage(alice, text);
+  await waitForMessage(bob, typed);
+  const last = 'after the drop';
+  await sendAll(bob, [last]);
+  await waitForMessage(alice, last);
+
+  const expected = [seen, ...missed, typed, last].map((text) => ({
+    user: text === typed ? 'alice' : 'bob',
+    text,
+    own: text === typed,
+  }));
+  const shownA = await assertShown(alice, expected);
+  const shownB = await assertShown(bob, expected.map((m) => ({ ...m, own: !m.own })));
+  assertSameIds(shownA, shownB);
+  assert.deepEqual(await lines(alice), expected.map((m) => m.text), 'alice: no marker, no duplicate');
+
+  // The reconnect asked for what came after the last message alice had.
+  const url = net.urls.at(-1);
+  assert.ok(net.urls.length > attempts, 'alice reconnected');
+  assert.equal(url.searchParams.get('room'), 'resume');
+  assert.equal(url.searchParams.get('since'), shownA[0].id, 'since: the last id alice saw');
+  assert.match(url.searchParams.get('epoch') ?? '', /^[A-Za-z0-9]+$/, 'with the room epoch');
+  const sends = sendsOf(net, typed);
+  assert.ok(sends.length >= 1 && sends.every((f) => f.ref === sends[0].ref), 'one ref per message');
+}));
+
+test('messages whose echo and ack were lost are resent with the same ref and shown once', { timeout: 40_000 }, scenario('resend', async (open) => {
+  const net = relay();
+  const alice = await open(nodes.a, 'alice', { setup: net.install });
+  const bob = await open(nodes.b, 'bob');
+  await joinRoom(alice, 'resend');
+  await joinRoom(bob, 'resend');
+  const first = 'the first one';
+  await sendAll(alice, [first]);
+  await waitForMessage(bob, first);
+
+  // The server takes the message but alice never hears back: she cannot tell if it got through.
+  const text = 'did this get through?';
+  let held = 0;
+  net.drop = (frame) => {
+    const f = JSON.parse(frame);
+    const hold = f.room === 'resend' && (f.type === 'ack' || (f.type === 'message' && f.message === text));
+    if (hold) held += 1;
+    return hold;
+  };
+  await send(alice, text);
+  await waitForMessage(bob, text);
+  await waitFor('the echo and the ack to be held back', () => held >= 2);
+  await waitForMessage(alice, text, (m) => m.pending);
+  net.drop = () => false;
+  await net.cut();
+
+  await waitForMessage(alice, text);
+
+  // Again, but the echo does not come back with the missed messages either (as when they could
+  // not all be recovered): the resend's duplicate ack alone tells alice it was delivered.
+  const lost = 'its echo never comes';
+  held = 0;
+  const echoOf = (frame, t) => {
+    const f = JSON.parse(frame);
+    return f.type === 'message' && f.message === t;
+  };
+  net.drop = (frame) => {
+    const hold = echoOf(frame, lost) || JSON.parse(frame).type === 'ack';
+    if (hold) held += 1;
+    return hold;
+  };
+  await send(alice, lost);
+  await waitForMessage(bob, lost);
+  await waitFor('the echo and the ack to be held back', () => held >= 2);
+  net.drop = (frame) => echoOf(frame, lost);
+  await net.cut();
+  await waitForMessage(alice, lost);
+  net.drop = () => false;
+
+  const after = 'and one more';
+  await send(alice, after);
+  await waitForMessage(alice, after);
+  await waitForMessage(bob, after);
+
+  const expected = [first, text, lost, after].map((t) => ({ user: 'alice', text: t, own: true }));
+  const shownA = await assertShown(alice, expected);
+  const shownB = await assertShown(bob, expected.map((m) => ({ ...m, own: false })));
+  assertSameIds(shownA, shownB);
+  for (const t of [text, lost]) {
+    const sends = sendsOf(net, t);
+    assert.equal(sends.length, 2, `alice sent ${JSON.stringify(t)} again after reconnecting`);
+    assert.equal(sends[1].ref, sends[0].ref, 'with the same ref');
+  }
+}));
+
+test('older messages are loaded on demand until there are no more', { timeout: 40_000 }, scenario('older', async (open) => {
+  const alice = await open(nodes.a, 'alice');
+  await joinRoom(alice, 'older');
+  const texts = Array.from({ length: 8 }, (_, i) => `older ${i + 1}`);
+  await sendAll(alice, texts);
+
+  // node-c sends only the newest 3 on join.
+  const bob = await open(nodes.c, 'bob');
+  await joinRoom(bob, 'older');
+  await waitForMessage(bob, texts[7], (m) => !m.pending && m.earlier);
+  assert.deepEqual((await messages(bob)).map((m) => m.text), texts.slice(5));
+  const button = bob.locator('#load-older');
+  await button.waitFor({ state: 'visible' });
+  assert.equal((await button.textContent()).trim(), 'Load older messages');
+  await mkdir(ARTIFACTS, { recursive: true });
+  await bob.screenshot({ path: join(ARTIFACTS, 'chat-history.png') });
+
+  // By keyboard: once everything is loaded the button goes, and focus stays in the list.
+  await button.focus();
+  await bob.keyboard.press('Enter');
+  await waitForMessage(bob, texts[0]);
+  await button.waitFor({ state: 'hidden' });
+  assert.equal(await bob.evaluate(() => document.activeElement?.id), 'messages', 'bob: focus');
+  const shownB = await assertShown(bob, texts.map((text) => ({ user: 'alice', text, own: false })), { earlier: true });
+  const shownA = await assertShown(alice, texts.map((text) => ({ user: 'alice', text, own: true })));
+  assertSameIds(shownA, shownB);
+  assert.deepEqual(await lines(bob), [...texts, '|divider'], 'bob: older ones above, once each');
+  // Rooms whose whole history is on screen offer nothing to load.
+  await switchRoom(alice, 'older');
+  assert.ok(await alice.locator('#load-older').isHidden(), 'alice: nothing older than message 1');
+}));
+
+test('scrolling to the top of the list loads older messages, keeping the view in place', { timeout: 40_000 }, scenario('scroll-back', async (open) => {
+  const alice = await open(nodes.a, 'alice');
+  await joinRoom(alice, 'scroll');
+  const texts = Array.from({ length: 8 }, (_, i) => `scroll ${i + 1}\nsecond line\nthird line`);
+  await sendAll(alice, texts);
+
+  // A short window, so the 3 messages node-c sends on join already overflow the list.
+  const bob = await open(nodes.c, 'bob', { viewport: { width: 800, height: 420 } });
+  await joinRoom(bob, 'scroll');
+  await waitForMessage(bob, texts[7], (m) => !m.pending && m.earlier);
+  const list = bob.locator('#messages');
+  const overflows = await list.evaluate((m) => m.scrollHeight > m.clientHeight);
+  assert.ok(overflows, 'bob: the list scrolls');
+  const top = bob.locator('#messages .msg').first();
+  assert.equal(await top.locator('.text').textContent(), texts[5]);
+
+  await list.evaluate((m) => { m.scrollTop = 0; });
+  await waitForMessage(bob, texts[0]);
+  await bob.locator('#load-older').waitFor({ state: 'hidden' });
+  assert.deepEqual((await messages(bob)).map((m) => m.text), texts, 'bob: all, in order, once');
+  // What was at the top before stays where it was on screen instead of jumping away.
+  const previousTop = bob.locator('#messages .msg').nth(5);
+  const [listBox, msgBox] = [await list.boundingBox(), await previousTop.boundingBox()];
+  assert.ok(msgBox.y + msgBox.height > listBox.y && msgBox.y < listBox.y + listBox.height,
+    `bob: ${JSON.stringify(texts[5])} is still in view: ${JSON.stringify({ listBox, msgBox })}`);
+}));
+
+test('a page that could not get everything it missed says that messages may be missing', { timeout: 45_000 }, scenario('gap', async (open) => {
+  const net = relay();
+  // On node-c a room keeps only its newest 5 messages.
+  const alice = await open(nodes.c, 'alice', { setup: net.install });
+  const bob = await open(nodes.c, 'bob');
+  await joinRoom(alice, 'gap');
+  await joinRoom(bob, 'gap');
+  const seen = 'seen by alice';
+  await sendAll(bob, [seen]);
+  await waitForMessage(alice, seen);
+
+  net.blocked = true;
+  await net.cut();
+  await waitForStatus(alice, 'reconnecting');
+  const missed = Array.from({ length: 8 }, (_, i) => `gap ${i + 1}`);
+  await sendAll(bob, missed);
+  net.blocked = false;
+  await waitForStatus(alice, 'connected', 20_000);
+
+  // Too many to recover: alice gets the newest 3 and a notice where the others would be.
+  for (const text of missed.slice(5)) await waitForMessage(alice, text);
+  const notice = alice.locator('#messages .marker.gap');
+  await notice.waitFor({ state: 'visible' });
+  assert.match(await notice.textContent(), /may be missing/);
+  assert.deepEqual(await lines(alice), [seen, '|gap', ...missed.slice(5)]);
+  await mkdir(ARTIFACTS, { recursive: true });
+  await alice.screenshot({ path: join(ARTIFACTS, 'chat-gap.png') });
 }));
 
 /** Width and height from a PNG's IHDR, after checking its signature. */

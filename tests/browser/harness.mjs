@@ -167,7 +167,7 @@ function redisPing(port) {
  * waits until `GET /readyz` answers 200. It runs in a scratch directory, so it never reads the
  * repository's config/scalechat.toml, and without the caller's scalechat/Redis variables.
  */
-export async function startNode({ nodeId, port, redisPort }) {
+export async function startNode({ nodeId, port, redisPort, env: extra = {} }) {
   const env = Object.fromEntries(
     Object.entries(process.env).filter(
       ([k]) => !k.startsWith('SCALECHAT_') && k !== 'PORT' && !k.startsWith('REDIS_'),
@@ -181,6 +181,7 @@ export async function startNode({ nodeId, port, redisPort }) {
     REDIS_HOST: '127.0.0.1',
     REDIS_PORT: String(redisPort),
     RUST_LOG: 'warn',
+    ...extra,
   });
   const child = launch(nodeId, SCALECHAT_BIN, [], { cwd: scratch(`scalechat-${nodeId}-`), env });
   const url = `http://127.0.0.1:${port}`;
@@ -225,9 +226,10 @@ export function launchBrowser() {
  * `cspViolations` the console's Content-Security-Policy reports, and `dialogs` every dialog
  * that opened (each is dismissed).
  */
-export async function openChat(browser, node, name, { viewport, track = () => {} } = {}) {
+export async function openChat(browser, node, name, { viewport, track = () => {}, setup } = {}) {
   const context = await browser.newContext({ viewport: viewport ?? { width: 1280, height: 800 } });
   context.setDefaultTimeout(WAIT_MS);
+  await setup?.(context);
   const page = await context.newPage();
   page.label = `${name}@${node.nodeId}`;
   page.errors = [];
@@ -277,6 +279,7 @@ export function messages(page) {
       text: el.querySelector('.text')?.textContent ?? null,
       own: el.classList.contains('own'),
       pending: el.classList.contains('pending'),
+      earlier: el.classList.contains('earlier'),
     })),
   );
 }
@@ -290,6 +293,57 @@ export async function waitForMessage(page, text, accept = (m) => !m.pending) {
     if (!found.some(accept)) throw new Error(`#messages: ${JSON.stringify(all)}`);
     return found;
   });
+}
+
+/** The marker lines of `#messages` (history divider, missing-messages notice) as data. */
+export function markers(page) {
+  return page.$$eval('#messages .marker', (els) =>
+    els.map((el) => ({ kind: el.classList.contains('gap') ? 'gap' : 'divider', text: el.textContent })),
+  );
+}
+
+/**
+ * Puts the test between a context's pages and the server: every WebSocket of the context goes
+ * through a relay that records the URLs it was opened with and the frames the page sent, can
+ * hold back server frames (`drop(text)` returning true), can `cut()` every open socket as a
+ * network failure would, and while `blocked` refuses new ones. Install with `openChat`'s `setup`.
+ */
+export function relay() {
+  const r = { urls: [], sent: [], open: new Set(), blocked: false, drop: () => false };
+  r.install = (context) =>
+    context.routeWebSocket(/\/ws(\?|$)/, (ws) => {
+      r.urls.push(new URL(ws.url()));
+      if (r.blocked) return ws.close({ code: 4000, reason: 'blocked by the test' });
+      const server = ws.connectToServer();
+      const pair = { ws, server };
+      r.open.add(pair);
+      ws.onMessage((text) => {
+        r.sent.push(text);
+        server.send(text);
+      });
+      server.onMessage((text) => {
+        if (!r.drop(text)) ws.send(text);
+      });
+      // Only codes a WebSocket's close() accepts are passed on; the page ignores the code.
+      const code = (c) => (c === 1000 || (c >= 3000 && c <= 4999) ? c : 1000);
+      ws.onClose((c, reason) => {
+        r.open.delete(pair);
+        server.close({ code: code(c), reason }).catch(() => {});
+      });
+      server.onClose((c, reason) => {
+        r.open.delete(pair);
+        ws.close({ code: code(c), reason }).catch(() => {});
+      });
+    });
+  r.cut = async () => {
+    const pairs = [...r.open];
+    r.open.clear();
+    for (const { ws, server } of pairs) {
+      await server.close({ code: 1000, reason: 'cut by the test' }).catch(() => {});
+      await ws.close({ code: 4000, reason: 'cut by the test' }).catch(() => {});
+    }
+  };
+  return r;
 }
 
 /** Types `text` into `#message-input` and presses Enter. */
