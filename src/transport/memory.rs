@@ -167,8 +167,8 @@ impl MemoryTransport {
         }
     }
 
-    /// What a client joining `room` gets: the messages after `since` if they are all still
-    /// here, else the newest `history_on_join`.
+    /// What a client joining `room` gets: the messages after `since` that are still here
+    /// (recovered if none is missing), else the newest `history_on_join`.
     pub fn snapshot(&self, room: &RoomName, since: Option<&Since>) -> Snapshot {
         let log = self.log(room);
         let mut log = log.lock().unwrap_or_else(PoisonError::into_inner);
@@ -180,12 +180,14 @@ impl MemoryTransport {
         };
         let recovered = since.map(reachable);
         let frames = match since {
-            Some(s) if recovered == Some(true) => log
+            // Same epoch: whatever is still stored after `since`, all of it when recovered.
+            Some(s) if s.epoch == log.epoch && s.id < log.last_id => log
                 .history
                 .iter()
                 .filter(|m| m.id > s.id)
                 .map(|m| m.frame.clone())
                 .collect(),
+            Some(_) if recovered == Some(true) => Vec::new(),
             _ => {
                 let skip = log
                     .history

@@ -96,9 +96,9 @@ if since >= 0 then
   recovered = 0
   if ARGV[3] == epoch and since <= last then
     if since == last then return {epoch, last, 1, {}} end
-    if #redis.call('ZRANGEBYSCORE', KEYS[2], since + 1, since + 1) == 1 then
-      return {epoch, last, 1, redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. since, last)}
-    end
+    local next = #redis.call('ZRANGEBYSCORE', KEYS[2], since + 1, since + 1)
+    -- What is still stored after `since`: all of it, or what is left of it.
+    return {epoch, last, next, redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. since, last)}
   end
 end
 local n = tonumber(ARGV[4])
@@ -288,8 +288,9 @@ impl RedisTransport {
         let (epoch, last_id, recovered, mut messages) = self
             .invoke::<(String, u64, i64, Vec<Vec<u8>>)>(call)
             .await?;
-        if recovered != 1 {
-            messages.reverse(); // newest first from Redis
+        let same_epoch = since.is_some_and(|s| s.epoch == epoch && s.id <= last_id);
+        if !same_epoch {
+            messages.reverse(); // the newest, newest first from Redis
         }
         Ok(Snapshot {
             epoch,
