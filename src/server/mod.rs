@@ -5,9 +5,9 @@
 //! HTTP connections end gracefully, every session sends Close 1001, and [`Server::run`] waits
 //! for them up to `shutdown_grace_secs`.
 
-mod http;
-mod session;
-mod writer;
+pub(crate) mod http;
+pub(crate) mod session;
+pub(crate) mod writer;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -42,8 +42,10 @@ pub struct Node {
     pub transport: Transport,
     /// Counters and gauges for `/metrics`.
     pub metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-    sessions: TaskTracker,
+    /// Socket.IO (Engine.IO) sessions of this node, by session id.
+    pub socketio: crate::socketio::Sessions,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) sessions: TaskTracker,
     connections: AtomicUsize,
     next_conn: AtomicU64,
     live: RwLock<Arc<Reloadable>>,
@@ -69,6 +71,7 @@ impl Node {
             hub,
             transport,
             metrics,
+            socketio: crate::socketio::Sessions::default(),
             shutdown,
             sessions: TaskTracker::new(),
             connections: AtomicUsize::new(0),
@@ -105,12 +108,12 @@ impl Node {
         self.live_version.fetch_add(1, Ordering::AcqRel);
     }
 
-    fn next_conn_id(&self) -> ConnId {
+    pub(crate) fn next_conn_id(&self) -> ConnId {
         ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed))
     }
 
     /// Takes one of `max_connections` slots, released when the guard drops.
-    fn reserve_slot(self: &Arc<Self>) -> Option<ConnSlot> {
+    pub(crate) fn reserve_slot(self: &Arc<Self>) -> Option<ConnSlot> {
         let max = self.live().max_connections;
         let taken = self.connections.fetch_add(1, Ordering::AcqRel);
         let slot = ConnSlot(self.clone());
@@ -120,7 +123,7 @@ impl Node {
 
 /// One of the node's `max_connections` slots.
 #[derive(Debug)]
-struct ConnSlot(Arc<Node>);
+pub(crate) struct ConnSlot(Arc<Node>);
 
 impl Drop for ConnSlot {
     fn drop(&mut self) {

@@ -32,7 +32,7 @@ use crate::protocol::{ErrorCode, ProtocolError, RoomName};
 use crate::transport::{Envelope, Snapshot, dedupe_key};
 
 /// How long either side waits for the other's close frame once one was sent.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the client asked for in the `/ws` query.
 #[derive(Debug)]
@@ -125,7 +125,7 @@ pub async fn run(node: Arc<Node>, upgrade: UpgradeFut, params: Params, slot: Con
 
 /// How the reader ended.
 #[derive(Debug)]
-enum ReadEnd {
+pub(crate) enum ReadEnd {
     /// The stream ended or failed; no close frame can be exchanged.
     Gone,
     /// Send a close frame with this code and reason (the peer closed, or broke a rule).
@@ -486,7 +486,7 @@ impl Drop for Memberships {
     }
 }
 
-fn read_error(e: WebSocketError) -> ReadEnd {
+pub(crate) fn read_error(e: WebSocketError) -> ReadEnd {
     use WebSocketError as E;
     match e {
         E::FrameTooLarge => ReadEnd::Close(close_code::MESSAGE_TOO_BIG, "frame too large"),
@@ -497,7 +497,7 @@ fn read_error(e: WebSocketError) -> ReadEnd {
 }
 
 /// The answer to the peer's close frame: its code echoed, or a protocol error.
-fn peer_close(payload: &[u8]) -> ReadEnd {
+pub(crate) fn peer_close(payload: &[u8]) -> ReadEnd {
     match payload.len() {
         0 => ReadEnd::Close(close_code::NORMAL, ""),
         1 => ReadEnd::Close(close_code::PROTOCOL_ERROR, "malformed close frame"),
@@ -515,25 +515,25 @@ fn peer_close(payload: &[u8]) -> ReadEnd {
 }
 
 /// Collects a fragmented message, capping its total size (fastwebsockets caps frames only).
-struct Assembler {
+pub(crate) struct Assembler {
     buf: Option<Vec<u8>>,
     max_bytes: usize,
 }
 
 impl Assembler {
-    fn new(max_bytes: usize) -> Self {
+    pub(crate) fn new(max_bytes: usize) -> Self {
         Self {
             buf: None,
             max_bytes,
         }
     }
 
-    fn started(&self) -> bool {
+    pub(crate) fn started(&self) -> bool {
         self.buf.is_some()
     }
 
     /// Adds a text or continuation frame; returns the whole text once the last one arrives.
-    fn push(
+    pub(crate) fn push(
         &mut self,
         opcode: OpCode,
         fin: bool,
@@ -578,7 +578,7 @@ impl Assembler {
 
 /// Message rate limit: `rate` tokens a second, at most `burst` saved up.
 #[derive(Debug)]
-struct TokenBucket {
+pub(crate) struct TokenBucket {
     rate: f64,
     burst: f64,
     tokens: f64,
@@ -586,7 +586,7 @@ struct TokenBucket {
 }
 
 impl TokenBucket {
-    fn new(rate: f64, burst: u32) -> Self {
+    pub(crate) fn new(rate: f64, burst: u32) -> Self {
         Self {
             rate,
             burst: f64::from(burst),
@@ -602,7 +602,7 @@ impl TokenBucket {
         self.tokens = self.tokens.min(self.burst);
     }
 
-    fn take(&mut self, now: Instant) -> bool {
+    pub(crate) fn take(&mut self, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
@@ -616,9 +616,9 @@ impl TokenBucket {
 }
 
 /// The read half with the bytes hyper had already read past the handshake in front.
-struct Early<R> {
-    bytes: Bytes,
-    inner: R,
+pub(crate) struct Early<R> {
+    pub(crate) bytes: Bytes,
+    pub(crate) inner: R,
 }
 
 impl<R: AsyncRead + Unpin> AsyncRead for Early<R> {
