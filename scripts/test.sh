@@ -30,6 +30,8 @@ cargo test --all-targets --locked
 echo "== browser tests"
 cargo build --locked
 bash tests/browser/run.sh target/debug/scalechat
+echo "== socket.io-client tests"
+bash tests/socketio/run.sh target/debug/scalechat
 echo "== packaging checks"
 bash packaging/check-systemd.sh
 bash packaging/check-nginx.sh
