@@ -324,6 +324,42 @@ mod tests {
     }
 
     #[test]
+    fn socketio_members_share_one_socketio_frame_built_once() {
+        let hub = Hub::new();
+        let native = Arc::new(Outbox::new(8));
+        let sio: Vec<_> = (0..3).map(|_| Arc::new(Outbox::new(8))).collect();
+        hub.join(&room("general"), ConnId(1), &native, reply);
+        for (i, outbox) in sio.iter().enumerate() {
+            hub.join_as(
+                Codec::SocketIo,
+                &room("general"),
+                ConnId(10 + i as u64),
+                outbox,
+                reply,
+            );
+        }
+        for outbox in sio.iter().chain([&native]) {
+            drain(outbox);
+        }
+        let frame = crate::protocol::ws::text(br#"{"type":"message","message":"hi"}"#);
+        assert_eq!(hub.deliver("general", &frame).queued, 4);
+        assert_eq!(drain(&native)[0].as_ptr(), frame.as_ptr());
+        let first = drain(&sio[0]);
+        let payload = crate::protocol::ws::text_payload(&first[0]);
+        assert_eq!(
+            &payload[..],
+            br#"42["message","{\"type\":\"message\",\"message\":\"hi\"}"]"#
+        );
+        for outbox in &sio[1..] {
+            assert_eq!(
+                drain(outbox)[0].as_ptr(),
+                first[0].as_ptr(),
+                "one Socket.IO frame"
+            );
+        }
+    }
+
+    #[test]
     fn a_full_member_is_counted_slow_and_others_still_get_the_frame() {
         let hub = Hub::new();
         let slow = Arc::new(Outbox::new(8));

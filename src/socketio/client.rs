@@ -318,9 +318,11 @@ mod tests {
 
     #[test]
     fn message_fields_accept_an_object_or_a_string() {
-        let (m, room, r) = message_fields(&json!({"message":"hi","room":"dev","ref":"a"})).unwrap();
+        let data = json!({"message":"hi","room":"dev","ref":"a"});
+        let (m, room, r) = message_fields(&data).unwrap();
         assert_eq!((m, room.unwrap().as_str(), r), ("hi", "dev", Some("a")));
-        assert_eq!(message_fields(&json!("hi")).unwrap().0, "hi");
+        let data = json!("hi");
+        assert_eq!(message_fields(&data).unwrap().0, "hi");
         let code = |v: Value| message_fields(&v).unwrap_err().code;
         assert_eq!(code(json!({})), ErrorCode::BadField);
         assert_eq!(code(json!({"message":1})), ErrorCode::BadField);

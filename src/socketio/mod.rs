@@ -173,7 +173,11 @@ async fn dispatch(node: Arc<Node>, peer: SocketAddr, req: Request<Incoming>) -> 
             return EngineError::BadHandshakeMethod.response();
         }
         return match session::open(&node, &query, websocket) {
-            Err(refused) => refused,
+            Err(why) => respond(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain; charset=utf-8",
+                Bytes::from_static(why.as_bytes()),
+            ),
             Ok(session) if websocket => websocket::upgrade(node, session, req, false, peer),
             Ok(session) => polling::handshake(&node, &session),
         };

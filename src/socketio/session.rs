@@ -10,16 +10,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Response, StatusCode};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::Query;
 use super::client::Client;
 use super::codec::engine_frame;
-use super::{Body, Query};
 use crate::metrics::{OpenSession, Refusal};
 use crate::outbox::Outbox;
 use crate::protocol::ws::close_code;
@@ -92,24 +89,20 @@ pub(super) struct Session {
     _slot: ConnSlot,
 }
 
-/// Opens a session for a handshake; the refusal to send otherwise.
+/// Opens a session for a handshake; otherwise why not (the node is shutting down or full:
+/// answered with 503).
 pub(super) fn open(
     node: &Arc<Node>,
     query: &Query,
     websocket: bool,
-) -> Result<Arc<Session>, Response<Body>> {
-    let unavailable = |why: &'static str| {
-        let mut res = Response::new(Full::new(Bytes::from_static(why.as_bytes())));
-        *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-        res
-    };
+) -> Result<Arc<Session>, &'static str> {
     if node.shutdown.is_cancelled() {
         node.metrics.refused(Refusal::ShuttingDown);
-        return Err(unavailable("shutting down\n"));
+        return Err("shutting down\n");
     }
     let Some(slot) = node.reserve_slot() else {
         node.metrics.refused(Refusal::Capacity);
-        return Err(unavailable("too many connections\n"));
+        return Err("too many connections\n");
     };
     let live = node.live();
     let conn = node.next_conn_id();
