@@ -157,6 +157,14 @@ describe('two nodes and redis', () => {
     assert.equal(atA.id, atB.id + 1, 'one id sequence for the room, whichever node sent');
     native.close();
   });
+
+  test("a polling session's id on the other node is answered Session ID unknown", async () => {
+    const open = await fetch(`${nodeA.url}/socket.io/?EIO=4&transport=polling`);
+    const { sid } = JSON.parse((await open.text()).slice(1));
+    const wrong = await fetch(`${nodeB.url}/socket.io/?EIO=4&transport=polling&sid=${sid}`);
+    assert.equal(wrong.status, 400);
+    assert.deepEqual(await wrong.json(), { code: 1, message: 'Session ID unknown' });
+  });
 });
 
 describe('server restart', () => {
