@@ -98,7 +98,7 @@ impl Node {
     }
 
     /// Bumped by every [`Node::reconfigure`]: sessions compare it to refresh their limits.
-    fn live_version(&self) -> u64 {
+    pub(crate) fn live_version(&self) -> u64 {
         self.live_version.load(Ordering::Acquire)
     }
 

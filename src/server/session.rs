@@ -596,7 +596,7 @@ impl TokenBucket {
     }
 
     /// Changes the rate and burst, keeping the tokens saved up (at most the new burst).
-    fn reconfigure(&mut self, rate: f64, burst: u32) {
+    pub(crate) fn reconfigure(&mut self, rate: f64, burst: u32) {
         self.rate = rate;
         self.burst = f64::from(burst);
         self.tokens = self.tokens.min(self.burst);

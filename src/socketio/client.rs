@@ -35,15 +35,19 @@ pub(super) struct Client {
     connected: Option<(String, RoomName)>,
     rooms: Vec<RoomName>,
     bucket: TokenBucket,
+    /// The node's reloadable settings version the bucket was set up for.
+    live_version: u64,
 }
 
 type Answer = Result<Value, ProtocolError>;
 
 impl Client {
     pub fn new(node: Arc<Node>, conn: ConnId, outbox: Arc<Outbox>, query: &Query) -> Self {
+        let live_version = node.live_version();
         let live = node.live();
         let bucket = TokenBucket::new(live.limits.messages_per_second, live.limits.message_burst);
         Self {
+            live_version,
             node,
             conn,
             outbox,
@@ -211,6 +215,14 @@ impl Client {
         };
         let (message, room, reference) = message_fields(data)?;
         let live = self.node.live();
+        let version = self.node.live_version();
+        if version != self.live_version {
+            // A SIGHUP changed the limits: the rate applies from this message on.
+            self.live_version = version;
+            let limits = &live.limits;
+            self.bucket
+                .reconfigure(limits.messages_per_second, limits.message_burst);
+        }
         check_message(message, live.limits.max_message_chars)?;
         let room = room.unwrap_or_else(|| first_room.clone());
         if !self.rooms.contains(&room) {

@@ -80,8 +80,12 @@ pub fn split_payload(body: &str) -> Result<Vec<&str>, CodecError> {
 }
 
 /// Joins the payloads of WebSocket text frames built by [`crate::protocol::ws`] (each an
-/// Engine.IO packet) into one long-polling response body.
-pub fn join_frames<'a>(frames: impl Iterator<Item = &'a Bytes> + Clone) -> Bytes {
+/// Engine.IO packet) into one long-polling response body. A single frame's payload is
+/// returned as a slice of the frame, without a copy.
+pub fn join_frames<'a>(mut frames: impl ExactSizeIterator<Item = &'a Bytes> + Clone) -> Bytes {
+    if frames.len() == 1 {
+        return frames.next().map(ws::text_payload).unwrap_or_default();
+    }
     let len: usize = frames.clone().map(|f| f.len() + 1).sum();
     let mut body = Vec::with_capacity(len);
     for (i, frame) in frames.enumerate() {
@@ -234,15 +238,47 @@ pub fn disconnect() -> Bytes {
 /// The Socket.IO form of a chat message: `42["message","<the native JSON as a string>"]`,
 /// built from a native `message` frame (a WebSocket text frame), as one WebSocket text frame.
 pub fn message_frame(native_frame: &Bytes) -> Bytes {
+    const HEAD: &[u8] = b"42[\"message\",\"";
+    const TAIL: &[u8] = b"\"]";
     let json = ws::text_payload(native_frame);
-    // Room and user names and the message are JSON-escaped already, so the text is UTF-8.
-    let text = std::str::from_utf8(&json).unwrap_or_default();
-    let mut out = Vec::with_capacity(json.len() + json.len() / 8 + 20);
-    out.extend_from_slice(b"42[\"message\",");
-    // Writing a str into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut out, text);
-    out.push(b']');
-    ws::text(&out)
+    let mut escaped = 0;
+    escape_json(&json, |part| escaped += part.len());
+    // Measured first, so the frame is built in one allocation.
+    ws::text_with(HEAD.len() + escaped + TAIL.len(), |buf| {
+        buf.extend_from_slice(HEAD);
+        escape_json(&json, |part| buf.extend_from_slice(part));
+        buf.extend_from_slice(TAIL);
+    })
+}
+
+/// Hands `out` the contents of a JSON string holding `text`, in pieces: `"` and `\` escaped,
+/// control characters as `\u00XX`. (The native JSON has none unescaped; the rule is total.)
+fn escape_json(text: &[u8], mut out: impl FnMut(&[u8])) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut start = 0;
+    for (i, &b) in text.iter().enumerate() {
+        let control;
+        let escape: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            0x00..=0x1f => {
+                control = [
+                    b'\\',
+                    b'u',
+                    b'0',
+                    b'0',
+                    HEX[(b >> 4) as usize],
+                    HEX[(b & 15) as usize],
+                ];
+                &control
+            }
+            _ => continue,
+        };
+        out(&text[start..i]);
+        out(escape);
+        start = i + 1;
+    }
+    out(&text[start..]);
 }
 
 #[cfg(test)]
@@ -315,6 +351,31 @@ mod tests {
     }
 
     #[test]
+    fn one_frame_is_sent_without_a_copy() {
+        let frame = message_frame(&ws::text(b"{}"));
+        let body = join_frames([&frame].into_iter());
+        assert_eq!(&body[..], &ws::text_payload(&frame)[..]);
+        assert_eq!(body.as_ptr(), frame[2..].as_ptr());
+    }
+
+    #[test]
+    fn decoders_never_panic_on_random_input() {
+        let alphabet = b"0123456789/,[]{}\"\\:abe\x1e \xff\xc3\xa9-_";
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..20_000 {
+            let len = rng.usize(0..24);
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| alphabet[rng.usize(..alphabet.len())])
+                .collect();
+            let text = String::from_utf8_lossy(&bytes);
+            let _ = decode_engine(&text);
+            let _ = decode_packet(&text);
+            let _ = split_payload(&text);
+            let _ = message_frame(&Bytes::from(bytes));
+        }
+    }
+
+    #[test]
     fn server_packets() {
         let payload = |f: Bytes| String::from_utf8(ws::text_payload(&f).to_vec()).unwrap();
         assert_eq!(payload(connected("abc")), r#"40{"sid":"abc"}"#);
@@ -337,5 +398,9 @@ mod tests {
         assert_eq!(parsed[0], "message");
         let inner: Value = serde_json::from_str(parsed[1].as_str().unwrap()).unwrap();
         assert_eq!(inner["message"], "a \"b\"");
+        let odd = ws::text("x\u{1}\\\"é".as_bytes());
+        let text = payload(message_frame(&odd));
+        let parsed: Value = serde_json::from_str(&text[2..]).unwrap();
+        assert_eq!(parsed[1], "x\u{1}\\\"é");
     }
 }
