@@ -222,7 +222,11 @@ async fn run(node: Arc<Node>, session: Arc<Session>, live: Arc<crate::config::Re
             _ = session.ended() => break,
             _ = node.shutdown.cancelled() => {
                 session.outbox.close(close_code::GOING_AWAY, "server shutting down", true);
-                let _ = tokio::time::timeout(CLOSE_GRACE, session.ended()).await;
+                // A WebSocket or a parked poll tells the client at once; a polling client
+                // between polls would only find a closed listener: nothing to wait for.
+                if session.is_websocket() || session.polling.load(Ordering::Acquire) {
+                    let _ = tokio::time::timeout(CLOSE_GRACE, session.ended()).await;
+                }
                 break;
             }
             _ = tokio::time::sleep(interval) => {
