@@ -32,6 +32,8 @@ cargo build --locked
 bash tests/browser/run.sh target/debug/scalechat
 echo "== RFC 6455 compliance (Autobahn cases, kosoku)"
 bash tests/autobahn/run.sh
+echo "== socket.io-client tests"
+bash tests/socketio/run.sh target/debug/scalechat
 echo "== packaging checks"
 bash packaging/check-systemd.sh
 bash packaging/check-nginx.sh

@@ -4,6 +4,10 @@
 //! Everything here is synchronous and never awaits a member: [`Hub::deliver`] clones the
 //! frame's `Bytes` (a reference-count bump) into each member's bounded [`Outbox`]. A member
 //! whose outbox is full is closed as a slow consumer by the outbox itself and skipped.
+//!
+//! Members speak a [`Codec`]: native members get the native frame; Socket.IO members get its
+//! Socket.IO form, built at most once per delivery (only if the room has one) and shared the
+//! same way.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -24,6 +28,24 @@ impl fmt::Display for ConnId {
         write!(f, "{:x}", self.0)
     }
 }
+
+/// The wire format a member reads chat messages in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    /// scalechat's native protocol: the message frame as published.
+    Native,
+    /// Socket.IO: the `message` event built by [`crate::socketio::codec::message_frame`].
+    SocketIo,
+}
+
+/// A local member of a room: where its frames go, and in which form.
+#[derive(Debug)]
+struct Member {
+    outbox: Arc<Outbox>,
+    codec: Codec,
+}
+
+type Rooms = HashMap<RoomName, HashMap<ConnId, Member>>;
 
 /// Result of a join or leave, as seen by this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,7 +71,7 @@ pub struct Delivered {
 pub struct Hub {
     // Read-locked for delivery (deliveries run in parallel), write-locked for the O(1) join
     // and leave. Never held across an await.
-    rooms: RwLock<HashMap<RoomName, HashMap<ConnId, Arc<Outbox>>>>,
+    rooms: RwLock<Rooms>,
     metrics: Arc<Metrics>,
 }
 
@@ -67,12 +89,12 @@ impl Hub {
         }
     }
 
-    fn read(&self) -> RwLockReadGuard<'_, HashMap<RoomName, HashMap<ConnId, Arc<Outbox>>>> {
+    fn read(&self) -> RwLockReadGuard<'_, Rooms> {
         // Poisoning needs a panic under the lock; the maps stay consistent regardless.
         self.rooms.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn write(&self) -> RwLockWriteGuard<'_, HashMap<RoomName, HashMap<ConnId, Arc<Outbox>>>> {
+    fn write(&self) -> RwLockWriteGuard<'_, Rooms> {
         self.rooms.write().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -85,13 +107,29 @@ impl Hub {
         outbox: &Arc<Outbox>,
         reply: impl FnOnce(usize) -> Bytes,
     ) -> Membership {
+        self.join_as(Codec::Native, room, conn, outbox, reply)
+    }
+
+    /// [`Hub::join`] for a member reading chat messages in `codec`.
+    pub fn join_as(
+        &self,
+        codec: Codec,
+        room: &RoomName,
+        conn: ConnId,
+        outbox: &Arc<Outbox>,
+        reply: impl FnOnce(usize) -> Bytes,
+    ) -> Membership {
         let mut rooms = self.write();
         let members = rooms.entry(room.clone()).or_default();
         let edge = members.is_empty();
         if edge {
             self.metrics.rooms.inc();
         }
-        members.insert(conn, outbox.clone());
+        let member = Member {
+            outbox: outbox.clone(),
+            codec,
+        };
+        members.insert(conn, member);
         let online = members.len();
         // Refused only when the connection is closing; then nobody reads the reply.
         let _ = outbox.push(reply(online));
@@ -107,7 +145,11 @@ impl Hub {
         if edge {
             self.metrics.rooms.inc();
         }
-        members.insert(conn, staging.clone());
+        let member = Member {
+            outbox: staging.clone(),
+            codec: Codec::Native,
+        };
+        members.insert(conn, member);
         Membership {
             online: members.len(),
             edge,
@@ -129,7 +171,7 @@ impl Hub {
         let Some(entry) = rooms.get_mut(room).and_then(|m| m.get_mut(&conn)) else {
             return false;
         };
-        *entry = outbox.clone();
+        entry.outbox = outbox.clone();
         let mut staged = VecDeque::new();
         match staging.take(&mut staged) {
             Next::Close(_) => flush(None),
@@ -164,12 +206,20 @@ impl Hub {
         self.read().keys().cloned().collect()
     }
 
-    /// Queues `frame` for every local member of `room`; never waits.
+    /// Queues `frame` for every local member of `room`; never waits. Socket.IO members get
+    /// its Socket.IO form, encoded on the first such member and shared by all of them.
     pub fn deliver(&self, room: &str, frame: &Bytes) -> Delivered {
         let rooms = self.read();
         let mut done = Delivered::default();
-        for outbox in rooms.get(room).into_iter().flat_map(HashMap::values) {
-            match outbox.push(frame.clone()) {
+        let mut socketio: Option<Bytes> = None;
+        for member in rooms.get(room).into_iter().flat_map(HashMap::values) {
+            let frame = match member.codec {
+                Codec::Native => frame.clone(),
+                Codec::SocketIo => socketio
+                    .get_or_insert_with(|| crate::socketio::codec::message_frame(frame))
+                    .clone(),
+            };
+            match member.outbox.push(frame) {
                 Ok(()) => done.queued += 1,
                 Err(Refused::Full) => done.slow += 1,
                 Err(Refused::Closed) => {}
@@ -271,6 +321,42 @@ mod tests {
             assert_eq!(batch[0].as_ptr(), frame.as_ptr(), "same bytes, not a copy");
         }
         assert!(other.is_empty());
+    }
+
+    #[test]
+    fn socketio_members_share_one_socketio_frame_built_once() {
+        let hub = Hub::new();
+        let native = Arc::new(Outbox::new(8));
+        let sio: Vec<_> = (0..3).map(|_| Arc::new(Outbox::new(8))).collect();
+        hub.join(&room("general"), ConnId(1), &native, reply);
+        for (i, outbox) in sio.iter().enumerate() {
+            hub.join_as(
+                Codec::SocketIo,
+                &room("general"),
+                ConnId(10 + i as u64),
+                outbox,
+                reply,
+            );
+        }
+        for outbox in sio.iter().chain([&native]) {
+            drain(outbox);
+        }
+        let frame = crate::protocol::ws::text(br#"{"type":"message","message":"hi"}"#);
+        assert_eq!(hub.deliver("general", &frame).queued, 4);
+        assert_eq!(drain(&native)[0].as_ptr(), frame.as_ptr());
+        let first = drain(&sio[0]);
+        let payload = crate::protocol::ws::text_payload(&first[0]);
+        assert_eq!(
+            &payload[..],
+            br#"42["message","{\"type\":\"message\",\"message\":\"hi\"}"]"#
+        );
+        for outbox in &sio[1..] {
+            assert_eq!(
+                drain(outbox)[0].as_ptr(),
+                first[0].as_ptr(),
+                "one Socket.IO frame"
+            );
+        }
     }
 
     #[test]

@@ -10,6 +10,9 @@
 //!   encoded frame to the hub of every node with members in the room.
 //! - [`hub`]: rooms to local members; `deliver` queues the same bytes for each member.
 //! - [`outbox`]: a connection's bounded frame queue; overflow closes a slow consumer.
+//! - [`socketio`]: Socket.IO v5 over Engine.IO v4 at `/socket.io/` (long-polling, WebSocket,
+//!   the upgrade between them) for `socket.io-client` apps; members share rooms with native
+//!   clients and get each message's Socket.IO form, encoded once per node.
 //! - [`metrics`]: counters and gauges, exposed on `/metrics` in Prometheus text format.
 //! - [`web`]: the built-in chat page, embedded in the binary.
 //! - [`config`]: defaults < TOML file < environment, validated all at once.
@@ -20,5 +23,6 @@ pub mod metrics;
 pub mod outbox;
 pub mod protocol;
 pub mod server;
+pub mod socketio;
 pub mod transport;
 pub mod web;

@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use scalechat::config::RoomsConfig;
-use scalechat::hub::{ConnId, Hub};
+use scalechat::hub::{Codec, ConnId, Hub};
 use scalechat::outbox::Outbox;
 use scalechat::protocol::RoomName;
 use scalechat::protocol::native::MessageTemplate;
@@ -56,13 +56,20 @@ fn allocations(f: impl FnOnce()) -> usize {
 /// Allocations to encode and deliver one message to a room of `members`, and the members'
 /// queued frames afterwards.
 fn deliver_to(members: usize) -> (usize, Vec<Arc<Outbox>>) {
+    deliver_to_members(members, Codec::Native)
+}
+
+/// [`deliver_to`] with members reading `codec`.
+fn deliver_to_members(members: usize, codec: Codec) -> (usize, Vec<Arc<Outbox>>) {
     let hub = Arc::new(Hub::new());
     let transport = MemoryTransport::new(hub.clone(), RoomsConfig::default());
     let room = RoomName::new("general").unwrap();
     let outboxes: Vec<Arc<Outbox>> = (0..members)
         .map(|i| {
             let outbox = Arc::new(Outbox::new(1024));
-            hub.join(&room, ConnId(i as u64), &outbox, |_| bytes::Bytes::new());
+            hub.join_as(codec, &room, ConnId(i as u64), &outbox, |_| {
+                bytes::Bytes::new()
+            });
             outbox
         })
         .collect();
@@ -107,6 +114,27 @@ fn delivery_allocations_do_not_grow_with_members() {
         let mut batch = VecDeque::new();
         outbox.take(&mut batch);
         assert_eq!(batch.len(), 1);
+        assert_eq!(batch[0].as_ptr(), first[0].as_ptr());
+    }
+}
+
+#[test]
+fn socketio_delivery_encodes_once_whatever_the_members() {
+    let (native, _) = deliver_to(1);
+    let (one, _) = deliver_to_members(1, Codec::SocketIo);
+    let (thousand, outboxes) = deliver_to_members(1000, Codec::SocketIo);
+    println!("Socket.IO members: {one} allocations with 1, {thousand} with 1,000");
+    assert_eq!(one, thousand, "1 member: {one}; 1,000 members: {thousand}");
+    // The Socket.IO form is one more encoding per message (its JSON and its frame).
+    assert!(
+        one <= native + 2,
+        "{one} allocations, {native} for native members"
+    );
+    let mut first = VecDeque::new();
+    outboxes[0].take(&mut first);
+    for outbox in &outboxes[1..] {
+        let mut batch = VecDeque::new();
+        outbox.take(&mut batch);
         assert_eq!(batch[0].as_ptr(), first[0].as_ptr());
     }
 }

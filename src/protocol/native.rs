@@ -156,7 +156,8 @@ fn decode_typed(
     }
 }
 
-fn check_message(message: &str, max_chars: usize) -> Result<(), ProtocolError> {
+/// Checks a chat message: not empty or only white space, at most `max_chars` characters.
+pub fn check_message(message: &str, max_chars: usize) -> Result<(), ProtocolError> {
     if message.trim().is_empty() {
         return Err(ProtocolError::new(
             ErrorCode::EmptyMessage,

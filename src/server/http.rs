@@ -41,6 +41,7 @@ pub async fn route(
         {
             websocket(node, peer, req, true)
         }
+        (_, "/socket.io/" | "/socket.io") => crate::socketio::route(node, peer, req).await,
         (&Method::GET | &Method::HEAD, path) if web::asset(path).is_some() => page(&req, path),
         (_, "/healthz" | "/readyz" | "/metrics" | "/ws") => {
             let mut res = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
@@ -241,7 +242,7 @@ fn websocket(
     response.map(|_| Full::new(Bytes::new()))
 }
 
-fn origin_allowed(node: &Node, req: &Request<Incoming>) -> bool {
+pub(crate) fn origin_allowed(node: &Node, req: &Request<Incoming>) -> bool {
     let live = node.live();
     let allowed = &live.allowed_origins;
     if allowed.is_empty() {

@@ -7,10 +7,10 @@
 //! `shutdown_grace_secs`.
 
 mod guard;
-mod http;
-mod reader;
-mod session;
-mod writer;
+pub(crate) mod http;
+pub(crate) mod reader;
+pub(crate) mod session;
+pub(crate) mod writer;
 
 pub use guard::parse_net;
 
@@ -47,8 +47,10 @@ pub struct Node {
     pub transport: Transport,
     /// Counters and gauges for `/metrics`.
     pub metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-    sessions: TaskTracker,
+    /// Socket.IO (Engine.IO) sessions of this node, by session id.
+    pub socketio: crate::socketio::Sessions,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) sessions: TaskTracker,
     connections: AtomicUsize,
     next_conn: AtomicU64,
     live: RwLock<Arc<Reloadable>>,
@@ -80,6 +82,7 @@ impl Node {
             hub,
             transport,
             metrics,
+            socketio: crate::socketio::Sessions::default(),
             shutdown,
             sessions: TaskTracker::new(),
             connections: AtomicUsize::new(0),
@@ -106,7 +109,7 @@ impl Node {
     }
 
     /// Bumped by every [`Node::reconfigure`]: sessions compare it to refresh their limits.
-    fn live_version(&self) -> u64 {
+    pub(crate) fn live_version(&self) -> u64 {
         self.live_version.load(Ordering::Acquire)
     }
 
@@ -116,12 +119,12 @@ impl Node {
         self.live_version.fetch_add(1, Ordering::AcqRel);
     }
 
-    fn next_conn_id(&self) -> ConnId {
+    pub(crate) fn next_conn_id(&self) -> ConnId {
         ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed))
     }
 
     /// Takes one of `max_connections` slots, released when the guard drops.
-    fn reserve_slot(self: &Arc<Self>) -> Option<ConnSlot> {
+    pub(crate) fn reserve_slot(self: &Arc<Self>) -> Option<ConnSlot> {
         let max = self.live().max_connections;
         let taken = self.connections.fetch_add(1, Ordering::AcqRel);
         let slot = ConnSlot {
@@ -134,9 +137,9 @@ impl Node {
 
 /// One of the node's `max_connections` slots, and of its client address's.
 #[derive(Debug)]
-struct ConnSlot {
+pub(crate) struct ConnSlot {
     node: Arc<Node>,
-    _ip: Option<guard::IpSlot>,
+    pub(crate) _ip: Option<guard::IpSlot>,
 }
 
 impl Drop for ConnSlot {

@@ -29,7 +29,7 @@ use crate::protocol::{ErrorCode, ProtocolError, RoomName};
 use crate::transport::{Envelope, Snapshot, dedupe_key};
 
 /// How long either side waits for the other's close frame once one was sent.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the client asked for in the `/ws` query.
 #[derive(Debug)]
@@ -133,7 +133,7 @@ fn take_stream(upgraded: Upgraded) -> Option<(TcpStream, Bytes)> {
 
 /// How the reader ended.
 #[derive(Debug)]
-enum ReadEnd {
+pub(crate) enum ReadEnd {
     /// The stream ended or failed; no close frame can be exchanged.
     Gone,
     /// Send a close frame with this code and reason (the peer closed, or broke a rule).
@@ -517,7 +517,7 @@ impl Drop for Memberships {
     }
 }
 
-fn read_error(e: ReadError) -> ReadEnd {
+pub(crate) fn read_error(e: ReadError) -> ReadEnd {
     match e {
         ReadError::Gone(_) => ReadEnd::Gone,
         ReadError::Protocol(e) => ReadEnd::Close(e.code, e.reason),
@@ -525,7 +525,7 @@ fn read_error(e: ReadError) -> ReadEnd {
 }
 
 /// The answer to the peer's close frame: its code echoed, or a protocol error.
-fn peer_close(payload: &[u8]) -> ReadEnd {
+pub(crate) fn peer_close(payload: &[u8]) -> ReadEnd {
     match frame::close_code(payload) {
         Ok(code) => ReadEnd::Close(code.unwrap_or(close_code::NORMAL), ""),
         Err(e) => ReadEnd::Close(e.code, e.reason),
@@ -534,13 +534,13 @@ fn peer_close(payload: &[u8]) -> ReadEnd {
 
 /// Collects a fragmented text message (the decoder has checked its order, size and UTF-8).
 #[derive(Default)]
-struct Assembler {
+pub(crate) struct Assembler {
     buf: Vec<u8>,
 }
 
 impl Assembler {
     /// Adds a fragment; returns the whole text once the last one arrives.
-    fn push(&mut self, payload: &[u8], fin: bool) -> Option<Vec<u8>> {
+    pub(crate) fn push(&mut self, payload: &[u8], fin: bool) -> Option<Vec<u8>> {
         self.buf.extend_from_slice(payload);
         fin.then(|| std::mem::take(&mut self.buf))
     }
@@ -548,7 +548,7 @@ impl Assembler {
 
 /// Message rate limit: `rate` tokens a second, at most `burst` saved up.
 #[derive(Debug)]
-struct TokenBucket {
+pub(crate) struct TokenBucket {
     rate: f64,
     burst: f64,
     tokens: f64,
@@ -556,7 +556,7 @@ struct TokenBucket {
 }
 
 impl TokenBucket {
-    fn new(rate: f64, burst: u32) -> Self {
+    pub(crate) fn new(rate: f64, burst: u32) -> Self {
         Self {
             rate,
             burst: f64::from(burst),
@@ -566,13 +566,13 @@ impl TokenBucket {
     }
 
     /// Changes the rate and burst, keeping the tokens saved up (at most the new burst).
-    fn reconfigure(&mut self, rate: f64, burst: u32) {
+    pub(crate) fn reconfigure(&mut self, rate: f64, burst: u32) {
         self.rate = rate;
         self.burst = f64::from(burst);
         self.tokens = self.tokens.min(self.burst);
     }
 
-    fn take(&mut self, now: Instant) -> bool {
+    pub(crate) fn take(&mut self, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);

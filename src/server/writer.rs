@@ -48,7 +48,8 @@ impl Liveness {
             .store(self.ms(Instant::now()), Ordering::Relaxed);
     }
 
-    fn heard_since(&self, at: Instant) -> bool {
+    /// Whether a frame arrived at or after `at`.
+    pub fn heard_since(&self, at: Instant) -> bool {
         self.last_seen_ms.load(Ordering::Relaxed) >= self.ms(at)
     }
 }

@@ -1,0 +1,196 @@
+//! Socket.IO v5 over Engine.IO v4 at `/socket.io/`, for apps built on `socket.io-client` 4.x
+//! (docs/socketio.md).
+//!
+//! - [`codec`]: pure codecs of Engine.IO packets, the polling payload and Socket.IO packets.
+//! - `session`: one Engine.IO session (sid → [`Sessions`]), its queue, heartbeat and end.
+//! - `client`: the Socket.IO side of a session: CONNECT, events (`event:message`, `join`,
+//!   `leave`), acks, DISCONNECT; publishing goes through the one transport path.
+//! - `polling`: the HTTP long-polling transport (GET drains the queue, POST carries packets).
+//! - `websocket`: the WebSocket transport, direct or upgraded from polling.
+//!
+//! A session's queue is an [`Outbox`](crate::outbox::Outbox) of WebSocket text frames, each one
+//! Engine.IO packet: the WebSocket transport writes them as they are, the polling transport
+//! sends their payloads (the same bytes, without the frame header) joined by `\x1e`. So a chat
+//! message's Socket.IO form is built once per node and shared by every Socket.IO member, on
+//! either transport.
+
+mod client;
+pub mod codec;
+mod polling;
+mod session;
+mod websocket;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+
+pub use session::Sessions;
+
+use crate::metrics::Refusal;
+use crate::server::Node;
+use crate::server::http::origin_allowed;
+
+type Body = Full<Bytes>;
+
+/// The Engine.IO errors a request can get, with their protocol codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EngineError {
+    /// 0: `transport` is missing or not `polling` / `websocket`.
+    TransportUnknown,
+    /// 1: the `sid` names no session on this node.
+    SessionIdUnknown,
+    /// 2: a handshake that is not a GET.
+    BadHandshakeMethod,
+    /// 3: anything else the request got wrong.
+    BadRequest,
+    /// 4: the `Origin` is not allowed (403).
+    Forbidden,
+    /// 5: `EIO` is not 4.
+    UnsupportedProtocolVersion,
+}
+
+impl EngineError {
+    fn response(self) -> Response<Body> {
+        let (code, message) = match self {
+            Self::TransportUnknown => (0, "Transport unknown"),
+            Self::SessionIdUnknown => (1, "Session ID unknown"),
+            Self::BadHandshakeMethod => (2, "Bad handshake method"),
+            Self::BadRequest => (3, "Bad request"),
+            Self::Forbidden => (4, "Forbidden"),
+            Self::UnsupportedProtocolVersion => (5, "Unsupported protocol version"),
+        };
+        let body = format!("{{\"code\":{code},\"message\":\"{message}\"}}");
+        let status = if self == Self::Forbidden {
+            StatusCode::FORBIDDEN
+        } else {
+            StatusCode::BAD_REQUEST
+        };
+        respond(status, "application/json", Bytes::from(body))
+    }
+}
+
+fn respond(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Body> {
+    let mut res = Response::new(Full::new(body));
+    *res.status_mut() = status;
+    res.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    res
+}
+
+/// What an Engine.IO request says in its query.
+#[derive(Debug, Default)]
+struct Query {
+    eio: Option<String>,
+    transport: Option<String>,
+    sid: Option<String>,
+    name: Option<String>,
+    room: Option<String>,
+}
+
+impl Query {
+    fn parse(query: &str) -> Self {
+        let mut q = Self::default();
+        for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+            let slot = match &*key {
+                "EIO" => &mut q.eio,
+                "transport" => &mut q.transport,
+                "sid" => &mut q.sid,
+                "name" => &mut q.name,
+                "room" => &mut q.room,
+                _ => continue,
+            };
+            *slot = Some(value.into_owned());
+        }
+        q
+    }
+}
+
+/// Answers a request to `/socket.io/`.
+pub(crate) async fn route(
+    node: Arc<Node>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let origin = req.headers().get(header::ORIGIN).cloned();
+    if !origin_allowed(&node, &req) {
+        node.metrics.refused(Refusal::Origin);
+        return EngineError::Forbidden.response();
+    }
+    let mut res = if req.method() == Method::OPTIONS {
+        preflight(req.headers())
+    } else {
+        dispatch(node, peer, req).await
+    };
+    if let Some(origin) = origin {
+        let headers = res.headers_mut();
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+            HeaderValue::from_static("true"),
+        );
+        headers.insert(header::VARY, HeaderValue::from_static("Origin"));
+    }
+    res
+}
+
+/// The CORS preflight of a cross-origin POST.
+fn preflight(headers: &HeaderMap) -> Response<Body> {
+    let mut res = respond(StatusCode::NO_CONTENT, "text/plain", Bytes::new());
+    let out = res.headers_mut();
+    out.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, POST, OPTIONS"),
+    );
+    let asked = headers
+        .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
+        .cloned()
+        .unwrap_or_else(|| HeaderValue::from_static("content-type"));
+    out.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, asked);
+    out.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("86400"),
+    );
+    res
+}
+
+async fn dispatch(node: Arc<Node>, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+    let query = Query::parse(req.uri().query().unwrap_or(""));
+    let websocket = match query.transport.as_deref() {
+        Some("polling") => false,
+        Some("websocket") => true,
+        _ => return EngineError::TransportUnknown.response(),
+    };
+    if query.eio.as_deref() != Some("4") {
+        return EngineError::UnsupportedProtocolVersion.response();
+    }
+    let Some(sid) = query.sid.as_deref() else {
+        if req.method() != Method::GET {
+            return EngineError::BadHandshakeMethod.response();
+        }
+        return match session::open(&node, &query, websocket) {
+            Err(why) => respond(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain; charset=utf-8",
+                Bytes::from_static(why.as_bytes()),
+            ),
+            Ok(session) if websocket => websocket::upgrade(node, session, req, false, peer),
+            Ok(session) => polling::handshake(&node, &session),
+        };
+    };
+    let Some(session) = node.socketio.get(sid) else {
+        return EngineError::SessionIdUnknown.response();
+    };
+    match (req.method(), websocket) {
+        (&Method::GET, true) if session.begin_upgrade() => {
+            websocket::upgrade(node, session, req, true, peer)
+        }
+        (&Method::GET, false) => polling::poll(&node, &session).await,
+        (&Method::POST, false) => polling::post(&node, &session, req).await,
+        _ => EngineError::BadRequest.response(),
+    }
+}

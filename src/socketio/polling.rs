@@ -1,0 +1,139 @@
+//! The HTTP long-polling transport: the handshake, `GET` (wait for packets, then send
+//! everything queued in one response) and `POST` (a payload of packets from the client).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::header;
+use hyper::{Request, Response, StatusCode};
+
+use super::codec::{self, EnginePacket};
+use super::session::Session;
+use super::{Body, EngineError, respond};
+use crate::outbox::Next;
+use crate::server::Node;
+
+const TEXT: &str = "text/plain; charset=UTF-8";
+
+/// The answer to a polling handshake: the open packet queued by the new session.
+pub(super) fn handshake(node: &Node, session: &Session) -> Response<Body> {
+    let mut batch = VecDeque::new();
+    match session.outbox.take(&mut batch) {
+        Next::Frames => respond(StatusCode::OK, TEXT, codec::join_frames(batch.iter())),
+        // A session closed before its first response (shutdown raced the handshake).
+        Next::Close(_) | Next::Idle => {
+            session.end(node);
+            EngineError::BadRequest.response()
+        }
+    }
+}
+
+/// Marks the session's one long-poll as running until dropped (the response was sent, or
+/// the client went away).
+struct PollGuard<'a>(&'a Session);
+
+impl Drop for PollGuard<'_> {
+    fn drop(&mut self) {
+        self.0.end_poll();
+    }
+}
+
+/// A long-poll: waits until something is queued, then sends all of it.
+pub(super) async fn poll(node: &Node, session: &Arc<Session>) -> Response<Body> {
+    if session.is_websocket() || !session.start_poll() {
+        return EngineError::BadRequest.response();
+    }
+    let _guard = PollGuard(session);
+    let mut batch = VecDeque::new();
+    loop {
+        if session.is_websocket() {
+            // The upgrade completed while this poll waited: release it.
+            return respond(StatusCode::OK, TEXT, Bytes::from_static(b"6"));
+        }
+        // Nothing awaits between the take and the response, so a dropped poll loses nothing.
+        match session.outbox.take(&mut batch) {
+            Next::Frames => {
+                return respond(StatusCode::OK, TEXT, codec::join_frames(batch.iter()));
+            }
+            Next::Close(_) => {
+                session.end(node);
+                return respond(StatusCode::OK, TEXT, Bytes::from_static(b"1"));
+            }
+            Next::Idle => {
+                tokio::select! {
+                    _ = session.outbox.wait() => {}
+                    _ = session.ended() => {}
+                }
+            }
+        }
+    }
+}
+
+/// A payload of packets from the client.
+pub(super) async fn post(node: &Node, session: &Session, req: Request<Incoming>) -> Response<Body> {
+    if session.is_websocket() {
+        return EngineError::BadRequest.response();
+    }
+    let max = session.max_payload;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > max as u64) {
+        return too_large(node, session);
+    }
+    let body = match Limited::new(req.into_body(), max).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => return too_large(node, session),
+        Err(_) => return EngineError::BadRequest.response(),
+    };
+    let Ok(text) = std::str::from_utf8(&body) else {
+        return bad(node, session);
+    };
+    let Ok(packets) = codec::split_payload(text) else {
+        return bad(node, session);
+    };
+    let mut client = session.client.lock().await;
+    for packet in packets {
+        match codec::decode_engine(packet) {
+            Ok(EnginePacket::Message(text)) => {
+                if client.handle(text).await.is_err() {
+                    drop(client);
+                    return bad(node, session);
+                }
+            }
+            Ok(EnginePacket::Pong(_)) => session.ponged(),
+            Ok(EnginePacket::Close) => {
+                drop(client);
+                session.end(node);
+                break;
+            }
+            Ok(EnginePacket::Noop | EnginePacket::Ping(_)) => {}
+            Ok(EnginePacket::Upgrade) | Err(_) => {
+                drop(client);
+                return bad(node, session);
+            }
+        }
+    }
+    respond(StatusCode::OK, "text/html", Bytes::from_static(b"ok"))
+}
+
+/// A malformed payload: the session is closed, as Engine.IO does on a parse error.
+fn bad(node: &Node, session: &Session) -> Response<Body> {
+    session.end(node);
+    EngineError::BadRequest.response()
+}
+
+/// A body over `maxPayload`: 413, and the session is closed.
+fn too_large(node: &Node, session: &Session) -> Response<Body> {
+    session.end(node);
+    respond(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        TEXT,
+        Bytes::from_static(b"payload too large"),
+    )
+}

@@ -1,0 +1,268 @@
+//! One Engine.IO session: its id, its queue of packets, which transport carries it, the
+//! heartbeat, and its end. The node keeps every session in [`Sessions`], by id.
+//!
+//! A session lives as long as its task, [`run`]: it pings every `ping_interval_secs`, expects
+//! the pong within `ping_timeout_secs`, and on any end (timeout, the client's close, a
+//! transport failure, shutdown) removes the session from the map and leaves its rooms.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::Query;
+use super::client::Client;
+use super::codec::engine_frame;
+use crate::metrics::{OpenSession, Refusal};
+use crate::outbox::Outbox;
+use crate::protocol::ws::close_code;
+use crate::server::writer::Liveness;
+use crate::server::{ConnSlot, Node};
+
+/// How long a session that was told to close (shutdown) waits for its transport to say so.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// The Engine.IO sessions of one node, by session id.
+#[derive(Default)]
+pub struct Sessions {
+    map: Mutex<HashMap<String, Arc<Session>>>,
+}
+
+impl std::fmt::Debug for Sessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sessions")
+            .field("open", &self.len())
+            .finish()
+    }
+}
+
+impl Sessions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Session>>> {
+        // Inserts and removes only: a poisoned map is still consistent.
+        self.map.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(super) fn get(&self, sid: &str) -> Option<Arc<Session>> {
+        self.lock().get(sid).cloned()
+    }
+
+    /// Sessions open now.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no session is open.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Which transport carries a session's packets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Carrier {
+    Polling,
+    /// A WebSocket is probing; polling goes on until the client sends `5`.
+    Upgrading,
+    WebSocket,
+}
+
+/// One Engine.IO session.
+pub(super) struct Session {
+    /// The session id (`sid` in the query).
+    pub sid: String,
+    /// Packets for the client, each a WebSocket text frame (see the module doc of `socketio`).
+    pub outbox: Arc<Outbox>,
+    /// The Socket.IO side. Locked while one request's packets are handled, across publishes.
+    pub client: tokio::sync::Mutex<Client>,
+    /// Largest packet, or polling request body, accepted from the client.
+    pub max_payload: usize,
+    carrier: Mutex<Carrier>,
+    /// Set while a long-poll GET is waiting: a second one is refused.
+    polling: AtomicBool,
+    pongs: Liveness,
+    pong: Notify,
+    ended: CancellationToken,
+    _slot: ConnSlot,
+}
+
+/// Opens a session for a handshake; otherwise why not (the node is shutting down or full:
+/// answered with 503).
+pub(super) fn open(
+    node: &Arc<Node>,
+    query: &Query,
+    websocket: bool,
+) -> Result<Arc<Session>, &'static str> {
+    if node.shutdown.is_cancelled() {
+        node.metrics.refused(Refusal::ShuttingDown);
+        return Err("shutting down\n");
+    }
+    let Some(slot) = node.reserve_slot() else {
+        node.metrics.refused(Refusal::Capacity);
+        return Err("too many connections\n");
+    };
+    let live = node.live();
+    let conn = node.next_conn_id();
+    let outbox = Arc::new(Outbox::new(live.limits.max_queued_frames));
+    let sid = random_id();
+    let client = Client::new(node.clone(), conn, outbox.clone(), query);
+    let session = Arc::new(Session {
+        sid: sid.clone(),
+        outbox,
+        client: tokio::sync::Mutex::new(client),
+        max_payload: live.limits.max_frame_bytes,
+        carrier: Mutex::new(if websocket {
+            Carrier::WebSocket
+        } else {
+            Carrier::Polling
+        }),
+        polling: AtomicBool::new(false),
+        pongs: Liveness::new(),
+        pong: Notify::new(),
+        ended: CancellationToken::new(),
+        _slot: slot,
+    });
+    let upgrades: &[&str] = if websocket { &[] } else { &["websocket"] };
+    let open = serde_json::json!({
+        "sid": sid,
+        "upgrades": upgrades,
+        "pingInterval": live.limits.ping_interval_secs * 1000,
+        "pingTimeout": live.limits.ping_timeout_secs * 1000,
+        "maxPayload": live.limits.max_frame_bytes,
+    });
+    // The first packet of the session; the queue is empty, so the push cannot be refused.
+    let _ = session
+        .outbox
+        .push(engine_frame(b'0', open.to_string().as_bytes()));
+    node.socketio.lock().insert(sid, session.clone());
+    node.metrics.connections_total.inc();
+    node.sessions
+        .spawn(run(node.clone(), session.clone(), live));
+    Ok(session)
+}
+
+/// 20 random characters of `A-Z a-z 0-9 - _`: a session or socket id.
+pub(super) fn random_id() -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    (0..20)
+        .map(|_| ALPHABET[fastrand::usize(..ALPHABET.len())] as char)
+        .collect()
+}
+
+impl Session {
+    fn carrier(&self) -> std::sync::MutexGuard<'_, Carrier> {
+        self.carrier.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether the WebSocket transport carries the session now.
+    pub fn is_websocket(&self) -> bool {
+        *self.carrier() == Carrier::WebSocket
+    }
+
+    /// Starts an upgrade: only a polling session not already probing may.
+    pub fn begin_upgrade(&self) -> bool {
+        let mut carrier = self.carrier();
+        let polling = *carrier == Carrier::Polling;
+        if polling {
+            *carrier = Carrier::Upgrading;
+        }
+        polling
+    }
+
+    /// Ends a probe: the WebSocket carries the session from now on (`upgraded`), or polling
+    /// goes on.
+    pub fn finish_upgrade(&self, upgraded: bool) {
+        *self.carrier() = if upgraded {
+            Carrier::WebSocket
+        } else {
+            Carrier::Polling
+        };
+    }
+
+    /// Marks a long-poll as waiting; `false` if one already is.
+    pub fn start_poll(&self) -> bool {
+        !self.polling.swap(true, Ordering::AcqRel)
+    }
+
+    /// The long-poll ended.
+    pub fn end_poll(&self) {
+        self.polling.store(false, Ordering::Release);
+    }
+
+    /// The client answered a ping.
+    pub fn ponged(&self) {
+        self.pongs.touch();
+        self.pong.notify_one();
+    }
+
+    /// Resolves once the session has ended.
+    pub async fn ended(&self) {
+        self.ended.cancelled().await
+    }
+
+    /// Ends the session: no new request finds it, its transport is told to finish, and its
+    /// task leaves its rooms.
+    pub fn end(&self, node: &Node) {
+        node.socketio.lock().remove(&self.sid);
+        self.outbox.close(close_code::NORMAL, "", true);
+        self.ended.cancel();
+    }
+}
+
+/// The session's task: the heartbeat, then the cleanup, however the session ends.
+async fn run(node: Arc<Node>, session: Arc<Session>, live: Arc<crate::config::Reloadable>) {
+    let _open = OpenSession::new(&node.metrics);
+    let interval = Duration::from_secs(live.limits.ping_interval_secs);
+    let timeout = Duration::from_secs(live.limits.ping_timeout_secs);
+    loop {
+        tokio::select! {
+            _ = session.ended() => break,
+            _ = node.shutdown.cancelled() => {
+                session.outbox.close(close_code::GOING_AWAY, "server shutting down", true);
+                // A WebSocket or a parked poll tells the client at once; a polling client
+                // between polls would only find a closed listener: nothing to wait for.
+                if session.is_websocket() || session.polling.load(Ordering::Acquire) {
+                    let _ = tokio::time::timeout(CLOSE_GRACE, session.ended()).await;
+                }
+                break;
+            }
+            _ = tokio::time::sleep(interval) => {
+                if !heartbeat(&node, &session, timeout).await {
+                    break;
+                }
+            }
+        }
+    }
+    session.end(&node);
+    session.client.lock().await.leave_all();
+}
+
+/// Sends a ping and waits for its pong; `false` when the session ended meanwhile or the
+/// pong did not come in time (then the session is closed, its queue dropped).
+async fn heartbeat(node: &Node, session: &Session, timeout: Duration) -> bool {
+    let sent = Instant::now();
+    // Refused only when the session is closing; the loop notices.
+    let _ = session.outbox.push(engine_frame(b'2', b""));
+    let deadline = sent + timeout;
+    loop {
+        tokio::select! {
+            _ = session.ended() => return false,
+            _ = node.shutdown.cancelled() => return true,
+            _ = session.pong.notified() => {
+                if session.pongs.heard_since(sent) {
+                    return true;
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                if session.pongs.heard_since(sent) {
+                    return true;
+                }
+                session.outbox.close(close_code::PING_TIMEOUT, "ping timeout", false);
+                return false;
+            }
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! The WebSocket transport of a session: opened directly (`transport=websocket` without a
+//! `sid`), or as an upgrade of a polling session: `2probe` is answered `3probe` and a `6` noop
+//! releases the pending poll; the client's `5` moves the session onto the WebSocket.
+//!
+//! As for native connections, the socket is split: this reader, and the one
+//! [`writer`](crate::server::writer) that drains the session's queue.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::Request;
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::codec::{self, EnginePacket};
+use super::session::Session;
+use super::{Body, EngineError};
+use crate::protocol::frame::Opcode;
+use crate::protocol::ws::{self, close_code};
+use crate::server::Node;
+use crate::server::reader::FrameReader;
+use crate::server::session::{Assembler, CLOSE_TIMEOUT, ReadEnd, peer_close, read_error};
+use crate::server::writer::{self, Liveness, WriteEnd};
+
+/// How long a probing WebSocket has to complete the upgrade.
+const UPGRADE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Upgrades the request to a WebSocket carrying `session`; `probe` for an upgrade from
+/// polling.
+pub(super) fn upgrade(
+    node: Arc<Node>,
+    session: Arc<Session>,
+    mut req: Request<Incoming>,
+    probe: bool,
+    peer: SocketAddr,
+) -> hyper::Response<Body> {
+    let give_up = |session: &Session| {
+        if probe {
+            session.finish_upgrade(false);
+        } else {
+            session.end(&node);
+        }
+        EngineError::BadRequest.response()
+    };
+    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+        return give_up(&session);
+    }
+    // hyper's upgrade is taken first; fastwebsockets only checks the request and builds the
+    // 101 response (see the native endpoint in server::http).
+    let upgrade = hyper::upgrade::on(&mut req);
+    let response = match fastwebsockets::upgrade::upgrade(&mut req) {
+        Ok((response, _)) => response,
+        Err(_) => return give_up(&session),
+    };
+    debug!(%peer, sid = %session.sid, probe, "socket.io websocket");
+    node.sessions
+        .spawn(run(node.clone(), session, upgrade, probe));
+    response.map(|_| Full::new(Bytes::new()))
+}
+
+async fn run(node: Arc<Node>, session: Arc<Session>, upgrade: OnUpgrade, probe: bool) {
+    let Some((mut stream, early)) = accept(upgrade).await else {
+        if probe {
+            session.finish_upgrade(false);
+        } else {
+            session.end(&node);
+        }
+        return;
+    };
+    let (read_half, mut write_half) = stream.split();
+    let mut reader = FrameReader::new(read_half, &early, session.max_payload);
+    drop(early);
+    if probe {
+        let upgraded = probe_upgrade(&mut reader, &mut write_half, &session).await;
+        session.finish_upgrade(upgraded);
+        if !upgraded {
+            return; // the session goes on polling
+        }
+    }
+    let liveness = Liveness::new();
+    let reading = read_loop(&session, &mut reader, &liveness);
+    let writing = writer::run(&mut write_half, &session.outbox, &liveness, &node);
+    tokio::pin!(reading, writing);
+    tokio::select! {
+        end = &mut reading => {
+            if let ReadEnd::Close(code, reason) = end {
+                session.outbox.close(code, reason, true);
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, &mut writing).await;
+            }
+        }
+        end = &mut writing => {
+            if let WriteEnd::Closed { await_peer: true } = end {
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, &mut reading).await;
+            }
+        }
+    }
+    session.end(&node);
+}
+
+/// The TCP stream of a completed upgrade and the bytes already read past the handshake.
+async fn accept(upgrade: OnUpgrade) -> Option<(TcpStream, Bytes)> {
+    let upgraded = upgrade.await.ok()?;
+    // The server only serves `TokioIo<TcpStream>`.
+    let parts = upgraded.downcast::<TokioIo<TcpStream>>().ok()?;
+    Some((parts.io.into_inner(), parts.read_buf))
+}
+
+/// Runs the probe: `2probe` → `3probe` (and a noop for the pending poll), then `5`. Returns
+/// whether the client upgraded. Nothing else runs on the socket meanwhile.
+async fn probe_upgrade<W: AsyncWrite + Unpin>(
+    reader: &mut FrameReader<'_>,
+    write: &mut W,
+    session: &Session,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + UPGRADE_TIMEOUT;
+    let mut probed = false;
+    loop {
+        let read = tokio::time::timeout_at(deadline, reader.next()).await;
+        let Ok(Ok(frame)) = read else {
+            return false;
+        };
+        let reply = match (frame.opcode, frame.fin, frame.payload, probed) {
+            (Opcode::Ping, _, payload, _) => ws::pong(payload),
+            (Opcode::Pong, ..) => continue,
+            (Opcode::Text, true, b"2probe", false) => {
+                probed = true;
+                // Releases the pending poll, so the client can pause polling and upgrade.
+                let _ = session.outbox.push(codec::engine_frame(b'6', b""));
+                codec::engine_frame(b'3', b"probe")
+            }
+            (Opcode::Text, true, b"5", true) => return true,
+            _ => return false,
+        };
+        let sent = tokio::time::timeout_at(deadline, write.write_all(&reply)).await;
+        if !matches!(sent, Ok(Ok(()))) {
+            return false;
+        }
+    }
+}
+
+async fn read_loop(
+    session: &Session,
+    reader: &mut FrameReader<'_>,
+    liveness: &Liveness,
+) -> ReadEnd {
+    let mut message = Assembler::default();
+    loop {
+        let frame = match reader.next().await {
+            Ok(frame) => frame,
+            Err(e) => return read_error(e),
+        };
+        liveness.touch();
+        // The decoder checked the frame order, sizes, UTF-8 and close payloads.
+        let end = match frame.opcode {
+            Opcode::Close => return peer_close(frame.payload),
+            Opcode::Ping => {
+                let _ = session.outbox.push(ws::pong(frame.payload));
+                None
+            }
+            Opcode::Pong => None,
+            Opcode::Binary => Some(ReadEnd::Close(
+                close_code::UNSUPPORTED_DATA,
+                "binary packets are not supported",
+            )),
+            Opcode::Text if frame.fin => handle(session, frame.payload).await,
+            Opcode::Text | Opcode::Continuation => match message.push(frame.payload, frame.fin) {
+                Some(text) => handle(session, &text).await,
+                None => None,
+            },
+        };
+        if let Some(end) = end {
+            return end;
+        }
+    }
+}
+
+/// Handles one Engine.IO packet; `Some` ends the connection.
+async fn handle(session: &Session, payload: &[u8]) -> Option<ReadEnd> {
+    let malformed = Some(ReadEnd::Close(close_code::INVALID_DATA, "malformed packet"));
+    let Ok(text) = std::str::from_utf8(payload) else {
+        return malformed;
+    };
+    match codec::decode_engine(text) {
+        Ok(EnginePacket::Message(packet)) => {
+            if session.client.lock().await.handle(packet).await.is_err() {
+                return malformed;
+            }
+        }
+        Ok(EnginePacket::Pong(_)) => session.ponged(),
+        Ok(EnginePacket::Ping(data)) => {
+            let _ = session
+                .outbox
+                .push(codec::engine_frame(b'3', data.as_bytes()));
+        }
+        Ok(EnginePacket::Close) => return Some(ReadEnd::Close(close_code::NORMAL, "")),
+        Ok(EnginePacket::Noop | EnginePacket::Upgrade) => {}
+        Err(_) => return malformed,
+    }
+    None
+}

@@ -1,0 +1,518 @@
+//! The Socket.IO endpoint at the HTTP level: Engine.IO's error answers, the long-polling flow,
+//! CORS, bad input that closes only the session that sent it, the upgrade to WebSocket, and
+//! the heartbeat. (socket.io-client itself is exercised by tests/socketio/.)
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::{WAIT, config, start};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+
+/// An HTTP response: status, headers (lowercased names) and body.
+struct Answer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
+    }
+}
+
+async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Answer {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    stream.write_all(req.as_bytes()).await.unwrap();
+    // A refused oversized body may be answered before it is all written.
+    let _ = stream.write_all(body).await;
+    let mut raw = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut raw))
+        .await
+        .expect("an answer in time")
+        .ok();
+    let raw = String::from_utf8(raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(": "))
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.to_owned()))
+        .collect();
+    Answer {
+        status,
+        headers,
+        body: body.to_owned(),
+    }
+}
+
+async fn get(addr: SocketAddr, query: &str) -> Answer {
+    request(addr, "GET", &format!("/socket.io/?{query}"), &[], b"").await
+}
+
+async fn post(addr: SocketAddr, sid: &str, body: &str) -> Answer {
+    let path = format!("/socket.io/?EIO=4&transport=polling&sid={sid}");
+    request(addr, "POST", &path, &[], body.as_bytes()).await
+}
+
+async fn poll(addr: SocketAddr, sid: &str) -> Answer {
+    get(addr, &format!("EIO=4&transport=polling&sid={sid}")).await
+}
+
+/// Polls until a packet satisfying `want` arrives; returns every packet seen.
+async fn poll_until(addr: SocketAddr, sid: &str, want: impl Fn(&str) -> bool) -> Vec<String> {
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tokio::time::Instant::now() < deadline {
+        let answer = poll(addr, sid).await;
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        let packets: Vec<String> = answer.body.split('\x1e').map(str::to_owned).collect();
+        let found = packets.iter().any(|p| want(p));
+        seen.extend(packets);
+        if found {
+            return seen;
+        }
+    }
+    panic!("no packet wanted among {seen:?}");
+}
+
+/// A polling handshake: the session id and the open packet's JSON.
+async fn handshake(addr: SocketAddr) -> (String, Value) {
+    let answer = get(addr, "EIO=4&transport=polling").await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let open: Value = serde_json::from_str(answer.body.strip_prefix('0').unwrap()).unwrap();
+    (open["sid"].as_str().unwrap().to_owned(), open)
+}
+
+/// A handshake and a CONNECT to the main namespace, past the `40` and `joined` answers.
+async fn connected(addr: SocketAddr, auth: &str) -> String {
+    let (sid, _) = handshake(addr).await;
+    assert_eq!(post(addr, &sid, &format!("40{auth}")).await.body, "ok");
+    let seen = poll_until(addr, &sid, |p| p.starts_with("42[\"joined\"")).await;
+    assert!(seen[0].starts_with("40{\"sid\":"), "{seen:?}");
+    sid
+}
+
+fn engine_error(answer: &Answer, status: u16, code: u64, message: &str) {
+    assert_eq!(answer.status, status, "{}", answer.body);
+    assert_eq!(answer.header("content-type"), Some("application/json"));
+    let json = answer.json();
+    assert_eq!(json["code"], code, "{json}");
+    assert_eq!(json["message"], message, "{json}");
+}
+
+#[tokio::test]
+async fn handshake_advertises_the_limits() {
+    let mut config = config();
+    config.limits.ping_interval_secs = 7;
+    config.limits.ping_timeout_secs = 3;
+    let server = start(config).await;
+    let (sid, open) = handshake(server.addr).await;
+    assert_eq!(sid.len(), 20);
+    assert_eq!(open["upgrades"], serde_json::json!(["websocket"]));
+    assert_eq!(open["pingInterval"], 7000);
+    assert_eq!(open["pingTimeout"], 3000);
+    assert_eq!(open["maxPayload"], 65536);
+    assert_eq!(server.node.socketio.len(), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_requests_get_engine_io_errors() {
+    let server = start(config()).await;
+    let addr = server.addr;
+    engine_error(&get(addr, "EIO=4").await, 400, 0, "Transport unknown");
+    engine_error(
+        &get(addr, "EIO=4&transport=flash").await,
+        400,
+        0,
+        "Transport unknown",
+    );
+    engine_error(
+        &get(addr, "EIO=3&transport=polling").await,
+        400,
+        5,
+        "Unsupported protocol version",
+    );
+    engine_error(
+        &get(addr, "transport=polling").await,
+        400,
+        5,
+        "Unsupported protocol version",
+    );
+    let unknown = poll(addr, "nosuchsession").await;
+    engine_error(&unknown, 400, 1, "Session ID unknown");
+    engine_error(
+        &post(addr, "nosuchsession", "40").await,
+        400,
+        1,
+        "Session ID unknown",
+    );
+    let path = "/socket.io/?EIO=4&transport=polling";
+    let handshake_post = request(addr, "POST", path, &[], b"40").await;
+    engine_error(&handshake_post, 400, 2, "Bad handshake method");
+    let (sid, _) = handshake(addr).await;
+    let put = format!("/socket.io/?EIO=4&transport=polling&sid={sid}");
+    engine_error(
+        &request(addr, "PUT", &put, &[], b"").await,
+        400,
+        3,
+        "Bad request",
+    );
+    let plain_ws = get(addr, "EIO=4&transport=websocket").await;
+    engine_error(&plain_ws, 400, 3, "Bad request");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn cors_follows_allowed_origins() {
+    let mut config = config();
+    config.server.allowed_origins = vec!["https://chat.example.com".into()];
+    let server = start(config).await;
+    let addr = server.addr;
+    let path = "/socket.io/?EIO=4&transport=polling";
+    let good = [("Origin", "https://chat.example.com")];
+    let answer = request(addr, "GET", path, &good, b"").await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(
+        answer.header("access-control-allow-origin"),
+        Some("https://chat.example.com")
+    );
+    assert_eq!(
+        answer.header("access-control-allow-credentials"),
+        Some("true")
+    );
+    let preflight = [
+        ("Origin", "https://chat.example.com"),
+        ("Access-Control-Request-Method", "POST"),
+        ("Access-Control-Request-Headers", "content-type"),
+    ];
+    let answer = request(addr, "OPTIONS", path, &preflight, b"").await;
+    assert_eq!(answer.status, 204);
+    assert!(
+        answer
+            .header("access-control-allow-methods")
+            .unwrap()
+            .contains("POST")
+    );
+    assert_eq!(
+        answer.header("access-control-allow-headers"),
+        Some("content-type")
+    );
+    let evil = [("Origin", "https://evil.example.com")];
+    let answer = request(addr, "GET", path, &evil, b"").await;
+    engine_error(&answer, 403, 4, "Forbidden");
+    assert_eq!(answer.header("access-control-allow-origin"), None);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn polling_client_sends_gets_acked_and_reaches_native_clients() {
+    let server = start(config()).await;
+    let addr = server.addr;
+    let mut native = server.client("name=nat").await;
+    let sid = connected(addr, r#"{"name":"sio"}"#).await;
+
+    let event = r#"42["event:message",{"message":"hello \"all\""}]"#;
+    let ack_and_pong = format!("{}\x1e3", event.replacen("42", "427", 1));
+    // The ack of event 7 is `437[…]`.
+    assert_eq!(post(addr, &sid, &ack_and_pong).await.body, "ok");
+    let seen = poll_until(addr, &sid, |p| p.starts_with("437")).await;
+    let ack: Value =
+        serde_json::from_str(&seen.iter().find(|p| p.starts_with("437")).unwrap()[3..]).unwrap();
+    assert_eq!(ack, serde_json::json!([{"room":"general","id":1}]));
+
+    let message = native.expect("message").await;
+    assert_eq!(message["user"], "sio");
+    assert_eq!(message["message"], "hello \"all\"");
+    assert_eq!(message["id"], 1);
+
+    native.say("general", "from native", "n1").await;
+    let seen = poll_until(addr, &sid, |p| p.contains("from native")).await;
+    let packet = seen.iter().find(|p| p.contains("from native")).unwrap();
+    let args: Value = serde_json::from_str(packet.strip_prefix("42").unwrap()).unwrap();
+    assert_eq!(args[0], "message");
+    let envelope: Value = serde_json::from_str(args[1].as_str().unwrap()).unwrap();
+    assert_eq!(envelope["message"], "from native");
+    assert_eq!(envelope["user"], "nat");
+    assert_eq!(envelope["type"], "message");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn refusals_answer_the_client_and_keep_the_session() {
+    let mut config = config();
+    config.limits.max_message_chars = 5;
+    let server = start(config).await;
+    let addr = server.addr;
+    let sid = connected(addr, "").await;
+    post(addr, &sid, "40/admin,").await;
+    let seen = poll_until(addr, &sid, |p| p.starts_with("44")).await;
+    assert!(
+        seen.contains(&r#"44/admin,{"message":"Invalid namespace"}"#.to_owned()),
+        "{seen:?}"
+    );
+    post(
+        addr,
+        &sid,
+        r#"421["event:message",{"message":"far too long"}]"#,
+    )
+    .await;
+    let seen = poll_until(addr, &sid, |p| p.starts_with("431")).await;
+    let ack = seen.iter().find(|p| p.starts_with("431")).unwrap();
+    assert!(ack.contains(r#""code":"message_too_long""#), "{ack}");
+    post(addr, &sid, r#"42["join",{"room":"no spaces"}]"#).await;
+    let seen = poll_until(addr, &sid, |p| p.starts_with("42[\"error\"")).await;
+    assert!(seen.iter().any(|p| p.contains("bad_room")), "{seen:?}");
+    post(addr, &sid, r#"422["join",{"room":"dev"}]"#).await;
+    let seen = poll_until(addr, &sid, |p| p.starts_with("432")).await;
+    assert!(
+        seen.iter().any(|p| p.contains(r#""room":"dev""#)),
+        "{seen:?}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_closes_only_the_session_that_sent_it() {
+    let server = start(config()).await;
+    let addr = server.addr;
+    let bystander = connected(addr, "").await;
+    for bad in [
+        "4garbage",
+        "9",
+        "",
+        "40\x1e",
+        r#"451-["event:message",{"_placeholder":true,"num":0}]"#,
+        "bAQID",
+        "5",
+        r#"42["event:message""#,
+    ] {
+        let sid = connected(addr, "").await;
+        engine_error(&post(addr, &sid, bad).await, 400, 3, "Bad request");
+        engine_error(&poll(addr, &sid).await, 400, 1, "Session ID unknown");
+    }
+    let sid = connected(addr, "").await;
+    let path = format!("/socket.io/?EIO=4&transport=polling&sid={sid}");
+    let invalid_utf8 = request(addr, "POST", &path, &[], b"42[\"\xff\"]").await;
+    engine_error(&invalid_utf8, 400, 3, "Bad request");
+
+    let sid = connected(addr, "").await;
+    let big = format!(
+        r#"42["event:message",{{"message":"{}"}}]"#,
+        "x".repeat(70_000)
+    );
+    let answer = post(addr, &sid, &big).await;
+    assert_eq!(answer.status, 413, "{}", answer.body);
+    engine_error(&poll(addr, &sid).await, 400, 1, "Session ID unknown");
+
+    // The bystander's session goes on.
+    post(addr, &bystander, r#"421["event:message","still here"]"#).await;
+    poll_until(addr, &bystander, |p| p.starts_with("431[{")).await;
+    assert_eq!(server.node.socketio.len(), 1);
+    server.stop().await;
+}
+
+/// Sends a long-poll for `sid` and returns its connection once the server holds it: when a
+/// second poll is refused.
+async fn park_poll(addr: SocketAddr, sid: &str) -> TcpStream {
+    let mut first = TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "GET /socket.io/?EIO=4&transport=polling&sid={sid} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    );
+    first.write_all(req.as_bytes()).await.unwrap();
+    // Until the first poll is parked, a second one may park itself and time out: retry.
+    common::eventually_async("a second poll to be refused", || async {
+        let answer = tokio::time::timeout(Duration::from_millis(200), poll(addr, sid)).await;
+        matches!(answer, Ok(a) if a.status == 400 && a.json()["code"] == 3)
+    })
+    .await;
+    first
+}
+
+async fn read_answer(mut stream: TcpStream) -> String {
+    let mut answer = String::new();
+    tokio::time::timeout(WAIT, stream.read_to_string(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    answer
+}
+
+#[tokio::test]
+async fn a_second_concurrent_poll_is_refused() {
+    let server = start(config()).await;
+    let addr = server.addr;
+    let sid = connected(addr, "").await;
+    let first = park_poll(addr, &sid).await;
+    post(addr, &sid, r#"421["join","dev"]"#).await;
+    let answer = read_answer(first).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.contains(r#"431[{"online":1,"room":"dev"}]"#),
+        "{answer}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn upgrade_from_polling_to_websocket() {
+    let server = start(config()).await;
+    let addr = server.addr;
+    let sid = connected(addr, r#"{"name":"upg"}"#).await;
+    let parked = tokio::spawn({
+        let sid = sid.clone();
+        async move { poll(addr, &sid).await }
+    });
+    let url = format!("ws://{addr}/socket.io/?EIO=4&transport=websocket&sid={sid}");
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    // A second probe of the same session is refused while this one runs.
+    assert!(tokio_tungstenite::connect_async(&url).await.is_err());
+    ws.send(Message::text("2probe")).await.unwrap();
+    assert_eq!(next_text(&mut ws).await, "3probe");
+    // The poll parked meanwhile is released with a noop.
+    let released = parked.await.unwrap();
+    assert_eq!(released.status, 200);
+    assert!(
+        released.body.split('\x1e').any(|p| p == "6"),
+        "{}",
+        released.body
+    );
+    ws.send(Message::text("5")).await.unwrap();
+    ws.send(Message::text(
+        r#"421["event:message",{"message":"over ws"}]"#,
+    ))
+    .await
+    .unwrap();
+    let mut seen = Vec::new();
+    while !seen.iter().any(|p: &String| p.starts_with("431")) {
+        seen.push(next_text(&mut ws).await);
+    }
+    assert!(seen.iter().any(|p| p.contains("over ws")), "{seen:?}");
+    // Polling is over for this session.
+    engine_error(&poll(addr, &sid).await, 400, 3, "Bad request");
+    ws.send(Message::text("1")).await.unwrap();
+    common::eventually("the session to end", || server.node.socketio.is_empty()).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn websocket_only_session() {
+    let server = start(config()).await;
+    let url = format!("ws://{}/socket.io/?EIO=4&transport=websocket", server.addr);
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let open = next_text(&mut ws).await;
+    let open: Value = serde_json::from_str(open.strip_prefix('0').unwrap()).unwrap();
+    assert_eq!(open["upgrades"], serde_json::json!([]));
+    ws.send(Message::text("40")).await.unwrap();
+    assert!(next_text(&mut ws).await.starts_with("40{\"sid\""));
+    assert!(next_text(&mut ws).await.starts_with("42[\"joined\""));
+    // Binary attachments are refused: the connection closes, nobody else is disturbed.
+    ws.send(Message::text(
+        r#"451-["event:message",{"_placeholder":true,"num":0}]"#,
+    ))
+    .await
+    .unwrap();
+    loop {
+        match tokio::time::timeout(WAIT, ws.next()).await.unwrap() {
+            Some(Ok(Message::Close(frame))) => {
+                assert_eq!(u16::from(frame.unwrap().code), 1007);
+                break;
+            }
+            Some(Ok(_)) => {}
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+    common::eventually("the session to end", || server.node.socketio.is_empty()).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_session_that_does_not_answer_pings_is_closed() {
+    let mut config = config();
+    config.limits.ping_interval_secs = 1;
+    config.limits.ping_timeout_secs = 1;
+    let server = start(config).await;
+    let addr = server.addr;
+    let sid = connected(addr, "").await;
+    let seen = poll_until(addr, &sid, |p| p == "2").await;
+    assert!(seen.contains(&"2".to_owned()));
+    // No pong: within the timeout the session is closed.
+    let answer = poll(addr, &sid).await;
+    assert!(
+        answer.body == "1" || answer.status == 400,
+        "{} {}",
+        answer.status,
+        answer.body
+    );
+    common::eventually("the session to end", || server.node.socketio.is_empty()).await;
+
+    // One that answers stays.
+    let sid = connected(addr, "").await;
+    for _ in 0..3 {
+        poll_until(addr, &sid, |p| p == "2").await;
+        assert_eq!(post(addr, &sid, "3").await.body, "ok");
+    }
+    assert_eq!(server.node.socketio.len(), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_polling_sessions() {
+    let server = start(config()).await;
+    let addr = server.addr;
+    let sid = connected(addr, "").await;
+    let parked = park_poll(addr, &sid).await;
+    server.shutdown();
+    let answer = read_answer(parked).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("\r\n\r\n1"), "the close packet: {answer}");
+    server.stop().await;
+}
+
+async fn next_text<S>(ws: &mut S) -> String
+where
+    S: StreamExt<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    loop {
+        match tokio::time::timeout(WAIT, ws.next()).await.unwrap() {
+            Some(Ok(Message::Text(text))) => return text.to_string(),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+}
