@@ -38,6 +38,8 @@ pub struct Publisher {
     rate_milli: AtomicU64,
     /// Bumped at every rate change: the publisher restarts its schedule.
     epoch: AtomicU64,
+    /// How long the current rate lasts, in nanoseconds from the publisher's first tick.
+    period_ns: AtomicU64,
     /// Messages sent so far (the next sequence number).
     sent: AtomicU64,
 }
@@ -116,6 +118,7 @@ impl Member {
             let _permit = gate.acquire().await?;
             let mut stream = ws::connect(&self.target, self.source, &mut reader).await?;
             ws::wait_joined(&mut stream, &mut reader, Duration::from_secs(30)).await?;
+            ws::stamp_arrivals(&stream);
             anyhow::Ok(stream)
         };
         let mut stream = match joined.await {
@@ -134,15 +137,17 @@ impl Member {
         let mut out = Vec::with_capacity(4096);
         loop {
             tokio::select! {
-                read = reader.fill(&mut stream) => {
-                    if !matches!(read, Ok(n) if n > 0) {
+                read = reader.fill_stamped(&stream) => {
+                    let Ok((n, stamp)) = read else { break };
+                    if n == 0 {
                         break;
                     }
                     let now = now_ns();
+                    let arrived = stamp.unwrap_or(now).min(now);
                     let mut state = self.state.lock().expect("receiver lock");
                     reader.parse(|op, payload| match op {
                         OP_PING => ws::encode_client_frame(&mut out, OP_PONG, payload),
-                        _ => state.frame(op, payload, now),
+                        _ => state.frame(op, payload, now, arrived),
                     });
                     if state.close_code.is_some() {
                         break;
@@ -186,10 +191,12 @@ impl Schedule {
             };
         }
         let rate = publisher.rate_milli.load(Ordering::Acquire) as f64 / 1000.0;
-        // The first message goes at the start of the period, so a period of T seconds sends
-        // T × rate messages (not one fewer).
+        let period = publisher.period_ns.load(Ordering::Acquire);
+        // Messages are due at 0, 1/rate, 2/rate, … before the end of the period: T × rate
+        // messages in a period of T seconds.
+        let elapsed = (now - self.start_ns).min(period.saturating_sub(1));
         let due = if rate > 0.0 {
-            ((now - self.start_ns) as f64 * 1e-9 * rate) as u64 + 1
+            (elapsed as f64 * 1e-9 * rate) as u64 + 1
         } else {
             0
         };
@@ -207,12 +214,14 @@ pub struct Step {
     /// Offered messages per second (all publishers together).
     pub rate: f64,
     pub members: usize,
+    pub sent: u64,
     pub expected: u64,
     pub unique: u64,
     pub duplicates: u64,
     pub deliveries_per_sec: f64,
     pub latency: Histogram<u64>,
     pub cross_latency: Histogram<u64>,
+    pub read_latency: Histogram<u64>,
     pub server_cpu: f64,
     pub redis_cpu: f64,
     pub generator_cpu: f64,
@@ -257,11 +266,12 @@ impl Load {
             .sum()
     }
 
-    fn set_rate(&self, total: f64) {
+    fn set_rate(&self, total: f64, secs: f64) {
         let each = total / self.publishers.len().max(1) as f64;
         for p in &self.publishers {
             p.rate_milli
                 .store((each * 1000.0) as u64, Ordering::Release);
+            p.period_ns.store((secs * 1e9) as u64, Ordering::Release);
             p.epoch.fetch_add(1, Ordering::AcqRel);
         }
     }
@@ -275,6 +285,7 @@ impl Load {
             let mut r = r.lock().expect("receiver lock");
             r.latency.reset();
             r.cross_latency.reset();
+            r.read_latency.reset();
         }
         let pids = cluster.node_pids();
         let redis: Vec<u32> = cluster.redis_pid().into_iter().collect();
@@ -285,9 +296,11 @@ impl Load {
             CpuSample::take(&me),
         );
         let start = now_ns();
-        self.set_rate(rate);
-        tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-        self.set_rate(0.0);
+        self.set_rate(rate, secs);
+        // The publishers stop by themselves at the end of the period; the rate goes to 0
+        // after it, with a margin for a tick that is late.
+        tokio::time::sleep(Duration::from_secs_f64(secs) + Duration::from_millis(50)).await;
+        self.set_rate(0.0, 0.0);
         tokio::time::sleep(Duration::from_millis(5)).await;
         let sent = self.sent() - sent_before;
         let expected = sent * self.receivers.len() as u64;
@@ -304,12 +317,14 @@ impl Load {
         let mut step = Step {
             rate,
             members: self.receivers.len(),
+            sent,
             expected,
             unique: after.unique - before.unique,
             duplicates: after.duplicates - before.duplicates,
             deliveries_per_sec: 0.0,
             latency: histogram(),
             cross_latency: histogram(),
+            read_latency: histogram(),
             server_cpu,
             redis_cpu,
             generator_cpu,
@@ -322,6 +337,7 @@ impl Load {
             let r = r.lock().expect("receiver lock");
             let _ = step.latency.add(&r.latency);
             let _ = step.cross_latency.add(&r.cross_latency);
+            let _ = step.read_latency.add(&r.read_latency);
             last = last.max(r.last_delivery_ns);
             step.disconnected += usize::from(r.disconnected);
             for (code, n) in &r.errors {

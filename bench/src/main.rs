@@ -78,11 +78,14 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     machine::raise_file_limit();
+    if let Command::Relay { port } = cli.command {
+        return relay::run(port);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let (plan, which) = match cli.command {
-        Command::Relay { port } => return runtime.block_on(relay::run(port)),
+        Command::Relay { .. } => unreachable!("handled above"),
         Command::Hold {
             addrs,
             count,

@@ -2,9 +2,11 @@
 //! CPU and memory are measured like a node's. It answers the same handshake with a fixed 101
 //! and the `welcome` and `joined` frames, reads `send` frames, and writes a `message` frame of
 //! the same shape and size as scalechat's to every connection. Connections are spread over one
-//! writer per core; each writer puts every frame that is waiting into one buffer and writes it
-//! to each of its sockets, so a delivery costs a share of one write call and nothing else.
+//! thread per core; each thread's writer puts every frame that is waiting into one buffer and
+//! writes it to each of its sockets, so a delivery costs a share of one write call and nothing
+//! else.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,57 +20,90 @@ use tokio::sync::mpsc;
 use crate::ws::{FrameReader, OP_CLOSE, OP_TEXT, encode_server_frame};
 
 enum Cmd {
-    Add(u64, OwnedWriteHalf),
-    Frame(Bytes),
-    Close(u64, Bytes),
+    Add(u64, Arc<str>, OwnedWriteHalf),
+    Frame(Arc<str>, Bytes),
+    Close(u64, Arc<str>, Bytes),
 }
 
 const RESPONSE: &[u8] = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
 Connection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
 
-/// Serves on 127.0.0.1:`port` until killed.
-pub async fn run(port: u16) -> anyhow::Result<()> {
-    let socket = TcpSocket::new_v4()?;
-    socket.set_reuseaddr(true)?;
-    socket.bind(SocketAddr::from(([127, 0, 0, 1], port)))?;
-    let listener = socket.listen(4096)?;
+/// Serves on 127.0.0.1:`port` until killed: the accept loop on this thread, and one thread
+/// per core, each with a runtime of its own running its connections and their writer.
+pub fn run(port: u16) -> anyhow::Result<()> {
     let shards = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let writers: Arc<[mpsc::Sender<Cmd>]> = (0..shards)
-        .map(|_| {
-            let (tx, rx) = mpsc::channel(1 << 16);
-            tokio::spawn(write_shard(rx));
-            tx
-        })
-        .collect();
+    let mut writers = Vec::new();
+    let mut runtimes = Vec::new();
+    for _ in 0..shards {
+        let (tx, rx) = mpsc::channel(1 << 16);
+        writers.push(tx);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.spawn(write_shard(rx));
+        runtimes.push(Arc::new(runtime));
+    }
+    let writers: Arc<[mpsc::Sender<Cmd>]> = writers.into();
     let ids = Arc::new(AtomicU64::new(0));
-    for conn in 0u64.. {
-        let (stream, _) = listener.accept().await?;
-        let _ = stream.set_nodelay(true);
+    let mut handoff = Vec::new();
+    for (i, runtime) in runtimes.into_iter().enumerate() {
+        let (tx, mut rx) = mpsc::unbounded_channel::<(u64, std::net::TcpStream)>();
+        handoff.push(tx);
         let writers = writers.clone();
         let ids = ids.clone();
-        tokio::spawn(async move {
-            let _ = connection(stream, conn, writers, ids).await;
-        });
+        std::thread::Builder::new()
+            .name(format!("relay-{i}"))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    while let Some((conn, stream)) = rx.recv().await {
+                        let (writers, ids) = (writers.clone(), ids.clone());
+                        tokio::spawn(async move {
+                            let Ok(stream) = TcpStream::from_std(stream) else {
+                                return;
+                            };
+                            let _ = connection(stream, conn, i, writers, ids).await;
+                        });
+                    }
+                })
+            })?;
     }
-    Ok(())
+    let accept = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    accept.block_on(async move {
+        let socket = TcpSocket::new_v4()?;
+        socket.set_reuseaddr(true)?;
+        socket.bind(SocketAddr::from(([127, 0, 0, 1], port)))?;
+        let listener = socket.listen(4096)?;
+        for conn in 0u64.. {
+            let (stream, _) = listener.accept().await?;
+            let _ = stream.set_nodelay(true);
+            let stream = stream.into_std()?;
+            // A send fails only if the shard's thread is gone, and then the process ends too.
+            let _ = handoff[conn as usize % shards].send((conn, stream));
+        }
+        Ok(())
+    })
 }
 
 async fn connection(
     mut stream: TcpStream,
     conn: u64,
+    shard: usize,
     writers: Arc<[mpsc::Sender<Cmd>]>,
     ids: Arc<AtomicU64>,
 ) -> anyhow::Result<()> {
     let mut reader = FrameReader::new(512);
-    loop {
+    let room: Arc<str> = loop {
         if reader.fill(&mut stream).await? == 0 {
             return Ok(());
         }
         if let Some(end) = memchr::memmem::find(reader.pending(), b"\r\n\r\n") {
+            let room = room_of(&reader.pending()[..end]);
             reader.consume(end + 4);
-            break;
+            break room.into();
         }
-    }
+    };
     let mut hello = RESPONSE.to_vec();
     let welcome = format!(
         r#"{{"type":"welcome","conn":"{conn:x}","name":"m","node":"relay","rooms":["bench"]}}"#
@@ -81,8 +116,8 @@ async fn connection(
     );
     stream.write_all(&hello).await?;
     let (mut read, write) = stream.into_split();
-    let mine = &writers[conn as usize % writers.len()];
-    mine.send(Cmd::Add(conn, write)).await?;
+    let mine = &writers[shard];
+    mine.send(Cmd::Add(conn, room.clone(), write)).await?;
     let mut out = Vec::new();
     loop {
         let mut close = None;
@@ -93,17 +128,17 @@ async fn connection(
         });
         for frame in out.drain(..) {
             for writer in writers.iter() {
-                writer.send(Cmd::Frame(frame.clone())).await?;
+                writer.send(Cmd::Frame(room.clone(), frame.clone())).await?;
             }
         }
         if let Some(payload) = close {
             let mut frame = Vec::new();
             encode_server_frame(&mut frame, OP_CLOSE, &payload);
-            mine.send(Cmd::Close(conn, frame.into())).await?;
+            mine.send(Cmd::Close(conn, room, frame.into())).await?;
             return Ok(());
         }
         if reader.fill(&mut read).await? == 0 {
-            mine.send(Cmd::Close(conn, Bytes::new())).await?;
+            mine.send(Cmd::Close(conn, room, Bytes::new())).await?;
             return Ok(());
         }
     }
@@ -128,28 +163,54 @@ fn delivery(send: &[u8], ids: &AtomicU64) -> Option<Bytes> {
     Some(frame.into())
 }
 
-/// One writer: owns the write halves of its connections; writes every frame waiting in one
-/// buffer to each of them.
+/// The `room` query parameter of a request head (`general` without one).
+fn room_of(head: &[u8]) -> String {
+    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let query = line.split(' ').nth(1).and_then(|p| p.split_once('?'));
+    query
+        .and_then(|(_, q)| q.split('&').find_map(|kv| kv.strip_prefix("room=")))
+        .unwrap_or("general")
+        .to_owned()
+}
+
+/// A room's connections on one writer, and the frames waiting for them.
+#[derive(Default)]
+struct Room {
+    sockets: Vec<(u64, OwnedWriteHalf)>,
+    batch: Vec<u8>,
+}
+
+/// One writer: owns the write halves of its connections; writes every frame waiting for a room
+/// in one buffer to each of the room's connections.
 async fn write_shard(mut rx: mpsc::Receiver<Cmd>) {
-    let mut sockets: Vec<(u64, OwnedWriteHalf)> = Vec::new();
-    let mut batch = Vec::with_capacity(1 << 16);
+    let mut rooms: HashMap<Arc<str>, Room> = HashMap::new();
     while let Some(mut cmd) = rx.recv().await {
+        let mut waiting = 0;
         loop {
             match cmd {
-                Cmd::Frame(frame) => batch.extend_from_slice(&frame),
-                Cmd::Add(id, socket) => {
-                    flush(&mut batch, &mut sockets).await;
-                    sockets.push((id, socket));
+                Cmd::Frame(room, frame) => {
+                    if let Some(room) = rooms.get_mut(&room) {
+                        room.batch.extend_from_slice(&frame);
+                        waiting += frame.len();
+                    }
                 }
-                Cmd::Close(id, frame) => {
-                    flush(&mut batch, &mut sockets).await;
-                    if let Some(i) = sockets.iter().position(|(s, _)| *s == id) {
-                        let (_, mut socket) = sockets.swap_remove(i);
-                        let _ = socket.write_all(&frame).await;
+                Cmd::Add(id, name, socket) => {
+                    let room = rooms.entry(name).or_default();
+                    flush(room).await;
+                    room.sockets.push((id, socket));
+                }
+                Cmd::Close(id, name, frame) => {
+                    if let Some(room) = rooms.get_mut(&name) {
+                        flush(room).await;
+                        if let Some(i) = room.sockets.iter().position(|(s, _)| *s == id) {
+                            let (_, mut socket) = room.sockets.swap_remove(i);
+                            let _ = socket.write_all(&frame).await;
+                        }
                     }
                 }
             }
-            if batch.len() > 1 << 20 {
+            if waiting > 1 << 20 {
                 break;
             }
             match rx.try_recv() {
@@ -157,22 +218,24 @@ async fn write_shard(mut rx: mpsc::Receiver<Cmd>) {
                 Err(_) => break,
             }
         }
-        flush(&mut batch, &mut sockets).await;
+        for room in rooms.values_mut() {
+            flush(room).await;
+        }
     }
 }
 
-async fn flush(batch: &mut Vec<u8>, sockets: &mut Vec<(u64, OwnedWriteHalf)>) {
-    if batch.is_empty() {
+async fn flush(room: &mut Room) {
+    if room.batch.is_empty() {
         return;
     }
     let mut failed = Vec::new();
-    for (i, (_, socket)) in sockets.iter_mut().enumerate() {
-        if socket.write_all(batch).await.is_err() {
+    for (i, (_, socket)) in room.sockets.iter_mut().enumerate() {
+        if socket.write_all(&room.batch).await.is_err() {
             failed.push(i);
         }
     }
     for i in failed.into_iter().rev() {
-        sockets.swap_remove(i);
+        room.sockets.swap_remove(i);
     }
-    batch.clear();
+    room.batch.clear();
 }

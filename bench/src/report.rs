@@ -86,6 +86,7 @@ pub const STEP_HEADER: &[&str] = &[
     "setup",
     "members",
     "offered msg/s",
+    "sent",
     "deliveries/s",
     "× raw",
     "lost",
@@ -95,6 +96,7 @@ pub const STEP_HEADER: &[&str] = &[
     "p99.9 ms",
     "max ms",
     "cross-node p50/p99 ms",
+    "as read p50/p99 ms",
     "server CPU %",
     "redis CPU %",
     "generator CPU %",
@@ -112,6 +114,16 @@ pub fn step_row(setup: Setup, step: &Step, raw: Option<f64>, trouble: &str) -> V
             "{} / {}",
             ms(c.value_at_quantile(0.5)),
             ms(c.value_at_quantile(0.99))
+        )
+    };
+    let read = if step.read_latency.is_empty() {
+        "-".to_owned()
+    } else {
+        let r = &step.read_latency;
+        format!(
+            "{} / {}",
+            ms(r.value_at_quantile(0.5)),
+            ms(r.value_at_quantile(0.99))
         )
     };
     let mut notes: Vec<String> = step
@@ -134,6 +146,7 @@ pub fn step_row(setup: Setup, step: &Step, raw: Option<f64>, trouble: &str) -> V
         setup.to_string(),
         step.members.to_string(),
         count(step.rate),
+        count(step.sent as f64),
         count(step.deliveries_per_sec),
         ratio(step.deliveries_per_sec, raw),
         step.lost().to_string(),
@@ -143,6 +156,7 @@ pub fn step_row(setup: Setup, step: &Step, raw: Option<f64>, trouble: &str) -> V
         p999,
         max,
         cross,
+        read,
         format!("{:.0}", step.server_cpu),
         if step.redis_cpu > 0.0 {
             format!("{:.0}", step.redis_cpu)

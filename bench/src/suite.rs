@@ -27,6 +27,10 @@ pub struct Plan {
     /// Steady-latency step: total messages per second.
     #[arg(long, default_value_t = 20.0)]
     pub latency_rate: f64,
+    /// Members of the small room that carries the same deliveries per second as the steady
+    /// step (more messages, each to fewer members): latency without the wide fan-out.
+    #[arg(long, default_value_t = 20)]
+    pub small_members: usize,
     /// Seconds of publishing in the fan-out and steady-latency steps.
     #[arg(long, default_value_t = 10.0)]
     pub secs: f64,
@@ -80,6 +84,7 @@ impl Plan {
             publishers: 4,
             rate: 200.0,
             latency_rate: 20.0,
+            small_members: 10,
             secs: 1.0,
             drain_secs: 5.0,
             start_rate: 200.0,
@@ -153,6 +158,23 @@ async fn fanout_group(
         ),
         report::STEP_HEADER,
     );
+    let small = Shape {
+        members: plan.small_members.max(1),
+        publishers: plan.publishers.clamp(1, plan.small_members.max(1)),
+        room: "small".into(),
+        sources: plan.sources,
+    };
+    let small_rate = plan.latency_rate * shape.members as f64 / small.members as f64;
+    let mut steady_small = Table::new(
+        &format!(
+            "Steady load, small room: {} msg/s into {} members = {} deliveries/s, {} s",
+            small_rate,
+            small.members,
+            count(small_rate * small.members as f64),
+            plan.secs
+        ),
+        report::STEP_HEADER,
+    );
     let mut fan = Table::new(
         &format!(
             "Fan-out: {} msg/s from {} publishers into {} members = {} deliveries/s offered, {} s",
@@ -193,6 +215,14 @@ async fn fanout_group(
                 .await;
             clean &= s.lost() == 0 && s.duplicates == 0;
             steady.push(report::step_row(setup, &s, None, ""));
+            let small_load = fanout::connect(&cluster, &small).await?;
+            small_load.step(&cluster, small_rate, 0.5, 2.0).await; // warm-up
+            let s = small_load
+                .step(&cluster, small_rate, plan.secs, plan.drain_secs)
+                .await;
+            clean &= s.lost() == 0 && s.duplicates == 0;
+            steady_small.push(report::step_row(setup, &s, None, ""));
+            drop(small_load);
             let s = load
                 .step(&cluster, plan.rate, plan.secs, plan.drain_secs)
                 .await;
@@ -257,6 +287,7 @@ async fn fanout_group(
     let mut text = String::new();
     for (table, on) in [
         (&steady, which.fanout),
+        (&steady_small, which.fanout),
         (&fan, which.fanout),
         (&best, which.max_rate),
         (&steps, which.max_rate),

@@ -7,14 +7,15 @@ use std::collections::HashMap;
 
 use hdrhistogram::Histogram;
 
-/// Monotonic clock in nanoseconds, the same in every process of the machine (CLOCK_MONOTONIC).
+/// Wall-clock time in nanoseconds (CLOCK_REALTIME): the clock of the kernel's arrival stamps,
+/// the same in every process of the machine.
 pub fn now_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: clock_gettime writes one timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
@@ -120,8 +121,12 @@ pub struct Receiver {
     /// Node index of each publisher, to tell cross-node deliveries apart.
     publisher_nodes: Vec<usize>,
     node: usize,
+    /// Send to arrival in the receiver's socket (the kernel's stamp).
     pub latency: Histogram<u64>,
+    /// The same, for deliveries from a publisher on another node.
     pub cross_latency: Histogram<u64>,
+    /// Send to the moment the generator read it: includes the generator's own delay.
+    pub read_latency: Histogram<u64>,
     pub deliveries: u64,
     pub last_delivery_ns: u64,
     pub errors: HashMap<String, u64>,
@@ -138,6 +143,7 @@ impl Receiver {
             node,
             latency: histogram(),
             cross_latency: histogram(),
+            read_latency: histogram(),
             deliveries: 0,
             last_delivery_ns: 0,
             errors: HashMap::new(),
@@ -146,8 +152,8 @@ impl Receiver {
         }
     }
 
-    /// Handles one server frame received at `now`.
-    pub fn frame(&mut self, op: u8, payload: &[u8], now: u64) {
+    /// Handles one server frame read at `now` that reached the socket at `arrived`.
+    pub fn frame(&mut self, op: u8, payload: &[u8], now: u64, arrived: u64) {
         if op == crate::ws::OP_CLOSE {
             self.close_code = Some(crate::ws::close_code(payload));
             return;
@@ -162,7 +168,9 @@ impl Receiver {
             seqs.see(d.seq);
             self.deliveries += 1;
             self.last_delivery_ns = now;
-            let us = now.saturating_sub(d.sent_ns) / 1000;
+            let read_us = now.saturating_sub(d.sent_ns) / 1000;
+            self.read_latency.saturating_record(read_us.max(1));
+            let us = arrived.saturating_sub(d.sent_ns) / 1000;
             self.latency.saturating_record(us.max(1));
             if self.publisher_nodes[d.publisher as usize] != self.node {
                 self.cross_latency.saturating_record(us.max(1));

@@ -2,11 +2,13 @@
 //! written by hand, server frames (unmasked) parsed in place from one reusable buffer, client
 //! frames masked as RFC 6455 requires. Also the source-address spreading every scenario uses.
 
+use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::{AsRawFd, RawFd};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpSocket, TcpStream};
 
 /// Frame opcodes the client cares about.
@@ -41,7 +43,6 @@ pub async fn tcp_connect(addr: SocketAddr, source: IpAddr) -> anyhow::Result<Tcp
 }
 
 fn set_bind_address_no_port(socket: &TcpSocket) {
-    use std::os::fd::AsRawFd;
     let one: libc::c_int = 1;
     // SAFETY: a valid socket fd and a c_int option value of the right size.
     unsafe {
@@ -203,6 +204,15 @@ impl FrameReader {
         &mut self,
         stream: &mut (impl AsyncReadExt + Unpin),
     ) -> anyhow::Result<usize> {
+        self.make_room();
+        let n = stream.read(&mut self.buf[self.end..]).await?;
+        self.end += n;
+        Ok(n)
+    }
+
+    /// Makes free space at the end of the buffer: moves the unparsed bytes to the front, or
+    /// doubles the buffer when they fill it.
+    fn make_room(&mut self) {
         if self.end == self.buf.len() {
             if self.start > 0 {
                 self.buf.copy_within(self.start..self.end, 0);
@@ -213,9 +223,27 @@ impl FrameReader {
                 self.buf.resize(len, 0);
             }
         }
-        let n = stream.read(&mut self.buf[self.end..]).await?;
-        self.end += n;
-        Ok(n)
+    }
+
+    /// Like [`FrameReader::fill`], also returning when the kernel received the data read
+    /// (CLOCK_REALTIME nanoseconds), once [`stamp_arrivals`] was called on the socket.
+    /// Cancel-safe: it waits for readiness, then reads without waiting.
+    pub async fn fill_stamped(&mut self, stream: &TcpStream) -> io::Result<(usize, Option<u64>)> {
+        self.make_room();
+        loop {
+            stream.readable().await?;
+            let free = &mut self.buf[self.end..];
+            match stream.try_io(Interest::READABLE, || {
+                recv_stamped(stream.as_raw_fd(), free)
+            }) {
+                Ok((n, stamp)) => {
+                    self.end += n;
+                    return Ok((n, stamp));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Calls `on_frame(opcode, payload)` for every complete frame received so far, then keeps
@@ -244,6 +272,58 @@ impl FrameReader {
             on_frame(op, &self.buf[at + header..at + header + len]);
             self.consume(header + len);
         }
+    }
+}
+
+/// `SO_TIMESTAMPNS` (and `SCM_TIMESTAMPNS`) on Linux with a 64-bit `time_t`.
+const SO_TIMESTAMPNS: libc::c_int = 35;
+
+/// Asks the kernel to stamp the data this socket receives with its arrival time, so latency
+/// can be measured to the moment a delivery reached the client's socket, not to the moment the
+/// generator got round to reading it.
+pub fn stamp_arrivals(stream: &TcpStream) {
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket fd and a c_int option value of the right size.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_TIMESTAMPNS,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+/// One non-blocking recvmsg into `buf`: the bytes read and the arrival stamp, if any.
+fn recv_stamped(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, Option<u64>)> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let mut control = [0u64; 16];
+    // SAFETY: msghdr is plain data; every pointer set below outlives the call, and the cmsg
+    // walk stays inside `control` as the CMSG_* helpers guarantee.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&control);
+        let n = libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT);
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut stamp = None;
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == SO_TIMESTAMPNS {
+                let ts: libc::timespec = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast());
+                stamp = Some(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64);
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+        Ok((n as usize, stamp))
     }
 }
 
