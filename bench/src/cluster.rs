@@ -335,6 +335,53 @@ pub fn cpu_secs(pid: u32) -> f64 {
     ticks as f64 / hz
 }
 
+/// CPU time the whole machine has spent busy (all cores, everything but idle and iowait), in
+/// seconds.
+pub fn machine_busy_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().next() else {
+        return 0.0;
+    };
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal …: busy is all but idle and iowait.
+    let busy: u64 = ticks
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i != 3 && i != 4 && i < 8)
+        .map(|(_, v)| v)
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    busy as f64 / hz
+}
+
+/// The machine's busy CPU since a moment, in percent of one core.
+#[derive(Clone, Copy)]
+pub struct MachineSample {
+    at: Instant,
+    busy: f64,
+}
+
+impl MachineSample {
+    /// Samples now.
+    pub fn take() -> MachineSample {
+        MachineSample {
+            at: Instant::now(),
+            busy: machine_busy_secs(),
+        }
+    }
+
+    /// Busy CPU since `self`, in percent of one core (summed over all cores).
+    pub fn percent_since(&self) -> f64 {
+        let wall = self.at.elapsed().as_secs_f64().max(1e-9);
+        100.0 * (machine_busy_secs() - self.busy) / wall
+    }
+}
+
 /// Resident memory of a process (VmRSS), in KiB.
 pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

@@ -16,7 +16,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{Semaphore, oneshot};
 use tokio::task::JoinSet;
 
-use crate::cluster::{Cluster, CpuSample};
+use crate::cluster::{Cluster, CpuSample, MachineSample};
 use crate::track::{Receiver, encode_send, histogram, now_ns};
 use crate::ws::{self, FrameReader, OP_PING, Target};
 
@@ -225,6 +225,9 @@ pub struct Step {
     pub server_cpu: f64,
     pub redis_cpu: f64,
     pub generator_cpu: f64,
+    /// Everything else the machine ran meanwhile (other processes, and kernel work not
+    /// charged to a process), in percent of one core.
+    pub other_cpu: f64,
     pub disconnected: usize,
     pub errors: HashMap<String, u64>,
     pub close_codes: HashMap<u16, u64>,
@@ -295,6 +298,7 @@ impl Load {
             CpuSample::take(&redis),
             CpuSample::take(&me),
         );
+        let machine = MachineSample::take();
         let start = now_ns();
         self.set_rate(rate, secs);
         // The publishers stop by themselves at the end of the period; the rate goes to 0
@@ -313,6 +317,7 @@ impl Load {
             cpu.1.percent_since(&redis),
             cpu.2.percent_since(&me),
         );
+        let other_cpu = (machine.percent_since() - server_cpu - redis_cpu - generator_cpu).max(0.0);
         let after = self.totals();
         let mut step = Step {
             rate,
@@ -328,6 +333,7 @@ impl Load {
             server_cpu,
             redis_cpu,
             generator_cpu,
+            other_cpu,
             disconnected: 0,
             errors: HashMap::new(),
             close_codes: HashMap::new(),

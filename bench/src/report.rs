@@ -100,6 +100,7 @@ pub const STEP_HEADER: &[&str] = &[
     "server CPU %",
     "redis CPU %",
     "generator CPU %",
+    "other CPU %",
     "server reports",
 ];
 
@@ -164,6 +165,7 @@ pub fn step_row(setup: Setup, step: &Step, raw: Option<f64>, trouble: &str) -> V
             "-".into()
         },
         format!("{:.0}", step.generator_cpu),
+        format!("{:.0}", step.other_cpu),
         if notes.is_empty() {
             "-".into()
         } else {

@@ -56,7 +56,7 @@ pub struct Plan {
     #[arg(long, default_value_t = 5.0)]
     pub churn_secs: f64,
     /// churn: connections opened in parallel.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 128)]
     pub churn_workers: usize,
     /// idle: connection counts, one run each.
     #[arg(long, value_delimiter = ',', default_value = "10000,19000")]
@@ -67,8 +67,9 @@ pub struct Plan {
     /// idle: seconds between the last connection and the memory reading.
     #[arg(long, default_value_t = 3.0)]
     pub settle_secs: f64,
-    /// idle: seconds over which idle CPU is measured.
-    #[arg(long, default_value_t = 10.0)]
+    /// idle: seconds over which idle CPU is measured (more than the servers' 20 s ping
+    /// interval, so it includes a round of pings).
+    #[arg(long, default_value_t = 25.0)]
     pub idle_secs: f64,
     /// Local source addresses (127.0.0.2 onwards) the connections are spread over.
     #[arg(long, default_value_t = 16)]
