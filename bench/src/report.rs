@@ -158,7 +158,7 @@ pub fn step_row(setup: Setup, step: &Step, raw: Option<f64>, trouble: &str) -> V
         max,
         cross,
         read,
-        format!("{:.0}", step.server_cpu),
+        format!("{:.0}", step.server_cpu.max(0.0)),
         if step.redis_cpu > 0.0 {
             format!("{:.0}", step.redis_cpu)
         } else {

@@ -5,7 +5,10 @@
 
 use std::collections::HashMap;
 
+use std::sync::LazyLock;
+
 use hdrhistogram::Histogram;
+use memchr::memmem::Finder;
 
 /// Wall-clock time in nanoseconds (CLOCK_REALTIME): the clock of the kernel's arrival stamps,
 /// the same in every process of the machine.
@@ -60,7 +63,8 @@ pub fn parse_delivery(payload: &[u8]) -> Option<Delivery> {
     if !payload.starts_with(b"{\"type\":\"message\"") {
         return None;
     }
-    let at = memchr::memmem::find(payload, b"\"message\":\"B")? + 12;
+    static MARKER: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"message\":\"B"));
+    let at = MARKER.find(payload)? + 12;
     let mut fields = payload[at..].splitn(4, |&b| b == b'.' || b == b'"');
     let publisher = number(fields.next()?)?;
     let seq = number(fields.next()?)?;
