@@ -173,6 +173,11 @@ impl Cluster {
                     for line in text.lines().filter(|l| is_trouble(l)) {
                         out.push(format!("n{i} {line}"));
                     }
+                    if self.redis.is_some()
+                        && let Some(mean) = publish_mean_ms(&text)
+                    {
+                        out.push(format!("n{i} mean publish {mean:.2} ms"));
+                    }
                 }
             }
         }
@@ -188,6 +193,18 @@ impl Cluster {
         }
         out.join("; ")
     }
+}
+
+/// The mean of `scalechat_publish_seconds` since the node started, in ms.
+fn publish_mean_ms(metrics: &str) -> Option<f64> {
+    let value = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+    };
+    let count = value("scalechat_publish_seconds_count")?;
+    let sum = value("scalechat_publish_seconds_sum")?;
+    (count > 0.0).then(|| 1000.0 * sum / count)
 }
 
 fn is_trouble(line: &str) -> bool {
