@@ -213,6 +213,7 @@ impl Schedule {
 pub struct Step {
     /// Offered messages per second (all publishers together).
     pub rate: f64,
+    pub publishers: usize,
     pub members: usize,
     pub sent: u64,
     pub expected: u64,
@@ -269,9 +270,12 @@ impl Load {
             .sum()
     }
 
-    fn set_rate(&self, total: f64, secs: f64) {
-        let each = total / self.publishers.len().max(1) as f64;
-        for p in &self.publishers {
+    /// Shares `total` messages per second between the first `publishers` publishers (the
+    /// others stay silent) for `secs`.
+    fn set_rate(&self, total: f64, secs: f64, publishers: usize) {
+        let k = publishers.clamp(1, self.publishers.len().max(1));
+        for (i, p) in self.publishers.iter().enumerate() {
+            let each = if i < k { total / k as f64 } else { 0.0 };
             p.rate_milli
                 .store((each * 1000.0) as u64, Ordering::Release);
             p.period_ns.store((secs * 1e9) as u64, Ordering::Release);
@@ -279,9 +283,15 @@ impl Load {
         }
     }
 
-    /// Publishes at `rate` messages per second for `secs`, then waits up to `drain_secs` for
-    /// the last deliveries, and measures.
-    pub async fn step(&self, cluster: &Cluster, rate: f64, secs: f64, drain_secs: f64) -> Step {
+    /// Publishes at `rate` messages per second, shared by the first `publishers`, for `secs`,
+    /// then waits up to `drain_secs` for the last deliveries, and measures.
+    pub async fn step(
+        &self,
+        cluster: &Cluster,
+        (rate, publishers): (f64, usize),
+        secs: f64,
+        drain_secs: f64,
+    ) -> Step {
         let before = self.totals();
         let sent_before = self.sent();
         for r in &self.receivers {
@@ -300,11 +310,11 @@ impl Load {
         );
         let machine = MachineSample::take();
         let start = now_ns();
-        self.set_rate(rate, secs);
+        self.set_rate(rate, secs, publishers);
         // The publishers stop by themselves at the end of the period; the rate goes to 0
         // after it, with a margin for a tick that is late.
         tokio::time::sleep(Duration::from_secs_f64(secs) + Duration::from_millis(50)).await;
-        self.set_rate(0.0, 0.0);
+        self.set_rate(0.0, 0.0, publishers);
         tokio::time::sleep(Duration::from_millis(5)).await;
         let sent = self.sent() - sent_before;
         let expected = sent * self.receivers.len() as u64;
@@ -321,6 +331,7 @@ impl Load {
         let after = self.totals();
         let mut step = Step {
             rate,
+            publishers: publishers.clamp(1, self.publishers.len().max(1)),
             members: self.receivers.len(),
             sent,
             expected,

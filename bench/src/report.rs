@@ -85,6 +85,7 @@ pub fn ratio(x: f64, ceiling: Option<f64>) -> String {
 pub const STEP_HEADER: &[&str] = &[
     "setup",
     "members",
+    "publishers",
     "offered msg/s",
     "sent",
     "deliveries/s",
@@ -146,6 +147,7 @@ pub fn step_row(setup: Setup, step: &Step, raw: Option<f64>, trouble: &str) -> V
     vec![
         setup.to_string(),
         step.members.to_string(),
+        step.publishers.to_string(),
         count(step.rate),
         count(step.sent as f64),
         count(step.deliveries_per_sec),

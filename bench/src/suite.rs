@@ -18,9 +18,14 @@ pub struct Plan {
     /// Members of the fan-out room.
     #[arg(long, default_value_t = 1000)]
     pub members: usize,
-    /// Members that also publish (the total rate is shared between them).
+    /// Members that publish in the steady and fan-out steps (the total rate is shared
+    /// between them).
     #[arg(long, default_value_t = 10)]
     pub publishers: usize,
+    /// Members that publish in the second fan-out step and in max-rate: a session waits for
+    /// each `send`'s publish before it reads the next, so few publishers can limit the rate.
+    #[arg(long, default_value_t = 100)]
+    pub many_publishers: usize,
     /// Fan-out: total messages per second (deliveries = this × members).
     #[arg(long, default_value_t = 1500.0)]
     pub rate: f64,
@@ -83,6 +88,7 @@ impl Plan {
             quick: true,
             members: 100,
             publishers: 4,
+            many_publishers: 10,
             rate: 200.0,
             latency_rate: 20.0,
             small_members: 10,
@@ -91,7 +97,7 @@ impl Plan {
             start_rate: 200.0,
             factor: 2.0,
             step_secs: 1.0,
-            max_steps: 2,
+            max_steps: 1,
             churn_secs: 1.0,
             churn_workers: 16,
             conns: vec![400],
@@ -144,7 +150,10 @@ async fn fanout_group(
 ) -> anyhow::Result<(String, bool)> {
     let shape = Shape {
         members: plan.members,
-        publishers: plan.publishers.clamp(1, plan.members),
+        publishers: plan
+            .publishers
+            .max(plan.many_publishers)
+            .clamp(1, plan.members),
         room: "bench".into(),
         sources: plan.sources,
     };
@@ -176,21 +185,27 @@ async fn fanout_group(
         ),
         report::STEP_HEADER,
     );
-    let mut fan = Table::new(
-        &format!(
-            "Fan-out: {} msg/s from {} publishers into {} members = {} deliveries/s offered, {} s",
-            plan.rate,
-            shape.publishers,
-            shape.members,
-            deliveries(plan.rate),
-            plan.secs
-        ),
-        report::STEP_HEADER,
-    );
+    let fan_table = |publishers: usize| {
+        Table::new(
+            &format!(
+                "Fan-out: {} msg/s from {} publishers into {} members = {} deliveries/s offered, {} s",
+                plan.rate,
+                publishers,
+                shape.members,
+                deliveries(plan.rate),
+                plan.secs
+            ),
+            report::STEP_HEADER,
+        )
+    };
+    let few = plan.publishers.clamp(1, shape.publishers);
+    let many = plan.many_publishers.clamp(1, shape.publishers);
+    let mut fan = fan_table(few);
+    let mut fan_many = fan_table(many);
     let mut best = Table::new(
         &format!(
-            "max-rate: best sustained step (no loss, no duplicates, p99 < {} ms), {} s steps ×{}",
-            plan.p99_limit_ms, plan.step_secs, plan.factor
+            "max-rate: best sustained step (no loss, no duplicates, p99 < {} ms), {} publishers, {} s steps ×{}",
+            plan.p99_limit_ms, many, plan.step_secs, plan.factor
         ),
         &[
             "setup",
@@ -203,36 +218,53 @@ async fn fanout_group(
         ],
     );
     let mut steps = Table::new("max-rate: every step", report::STEP_HEADER);
-    let (mut raw_fan, mut raw_best) = (None, None);
+    let (mut raw_fan, mut raw_fan_many, mut raw_best) = (None, None, None);
     let mut clean = true;
     for &setup in setups {
         eprintln!("fan-out on {setup}");
         let cluster = Cluster::start(setup, opts).await?;
         let load = fanout::connect(&cluster, &shape).await?;
-        load.step(&cluster, plan.latency_rate, 0.5, 2.0).await; // warm-up, not reported
+        load.step(&cluster, (plan.latency_rate, few), 0.5, 2.0)
+            .await; // warm-up, not reported
         if which.fanout {
             let s = load
-                .step(&cluster, plan.latency_rate, plan.secs, plan.drain_secs)
+                .step(
+                    &cluster,
+                    (plan.latency_rate, few),
+                    plan.secs,
+                    plan.drain_secs,
+                )
                 .await;
             clean &= s.lost() == 0 && s.duplicates == 0;
             steady.push(report::step_row(setup, &s, None, ""));
             let small_load = fanout::connect(&cluster, &small).await?;
-            small_load.step(&cluster, small_rate, 0.5, 2.0).await; // warm-up
+            let small_step = (small_rate, small.publishers);
+            small_load.step(&cluster, small_step, 0.5, 2.0).await; // warm-up
             let s = small_load
-                .step(&cluster, small_rate, plan.secs, plan.drain_secs)
+                .step(&cluster, small_step, plan.secs, plan.drain_secs)
                 .await;
             clean &= s.lost() == 0 && s.duplicates == 0;
             steady_small.push(report::step_row(setup, &s, None, ""));
             drop(small_load);
-            let s = load
-                .step(&cluster, plan.rate, plan.secs, plan.drain_secs)
-                .await;
-            clean &= s.lost() == 0 && s.duplicates == 0;
-            if setup == Setup::Raw {
-                raw_fan = Some(s.deliveries_per_sec);
+            for (publishers, table, raw) in [
+                (few, &mut fan, &mut raw_fan),
+                (many, &mut fan_many, &mut raw_fan_many),
+            ] {
+                let s = load
+                    .step(
+                        &cluster,
+                        (plan.rate, publishers),
+                        plan.secs,
+                        plan.drain_secs,
+                    )
+                    .await;
+                clean &= s.lost() == 0 && s.duplicates == 0;
+                if setup == Setup::Raw {
+                    *raw = Some(s.deliveries_per_sec);
+                }
+                let trouble = cluster.trouble().await;
+                table.push(report::step_row(setup, &s, *raw, &trouble));
             }
-            let trouble = cluster.trouble().await;
-            fan.push(report::step_row(setup, &s, raw_fan, &trouble));
         }
         if which.max_rate {
             let mut rate = plan.start_rate;
@@ -240,7 +272,7 @@ async fn fanout_group(
             let mut why = format!("reached {} steps", plan.max_steps);
             for _ in 0..plan.max_steps {
                 let s = load
-                    .step(&cluster, rate, plan.step_secs, plan.drain_secs)
+                    .step(&cluster, (rate, many), plan.step_secs, plan.drain_secs)
                     .await;
                 clean &= s.duplicates == 0;
                 let failure = failure(&s, plan.p99_limit_ms);
@@ -290,6 +322,7 @@ async fn fanout_group(
         (&steady, which.fanout),
         (&steady_small, which.fanout),
         (&fan, which.fanout),
+        (&fan_many, which.fanout),
         (&best, which.max_rate),
         (&steps, which.max_rate),
     ] {
