@@ -22,6 +22,9 @@ use crate::ws::{self, FrameReader, OP_PING, Target};
 
 const OP_PONG: u8 = 0xA;
 
+/// How long a drain waits with no delivery arriving before it gives up.
+const STALL: Duration = Duration::from_secs(2);
+
 /// How many, and where.
 #[derive(Clone, Debug)]
 pub struct Shape {
@@ -270,6 +273,30 @@ impl Load {
             .sum()
     }
 
+    /// Waits until `target` unique deliveries have arrived, or nothing has arrived for
+    /// [`STALL`], or `max_secs` have passed: a backlog that is still moving is waited for, a
+    /// stuck one is not.
+    async fn drain(&self, target: u64, max_secs: f64) {
+        let until = now_ns() + (max_secs * 1e9) as u64;
+        let mut seen = self.totals().deliveries;
+        let mut moved = now_ns();
+        while self.totals().unique < target && now_ns() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let now = self.totals().deliveries;
+            if now != seen {
+                (seen, moved) = (now, now_ns());
+            } else if now_ns() - moved > STALL.as_nanos() as u64 {
+                return;
+            }
+        }
+    }
+
+    /// Waits until no delivery has arrived for [`STALL`] (at most `max_secs`), so a backlog
+    /// left by an overloaded step does not count against the next one.
+    pub async fn settle(&self, max_secs: f64) {
+        self.drain(u64::MAX, max_secs).await;
+    }
+
     /// Shares `total` messages per second between the first `publishers` publishers (the
     /// others stay silent) for `secs`.
     fn set_rate(&self, total: f64, secs: f64, publishers: usize) {
@@ -318,10 +345,7 @@ impl Load {
         tokio::time::sleep(Duration::from_millis(5)).await;
         let sent = self.sent() - sent_before;
         let expected = sent * self.receivers.len() as u64;
-        let drain_until = now_ns() + (drain_secs * 1e9) as u64;
-        while self.totals().unique - before.unique < expected && now_ns() < drain_until {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.drain(before.unique + expected, drain_secs).await;
         let (server_cpu, redis_cpu, generator_cpu) = (
             cpu.0.percent_since(&pids),
             cpu.1.percent_since(&redis),

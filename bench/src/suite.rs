@@ -39,8 +39,9 @@ pub struct Plan {
     /// Seconds of publishing in the fan-out and steady-latency steps.
     #[arg(long, default_value_t = 10.0)]
     pub secs: f64,
-    /// Seconds a step waits at most for the last deliveries.
-    #[arg(long, default_value_t = 10.0)]
+    /// Seconds a step waits at most for the last deliveries (it stops earlier once nothing
+    /// has arrived for 2 s); what has not arrived by then counts as lost.
+    #[arg(long, default_value_t = 60.0)]
     pub drain_secs: f64,
     /// max-rate: the first step's total messages per second.
     #[arg(long, default_value_t = 250.0)]
@@ -264,6 +265,9 @@ async fn fanout_group(
                 }
                 let trouble = cluster.trouble().await;
                 table.push(report::step_row(setup, &s, *raw, &trouble));
+                if s.lost() > 0 {
+                    load.settle(plan.drain_secs).await;
+                }
             }
         }
         if which.max_rate {
