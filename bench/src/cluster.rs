@@ -239,9 +239,10 @@ fn scalechat_command(
         Some(bin) => bin.clone(),
         None => std::env::current_exe()?.with_file_name("scalechat"),
     };
-    if !bin.exists() {
+    // Absolute, since the node runs in another working directory.
+    let Ok(bin) = std::fs::canonicalize(&bin) else {
         bail!("{} not found: cargo build --release", bin.display());
-    }
+    };
     let mut cmd = Command::new(bin);
     // An empty working directory, so no config/scalechat.toml is read: built-in defaults,
     // then these variables.
