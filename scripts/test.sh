@@ -27,6 +27,7 @@ echo "== cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --all-targets --locked
+bash scripts/bench.sh --quick >/dev/null # benchmark smoke test: fails on lost or duplicated messages
 echo "== browser tests"
 cargo build --locked
 bash tests/browser/run.sh target/debug/scalechat

@@ -1,0 +1,395 @@
+//! Fan-out load: N members in one room, the first P of them also publishing at a set total
+//! rate. Each member is one task that reads with one reusable buffer; publishers write the
+//! messages due every millisecond in one write. A step runs the load at one rate, drains, and
+//! measures deliveries per second, loss, duplicates, latency and CPU; `max-rate` is a series of
+//! steps.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::bail;
+use hdrhistogram::Histogram;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{Semaphore, oneshot};
+use tokio::task::JoinSet;
+
+use crate::cluster::{Cluster, CpuSample, MachineSample};
+use crate::track::{Receiver, encode_send, histogram, now_ns};
+use crate::ws::{self, FrameReader, OP_PING, Target};
+
+const OP_PONG: u8 = 0xA;
+
+/// How long a drain waits with no delivery arriving before it gives up.
+const STALL: Duration = Duration::from_secs(2);
+
+/// How many, and where.
+#[derive(Clone, Debug)]
+pub struct Shape {
+    pub members: usize,
+    pub publishers: usize,
+    pub room: String,
+    pub sources: usize,
+}
+
+/// A publisher's controls, shared with its task.
+#[derive(Default)]
+pub struct Publisher {
+    /// Messages per second, in thousandths.
+    rate_milli: AtomicU64,
+    /// Bumped at every rate change: the publisher restarts its schedule.
+    epoch: AtomicU64,
+    /// How long the current rate lasts, in nanoseconds from the publisher's first tick.
+    period_ns: AtomicU64,
+    /// Messages sent so far (the next sequence number).
+    sent: AtomicU64,
+}
+
+/// The connected members of a fan-out.
+pub struct Load {
+    receivers: Vec<Arc<Mutex<Receiver>>>,
+    publishers: Vec<Arc<Publisher>>,
+    _tasks: JoinSet<()>,
+}
+
+/// Opens every member connection (publishers first) and waits for each one's `joined`.
+pub async fn connect(cluster: &Cluster, shape: &Shape) -> anyhow::Result<Load> {
+    let nodes = cluster.nodes.len();
+    let publisher_nodes: Vec<usize> = (0..shape.publishers).map(|p| p % nodes).collect();
+    let publishers: Vec<Arc<Publisher>> = (0..shape.publishers)
+        .map(|_| Arc::new(Publisher::default()))
+        .collect();
+    let gate = Arc::new(Semaphore::new(256));
+    let mut tasks = JoinSet::new();
+    let mut receivers = Vec::new();
+    let mut ready = Vec::new();
+    for i in 0..shape.members {
+        let node = i % nodes;
+        let target = Target {
+            addr: cluster.nodes[node].addr,
+            path: format!("/ws?room={}&name=m{i}", shape.room),
+        };
+        let state = Arc::new(Mutex::new(Receiver::new(node, publisher_nodes.clone())));
+        receivers.push(state.clone());
+        let publisher = publishers.get(i).map(|p| (i as u32, p.clone()));
+        let (tx, rx) = oneshot::channel();
+        ready.push(rx);
+        let member = Member {
+            target,
+            source: ws::source_addr(i, shape.sources),
+            state,
+            publisher,
+            room: shape.room.clone(),
+        };
+        tasks.spawn(member.run(gate.clone(), tx));
+    }
+    let mut failed = Vec::new();
+    for rx in ready {
+        if let Ok(Err(e)) | Err(e) = rx.await.map_err(anyhow::Error::from) {
+            failed.push(e.to_string());
+        }
+    }
+    if !failed.is_empty() {
+        bail!(
+            "{} of {} members failed: {}",
+            failed.len(),
+            shape.members,
+            failed[0]
+        );
+    }
+    Ok(Load {
+        receivers,
+        publishers,
+        _tasks: tasks,
+    })
+}
+
+struct Member {
+    target: Target,
+    source: IpAddr,
+    state: Arc<Mutex<Receiver>>,
+    publisher: Option<(u32, Arc<Publisher>)>,
+    room: String,
+}
+
+impl Member {
+    async fn run(self, gate: Arc<Semaphore>, ready: oneshot::Sender<anyhow::Result<()>>) {
+        let mut reader = FrameReader::new(64 * 1024);
+        let joined = async {
+            let _permit = gate.acquire().await?;
+            let mut stream = ws::connect(&self.target, self.source, &mut reader).await?;
+            ws::wait_joined(&mut stream, &mut reader, Duration::from_secs(30)).await?;
+            ws::stamp_arrivals(&stream);
+            anyhow::Ok(stream)
+        };
+        let mut stream = match joined.await {
+            Ok(stream) => {
+                let _ = ready.send(Ok(()));
+                stream
+            }
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return;
+            }
+        };
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut schedule = Schedule::default();
+        let mut out = Vec::with_capacity(4096);
+        loop {
+            tokio::select! {
+                read = reader.fill_stamped(&stream) => {
+                    let Ok((n, stamp)) = read else { break };
+                    if n == 0 {
+                        break;
+                    }
+                    let now = now_ns();
+                    let arrived = stamp.unwrap_or(now).min(now);
+                    let mut state = self.state.lock().expect("receiver lock");
+                    reader.parse(|op, payload| match op {
+                        OP_PING => ws::encode_client_frame(&mut out, OP_PONG, payload),
+                        _ => state.frame(op, payload, now, arrived),
+                    });
+                    if state.close_code.is_some() {
+                        break;
+                    }
+                }
+                _ = tick.tick(), if self.publisher.is_some() => {
+                    if let Some((id, publisher)) = &self.publisher {
+                        schedule.due(*id, publisher, &self.room, &mut out);
+                    }
+                }
+            }
+            if !out.is_empty() {
+                if stream.write_all(&out).await.is_err() {
+                    break;
+                }
+                out.clear();
+            }
+        }
+        self.state.lock().expect("receiver lock").disconnected = true;
+    }
+}
+
+/// A publisher's position in its current rate period.
+#[derive(Default)]
+struct Schedule {
+    epoch: u64,
+    start_ns: u64,
+    sent: u64,
+}
+
+impl Schedule {
+    /// Appends the `send` frames due by now to `out`.
+    fn due(&mut self, id: u32, publisher: &Publisher, room: &str, out: &mut Vec<u8>) {
+        let now = now_ns();
+        let epoch = publisher.epoch.load(Ordering::Acquire);
+        if epoch != self.epoch {
+            *self = Schedule {
+                epoch,
+                start_ns: now,
+                sent: 0,
+            };
+        }
+        let rate = publisher.rate_milli.load(Ordering::Acquire) as f64 / 1000.0;
+        let period = publisher.period_ns.load(Ordering::Acquire);
+        // Messages are due at 0, 1/rate, 2/rate, … before the end of the period: T × rate
+        // messages in a period of T seconds.
+        let elapsed = (now - self.start_ns).min(period.saturating_sub(1));
+        let due = if rate > 0.0 {
+            (elapsed as f64 * 1e-9 * rate) as u64 + 1
+        } else {
+            0
+        };
+        for _ in self.sent..due {
+            let seq = publisher.sent.load(Ordering::Relaxed);
+            encode_send(out, room, id, seq, now_ns());
+            publisher.sent.store(seq + 1, Ordering::Release);
+        }
+        self.sent = self.sent.max(due);
+    }
+}
+
+/// What one step measured.
+pub struct Step {
+    /// Offered messages per second (all publishers together).
+    pub rate: f64,
+    pub publishers: usize,
+    pub members: usize,
+    pub sent: u64,
+    pub expected: u64,
+    pub unique: u64,
+    pub duplicates: u64,
+    pub deliveries_per_sec: f64,
+    pub latency: Histogram<u64>,
+    pub cross_latency: Histogram<u64>,
+    pub read_latency: Histogram<u64>,
+    pub server_cpu: f64,
+    pub redis_cpu: f64,
+    pub generator_cpu: f64,
+    /// Everything else the machine ran meanwhile (other processes, and kernel work not
+    /// charged to a process), in percent of one core.
+    pub other_cpu: f64,
+    pub disconnected: usize,
+    pub errors: HashMap<String, u64>,
+    pub close_codes: HashMap<u16, u64>,
+}
+
+impl Step {
+    /// Deliveries expected but not received.
+    pub fn lost(&self) -> u64 {
+        self.expected.saturating_sub(self.unique)
+    }
+}
+
+struct Totals {
+    unique: u64,
+    duplicates: u64,
+    deliveries: u64,
+}
+
+impl Load {
+    fn totals(&self) -> Totals {
+        let mut t = Totals {
+            unique: 0,
+            duplicates: 0,
+            deliveries: 0,
+        };
+        for r in &self.receivers {
+            let r = r.lock().expect("receiver lock");
+            t.unique += r.unique().sum::<u64>();
+            t.duplicates += r.duplicates();
+            t.deliveries += r.deliveries;
+        }
+        t
+    }
+
+    fn sent(&self) -> u64 {
+        self.publishers
+            .iter()
+            .map(|p| p.sent.load(Ordering::Acquire))
+            .sum()
+    }
+
+    /// Waits until `target` unique deliveries have arrived, or nothing has arrived for
+    /// [`STALL`], or `max_secs` have passed: a backlog that is still moving is waited for, a
+    /// stuck one is not.
+    async fn drain(&self, target: u64, max_secs: f64) {
+        let until = now_ns() + (max_secs * 1e9) as u64;
+        let mut seen = self.totals().deliveries;
+        let mut moved = now_ns();
+        while self.totals().unique < target && now_ns() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let now = self.totals().deliveries;
+            if now != seen {
+                (seen, moved) = (now, now_ns());
+            } else if now_ns() - moved > STALL.as_nanos() as u64 {
+                return;
+            }
+        }
+    }
+
+    /// Waits until no delivery has arrived for [`STALL`] (at most `max_secs`), so a backlog
+    /// left by an overloaded step does not count against the next one.
+    pub async fn settle(&self, max_secs: f64) {
+        self.drain(u64::MAX, max_secs).await;
+    }
+
+    /// Shares `total` messages per second between the first `publishers` publishers (the
+    /// others stay silent) for `secs`.
+    fn set_rate(&self, total: f64, secs: f64, publishers: usize) {
+        let k = publishers.clamp(1, self.publishers.len().max(1));
+        for (i, p) in self.publishers.iter().enumerate() {
+            let each = if i < k { total / k as f64 } else { 0.0 };
+            p.rate_milli
+                .store((each * 1000.0) as u64, Ordering::Release);
+            p.period_ns.store((secs * 1e9) as u64, Ordering::Release);
+            p.epoch.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Publishes at `rate` messages per second, shared by the first `publishers`, for `secs`,
+    /// then waits up to `drain_secs` for the last deliveries, and measures.
+    pub async fn step(
+        &self,
+        cluster: &Cluster,
+        (rate, publishers): (f64, usize),
+        secs: f64,
+        drain_secs: f64,
+    ) -> Step {
+        let before = self.totals();
+        let sent_before = self.sent();
+        for r in &self.receivers {
+            let mut r = r.lock().expect("receiver lock");
+            r.latency.reset();
+            r.cross_latency.reset();
+            r.read_latency.reset();
+        }
+        let pids = cluster.node_pids();
+        let redis: Vec<u32> = cluster.redis_pid().into_iter().collect();
+        let me = [std::process::id()];
+        let cpu = (
+            CpuSample::take(&pids),
+            CpuSample::take(&redis),
+            CpuSample::take(&me),
+        );
+        let machine = MachineSample::take();
+        let start = now_ns();
+        self.set_rate(rate, secs, publishers);
+        // The publishers stop by themselves at the end of the period; the rate goes to 0
+        // after it, with a margin for a tick that is late.
+        tokio::time::sleep(Duration::from_secs_f64(secs) + Duration::from_millis(50)).await;
+        self.set_rate(0.0, 0.0, publishers);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let sent = self.sent() - sent_before;
+        let expected = sent * self.receivers.len() as u64;
+        self.drain(before.unique + expected, drain_secs).await;
+        let (server_cpu, redis_cpu, generator_cpu) = (
+            cpu.0.percent_since(&pids),
+            cpu.1.percent_since(&redis),
+            cpu.2.percent_since(&me),
+        );
+        let other_cpu = (machine.percent_since() - server_cpu - redis_cpu - generator_cpu).max(0.0);
+        let after = self.totals();
+        let mut step = Step {
+            rate,
+            publishers: publishers.clamp(1, self.publishers.len().max(1)),
+            members: self.receivers.len(),
+            sent,
+            expected,
+            unique: after.unique - before.unique,
+            duplicates: after.duplicates - before.duplicates,
+            deliveries_per_sec: 0.0,
+            latency: histogram(),
+            cross_latency: histogram(),
+            read_latency: histogram(),
+            server_cpu,
+            redis_cpu,
+            generator_cpu,
+            other_cpu,
+            disconnected: 0,
+            errors: HashMap::new(),
+            close_codes: HashMap::new(),
+        };
+        let mut last = start;
+        for r in &self.receivers {
+            let r = r.lock().expect("receiver lock");
+            let _ = step.latency.add(&r.latency);
+            let _ = step.cross_latency.add(&r.cross_latency);
+            let _ = step.read_latency.add(&r.read_latency);
+            last = last.max(r.last_delivery_ns);
+            step.disconnected += usize::from(r.disconnected);
+            for (code, n) in &r.errors {
+                *step.errors.entry(code.clone()).or_default() += n;
+            }
+            if let Some(code) = r.close_code {
+                *step.close_codes.entry(code).or_default() += 1;
+            }
+        }
+        let secs = ((last - start) as f64 * 1e-9).max(secs);
+        step.deliveries_per_sec = (after.deliveries - before.deliveries) as f64 / secs;
+        step
+    }
+}

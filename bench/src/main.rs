@@ -1,0 +1,135 @@
+//! scalechat-bench: a load generator for scalechat's native protocol. It starts the servers
+//! itself (scalechat nodes on the embedded transport or on a Redis of its own, and a raw-TCP
+//! relay as the ceiling) or drives running nodes given with `--url`, and reports idle memory
+//! and CPU, fan-out throughput and latency, the highest sustained rate, and connection churn.
+//! See BENCHMARKS.md.
+
+mod churn;
+mod cluster;
+mod fanout;
+mod idle;
+mod machine;
+mod relay;
+mod report;
+mod suite;
+mod track;
+mod ws;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::cluster::{ServerOpts, Setup};
+use crate::suite::{Plan, Scenarios};
+
+#[derive(Parser)]
+#[command(version, about = "Load generator for scalechat (see BENCHMARKS.md)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    #[command(flatten)]
+    servers: ServerOpts,
+    /// Setups to run, in order (the raw-TCP ceiling first, so the others read as ratios).
+    #[arg(
+        long,
+        global = true,
+        value_delimiter = ',',
+        default_value = "raw,memory,redis1,redis2"
+    )]
+    setups: Vec<Setup>,
+    /// Also write the report to this file.
+    #[arg(long, global = true)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Every scenario on every setup.
+    Suite(Plan),
+    /// Open N connections, hold them, report server memory per connection and idle CPU.
+    Idle(Plan),
+    /// N members, P publishers at a set rate: deliveries/s, loss, duplicates, latency, CPU.
+    Fanout(Plan),
+    /// Raise the rate step by step until p99 passes the limit or messages are lost.
+    MaxRate(Plan),
+    /// Open and close connections as fast as possible: upgrades/s and handshake latency.
+    Churn(Plan),
+    /// The raw-TCP relay (started by the tool for the `raw` setup).
+    #[command(hide = true)]
+    Relay {
+        #[arg(long)]
+        port: u16,
+    },
+    /// Holds idle connections for `idle` (started by the tool, one per worker process).
+    #[command(hide = true)]
+    Hold {
+        #[arg(long, value_delimiter = ',')]
+        addrs: Vec<SocketAddr>,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        sources: usize,
+        #[arg(long)]
+        first_source: usize,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    machine::raise_file_limit();
+    if let Command::Relay { port } = cli.command {
+        return relay::run(port);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let (plan, which) = match cli.command {
+        Command::Relay { .. } => unreachable!("handled above"),
+        Command::Hold {
+            addrs,
+            count,
+            sources,
+            first_source,
+        } => return runtime.block_on(idle::hold(addrs, count, sources, first_source)),
+        Command::Suite(plan) => (plan, Scenarios::all()),
+        Command::Idle(plan) => (plan, Scenarios::only(|s| s.idle = true)),
+        Command::Fanout(plan) => (plan, Scenarios::only(|s| s.fanout = true)),
+        Command::MaxRate(plan) => (plan, Scenarios::only(|s| s.max_rate = true)),
+        Command::Churn(plan) => (plan, Scenarios::only(|s| s.churn = true)),
+    };
+    let plan = if plan.quick { plan.quick() } else { plan };
+    let setups = if cli.servers.urls.is_empty() {
+        cli.setups.clone()
+    } else {
+        vec![Setup::External]
+    };
+    let (text, clean) = runtime.block_on(suite::run(&plan, &cli.servers, &setups, which))?;
+    println!("{text}");
+    if let Some(path) = &cli.out {
+        std::fs::write(path, &text)?;
+    }
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    if !clean {
+        eprintln!("scalechat-bench: messages were lost or duplicated");
+        std::process::exit(3);
+    }
+    Ok(())
+}
+
+impl Scenarios {
+    fn all() -> Scenarios {
+        Scenarios {
+            idle: true,
+            fanout: true,
+            max_rate: true,
+            churn: true,
+        }
+    }
+
+    fn only(set: impl FnOnce(&mut Scenarios)) -> Scenarios {
+        let mut s = Scenarios::default();
+        set(&mut s);
+        s
+    }
+}

@@ -1,0 +1,421 @@
+//! The scenarios run side by side: each one on every setup in turn (raw-TCP ceiling first, so
+//! the others read as ratios to it), a fresh set of servers for each, results as tables.
+
+use std::time::Duration;
+
+use crate::cluster::{Cluster, ServerOpts, Setup};
+use crate::fanout::{self, Shape, Step};
+use crate::idle::{self, IdleOpts};
+use crate::report::{self, Table, count, ms, ratio};
+use crate::{churn, machine};
+
+/// Sizes, rates and durations of a run.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Plan {
+    /// Small sizes and short steps: the whole suite in well under a minute.
+    #[arg(long)]
+    pub quick: bool,
+    /// Members of the fan-out room.
+    #[arg(long, default_value_t = 1000)]
+    pub members: usize,
+    /// Members that publish in the steady and fan-out steps (the total rate is shared
+    /// between them).
+    #[arg(long, default_value_t = 10)]
+    pub publishers: usize,
+    /// Members that publish in the second fan-out step and in max-rate: a session waits for
+    /// each `send`'s publish before it reads the next, so few publishers can limit the rate.
+    #[arg(long, default_value_t = 100)]
+    pub many_publishers: usize,
+    /// Fan-out: total messages per second (deliveries = this × members).
+    #[arg(long, default_value_t = 1500.0)]
+    pub rate: f64,
+    /// Steady-latency step: total messages per second.
+    #[arg(long, default_value_t = 20.0)]
+    pub latency_rate: f64,
+    /// Members of the small room that carries the same deliveries per second as the steady
+    /// step (more messages, each to fewer members): latency without the wide fan-out.
+    #[arg(long, default_value_t = 20)]
+    pub small_members: usize,
+    /// Seconds of publishing in the fan-out and steady-latency steps.
+    #[arg(long, default_value_t = 10.0)]
+    pub secs: f64,
+    /// Seconds a step waits at most for the last deliveries (it stops earlier once nothing
+    /// has arrived for 2 s); what has not arrived by then counts as lost.
+    #[arg(long, default_value_t = 60.0)]
+    pub drain_secs: f64,
+    /// max-rate: the first step's total messages per second.
+    #[arg(long, default_value_t = 250.0)]
+    pub start_rate: f64,
+    /// max-rate: each step's rate is the previous one's times this.
+    #[arg(long, default_value_t = 1.25)]
+    pub factor: f64,
+    /// max-rate: seconds of publishing per step.
+    #[arg(long, default_value_t = 4.0)]
+    pub step_secs: f64,
+    /// max-rate: a step fails when its p99 latency exceeds this (ms).
+    #[arg(long, default_value_t = 100.0)]
+    pub p99_limit_ms: f64,
+    /// max-rate: steps at most.
+    #[arg(long, default_value_t = 16)]
+    pub max_steps: usize,
+    /// churn: seconds.
+    #[arg(long, default_value_t = 5.0)]
+    pub churn_secs: f64,
+    /// churn: connections opened in parallel.
+    #[arg(long, default_value_t = 128)]
+    pub churn_workers: usize,
+    /// idle: connection counts, one run each.
+    #[arg(long, value_delimiter = ',', default_value = "10000,19000")]
+    pub conns: Vec<usize>,
+    /// idle: connections per worker process at most (each needs a file per connection).
+    #[arg(long, default_value_t = 9000)]
+    pub per_process: usize,
+    /// idle: seconds between the last connection and the memory reading.
+    #[arg(long, default_value_t = 3.0)]
+    pub settle_secs: f64,
+    /// idle: seconds over which idle CPU is measured (more than the servers' 20 s ping
+    /// interval, so it includes a round of pings).
+    #[arg(long, default_value_t = 25.0)]
+    pub idle_secs: f64,
+    /// Local source addresses (127.0.0.2 onwards) the connections are spread over.
+    #[arg(long, default_value_t = 16)]
+    pub sources: usize,
+}
+
+impl Plan {
+    /// The `--quick` sizes, keeping the setups.
+    pub fn quick(self) -> Plan {
+        Plan {
+            quick: true,
+            members: 100,
+            publishers: 4,
+            many_publishers: 10,
+            rate: 200.0,
+            latency_rate: 20.0,
+            small_members: 10,
+            secs: 1.0,
+            drain_secs: 5.0,
+            start_rate: 200.0,
+            factor: 2.0,
+            step_secs: 1.0,
+            max_steps: 1,
+            churn_secs: 1.0,
+            churn_workers: 16,
+            conns: vec![400],
+            per_process: 250,
+            settle_secs: 0.5,
+            idle_secs: 1.0,
+            sources: 4,
+            p99_limit_ms: self.p99_limit_ms,
+        }
+    }
+}
+
+/// Which scenarios to run.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Scenarios {
+    pub idle: bool,
+    pub fanout: bool,
+    pub max_rate: bool,
+    pub churn: bool,
+}
+
+/// Runs the scenarios; the Markdown report and whether nothing was lost or duplicated.
+pub async fn run(
+    plan: &Plan,
+    opts: &ServerOpts,
+    setups: &[Setup],
+    which: Scenarios,
+) -> anyhow::Result<(String, bool)> {
+    let mut out = machine::describe();
+    let mut clean = true;
+    if which.fanout || which.max_rate {
+        let (text, ok) = fanout_group(plan, opts, setups, which).await?;
+        out.push_str(&text);
+        clean &= ok;
+    }
+    if which.churn {
+        out.push_str(&churn_group(plan, opts, setups).await?);
+    }
+    if which.idle {
+        out.push_str(&idle_group(plan, opts, setups).await?);
+    }
+    Ok((out, clean))
+}
+
+async fn fanout_group(
+    plan: &Plan,
+    opts: &ServerOpts,
+    setups: &[Setup],
+    which: Scenarios,
+) -> anyhow::Result<(String, bool)> {
+    let shape = Shape {
+        members: plan.members,
+        publishers: plan
+            .publishers
+            .max(plan.many_publishers)
+            .clamp(1, plan.members),
+        room: "bench".into(),
+        sources: plan.sources,
+    };
+    let deliveries = |rate: f64| count(rate * shape.members as f64);
+    let mut steady = Table::new(
+        &format!(
+            "Steady load: {} msg/s into {} members = {} deliveries/s, {} s",
+            plan.latency_rate,
+            shape.members,
+            deliveries(plan.latency_rate),
+            plan.secs
+        ),
+        report::STEP_HEADER,
+    );
+    let small = Shape {
+        members: plan.small_members.max(1),
+        publishers: plan.publishers.clamp(1, plan.small_members.max(1)),
+        room: "small".into(),
+        sources: plan.sources,
+    };
+    let small_rate = plan.latency_rate * shape.members as f64 / small.members as f64;
+    let mut steady_small = Table::new(
+        &format!(
+            "Steady load, small room: {} msg/s into {} members = {} deliveries/s, {} s",
+            small_rate,
+            small.members,
+            count(small_rate * small.members as f64),
+            plan.secs
+        ),
+        report::STEP_HEADER,
+    );
+    let fan_table = |publishers: usize| {
+        Table::new(
+            &format!(
+                "Fan-out: {} msg/s from {} publishers into {} members = {} deliveries/s offered, {} s",
+                plan.rate,
+                publishers,
+                shape.members,
+                deliveries(plan.rate),
+                plan.secs
+            ),
+            report::STEP_HEADER,
+        )
+    };
+    let few = plan.publishers.clamp(1, shape.publishers);
+    let many = plan.many_publishers.clamp(1, shape.publishers);
+    let mut fan = fan_table(few);
+    let mut fan_many = fan_table(many);
+    let mut best = Table::new(
+        &format!(
+            "max-rate: best sustained step (no loss, no duplicates, p99 < {} ms), {} publishers, {} s steps ×{}",
+            plan.p99_limit_ms, many, plan.step_secs, plan.factor
+        ),
+        &[
+            "setup",
+            "best deliveries/s",
+            "× raw",
+            "offered msg/s",
+            "p99 ms at best",
+            "server CPU % at best",
+            "next step failed because",
+        ],
+    );
+    let mut steps = Table::new("max-rate: every step", report::STEP_HEADER);
+    let (mut raw_fan, mut raw_fan_many, mut raw_best) = (None, None, None);
+    let mut clean = true;
+    for &setup in setups {
+        eprintln!("fan-out on {setup}");
+        let cluster = Cluster::start(setup, opts).await?;
+        let load = fanout::connect(&cluster, &shape).await?;
+        load.step(&cluster, (plan.latency_rate, few), 0.5, 2.0)
+            .await; // warm-up, not reported
+        if which.fanout {
+            let s = load
+                .step(
+                    &cluster,
+                    (plan.latency_rate, few),
+                    plan.secs,
+                    plan.drain_secs,
+                )
+                .await;
+            clean &= s.lost() == 0 && s.duplicates == 0;
+            steady.push(report::step_row(setup, &s, None, ""));
+            let small_load = fanout::connect(&cluster, &small).await?;
+            let small_step = (small_rate, small.publishers);
+            small_load.step(&cluster, small_step, 0.5, 2.0).await; // warm-up
+            let s = small_load
+                .step(&cluster, small_step, plan.secs, plan.drain_secs)
+                .await;
+            clean &= s.lost() == 0 && s.duplicates == 0;
+            steady_small.push(report::step_row(setup, &s, None, ""));
+            drop(small_load);
+            for (publishers, table, raw) in [
+                (few, &mut fan, &mut raw_fan),
+                (many, &mut fan_many, &mut raw_fan_many),
+            ] {
+                let s = load
+                    .step(
+                        &cluster,
+                        (plan.rate, publishers),
+                        plan.secs,
+                        plan.drain_secs,
+                    )
+                    .await;
+                clean &= s.lost() == 0 && s.duplicates == 0;
+                if setup == Setup::Raw {
+                    *raw = Some(s.deliveries_per_sec);
+                }
+                let trouble = cluster.trouble().await;
+                table.push(report::step_row(setup, &s, *raw, &trouble));
+                if s.lost() > 0 {
+                    load.settle(plan.drain_secs).await;
+                }
+            }
+        }
+        if which.max_rate {
+            let mut rate = plan.start_rate;
+            let mut top: Option<Step> = None;
+            let mut why = format!("reached {} steps", plan.max_steps);
+            for _ in 0..plan.max_steps {
+                let s = load
+                    .step(&cluster, (rate, many), plan.step_secs, plan.drain_secs)
+                    .await;
+                clean &= s.duplicates == 0;
+                let failure = failure(&s, plan.p99_limit_ms);
+                steps.push(report::step_row(setup, &s, None, &failure));
+                if !failure.is_empty() {
+                    why = format!("{} msg/s: {failure}", count(rate));
+                    break;
+                }
+                top = Some(s);
+                rate *= plan.factor;
+            }
+            let best_rate = top.as_ref().map_or(0.0, |s| s.deliveries_per_sec);
+            if setup == Setup::Raw {
+                raw_best = Some(best_rate);
+            }
+            best.push(match &top {
+                Some(s) => vec![
+                    setup.to_string(),
+                    count(best_rate),
+                    ratio(best_rate, raw_best),
+                    count(s.rate),
+                    ms(s.latency.value_at_quantile(0.99)),
+                    format!("{:.0}", s.server_cpu),
+                    why,
+                ],
+                None => vec![
+                    setup.to_string(),
+                    "0".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    why,
+                ],
+            });
+            let trouble = cluster.trouble().await;
+            if !trouble.is_empty() {
+                eprintln!("  {setup} after max-rate: {trouble}");
+            }
+        }
+        drop(load);
+        drop(cluster);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let mut text = String::new();
+    for (table, on) in [
+        (&steady, which.fanout),
+        (&steady_small, which.fanout),
+        (&fan, which.fanout),
+        (&fan_many, which.fanout),
+        (&best, which.max_rate),
+        (&steps, which.max_rate),
+    ] {
+        if on {
+            text.push_str(&table.markdown());
+            text.push('\n');
+        }
+    }
+    Ok((text, clean))
+}
+
+/// Why a max-rate step does not count as sustained; empty when it does.
+fn failure(s: &Step, p99_limit_ms: f64) -> String {
+    let mut why = Vec::new();
+    if s.lost() > 0 {
+        why.push(format!("{} lost", s.lost()));
+    }
+    if s.duplicates > 0 {
+        why.push(format!("{} duplicated", s.duplicates));
+    }
+    let p99 = s.latency.value_at_quantile(0.99) as f64 / 1000.0;
+    if p99 > p99_limit_ms {
+        why.push(format!("p99 {p99:.1} ms"));
+    }
+    if s.disconnected > 0 {
+        why.push(format!("{} disconnected", s.disconnected));
+    }
+    why.extend(s.errors.iter().map(|(c, n)| format!("error {c} ×{n}")));
+    why.join(", ")
+}
+
+async fn churn_group(plan: &Plan, opts: &ServerOpts, setups: &[Setup]) -> anyhow::Result<String> {
+    let mut table = Table::new(
+        &format!(
+            "Churn: {} parallel connect → joined → close loops, {} s",
+            plan.churn_workers, plan.churn_secs
+        ),
+        report::CHURN_HEADER,
+    );
+    let mut raw = None;
+    for &setup in setups {
+        eprintln!("churn on {setup}");
+        let cluster = Cluster::start(setup, opts).await?;
+        let c = churn::run(
+            &cluster,
+            plan.churn_workers,
+            plan.churn_secs,
+            plan.sources * 4,
+        )
+        .await;
+        if setup == Setup::Raw {
+            raw = Some(c.per_sec);
+        }
+        table.push(report::churn_row(setup, &c, raw));
+        drop(cluster);
+        // Let the connections' TIME_WAIT and the servers' exits settle before the next one.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Ok(table.markdown() + "\n")
+}
+
+async fn idle_group(plan: &Plan, opts: &ServerOpts, setups: &[Setup]) -> anyhow::Result<String> {
+    let mut table = Table::new(
+        &format!(
+            "Idle: connections held {} s after connecting; memory after {} s",
+            plan.idle_secs, plan.settle_secs
+        ),
+        report::IDLE_HEADER,
+    );
+    for &conns in &plan.conns {
+        let mut raw = None;
+        for &setup in setups {
+            eprintln!("idle {conns} on {setup}");
+            let cluster = Cluster::start(setup, opts).await?;
+            let idle_opts = IdleOpts {
+                conns,
+                per_process: plan.per_process,
+                sources: plan.sources,
+                settle_secs: plan.settle_secs,
+                idle_secs: plan.idle_secs,
+            };
+            let r = idle::run(&cluster, &idle_opts).await?;
+            if setup == Setup::Raw {
+                raw = Some(r.bytes_per_conn());
+            }
+            table.push(report::idle_row(setup, &r, raw));
+            drop(cluster);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    Ok(table.markdown() + "\n")
+}

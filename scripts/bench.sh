@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Builds scalechat and scalechat-bench in release mode and runs the benchmark suite: every
+# scenario (fan-out, steady latency, max-rate, churn, idle) on the raw-TCP ceiling, one node
+# on the embedded transport, and one and two nodes on a Redis of the tool's own. Prints the
+# result tables (Markdown) and writes them to target/bench-results.md.
+#
+#   scripts/bench.sh            the full suite (about 10 minutes; the figures in BENCHMARKS.md)
+#   scripts/bench.sh --quick    small sizes, well under a minute (run by scripts/test.sh)
+#   scripts/bench.sh ARGS...    any scalechat-bench suite arguments (see --help)
+#
+# Exits non-zero when a message was lost or duplicated at a rate the servers sustain.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
+cargo build --release --locked --workspace
+target="${CARGO_TARGET_DIR:-target}"
+exec "$target/release/scalechat-bench" suite --server-bin "$target/release/scalechat" \
+    --log-dir "$target/bench-logs" --out "$target/bench-results.md" "$@"
