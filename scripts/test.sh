@@ -24,10 +24,11 @@ rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup com
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
-cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --all-targets --locked
-bash scripts/bench.sh --quick >/dev/null # benchmark smoke test: fails on lost or duplicated messages
+echo "== benchmark smoke test (fails on lost or duplicated messages)"
+bash scripts/bench.sh --quick
 echo "== browser tests"
 cargo build --locked
 bash tests/browser/run.sh target/debug/scalechat
