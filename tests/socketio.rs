@@ -516,3 +516,40 @@ where
         }
     }
 }
+
+#[tokio::test]
+async fn with_token_authentication_connect_needs_a_valid_token_that_names_the_user() {
+    const SECRET: &str = "0123456789abcdef0123456789abcdef-sio";
+    let mut config = config();
+    config.auth.jwt_secret = SECRET.into();
+    let server = start(config).await;
+    let addr = server.addr;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &serde_json::json!({"name":"carol","exp":exp}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    // No token, or a forged one: CONNECT ERROR, nothing joined.
+    for auth in [r#"{"name":"carol"}"#, r#"{"token":"forged"}"#] {
+        let (sid, _) = handshake(addr).await;
+        post(addr, &sid, &format!("40{auth}")).await;
+        let seen = poll_until(addr, &sid, |p| p.starts_with("44")).await;
+        assert!(seen.iter().any(|p| p.contains("token")), "{auth}: {seen:?}");
+    }
+    // A valid token in the CONNECT auth payload: the name comes from it, not from `name`.
+    let sid = connected(addr, &format!(r#"{{"token":"{token}","name":"mallory"}}"#)).await;
+    post(addr, &sid, r#"421["event:message",{"message":"hi"}]"#).await;
+    let seen = poll_until(addr, &sid, |p| p.starts_with("42[\"message\"")).await;
+    let delivered = seen
+        .iter()
+        .find(|p| p.starts_with("42[\"message\""))
+        .unwrap();
+    assert!(delivered.contains(r#"\"user\":\"carol\""#), "{delivered}");
+    server.stop().await;
+}

@@ -6,7 +6,7 @@
 //! every session sends Close 1001, and [`Server::run`] waits for them up to
 //! `shutdown_grace_secs`.
 
-mod guard;
+pub(crate) mod guard;
 pub(crate) mod http;
 pub(crate) mod reader;
 pub(crate) mod session;
@@ -57,7 +57,7 @@ pub struct Node {
     live_version: AtomicU64,
     per_ip: Arc<guard::PerIp>,
     trusted_proxies: Vec<ipnet::IpNet>,
-    auth: Option<guard::Auth>,
+    pub(crate) auth: Option<guard::Auth>,
 }
 
 impl Node {

@@ -31,6 +31,7 @@ pub(super) struct Client {
     /// `name` and `room` from the handshake query, checked at CONNECT.
     query_name: Option<String>,
     query_room: Option<String>,
+    query_token: Option<String>,
     /// Set by CONNECT: the display name and the first room.
     connected: Option<(String, RoomName)>,
     rooms: Vec<RoomName>,
@@ -53,6 +54,7 @@ impl Client {
             outbox,
             query_name: query.name.clone(),
             query_room: query.room.clone(),
+            query_token: query.token.clone(),
             connected: None,
             rooms: Vec::new(),
             bucket,
@@ -105,6 +107,30 @@ impl Client {
             None | Some(Value::Null) => self.query_name.clone(),
             Some(Value::String(name)) => Some(name.clone()),
             Some(_) => return self.push(codec::connect_error("/", "name must be a string")),
+        };
+        // With token authentication on, the token names the user, as on `/ws`.
+        let name = match &self.node.auth {
+            None => name,
+            Some(checker) => {
+                let token = match auth.and_then(|a| a.get("token")) {
+                    Some(Value::String(token)) => Some(token.as_str()),
+                    _ => self.query_token.as_deref(),
+                };
+                let user = token
+                    .ok_or_else(|| {
+                        "a token is required: auth.token or the token query parameter".to_owned()
+                    })
+                    .and_then(|token| checker.user(token));
+                match user {
+                    Ok(user) => Some(user),
+                    Err(why) => {
+                        self.node
+                            .metrics
+                            .refused(crate::metrics::Refusal::Unauthorized);
+                        return self.push(codec::connect_error("/", &why));
+                    }
+                }
+            }
         };
         let name = match name {
             Some(name) if valid_user_name(&name) => name,

@@ -90,6 +90,8 @@ struct Query {
     sid: Option<String>,
     name: Option<String>,
     room: Option<String>,
+    /// With `auth.jwt_secret`: the signed token, unless the CONNECT packet carries it.
+    token: Option<String>,
 }
 
 impl Query {
@@ -102,6 +104,7 @@ impl Query {
                 "sid" => &mut q.sid,
                 "name" => &mut q.name,
                 "room" => &mut q.room,
+                "token" => &mut q.token,
                 _ => continue,
             };
             *slot = Some(value.into_owned());
