@@ -86,3 +86,23 @@ fn ws_frames_corpus() {
     }
     assert!(frames > 0, "the seeds hold valid frames");
 }
+
+#[test]
+fn socketio_corpus() {
+    use scalechat::socketio::codec;
+    let mut decoded = 0;
+    for (_, data) in corpus("socketio") {
+        let Ok(body) = std::str::from_utf8(&data) else {
+            continue;
+        };
+        for packet in codec::split_payload(body).unwrap_or_default() {
+            if let Ok(codec::EnginePacket::Message(text)) = codec::decode_engine(packet)
+                && let Ok(packet) = codec::decode_packet(text)
+            {
+                let _ = codec::event_name(&packet);
+                decoded += 1;
+            }
+        }
+    }
+    assert!(decoded > 0, "the seeds hold valid packets");
+}
