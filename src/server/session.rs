@@ -31,6 +31,9 @@ use crate::transport::{Envelope, Snapshot, dedupe_key};
 /// How long either side waits for the other's close frame once one was sent.
 pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a join waits for the node's live stream to reach the history it sent.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(2);
+
 /// What the client asked for in the `/ws` query.
 #[derive(Debug)]
 pub struct Params {
@@ -377,6 +380,16 @@ impl Session {
             .as_ref()
             .ok()
             .map(|s| (s.epoch.as_str(), s.last_id));
+        // The history may be ahead of this node's live stream (Redis): the messages in between
+        // must reach the staging, where they are dropped as already sent, not the member.
+        if let Some((epoch, last_id)) = covered
+            && !node
+                .transport
+                .caught_up(&room, epoch, last_id, CATCH_UP_WAIT)
+                .await
+        {
+            debug!(%room, last_id, "the live stream did not reach the history in time");
+        }
         let outbox = &self.outbox;
         let metrics = &node.metrics;
         node.hub

@@ -14,6 +14,7 @@ mod memory;
 mod redis;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 
@@ -165,6 +166,22 @@ impl Transport {
         match self {
             Transport::Memory(_) => {}
             Transport::Redis(t) => t.subscribe(room).await,
+        }
+    }
+
+    /// Waits (at most `limit`) until this node has delivered `room`'s messages up to
+    /// `last_id` of `epoch`, so that a joiner sent the history up to there gets no live copy
+    /// of it afterwards. Immediate for the embedded transport, which delivers as it stores.
+    pub async fn caught_up(
+        &self,
+        room: &RoomName,
+        epoch: &str,
+        last_id: u64,
+        limit: Duration,
+    ) -> bool {
+        match self {
+            Transport::Memory(_) => true,
+            Transport::Redis(t) => t.caught_up(room, epoch, last_id, limit).await,
         }
     }
 

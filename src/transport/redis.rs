@@ -541,6 +541,31 @@ impl RedisTransport {
         }
     }
 
+    /// See [`Transport::caught_up`](super::Transport::caught_up).
+    pub async fn caught_up(
+        &self,
+        room: &RoomName,
+        epoch: &str,
+        last_id: u64,
+        limit: Duration,
+    ) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            let done = self
+                .lock_seen()
+                .get(room)
+                .is_some_and(|s| s.epoch == epoch && s.last >= last_id);
+            if done {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            // The subscriber is a round trip or so behind at most while it is up.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     fn lock_seen(&self) -> MutexGuard<'_, HashMap<RoomName, Seen>> {
         self.seen.lock().unwrap_or_else(PoisonError::into_inner)
     }
