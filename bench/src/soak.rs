@@ -114,6 +114,8 @@ struct Client {
     /// Refused with `unavailable`: resend at that moment.
     retry: Vec<(Instant, u64)>,
     next_seq: u64,
+    /// `last_id` and `history` of the latest `joined`, and messages received since it.
+    joined_at: (u64, u64, u64),
     out: Vec<u8>,
     closed: bool,
     outcome: Outcome,
@@ -371,6 +373,7 @@ impl Client {
             pending: BTreeMap::new(),
             retry: Vec::new(),
             next_seq: 0,
+            joined_at: (0, 0, 0),
             out: Vec::new(),
             closed: false,
             outcome: Outcome {
@@ -556,6 +559,11 @@ impl Client {
                     }
                     None => self.outcome.joined_without_epoch += 1,
                 }
+                self.joined_at = (
+                    num_field(payload, b"\"last_id\":").unwrap_or(0),
+                    num_field(payload, b"\"history\":").unwrap_or(0),
+                    0,
+                );
                 if memmem::find(payload, b"\"recovered\":true").is_some() {
                     self.outcome.recovered_true += 1;
                 }
@@ -583,6 +591,7 @@ impl Client {
     }
 
     fn message(&mut self, payload: &[u8], shared: &Shared) {
+        self.joined_at.2 += 1;
         let id = num_field(payload, b"\"id\":").unwrap_or(0);
         let epoch = str_field(payload, b"\"epoch\":\"");
         match (epoch, &self.epoch) {
@@ -591,13 +600,17 @@ impl Client {
                     self.outcome.id_gaps += 1;
                     if shared.printed.fetch_add(1, Relaxed) < 10 {
                         eprintln!(
-                            "soak: c{} (node {}, {}) got id {id} after {} at {:.2} s, {} reconnects",
+                            "soak: c{} (node {}, {}) got id {id} after {} at {:.2} s, {} reconnects; \
+                             message {} since its last joined (last_id {}, history {})",
                             self.spec.index,
                             self.spec.node,
                             self.room,
                             self.last_id,
                             shared.started.elapsed().as_secs_f64(),
-                            self.outcome.reconnects
+                            self.outcome.reconnects,
+                            self.joined_at.2,
+                            self.joined_at.0,
+                            self.joined_at.1,
                         );
                     }
                 }
