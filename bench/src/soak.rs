@@ -47,7 +47,8 @@ pub struct SoakOpts {
     /// Seconds of idle between the drain and the "after" memory reading.
     #[arg(long, default_value_t = 5.0)]
     pub idle_secs: f64,
-    /// Folder for Redis's append-only file (emptied first).
+    /// Folder for Redis's append-only file (Redis files left there by an earlier run are
+    /// removed first).
     #[arg(long, default_value = "target/soak-redis")]
     pub redis_dir: PathBuf,
 }
@@ -123,7 +124,11 @@ struct Client {
 
 /// Runs the soak; returns the report and whether nothing was lost or duplicated.
 pub async fn run(opts: &SoakOpts, servers: &ServerOpts) -> anyhow::Result<(String, bool)> {
-    let _ = std::fs::remove_dir_all(&opts.redis_dir);
+    // A fresh Redis: no history or epoch from an earlier run.
+    let _ = std::fs::remove_dir_all(opts.redis_dir.join("appendonlydir"));
+    for file in ["appendonly.aof", "dump.rdb"] {
+        let _ = std::fs::remove_file(opts.redis_dir.join(file));
+    }
     let env = [("SCALECHAT_REDIS__HEARTBEAT_SECS", "1")];
     let mut cluster = Cluster::start_persistent(servers, &opts.redis_dir, &env).await?;
     let addrs: Vec<SocketAddr> = cluster.nodes.iter().map(|n| n.addr).collect();
