@@ -6,6 +6,10 @@
 #
 #   scripts/bench.sh            the full suite (about 10 minutes; the figures in BENCHMARKS.md)
 #   scripts/bench.sh --quick    small sizes, well under a minute (run by scripts/test.sh)
+#   scripts/bench.sh --soak [ARGS...]
+#                               only the soak under faults (about 2 minutes): steady traffic on
+#                               two nodes while Redis and then one node restart; results in
+#                               target/soak-results.md
 #   scripts/bench.sh ARGS...    any scalechat-bench suite arguments (see --help)
 #
 # Exits non-zero when a message was lost or duplicated at a rate the servers sustain.
@@ -14,5 +18,11 @@ cd "$(dirname "$0")/.."
 command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
 cargo build --release --locked --workspace
 target="${CARGO_TARGET_DIR:-target}"
+if [[ "${1:-}" == "--soak" ]]; then
+    shift
+    exec "$target/release/scalechat-bench" soak --server-bin "$target/release/scalechat" \
+        --log-dir "$target/bench-logs" --redis-dir "$target/soak-redis" \
+        --out "$target/soak-results.md" "$@"
+fi
 exec "$target/release/scalechat-bench" suite --server-bin "$target/release/scalechat" \
     --log-dir "$target/bench-logs" --out "$target/bench-results.md" "$@"

@@ -73,6 +73,11 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     redis: Option<Child>,
     logs: Vec<PathBuf>,
+    /// How the redis-server was started (binary, then arguments), to start it again.
+    redis_argv: Vec<String>,
+    redis_port: Option<u16>,
+    /// Extra environment of the started nodes, to start them again alike.
+    node_env: Vec<(String, String)>,
 }
 
 /// A free TCP port on 127.0.0.1 (free when asked; the server binds it right after).
@@ -89,6 +94,9 @@ impl Cluster {
             nodes: Vec::new(),
             redis: None,
             logs: Vec::new(),
+            redis_argv: Vec::new(),
+            redis_port: None,
+            node_env: Vec::new(),
         };
         match setup {
             Setup::External => {
@@ -122,6 +130,122 @@ impl Cluster {
             }
         }
         Ok(cluster)
+    }
+
+    /// Two nodes on a Redis of the tool's own that keeps an append-only file (fsync on every
+    /// write) in `dir`, so that a Redis restart keeps every room's history and epoch; `env` is
+    /// added to the nodes' environment.
+    pub async fn start_persistent(
+        opts: &ServerOpts,
+        dir: &Path,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Cluster> {
+        std::fs::create_dir_all(&opts.log_dir)?;
+        std::fs::create_dir_all(dir)?;
+        let dir = std::fs::canonicalize(dir)?;
+        let port = free_port()?;
+        let argv = [
+            &opts.redis_bin,
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--dir",
+            &dir.to_string_lossy(),
+        ];
+        let mut cluster = Cluster {
+            setup: Setup::Redis2,
+            nodes: Vec::new(),
+            redis: None,
+            logs: Vec::new(),
+            redis_argv: argv.iter().map(|s| s.to_string()).collect(),
+            redis_port: Some(port),
+            node_env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        cluster.start_redis().await?;
+        for i in 0..2 {
+            let port = free_port()?;
+            let log = opts.log_dir.join(format!("soak-node-{i}.log"));
+            let mut cmd = scalechat_command(opts, port, i, Some(cluster.redis_port.unwrap_or(0)))?;
+            cmd.envs(cluster.node_env.iter().map(|(k, v)| (k, v)));
+            cluster.spawn_node(cmd, port, &log)?;
+        }
+        for node in &cluster.nodes {
+            wait_ready(node.addr).await?;
+        }
+        Ok(cluster)
+    }
+
+    async fn start_redis(&mut self) -> anyhow::Result<()> {
+        let port = self.redis_port.context("no redis port")?;
+        let child = Command::new(&self.redis_argv[0])
+            .args(&self.redis_argv[1..])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("start redis-server (apt-get install redis-server)")?;
+        self.redis = Some(child);
+        wait_listening(SocketAddr::from(([127, 0, 0, 1], port))).await
+    }
+
+    /// Kills the redis-server (SIGKILL: what survives is what its append-only file holds) and
+    /// starts it again on the same port with the same files; returns how long it was down.
+    pub async fn restart_redis(&mut self) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        if let Some(mut child) = self.redis.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        self.start_redis().await?;
+        Ok(started.elapsed())
+    }
+
+    /// Stops node `i` with SIGTERM (a graceful shutdown: its clients are closed with 1001),
+    /// waits for it to exit, starts it again on the same port and waits until it is ready;
+    /// returns how long it was down and how it exited.
+    pub async fn restart_node(
+        &mut self,
+        i: usize,
+        opts: &ServerOpts,
+    ) -> anyhow::Result<(Duration, std::process::ExitStatus)> {
+        let started = Instant::now();
+        let node = &mut self.nodes[i];
+        let mut child = node.child.take().context("node not started by the tool")?;
+        // SAFETY: kill with a pid of a child we have not reaped yet.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                child.kill()?;
+                bail!("node {i} did not exit within 30 s of SIGTERM");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let port = node.addr.port();
+        let mut cmd = scalechat_command(opts, port, i, self.redis_port)?;
+        cmd.envs(self.node_env.iter().map(|(k, v)| (k, v)));
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.logs[i])?;
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let child = cmd.spawn().with_context(|| format!("start {cmd:?}"))?;
+        node.pid = Some(child.id());
+        node.child = Some(child);
+        wait_ready(node.addr).await?;
+        Ok((started.elapsed(), status))
     }
 
     fn spawn_node(&mut self, mut cmd: Command, port: u16, log: &Path) -> anyhow::Result<()> {

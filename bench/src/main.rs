@@ -11,6 +11,7 @@ mod idle;
 mod machine;
 mod relay;
 mod report;
+mod soak;
 mod suite;
 mod track;
 mod ws;
@@ -55,6 +56,9 @@ enum Command {
     MaxRate(Plan),
     /// Open and close connections as fast as possible: upgrades/s and handshake latency.
     Churn(Plan),
+    /// Steady traffic on two nodes while Redis and then one node restart: lost messages,
+    /// duplicates, reconnects, memory before and after.
+    Soak(soak::SoakOpts),
     /// The raw-TCP relay (started by the tool for the `raw` setup).
     #[command(hide = true)]
     Relay {
@@ -84,8 +88,21 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    if let Command::Soak(opts) = &cli.command {
+        let (text, clean) = runtime.block_on(soak::run(opts, &cli.servers))?;
+        println!("{text}");
+        if let Some(path) = &cli.out {
+            std::fs::write(path, &text)?;
+        }
+        runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+        if !clean {
+            eprintln!("scalechat-bench: messages were lost or duplicated");
+            std::process::exit(3);
+        }
+        return Ok(());
+    }
     let (plan, which) = match cli.command {
-        Command::Relay { .. } => unreachable!("handled above"),
+        Command::Relay { .. } | Command::Soak(_) => unreachable!("handled above"),
         Command::Hold {
             addrs,
             count,
