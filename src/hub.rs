@@ -119,41 +119,44 @@ impl Hub {
         outbox: &Arc<Outbox>,
         reply: impl FnOnce(usize) -> Bytes,
     ) -> Membership {
+        let member = Member {
+            outbox: outbox.clone(),
+            codec,
+        };
+        let (membership, _locked) = self.insert(room, conn, member);
+        // Queued while the lock is held: no frame of the room precedes it.
+        // Refused only when the connection is closing; then nobody reads the reply.
+        let _ = outbox.push(reply(membership.online));
+        membership
+    }
+
+    /// Adds `member` to `room`, counting a room that gains its first member; returns the
+    /// membership and the still-held write lock.
+    fn insert(
+        &self,
+        room: &RoomName,
+        conn: ConnId,
+        member: Member,
+    ) -> (Membership, RwLockWriteGuard<'_, Rooms>) {
         let mut rooms = self.write();
         let members = rooms.entry(room.clone()).or_default();
         let edge = members.is_empty();
         if edge {
             self.metrics.rooms.inc();
         }
-        let member = Member {
-            outbox: outbox.clone(),
-            codec,
-        };
         members.insert(conn, member);
         let online = members.len();
-        // Refused only when the connection is closing; then nobody reads the reply.
-        let _ = outbox.push(reply(online));
-        Membership { online, edge }
+        (Membership { online, edge }, rooms)
     }
 
     /// Adds `conn` to `room` with a `staging` outbox that collects the room's live frames
     /// while the connection is sent the room's history; [`Hub::promote`] ends the staging.
     pub fn join_staged(&self, room: &RoomName, conn: ConnId, staging: &Arc<Outbox>) -> Membership {
-        let mut rooms = self.write();
-        let members = rooms.entry(room.clone()).or_default();
-        let edge = members.is_empty();
-        if edge {
-            self.metrics.rooms.inc();
-        }
         let member = Member {
             outbox: staging.clone(),
             codec: Codec::Native,
         };
-        members.insert(conn, member);
-        Membership {
-            online: members.len(),
-            edge,
-        }
+        self.insert(room, conn, member).0
     }
 
     /// Ends a staged join: from now on `room`'s frames go to `outbox`. Under the lock, so no

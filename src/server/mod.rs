@@ -18,7 +18,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -31,7 +31,9 @@ use tracing::{debug, info, warn};
 use crate::config::{Config, Reloadable};
 use crate::hub::{ConnId, Hub};
 use crate::metrics::Metrics;
-use crate::transport::Transport;
+use crate::protocol::native::MessageTemplate;
+use crate::protocol::{ErrorCode, ProtocolError, RoomName};
+use crate::transport::{Envelope, Published, Transport, dedupe_key};
 
 /// State shared by every connection of this node.
 #[derive(Debug)]
@@ -117,6 +119,44 @@ impl Node {
     pub fn reconfigure(&self, live: Reloadable) {
         *self.live.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(live);
         self.live_version.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Publishes `message` from `user` to `room` (membership, length and rate are the
+    /// caller's checks): encodes it once, stamps it, times and counts the publish. A
+    /// `reference` (the client's `ref`) is remembered for the dedupe window. `unavailable`
+    /// when the transport refused or did not answer.
+    pub(crate) async fn publish(
+        &self,
+        room: RoomName,
+        user: &str,
+        message: &str,
+        reference: Option<&str>,
+    ) -> Result<Published, ProtocolError> {
+        let ts = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let envelope = Envelope {
+            message: MessageTemplate::new(&room, user, ts, message),
+            room,
+            dedupe: reference.map(|r| dedupe_key(user, r)),
+        };
+        let started = std::time::Instant::now();
+        let published = self.transport.publish(envelope).await;
+        self.metrics.publish_seconds.observe(started.elapsed());
+        match published {
+            Ok(p) => {
+                if p.duplicate {
+                    self.metrics.duplicate_sends_total.inc();
+                } else {
+                    self.metrics.messages_in_total.inc();
+                }
+                Ok(p)
+            }
+            Err(e) => {
+                self.metrics.publish_errors_total.inc();
+                Err(ProtocolError::new(ErrorCode::Unavailable, e.to_string()))
+            }
+        }
     }
 
     pub(crate) fn next_conn_id(&self) -> ConnId {

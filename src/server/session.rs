@@ -6,7 +6,7 @@
 //! connection's [`Outbox`].
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::upgrade::{OnUpgrade, Upgraded};
@@ -23,10 +23,10 @@ use crate::hub::ConnId;
 use crate::metrics::OpenSession;
 use crate::outbox::{Outbox, Refused};
 use crate::protocol::frame::{self, Opcode};
-use crate::protocol::native::{self, MessageTemplate, Reply, Request, Since};
+use crate::protocol::native::{self, Reply, Request, Since};
 use crate::protocol::ws::close_code;
 use crate::protocol::{ErrorCode, ProtocolError, RoomName};
-use crate::transport::{Envelope, Snapshot, dedupe_key};
+use crate::transport::Snapshot;
 
 /// How long either side waits for the other's close frame once one was sent.
 pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -467,40 +467,21 @@ impl Session {
                 format!("sending faster than {rate} messages per second; not delivered"),
             ));
         }
-        let ts = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let envelope = Envelope {
-            message: MessageTemplate::new(&room, &self.name, ts, message),
-            room,
-            dedupe: reference.map(|r| dedupe_key(&self.name, r)),
-        };
-        let room = envelope.room.clone();
-        let metrics = &self.node.metrics;
-        let started = std::time::Instant::now();
-        let published = self.node.transport.publish(envelope).await;
-        metrics.publish_seconds.observe(started.elapsed());
+        let published = self
+            .node
+            .publish(room.clone(), &self.name, message, reference)
+            .await;
         match published {
-            Ok(published) => {
-                if published.duplicate {
-                    metrics.duplicate_sends_total.inc();
-                } else {
-                    metrics.messages_in_total.inc();
+            Ok(published) => self.reply(
+                Reply::Ack {
+                    reference,
+                    room: &room,
+                    id: published.id,
+                    duplicate: published.duplicate,
                 }
-                self.reply(
-                    Reply::Ack {
-                        reference,
-                        room: &room,
-                        id: published.id,
-                        duplicate: published.duplicate,
-                    }
-                    .frame(),
-                )
-            }
-            Err(e) => {
-                metrics.publish_errors_total.inc();
-                self.refuse(&refuse(ErrorCode::Unavailable, e.to_string()))
-            }
+                .frame(),
+            ),
+            Err(e) => self.refuse(&e.with_ref(reference)),
         }
     }
 }

@@ -6,7 +6,6 @@
 //! docs/socketio.md.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -16,12 +15,11 @@ use super::codec::{self, CodecError, PacketType};
 use super::session::random_id;
 use crate::hub::{Codec, ConnId};
 use crate::outbox::{Outbox, Refused};
-use crate::protocol::native::{MessageTemplate, check_message};
+use crate::protocol::native::check_message;
 use crate::protocol::{ErrorCode, MAX_REF_CHARS, ProtocolError, RoomName, valid_user_name};
 use crate::server::Node;
 use crate::server::http::DEFAULT_ROOM;
 use crate::server::session::TokenBucket;
-use crate::transport::{Envelope, dedupe_key};
 
 /// The Socket.IO state of one session.
 pub(super) struct Client {
@@ -264,32 +262,15 @@ impl Client {
                 format!("sending faster than {rate} messages per second; not delivered"),
             ));
         }
-        let ts = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let envelope = Envelope {
-            message: MessageTemplate::new(&room, name, ts, message),
-            room: room.clone(),
-            dedupe: reference.map(|r| dedupe_key(name, r)),
-        };
-        let metrics = &self.node.metrics;
-        let started = std::time::Instant::now();
-        let published = self.node.transport.publish(envelope).await;
-        metrics.publish_seconds.observe(started.elapsed());
-        match published {
-            Ok(p) if p.duplicate => {
-                metrics.duplicate_sends_total.inc();
-                Ok(json!({ "room": room, "id": p.id, "duplicate": true }))
-            }
-            Ok(p) => {
-                metrics.messages_in_total.inc();
-                Ok(json!({ "room": room, "id": p.id }))
-            }
-            Err(e) => {
-                metrics.publish_errors_total.inc();
-                Err(ProtocolError::new(ErrorCode::Unavailable, e.to_string()))
-            }
-        }
+        let published = self
+            .node
+            .publish(room.clone(), name, message, reference)
+            .await?;
+        Ok(if published.duplicate {
+            json!({ "room": room, "id": published.id, "duplicate": true })
+        } else {
+            json!({ "room": room, "id": published.id })
+        })
     }
 }
 
