@@ -4,38 +4,12 @@
 #
 #   bash tests/browser/run.sh [SCALECHAT_BINARY]   # default: target/debug/scalechat (cargo build)
 #
-# Installs Debian's chromium if missing (never a browser download of Playwright's own) and the
-# locked npm packages when node_modules is missing or was installed from another lockfile.
+# Installs Debian's chromium if missing (never a browser download of Playwright's own).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-root="$(cd "$here/../.." && pwd)"
-
-bin="${1:-target/debug/scalechat}"
-[[ "$bin" = /* ]] || bin="$root/$bin"
-if [[ ! -x "$bin" ]]; then
-    echo "scalechat binary not found at $bin: run 'cargo build' first or pass its path" >&2
-    exit 1
-fi
 
 if [[ ! -x /usr/bin/chromium ]]; then
     echo "installing Debian's chromium"
     apt-get update -qq && apt-get install -y -qq chromium
 fi
-if ! command -v redis-server >/dev/null; then
-    echo "redis-server not found: install it (apt-get install redis-server); the tests start their own" >&2
-    exit 1
-fi
-if ! command -v npm >/dev/null; then
-    echo "node and npm not found: install Node.js 20 or later" >&2
-    exit 1
-fi
-
-cd "$here"
-# npm ci records the lockfile it installed; a different one means node_modules is stale.
-stamp=node_modules/.scalechat-lock
-if [[ ! -f "$stamp" ]] || ! cmp -s package-lock.json "$stamp"; then
-    npm ci --no-audit --no-fund
-    cp package-lock.json "$stamp"
-fi
-
-SCALECHAT_BIN="$bin" node --test
+exec bash "$here/../common/run-node-suite.sh" "$here" "$@"
