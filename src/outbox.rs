@@ -8,10 +8,12 @@
 //! is held only to push or to swap the queue out, never across an await.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use tokio::sync::Notify;
+use futures_util::task::AtomicWaker;
 
 use crate::protocol::ws::{self, close_code};
 
@@ -36,10 +38,16 @@ pub enum Next {
 }
 
 /// A bounded queue of frames for one connection.
+///
+/// One task at a time waits on it (the connection's writer, or a Socket.IO long-poll): the
+/// waiter's waker is kept here rather than in the waiting future, so that an idle connection's
+/// task holds no wait state of its own.
 #[derive(Debug)]
 pub struct Outbox {
     state: Mutex<State>,
-    wake: Notify,
+    waker: AtomicWaker,
+    /// Set by a wake not yet seen by the waiter.
+    signalled: AtomicBool,
     max_frames: usize,
 }
 
@@ -65,7 +73,8 @@ impl Outbox {
                 close: None,
                 closed: false,
             }),
-            wake: Notify::new(),
+            waker: AtomicWaker::new(),
+            signalled: AtomicBool::new(false),
             max_frames,
         }
     }
@@ -88,7 +97,7 @@ impl Outbox {
             state.close = Some(ws::close(close_code::SLOW_CONSUMER, "slow consumer"));
             state.closed = true;
             drop(state);
-            self.wake.notify_one();
+            self.poke();
             return Err(Refused::Full);
         }
         let was_empty = state.frames.is_empty();
@@ -97,7 +106,7 @@ impl Outbox {
         // A writer with frames in hand re-checks the queue before it waits, so only the
         // empty-to-non-empty transition needs a wake-up.
         if was_empty {
-            self.wake.notify_one();
+            self.poke();
         }
         Ok(())
     }
@@ -115,7 +124,7 @@ impl Outbox {
         state.close = Some(ws::close(code, reason));
         state.closed = true;
         drop(state);
-        self.wake.notify_one();
+        self.poke();
     }
 
     /// Whether the connection is closing.
@@ -142,9 +151,31 @@ impl Outbox {
         }
     }
 
-    /// Resolves when something was queued or a close was requested since the last `take`.
+    /// Resolves when something was queued, a close was requested or [`Outbox::poke`] was
+    /// called since the waiter last returned. For one waiter at a time.
     pub async fn wait(&self) {
-        self.wake.notified().await
+        std::future::poll_fn(|cx| self.poll_wait(cx)).await
+    }
+
+    /// [`Outbox::wait`] as a poll: `Ready` once per wake.
+    pub fn poll_wait(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.signalled.swap(false, Ordering::AcqRel) {
+            return Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        // A wake between the check above and the registration found no waker to call.
+        if self.signalled.swap(false, Ordering::AcqRel) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// Wakes the waiter: something changed (frames, a close), or a deadline it asked the
+    /// ticker for has come.
+    pub fn poke(&self) {
+        self.signalled.store(true, Ordering::Release);
+        self.waker.wake();
     }
 
     /// Frames queued now.

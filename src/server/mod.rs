@@ -10,6 +10,7 @@ pub(crate) mod guard;
 pub(crate) mod http;
 pub(crate) mod reader;
 pub(crate) mod session;
+pub mod ticker;
 pub(crate) mod writer;
 
 pub use guard::parse_net;
@@ -53,6 +54,8 @@ pub struct Node {
     pub socketio: crate::socketio::Sessions,
     pub(crate) shutdown: CancellationToken,
     pub(crate) sessions: TaskTracker,
+    /// Wakes connections at their ping deadlines and at the shutdown.
+    pub(crate) ticker: Arc<ticker::Ticker>,
     connections: AtomicUsize,
     next_conn: AtomicU64,
     live: RwLock<Arc<Reloadable>>,
@@ -73,7 +76,10 @@ impl Node {
         } else {
             config.server.node_id.clone()
         };
+        let ticker = Arc::new(ticker::Ticker::default());
+        tokio::spawn(ticker.clone().run(shutdown.clone()));
         Ok(Self {
+            ticker,
             per_ip: Arc::default(),
             trusted_proxies: guard::trusted_proxies(&config.server),
             auth: guard::Auth::new(&config.auth),

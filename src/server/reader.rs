@@ -8,6 +8,7 @@
 //! received, and then holds at most that frame.
 
 use std::io;
+use std::task::{Context, Poll, ready};
 
 use tokio::io::ReadBuf;
 use tokio::net::tcp::ReadHalf;
@@ -39,6 +40,16 @@ pub enum ReadError {
     Protocol(#[from] FrameError),
 }
 
+/// A checked frame waiting in the buffer (kept small: every connection has a reader).
+#[derive(Debug)]
+struct Ready {
+    fin: bool,
+    opcode: Opcode,
+    /// Header bytes: at most 14.
+    payload_offset: u8,
+    frame_len: usize,
+}
+
 /// Reads client frames from a socket's read half.
 #[derive(Debug)]
 pub struct FrameReader<'a> {
@@ -48,6 +59,8 @@ pub struct FrameReader<'a> {
     buf: Vec<u8>,
     start: usize,
     decoder: Decoder,
+    /// The frame at `start`, found by `poll_ready` and not yet handed out.
+    ready: Option<Ready>,
 }
 
 impl<'a> FrameReader<'a> {
@@ -59,6 +72,7 @@ impl<'a> FrameReader<'a> {
             buf: early.to_vec(),
             start: 0,
             decoder: Decoder::new(max_message_bytes),
+            ready: None,
         }
     }
 
@@ -70,6 +84,14 @@ impl<'a> FrameReader<'a> {
 
     /// The next frame. Cancel-safe: bytes read stay in the reader until a frame is returned.
     pub async fn next(&mut self) -> Result<Frame<'_>, ReadError> {
+        std::future::poll_fn(|cx| self.poll_ready(cx)).await?;
+        Ok(self.ready_frame())
+    }
+
+    /// Ready once a whole frame (or an error) is waiting; [`FrameReader::ready_frame`] then
+    /// hands the frame out. Reads what the socket has; with nothing to read, registers for the
+    /// socket's readiness and holds no buffer.
+    pub fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ReadError>> {
         loop {
             if self.start == self.buf.len() {
                 // Everything consumed: free the buffer before waiting for the next bytes.
@@ -78,60 +100,76 @@ impl<'a> FrameReader<'a> {
             }
             match self.decoder.decode(&mut self.buf[self.start..])? {
                 Decoded::Frame(header) => {
-                    // Consumed now; the payload stays in place until the next call.
-                    let at = self.start;
-                    self.start += header.frame_len();
-                    return Ok(Frame {
+                    self.ready = Some(Ready {
                         fin: header.fin,
                         opcode: header.opcode,
-                        payload: &self.buf[at + header.payload_offset..at + header.frame_len()],
+                        payload_offset: header.payload_offset as u8,
+                        frame_len: header.frame_len(),
                     });
+                    return Poll::Ready(Ok(()));
                 }
-                Decoded::Incomplete { frame_len } => self.fill(frame_len).await?,
+                Decoded::Incomplete { frame_len } => ready!(self.poll_fill(frame_len, cx))?,
             }
         }
     }
 
-    /// Waits for bytes and appends what arrived, reading at least the rest of the frame whose
-    /// length is known.
-    async fn fill(&mut self, frame_len: Option<usize>) -> io::Result<()> {
+    /// The frame [`FrameReader::poll_ready`] found, consumed now; its payload stays in place
+    /// until the reader is polled again.
+    ///
+    /// # Panics
+    /// When `poll_ready` did not just return `Ready(Ok(()))`.
+    pub fn ready_frame(&mut self) -> Frame<'_> {
+        let ready = self.ready.take().expect("poll_ready found a frame");
+        let at = self.start;
+        self.start += ready.frame_len;
+        Frame {
+            fin: ready.fin,
+            opcode: ready.opcode,
+            payload: &self.buf[at + usize::from(ready.payload_offset)..at + ready.frame_len],
+        }
+    }
+
+    /// Appends what arrived, reading at least the rest of the frame whose length is known.
+    /// `Pending` while nothing is there, holding no buffer if it held none.
+    fn poll_fill(
+        &mut self,
+        frame_len: Option<usize>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
         if self.start > 0 {
             self.buf.drain(..self.start);
             self.start = 0;
         }
         let missing = frame_len.map_or(0, |len| len.saturating_sub(self.buf.len()));
         loop {
-            readable(&mut self.stream).await?;
+            ready!(poll_readable(&mut self.stream, cx))?;
             // Only now, with bytes waiting, is there a buffer to read them into.
             self.buf.reserve_exact(missing.max(READ_CHUNK));
             match self.stream.try_read_buf(&mut self.buf) {
-                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                Ok(_) => return Ok(()),
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into())),
+                Ok(_) => return Poll::Ready(Ok(())),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if self.buf.is_empty() {
                         self.buf = Vec::new(); // the readiness was stale: stay idle
                     }
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Poll::Ready(Err(e)),
             }
         }
     }
 }
 
-/// Waits until the stream has bytes to read (or has ended), without reading them.
+/// Ready when the stream has bytes to read (or has ended), without reading them.
 ///
 /// A one-byte peek rather than `ReadHalf::readable`: polling the socket this way stores this
 /// task's waker in the socket's read slot, which drops the waker hyper left there while it
 /// served the handshake. That stale waker would keep hyper's finished connection task
 /// allocated for the whole life of the connection.
-async fn readable(stream: &mut ReadHalf<'_>) -> io::Result<()> {
-    std::future::poll_fn(|cx| {
-        let mut byte = [0; 1];
-        stream
-            .poll_peek(cx, &mut ReadBuf::new(&mut byte))
-            .map_ok(drop)
-    })
-    .await
+fn poll_readable(stream: &mut ReadHalf<'_>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    let mut byte = [0; 1];
+    stream
+        .poll_peek(cx, &mut ReadBuf::new(&mut byte))
+        .map_ok(drop)
 }
 
 #[cfg(test)]

@@ -5,18 +5,21 @@
 //! run in the session's one task. Replies and chat messages reach the writer through the
 //! connection's [`Outbox`].
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, error};
 
 use super::reader::{FrameReader, ReadError};
-use super::writer::{self, Liveness, WriteEnd};
+use super::writer::{Liveness, WriteEnd, Writer};
 use super::{ConnSlot, Node};
 use crate::config::Reloadable;
 use crate::hub::ConnId;
@@ -61,10 +64,10 @@ pub fn run(
 }
 
 /// [`run`] itself. Its future is allocated whole for every connection and idle connections
-/// are the many, so whatever a session needs only briefly (joining, handling a request, the
-/// close handshake) is boxed while it runs.
-async fn serve(node: Arc<Node>, upgrade: OnUpgrade, params: Box<Params>, slot: ConnSlot) {
-    let _slot = slot;
+/// are the many, so it holds only the [`Connection`] state machine while the connection is
+/// open; whatever a session needs only briefly (joining, handling a request, the close
+/// handshake) is boxed while it runs.
+async fn serve(node: Arc<Node>, upgrade: OnUpgrade, params: Box<Params>, _slot: ConnSlot) {
     let upgraded = match upgrade.await {
         Ok(upgraded) => upgraded,
         Err(e) => {
@@ -81,49 +84,175 @@ async fn serve(node: Arc<Node>, upgrade: OnUpgrade, params: Box<Params>, slot: C
     // Frame size, queue and ping limits are fixed for the connection's life; the message
     // limits follow a reload (see `Session::refresh_limits`).
     let limits = node.live();
-    let mut reader = FrameReader::new(read_half, &early, limits.limits.max_frame_bytes);
+    let reader = FrameReader::new(read_half, &early, limits.limits.max_frame_bytes);
     // Copied into the reader: hyper's read buffer is freed now.
     drop(early);
-
-    let conn = node.next_conn_id();
+    let id = node.next_conn_id();
     let outbox = Arc::new(Outbox::new(limits.limits.max_queued_frames));
+    let writer = Writer::new(outbox.clone(), &limits.limits);
     drop(limits);
     // Moved out in a block of its own, so the box is freed now rather than at the end.
-    let params = {
+    let mut params = {
         let boxed = params;
         *boxed
     };
-    let mut session = Session::new(node.clone(), conn, params, outbox.clone());
-    // Boxed: joining may await the transport, and that state would otherwise be part of
-    // every idle connection's task.
-    let starting = Box::pin(session.start());
-    starting.await;
-
-    let liveness = Liveness::new();
-    let mut reading = std::pin::pin!(session.read_loop(&mut reader, &liveness));
-    let mut writing = std::pin::pin!(writer::run(&mut write_half, &outbox, &liveness, &node));
-    let end = tokio::select! {
-        end = &mut reading => {
-            if let ReadEnd::Close(code, reason) = end {
-                outbox.close(code, reason, true);
-                // Boxed, as the timeout below: a timer needed only at the close need not be
-                // part of every idle connection's task.
-                let _ = Box::pin(tokio::time::timeout(CLOSE_TIMEOUT, &mut writing)).await;
-            }
-            format!("{end:?}")
-        }
-        end = &mut writing => {
-            if let WriteEnd::Failed(e) = &end {
-                debug!(conn = %conn, error = %e, "write failed");
-            }
-            if let WriteEnd::Closed { await_peer: true } = end {
-                // Only the peer's close frame is still of interest; the reader is dropped after.
-                let _ = Box::pin(tokio::time::timeout(CLOSE_TIMEOUT, &mut reading)).await;
-            }
-            format!("{end:?}")
-        }
+    let since = params.since.take();
+    let mut session = Session::new(node.clone(), id, params, outbox);
+    let mut conn = Connection {
+        // Greets the client and joins its first room while the writer already runs.
+        busy: Some(Box::pin(async move {
+            session.start(since).await;
+            session
+        })),
+        session: None,
+        reader,
+        writer,
+        liveness: Liveness::new(),
+        message: Assembler::default(),
+        binary: false,
     };
-    debug!(conn = %conn, end, "connection closed");
+    let end = std::future::poll_fn(|cx| conn.poll(&mut write_half, &node, cx)).await;
+    // The close handshake, boxed: its timer need not be part of every idle connection's task.
+    let closing = Box::pin(tokio::time::timeout(
+        CLOSE_TIMEOUT,
+        conn.close(id, end, &mut write_half, &node),
+    ));
+    let _ = closing.await;
+}
+
+/// How the open phase of a connection ended.
+#[derive(Debug)]
+enum End {
+    Read(ReadEnd),
+    Write(WriteEnd),
+}
+
+/// One open connection, polled by its task: the writer first, then the request in progress,
+/// then the client's next frames. Frames are read only while no request is in progress, so
+/// a client's requests are handled one at a time, in order; the writer runs all along.
+struct Connection<'a> {
+    /// The session, while no request holds it.
+    session: Option<Session>,
+    /// The request in progress (or the first join), owning the session until it is done.
+    busy: Option<Busy>,
+    reader: FrameReader<'a>,
+    writer: Writer,
+    liveness: Liveness,
+    /// The fragmented message being received.
+    message: Assembler,
+    /// Whether that message is binary (the decoder has checked the order).
+    binary: bool,
+}
+
+/// A request in progress, owning the session until it hands it back.
+type Busy = Pin<Box<dyn Future<Output = Session> + Send>>;
+
+/// Frames handled in one poll before the task yields to others.
+const FRAMES_PER_POLL: usize = 32;
+
+impl Connection<'_> {
+    fn poll<W: AsyncWrite + Unpin>(
+        &mut self,
+        socket: &mut W,
+        node: &Node,
+        cx: &mut Context<'_>,
+    ) -> Poll<End> {
+        for _ in 0..FRAMES_PER_POLL {
+            if let Poll::Ready(end) = self.writer.poll(socket, &self.liveness, node, cx) {
+                return Poll::Ready(End::Write(end));
+            }
+            if let Some(busy) = &mut self.busy {
+                self.session = Some(ready!(busy.as_mut().poll(cx)));
+                self.busy = None;
+                continue; // its replies are queued: write them first
+            }
+            if let Err(e) = ready!(self.reader.poll_ready(cx)) {
+                return Poll::Ready(End::Read(read_error(e)));
+            }
+            self.liveness.touch();
+            if let Some(end) = self.on_frame() {
+                return Poll::Ready(End::Read(end));
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// Handles the frame the reader has ready.
+    fn on_frame(&mut self) -> Option<ReadEnd> {
+        let Self {
+            session: slot,
+            busy,
+            reader,
+            message,
+            binary,
+            ..
+        } = self;
+        let frame = reader.ready_frame();
+        let session = slot.as_mut().expect("no request in progress");
+        // The decoder checked the frame order, sizes, UTF-8 and close payloads.
+        match frame.opcode {
+            Opcode::Close => return Some(peer_close(frame.payload)),
+            Opcode::Ping => session.reply(crate::protocol::ws::pong(frame.payload)),
+            Opcode::Pong => {}
+            Opcode::Binary if !session.echo => {
+                return Some(ReadEnd::Close(
+                    close_code::UNSUPPORTED_DATA,
+                    "binary messages are not supported; send JSON text",
+                ));
+            }
+            Opcode::Text | Opcode::Binary if frame.fin => {
+                *busy = Session::message(slot, frame.opcode == Opcode::Binary, frame.payload);
+            }
+            Opcode::Text | Opcode::Binary | Opcode::Continuation => {
+                if frame.opcode != Opcode::Continuation {
+                    *binary = frame.opcode == Opcode::Binary;
+                }
+                if let Some(whole) = message.push(frame.payload, frame.fin) {
+                    *busy = Session::message(slot, *binary, &whole);
+                }
+            }
+        }
+        None
+    }
+
+    /// The close handshake after `end`: the close frame out, the peer's close frame in.
+    async fn close<W: AsyncWrite + Unpin>(
+        &mut self,
+        id: ConnId,
+        end: End,
+        socket: &mut W,
+        node: &Node,
+    ) {
+        debug!(conn = %id, ?end, "connection ending");
+        match end {
+            End::Read(ReadEnd::Close(code, reason)) => {
+                self.writer.outbox().close(code, reason, true);
+                let writing =
+                    std::future::poll_fn(|cx| self.writer.poll(socket, &self.liveness, node, cx));
+                if let WriteEnd::Failed(e) = writing.await {
+                    debug!(error = %e, "write failed while closing");
+                }
+            }
+            End::Read(ReadEnd::Gone) => {}
+            End::Write(WriteEnd::Failed(e)) => debug!(error = %e, "write failed"),
+            End::Write(WriteEnd::Closed { await_peer }) => {
+                // A request in progress (a publish, say) finishes; its reply has no reader.
+                if let Some(busy) = self.busy.take() {
+                    self.session = Some(busy.await);
+                }
+                if await_peer {
+                    // Only the peer's close frame is still of interest.
+                    while let Ok(frame) = self.reader.next().await {
+                        if frame.opcode == Opcode::Close {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        debug!(conn = %id, "connection closed");
+    }
 }
 
 /// The raw stream back from hyper, and the bytes hyper read past the handshake. The server only
@@ -149,8 +278,6 @@ struct Session {
     conn: ConnId,
     name: String,
     first_room: RoomName,
-    /// `since` from the query, for the first room; taken by the first join.
-    first_since: Option<Since>,
     /// Serving the echo endpoint.
     echo: bool,
     outbox: Arc<Outbox>,
@@ -178,7 +305,6 @@ impl Session {
             conn,
             name: params.name,
             first_room: params.room,
-            first_since: params.since,
             echo: params.echo,
             outbox,
             bucket,
@@ -186,7 +312,7 @@ impl Session {
     }
 
     /// Greets the client and joins its first room.
-    async fn start(&mut self) {
+    async fn start(&mut self, since: Option<Since>) {
         if self.echo {
             return;
         }
@@ -197,7 +323,6 @@ impl Session {
             rooms: std::slice::from_ref(&self.first_room),
         };
         self.reply(welcome.frame());
-        let since = self.first_since.take();
         self.join(self.first_room.clone(), since).await;
     }
 
@@ -213,89 +338,57 @@ impl Session {
         self.reply(native::error_frame(err));
     }
 
-    async fn read_loop(&mut self, reader: &mut FrameReader<'_>, liveness: &Liveness) -> ReadEnd {
-        let mut message = Assembler::default();
-        // The kind of the fragmented message in progress: the decoder has checked the order.
-        let mut binary = false;
-        loop {
-            let frame = match reader.next().await {
-                Ok(frame) => frame,
-                Err(e) => return read_error(e),
-            };
-            liveness.touch();
-            // The decoder checked the frame order, sizes, UTF-8 and close payloads.
-            match frame.opcode {
-                Opcode::Close => return peer_close(frame.payload),
-                Opcode::Ping => self.reply(crate::protocol::ws::pong(frame.payload)),
-                Opcode::Pong => {}
-                Opcode::Binary if !self.echo => {
-                    return ReadEnd::Close(
-                        close_code::UNSUPPORTED_DATA,
-                        "binary messages are not supported; send JSON text",
-                    );
-                }
-                Opcode::Text | Opcode::Binary if frame.fin => {
-                    self.dispatch(frame.opcode == Opcode::Binary, frame.payload)
-                        .await;
-                }
-                Opcode::Text | Opcode::Binary | Opcode::Continuation => {
-                    if frame.opcode != Opcode::Continuation {
-                        binary = frame.opcode == Opcode::Binary;
-                    }
-                    if let Some(whole) = message.push(frame.payload, frame.fin) {
-                        self.dispatch(binary, &whole).await;
-                    }
-                }
+    /// One complete message: echoed on the echo endpoint, else handled as a request. A
+    /// request that has to wait for the transport is returned as a future that owns the
+    /// session (taken from `slot`) until it is done.
+    fn message(slot: &mut Option<Session>, binary: bool, payload: &[u8]) -> Option<Busy> {
+        let request = slot.as_mut()?.message_now(binary, payload)?;
+        let mut session = slot.take()?;
+        Some(Box::pin(async move {
+            match request {
+                Request::Join { room, since } => session.join(room, since).await,
+                Request::History {
+                    room,
+                    before,
+                    limit,
+                } => session.history(room, before, limit).await,
+                Request::Send {
+                    room,
+                    message,
+                    reference,
+                } => session.send(room, &message, reference.as_deref()).await,
+                Request::Leave { room } => session.leave(room),
             }
-        }
+            session
+        }))
     }
 
-    /// One complete message: echoed on the echo endpoint, else handled as a request.
-    async fn dispatch(&mut self, binary: bool, payload: &[u8]) {
+    /// Handles what needs no waiting; returns the request that does.
+    fn message_now(&mut self, binary: bool, payload: &[u8]) -> Option<Request> {
         if self.echo {
-            if self.outbox.len() >= self.outbox.capacity() / 4 {
-                tokio::task::yield_now().await;
-            }
             let ws = crate::protocol::ws::binary;
-            return self.reply(if binary {
+            self.reply(if binary {
                 ws(payload)
             } else {
                 crate::protocol::ws::text(payload)
             });
+            return None;
         }
-        // Boxed: request handling may await the transport, and that state would otherwise
-        // be part of every idle connection's task.
-        let handling = Box::pin(self.handle(payload));
-        handling.await;
-    }
-
-    /// Handles one complete text message.
-    async fn handle(&mut self, payload: &[u8]) {
         if self.outbox.is_closed() {
-            return; // closing: the close handshake is all that is left
-        }
-        // The writer runs in this task: while frames arrive back to back the reader never
-        // waits, so let the writer drain our replies before they pile up to the slow-consumer
-        // limit. A client that sends but does not read still ends up there.
-        if self.outbox.len() >= self.outbox.capacity() / 4 {
-            tokio::task::yield_now().await;
+            return None; // closing: the close handshake is all that is left
         }
         self.refresh_limits();
         let max_chars = self.live.limits.max_message_chars;
         match native::decode(payload, max_chars) {
-            Ok(Request::Join { room, since }) => self.join(room, since).await,
-            Ok(Request::Leave { room }) => self.leave(room),
-            Ok(Request::History {
-                room,
-                before,
-                limit,
-            }) => self.history(room, before, limit).await,
-            Ok(Request::Send {
-                room,
-                message,
-                reference,
-            }) => self.send(room, &message, reference.as_deref()).await,
-            Err(err) => self.refuse(&err),
+            Ok(Request::Leave { room }) => {
+                self.leave(room);
+                None
+            }
+            Ok(request) => Some(request),
+            Err(err) => {
+                self.refuse(&err);
+                None
+            }
         }
     }
 

@@ -5,7 +5,9 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
@@ -14,7 +16,6 @@ use tokio::time::Instant;
 
 use super::Node;
 use crate::config::LimitsConfig;
-use crate::metrics::Metrics;
 use crate::outbox::{Next, Outbox};
 use crate::protocol::ws::{self, close_code};
 
@@ -66,117 +67,168 @@ pub enum WriteEnd {
     Failed(io::Error),
 }
 
-/// Runs the writer until the close frame is sent or the socket fails. `node` gives the limits,
-/// the shutdown token and the metrics.
+/// Runs the writer until the close frame is sent or the socket fails; see [`Writer`].
 pub async fn run<W: AsyncWrite + Unpin>(
     socket: &mut W,
-    outbox: &Outbox,
+    outbox: &Arc<Outbox>,
     liveness: &Liveness,
     node: &Node,
 ) -> WriteEnd {
-    let live = node.live();
-    let (limits, shutdown, metrics) = (&live.limits, &node.shutdown, &*node.metrics);
-    let mut pinger = Pinger::new(
-        Duration::from_secs(limits.ping_interval_secs),
-        Duration::from_secs(limits.ping_timeout_secs),
-        Instant::now(),
-    );
-    let mut peer_gone = false;
-    // Empty between rounds: `Outbox::take` swaps it with the queue.
-    let mut batch = VecDeque::new();
-    loop {
-        if shutdown.is_cancelled() {
-            outbox.close(close_code::GOING_AWAY, "server shutting down", true);
-        }
-        match pinger.poll(Instant::now(), liveness) {
-            Ping::Send => {
-                let mut ping = VecDeque::from([ws::ping(b"")]);
-                if let Err(e) = write_batch(socket, &mut ping, limits, metrics).await {
-                    return WriteEnd::Failed(e);
-                }
-            }
-            Ping::TimedOut => {
-                peer_gone = true;
-                outbox.close(close_code::PING_TIMEOUT, "ping timeout", false);
-            }
-            Ping::Wait => {}
-        }
-        // Decided before any await, so that `Next` is not held in the idle state.
-        let close = match outbox.take(&mut batch) {
-            Next::Frames => Some(false),
-            Next::Close(frame) => {
-                // A close frame from `ws::close`: two header bytes, then the code.
-                if let Some(code) = frame.get(2..4) {
-                    metrics.close_code(u16::from_be_bytes([code[0], code[1]]));
-                }
-                batch.push_back(frame);
-                Some(true)
-            }
-            Next::Idle => None,
-        };
-        let Some(close) = close else {
-            // An idle connection keeps no batch storage; the queue keeps its slots, so
-            // deliveries still never allocate (the next `take` gives it slots again).
-            batch = VecDeque::new();
-            tokio::select! {
-                _ = outbox.wait() => {}
-                _ = shutdown.cancelled() => {}
-                _ = tokio::time::sleep_until(pinger.deadline()) => {}
-            }
-            continue;
-        };
-        if let Err(e) = write_batch(socket, &mut batch, limits, metrics).await {
-            return WriteEnd::Failed(e);
-        }
-        if close {
-            return WriteEnd::Closed {
-                await_peer: !peer_gone,
-            };
-        }
-    }
+    let mut writer = Writer::new(outbox.clone(), &node.live().limits);
+    std::future::poll_fn(|cx| writer.poll(socket, liveness, node, cx)).await
 }
 
-/// Writes every frame of `batch`, as few `writev` calls as the socket allows. A write that
-/// makes no progress for `ping_timeout_secs` fails: the peer has stopped reading.
-async fn write_batch<W: AsyncWrite + Unpin>(
-    socket: &mut W,
-    batch: &mut VecDeque<Bytes>,
-    limits: &LimitsConfig,
-    metrics: &Metrics,
-) -> io::Result<()> {
-    let stall = Duration::from_secs(limits.ping_timeout_secs);
-    while !batch.is_empty() {
-        let written = tokio::select! {
-            biased;
-            r = write_vectored(socket, batch) => r?,
-            _ = tokio::time::sleep(stall) => {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "peer stopped reading"));
-            }
-        };
-        if written == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
+/// The writer of one connection, as a state machine polled by the connection's task.
+///
+/// It keeps no timer of its own: it asks the node's [`Ticker`](super::ticker::Ticker) to wake
+/// it (through the outbox, the one thing it waits on besides the socket) at its next ping
+/// deadline, or when a blocked write would count as stalled. While idle it holds no frames,
+/// no timer and no waiter.
+#[derive(Debug)]
+pub struct Writer {
+    outbox: Arc<Outbox>,
+    /// Also the stall limit: a write that makes no progress for the ping timeout fails, the
+    /// peer has stopped reading.
+    pinger: Pinger,
+    /// Frames being written; empty, without storage, between rounds (`Outbox::take` swaps
+    /// it with the queue).
+    batch: VecDeque<Bytes>,
+    /// The batch ends with the close frame.
+    closing: bool,
+    /// The ping went unanswered: the peer will not answer the close either.
+    peer_gone: bool,
+    /// The deadline the ticker will wake this writer at.
+    wake_at: Option<Instant>,
+    /// Since when the socket has refused the batch.
+    blocked_since: Option<Instant>,
+}
+
+impl Writer {
+    /// A writer draining `outbox`, with the ping and stall limits of `limits`.
+    pub fn new(outbox: Arc<Outbox>, limits: &LimitsConfig) -> Self {
+        Self {
+            outbox,
+            pinger: Pinger::new(
+                Duration::from_secs(limits.ping_interval_secs),
+                Duration::from_secs(limits.ping_timeout_secs),
+                Instant::now(),
+            ),
+            batch: VecDeque::new(),
+            closing: false,
+            peer_gone: false,
+            wake_at: None,
+            blocked_since: None,
         }
-        metrics.bytes_out_total.add(written as u64);
-        consume(batch, written);
     }
-    Ok(())
+
+    /// The outbox this writer drains.
+    pub fn outbox(&self) -> &Arc<Outbox> {
+        &self.outbox
+    }
+
+    /// Writes what there is to write; `Ready` once the close frame is sent or the socket
+    /// failed or stalled. `node` gives the shutdown token, the ticker and the metrics.
+    pub fn poll<W: AsyncWrite + Unpin>(
+        &mut self,
+        socket: &mut W,
+        liveness: &Liveness,
+        node: &Node,
+        cx: &mut Context<'_>,
+    ) -> Poll<WriteEnd> {
+        loop {
+            if self.batch.is_empty() {
+                if self.closing {
+                    return Poll::Ready(WriteEnd::Closed {
+                        await_peer: !self.peer_gone,
+                    });
+                }
+                if node.shutdown.is_cancelled() {
+                    self.outbox
+                        .close(close_code::GOING_AWAY, "server shutting down", true);
+                }
+                match self.pinger.poll(Instant::now(), liveness) {
+                    Ping::Send => self.batch.push_back(ws::ping(b"")),
+                    Ping::TimedOut => {
+                        self.peer_gone = true;
+                        self.outbox
+                            .close(close_code::PING_TIMEOUT, "ping timeout", false);
+                    }
+                    Ping::Wait => {}
+                }
+                if self.batch.is_empty() {
+                    match self.outbox.take(&mut self.batch) {
+                        Next::Frames => {}
+                        Next::Close(frame) => {
+                            // A close frame from `ws::close`: two header bytes, then the code.
+                            if let Some(code) = frame.get(2..4) {
+                                node.metrics
+                                    .close_code(u16::from_be_bytes([code[0], code[1]]));
+                            }
+                            self.batch.push_back(frame);
+                            self.closing = true;
+                        }
+                        Next::Idle => {
+                            // Idle: no batch storage; the queue keeps its slots, so deliveries
+                            // still never allocate (the next `take` gives it slots again).
+                            self.batch = VecDeque::new();
+                            let deadline = self.pinger.deadline();
+                            if self.wake_at != Some(deadline) {
+                                node.ticker.wake_at(deadline, &self.outbox);
+                                self.wake_at = Some(deadline);
+                            }
+                            ready!(self.outbox.poll_wait(cx));
+                            continue;
+                        }
+                    }
+                }
+            }
+            match write_vectored(socket, &self.batch, cx) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(WriteEnd::Failed(io::ErrorKind::WriteZero.into()));
+                }
+                Poll::Ready(Ok(written)) => {
+                    self.blocked_since = None;
+                    node.metrics.bytes_out_total.add(written as u64);
+                    consume(&mut self.batch, written);
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(WriteEnd::Failed(e)),
+                Poll::Pending => {
+                    let now = Instant::now();
+                    let since = *self.blocked_since.get_or_insert_with(|| {
+                        node.ticker.wake_at(now + self.pinger.timeout, &self.outbox);
+                        now
+                    });
+                    if now.saturating_duration_since(since) >= self.pinger.timeout {
+                        let stalled =
+                            io::Error::new(io::ErrorKind::TimedOut, "peer stopped reading");
+                        return Poll::Ready(WriteEnd::Failed(stalled));
+                    }
+                    // Registers for the ticker's wake. A wake for queued frames is spent here,
+                    // which loses nothing: the queue is taken whole once the batch is out.
+                    if self.outbox.poll_wait(cx).is_ready() {
+                        continue; // the stall deadline may have come: look again
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
 }
 
 /// One `writev` of up to [`MAX_IOV`] frames from the front of `batch`. The slice list is built
 /// on each poll, so it is not part of the connection's idle state.
-fn write_vectored<'a, W: AsyncWrite + Unpin>(
-    socket: &'a mut W,
-    batch: &'a VecDeque<Bytes>,
-) -> impl Future<Output = io::Result<usize>> + 'a {
-    std::future::poll_fn(move |cx| {
-        let mut iov = [IoSlice::new(&[]); MAX_IOV];
-        let mut n = 0;
-        for (slot, frame) in iov.iter_mut().zip(batch.iter()) {
-            *slot = IoSlice::new(frame);
-            n += 1;
-        }
-        Pin::new(&mut *socket).poll_write_vectored(cx, &iov[..n])
-    })
+fn write_vectored<W: AsyncWrite + Unpin>(
+    socket: &mut W,
+    batch: &VecDeque<Bytes>,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    let mut iov = [IoSlice::new(&[]); MAX_IOV];
+    let mut n = 0;
+    for (slot, frame) in iov.iter_mut().zip(batch.iter()) {
+        *slot = IoSlice::new(frame);
+        n += 1;
+    }
+    Pin::new(&mut *socket).poll_write_vectored(cx, &iov[..n])
 }
 
 /// Drops the first `n` written bytes from the front of `batch`.
