@@ -216,6 +216,9 @@ pub struct RedisConfig {
     pub unsubscribe_linger_secs: u64,
     /// Seconds between heartbeat `PING`s on the subscriber connection.
     pub heartbeat_secs: u64,
+    /// Keep each subscribed room's newest `rooms.history_on_join` messages in memory and
+    /// answer joins and short reconnects from them, without a Redis round trip.
+    pub local_history: bool,
 }
 
 impl Default for RedisConfig {
@@ -232,6 +235,7 @@ impl Default for RedisConfig {
             publish_timeout_ms: 2000,
             unsubscribe_linger_secs: 5,
             heartbeat_secs: 5,
+            local_history: true,
         }
     }
 }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Client, TestServer, config, ids, start};
+use common::{Client, TestServer, config, consecutive_until, ids, start};
 use serde_json::{Value, json};
 
 /// Connects with `query` and returns the client, its `joined` and the history that follows.
@@ -207,18 +207,6 @@ async fn joining_while_messages_flow_loses_and_repeats_nothing() {
         .collect();
     println!("joined at ids {joined_at:?} of {TOTAL}");
     for (mut client, joined, history) in joiners {
-        let last = joined["last_id"].as_u64().unwrap();
-        let mut seen = ids(&history);
-        assert!(seen.iter().all(|id| *id <= last), "history beyond last_id");
-        while seen.last().copied().unwrap_or(last) < TOTAL {
-            let f = client.expect("message").await;
-            seen.push(f["id"].as_u64().unwrap());
-        }
-        let first = *seen.first().unwrap();
-        assert_eq!(
-            seen,
-            (first..=TOTAL).collect::<Vec<_>>(),
-            "joined at {last}"
-        );
+        consecutive_until(&mut client, &joined, &history, TOTAL).await;
     }
 }

@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::proxy::{Fault, FaultProxy};
-use common::{Client, eventually_async, ids, readyz};
+use common::{Client, consecutive_until, eventually_async, ids, readyz};
 use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
@@ -441,6 +441,145 @@ async fn history_written_on_one_node_is_served_on_join_by_another() {
         (page["more"].as_bool(), &page["epoch"]),
         (Some(false), &joined["epoch"])
     );
+}
+
+/// Script calls (`EVALSHA`, and `EVAL` when the script was not loaded yet) Redis has run.
+async fn script_calls(redis: &Redis) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut redis.conn().await)
+        .await
+        .unwrap();
+    info.lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+#[tokio::test]
+async fn joins_to_a_room_the_node_receives_are_answered_without_redis() {
+    let redis = Redis::start(None).await;
+    let a_node = Node::start("node-a", &redis, None).await;
+    let b_node = Node::start("node-b", &redis, None).await;
+    // node-c reads every join's history from Redis: the reference.
+    let c_node = Node::spawn_with(
+        "node-c",
+        redis.port,
+        None,
+        &[("SCALECHAT_REDIS__LOCAL_HISTORY", "false")],
+    );
+    let c_addr = c_node.addr;
+    eventually_async("node-c ready", || async move {
+        readyz(c_addr).await == Some(200)
+    })
+    .await;
+    let (mut watcher, joined, _) = b_node.connect("name=wes").await;
+    let epoch = joined["epoch"].as_str().unwrap().to_owned();
+    let mut a = a_node.client("name=ann").await;
+    a.say_acked("m", 60).await;
+    assert_eq!(messages(&mut watcher, 60).await.last().unwrap()["id"], 60);
+
+    let before = script_calls(&redis).await;
+    for i in 0..20 {
+        let (_, joined, history) = b_node.connect(&format!("name=j{i}")).await;
+        assert_eq!(
+            (joined["last_id"].as_u64(), joined["history"].as_u64()),
+            (Some(60), Some(50))
+        );
+        assert_eq!(ids(&history), (11..=60).collect::<Vec<_>>());
+    }
+    let (_, joined, missed) = b_node
+        .connect(&format!("name=r&since=55&epoch={epoch}"))
+        .await;
+    assert_eq!(joined["recovered"], true, "{joined}");
+    assert_eq!(ids(&missed), [56, 57, 58, 59, 60]);
+    let (_, joined, newest) = b_node.connect("name=r&since=3&epoch=other").await;
+    assert_eq!(joined["recovered"], false, "{joined}");
+    assert_eq!(ids(&newest), (11..=60).collect::<Vec<_>>());
+    assert_eq!(
+        script_calls(&redis).await,
+        before,
+        "joins to a room node-b receives read no history from Redis"
+    );
+
+    // Further back than node-b keeps: Redis answers, as it does for node-c.
+    let (_, from_b, missed_b) = b_node
+        .connect(&format!("name=r&since=5&epoch={epoch}"))
+        .await;
+    assert_eq!(script_calls(&redis).await, before + 1);
+    let (_, from_c, missed_c) = c_node
+        .connect(&format!("name=r&since=5&epoch={epoch}"))
+        .await;
+    assert_eq!(from_b["recovered"], true, "{from_b}");
+    assert_eq!(ids(&missed_b), (6..=60).collect::<Vec<_>>());
+    assert_eq!(ids(&missed_b), ids(&missed_c));
+    assert_eq!(
+        (from_b["last_id"].as_u64(), &from_b["epoch"]),
+        (from_c["last_id"].as_u64(), &from_c["epoch"])
+    );
+    // The newest fifty, the same from both.
+    let (_, _, newest_c) = c_node.connect("name=n").await;
+    assert_eq!(ids(&newest_c), (11..=60).collect::<Vec<_>>());
+    assert_eq!(newest_c[49]["message"], "m59");
+}
+
+#[tokio::test]
+async fn joiners_during_a_flood_from_another_node_see_every_id_once() {
+    let redis = Redis::start(None).await;
+    let a_node = Node::start("node-a", &redis, None).await;
+    let b_node = Node::start("node-b", &redis, None).await;
+    // node-b receives the room before the flood: joins are answered from its copy.
+    let (mut watcher, joined, _) = b_node.connect("name=wes").await;
+    let epoch = joined["epoch"].as_str().unwrap().to_owned();
+    let mut ann = a_node.client("name=ann").await;
+    const TOTAL: u64 = 2000;
+    let flood = tokio::spawn(async move {
+        for n in 0..TOTAL {
+            ann.say("general", &format!("m{n}"), &format!("r{n}")).await;
+        }
+        ann
+    });
+    // Joiners arrive as node-b delivers the flood, every 250 ids.
+    let (progress, mut at) = tokio::sync::mpsc::unbounded_channel();
+    let watch = tokio::spawn(async move {
+        for _ in 0..TOTAL {
+            let id = messages(&mut watcher, 1).await[0]["id"].as_u64().unwrap();
+            if id % 250 == 0 && id < TOTAL {
+                let _ = progress.send(());
+            }
+        }
+    });
+    let mut joiners: Vec<(Client, Value, Vec<Value>)> = Vec::new();
+    while at.recv().await.is_some() {
+        let query = match joiners.len() {
+            // A reconnect since what an earlier joiner's history ended at.
+            3 => {
+                let last = joiners[2].1["last_id"].as_u64().unwrap();
+                format!("name=j3&since={last}&epoch={epoch}")
+            }
+            n => format!("name=j{n}"),
+        };
+        joiners.push(b_node.connect(&query).await);
+    }
+    let _ann = flood.await.unwrap();
+    watch.await.unwrap();
+    let since = joiners[2].1["last_id"].as_u64().unwrap();
+    let joined_at: Vec<&Value> = joiners.iter().map(|j| &j.1["last_id"]).collect();
+    println!("joined at ids {joined_at:?} of {TOTAL}");
+    for (i, (mut client, joined, history)) in joiners.into_iter().enumerate() {
+        let first = consecutive_until(&mut client, &joined, &history, TOTAL).await;
+        if i == 3 {
+            assert_eq!(joined["recovered"], true, "{joined}");
+            assert_eq!(first, since + 1, "{joined}");
+        }
+    }
 }
 
 #[tokio::test]

@@ -14,17 +14,22 @@
 //! Each node remembers the last id it received per room. A gap in the ids (a message lost by
 //! a dropped subscriber connection, or published while it was reconnecting) is filled from
 //! the history before the next message is delivered, so members see every id once, in order.
+//! With `redis.local_history` it also keeps each subscribed room's newest
+//! `rooms.history_on_join` messages, read once when it subscribes and then followed on the
+//! channel, and answers joins (and reconnects that missed no more than that) from them: a join
+//! to a room the node already receives makes no Redis call.
 //! The subscriber is a dedicated connection subscribed to exactly the rooms that have local
 //! members (plus a short linger); its loop only copies each payload once into a WebSocket
 //! frame and hands it to the hub, so Redis never has to buffer for us. When the subscriber
 //! connection drops, the node keeps its clients, reconnects with capped exponential backoff
 //! and jitter, and resubscribes; `/readyz` says not ready meanwhile.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink, PubSubStream};
 use redis::{Client, ConnectionAddr, IntoConnectionInfo, RedisError, Script};
@@ -144,8 +149,12 @@ pub struct RedisTransport {
     /// `{prefix}:`; the room's keys are this plus `meta:`, `hist:`, `ref:` and its name.
     key_prefix: String,
     policy: RoomsConfig,
-    /// Per room: the epoch and last id this node delivered, to find gaps.
+    /// Per room: the epoch and last id this node delivered, to find gaps, and the newest
+    /// messages, to answer joins.
     seen: Mutex<HashMap<RoomName, Seen>>,
+    /// How many of each room's newest messages `seen` keeps: `rooms.history_on_join` with
+    /// `redis.local_history`, else none.
+    keep: usize,
     publish_timeout: Duration,
     linger: Duration,
     /// Rooms this node wants to receive, and since when.
@@ -169,11 +178,99 @@ impl std::fmt::Debug for RedisTransport {
     }
 }
 
-/// The newest message of a room this node delivered.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What this node knows of a room it receives: the newest message it delivered (to find
+/// gaps) and the messages up to it (to answer joins).
+#[derive(Debug)]
 struct Seen {
     epoch: String,
     last: u64,
+    /// The newest messages, oldest first, with consecutive ids up to `last`; at most `keep`.
+    recent: VecDeque<Bytes>,
+    /// The history stores no message older than `recent`'s first.
+    whole: bool,
+    /// The newest id this node's publishes were acked with: a join waits until `last`
+    /// reaches it, so a client's own messages are in the history it joins with.
+    acked: u64,
+}
+
+/// What [`RedisTransport::local_snapshot`] can answer.
+enum Local {
+    Ready(Snapshot),
+    /// The channel has not brought every message this node acked yet.
+    Behind,
+    /// Only Redis can answer.
+    No,
+}
+
+impl Seen {
+    /// Starts from `frames`, the newest stored messages up to `last` (consecutive ids);
+    /// `whole` when the history stores none older.
+    fn new(epoch: String, last: u64, frames: &[Bytes], whole: bool, keep: usize) -> Self {
+        let skip = frames.len().saturating_sub(keep);
+        Self {
+            epoch,
+            last,
+            recent: frames[skip..].iter().cloned().collect(),
+            whole: whole && skip == 0,
+            acked: 0,
+        }
+    }
+
+    /// Starts over at a message that does not follow `last`: a new epoch, or a gap the
+    /// history could not fill.
+    fn restart(epoch: &str, id: u64, frame: Bytes, keep: usize) -> Self {
+        let mut seen = Self {
+            epoch: epoch.to_owned(),
+            last: id - 1,
+            recent: VecDeque::new(),
+            // The first id of an epoch: there is nothing older.
+            whole: id == 1,
+            acked: 0,
+        };
+        seen.push(frame, keep);
+        seen
+    }
+
+    /// Follows the next message, `last + 1`.
+    fn push(&mut self, frame: Bytes, keep: usize) {
+        self.last += 1;
+        self.recent.push_back(frame);
+        if self.recent.len() > keep {
+            self.recent.pop_front();
+            self.whole = false;
+        }
+    }
+
+    /// The id of `recent`'s first message (`last + 1` when it is empty).
+    fn first(&self) -> u64 {
+        self.last + 1 - self.recent.len() as u64
+    }
+
+    /// Drops messages older than the history keeps them, as the next publish would.
+    fn expire(&mut self, ttl: Duration) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
+        let cutoff = now.saturating_sub(ttl.as_millis() as u64);
+        while let Some(ts) = self.recent.front().and_then(message_ts)
+            && ts < cutoff
+        {
+            self.recent.pop_front();
+            // Anything older is older still: the history no longer has it either.
+            self.whole = true;
+        }
+    }
+}
+
+/// A message frame's `ts` (milliseconds since the Unix epoch), as the publish script reads it.
+fn message_ts(frame: &Bytes) -> Option<u64> {
+    const TS: &[u8] = b",\"ts\":";
+    let payload = ws::text_payload(frame);
+    let at = payload.windows(TS.len()).position(|w| w == TS)? + TS.len();
+    let digits = &payload[at..];
+    let len = digits.iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&digits[..len]).ok()?.parse().ok()
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -213,6 +310,11 @@ impl RedisTransport {
             key_prefix: format!("{}:", config.channel_prefix),
             policy: policy.clone(),
             seen: Mutex::new(HashMap::new()),
+            keep: if config.local_history {
+                policy.history_on_join
+            } else {
+                0
+            },
             publish_timeout,
             linger: Duration::from_secs(config.unsubscribe_linger_secs),
             wanted: Mutex::new(HashMap::new()),
@@ -256,20 +358,78 @@ impl RedisTransport {
             .arg(self.policy.history_ttl_secs.saturating_mul(1000))
             .arg(window);
         let (id, duplicate) = self.invoke::<(u64, u8)>(call).await?;
+        if let Some(seen) = self.lock_seen().get_mut(room) {
+            seen.acked = seen.acked.max(id);
+        }
         Ok(Published {
             id,
             duplicate: duplicate == 1,
         })
     }
 
-    /// The history a client joining `room` gets; see [`Snapshot`].
+    /// The history a client joining `room` gets; see [`Snapshot`]. From this node's copy of
+    /// the room's newest messages when it can answer exactly as Redis would, else from Redis.
     pub async fn snapshot(
         &self,
         room: &RoomName,
         since: Option<&Since>,
     ) -> Result<Snapshot, TransportError> {
+        let deadline = Instant::now() + SUBSCRIBE_WAIT;
+        loop {
+            match self.local_snapshot(room, since) {
+                Local::Ready(snapshot) => return Ok(snapshot),
+                // A round trip or so while the subscriber is up.
+                Local::Behind if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Local::Behind | Local::No => break,
+            }
+        }
         self.snapshot_with(room, since, self.policy.history_on_join)
             .await
+    }
+
+    /// [`RedisTransport::snapshot`] from `seen`, while the subscriber is connected and caught
+    /// up (so the copy is as current as the live stream) and the copy holds every message the
+    /// answer needs. Messages are added to the copy before they are delivered, so a joiner's
+    /// staging gets exactly the messages after the snapshot's `last_id`. Messages accepted
+    /// through other nodes and still on their way here follow as live messages.
+    fn local_snapshot(&self, room: &RoomName, since: Option<&Since>) -> Local {
+        if self.keep == 0 || !self.is_ready() || !self.lock_subscribed().contains(room) {
+            return Local::No;
+        }
+        let mut seen = self.lock_seen();
+        let Some(seen) = seen.get_mut(room) else {
+            return Local::No;
+        };
+        if seen.last < seen.acked {
+            return Local::Behind;
+        }
+        seen.expire(Duration::from_secs(self.policy.history_ttl_secs));
+        let (skip, recovered) = match since {
+            Some(since) if since.epoch == seen.epoch && since.id <= seen.last => {
+                if since.id + 1 >= seen.first() {
+                    ((since.id + 1 - seen.first()) as usize, Some(true))
+                } else if seen.whole {
+                    // `since + 1` is no longer stored: all that is, which is all here.
+                    (0, Some(false))
+                } else {
+                    return Local::No; // Redis may store more of what followed `since`.
+                }
+            }
+            _ => {
+                if !seen.whole && seen.recent.len() < self.policy.history_on_join {
+                    return Local::No;
+                }
+                (0, since.map(|_| false))
+            }
+        };
+        Local::Ready(Snapshot {
+            epoch: seen.epoch.clone(),
+            last_id: seen.last,
+            frames: seen.recent.iter().skip(skip).cloned().collect(),
+            recovered,
+        })
     }
 
     /// [`RedisTransport::snapshot`] returning up to `newest` messages when not recovering.
@@ -572,77 +732,68 @@ impl RedisTransport {
 
     /// Delivers one message from the channel in id order: the first of a gap is preceded by
     /// the missing ones from the history, and one already delivered is dropped. The payload
-    /// is the frame's text: one copy into the frame, none per member.
+    /// is the frame's text: one copy into the frame, none per member. `seen` takes the
+    /// message before the hub delivers it (see [`RedisTransport::local_snapshot`]).
     async fn receive_one(&self, channel: &str, payload: &[u8]) {
         let Some(room) = channel.strip_prefix(&self.channel_prefix) else {
             return;
         };
+        let frame = ws::text(payload);
         let Some((id, epoch)) = native::message_meta(payload) else {
             warn!(%room, "a message on the channel has no id; delivered as it is");
-            self.hub.deliver(room, &ws::text(payload));
+            self.hub.deliver(room, &frame);
             return;
         };
-        // The common case, the next id of the same epoch, allocates nothing here.
+        // The common case, the next id of the same epoch, allocates nothing more here.
         let next = {
             let mut seen = self.lock_seen();
             match seen.get_mut(room) {
                 Some(s) if s.epoch == epoch && id <= s.last => return, // delivered already
                 Some(s) if s.epoch == epoch && id == s.last + 1 => {
-                    s.last = id;
+                    s.push(frame.clone(), self.keep);
                     Ok(())
                 }
-                Some(s) => Err(Some(s.clone())),
+                Some(s) => Err(Some((s.epoch.clone(), s.last))),
                 None => Err(None),
             }
         };
-        match next {
-            Ok(()) => {}
-            Err(Some(seen)) => {
+        if let Err(gap) = next {
+            let Ok(room_name) = RoomName::new(room) else {
+                return;
+            };
+            if let Some((seen_epoch, seen_last)) = gap {
                 // A gap, or a new epoch: what is missing comes from the history first.
                 self.metrics.backplane_gaps_total.inc();
-                let Ok(room_name) = RoomName::new(room) else {
-                    return;
-                };
-                if let Some((_, true)) = self.heal(&room_name, &seen).await {
+                if let Some((_, true)) = self.heal(&room_name, &seen_epoch, seen_last).await {
                     self.metrics.backplane_gaps_healed_total.inc();
                 }
-                let mut seen = self.lock_seen();
-                let entry = seen.entry(room_name).or_insert_with(|| Seen {
-                    epoch: epoch.to_owned(),
-                    last: 0,
-                });
-                if entry.epoch == epoch && id <= entry.last {
-                    return; // the history had it
-                }
-                *entry = Seen {
-                    epoch: epoch.to_owned(),
-                    last: id,
-                };
             }
-            Err(None) => {
-                let Ok(room_name) = RoomName::new(room) else {
-                    return;
-                };
-                self.lock_seen().insert(
-                    room_name,
-                    Seen {
-                        epoch: epoch.to_owned(),
-                        last: id,
-                    },
-                );
+            let mut seen = self.lock_seen();
+            match seen.get_mut(&room_name) {
+                Some(s) if s.epoch == epoch && id <= s.last => return, // the history had it
+                Some(s) if s.epoch == epoch && id == s.last + 1 => s.push(frame.clone(), self.keep),
+                _ => {
+                    let restarted = Seen::restart(epoch, id, frame.clone(), self.keep);
+                    seen.insert(room_name, restarted);
+                }
             }
         }
-        self.hub.deliver(room, &ws::text(payload));
+        self.hub.deliver(room, &frame);
     }
 
-    /// Delivers from the history what this node missed in `room` since `seen`, in order.
-    /// Returns how many messages it delivered and whether the history still held every one
-    /// (`false`: some are lost, e.g. the history was reset or trimmed past them); `None` when
-    /// the history could not be read.
-    async fn heal(&self, room: &RoomName, seen: &Seen) -> Option<(usize, bool)> {
+    /// Delivers from the history what this node missed in `room` since `seen_last` of
+    /// `seen_epoch`, in order. Returns how many messages it delivered and whether the history
+    /// still held every one (`false`: some are lost, e.g. the history was reset or trimmed
+    /// past them); `None` when the history could not be read.
+    async fn heal(
+        &self,
+        room: &RoomName,
+        seen_epoch: &str,
+        seen_last: u64,
+    ) -> Option<(usize, bool)> {
         let since = Since {
-            id: seen.last,
-            epoch: seen.epoch.clone(),
+            id: seen_last,
+            epoch: seen_epoch.to_owned(),
         };
         let snapshot = match self
             .snapshot_with(room, Some(&since), self.policy.history_size)
@@ -655,48 +806,75 @@ impl RedisTransport {
             }
         };
         // In a new epoch everything is new; in the same one, what follows `seen`.
-        let floor = if snapshot.epoch == seen.epoch {
-            seen.last
-        } else {
-            0
-        };
-        let mut delivered = 0;
-        for frame in &snapshot.frames {
-            let id = native::message_meta(&ws::text_payload(frame)).map_or(0, |(id, _)| id);
-            if id > floor {
-                self.hub.deliver(room.as_str(), frame);
-                delivered += 1;
+        let same_epoch = snapshot.epoch == seen_epoch;
+        let floor = if same_epoch { seen_last } else { 0 };
+        let missed: Vec<&Bytes> = snapshot
+            .frames
+            .iter()
+            .filter(|frame| {
+                native::message_meta(&ws::text_payload(frame)).map_or(0, |(id, _)| id) > floor
+            })
+            .collect();
+        let complete = snapshot.recovered == Some(true);
+        {
+            // `seen` takes the messages before the hub delivers them.
+            let mut seen = self.lock_seen();
+            match seen.get_mut(room) {
+                Some(s)
+                    if complete
+                        && s.epoch == seen_epoch
+                        && s.last == seen_last
+                        && seen_last + missed.len() as u64 == snapshot.last_id =>
+                {
+                    for frame in &missed {
+                        s.push((*frame).clone(), self.keep);
+                    }
+                }
+                _ => {
+                    // Start over from what the history still stores. Recovering in the same
+                    // epoch without `since + 1`: nothing older is stored either. Otherwise the
+                    // newest `history_size` came, all there are when fewer came.
+                    let whole = if same_epoch && snapshot.last_id >= seen_last && !complete {
+                        true
+                    } else {
+                        snapshot.frames.len() < self.policy.history_size
+                    };
+                    let restarted = Seen::new(
+                        snapshot.epoch.clone(),
+                        snapshot.last_id,
+                        &snapshot.frames,
+                        whole,
+                        self.keep,
+                    );
+                    seen.insert(room.clone(), restarted);
+                }
             }
         }
-        let complete = snapshot.recovered == Some(true);
+        for frame in &missed {
+            self.hub.deliver(room.as_str(), frame);
+        }
+        let delivered = missed.len();
         self.metrics
             .backplane_messages_healed_total
             .add(delivered as u64);
         if !complete {
             warn!(
-                %room, after_id = seen.last, epoch = %seen.epoch, new_epoch = %snapshot.epoch,
+                %room, after_id = seen_last, epoch = %seen_epoch, new_epoch = %snapshot.epoch,
                 "messages were lost on the backplane and are no longer in the history"
             );
         }
-        self.lock_seen().insert(
-            room.clone(),
-            Seen {
-                epoch: snapshot.epoch,
-                last: snapshot.last_id,
-            },
-        );
         Some((delivered, complete))
     }
 
     /// After a reconnect: fills every room's gap from the history.
     async fn catch_up(&self) {
-        let rooms: Vec<(RoomName, Seen)> = self
+        let rooms: Vec<(RoomName, String, u64)> = self
             .lock_seen()
             .iter()
-            .map(|(room, seen)| (room.clone(), seen.clone()))
+            .map(|(room, seen)| (room.clone(), seen.epoch.clone(), seen.last))
             .collect();
-        for (room, seen) in rooms {
-            if let Some((delivered, complete)) = self.heal(&room, &seen).await
+        for (room, epoch, last) in rooms {
+            if let Some((delivered, complete)) = self.heal(&room, &epoch, last).await
                 && (delivered > 0 || !complete)
             {
                 self.metrics.backplane_gaps_total.inc();
@@ -741,10 +919,17 @@ impl RedisTransport {
                 if self.lock_seen().contains_key(room) {
                     continue;
                 }
-                if let Ok(position) = self.snapshot_with(room, None, 0).await {
-                    self.lock_seen().entry(room.clone()).or_insert(Seen {
-                        epoch: position.epoch,
-                        last: position.last_id,
+                // With `local_history`, the newest messages come along, for joins.
+                if let Ok(position) = self.snapshot_with(room, None, self.keep).await {
+                    let whole = position.frames.len() < self.keep;
+                    self.lock_seen().entry(room.clone()).or_insert_with(|| {
+                        Seen::new(
+                            position.epoch,
+                            position.last_id,
+                            &position.frames,
+                            whole,
+                            self.keep,
+                        )
                     });
                 }
             }
@@ -883,5 +1068,67 @@ mod tests {
         assert!(waits[0] >= BACKOFF_MIN / 2 && waits[0] <= BACKOFF_MIN);
         assert!(waits.iter().all(|w| *w <= BACKOFF_MAX));
         assert!(waits[9] >= BACKOFF_MAX / 2);
+    }
+
+    fn message(id: u64, ts: u64) -> Bytes {
+        ws::text(
+            format!(r#"{{"type":"message","room":"r","from":"a","message":"x","ts":{ts},"id":{id},"epoch":"e"}}"#)
+                .as_bytes(),
+        )
+    }
+
+    fn ids(seen: &Seen) -> Vec<u64> {
+        let id = |f: &Bytes| native::message_meta(&ws::text_payload(f)).unwrap().0;
+        seen.recent.iter().map(id).collect()
+    }
+
+    #[test]
+    fn seen_keeps_the_newest_and_knows_when_it_holds_all_there_is() {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let frames: Vec<Bytes> = (1..=3).map(|id| message(id, now)).collect();
+        let mut seen = Seen::new("e".into(), 3, &frames, true, 4);
+        assert_eq!(
+            (ids(&seen), seen.first(), seen.whole),
+            (vec![1, 2, 3], 1, true)
+        );
+        seen.push(message(4, now), 4);
+        assert!(seen.whole);
+        seen.push(message(5, now), 4);
+        assert_eq!(
+            (ids(&seen), seen.first(), seen.whole),
+            (vec![2, 3, 4, 5], 2, false)
+        );
+        // More than it keeps: the oldest are left out, and others may be stored.
+        let seen = Seen::new("e".into(), 3, &frames, true, 2);
+        assert_eq!((ids(&seen), seen.whole), (vec![2, 3], false));
+        // Nothing kept: first is the next id.
+        let seen = Seen::new("e".into(), 7, &[], false, 0);
+        assert_eq!(seen.first(), 8);
+        let seen = Seen::restart("f", 1, message(1, now), 4);
+        assert_eq!((ids(&seen), seen.last, seen.whole), (vec![1], 1, true));
+        let seen = Seen::restart("f", 9, message(9, now), 4);
+        assert_eq!((ids(&seen), seen.first(), seen.whole), (vec![9], 9, false));
+    }
+
+    #[test]
+    fn seen_drops_what_the_history_no_longer_keeps() {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let frames = [
+            message(4, now - 90_000),
+            message(5, now - 70_000),
+            message(6, now),
+        ];
+        let mut seen = Seen::new("e".into(), 6, &frames, false, 3);
+        assert_eq!(message_ts(&frames[2]), Some(now));
+        seen.expire(Duration::from_secs(80));
+        assert_eq!((ids(&seen), seen.whole), (vec![5, 6], true));
+        seen.expire(Duration::from_secs(3600));
+        assert_eq!(ids(&seen), [5, 6]);
     }
 }

@@ -94,6 +94,42 @@ pub fn ids(messages: &[Value]) -> Vec<u64> {
     messages.iter().map(|m| m["id"].as_u64().unwrap()).collect()
 }
 
+/// Reads what `client` is sent after joining (`joined`, then `history`) until id `last`, and
+/// checks that history and live messages together are consecutive ids, each once. Returns
+/// the first id.
+pub async fn consecutive_until(
+    client: &mut Client,
+    joined: &Value,
+    history: &[Value],
+    last: u64,
+) -> u64 {
+    let joined_at = joined["last_id"].as_u64().unwrap();
+    let mut seen = ids(history);
+    assert!(
+        seen.iter().all(|id| *id <= joined_at),
+        "history beyond last_id"
+    );
+    while seen.last().copied().unwrap_or(joined_at) < last {
+        let f = client.expect("message").await;
+        seen.push(f["id"].as_u64().unwrap());
+    }
+    let first = *seen.first().unwrap();
+    let due: Vec<u64> = (first..=last).collect();
+    if let Some(at) = (0..due.len()).find(|&i| seen.get(i) != due.get(i)) {
+        panic!(
+            "joined at {joined_at}: ids {:?} where {} was due",
+            &seen[at.saturating_sub(2)..(at + 3).min(seen.len())],
+            due[at]
+        );
+    }
+    assert_eq!(
+        seen.len(),
+        due.len(),
+        "joined at {joined_at}: more than due"
+    );
+    first
+}
+
 /// Sends `signal` (e.g. "-TERM", "-STOP") to process `pid` with kill(1).
 pub fn send_signal(pid: u32, signal: &str) {
     let status = std::process::Command::new("kill")
