@@ -62,7 +62,8 @@ impl Ticker {
     }
 
     /// Entries waiting now (stale ones included, until their tick passes).
-    pub fn pending(&self) -> usize {
+    #[cfg(test)]
+    fn pending(&self) -> usize {
         self.lock().values().map(Vec::len).sum()
     }
 
