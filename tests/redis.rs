@@ -475,11 +475,7 @@ async fn joins_to_a_room_the_node_receives_are_answered_without_redis() {
         None,
         &[("SCALECHAT_REDIS__LOCAL_HISTORY", "false")],
     );
-    let c_addr = c_node.addr;
-    eventually_async("node-c ready", || async move {
-        readyz(c_addr).await == Some(200)
-    })
-    .await;
+    wait_ready(&c_node, 200, "node-c ready").await;
     let (mut watcher, joined, _) = b_node.connect("name=wes").await;
     let epoch = joined["epoch"].as_str().unwrap().to_owned();
     let mut a = a_node.client("name=ann").await;

@@ -357,19 +357,27 @@ pub fn epoch_field(epoch: &str) -> String {
 /// Only the server's own encoding is read: the first `,"id":` and `,"epoch":"` are the
 /// fields, since a JSON string cannot hold an unescaped quote.
 pub fn message_meta(json: &[u8]) -> Option<(u64, &str)> {
-    let id_at = find(json, b",\"id\":")? + 6;
-    let digits = json[id_at..]
-        .iter()
-        .take_while(|b| b.is_ascii_digit())
-        .count();
-    let id = std::str::from_utf8(&json[id_at..id_at + digits])
-        .ok()?
-        .parse()
-        .ok()?;
+    let id = number_field(json, b",\"id\":")?;
     let epoch_at = find(json, EPOCH_OPEN)? + EPOCH_OPEN.len();
     let len = json[epoch_at..].iter().position(|b| *b == b'"')?;
     let epoch = std::str::from_utf8(&json[epoch_at..epoch_at + len]).ok()?;
     Some((id, epoch))
+}
+
+/// When an encoded chat message was accepted (`ts`, milliseconds since the Unix epoch), read
+/// as [`message_meta`] reads the id.
+pub fn message_ts(json: &[u8]) -> Option<u64> {
+    number_field(json, b",\"ts\":")
+}
+
+/// The whole number after the first `key` (`,"name":`) in the server's own encoding.
+fn number_field(json: &[u8], key: &[u8]) -> Option<u64> {
+    let at = find(json, key)? + key.len();
+    let digits = json[at..].iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&json[at..at + digits])
+        .ok()?
+        .parse()
+        .ok()
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {

@@ -338,9 +338,8 @@ impl Session {
         self.reply(native::error_frame(err));
     }
 
-    /// One complete message: echoed on the echo endpoint, else handled as a request. A
-    /// request that has to wait for the transport is returned as a future that owns the
-    /// session (taken from `slot`) until it is done.
+    /// One complete message: echoed on the echo endpoint, else handled as a request, in a
+    /// future that owns the session (taken from `slot`) until it is done.
     fn message(slot: &mut Option<Session>, binary: bool, payload: &[u8]) -> Option<Busy> {
         let request = slot.as_mut()?.message_now(binary, payload)?;
         let mut session = slot.take()?;
@@ -363,7 +362,7 @@ impl Session {
         }))
     }
 
-    /// Handles what needs no waiting; returns the request that does.
+    /// Echoes, or decodes the request (refusing a bad one); returns the request to handle.
     fn message_now(&mut self, binary: bool, payload: &[u8]) -> Option<Request> {
         if self.echo {
             let ws = crate::protocol::ws::binary;
@@ -380,10 +379,6 @@ impl Session {
         self.refresh_limits();
         let max_chars = self.live.limits.max_message_chars;
         match native::decode(payload, max_chars) {
-            Ok(Request::Leave { room }) => {
-                self.leave(room);
-                None
-            }
             Ok(request) => Some(request),
             Err(err) => {
                 self.refuse(&err);

@@ -193,11 +193,25 @@ struct Seen {
     acked: u64,
 }
 
+/// What [`Seen::follow`] made of a message.
+enum Step {
+    /// Delivered already.
+    Had,
+    /// The next message: now the newest.
+    Took,
+    /// Not the next one: a gap, or another epoch.
+    Gap,
+}
+
 /// What [`RedisTransport::local_snapshot`] can answer.
 enum Local {
     Ready(Snapshot),
-    /// The channel has not brought every message this node acked yet.
-    Behind,
+    /// The channel has not brought every message this node acked yet: up to `acked` of
+    /// `epoch`.
+    Behind {
+        epoch: String,
+        acked: u64,
+    },
     /// Only Redis can answer.
     No,
 }
@@ -241,6 +255,18 @@ impl Seen {
         }
     }
 
+    /// Takes message `id` of `epoch` if it is the next one.
+    fn follow(&mut self, epoch: &str, id: u64, frame: &Bytes, keep: usize) -> Step {
+        if self.epoch != epoch || id > self.last + 1 {
+            return Step::Gap;
+        }
+        if id <= self.last {
+            return Step::Had;
+        }
+        self.push(frame.clone(), keep);
+        Step::Took
+    }
+
     /// The id of `recent`'s first message (`last + 1` when it is empty).
     fn first(&self) -> u64 {
         self.last + 1 - self.recent.len() as u64
@@ -253,7 +279,10 @@ impl Seen {
             .unwrap_or_default()
             .as_millis() as u64;
         let cutoff = now.saturating_sub(ttl.as_millis() as u64);
-        while let Some(ts) = self.recent.front().and_then(message_ts)
+        while let Some(ts) = self
+            .recent
+            .front()
+            .and_then(|frame| native::message_ts(&ws::text_payload(frame)))
             && ts < cutoff
         {
             self.recent.pop_front();
@@ -261,16 +290,6 @@ impl Seen {
             self.whole = true;
         }
     }
-}
-
-/// A message frame's `ts` (milliseconds since the Unix epoch), as the publish script reads it.
-fn message_ts(frame: &Bytes) -> Option<u64> {
-    const TS: &[u8] = b",\"ts\":";
-    let payload = ws::text_payload(frame);
-    let at = payload.windows(TS.len()).position(|w| w == TS)? + TS.len();
-    let digits = &payload[at..];
-    let len = digits.iter().take_while(|b| b.is_ascii_digit()).count();
-    std::str::from_utf8(&digits[..len]).ok()?.parse().ok()
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -358,7 +377,9 @@ impl RedisTransport {
             .arg(self.policy.history_ttl_secs.saturating_mul(1000))
             .arg(window);
         let (id, duplicate) = self.invoke::<(u64, u8)>(call).await?;
-        if let Some(seen) = self.lock_seen().get_mut(room) {
+        if self.keep > 0
+            && let Some(seen) = self.lock_seen().get_mut(room)
+        {
             seen.acked = seen.acked.max(id);
         }
         Ok(Published {
@@ -374,16 +395,16 @@ impl RedisTransport {
         room: &RoomName,
         since: Option<&Since>,
     ) -> Result<Snapshot, TransportError> {
-        let deadline = Instant::now() + SUBSCRIBE_WAIT;
-        loop {
-            match self.local_snapshot(room, since) {
-                Local::Ready(snapshot) => return Ok(snapshot),
-                // A round trip or so while the subscriber is up.
-                Local::Behind if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
+        match self.local_snapshot(room, since) {
+            Local::Ready(snapshot) => return Ok(snapshot),
+            Local::Behind { epoch, acked } => {
+                if self.caught_up(room, &epoch, acked, SUBSCRIBE_WAIT).await
+                    && let Local::Ready(snapshot) = self.local_snapshot(room, since)
+                {
+                    return Ok(snapshot);
                 }
-                Local::Behind | Local::No => break,
             }
+            Local::No => {}
         }
         self.snapshot_with(room, since, self.policy.history_on_join)
             .await
@@ -403,7 +424,10 @@ impl RedisTransport {
             return Local::No;
         };
         if seen.last < seen.acked {
-            return Local::Behind;
+            return Local::Behind {
+                epoch: seen.epoch.clone(),
+                acked: seen.acked,
+            };
         }
         seen.expire(Duration::from_secs(self.policy.history_ttl_secs));
         let (skip, recovered) = match since {
@@ -745,19 +769,18 @@ impl RedisTransport {
             return;
         };
         // The common case, the next id of the same epoch, allocates nothing more here.
-        let next = {
+        let gap = {
             let mut seen = self.lock_seen();
             match seen.get_mut(room) {
-                Some(s) if s.epoch == epoch && id <= s.last => return, // delivered already
-                Some(s) if s.epoch == epoch && id == s.last + 1 => {
-                    s.push(frame.clone(), self.keep);
-                    Ok(())
-                }
-                Some(s) => Err(Some((s.epoch.clone(), s.last))),
-                None => Err(None),
+                Some(s) => match s.follow(epoch, id, &frame, self.keep) {
+                    Step::Had => return,
+                    Step::Took => None,
+                    Step::Gap => Some(Some((s.epoch.clone(), s.last))),
+                },
+                None => Some(None),
             }
         };
-        if let Err(gap) = next {
+        if let Some(gap) = gap {
             let Ok(room_name) = RoomName::new(room) else {
                 return;
             };
@@ -769,10 +792,13 @@ impl RedisTransport {
                 }
             }
             let mut seen = self.lock_seen();
-            match seen.get_mut(&room_name) {
-                Some(s) if s.epoch == epoch && id <= s.last => return, // the history had it
-                Some(s) if s.epoch == epoch && id == s.last + 1 => s.push(frame.clone(), self.keep),
-                _ => {
+            let step = seen
+                .get_mut(&room_name)
+                .map(|s| s.follow(epoch, id, &frame, self.keep));
+            match step {
+                Some(Step::Had) => return, // the history had it
+                Some(Step::Took) => {}
+                Some(Step::Gap) | None => {
                     let restarted = Seen::restart(epoch, id, frame.clone(), self.keep);
                     seen.insert(room_name, restarted);
                 }
@@ -1125,7 +1151,7 @@ mod tests {
             message(6, now),
         ];
         let mut seen = Seen::new("e".into(), 6, &frames, false, 3);
-        assert_eq!(message_ts(&frames[2]), Some(now));
+        assert_eq!(native::message_ts(&ws::text_payload(&frames[2])), Some(now));
         seen.expire(Duration::from_secs(80));
         assert_eq!((ids(&seen), seen.whole), (vec![5, 6], true));
         seen.expire(Duration::from_secs(3600));
