@@ -16,6 +16,9 @@ pub const DEFAULT_CONFIG_PATH: &str = "config/scalechat.toml";
 /// Prefix of the environment variables that set any key (`SCALECHAT_SERVER__PORT`).
 pub const ENV_PREFIX: &str = "SCALECHAT_";
 
+/// The longest `rooms.history_ttl_secs`: ten years.
+const MAX_HISTORY_TTL_SECS: u64 = 10 * 365 * 24 * 3600;
+
 /// Plain environment names that the original app's users already set, and the keys they set.
 pub const PLAIN_ENV: &[(&str, &str)] = &[
     ("PORT", "server.port"),
@@ -571,6 +574,12 @@ impl Config {
             h.history_ttl_secs > 0,
             "rooms.history_ttl_secs",
             "must be at least 1",
+        );
+        // Redis takes expiry times in milliseconds as a signed 64-bit count from now.
+        check(
+            h.history_ttl_secs <= MAX_HISTORY_TTL_SECS,
+            "rooms.history_ttl_secs",
+            "must be at most 315360000 (ten years)",
         );
         check(
             r.tls_ca_file.is_empty()

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::proxy::{Fault, FaultProxy};
 use common::{Client, consecutive_until, eventually_async, ids, readyz};
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
@@ -1065,4 +1065,57 @@ async fn a_slow_narrow_redis_path_delays_but_keeps_order() {
         (Some("ack"), Some(21)),
         "{ack}"
     );
+}
+
+/// Keys in `redis`'s database.
+async fn keys(redis: &Redis) -> Vec<String> {
+    redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut redis.conn().await)
+        .await
+        .unwrap()
+}
+
+/// Reads until a frame of `kind`, skipping chat messages.
+async fn until(c: &mut Client, kind: &str) -> Value {
+    loop {
+        let f = c.recv().await;
+        if f["type"] == kind {
+            return f;
+        }
+        assert_eq!(f["type"], "message", "{f}");
+    }
+}
+
+#[tokio::test]
+async fn one_off_rooms_leave_no_key_behind_after_the_history_ttl() {
+    let redis = Redis::start(None).await;
+    let node = Node::spawn_with(
+        "node-ttl",
+        redis.port,
+        None,
+        &[
+            ("SCALECHAT_ROOMS__HISTORY_TTL_SECS", "2"),
+            ("SCALECHAT_ROOMS__DEDUPE_WINDOW_SECS", "1"),
+            ("SCALECHAT_REDIS__UNSUBSCRIBE_LINGER_SECS", "1"),
+        ],
+    );
+    wait_ready(&node, 200, "node ready").await;
+    for n in 0..20 {
+        // A join and nothing else; a join, a message and a page of history.
+        drop(node.client(&format!("name=j{n}&room=join-{n}")).await);
+        let room = format!("send-{n}");
+        let (mut c, ..) = node.connect(&format!("name=s{n}&room={room}")).await;
+        c.say(&room, "once", &format!("r{n}")).await;
+        until(&mut c, "ack").await;
+        c.send(json!({"type":"history","room":room})).await;
+        let page = until(&mut c, "history").await;
+        assert_eq!(page["messages"].as_array().map(Vec::len), Some(1), "{page}");
+    }
+    assert!(!keys(&redis).await.is_empty(), "the rooms wrote keys");
+    let redis = &redis;
+    eventually_async("every key expired", || async move {
+        keys(redis).await.is_empty()
+    })
+    .await;
 }

@@ -9,7 +9,9 @@
 //! Keys, under `redis.channel_prefix`: `meta:<room>` (hash: `epoch`, `seq`, the last id),
 //! `hist:<room>` (sorted set of message texts scored by id, trimmed by count and age),
 //! `ref:<room>:<user>\x1f<ref>` (the id a `ref` got, expiring after the dedupe window). The
-//! channel is `room:<room>`.
+//! channel is `room:<room>`. Every key expires: `meta` `rooms.history_ttl_secs` after the
+//! room's last join, page or publish, `hist` as long after its newest message, so a room
+//! nobody uses leaves nothing behind; a room whose `meta` is gone starts a new epoch.
 //!
 //! Each node remembers the last id it received per room. A gap in the ids (a message lost by
 //! a dropped subscriber connection, or published while it was reconnecting) is filled from
@@ -44,25 +46,34 @@ use crate::protocol::native::{self, Since};
 use crate::protocol::{RoomName, ws};
 use crate::transport::{Envelope, Page, Published, Snapshot, TransportError, new_epoch};
 
-/// Sets the room's epoch if it has none yet; returns it. Shared by the scripts.
+/// The room's epoch, set to the candidate if it has none yet; whether it was new. Shared by
+/// the scripts, which all call it first: it also gives `meta` the history's TTL again, so a
+/// room nobody uses any more leaves no key behind. A room whose `meta` is gone (expired, or
+/// lost by Redis) starts a new epoch with its ids at 1: the old history goes with it, so no
+/// stored message ever shares an epoch with an id it did not get.
 const EPOCH_LUA: &str = r"
-local function room_epoch(meta, candidate)
+local function room_epoch(meta, hist, candidate, ttl)
   local epoch = redis.call('HGET', meta, 'epoch')
+  local fresh = false
   if not epoch then
     epoch = candidate
+    fresh = true
     redis.call('HSET', meta, 'epoch', epoch)
+    redis.call('DEL', hist)
   end
-  return epoch
+  redis.call('PEXPIRE', meta, ttl)
+  return epoch, fresh
 end
 ";
 
 /// Dedupe check, id, publish and history, in one atomic step. Returns `{id, duplicate}`.
 /// KEYS: meta, hist, ref. ARGV: channel, JSON before the id, JSON after it, epoch candidate,
-/// history size, history TTL (ms), dedupe window (s, 0 = off).
+/// history size, history TTL (ms), dedupe window (s, 0 = off). A `ref` is not looked up in
+/// a new epoch: the id it got belongs to the old one.
 const PUBLISH_LUA: &str = r#"
-local epoch = room_epoch(KEYS[1], ARGV[4])
+local epoch, fresh = room_epoch(KEYS[1], KEYS[2], ARGV[4], ARGV[6])
 local window = tonumber(ARGV[7])
-if window > 0 then
+if window > 0 and not fresh then
   local prev = redis.call('GET', KEYS[3])
   if prev then return {tonumber(prev), 1} end
 end
@@ -91,9 +102,9 @@ return {id, 0}
 /// A joining client's history, atomically with the last id. Returns
 /// `{epoch, last_id, recovered (-1 not asked, 0, 1), messages}`.
 /// KEYS: meta, hist. ARGV: epoch candidate, since (-1 = none), the client's epoch, how many
-/// of the newest to return when not recovering.
+/// of the newest to return when not recovering, history TTL (ms).
 const SNAPSHOT_LUA: &str = r"
-local epoch = room_epoch(KEYS[1], ARGV[1])
+local epoch = room_epoch(KEYS[1], KEYS[2], ARGV[1], ARGV[5])
 local last = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
 local since = tonumber(ARGV[2])
 local recovered = -1
@@ -116,9 +127,9 @@ return {epoch, last, recovered, msgs}
 
 /// Older messages, newest first, one more than asked (to tell whether there are more).
 /// Returns `{epoch, messages}`. KEYS: meta, hist. ARGV: epoch candidate, before (-1 =
-/// newest), limit.
+/// newest), limit, history TTL (ms).
 const PAGE_LUA: &str = r"
-local epoch = room_epoch(KEYS[1], ARGV[1])
+local epoch = room_epoch(KEYS[1], KEYS[2], ARGV[1], ARGV[4])
 local max = '+inf'
 if tonumber(ARGV[2]) >= 0 then max = '(' .. ARGV[2] end
 return {epoch, redis.call('ZREVRANGEBYSCORE', KEYS[2], max, '-inf', 'LIMIT', 0, tonumber(ARGV[3]) + 1)}
@@ -352,6 +363,11 @@ impl RedisTransport {
         self.ready.load(Ordering::Relaxed)
     }
 
+    /// `rooms.history_ttl_secs` in milliseconds: how long a room's keys outlive its last use.
+    fn history_ttl_ms(&self) -> u64 {
+        self.policy.history_ttl_secs.saturating_mul(1000)
+    }
+
     fn key(&self, kind: &str, room: &str) -> String {
         format!("{}{kind}:{room}", self.key_prefix)
     }
@@ -374,7 +390,7 @@ impl RedisTransport {
             .arg(envelope.message.tail())
             .arg(new_epoch())
             .arg(self.policy.history_size)
-            .arg(self.policy.history_ttl_secs.saturating_mul(1000))
+            .arg(self.history_ttl_ms())
             .arg(window);
         let (id, duplicate) = self.invoke::<(u64, u8)>(call).await?;
         if self.keep > 0
@@ -468,7 +484,8 @@ impl RedisTransport {
             .arg(new_epoch())
             .arg(since.map_or(-1, |s| s.id as i64))
             .arg(since.map_or("", |s| s.epoch.as_str()))
-            .arg(newest);
+            .arg(newest)
+            .arg(self.history_ttl_ms());
         let (epoch, last_id, recovered, mut messages) = self
             .invoke::<(String, u64, i64, Vec<Vec<u8>>)>(call)
             .await?;
@@ -495,7 +512,8 @@ impl RedisTransport {
         call.key(self.key("hist", room.as_str()))
             .arg(new_epoch())
             .arg(before.map_or(-1, |b| b as i64))
-            .arg(limit);
+            .arg(limit)
+            .arg(self.history_ttl_ms());
         let (epoch, mut messages) = self.invoke::<(String, Vec<Vec<u8>>)>(call).await?;
         let more = messages.len() > limit;
         messages.truncate(limit);
