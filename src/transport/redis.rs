@@ -242,17 +242,20 @@ impl Seen {
     }
 
     /// Starts over at a message that does not follow `last`: a new epoch, or a gap the
-    /// history could not fill.
+    /// history could not fill. Ids start at 1: a message claiming id 0 is not kept, and the
+    /// epoch starts before its first message.
     fn restart(epoch: &str, id: u64, frame: Bytes, keep: usize) -> Self {
         let mut seen = Self {
             epoch: epoch.to_owned(),
-            last: id - 1,
+            last: id.saturating_sub(1),
             recent: VecDeque::new(),
             // The first id of an epoch: there is nothing older.
-            whole: id == 1,
+            whole: id <= 1,
             acked: 0,
         };
-        seen.push(frame, keep);
+        if id > 0 {
+            seen.push(frame, keep);
+        }
         seen
     }
 
@@ -781,7 +784,8 @@ impl RedisTransport {
             return;
         };
         let frame = ws::text(payload);
-        let Some((id, epoch)) = native::message_meta(payload) else {
+        // Ids start at 1: id 0 is no id.
+        let Some((id, epoch)) = native::message_meta(payload).filter(|(id, _)| *id > 0) else {
             warn!(%room, "a message on the channel has no id; delivered as it is");
             self.hub.deliver(room, &frame);
             return;
@@ -1155,6 +1159,18 @@ mod tests {
         assert_eq!((ids(&seen), seen.last, seen.whole), (vec![1], 1, true));
         let seen = Seen::restart("f", 9, message(9, now), 4);
         assert_eq!((ids(&seen), seen.first(), seen.whole), (vec![9], 9, false));
+    }
+
+    #[test]
+    fn seen_restarting_at_id_0_keeps_nothing_and_does_not_underflow() {
+        let mut seen = Seen::restart("f", 0, message(0, 1), 4);
+        assert_eq!(
+            (ids(&seen), seen.last, seen.first(), seen.whole),
+            (vec![], 0, 1, true)
+        );
+        // The epoch's first real message follows.
+        assert!(matches!(seen.follow("f", 1, &message(1, 1), 4), Step::Took));
+        assert_eq!((ids(&seen), seen.last), (vec![1], 1));
     }
 
     #[test]
