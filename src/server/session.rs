@@ -16,7 +16,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tracing::{debug, error};
+use tracing::{debug, error, warn};
 
 use super::reader::{FrameReader, ReadError};
 use super::writer::{Liveness, WriteEnd, Writer};
@@ -476,7 +476,11 @@ impl Session {
                 .caught_up(&room, epoch, last_id, CATCH_UP_WAIT)
                 .await
         {
-            debug!(%room, last_id, "the live stream did not reach the history in time");
+            warn!(
+                %room, last_id,
+                "the live stream did not reach the history in time: \
+                 the joiner may get some messages of its history again"
+            );
         }
         let outbox = &self.outbox;
         let metrics = &node.metrics;

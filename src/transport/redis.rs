@@ -27,7 +27,7 @@
 //! and jitter, and resubscribes; `/readyz` says not ready meanwhile.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -163,6 +163,11 @@ pub struct RedisTransport {
     /// Per room: the epoch and last id this node delivered, to find gaps, and the newest
     /// messages, to answer joins.
     seen: Mutex<HashMap<RoomName, Seen>>,
+    /// Held by the subscriber from `seen` taking a message until the hub delivered it.
+    delivering: Mutex<()>,
+    /// Joins waiting in `caught_up`, and what wakes them.
+    waiting: AtomicUsize,
+    progress: Notify,
     /// How many of each room's newest messages `seen` keeps: `rooms.history_on_join` with
     /// `redis.local_history`, else none.
     keep: usize,
@@ -306,6 +311,22 @@ impl Seen {
     }
 }
 
+/// Counts a join in [`RedisTransport::caught_up`] for as long as it waits, however it ends.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Self(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Want {
     since: Instant,
@@ -343,6 +364,9 @@ impl RedisTransport {
             key_prefix: format!("{}:", config.channel_prefix),
             policy: policy.clone(),
             seen: Mutex::new(HashMap::new()),
+            delivering: Mutex::new(()),
+            waiting: AtomicUsize::new(0),
+            progress: Notify::new(),
             keep: if config.local_history {
                 policy.history_on_join
             } else {
@@ -746,7 +770,8 @@ impl RedisTransport {
         }
     }
 
-    /// See [`Transport::caught_up`](super::Transport::caught_up).
+    /// See [`Transport::caught_up`](super::Transport::caught_up). Woken by the subscriber
+    /// whenever it moved a room on while a join waits, not polled.
     pub async fn caught_up(
         &self,
         room: &RoomName,
@@ -754,21 +779,47 @@ impl RedisTransport {
         last_id: u64,
         limit: Duration,
     ) -> bool {
-        let deadline = Instant::now() + limit;
-        loop {
+        let reached = || {
             let done = self
                 .lock_seen()
                 .get(room)
                 .is_some_and(|s| s.epoch == epoch && s.last >= last_id);
-            if done {
+            // `seen` takes a message before the hub has it: wait for that delivery to end,
+            // so that the joiner's staging, not its outbox, gets it.
+            done && {
+                drop(self.lock_delivering());
+                true
+            }
+        };
+        if reached() {
+            return true;
+        }
+        let _waiting = Waiting::new(&self.waiting);
+        let deadline = Instant::now() + limit;
+        loop {
+            // Made before the check, so a step between the two still wakes it.
+            let progressed = self.progress.notified();
+            if reached() {
                 return true;
             }
-            if Instant::now() >= deadline {
-                return false;
+            if tokio::time::timeout_at(deadline, progressed).await.is_err() {
+                return reached();
             }
-            // The subscriber is a round trip or so behind at most while it is up.
-            tokio::time::sleep(Duration::from_millis(1)).await;
         }
+    }
+
+    /// Wakes the joins waiting in [`RedisTransport::caught_up`], if any: called after `seen`
+    /// moved on and the hub delivered.
+    fn progressed(&self) {
+        if self.waiting.load(Ordering::Acquire) > 0 {
+            self.progress.notify_waiters();
+        }
+    }
+
+    fn lock_delivering(&self) -> MutexGuard<'_, ()> {
+        self.delivering
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn lock_seen(&self) -> MutexGuard<'_, HashMap<RoomName, Seen>> {
@@ -790,6 +841,8 @@ impl RedisTransport {
             self.hub.deliver(room, &frame);
             return;
         };
+        // Held from `seen` taking the message until the hub has it (see `caught_up`).
+        let delivering = self.lock_delivering();
         // The common case, the next id of the same epoch, allocates nothing more here.
         let gap = {
             let mut seen = self.lock_seen();
@@ -802,17 +855,24 @@ impl RedisTransport {
                 None => Some(None),
             }
         };
-        if let Some(gap) = gap {
-            let Ok(room_name) = RoomName::new(room) else {
-                return;
-            };
-            if let Some((seen_epoch, seen_last)) = gap {
-                // A gap, or a new epoch: what is missing comes from the history first.
-                self.metrics.backplane_gaps_total.inc();
-                if let Some((_, true)) = self.heal(&room_name, &seen_epoch, seen_last).await {
-                    self.metrics.backplane_gaps_healed_total.inc();
-                }
+        let Some(gap) = gap else {
+            self.hub.deliver(room, &frame);
+            drop(delivering);
+            return self.progressed();
+        };
+        drop(delivering); // not held while the history is read
+        let Ok(room_name) = RoomName::new(room) else {
+            return;
+        };
+        if let Some((seen_epoch, seen_last)) = gap {
+            // A gap, or a new epoch: what is missing comes from the history first.
+            self.metrics.backplane_gaps_total.inc();
+            if let Some((_, true)) = self.heal(&room_name, &seen_epoch, seen_last).await {
+                self.metrics.backplane_gaps_healed_total.inc();
             }
+        }
+        let delivering = self.lock_delivering();
+        {
             let mut seen = self.lock_seen();
             let step = seen
                 .get_mut(&room_name)
@@ -827,6 +887,8 @@ impl RedisTransport {
             }
         }
         self.hub.deliver(room, &frame);
+        drop(delivering);
+        self.progressed();
     }
 
     /// Delivers from the history what this node missed in `room` since `seen_last` of
@@ -864,6 +926,7 @@ impl RedisTransport {
             })
             .collect();
         let complete = snapshot.recovered == Some(true);
+        let delivering = self.lock_delivering();
         {
             // `seen` takes the messages before the hub delivers them.
             let mut seen = self.lock_seen();
@@ -901,6 +964,8 @@ impl RedisTransport {
         for frame in &missed {
             self.hub.deliver(room.as_str(), frame);
         }
+        drop(delivering);
+        self.progressed();
         let delivered = missed.len();
         self.metrics
             .backplane_messages_healed_total
@@ -983,6 +1048,7 @@ impl RedisTransport {
             }
             self.lock_subscribed().extend(add);
             self.generation.send_modify(|g| *g += 1);
+            self.progressed();
         }
         if !remove.is_empty() {
             sink.unsubscribe(self.channels(&remove)).await?;
