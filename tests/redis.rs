@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::proxy::{Fault, FaultProxy};
-use common::{Client, consecutive_until, eventually_async, ids, readyz};
+use common::{Client, RawClient, consecutive_until, eventually_async, http_get, ids, readyz};
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
@@ -1118,4 +1118,52 @@ async fn one_off_rooms_leave_no_key_behind_after_the_history_ttl() {
         keys(redis).await.is_empty()
     })
     .await;
+}
+
+/// Open WebSocket sessions on the node at `addr`, from `/metrics`.
+async fn connections(addr: SocketAddr) -> Option<u64> {
+    let (_, text) = http_get(addr, "/metrics", &[]).await;
+    text.lines()
+        .find_map(|line| line.strip_prefix("scalechat_connections "))
+        .and_then(|n| n.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn a_join_cancelled_while_subscribing_leaves_no_subscription() {
+    let mut redis = Redis::start(None).await;
+    let node = Node::spawn_with(
+        "node-cancel",
+        redis.port,
+        None,
+        &[
+            ("SCALECHAT_REDIS__UNSUBSCRIBE_LINGER_SECS", "1"),
+            ("SCALECHAT_LIMITS__PING_INTERVAL_SECS", "1"),
+        ],
+    );
+    wait_ready(&node, 200, "node ready").await;
+    redis.kill().await;
+    wait_ready(&node, 503, "node sees redis gone").await;
+    // The join of the first room waits for a subscription that cannot come yet. The client
+    // vanishes meanwhile (a reset); the node's next write, its ping a second later, fails
+    // and the session ends mid-join.
+    let mut gone = RawClient::connect(node.addr, "/ws?name=gone&room=abandoned").await;
+    let (_, welcome) = gone.recv_frame().await.expect("welcome");
+    assert!(String::from_utf8_lossy(&welcome).contains("welcome"));
+    gone.stream.set_zero_linger().unwrap();
+    drop(gone);
+    let addr = node.addr;
+    eventually_async("the session ended", || async move {
+        connections(addr).await == Some(0)
+    })
+    .await;
+    redis.restart().await;
+    wait_ready(&node, 200, "node reconnected").await;
+    let live = node.client("name=live&room=kept").await;
+    let redis = &redis;
+    eventually_async("the abandoned room is not subscribed", || async move {
+        redis.numsub("abandoned").await == 0
+    })
+    .await;
+    assert_eq!(redis.numsub("kept").await, 1);
+    drop(live);
 }

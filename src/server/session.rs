@@ -431,12 +431,14 @@ impl Session {
                 format!("a connection may be in at most {limit} rooms"),
             ));
         }
-        self.rooms.rooms.push(room.clone());
         // Subscribed first, so that every message of the room published from now on reaches
-        // this node.
-        node.transport.subscribe(&room).await;
+        // this node. Recorded with the hub join, with no await between: a join cancelled
+        // before leaves neither a room to leave nor a subscription behind.
+        let subscription = node.transport.subscribe(&room).await;
         let staging = Arc::new(Outbox::new(self.outbox.capacity()));
         let online = node.hub.join_staged(&room, self.conn, &staging).online;
+        self.rooms.rooms.push(room.clone());
+        subscription.joined();
         let snapshot = node.transport.snapshot(&room, since.as_ref()).await;
         let joined = |s: Option<&Snapshot>| {
             Reply::Joined {

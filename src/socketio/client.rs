@@ -195,14 +195,17 @@ impl Client {
                 format!("a connection may be in at most {limit} rooms"),
             ));
         }
-        self.rooms.push(room.clone());
         // Subscribed first, so that every message published from now on reaches this node.
-        node.transport.subscribe(&room).await;
+        // Recorded with the hub join, with no await between: a join cancelled before leaves
+        // neither a room to leave nor a subscription behind.
+        let subscription = node.transport.subscribe(&room).await;
         let joined = node
             .hub
             .join_as(Codec::SocketIo, &room, self.conn, &self.outbox, |online| {
                 codec::event("joined", &json!({ "room": room, "online": online }))
             });
+        self.rooms.push(room.clone());
+        subscription.joined();
         Ok(json!({ "room": room, "online": joined.online }))
     }
 

@@ -78,6 +78,21 @@ pub struct Page {
     pub more: bool,
 }
 
+/// A join's hold on its room's subscription, from [`Transport::subscribe`] until the hub
+/// has the member; dropped before [`Subscription::joined`], it gives the room up.
+#[must_use = "dropped, the room is given up"]
+#[derive(Debug)]
+pub struct Subscription<'a>(Option<redis::Joining<'a>>);
+
+impl Subscription<'_> {
+    /// The hub has the member: from now on its leave gives the room up.
+    pub fn joined(self) {
+        if let Some(joining) = self.0 {
+            joining.joined();
+        }
+    }
+}
+
 /// A new random epoch: 16 hex digits.
 pub fn new_epoch() -> String {
     format!("{:016x}", fastrand::u64(..))
@@ -162,10 +177,13 @@ impl Transport {
     }
 
     /// This node is about to have a member in `room`: receive its messages from now on.
-    pub async fn subscribe(&self, room: &RoomName) {
+    /// Call [`Subscription::joined`] once the hub has the member; a join that ends before
+    /// (cancelled, even while this waits) gives the room up again, so no subscription
+    /// outlives it.
+    pub async fn subscribe(&self, room: &RoomName) -> Subscription<'_> {
         match self {
-            Transport::Memory(_) => {}
-            Transport::Redis(t) => t.subscribe(room).await,
+            Transport::Memory(_) => Subscription(None),
+            Transport::Redis(t) => Subscription(Some(t.subscribe(room).await)),
         }
     }
 

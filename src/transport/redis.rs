@@ -332,6 +332,30 @@ struct Want {
     since: Instant,
     /// Set when the last local member left: unsubscribe once the linger is over.
     release_at: Option<Instant>,
+    /// Joins between `subscribe` and the hub: the room is kept for them.
+    joining: usize,
+}
+
+/// A join's hold on its room, from [`RedisTransport::subscribe`] until the hub has the member
+/// ([`Joining::joined`]); dropped before that, it gives the room up.
+#[derive(Debug)]
+pub struct Joining<'a> {
+    transport: &'a RedisTransport,
+    room: RoomName,
+    joined: bool,
+}
+
+impl Joining<'_> {
+    /// The hub has the member: from now on its leave gives the room up.
+    pub fn joined(mut self) {
+        self.joined = true;
+    }
+}
+
+impl Drop for Joining<'_> {
+    fn drop(&mut self) {
+        self.transport.join_ended(&self.room, self.joined);
+    }
 }
 
 impl RedisTransport {
@@ -608,18 +632,29 @@ impl RedisTransport {
     }
 
     /// Wants `room`'s messages; returns once subscribed (or after a short wait if Redis is
-    /// down: the subscription follows when it is back).
-    pub async fn subscribe(&self, room: &RoomName) {
+    /// down: the subscription follows when it is back). The room is held for the join until
+    /// the returned [`Joining`] is dropped: if the hub did not get the member by then (the
+    /// join was cancelled, even while this waits), the room is given up as a leave would.
+    pub async fn subscribe(&self, room: &RoomName) -> Joining<'_> {
         let now = Instant::now();
-        self.lock_wanted().insert(
-            room.clone(),
-            Want {
+        {
+            let mut wanted = self.lock_wanted();
+            let want = wanted.entry(room.clone()).or_insert(Want {
                 since: now,
                 release_at: None,
-            },
-        );
+                joining: 0,
+            });
+            want.since = now;
+            want.release_at = None;
+            want.joining += 1;
+        }
+        let joining = Joining {
+            transport: self,
+            room: room.clone(),
+            joined: false,
+        };
         if self.lock_subscribed().contains(room) {
-            return;
+            return joining;
         }
         self.changed.notify_one();
         let mut generation = self.generation.subscribe();
@@ -631,6 +666,23 @@ impl RedisTransport {
             }
         };
         let _ = tokio::time::timeout(SUBSCRIBE_WAIT, confirmed).await;
+        joining
+    }
+
+    /// A join of `room` ended: with the member in the hub (`joined`), whose leave gives the
+    /// room up, or without (cancelled), when the room is given up now unless another join is
+    /// under way or a member is there.
+    fn join_ended(&self, room: &RoomName, joined: bool) {
+        let mut wanted = self.lock_wanted();
+        let Some(want) = wanted.get_mut(room) else {
+            return;
+        };
+        want.joining = want.joining.saturating_sub(1);
+        if !joined && want.joining == 0 && self.hub.online(room.as_str()) == 0 {
+            want.release_at = Some(Instant::now() + self.linger);
+            drop(wanted);
+            self.changed.notify_one();
+        }
     }
 
     /// The last local member left `room`: unsubscribe after the linger.
@@ -1008,6 +1060,7 @@ impl RedisTransport {
             let mut remove = Vec::new();
             wanted.retain(|room, want| {
                 let expired = want.release_at.is_some_and(|at| at <= now)
+                    && want.joining == 0
                     && now.duration_since(want.since) >= self.linger
                     && self.hub.online(room.as_str()) == 0;
                 if expired && subscribed.contains(room) {
@@ -1237,6 +1290,36 @@ mod tests {
         // The epoch's first real message follows.
         assert!(matches!(seen.follow("f", 1, &message(1, 1), 4), Step::Took));
         assert_eq!((ids(&seen), seen.last), (vec![1], 1));
+    }
+
+    /// A transport of a Redis that is not there: subscriptions are never confirmed.
+    fn unreachable() -> Arc<RedisTransport> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let config = RedisConfig {
+            host: "127.0.0.1".into(),
+            port,
+            ..RedisConfig::default()
+        };
+        let metrics = Arc::new(Metrics::default());
+        let hub = Arc::new(Hub::with_metrics(metrics.clone()));
+        RedisTransport::spawn(&config, &RoomsConfig::default(), hub, metrics).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_join_cancelled_while_subscribing_gives_the_room_up() {
+        let transport = unreachable();
+        let room = RoomName::new("r").unwrap();
+        let waited = tokio::time::timeout(Duration::from_millis(50), transport.subscribe(&room));
+        assert!(waited.await.is_err(), "the join was still waiting");
+        let want = transport.lock_wanted()[&room];
+        assert!(want.release_at.is_some() && want.joining == 0);
+        // A join that gets its member into the hub keeps the room for it.
+        transport.subscribe(&room).await.joined();
+        let want = transport.lock_wanted()[&room];
+        assert!(want.release_at.is_none() && want.joining == 0);
     }
 
     #[test]
