@@ -78,7 +78,8 @@ pub struct Page {
     pub more: bool,
 }
 
-/// A new random epoch: 16 hex digits.
+/// A new random epoch: 16 hex digits. Not a credential: it names a room's history so that a
+/// client can tell a restart from a gap, and grants nothing (a non-cryptographic RNG will do).
 pub fn new_epoch() -> String {
     format!("{:016x}", fastrand::u64(..))
 }
