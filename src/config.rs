@@ -41,6 +41,8 @@ pub struct Config {
     pub rooms: RoomsConfig,
     /// Optional signed-token authentication.
     pub auth: AuthConfig,
+    /// The Socket.IO endpoint.
+    pub socketio: SocketIoConfig,
     /// Redis connection settings (used by the `redis` transport).
     pub redis: RedisConfig,
     /// Logging.
@@ -188,6 +190,23 @@ impl Default for AuthConfig {
         Self {
             jwt_secret: Secret::default(),
             leeway_secs: 30,
+        }
+    }
+}
+
+/// `[socketio]`: the Socket.IO endpoint at `/socket.io/`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SocketIoConfig {
+    /// Seconds an Engine.IO session has to connect to the namespace (a valid CONNECT, with
+    /// its token when authentication is on) before it is closed.
+    pub connect_timeout_secs: u64,
+}
+
+impl Default for SocketIoConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout_secs: 5,
         }
     }
 }
@@ -528,6 +547,11 @@ impl Config {
             "auth.jwt_secret",
             "must be empty (no authentication) or at least 32 bytes",
         );
+        check(
+            self.socketio.connect_timeout_secs > 0,
+            "socketio.connect_timeout_secs",
+            "must be at least 1",
+        );
         for origin in &s.allowed_origins {
             check(
                 origin.starts_with("http://") || origin.starts_with("https://"),
@@ -639,6 +663,20 @@ impl Config {
             "must be a level (error, warn, info, debug, trace) or a tracing filter",
         );
         p
+    }
+
+    /// Settings that are valid but probably a mistake; one line per warning, naming the key.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if !self.auth.jwt_secret.expose().is_empty() && self.server.allowed_origins.is_empty() {
+            w.push(
+                "server.allowed_origins: empty while auth.jwt_secret is set: pages of any site \
+                 may connect with a token they hold; the scalechat_token cookie is accepted only \
+                 from pages of this server's own origin. List the origins of your pages."
+                    .to_owned(),
+            );
+        }
+        w
     }
 
     /// The effective configuration as TOML, secrets masked.

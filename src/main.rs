@@ -142,11 +142,17 @@ fn main() -> ExitCode {
     };
     match cli.command.unwrap_or(Command::Serve) {
         Command::CheckConfig => {
+            for warning in config.warnings() {
+                eprintln!("scalechat: warning: {warning}");
+            }
             print!("{}", config.to_toml());
             ExitCode::SUCCESS
         }
         Command::Serve => {
             let log_filter = init_tracing(&config);
+            for warning in config.warnings() {
+                warn!("{warning}");
+            }
             let reloader = Reloader {
                 path: cli.config,
                 current: config.clone(),

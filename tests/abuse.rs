@@ -152,3 +152,51 @@ async fn with_a_secret_only_valid_tokens_connect_and_they_fix_the_name() {
         assert!(body.contains(why), "{query}: {body}");
     }
 }
+
+#[tokio::test]
+async fn the_token_cookie_is_accepted_only_from_this_site_and_listed_origins() {
+    let mut cfg = config();
+    cfg.auth.jwt_secret = SECRET.into();
+    let server = start(cfg.clone()).await;
+    let valid = token(serde_json::json!({"name":"carol","exp":in_an_hour()}));
+    let cookie = format!("scalechat_token={valid}");
+    // Another site's page, which the browser sends the user's cookie from: refused, even
+    // with `allowed_origins` empty.
+    let evil = [("origin", "https://evil.example.com"), ("cookie", &cookie)];
+    let (status, body, _) = upgrade(&server, "", &evil).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("scalechat_token cookie"), "{body}");
+    let null = [("origin", "null"), ("cookie", &cookie)];
+    assert_eq!(upgrade(&server, "", &null).await.0, 403);
+    // This site's own page (Origin matches Host): accepted.
+    let own = format!("http://{}", server.addr);
+    let (status, _, client) = upgrade(&server, "", &[("origin", &own), ("cookie", &cookie)]).await;
+    assert_eq!(status, 101);
+    assert_eq!(client.unwrap().expect("welcome").await["name"], "carol");
+    // A page that sends the token itself is not riding on the user's cookie: any origin may,
+    // while `allowed_origins` is empty.
+    let (status, _, client) = upgrade(
+        &server,
+        &format!("token={valid}"),
+        &[("origin", "https://elsewhere.example.com")],
+    )
+    .await;
+    assert_eq!(status, 101);
+    assert_eq!(client.unwrap().expect("welcome").await["name"], "carol");
+    let (status, _, _) = upgrade(&server, &format!("token={valid}"), &evil).await;
+    assert_eq!(status, 101, "the query's token wins over the cookie");
+    server.stop().await;
+
+    // Listed origins may use the cookie.
+    cfg.server.allowed_origins = vec!["https://chat.example.com".into()];
+    let server = start(cfg).await;
+    let listed = [("origin", "https://chat.example.com"), ("cookie", &cookie)];
+    assert_eq!(upgrade(&server, "", &listed).await.0, 101);
+    let own = format!("http://{}", server.addr);
+    let (status, body, _) = upgrade(&server, "", &[("origin", &own), ("cookie", &cookie)]).await;
+    assert_eq!(
+        status, 403,
+        "with a list, only listed origins connect: {body}"
+    );
+    server.stop().await;
+}

@@ -142,6 +142,30 @@ async fn check_config_prints_the_example_config_as_toml() {
 }
 
 #[tokio::test]
+async fn check_config_warns_of_token_auth_without_allowed_origins() {
+    let secret = (
+        "SCALECHAT_AUTH__JWT_SECRET",
+        "0123456789abcdef0123456789abcdef",
+    );
+    let out = run(&["--config", EXAMPLE, "check-config"], &[secret]).await;
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("warning: server.allowed_origins"),
+        "{}",
+        out.stderr
+    );
+    let origins = (
+        "SCALECHAT_SERVER__ALLOWED_ORIGINS",
+        r#"["https://chat.example.com"]"#,
+    );
+    let out = run(&["--config", EXAMPLE, "check-config"], &[secret, origins]).await;
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(!out.stderr.contains("warning"), "{}", out.stderr);
+    let out = run(&["--config", EXAMPLE, "check-config"], &[]).await;
+    assert!(!out.stderr.contains("warning"), "{}", out.stderr);
+}
+
+#[tokio::test]
 async fn check_config_masks_the_redis_password() {
     let out = run(
         &["--config", EXAMPLE, "check-config"],

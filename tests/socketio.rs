@@ -142,7 +142,7 @@ async fn handshake_advertises_the_limits() {
     config.limits.ping_timeout_secs = 3;
     let server = start(config).await;
     let (sid, open) = handshake(server.addr).await;
-    assert_eq!(sid.len(), 20);
+    assert_eq!(sid.len(), 22);
     assert_eq!(open["upgrades"], serde_json::json!(["websocket"]));
     assert_eq!(open["pingInterval"], 7000);
     assert_eq!(open["pingTimeout"], 3000);
@@ -551,5 +551,275 @@ async fn with_token_authentication_connect_needs_a_valid_token_that_names_the_us
         .find(|p| p.starts_with("42[\"message\""))
         .unwrap();
     assert!(delivered.contains(r#"\"user\":\"carol\""#), "{delivered}");
+    server.stop().await;
+}
+
+const SECRET: &str = "0123456789abcdef0123456789abcdef-sio";
+
+fn signed_token(name: &str) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &serde_json::json!({"name":name,"exp":exp}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+type WebSocket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A WebSocket-transport handshake with `headers`: the socket, or the refusal's status.
+async fn ws_handshake(addr: SocketAddr, headers: &[(&str, &str)]) -> Result<WebSocket, u16> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let url = format!("ws://{addr}/socket.io/?EIO=4&transport=websocket");
+    let mut request = url.into_client_request().unwrap();
+    for (k, v) in headers {
+        let name = tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(k.as_bytes());
+        request
+            .headers_mut()
+            .insert(name.unwrap(), v.parse().unwrap());
+    }
+    match tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
+        .await
+        .expect("an answer in time")
+    {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            Err(response.status().as_u16())
+        }
+        Err(e) => panic!("websocket handshake failed: {e}"),
+    }
+}
+
+async fn polling_handshake(addr: SocketAddr, headers: &[(&str, &str)]) -> Answer {
+    request(
+        addr,
+        "GET",
+        "/socket.io/?EIO=4&transport=polling",
+        headers,
+        b"",
+    )
+    .await
+}
+
+/// The close code of a WebSocket, past any other frames.
+async fn close_code(ws: &mut WebSocket) -> u16 {
+    loop {
+        match tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a close in time")
+        {
+            Some(Ok(Message::Close(frame))) => return frame.map_or(1005, |f| u16::from(f.code)),
+            Some(Ok(_)) => {}
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn sessions_count_against_the_per_address_connection_limit() {
+    let mut config = config();
+    config.server.max_connections_per_ip = 1;
+    let server = start(config).await;
+    let addr = server.addr;
+    // A polling session holds the address's one slot while it lives.
+    let sid = connected(addr, "").await;
+    let refused = polling_handshake(addr, &[]).await;
+    assert_eq!(refused.status, 429, "{}", refused.body);
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    assert!(
+        refused.body.contains("too many connections"),
+        "{}",
+        refused.body
+    );
+    assert_eq!(ws_handshake(addr, &[]).await.err(), Some(429));
+    // Its own polls and posts are not new connections.
+    post(addr, &sid, r#"421["join","dev"]"#).await;
+    poll_until(addr, &sid, |p| p.starts_with("431")).await;
+    // Ended, it frees the slot.
+    assert_eq!(post(addr, &sid, "1").await.body, "ok");
+    let mut ws = ws_handshake(addr, &[]).await.expect("the slot is free");
+    assert!(next_text(&mut ws).await.starts_with("0{"));
+    // A WebSocket session holds it too, until it closes.
+    assert_eq!(polling_handshake(addr, &[]).await.status, 429);
+    ws.send(Message::text("1")).await.unwrap();
+    common::eventually("the session to end", || server.node.socketio.is_empty()).await;
+    assert_eq!(polling_handshake(addr, &[]).await.status, 200);
+    let (_, text) = common::http_get(addr, "/metrics", &[]).await;
+    assert!(
+        text.contains(r#"scalechat_connections_refused_total{reason="per_ip"} 3"#),
+        "{text}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn handshakes_count_against_the_per_address_attempt_rate() {
+    let mut config = config();
+    config.server.connects_per_ip_per_second = 0.001;
+    config.server.connect_burst_per_ip = 2;
+    let server = start(config).await;
+    let addr = server.addr;
+    let sid = connected(addr, "").await;
+    let mut ws = ws_handshake(addr, &[]).await.expect("the second attempt");
+    assert!(next_text(&mut ws).await.starts_with("0{"));
+    let refused = polling_handshake(addr, &[]).await;
+    assert_eq!(refused.status, 429, "{}", refused.body);
+    assert!(refused.body.contains("too fast"), "{}", refused.body);
+    assert_eq!(ws_handshake(addr, &[]).await.err(), Some(429));
+    // The open sessions go on: their requests are not attempts.
+    for _ in 0..5 {
+        assert_eq!(post(addr, &sid, "6").await.body, "ok");
+    }
+    ws.send(Message::text("40")).await.unwrap();
+    assert!(next_text(&mut ws).await.starts_with("40{\"sid\""));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn sessions_that_do_not_connect_in_time_are_closed_and_free_their_slot() {
+    let mut config = config();
+    config.auth.jwt_secret = SECRET.into();
+    config.socketio.connect_timeout_secs = 1;
+    config.limits.ping_interval_secs = 2;
+    config.server.max_connections_per_ip = 1;
+    let server = start(config).await;
+    let addr = server.addr;
+    // Polling, no CONNECT: the parked poll gets the close packet.
+    let (sid, _) = handshake(addr).await;
+    let answer = poll(addr, &sid).await;
+    assert_eq!((answer.status, answer.body.as_str()), (200, "1"));
+    engine_error(&poll(addr, &sid).await, 400, 1, "Session ID unknown");
+    // A refused CONNECT does not count: the reason is sent, then the session closed.
+    let (sid, _) = handshake(addr).await;
+    post(addr, &sid, r#"40{"token":"forged"}"#).await;
+    let seen = poll_until(addr, &sid, |p| p == "1").await;
+    assert!(seen.iter().any(|p| p.starts_with("44")), "{seen:?}");
+    // WebSocket, no CONNECT: closed with 1008.
+    let mut ws = ws_handshake(addr, &[]).await.expect("the slot was freed");
+    assert_eq!(close_code(&mut ws).await, 1008);
+    drop(ws);
+    common::eventually("the session to end", || server.node.socketio.is_empty()).await;
+    // Connected in time, a session stays past the deadline: it gets the first ping at 2 s.
+    let token = signed_token("carol");
+    let mut ws = ws_handshake(addr, &[]).await.expect("the slot was freed");
+    assert!(next_text(&mut ws).await.starts_with("0{"));
+    ws.send(Message::text(format!(r#"40{{"token":"{token}"}}"#)))
+        .await
+        .unwrap();
+    while next_text(&mut ws).await != "2" {}
+    assert_eq!(server.node.socketio.len(), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn session_ids_carry_128_random_bits() {
+    let server = start(config()).await;
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..200 {
+        let (sid, _) = handshake(server.addr).await;
+        // base64url of 16 bytes: 22 characters, the last one holding 2 bits.
+        assert_eq!(sid.len(), 22, "{sid}");
+        assert!(
+            sid.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+            "{sid}"
+        );
+        assert!(b"AQgw".contains(&sid.as_bytes()[21]), "{sid}");
+        assert!(seen.insert(sid), "a repeated session id");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_token_cookie_is_accepted_only_from_this_site_and_listed_origins() {
+    let mut config = config();
+    config.auth.jwt_secret = SECRET.into();
+    let server = start(config.clone()).await;
+    let addr = server.addr;
+    let cookie = format!("scalechat_token={}", signed_token("carol"));
+    // Another site's page, which the browser sends the user's cookie from: refused on every
+    // transport, even with `allowed_origins` empty.
+    let evil = [("Origin", "https://evil.example.com"), ("Cookie", &cookie)];
+    engine_error(&polling_handshake(addr, &evil).await, 403, 4, "Forbidden");
+    assert_eq!(ws_handshake(addr, &evil).await.err(), Some(403));
+    let (sid, _) = handshake(addr).await;
+    let path = format!("/socket.io/?EIO=4&transport=polling&sid={sid}");
+    let answer = request(addr, "POST", &path, &evil, b"40").await;
+    engine_error(&answer, 403, 4, "Forbidden");
+
+    // This site's own page: the cookie authenticates the CONNECT, and CORS allows
+    // credentials.
+    let own = format!("http://{addr}");
+    let headers = [("Origin", own.as_str()), ("Cookie", &cookie)];
+    let answer = polling_handshake(addr, &headers).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(answer.header("access-control-allow-origin"), Some(&*own));
+    assert_eq!(
+        answer.header("access-control-allow-credentials"),
+        Some("true")
+    );
+    let open: Value = serde_json::from_str(answer.body.strip_prefix('0').unwrap()).unwrap();
+    let sid = open["sid"].as_str().unwrap();
+    let path = format!("/socket.io/?EIO=4&transport=polling&sid={sid}");
+    let body = b"40\x1e421[\"event:message\",\"hi\"]";
+    assert_eq!(
+        request(addr, "POST", &path, &headers, body).await.body,
+        "ok"
+    );
+    let seen = poll_until(addr, sid, |p| p.starts_with("42[\"message\"")).await;
+    assert!(
+        seen.iter().any(|p| p.contains(r#"\"user\":\"carol\""#)),
+        "{seen:?}"
+    );
+    let mut ws = ws_handshake(addr, &headers).await.expect("same origin");
+    assert!(next_text(&mut ws).await.starts_with("0{"));
+    ws.send(Message::text("40")).await.unwrap();
+    assert!(next_text(&mut ws).await.starts_with("40{\"sid\""));
+
+    // A page of another site that sends the token itself, without cookies: it works, and
+    // CORS lets it read answers, without credentials.
+    let token = signed_token("dave");
+    let other = [("Origin", "https://elsewhere.example.com")];
+    let answer = polling_handshake(addr, &other).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(
+        answer.header("access-control-allow-origin"),
+        Some("https://elsewhere.example.com")
+    );
+    assert_eq!(answer.header("access-control-allow-credentials"), None);
+    let open: Value = serde_json::from_str(answer.body.strip_prefix('0').unwrap()).unwrap();
+    let sid = open["sid"].as_str().unwrap();
+    let path = format!("/socket.io/?EIO=4&transport=polling&sid={sid}");
+    let body = format!(r#"40{{"token":"{token}"}}"#);
+    let answer = request(addr, "POST", &path, &other, body.as_bytes()).await;
+    assert_eq!(answer.body, "ok");
+    assert_eq!(answer.header("access-control-allow-credentials"), None);
+    poll_until(addr, sid, |p| p.starts_with("42[\"joined\"")).await;
+    let mut ws = ws_handshake(addr, &other).await.expect("no cookie");
+    assert!(next_text(&mut ws).await.starts_with("0{"));
+    ws.send(Message::text(body)).await.unwrap();
+    assert!(next_text(&mut ws).await.starts_with("40{\"sid\""));
+    // The token in the query wins over a cookie, so that one is not at risk either.
+    let query = format!("/socket.io/?EIO=4&transport=polling&token={token}");
+    assert_eq!(request(addr, "GET", &query, &evil, b"").await.status, 200);
+    server.stop().await;
+
+    // Listed origins may use the cookie, and get credentials.
+    config.server.allowed_origins = vec!["https://chat.example.com".into()];
+    let server = start(config).await;
+    let listed = [("Origin", "https://chat.example.com"), ("Cookie", &cookie)];
+    let answer = polling_handshake(server.addr, &listed).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(
+        answer.header("access-control-allow-credentials"),
+        Some("true")
+    );
+    assert!(ws_handshake(server.addr, &listed).await.is_ok());
     server.stop().await;
 }

@@ -17,6 +17,9 @@ pub mod close_code {
     pub const UNSUPPORTED_DATA: u16 = 1003;
     /// A text message was not valid UTF-8.
     pub const INVALID_DATA: u16 = 1007;
+    /// The peer broke a rule of the server's (a Socket.IO session that did not connect in
+    /// time).
+    pub const POLICY_VIOLATION: u16 = 1008;
     /// A frame, or a fragmented message in total, exceeded `max_frame_bytes`.
     pub const MESSAGE_TOO_BIG: u16 = 1009;
     /// The peer read too slowly: its queue passed `max_queued_frames`.

@@ -30,6 +30,8 @@ pub(super) struct Client {
     query_name: Option<String>,
     query_room: Option<String>,
     query_token: Option<String>,
+    /// The handshake's `scalechat_token` cookie, when its origin may use it.
+    cookie_token: Option<String>,
     /// Set by CONNECT: the display name and the first room.
     connected: Option<(String, RoomName)>,
     rooms: Vec<RoomName>,
@@ -53,10 +55,16 @@ impl Client {
             query_name: query.name.clone(),
             query_room: query.room.clone(),
             query_token: query.token.clone(),
+            cookie_token: query.cookie.clone(),
             connected: None,
             rooms: Vec::new(),
             bucket,
         }
+    }
+
+    /// Whether the client is connected to the namespace now.
+    pub fn is_connected(&self) -> bool {
+        self.connected.is_some()
     }
 
     fn push(&self, frame: bytes::Bytes) {
@@ -98,8 +106,11 @@ impl Client {
     }
 
     async fn connect(&mut self, auth: Option<&Value>) {
+        let Ok(id) = random_id() else {
+            return self.push(codec::connect_error("/", "no random bytes for a socket id"));
+        };
         if self.connected.is_some() {
-            return self.push(codec::connected(&random_id()));
+            return self.push(codec::connected(&id));
         }
         let name = match auth.and_then(|a| a.get("name")) {
             None | Some(Value::Null) => self.query_name.clone(),
@@ -112,11 +123,13 @@ impl Client {
             Some(checker) => {
                 let token = match auth.and_then(|a| a.get("token")) {
                     Some(Value::String(token)) => Some(token.as_str()),
-                    _ => self.query_token.as_deref(),
+                    _ => self.query_token.as_deref().or(self.cookie_token.as_deref()),
                 };
                 let user = token
                     .ok_or_else(|| {
-                        "a token is required: auth.token or the token query parameter".to_owned()
+                        "a token is required: auth.token, the token query parameter or the \
+                         scalechat_token cookie"
+                            .to_owned()
                     })
                     .and_then(|token| checker.user(token));
                 match user {
@@ -145,7 +158,7 @@ impl Client {
             Ok(room) => room,
             Err(e) => return self.push(codec::connect_error("/", &e.message)),
         };
-        self.push(codec::connected(&random_id()));
+        self.push(codec::connected(&id));
         self.connected = Some((name, room.clone()));
         if let Err(e) = self.join(room).await {
             self.push(error_event(&e));

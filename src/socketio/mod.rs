@@ -33,7 +33,8 @@ pub use session::Sessions;
 
 use crate::metrics::Refusal;
 use crate::server::Node;
-use crate::server::http::origin_allowed;
+use crate::server::guard;
+use crate::server::http::{admit, cookie_allowed, origin_allowed, trusted_origin};
 
 type Body = Full<Bytes>;
 
@@ -92,6 +93,10 @@ struct Query {
     room: Option<String>,
     /// With `auth.jwt_secret`: the signed token, unless the CONNECT packet carries it.
     token: Option<String>,
+    /// With `auth.jwt_secret`: the token of the `scalechat_token` cookie, used when neither
+    /// the query nor the CONNECT packet carries one. Set only for requests whose origin may
+    /// use it.
+    cookie: Option<String>,
 }
 
 impl Query {
@@ -120,24 +125,41 @@ pub(crate) async fn route(
     req: Request<Incoming>,
 ) -> Response<Body> {
     let origin = req.headers().get(header::ORIGIN).cloned();
+    let mut query = Query::parse(req.uri().query().unwrap_or(""));
     if !origin_allowed(&node, &req) {
         node.metrics.refused(Refusal::Origin);
         return EngineError::Forbidden.response();
     }
+    if query.token.is_none() {
+        // The cookie would be the session's credential: only this site's pages and
+        // `server.allowed_origins` may use it.
+        if !cookie_allowed(&node, req.headers()) {
+            node.metrics.refused(Refusal::Origin);
+            return EngineError::Forbidden.response();
+        }
+        query.cookie = guard::token(None, req.headers()).map(str::to_owned);
+    }
+    // Only this site and listed origins may make credentialed requests: another page, let
+    // through when `server.allowed_origins` is empty, gets no
+    // `Access-Control-Allow-Credentials`, so its browser sends no cookie and shows it nothing
+    // of a credentialed answer.
+    let credentials = trusted_origin(&node, req.headers()) == Some(true);
     let mut res = if req.method() == Method::OPTIONS {
         preflight(req.headers())
     } else {
-        dispatch(node, peer, req).await
+        dispatch(node, peer, req, query).await
     };
+    let headers = res.headers_mut();
     if let Some(origin) = origin {
-        let headers = res.headers_mut();
         headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-        headers.insert(
-            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
-            HeaderValue::from_static("true"),
-        );
-        headers.insert(header::VARY, HeaderValue::from_static("Origin"));
+        if credentials {
+            headers.insert(
+                header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+                HeaderValue::from_static("true"),
+            );
+        }
     }
+    headers.insert(header::VARY, HeaderValue::from_static("Origin"));
     res
 }
 
@@ -161,8 +183,12 @@ fn preflight(headers: &HeaderMap) -> Response<Body> {
     res
 }
 
-async fn dispatch(node: Arc<Node>, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
-    let query = Query::parse(req.uri().query().unwrap_or(""));
+async fn dispatch(
+    node: Arc<Node>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+    query: Query,
+) -> Response<Body> {
     let websocket = match query.transport.as_deref() {
         Some("polling") => false,
         Some("websocket") => true,
@@ -175,15 +201,7 @@ async fn dispatch(node: Arc<Node>, peer: SocketAddr, req: Request<Incoming>) -> 
         if req.method() != Method::GET {
             return EngineError::BadHandshakeMethod.response();
         }
-        return match session::open(&node, &query, websocket) {
-            Err(why) => respond(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "text/plain; charset=utf-8",
-                Bytes::from_static(why.as_bytes()),
-            ),
-            Ok(session) if websocket => websocket::upgrade(node, session, req, false, peer),
-            Ok(session) => polling::handshake(&node, &session),
-        };
+        return handshake(node, peer, req, &query, websocket);
     };
     let Some(session) = node.socketio.get(sid) else {
         return EngineError::SessionIdUnknown.response();
@@ -195,5 +213,37 @@ async fn dispatch(node: Arc<Node>, peer: SocketAddr, req: Request<Incoming>) -> 
         (&Method::GET, false) => polling::poll(&node, &session).await,
         (&Method::POST, false) => polling::post(&node, &session, req).await,
         _ => EngineError::BadRequest.response(),
+    }
+}
+
+/// A new session: admitted as a `/ws` upgrade is (the per-address limits and the node's
+/// capacity), its slots held until it ends.
+fn handshake(
+    node: Arc<Node>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+    query: &Query,
+    websocket: bool,
+) -> Response<Body> {
+    if node.shutdown.is_cancelled() {
+        node.metrics.refused(Refusal::ShuttingDown);
+        return respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain; charset=utf-8",
+            Bytes::from_static(b"shutting down\n"),
+        );
+    }
+    let slot = match admit(&node, peer, req.headers()) {
+        Ok(slot) => slot,
+        Err(refused) => return refused.response(),
+    };
+    match session::open(&node, query, websocket, slot) {
+        Err(_) => respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain; charset=utf-8",
+            Bytes::from_static(b"no random bytes for a session id\n"),
+        ),
+        Ok(session) if websocket => websocket::upgrade(node, session, req, false, peer),
+        Ok(session) => polling::handshake(&node, &session),
     }
 }

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::Query;
 use super::client::Client;
 use super::codec::engine_frame;
-use crate::metrics::{OpenSession, Refusal};
+use crate::metrics::OpenSession;
 use crate::outbox::Outbox;
 use crate::protocol::ws::close_code;
 use crate::server::writer::Liveness;
@@ -86,28 +86,24 @@ pub(super) struct Session {
     pongs: Liveness,
     pong: Notify,
     ended: CancellationToken,
-    _slot: ConnSlot,
+    /// The node's and the client address's connection slots, released when the session ends.
+    slot: Mutex<Option<ConnSlot>>,
+    /// Time the client has to connect to the namespace once the session is open.
+    connect_timeout: Duration,
 }
 
-/// Opens a session for a handshake; otherwise why not (the node is shutting down or full:
-/// answered with 503).
+/// Opens a session for an admitted handshake, holding `slot` (its connection slots) until
+/// it ends; fails only when the OS has no random bytes for its id.
 pub(super) fn open(
     node: &Arc<Node>,
     query: &Query,
     websocket: bool,
-) -> Result<Arc<Session>, &'static str> {
-    if node.shutdown.is_cancelled() {
-        node.metrics.refused(Refusal::ShuttingDown);
-        return Err("shutting down\n");
-    }
-    let Some(slot) = node.reserve_slot() else {
-        node.metrics.refused(Refusal::Capacity);
-        return Err("too many connections\n");
-    };
+    slot: ConnSlot,
+) -> Result<Arc<Session>, getrandom::Error> {
+    let sid = random_id()?;
     let live = node.live();
     let conn = node.next_conn_id();
     let outbox = Arc::new(Outbox::new(live.limits.max_queued_frames));
-    let sid = random_id();
     let client = Client::new(node.clone(), conn, outbox.clone(), query);
     let session = Arc::new(Session {
         sid: sid.clone(),
@@ -123,7 +119,8 @@ pub(super) fn open(
         pongs: Liveness::new(),
         pong: Notify::new(),
         ended: CancellationToken::new(),
-        _slot: slot,
+        slot: Mutex::new(Some(slot)),
+        connect_timeout: Duration::from_secs(node.config.socketio.connect_timeout_secs),
     });
     let upgrades: &[&str] = if websocket { &[] } else { &["websocket"] };
     let open = serde_json::json!({
@@ -144,12 +141,26 @@ pub(super) fn open(
     Ok(session)
 }
 
-/// 20 random characters of `A-Z a-z 0-9 - _`: a session or socket id.
-pub(super) fn random_id() -> String {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    (0..20)
-        .map(|_| ALPHABET[fastrand::usize(..ALPHABET.len())] as char)
-        .collect()
+/// A session or socket id: 16 bytes (128 bits) from the operating system's CSPRNG, as 22
+/// characters of base64url (`A-Z a-z 0-9 - _`, no padding). A session id is the only
+/// credential of a polling request, so it must not be guessable from earlier ids.
+pub(super) fn random_id() -> Result<String, getrandom::Error> {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut bytes = [0u8; 16];
+    getrandom::getrandom(&mut bytes)?;
+    let bits = u128::from_be_bytes(bytes);
+    // 22 digits of 6 bits cover 132 bits: the last digit carries the low 2 bits, shifted up.
+    Ok((0..22)
+        .map(|i| {
+            let shift: i32 = 122 - 6 * i;
+            let digit = if shift >= 0 {
+                bits >> shift
+            } else {
+                bits << -shift
+            };
+            ALPHABET[(digit & 63) as usize] as char
+        })
+        .collect())
 }
 
 impl Session {
@@ -209,17 +220,52 @@ impl Session {
         node.socketio.lock().remove(&self.sid);
         self.outbox.close(close_code::NORMAL, "", true);
         self.ended.cancel();
+        // Frees the slots now, not when the last request holding the session is done.
+        drop(
+            self.slot
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(),
+        );
     }
 }
 
-/// The session's task: the heartbeat, then the cleanup, however the session ends.
+/// The session's task: the connect deadline and the heartbeat, then the cleanup, however
+/// the session ends.
 async fn run(node: Arc<Node>, session: Arc<Session>, live: Arc<crate::config::Reloadable>) {
     let _open = OpenSession::new(&node.metrics);
+    tokio::select! {
+        _ = heartbeats(&node, &session, &live) => {}
+        _ = connect_deadline(&session) => {
+            // Anything queued (such as a refused CONNECT's reason) goes out first.
+            session
+                .outbox
+                .close(close_code::POLICY_VIOLATION, "connect timeout", true);
+        }
+    }
+    session.end(&node);
+    session.client.lock().await.leave_all();
+}
+
+/// Resolves when the client has not connected to the namespace `connect_timeout` after the
+/// session opened (as socket.io's `connectTimeout`): an Engine.IO session that never
+/// authenticates holds no slot for long. Never resolves once it has connected.
+async fn connect_deadline(session: &Session) {
+    tokio::time::sleep(session.connect_timeout).await;
+    // Waits for a CONNECT being handled now, so that it counts.
+    if session.client.lock().await.is_connected() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Pings every `ping_interval_secs` until the session ends, a pong is late or the node
+/// shuts down.
+async fn heartbeats(node: &Node, session: &Session, live: &crate::config::Reloadable) {
     let interval = Duration::from_secs(live.limits.ping_interval_secs);
     let timeout = Duration::from_secs(live.limits.ping_timeout_secs);
     loop {
         tokio::select! {
-            _ = session.ended() => break,
+            _ = session.ended() => return,
             _ = node.shutdown.cancelled() => {
                 session.outbox.close(close_code::GOING_AWAY, "server shutting down", true);
                 // A WebSocket or a parked poll tells the client at once; a polling client
@@ -227,17 +273,15 @@ async fn run(node: Arc<Node>, session: Arc<Session>, live: Arc<crate::config::Re
                 if session.is_websocket() || session.polling.load(Ordering::Acquire) {
                     let _ = tokio::time::timeout(CLOSE_GRACE, session.ended()).await;
                 }
-                break;
+                return;
             }
             _ = tokio::time::sleep(interval) => {
-                if !heartbeat(&node, &session, timeout).await {
-                    break;
+                if !heartbeat(node, session, timeout).await {
+                    return;
                 }
             }
         }
     }
-    session.end(&node);
-    session.client.lock().await.leave_all();
 }
 
 /// Sends a ping and waits for its pong; `false` when the session ended meanwhile or the
@@ -264,5 +308,37 @@ async fn heartbeat(node: &Node, session: &Session, timeout: Duration) -> bool {
                 return false;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::random_id;
+
+    /// The 128 bits an id encodes; its last digit must carry only 2 of its 6 bits.
+    fn decode(id: &str) -> u128 {
+        const ALPHABET: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let digits: Vec<u128> = id
+            .chars()
+            .map(|c| ALPHABET.find(c).expect("base64url") as u128)
+            .collect();
+        assert_eq!(digits.len(), 22, "{id}");
+        let last = digits[21];
+        assert_eq!(last & 15, 0, "{id}");
+        digits[..21].iter().fold(0, |v, d| v << 6 | d) << 2 | last >> 4
+    }
+
+    #[test]
+    fn ids_are_128_random_bits_in_base64url() {
+        let mut seen = std::collections::HashSet::new();
+        let (mut any, mut all) = (0u128, u128::MAX);
+        for _ in 0..10_000 {
+            let bits = decode(&random_id().unwrap());
+            assert!(seen.insert(bits), "a repeated id");
+            any |= bits;
+            all &= bits;
+        }
+        // Every one of the 128 bits varies.
+        assert_eq!((any, all), (u128::MAX, 0));
     }
 }

@@ -93,7 +93,8 @@ impl Subscription<'_> {
     }
 }
 
-/// A new random epoch: 16 hex digits.
+/// A new random epoch: 16 hex digits. Not a credential: it names a room's history so that a
+/// client can tell a restart from a gap, and grants nothing (a non-cryptographic RNG will do).
 pub fn new_epoch() -> String {
     format!("{:016x}", fastrand::u64(..))
 }
