@@ -271,7 +271,7 @@ fn params(query: &str) -> Result<Params, String> {
             "name" if valid_user_name(&value) => name = Some(value.into_owned()),
             "name" => {
                 return Err(
-                    "name: display names are 1 to 32 characters, not blank, no control characters\n"
+                    "name: display names are 1 to 32 characters, not blank, no control or invisible format characters\n"
                         .into(),
                 );
             }
@@ -325,5 +325,28 @@ mod tests {
         assert!(params("room=a%20b").unwrap_err().starts_with("room:"));
         assert!(params("name=%20%20").unwrap_err().starts_with("name:"));
         assert!(params(&format!("name={}", "x".repeat(33))).is_err());
+        // Control characters, and invisible format characters: bidi overrides and
+        // isolates, zero-width spaces and joiners, the byte order mark, soft hyphens.
+        for bad in [
+            "a%00b",
+            "a%0Ab",
+            "a%C2%85b",
+            "%E2%80%AEnimda",
+            "ad%E2%80%8Bmin",
+            "%E2%81%A6x",
+            "%EF%BB%BFann",
+            "an%C2%ADn",
+            "a%D8%9Cb",
+            "a%E1%A0%8Eb",
+            "a%E2%80%A8b",
+            "a%F3%A0%80%81b",
+        ] {
+            let refused = params(&format!("name={bad}")).unwrap_err();
+            assert!(refused.starts_with("name:"), "{bad}: {refused}");
+        }
+        // Letters of any script still pass, combining marks and emoji included.
+        for good in ["%D8%B9%D9%84%D9%8A", "Zo%C3%AB", "e%CC%81", "%F0%9F%98%80"] {
+            assert!(params(&format!("name={good}")).is_ok(), "{good}");
+        }
     }
 }
