@@ -176,8 +176,12 @@ impl Default for RoomsConfig {
 pub struct AuthConfig {
     /// The HS256 secret; empty turns authentication off. Masked in logs and `check-config`.
     pub jwt_secret: Secret,
-    /// Seconds of clock difference allowed when checking `exp`.
+    /// Seconds of clock difference allowed when checking `exp` and `nbf`.
     pub leeway_secs: u64,
+    /// The `aud` a token must carry; empty: tokens carrying any `aud` are refused.
+    pub jwt_audience: String,
+    /// The `iss` a token must carry; empty: `iss` is not checked.
+    pub jwt_issuer: String,
 }
 
 impl Default for AuthConfig {
@@ -185,6 +189,8 @@ impl Default for AuthConfig {
         Self {
             jwt_secret: Secret::default(),
             leeway_secs: 30,
+            jwt_audience: String::new(),
+            jwt_issuer: String::new(),
         }
     }
 }

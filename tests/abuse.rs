@@ -152,3 +152,41 @@ async fn with_a_secret_only_valid_tokens_connect_and_they_fix_the_name() {
         assert!(body.contains(why), "{query}: {body}");
     }
 }
+
+#[tokio::test]
+async fn tokens_are_checked_for_nbf_and_the_configured_audience_and_issuer() {
+    let mut cfg = config();
+    cfg.auth.jwt_secret = SECRET.into();
+    cfg.auth.jwt_audience = "scalechat".into();
+    cfg.auth.jwt_issuer = "https://id.example.com".into();
+    let server = start(cfg).await;
+    let claims = |aud: &str, iss: &str, nbf: u64| serde_json::json!({"name":"erin","exp":in_an_hour(),"aud":aud,"iss":iss,"nbf":nbf});
+    let now = in_an_hour() - 3600;
+    let right = token(claims("scalechat", "https://id.example.com", now));
+    let (status, _, client) = upgrade(&server, &format!("token={right}"), &[]).await;
+    assert_eq!(status, 101);
+    assert_eq!(client.unwrap().expect("welcome").await["name"], "erin");
+    for (claims, why) in [
+        (
+            claims("scalechat", "https://id.example.com", now + 3600),
+            "Immature",
+        ),
+        (
+            claims("other", "https://id.example.com", now),
+            "InvalidAudience",
+        ),
+        (
+            claims("scalechat", "https://evil.example", now),
+            "InvalidIssuer",
+        ),
+        (
+            serde_json::json!({"name":"erin","exp":in_an_hour()}),
+            "Missing required claim",
+        ),
+    ] {
+        let (status, body, _) =
+            upgrade(&server, &format!("token={}", token(claims.clone())), &[]).await;
+        assert_eq!(status, 401, "{claims}: {body}");
+        assert!(body.contains(why), "{claims}: {body}");
+    }
+}

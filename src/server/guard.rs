@@ -190,8 +190,20 @@ impl Auth {
         }
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = config.leeway_secs;
-        validation.set_required_spec_claims(&["exp"]);
         validation.validate_exp = true;
+        validation.validate_nbf = true;
+        let mut required = vec!["exp"];
+        // Without an audience configured, a token that names one is for someone else
+        // (RFC 7519 §4.1.3): the library refuses it, which is kept.
+        if !config.jwt_audience.is_empty() {
+            validation.set_audience(&[&config.jwt_audience]);
+            required.push("aud");
+        }
+        if !config.jwt_issuer.is_empty() {
+            validation.set_issuer(&[&config.jwt_issuer]);
+            required.push("iss");
+        }
+        validation.set_required_spec_claims(&required);
         Some(Self {
             key: DecodingKey::from_secret(secret.as_bytes()),
             validation,
@@ -262,6 +274,66 @@ mod tests {
         // Garbage from the proxy: fall back to the proxy itself.
         assert_eq!(client_ip(proxy, &headers(&["nonsense"]), &trusted), proxy);
         assert_eq!(client_ip(proxy, &HeaderMap::new(), &trusted), proxy);
+    }
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef-unit";
+
+    fn auth(audience: &str, issuer: &str) -> Auth {
+        Auth::new(&AuthConfig {
+            jwt_secret: SECRET.into(),
+            leeway_secs: 30,
+            jwt_audience: audience.into(),
+            jwt_issuer: issuer.into(),
+        })
+        .unwrap()
+    }
+
+    /// A token for `ann` valid for an hour, with `extra` claims.
+    fn sign(extra: serde_json::Value) -> String {
+        let now = jsonwebtoken::get_current_timestamp();
+        let mut claims = serde_json::json!({"name": "ann", "exp": now + 3600});
+        claims
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes());
+        jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).unwrap()
+    }
+
+    #[test]
+    fn tokens_not_yet_valid_or_for_another_audience_or_issuer_are_refused() {
+        use serde_json::json;
+        let now = jsonwebtoken::get_current_timestamp();
+        let plain = auth("", "");
+        assert_eq!(plain.user(&sign(json!({}))).unwrap(), "ann");
+        assert_eq!(plain.user(&sign(json!({"nbf": now - 10}))).unwrap(), "ann");
+        let early = plain.user(&sign(json!({"nbf": now + 3600}))).unwrap_err();
+        assert!(early.contains("ImmatureSignature"), "{early}");
+        // No audience configured: a token meant for some audience is not for us.
+        let aimed = plain.user(&sign(json!({"aud": "chat"}))).unwrap_err();
+        assert!(aimed.contains("InvalidAudience"), "{aimed}");
+        assert_eq!(plain.user(&sign(json!({"iss": "anyone"}))).unwrap(), "ann");
+
+        let strict = auth("chat", "https://id.example.com");
+        let right = json!({"aud": "chat", "iss": "https://id.example.com"});
+        assert_eq!(strict.user(&sign(right)).unwrap(), "ann");
+        let many = json!({"aud": ["mail", "chat"], "iss": "https://id.example.com"});
+        assert_eq!(strict.user(&sign(many)).unwrap(), "ann");
+        for (claims, why) in [
+            (
+                json!({"aud": "mail", "iss": "https://id.example.com"}),
+                "InvalidAudience",
+            ),
+            (
+                json!({"aud": "chat", "iss": "https://evil.example"}),
+                "InvalidIssuer",
+            ),
+            (json!({"iss": "https://id.example.com"}), "aud"),
+            (json!({"aud": "chat"}), "iss"),
+        ] {
+            let refused = strict.user(&sign(claims.clone())).unwrap_err();
+            assert!(refused.contains(why), "{claims}: {refused}");
+        }
     }
 
     #[tokio::test(start_paused = true)]
