@@ -83,6 +83,9 @@ pub struct ServerConfig {
     pub connects_per_ip_per_second: f64,
     /// Connection attempts one client address may make in a burst.
     pub connect_burst_per_ip: u32,
+    /// Leading bits of an IPv6 address that name one client for the per-address limits
+    /// (32 to 128); IPv4 addresses count one by one.
+    pub ipv6_prefix_len: u8,
     /// Path of a WebSocket echo endpoint for protocol-compliance testing; empty turns it off.
     pub echo_path: String,
 }
@@ -102,6 +105,7 @@ impl Default for ServerConfig {
             max_connections_per_ip: 0,
             connects_per_ip_per_second: 0.0,
             connect_burst_per_ip: 20,
+            ipv6_prefix_len: 64,
             echo_path: String::new(),
         }
     }
@@ -525,6 +529,11 @@ impl Config {
             "server.connect_burst_per_ip",
             "must be at least 1",
         );
+        check(
+            (32..=128).contains(&s.ipv6_prefix_len),
+            "server.ipv6_prefix_len",
+            "must be from 32 to 128",
+        );
         let a = &self.auth;
         check(
             a.jwt_secret.expose().is_empty() || a.jwt_secret.expose().len() >= 32,
@@ -770,6 +779,24 @@ fn flatten(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn problems(text: &str) -> Vec<String> {
+        match from_toml(text) {
+            Ok(_) => Vec::new(),
+            Err(ConfigError::Invalid(p)) => p,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn ipv6_prefix_len_is_checked() {
+        assert!(problems("[server]\nipv6_prefix_len = 128").is_empty());
+        assert!(problems("[server]\nipv6_prefix_len = 32").is_empty());
+        for bad in [0, 16, 31, 129] {
+            let found = problems(&format!("[server]\nipv6_prefix_len = {bad}"));
+            assert!(found[0].starts_with("server.ipv6_prefix_len:"), "{found:?}");
+        }
+    }
 
     #[test]
     fn changes_name_each_key_and_whether_sighup_applies_it() {

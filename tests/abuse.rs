@@ -76,6 +76,36 @@ async fn forwarded_addresses_from_untrusted_peers_are_ignored() {
 }
 
 #[tokio::test]
+async fn one_ipv6_64_is_one_client_and_forged_hops_do_not_hide_it() {
+    let mut cfg = config();
+    cfg.server.max_connections_per_ip = 1;
+    cfg.server.trusted_proxies = vec!["127.0.0.1".into()];
+    let server = start(cfg).await;
+    let from = |xff: &'static str| [("x-forwarded-for", xff)];
+    let (first, _, _keep) = upgrade(&server, "", &from("2001:db8:5:6::1")).await;
+    assert_eq!(first, 101);
+    // Another address of the same /64, behind a forged hop the client wrote itself.
+    let (second, body, _) = upgrade(&server, "", &from("garbage, 2001:db8:5:6::ffff")).await;
+    assert_eq!(second, 429, "{body}");
+    // Another /64 is another client.
+    let (other, _, _keep) = upgrade(&server, "", &from("2001:db8:5:7::1")).await;
+    assert_eq!(other, 101);
+}
+
+#[tokio::test]
+async fn ipv6_prefix_len_128_counts_each_address() {
+    let mut cfg = config();
+    cfg.server.max_connections_per_ip = 1;
+    cfg.server.trusted_proxies = vec!["127.0.0.1".into()];
+    cfg.server.ipv6_prefix_len = 128;
+    let server = start(cfg).await;
+    let from = |xff: &'static str| [("x-forwarded-for", xff)];
+    let (first, _, _keep) = upgrade(&server, "", &from("2001:db8:5:6::1")).await;
+    let (second, _, _keep) = upgrade(&server, "", &from("2001:db8:5:6::2")).await;
+    assert_eq!((first, second), (101, 101));
+}
+
+#[tokio::test]
 async fn connecting_too_fast_is_refused_with_retry_after() {
     let mut cfg = config();
     cfg.server.connects_per_ip_per_second = 0.001;

@@ -80,7 +80,7 @@ impl Node {
         tokio::spawn(ticker.clone().run(shutdown.clone()));
         Ok(Self {
             ticker,
-            per_ip: Arc::default(),
+            per_ip: Arc::new(guard::PerIp::new(config.server.ipv6_prefix_len)),
             trusted_proxies: guard::trusted_proxies(&config.server),
             auth: guard::Auth::new(&config.auth),
             live: RwLock::new(Arc::new(config.reloadable())),
