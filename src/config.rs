@@ -88,6 +88,9 @@ pub struct ServerConfig {
     pub ipv6_prefix_len: u8,
     /// Path of a WebSocket echo endpoint for protocol-compliance testing; empty turns it off.
     pub echo_path: String,
+    /// Where `/metrics` is served: empty for the main listener, `off` for nowhere, or an
+    /// `address:port` of its own listener (and then not on the main one).
+    pub metrics_listen: String,
 }
 
 impl Default for ServerConfig {
@@ -107,6 +110,29 @@ impl Default for ServerConfig {
             connect_burst_per_ip: 20,
             ipv6_prefix_len: 64,
             echo_path: String::new(),
+            metrics_listen: String::new(),
+        }
+    }
+}
+
+/// Where `/metrics` is served, from `server.metrics_listen`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricsEndpoint {
+    /// On the main listener, with everything else.
+    Main,
+    /// Nowhere: `/metrics` answers 404.
+    Off,
+    /// On a listener of its own at this address, and not on the main one.
+    Listen(std::net::SocketAddr),
+}
+
+impl ServerConfig {
+    /// `server.metrics_listen` parsed; `None` when it is neither empty, `off` nor an address.
+    pub fn metrics_endpoint(&self) -> Option<MetricsEndpoint> {
+        match self.metrics_listen.trim() {
+            "" => Some(MetricsEndpoint::Main),
+            "off" => Some(MetricsEndpoint::Off),
+            addr => addr.parse().ok().map(MetricsEndpoint::Listen),
         }
     }
 }
@@ -534,6 +560,11 @@ impl Config {
             "server.ipv6_prefix_len",
             "must be from 32 to 128",
         );
+        check(
+            s.metrics_endpoint().is_some(),
+            "server.metrics_listen",
+            "must be empty (the main listener), off, or an address and port such as 127.0.0.1:9100",
+        );
         let a = &self.auth;
         check(
             a.jwt_secret.expose().is_empty() || a.jwt_secret.expose().len() >= 32,
@@ -796,6 +827,24 @@ mod tests {
             let found = problems(&format!("[server]\nipv6_prefix_len = {bad}"));
             assert!(found[0].starts_with("server.ipv6_prefix_len:"), "{found:?}");
         }
+    }
+
+    #[test]
+    fn metrics_listen_is_checked() {
+        assert!(problems("[server]\nmetrics_listen = \"off\"").is_empty());
+        let bad = problems("[server]\nmetrics_listen = \"localhost\"");
+        assert!(bad[0].starts_with("server.metrics_listen:"), "{bad:?}");
+        let server = from_toml("[server]\nmetrics_listen = \"127.0.0.1:9100\"")
+            .unwrap()
+            .server;
+        assert_eq!(
+            server.metrics_endpoint(),
+            Some(MetricsEndpoint::Listen("127.0.0.1:9100".parse().unwrap()))
+        );
+        assert_eq!(
+            ServerConfig::default().metrics_endpoint(),
+            Some(MetricsEndpoint::Main)
+        );
     }
 
     #[test]

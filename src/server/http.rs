@@ -15,6 +15,7 @@ use tracing::debug;
 
 use super::session::{self, Params};
 use super::{Node, guard};
+use crate::config::MetricsEndpoint;
 use crate::metrics::{self, Refusal};
 use crate::protocol::native::Since;
 use crate::protocol::{RoomName, valid_user_name};
@@ -32,6 +33,9 @@ pub async fn route(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let response = match (req.method(), req.uri().path()) {
+        (_, "/metrics") if node.config.server.metrics_endpoint() != Some(MetricsEndpoint::Main) => {
+            text(StatusCode::NOT_FOUND, "not found\n")
+        }
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => readiness(&node),
         (&Method::GET, "/metrics") => exposition(&node),
@@ -43,15 +47,29 @@ pub async fn route(
         }
         (_, "/socket.io/" | "/socket.io") => crate::socketio::route(node, peer, req).await,
         (&Method::GET | &Method::HEAD, path) if web::asset(path).is_some() => page(&req, path),
-        (_, "/healthz" | "/readyz" | "/metrics" | "/ws") => {
-            let mut res = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
-            res.headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static("GET"));
-            res
-        }
+        (_, "/healthz" | "/readyz" | "/metrics" | "/ws") => get_only(),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     };
     Ok(response)
+}
+
+/// Answers one HTTP request on the listener of `server.metrics_listen`: `/metrics` alone.
+pub async fn route_metrics(
+    node: Arc<Node>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    Ok(match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => exposition(&node),
+        (_, "/metrics") => get_only(),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    })
+}
+
+fn get_only() -> Response<Body> {
+    let mut res = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    res.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static("GET"));
+    res
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {
