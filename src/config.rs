@@ -88,8 +88,14 @@ pub struct ServerConfig {
     pub connects_per_ip_per_second: f64,
     /// Connection attempts one client address may make in a burst.
     pub connect_burst_per_ip: u32,
+    /// Leading bits of an IPv6 address that name one client for the per-address limits
+    /// (32 to 128); IPv4 addresses count one by one.
+    pub ipv6_prefix_len: u8,
     /// Path of a WebSocket echo endpoint for protocol-compliance testing; empty turns it off.
     pub echo_path: String,
+    /// Where `/metrics` is served: empty for the main listener, `off` for nowhere, or an
+    /// `address:port` of its own listener (and then not on the main one).
+    pub metrics_listen: String,
 }
 
 impl Default for ServerConfig {
@@ -107,7 +113,31 @@ impl Default for ServerConfig {
             max_connections_per_ip: 0,
             connects_per_ip_per_second: 0.0,
             connect_burst_per_ip: 20,
+            ipv6_prefix_len: 64,
             echo_path: String::new(),
+            metrics_listen: String::new(),
+        }
+    }
+}
+
+/// Where `/metrics` is served, from `server.metrics_listen`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricsEndpoint {
+    /// On the main listener, with everything else.
+    Main,
+    /// Nowhere: `/metrics` answers 404.
+    Off,
+    /// On a listener of its own at this address, and not on the main one.
+    Listen(std::net::SocketAddr),
+}
+
+impl ServerConfig {
+    /// `server.metrics_listen` parsed; `None` when it is neither empty, `off` nor an address.
+    pub fn metrics_endpoint(&self) -> Option<MetricsEndpoint> {
+        match self.metrics_listen.trim() {
+            "" => Some(MetricsEndpoint::Main),
+            "off" => Some(MetricsEndpoint::Off),
+            addr => addr.parse().ok().map(MetricsEndpoint::Listen),
         }
     }
 }
@@ -181,8 +211,12 @@ impl Default for RoomsConfig {
 pub struct AuthConfig {
     /// The HS256 secret; empty turns authentication off. Masked in logs and `check-config`.
     pub jwt_secret: Secret,
-    /// Seconds of clock difference allowed when checking `exp`.
+    /// Seconds of clock difference allowed when checking `exp` and `nbf`.
     pub leeway_secs: u64,
+    /// The `aud` a token must carry; empty: tokens carrying any `aud` are refused.
+    pub jwt_audience: String,
+    /// The `iss` a token must carry; empty: `iss` is not checked.
+    pub jwt_issuer: String,
 }
 
 impl Default for AuthConfig {
@@ -190,6 +224,8 @@ impl Default for AuthConfig {
         Self {
             jwt_secret: Secret::default(),
             leeway_secs: 30,
+            jwt_audience: String::new(),
+            jwt_issuer: String::new(),
         }
     }
 }
@@ -541,6 +577,16 @@ impl Config {
             "server.connect_burst_per_ip",
             "must be at least 1",
         );
+        check(
+            (32..=128).contains(&s.ipv6_prefix_len),
+            "server.ipv6_prefix_len",
+            "must be from 32 to 128",
+        );
+        check(
+            s.metrics_endpoint().is_some(),
+            "server.metrics_listen",
+            "must be empty (the main listener), off, or an address and port such as 127.0.0.1:9100",
+        );
         let a = &self.auth;
         check(
             a.jwt_secret.expose().is_empty() || a.jwt_secret.expose().len() >= 32,
@@ -811,6 +857,42 @@ fn flatten(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn problems(text: &str) -> Vec<String> {
+        match from_toml(text) {
+            Ok(_) => Vec::new(),
+            Err(ConfigError::Invalid(p)) => p,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn ipv6_prefix_len_is_checked() {
+        assert!(problems("[server]\nipv6_prefix_len = 128").is_empty());
+        assert!(problems("[server]\nipv6_prefix_len = 32").is_empty());
+        for bad in [0, 16, 31, 129] {
+            let found = problems(&format!("[server]\nipv6_prefix_len = {bad}"));
+            assert!(found[0].starts_with("server.ipv6_prefix_len:"), "{found:?}");
+        }
+    }
+
+    #[test]
+    fn metrics_listen_is_checked() {
+        assert!(problems("[server]\nmetrics_listen = \"off\"").is_empty());
+        let bad = problems("[server]\nmetrics_listen = \"localhost\"");
+        assert!(bad[0].starts_with("server.metrics_listen:"), "{bad:?}");
+        let server = from_toml("[server]\nmetrics_listen = \"127.0.0.1:9100\"")
+            .unwrap()
+            .server;
+        assert_eq!(
+            server.metrics_endpoint(),
+            Some(MetricsEndpoint::Listen("127.0.0.1:9100".parse().unwrap()))
+        );
+        assert_eq!(
+            ServerConfig::default().metrics_endpoint(),
+            Some(MetricsEndpoint::Main)
+        );
+    }
 
     #[test]
     fn changes_name_each_key_and_whether_sighup_applies_it() {

@@ -76,6 +76,36 @@ async fn forwarded_addresses_from_untrusted_peers_are_ignored() {
 }
 
 #[tokio::test]
+async fn one_ipv6_64_is_one_client_and_forged_hops_do_not_hide_it() {
+    let mut cfg = config();
+    cfg.server.max_connections_per_ip = 1;
+    cfg.server.trusted_proxies = vec!["127.0.0.1".into()];
+    let server = start(cfg).await;
+    let from = |xff: &'static str| [("x-forwarded-for", xff)];
+    let (first, _, _keep) = upgrade(&server, "", &from("2001:db8:5:6::1")).await;
+    assert_eq!(first, 101);
+    // Another address of the same /64, behind a forged hop the client wrote itself.
+    let (second, body, _) = upgrade(&server, "", &from("garbage, 2001:db8:5:6::ffff")).await;
+    assert_eq!(second, 429, "{body}");
+    // Another /64 is another client.
+    let (other, _, _keep) = upgrade(&server, "", &from("2001:db8:5:7::1")).await;
+    assert_eq!(other, 101);
+}
+
+#[tokio::test]
+async fn ipv6_prefix_len_128_counts_each_address() {
+    let mut cfg = config();
+    cfg.server.max_connections_per_ip = 1;
+    cfg.server.trusted_proxies = vec!["127.0.0.1".into()];
+    cfg.server.ipv6_prefix_len = 128;
+    let server = start(cfg).await;
+    let from = |xff: &'static str| [("x-forwarded-for", xff)];
+    let (first, _, _keep) = upgrade(&server, "", &from("2001:db8:5:6::1")).await;
+    let (second, _, _keep) = upgrade(&server, "", &from("2001:db8:5:6::2")).await;
+    assert_eq!((first, second), (101, 101));
+}
+
+#[tokio::test]
 async fn connecting_too_fast_is_refused_with_retry_after() {
     let mut cfg = config();
     cfg.server.connects_per_ip_per_second = 0.001;
@@ -199,4 +229,42 @@ async fn the_token_cookie_is_accepted_only_from_this_site_and_listed_origins() {
         "with a list, only listed origins connect: {body}"
     );
     server.stop().await;
+}
+
+#[tokio::test]
+async fn tokens_are_checked_for_nbf_and_the_configured_audience_and_issuer() {
+    let mut cfg = config();
+    cfg.auth.jwt_secret = SECRET.into();
+    cfg.auth.jwt_audience = "scalechat".into();
+    cfg.auth.jwt_issuer = "https://id.example.com".into();
+    let server = start(cfg).await;
+    let claims = |aud: &str, iss: &str, nbf: u64| serde_json::json!({"name":"erin","exp":in_an_hour(),"aud":aud,"iss":iss,"nbf":nbf});
+    let now = in_an_hour() - 3600;
+    let right = token(claims("scalechat", "https://id.example.com", now));
+    let (status, _, client) = upgrade(&server, &format!("token={right}"), &[]).await;
+    assert_eq!(status, 101);
+    assert_eq!(client.unwrap().expect("welcome").await["name"], "erin");
+    for (claims, why) in [
+        (
+            claims("scalechat", "https://id.example.com", now + 3600),
+            "Immature",
+        ),
+        (
+            claims("other", "https://id.example.com", now),
+            "InvalidAudience",
+        ),
+        (
+            claims("scalechat", "https://evil.example", now),
+            "InvalidIssuer",
+        ),
+        (
+            serde_json::json!({"name":"erin","exp":in_an_hour()}),
+            "Missing required claim",
+        ),
+    ] {
+        let (status, body, _) =
+            upgrade(&server, &format!("token={}", token(claims.clone())), &[]).await;
+        assert_eq!(status, 401, "{claims}: {body}");
+        assert!(body.contains(why), "{claims}: {body}");
+    }
 }

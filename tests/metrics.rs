@@ -156,3 +156,45 @@ async fn metrics_answers_get_only() {
         "{response}"
     );
 }
+
+#[tokio::test]
+async fn metrics_can_be_switched_off() {
+    let mut cfg = config();
+    cfg.server.metrics_listen = "off".into();
+    let server = start(cfg).await;
+    let (status, response) = http_get(server.addr, "/metrics", &[]).await;
+    assert_eq!(status, 404, "{response}");
+    assert!(!response.contains("scalechat_connections"), "{response}");
+    assert_eq!(http_get(server.addr, "/healthz", &[]).await.0, 200);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_on_their_own_listener_are_not_on_the_main_port() {
+    let mut cfg = config();
+    cfg.server.metrics_listen = "127.0.0.1:0".into();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let server = scalechat::server::Server::bind(cfg, shutdown.clone())
+        .await
+        .expect("bind");
+    let main = server.local_addr().unwrap();
+    let metrics = server.metrics_addr().expect("a metrics listener");
+    assert_ne!(main, metrics);
+    let task = tokio::spawn(server.run());
+
+    let mut alice = Client::connect(&format!("ws://{main}/ws?name=alice")).await;
+    alice.expect("welcome").await;
+    assert_eq!(get(&scrape(metrics).await, "scalechat_connections"), 1.0);
+    let (status, response) = http_get(main, "/metrics", &[]).await;
+    assert_eq!(status, 404, "{response}");
+    // The metrics listener serves nothing else.
+    for path in ["/healthz", "/ws", "/"] {
+        assert_eq!(http_get(metrics, path, &[]).await.0, 404, "{path}");
+    }
+
+    shutdown.cancel();
+    tokio::time::timeout(common::WAIT, task)
+        .await
+        .expect("server stops in time")
+        .unwrap();
+}

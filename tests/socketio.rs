@@ -504,6 +504,45 @@ async fn shutdown_closes_polling_sessions() {
     server.stop().await;
 }
 
+#[tokio::test]
+async fn connect_applies_the_same_name_and_token_checks_as_ws() {
+    let server = start(config()).await;
+    for name in [r"\u202eadmin", r"ad\u200bmin", r"\ufeffann", r"a\u2066b"] {
+        let (sid, _) = handshake(server.addr).await;
+        post(server.addr, &sid, &format!(r#"40{{"name":"{name}"}}"#)).await;
+        let seen = poll_until(server.addr, &sid, |p| p.starts_with("44")).await;
+        assert!(
+            seen.iter().any(|p| p.contains("display names")),
+            "{name}: {seen:?}"
+        );
+    }
+    server.stop().await;
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef-sio";
+    let mut config = config();
+    config.auth.jwt_secret = SECRET.into();
+    config.auth.jwt_audience = "scalechat".into();
+    let server = start(config).await;
+    let now = jsonwebtoken::get_current_timestamp();
+    let sign = |claims: Value| {
+        let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes());
+        jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).unwrap()
+    };
+    let early =
+        serde_json::json!({"name":"ann","exp":now + 7200,"nbf":now + 3600,"aud":"scalechat"});
+    let elsewhere = serde_json::json!({"name":"ann","exp":now + 3600,"aud":"mail"});
+    for (claims, why) in [(early, "Immature"), (elsewhere, "InvalidAudience")] {
+        let (sid, _) = handshake(server.addr).await;
+        let token = sign(claims.clone());
+        post(server.addr, &sid, &format!(r#"40{{"token":"{token}"}}"#)).await;
+        let seen = poll_until(server.addr, &sid, |p| p.starts_with("44")).await;
+        assert!(seen.iter().any(|p| p.contains(why)), "{claims}: {seen:?}");
+    }
+    let right = sign(serde_json::json!({"name":"ann","exp":now + 3600,"aud":"scalechat"}));
+    connected(server.addr, &format!(r#"{{"token":"{right}"}}"#)).await;
+    server.stop().await;
+}
+
 async fn next_text<S>(ws: &mut S) -> String
 where
     S: StreamExt<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,

@@ -72,12 +72,46 @@ impl Serialize for RoomName {
     }
 }
 
-/// Checks a display name: 1 to 32 characters, no control characters, not only spaces.
+/// Checks a display name: 1 to 32 characters, not only spaces, no control characters and
+/// no invisible format characters (bidi controls, zero-width spaces and joiners), which
+/// could make one name look like another or reorder the text around it.
 pub fn valid_user_name(name: &str) -> bool {
     let chars = name.chars().count();
     (1..=MAX_NAME_CHARS).contains(&chars)
-        && !name.chars().any(char::is_control)
+        && !name.chars().any(|c| c.is_control() || is_format(c))
         && !name.trim().is_empty()
+}
+
+/// Unicode general category Cf (format), plus the line and paragraph separators (Zl, Zp).
+/// Cf ranges from the Unicode Character Database 16.0, `extracted/DerivedGeneralCategory.txt`.
+const FORMAT_CHARS: &[(char, char)] = &[
+    ('\u{ad}', '\u{ad}'),
+    ('\u{600}', '\u{605}'),
+    ('\u{61c}', '\u{61c}'),
+    ('\u{6dd}', '\u{6dd}'),
+    ('\u{70f}', '\u{70f}'),
+    ('\u{890}', '\u{891}'),
+    ('\u{8e2}', '\u{8e2}'),
+    ('\u{180e}', '\u{180e}'),
+    ('\u{200b}', '\u{200f}'),
+    ('\u{2028}', '\u{2029}'), // Zl, Zp
+    ('\u{202a}', '\u{202e}'),
+    ('\u{2060}', '\u{2064}'),
+    ('\u{2066}', '\u{206f}'),
+    ('\u{feff}', '\u{feff}'),
+    ('\u{fff9}', '\u{fffb}'),
+    ('\u{110bd}', '\u{110bd}'),
+    ('\u{110cd}', '\u{110cd}'),
+    ('\u{13430}', '\u{1343f}'),
+    ('\u{1bca0}', '\u{1bca3}'),
+    ('\u{1d173}', '\u{1d17a}'),
+    ('\u{e0001}', '\u{e0001}'),
+    ('\u{e0020}', '\u{e007f}'),
+];
+
+fn is_format(c: char) -> bool {
+    // Below U+00AD nothing is Cf; names are mostly ASCII, so most characters stop here.
+    c >= '\u{ad}' && FORMAT_CHARS.iter().any(|&(lo, hi)| (lo..=hi).contains(&c))
 }
 
 /// The stable codes of `error` frames. Clients may match on them; never rename one.

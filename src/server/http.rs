@@ -15,6 +15,7 @@ use tracing::debug;
 
 use super::session::{self, Params};
 use super::{ConnSlot, Node, guard};
+use crate::config::MetricsEndpoint;
 use crate::metrics::{self, Refusal};
 use crate::protocol::native::Since;
 use crate::protocol::{RoomName, valid_user_name};
@@ -32,6 +33,9 @@ pub async fn route(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let response = match (req.method(), req.uri().path()) {
+        (_, "/metrics") if node.config.server.metrics_endpoint() != Some(MetricsEndpoint::Main) => {
+            text(StatusCode::NOT_FOUND, "not found\n")
+        }
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => readiness(&node),
         (&Method::GET, "/metrics") => exposition(&node),
@@ -43,15 +47,29 @@ pub async fn route(
         }
         (_, "/socket.io/" | "/socket.io") => crate::socketio::route(node, peer, req).await,
         (&Method::GET | &Method::HEAD, path) if web::asset(path).is_some() => page(&req, path),
-        (_, "/healthz" | "/readyz" | "/metrics" | "/ws") => {
-            let mut res = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
-            res.headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static("GET"));
-            res
-        }
+        (_, "/healthz" | "/readyz" | "/metrics" | "/ws") => get_only(),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     };
     Ok(response)
+}
+
+/// Answers one HTTP request on the listener of `server.metrics_listen`: `/metrics` alone.
+pub async fn route_metrics(
+    node: Arc<Node>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    Ok(match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => exposition(&node),
+        (_, "/metrics") => get_only(),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    })
+}
+
+fn get_only() -> Response<Body> {
+    let mut res = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    res.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static("GET"));
+    res
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {
@@ -363,7 +381,7 @@ fn params(query: &str) -> Result<Params, String> {
             "name" if valid_user_name(&value) => name = Some(value.into_owned()),
             "name" => {
                 return Err(
-                    "name: display names are 1 to 32 characters, not blank, no control characters\n"
+                    "name: display names are 1 to 32 characters, not blank, no control or invisible format characters\n"
                         .into(),
                 );
             }
@@ -445,5 +463,28 @@ mod tests {
         assert!(params("room=a%20b").unwrap_err().starts_with("room:"));
         assert!(params("name=%20%20").unwrap_err().starts_with("name:"));
         assert!(params(&format!("name={}", "x".repeat(33))).is_err());
+        // Control characters, and invisible format characters: bidi overrides and
+        // isolates, zero-width spaces and joiners, the byte order mark, soft hyphens.
+        for bad in [
+            "a%00b",
+            "a%0Ab",
+            "a%C2%85b",
+            "%E2%80%AEnimda",
+            "ad%E2%80%8Bmin",
+            "%E2%81%A6x",
+            "%EF%BB%BFann",
+            "an%C2%ADn",
+            "a%D8%9Cb",
+            "a%E1%A0%8Eb",
+            "a%E2%80%A8b",
+            "a%F3%A0%80%81b",
+        ] {
+            let refused = params(&format!("name={bad}")).unwrap_err();
+            assert!(refused.starts_with("name:"), "{bad}: {refused}");
+        }
+        // Letters of any script still pass, combining marks and emoji included.
+        for good in ["%D8%B9%D9%84%D9%8A", "Zo%C3%AB", "e%CC%81", "%F0%9F%98%80"] {
+            assert!(params(&format!("name={good}")).is_ok(), "{good}");
+        }
     }
 }

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::config::{Config, Reloadable};
+use crate::config::{Config, MetricsEndpoint, Reloadable};
 use crate::hub::{ConnId, Hub};
 use crate::metrics::Metrics;
 use crate::protocol::native::MessageTemplate;
@@ -80,7 +80,7 @@ impl Node {
         tokio::spawn(ticker.clone().run(shutdown.clone()));
         Ok(Self {
             ticker,
-            per_ip: Arc::default(),
+            per_ip: Arc::new(guard::PerIp::new(config.server.ipv6_prefix_len)),
             trusted_proxies: guard::trusted_proxies(&config.server),
             auth: guard::Auth::new(&config.auth),
             live: RwLock::new(Arc::new(config.reloadable())),
@@ -198,6 +198,8 @@ impl Drop for ConnSlot {
 #[derive(Debug)]
 pub struct Server {
     listener: TcpListener,
+    /// The listener of `server.metrics_listen`, when it names an address.
+    metrics_listener: Option<TcpListener>,
     node: Arc<Node>,
 }
 
@@ -220,13 +222,28 @@ impl Server {
         socket.bind(addr)?;
         // tokio's default backlog of 1,024 drops SYNs under connection bursts.
         let listener = socket.listen(config.server.listen_backlog)?;
+        let metrics_listener = match config.server.metrics_endpoint() {
+            Some(MetricsEndpoint::Listen(addr)) => Some(TcpListener::bind(addr).await?),
+            _ => None,
+        };
         let node = Arc::new(Node::new(config, shutdown)?);
-        Ok(Self { listener, node })
+        Ok(Self {
+            listener,
+            metrics_listener,
+            node,
+        })
     }
 
     /// The address the listener is bound to.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// The address `/metrics` has its own listener at, if `server.metrics_listen` names one.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     /// The node's shared state.
@@ -236,7 +253,11 @@ impl Server {
 
     /// Serves until the shutdown token is cancelled, then shuts down gracefully.
     pub async fn run(self) {
-        let Server { listener, node } = self;
+        let Server {
+            listener,
+            metrics_listener,
+            node,
+        } = self;
         info!(
             addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             node = %node.id,
@@ -244,6 +265,10 @@ impl Server {
             "scalechat listening"
         );
         let http_conns = TaskTracker::new();
+        if let Some(metrics_listener) = metrics_listener {
+            let serve = serve_metrics(metrics_listener, node.clone(), http_conns.clone());
+            http_conns.spawn(serve);
+        }
         let mut http = http1::Builder::new();
         http.timer(TokioTimer::new())
             .header_read_timeout(Duration::from_secs(
@@ -309,6 +334,51 @@ impl Server {
                 "shutdown grace period over; dropping the remaining connections"
             ),
         }
+    }
+}
+
+/// Serves `/metrics` alone on the listener of `server.metrics_listen` until shutdown.
+async fn serve_metrics(listener: TcpListener, node: Arc<Node>, conns: TaskTracker) {
+    info!(
+        addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        "metrics listening"
+    );
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(
+            node.config.server.header_read_timeout_secs,
+        ));
+    let mut accept_errors = AcceptErrors::default();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = node.shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    accept_errors.backoff(e).await;
+                    continue;
+                }
+            },
+        };
+        let service = {
+            let node = node.clone();
+            service_fn(move |req| http::route_metrics(node.clone(), req))
+        };
+        let conn = http.serve_connection(TokioIo::new(stream), service);
+        let shutdown = node.shutdown.clone();
+        conns.spawn(async move {
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                result = conn.as_mut() => result,
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                debug!(%peer, error = %e, "metrics connection ended with an error");
+            }
+        });
     }
 }
 

@@ -148,7 +148,7 @@ impl Client {
             Some(_) => {
                 return self.push(codec::connect_error(
                     "/",
-                    "display names are 1 to 32 characters, not blank, no control characters",
+                    "display names are 1 to 32 characters, not blank, no control or invisible format characters",
                 ));
             }
             None => format!("guest-{:04x}", fastrand::u16(..)),
