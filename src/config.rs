@@ -123,6 +123,9 @@ pub struct LimitsConfig {
     pub message_burst: u32,
     /// Frames queued for one connection before it is disconnected as a slow consumer.
     pub max_queued_frames: usize,
+    /// Bytes queued for one connection (with the batch being written) before it is
+    /// disconnected as a slow consumer; a `history` page is cut to half of this.
+    pub max_queued_bytes: usize,
     /// Seconds between server pings.
     pub ping_interval_secs: u64,
     /// Seconds a peer has to answer a ping (or to accept queued bytes) before it is closed.
@@ -138,6 +141,7 @@ impl Default for LimitsConfig {
             messages_per_second: 10.0,
             message_burst: 20,
             max_queued_frames: 1024,
+            max_queued_bytes: 1 << 20,
             ping_interval_secs: 20,
             ping_timeout_secs: 20,
         }
@@ -613,6 +617,13 @@ impl Config {
             l.max_queued_frames >= 8,
             "limits.max_queued_frames",
             "must be at least 8",
+        );
+        check(
+            l.max_queued_bytes >= 64 * 1024
+                && l.max_queued_bytes / 16 >= l.max_message_chars
+                && l.max_queued_bytes <= 1 << 30,
+            "limits.max_queued_bytes",
+            "must be from 65536 (and 16 x limits.max_message_chars) to 1073741824",
         );
         check(
             l.ping_interval_secs > 0,
