@@ -285,7 +285,10 @@ struct Session {
     echo: bool,
     outbox: Arc<Outbox>,
     rooms: Memberships,
+    /// `send`s.
     bucket: TokenBucket,
+    /// `join`, `leave` and `history`.
+    requests: TokenBucket,
     /// The reloadable settings as of `live_version`.
     live: Arc<Reloadable>,
     live_version: u64,
@@ -296,6 +299,7 @@ impl Session {
         let live_version = node.live_version();
         let live = node.live();
         let bucket = TokenBucket::new(live.limits.messages_per_second, live.limits.message_burst);
+        let requests = TokenBucket::new(live.limits.requests_per_second, live.limits.request_burst);
         Self {
             live,
             live_version,
@@ -311,6 +315,7 @@ impl Session {
             echo: params.echo,
             outbox,
             bucket,
+            requests,
         }
     }
 
@@ -345,6 +350,9 @@ impl Session {
     /// future that owns the session (taken from `slot`) until it is done.
     fn message(slot: &mut Option<Session>, binary: bool, payload: &[u8]) -> Option<Busy> {
         let request = slot.as_mut()?.message_now(binary, payload)?;
+        if !matches!(request, Request::Send { .. }) && !slot.as_mut()?.take_request() {
+            return None;
+        }
         let mut session = slot.take()?;
         Some(Box::pin(async move {
             match request {
@@ -390,7 +398,20 @@ impl Session {
         }
     }
 
-    /// Takes reloaded message limits (length, rooms, rate) once a SIGHUP changed them.
+    /// Takes a token for a `join`, `leave` or `history`, or refuses the request.
+    fn take_request(&mut self) -> bool {
+        if self.requests.take(Instant::now()) {
+            return true;
+        }
+        let rate = self.live.limits.requests_per_second;
+        self.refuse(&ProtocolError::new(
+            ErrorCode::RateLimited,
+            format!("join, leave and history faster than {rate} per second; not done"),
+        ));
+        false
+    }
+
+    /// Takes reloaded message limits (length, rooms, rates) once a SIGHUP changed them.
     fn refresh_limits(&mut self) {
         let version = self.node.live_version();
         if version == self.live_version {
@@ -401,6 +422,8 @@ impl Session {
         let limits = &self.live.limits;
         self.bucket
             .reconfigure(limits.messages_per_second, limits.message_burst);
+        self.requests
+            .reconfigure(limits.requests_per_second, limits.request_burst);
     }
 
     /// Joins `room`: `joined`, then the history (what was missed since `since`, or the newest
