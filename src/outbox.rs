@@ -54,16 +54,18 @@ pub struct Outbox {
     /// Set by a wake not yet seen by the waiter.
     signalled: AtomicBool,
     max_frames: usize,
-    max_bytes: usize,
+    /// `u32`, like the byte counts, so that an outbox and its `Arc` counts take 160 bytes,
+    /// a size class of the allocator, in every connection.
+    max_bytes: u32,
 }
 
 #[derive(Debug)]
 struct State {
     frames: VecDeque<Bytes>,
-    /// Bytes of `frames` plus `in_flight`.
-    bytes: usize,
+    /// Bytes of `frames` plus `in_flight`; at most `max_bytes`.
+    bytes: u32,
     /// Bytes of the batch the writer took last: written once it takes again.
-    in_flight: usize,
+    in_flight: u32,
     close: Option<Bytes>,
     closed: bool,
     /// Who waits for the queue to drain to half its bounds ([`Outbox::wait_room`]).
@@ -77,7 +79,8 @@ struct State {
 const INITIAL_SLOTS: usize = 4;
 
 impl Outbox {
-    /// An empty outbox holding at most `max_frames` frames and `max_bytes` bytes.
+    /// An empty outbox holding at most `max_frames` frames and `max_bytes` bytes (at most
+    /// `u32::MAX`).
     pub fn new(max_frames: usize, max_bytes: usize) -> Self {
         Self {
             state: Mutex::new(State {
@@ -91,7 +94,7 @@ impl Outbox {
             waker: AtomicWaker::new(),
             signalled: AtomicBool::new(false),
             max_frames,
-            max_bytes,
+            max_bytes: u32::try_from(max_bytes).unwrap_or(u32::MAX),
         }
     }
 
@@ -108,7 +111,10 @@ impl Outbox {
         if state.closed {
             return Err(Refused::Closed);
         }
-        if state.frames.len() >= self.max_frames || state.bytes + frame.len() > self.max_bytes {
+        // A frame over 4 GiB counts as 4 GiB: over any bound.
+        let len = u32::try_from(frame.len()).unwrap_or(u32::MAX);
+        if state.frames.len() >= self.max_frames || state.bytes.saturating_add(len) > self.max_bytes
+        {
             state.frames.clear();
             state.bytes = state.in_flight;
             state.close = Some(ws::close(close_code::SLOW_CONSUMER, "slow consumer"));
@@ -120,7 +126,7 @@ impl Outbox {
             return Err(Refused::Full);
         }
         let was_empty = state.frames.is_empty();
-        state.bytes += frame.len();
+        state.bytes += len;
         state.frames.push_back(frame);
         drop(state);
         // A writer with frames in hand re-checks the queue before it waits, so only the
@@ -244,7 +250,7 @@ impl Outbox {
     /// The most bytes this outbox holds (queued and being written) before the connection
     /// counts as a slow consumer.
     pub fn max_bytes(&self) -> usize {
-        self.max_bytes
+        self.max_bytes as usize
     }
 
     /// Whether no frame is queued.
