@@ -158,6 +158,13 @@ pub struct LimitsConfig {
     pub message_burst: u32,
     /// Frames queued for one connection before it is disconnected as a slow consumer.
     pub max_queued_frames: usize,
+    /// Bytes queued for one connection (with the batch being written) before it is
+    /// disconnected as a slow consumer; a `history` page is cut to half of this.
+    pub max_queued_bytes: usize,
+    /// Sustained `join`, `leave` and `history` requests per second one connection may make.
+    pub requests_per_second: f64,
+    /// Such requests one connection may make in a burst above the sustained rate.
+    pub request_burst: u32,
     /// Seconds between server pings.
     pub ping_interval_secs: u64,
     /// Seconds a peer has to answer a ping (or to accept queued bytes) before it is closed.
@@ -173,6 +180,9 @@ impl Default for LimitsConfig {
             messages_per_second: 10.0,
             message_burst: 20,
             max_queued_frames: 1024,
+            max_queued_bytes: 1 << 20,
+            requests_per_second: 5.0,
+            request_burst: 50,
             ping_interval_secs: 20,
             ping_timeout_secs: 20,
         }
@@ -692,6 +702,23 @@ impl Config {
             l.max_queued_frames >= 8,
             "limits.max_queued_frames",
             "must be at least 8",
+        );
+        check(
+            l.max_queued_bytes >= 64 * 1024
+                && l.max_queued_bytes / 16 >= l.max_message_chars
+                && l.max_queued_bytes <= 1 << 30,
+            "limits.max_queued_bytes",
+            "must be from 65536 (and 16 x limits.max_message_chars) to 1073741824",
+        );
+        check(
+            l.requests_per_second.is_finite() && l.requests_per_second > 0.0,
+            "limits.requests_per_second",
+            "must be a positive number",
+        );
+        check(
+            l.request_burst > 0,
+            "limits.request_burst",
+            "must be at least 1",
         );
         check(
             l.ping_interval_secs > 0,

@@ -261,8 +261,8 @@ mod tests {
     #[test]
     fn join_and_leave_report_edges_and_counts() {
         let hub = Hub::new();
-        let a = Arc::new(Outbox::new(8));
-        let b = Arc::new(Outbox::new(8));
+        let a = Arc::new(Outbox::new(8, 1 << 20));
+        let b = Arc::new(Outbox::new(8, 1 << 20));
         let general = room("general");
         assert_eq!(
             hub.join(&general, ConnId(1), &a, reply),
@@ -300,9 +300,9 @@ mod tests {
     #[test]
     fn deliver_shares_one_buffer_with_members_of_that_room_only() {
         let hub = Hub::new();
-        let a = Arc::new(Outbox::new(8));
-        let b = Arc::new(Outbox::new(8));
-        let other = Arc::new(Outbox::new(8));
+        let a = Arc::new(Outbox::new(8, 1 << 20));
+        let b = Arc::new(Outbox::new(8, 1 << 20));
+        let other = Arc::new(Outbox::new(8, 1 << 20));
         hub.join(&room("general"), ConnId(1), &a, reply);
         hub.join(&room("general"), ConnId(2), &b, reply);
         hub.join(&room("dev"), ConnId(3), &other, reply);
@@ -329,8 +329,8 @@ mod tests {
     #[test]
     fn socketio_members_share_one_socketio_frame_built_once() {
         let hub = Hub::new();
-        let native = Arc::new(Outbox::new(8));
-        let sio: Vec<_> = (0..3).map(|_| Arc::new(Outbox::new(8))).collect();
+        let native = Arc::new(Outbox::new(8, 1 << 20));
+        let sio: Vec<_> = (0..3).map(|_| Arc::new(Outbox::new(8, 1 << 20))).collect();
         hub.join(&room("general"), ConnId(1), &native, reply);
         for (i, outbox) in sio.iter().enumerate() {
             hub.join_as(
@@ -365,8 +365,8 @@ mod tests {
     #[test]
     fn a_full_member_is_counted_slow_and_others_still_get_the_frame() {
         let hub = Hub::new();
-        let slow = Arc::new(Outbox::new(8));
-        let fast = Arc::new(Outbox::new(8));
+        let slow = Arc::new(Outbox::new(8, 1 << 20));
+        let fast = Arc::new(Outbox::new(8, 1 << 20));
         hub.join(&room("general"), ConnId(1), &slow, reply);
         hub.join(&room("general"), ConnId(2), &fast, reply);
         drain(&fast);

@@ -6,11 +6,15 @@
 //! [`close_code::SLOW_CONSUMER`]; everyone else goes on at full speed. The writer takes
 //! everything queued at once ([`Outbox::take`]) and writes it in one vectored write. The lock
 //! is held only to push or to swap the queue out, never across an await.
+//!
+//! The queue is bounded in frames and in bytes. The bytes count what is queued plus the batch
+//! the writer took last, until it comes back for more (it takes only once that batch is
+//! written), so a connection never holds more than `max_bytes` of frames in the server.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
@@ -20,7 +24,8 @@ use crate::protocol::ws::{self, close_code};
 /// Why a push was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refused {
-    /// The queue was full: the connection is now closing as a slow consumer.
+    /// The queue was full (in frames or bytes): the connection is now closing as a slow
+    /// consumer.
     Full,
     /// The connection is already closing.
     Closed,
@@ -41,7 +46,7 @@ pub enum Next {
 ///
 /// One task at a time waits on it (the connection's writer, or a Socket.IO long-poll): the
 /// waiter's waker is kept here rather than in the waiting future, so that an idle connection's
-/// task holds no wait state of its own.
+/// task holds no wait state of its own. Another may wait for room ([`Outbox::wait_room`]).
 #[derive(Debug)]
 pub struct Outbox {
     state: Mutex<State>,
@@ -49,13 +54,22 @@ pub struct Outbox {
     /// Set by a wake not yet seen by the waiter.
     signalled: AtomicBool,
     max_frames: usize,
+    /// `u32`, like the byte counts, so that an outbox and its `Arc` counts take 160 bytes,
+    /// a size class of the allocator, in every connection.
+    max_bytes: u32,
 }
 
 #[derive(Debug)]
 struct State {
     frames: VecDeque<Bytes>,
+    /// Bytes of `frames` plus `in_flight`; at most `max_bytes`.
+    bytes: u32,
+    /// Bytes of the batch the writer took last: written once it takes again.
+    in_flight: u32,
     close: Option<Bytes>,
     closed: bool,
+    /// Who waits for the queue to drain to half its bounds ([`Outbox::wait_room`]).
+    room_waiter: Option<Waker>,
 }
 
 /// Slots reserved up front, so that delivering to a connection allocates nothing until a
@@ -65,17 +79,22 @@ struct State {
 const INITIAL_SLOTS: usize = 4;
 
 impl Outbox {
-    /// An empty outbox holding at most `max_frames` frames.
-    pub fn new(max_frames: usize) -> Self {
+    /// An empty outbox holding at most `max_frames` frames and `max_bytes` bytes (at most
+    /// `u32::MAX`).
+    pub fn new(max_frames: usize, max_bytes: usize) -> Self {
         Self {
             state: Mutex::new(State {
                 frames: VecDeque::with_capacity(INITIAL_SLOTS),
+                bytes: 0,
+                in_flight: 0,
                 close: None,
                 closed: false,
+                room_waiter: None,
             }),
             waker: AtomicWaker::new(),
             signalled: AtomicBool::new(false),
             max_frames,
+            max_bytes: u32::try_from(max_bytes).unwrap_or(u32::MAX),
         }
     }
 
@@ -85,22 +104,29 @@ impl Outbox {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues `frame`. Never waits. On overflow the queue is dropped and the connection is
-    /// set to close with [`close_code::SLOW_CONSUMER`].
+    /// Queues `frame`. Never waits. On overflow (frames or bytes) the queue is dropped and
+    /// the connection is set to close with [`close_code::SLOW_CONSUMER`].
     pub fn push(&self, frame: Bytes) -> Result<(), Refused> {
         let mut state = self.lock();
         if state.closed {
             return Err(Refused::Closed);
         }
-        if state.frames.len() >= self.max_frames {
+        // A frame over 4 GiB counts as 4 GiB: over any bound.
+        let len = u32::try_from(frame.len()).unwrap_or(u32::MAX);
+        if state.frames.len() >= self.max_frames || state.bytes.saturating_add(len) > self.max_bytes
+        {
             state.frames.clear();
+            state.bytes = state.in_flight;
             state.close = Some(ws::close(close_code::SLOW_CONSUMER, "slow consumer"));
             state.closed = true;
+            let waiter = state.room_waiter.take();
             drop(state);
             self.poke();
+            wake(waiter);
             return Err(Refused::Full);
         }
         let was_empty = state.frames.is_empty();
+        state.bytes += len;
         state.frames.push_back(frame);
         drop(state);
         // A writer with frames in hand re-checks the queue before it waits, so only the
@@ -120,11 +146,14 @@ impl Outbox {
         }
         if !flush {
             state.frames.clear();
+            state.bytes = state.in_flight;
         }
         state.close = Some(ws::close(code, reason));
         state.closed = true;
+        let waiter = state.room_waiter.take();
         drop(state);
         self.poke();
+        wake(waiter);
     }
 
     /// Whether the connection is closing.
@@ -132,11 +161,15 @@ impl Outbox {
         self.lock().closed
     }
 
-    /// For the writer: moves all queued frames into `batch` (which must be empty), or hands
-    /// over the close frame once the queue is drained.
+    /// For the writer: moves all queued frames into `batch` (which must be empty: the last
+    /// batch is written), or hands over the close frame once the queue is drained.
     pub fn take(&self, batch: &mut VecDeque<Bytes>) -> Next {
         let mut state = self.lock();
-        if !state.frames.is_empty() {
+        // The last batch is written: its bytes are free; what is taken now is in flight.
+        state.bytes -= state.in_flight;
+        state.in_flight = state.bytes;
+        let waiter = state.room_waiter.take();
+        let next = if !state.frames.is_empty() {
             std::mem::swap(&mut state.frames, batch);
             if state.frames.capacity() < INITIAL_SLOTS {
                 // The writer's first batch came without slots: give the queue its own, here on
@@ -148,7 +181,33 @@ impl Outbox {
             Next::Close(close)
         } else {
             Next::Idle
-        }
+        };
+        drop(state);
+        wake(waiter);
+        next
+    }
+
+    /// Resolves once the queue holds at most half its bounds (frames and bytes, the batch
+    /// being written included), or the connection is closing: for a task that queues many
+    /// frames, or a large one, and lets the writer drain them first. For one waiter at a time;
+    /// woken by the writer's next [`Outbox::take`].
+    pub async fn wait_room(&self) {
+        std::future::poll_fn(|cx| {
+            let mut state = self.lock();
+            let roomy =
+                state.frames.len() < self.max_frames / 2 && state.bytes <= self.max_bytes / 2;
+            if roomy || state.closed {
+                state.room_waiter = None;
+                return Poll::Ready(());
+            }
+            // Registered under the lock the writer takes to drain: no wake-up is lost.
+            match &mut state.room_waiter {
+                Some(waker) => waker.clone_from(cx.waker()),
+                slot => *slot = Some(cx.waker().clone()),
+            }
+            Poll::Pending
+        })
+        .await
     }
 
     /// Resolves when something was queued, a close was requested or [`Outbox::poke`] was
@@ -188,9 +247,22 @@ impl Outbox {
         self.max_frames
     }
 
+    /// The most bytes this outbox holds (queued and being written) before the connection
+    /// counts as a slow consumer.
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes as usize
+    }
+
     /// Whether no frame is queued.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// Wakes `waiter`, if any, once the lock is released.
+fn wake(waiter: Option<Waker>) {
+    if let Some(waker) = waiter {
+        waker.wake();
     }
 }
 
@@ -200,7 +272,7 @@ mod tests {
 
     #[test]
     fn take_moves_everything_queued() {
-        let outbox = Outbox::new(8);
+        let outbox = Outbox::new(8, 1 << 20);
         outbox.push(Bytes::from_static(b"a")).unwrap();
         outbox.push(Bytes::from_static(b"b")).unwrap();
         let mut batch = VecDeque::new();
@@ -212,7 +284,7 @@ mod tests {
 
     #[test]
     fn overflow_drops_the_queue_and_closes_as_slow() {
-        let outbox = Outbox::new(8);
+        let outbox = Outbox::new(8, 1 << 20);
         for _ in 0..8 {
             outbox.push(Bytes::from_static(b"x")).unwrap();
         }
@@ -228,7 +300,7 @@ mod tests {
 
     #[test]
     fn flushing_close_comes_after_queued_frames() {
-        let outbox = Outbox::new(8);
+        let outbox = Outbox::new(8, 1 << 20);
         outbox.push(Bytes::from_static(b"a")).unwrap();
         outbox.close(close_code::GOING_AWAY, "bye", true);
         outbox.close(close_code::NORMAL, "ignored", true);
@@ -243,7 +315,7 @@ mod tests {
 
     #[tokio::test]
     async fn push_to_an_empty_queue_wakes_the_writer() {
-        let outbox = std::sync::Arc::new(Outbox::new(8));
+        let outbox = std::sync::Arc::new(Outbox::new(8, 1 << 20));
         let waiter = tokio::spawn({
             let outbox = outbox.clone();
             async move { outbox.wait().await }
@@ -251,5 +323,66 @@ mod tests {
         tokio::task::yield_now().await;
         outbox.push(Bytes::from_static(b"a")).unwrap();
         waiter.await.unwrap();
+    }
+
+    #[test]
+    fn too_many_bytes_close_as_slow_like_too_many_frames() {
+        let outbox = Outbox::new(8, 10);
+        outbox.push(Bytes::from_static(b"abcd")).unwrap();
+        outbox.push(Bytes::from_static(b"efghij")).unwrap();
+        assert_eq!(outbox.push(Bytes::from_static(b"k")), Err(Refused::Full));
+        let mut batch = VecDeque::new();
+        let Next::Close(frame) = outbox.take(&mut batch) else {
+            panic!("expected a close");
+        };
+        assert!(batch.is_empty());
+        assert_eq!(&frame[2..4], &close_code::SLOW_CONSUMER.to_be_bytes());
+        // A single frame over the bound is refused too.
+        let outbox = Outbox::new(8, 10);
+        assert_eq!(outbox.push(Bytes::from(vec![0; 11])), Err(Refused::Full));
+    }
+
+    #[test]
+    fn the_batch_being_written_counts_until_the_writer_takes_again() {
+        let outbox = Outbox::new(8, 10);
+        outbox.push(Bytes::from(vec![0; 6])).unwrap();
+        let mut batch = VecDeque::new();
+        assert!(matches!(outbox.take(&mut batch), Next::Frames));
+        // The writer still holds those 6 bytes.
+        outbox.push(Bytes::from(vec![0; 4])).unwrap();
+        batch.clear();
+        assert!(matches!(outbox.take(&mut batch), Next::Frames));
+        batch.clear();
+        assert!(matches!(outbox.take(&mut batch), Next::Idle));
+        // Everything is written: the whole bound is free again.
+        outbox.push(Bytes::from(vec![0; 10])).unwrap();
+        let outbox = Outbox::new(8, 10);
+        outbox.push(Bytes::from(vec![0; 6])).unwrap();
+        assert!(matches!(outbox.take(&mut batch), Next::Frames));
+        assert_eq!(outbox.push(Bytes::from(vec![0; 5])), Err(Refused::Full));
+    }
+
+    #[tokio::test]
+    async fn waiting_for_room_is_woken_by_the_writer_draining_or_a_close() {
+        use futures_util::poll;
+        let outbox = Outbox::new(8, 10);
+        outbox.push(Bytes::from(vec![0; 6])).unwrap();
+        let mut room = std::pin::pin!(outbox.wait_room());
+        assert!(poll!(&mut room).is_pending());
+        let mut batch = VecDeque::new();
+        assert!(matches!(outbox.take(&mut batch), Next::Frames));
+        // Taken but not written: still more than half of the bytes.
+        assert!(poll!(&mut room).is_pending());
+        batch.clear();
+        assert!(matches!(outbox.take(&mut batch), Next::Idle));
+        assert!(outbox.lock().room_waiter.is_none(), "the waiter was woken");
+        assert!(poll!(&mut room).is_ready());
+
+        outbox.push(Bytes::from(vec![0; 6])).unwrap();
+        let mut room = std::pin::pin!(outbox.wait_room());
+        assert!(poll!(&mut room).is_pending());
+        outbox.close(close_code::GOING_AWAY, "bye", true);
+        assert!(outbox.lock().room_waiter.is_none(), "the waiter was woken");
+        assert!(poll!(&mut room).is_ready());
     }
 }

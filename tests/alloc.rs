@@ -66,7 +66,7 @@ fn deliver_to_members(members: usize, codec: Codec) -> (usize, Vec<Arc<Outbox>>)
     let room = RoomName::new("general").unwrap();
     let outboxes: Vec<Arc<Outbox>> = (0..members)
         .map(|i| {
-            let outbox = Arc::new(Outbox::new(1024));
+            let outbox = Arc::new(Outbox::new(1024, 1 << 20));
             hub.join_as(codec, &room, ConnId(i as u64), &outbox, |_| {
                 bytes::Bytes::new()
             });

@@ -360,3 +360,98 @@ async fn the_echo_endpoint_is_off_by_default_and_echoes_text_and_binary_when_on(
     echo.send_frame(true, 0x2, &[0; 2000]).await;
     assert_eq!(echo.close_code().await, 1009);
 }
+
+/// Sends `message` to `room` and reads until its `ack`, skipping the chat messages meanwhile.
+async fn say_acked(client: &mut Client, room: &str, message: &str, reference: &str) {
+    client.say(room, message, reference).await;
+    loop {
+        let frame = client.recv().await;
+        match frame["type"].as_str() {
+            Some("ack") => break assert_eq!(frame["ref"], reference, "{frame}"),
+            Some("message") => {}
+            _ => panic!("expected an ack, got {frame}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn join_leave_and_history_share_one_rate_and_a_loop_is_refused() {
+    let mut cfg = config();
+    cfg.limits.requests_per_second = 0.01;
+    cfg.limits.request_burst = 4;
+    let server = start(cfg).await;
+    // The first room, joined by the upgrade itself, takes nothing.
+    let mut client = server.client("name=looper").await;
+    client.join("a").await;
+    client
+        .send(json!({"type":"history","room":"a","limit":10}))
+        .await;
+    client.expect("history").await;
+    client.send(json!({"type":"leave","room":"a"})).await;
+    client.expect("left").await;
+    client.join("b").await;
+    for request in [
+        json!({"type":"history","room":"b"}),
+        json!({"type":"join","room":"c"}),
+        json!({"type":"leave","room":"b"}),
+    ] {
+        client.send(request).await;
+        let refused = client.expect("error").await;
+        assert_eq!(refused["code"], "rate_limited", "{refused}");
+    }
+    // Sending has a rate of its own.
+    say_acked(&mut client, "b", "still here", "r1").await;
+
+    // A reload applies to open connections at their next request.
+    let mut live = server.node.live().as_ref().clone();
+    live.limits.requests_per_second = 1_000_000.0;
+    live.limits.request_burst = 100;
+    server.node.reconfigure(live);
+    client.send(json!({"type":"leave","room":"b"})).await;
+    client.expect("left").await;
+}
+
+#[tokio::test]
+async fn a_history_page_is_cut_to_half_the_queue_and_pages_on() {
+    let mut cfg = config();
+    cfg.limits.max_queued_bytes = 64 * 1024;
+    cfg.rooms.history_on_join = 0;
+    let server = start(cfg).await;
+    let mut client = server.client("name=reader").await;
+    // Control characters JSON-escape to 6 bytes each: one message is about 6 KB.
+    let text = "\u{1}".repeat(1000);
+    let mut writer = server.client("name=writer").await;
+    for n in 0..20 {
+        say_acked(&mut writer, "general", &text, &format!("r{n}")).await;
+        assert_eq!(client.expect_chat().await["id"], n + 1);
+    }
+    let mut ids = Vec::new();
+    let mut before = None;
+    loop {
+        let mut request = json!({"type":"history","room":"general","limit":100});
+        if let Some(before) = before {
+            request["before"] = json!(before);
+        }
+        client.send(request).await;
+        let page = client.expect("history").await;
+        let messages = page["messages"].as_array().unwrap();
+        assert!(
+            page.to_string().len() <= 32 * 1024,
+            "a page of {} bytes",
+            page.to_string().len()
+        );
+        assert!(!messages.is_empty());
+        let mut page_ids = common::ids(messages);
+        before = Some(page_ids[0]);
+        page_ids.extend(ids);
+        ids = page_ids;
+        if page["more"] == false {
+            break;
+        }
+    }
+    assert_eq!(
+        ids,
+        (1..=20).collect::<Vec<u64>>(),
+        "every message, once, in order"
+    );
+}

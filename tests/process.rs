@@ -1,5 +1,6 @@
 //! The real `scalechat` binary as an operator runs it: the example config, `check-config`,
-//! configuration errors and precedence, `--version`, and graceful shutdown on SIGTERM.
+//! configuration errors and precedence, `--version`, graceful shutdown on SIGTERM, and the
+//! node's memory under a client that never reads.
 //!
 //! Every child runs in a fresh scratch directory (so it never picks up
 //! `config/scalechat.toml` unless told to) with the `SCALECHAT_*`, `PORT` and `REDIS_*`
@@ -552,4 +553,92 @@ async fn sighup_reloads_limits_and_origins_and_logs_what_needs_a_restart() {
         "message_too_long"
     );
     assert_eq!(readyz(server.addr).await, Some(200));
+}
+
+/// The resident memory of process `pid`, in KiB (`VmRSS` in `/proc/<pid>/status`).
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .expect("a VmRSS line");
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// How much a node may grow while one client loops `history` without reading: its queue holds
+/// at most `limits.max_queued_bytes` (1 MiB); the rest is pages being built and allocator
+/// slack (about 1 MiB in all was measured). Unbounded, it grows by every reply (~2.4 MB).
+const HISTORY_LOOP_GROWTH_KIB: u64 = 48 * 1024;
+
+#[tokio::test]
+async fn a_client_looping_history_without_reading_cannot_grow_the_node() {
+    // Default limits, but a fast sender, so that the room fills quickly.
+    let server = Running::start(
+        "history-loop",
+        &[
+            ("SCALECHAT_LIMITS__MESSAGES_PER_SECOND", "100000"),
+            ("SCALECHAT_LIMITS__MESSAGE_BURST", "100000"),
+        ],
+    )
+    .await;
+    let pid = server.child.id().unwrap();
+    // The room's whole history (200 messages) at the longest, of control characters: each
+    // JSON-escapes to about 24 KB, a page of 100 to about 2.4 MB.
+    let mut filler = chat_client(&server, "name=filler").await;
+    let text = "\u{1}".repeat(4000);
+    for n in 0..200 {
+        filler
+            .send(serde_json::json!({"type":"send","message":text,"ref":format!("f{n}")}))
+            .await;
+        loop {
+            let frame = filler.recv().await;
+            if frame["type"] == "ack" {
+                break;
+            }
+            assert_eq!(frame["type"], "message", "{frame}");
+        }
+    }
+    let before = rss_kib(pid);
+
+    // The attacker joins (its 50 history messages left unread) and asks for page after page.
+    let mut attacker = RawClient::connect(server.addr, "/ws?name=attacker").await;
+    let request = br#"{"type":"history","room":"general","limit":100}"#;
+    for _ in 0..200 {
+        attacker.send_frame(true, 0x1, request).await;
+    }
+    // The growth happens as the node reads the requests: watch it for a while.
+    let mut peak = before;
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        peak = peak.max(rss_kib(pid));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        peak - before < HISTORY_LOOP_GROWTH_KIB,
+        "the node grew from {before} KiB to {peak} KiB"
+    );
+
+    // Reading at last, the attacker finds itself refused, or closed as a slow consumer.
+    let refused = br#"{"type":"error","code":"rate_limited""#;
+    loop {
+        match attacker.recv_frame().await {
+            Some((0x1, payload)) if payload.starts_with(refused) => break,
+            Some((0x8, payload)) => {
+                assert_eq!(&payload[..2], &4001u16.to_be_bytes(), "closed as slow");
+                break;
+            }
+            Some(_) => {}
+            None => panic!("the connection ended without a refusal or a close frame"),
+        }
+    }
+    // The node still serves everyone else.
+    filler
+        .send(serde_json::json!({"type":"send","message":"after"}))
+        .await;
+    loop {
+        let frame = filler.recv().await;
+        if frame["type"] == "ack" {
+            break;
+        }
+    }
 }

@@ -862,3 +862,66 @@ async fn the_token_cookie_is_accepted_only_from_this_site_and_listed_origins() {
     assert!(ws_handshake(server.addr, &listed).await.is_ok());
     server.stop().await;
 }
+
+#[tokio::test]
+async fn join_and_leave_loops_are_rate_limited() {
+    let mut config = config();
+    config.limits.requests_per_second = 0.01;
+    config.limits.request_burst = 3;
+    let server = start(config).await;
+    let addr = server.addr;
+    // CONNECT's join takes the first token.
+    let sid = connected(addr, "").await;
+    post(addr, &sid, r#"421["join",{"room":"dev"}]"#).await;
+    let seen = poll_until(addr, &sid, |p| p.starts_with("431")).await;
+    assert!(
+        seen.iter().any(|p| p.contains(r#""room":"dev""#)),
+        "{seen:?}"
+    );
+    post(addr, &sid, r#"422["leave","dev"]"#).await;
+    let seen = poll_until(addr, &sid, |p| p.starts_with("432")).await;
+    assert!(
+        seen.iter().any(|p| p.contains(r#""room":"dev""#)),
+        "{seen:?}"
+    );
+    post(addr, &sid, r#"423["join","dev"]"#).await;
+    let seen = poll_until(addr, &sid, |p| p.starts_with("433")).await;
+    let ack = seen.iter().find(|p| p.starts_with("433")).unwrap();
+    assert!(ack.contains(r#""code":"rate_limited""#), "{ack}");
+    // Without an ack, the refusal comes as the event `error`.
+    post(addr, &sid, r#"42["leave","general"]"#).await;
+    let seen = poll_until(addr, &sid, |p| p.starts_with("42[\"error\"")).await;
+    assert!(seen.iter().any(|p| p.contains("rate_limited")), "{seen:?}");
+    // Messages have a rate of their own.
+    post(addr, &sid, r#"424["event:message","still here"]"#).await;
+    let seen = poll_until(addr, &sid, |p| p.starts_with("434")).await;
+    let ack = seen.iter().find(|p| p.starts_with("434")).unwrap();
+    assert!(ack.contains(r#""room":"general""#), "{ack}");
+}
+
+#[tokio::test]
+async fn a_polling_session_that_stops_polling_is_closed_past_the_byte_bound() {
+    let mut config = config();
+    config.limits.max_queued_bytes = 64 * 1024;
+    let server = start(config).await;
+    let addr = server.addr;
+    let sid = connected(addr, "").await;
+    let mut native = server.client("name=nat").await;
+    // Each message JSON-escapes to about 24 KB: the third one passes the bound, far below
+    // max_queued_frames.
+    let text = "\u{1}".repeat(4000);
+    for n in 0..3 {
+        native.say("general", &text, &format!("r{n}")).await;
+        loop {
+            let frame = native.recv().await;
+            if frame["type"] == "ack" {
+                break;
+            }
+        }
+    }
+    // The queue was dropped: the poll gets the Engine.IO close packet, and the session is gone.
+    let answer = poll(addr, &sid).await;
+    assert_eq!((answer.status, answer.body.as_str()), (200, "1"));
+    engine_error(&poll(addr, &sid).await, 400, 1, "Session ID unknown");
+    assert_eq!(server.node.socketio.len(), 0);
+}

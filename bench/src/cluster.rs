@@ -52,6 +52,9 @@ pub struct ServerOpts {
     /// `limits.max_queued_frames` for the started nodes.
     #[arg(long, global = true, default_value_t = 65536)]
     pub max_queued_frames: usize,
+    /// `limits.max_queued_bytes` for the started nodes: as many frames of up to 1 KiB.
+    #[arg(long, global = true, default_value_t = 64 << 20)]
+    pub max_queued_bytes: usize,
     /// Folder for the servers' logs.
     #[arg(long, global = true, default_value = "target/bench-logs")]
     pub log_dir: PathBuf,
@@ -393,6 +396,10 @@ fn scalechat_command(
         (
             "SCALECHAT_LIMITS__MAX_QUEUED_FRAMES",
             opts.max_queued_frames.to_string(),
+        ),
+        (
+            "SCALECHAT_LIMITS__MAX_QUEUED_BYTES",
+            opts.max_queued_bytes.to_string(),
         ),
         ("SCALECHAT_LOG__LEVEL", "warn".to_owned()),
     ];

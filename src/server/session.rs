@@ -88,7 +88,10 @@ async fn serve(node: Arc<Node>, upgrade: OnUpgrade, params: Box<Params>, _slot: 
     // Copied into the reader: hyper's read buffer is freed now.
     drop(early);
     let id = node.next_conn_id();
-    let outbox = Arc::new(Outbox::new(limits.limits.max_queued_frames));
+    let outbox = Arc::new(Outbox::new(
+        limits.limits.max_queued_frames,
+        limits.limits.max_queued_bytes,
+    ));
     let writer = Writer::new(outbox.clone(), &limits.limits);
     drop(limits);
     // Moved out in a block of its own, so the box is freed now rather than at the end.
@@ -282,7 +285,10 @@ struct Session {
     echo: bool,
     outbox: Arc<Outbox>,
     rooms: Memberships,
+    /// `send`s.
     bucket: TokenBucket,
+    /// `join`, `leave` and `history`.
+    requests: TokenBucket,
     /// The reloadable settings as of `live_version`.
     live: Arc<Reloadable>,
     live_version: u64,
@@ -293,6 +299,7 @@ impl Session {
         let live_version = node.live_version();
         let live = node.live();
         let bucket = TokenBucket::new(live.limits.messages_per_second, live.limits.message_burst);
+        let requests = TokenBucket::new(live.limits.requests_per_second, live.limits.request_burst);
         Self {
             live,
             live_version,
@@ -308,6 +315,7 @@ impl Session {
             echo: params.echo,
             outbox,
             bucket,
+            requests,
         }
     }
 
@@ -342,6 +350,9 @@ impl Session {
     /// future that owns the session (taken from `slot`) until it is done.
     fn message(slot: &mut Option<Session>, binary: bool, payload: &[u8]) -> Option<Busy> {
         let request = slot.as_mut()?.message_now(binary, payload)?;
+        if !matches!(request, Request::Send { .. }) && !slot.as_mut()?.take_request() {
+            return None;
+        }
         let mut session = slot.take()?;
         Some(Box::pin(async move {
             match request {
@@ -387,7 +398,20 @@ impl Session {
         }
     }
 
-    /// Takes reloaded message limits (length, rooms, rate) once a SIGHUP changed them.
+    /// Takes a token for a `join`, `leave` or `history`, or refuses the request.
+    fn take_request(&mut self) -> bool {
+        if self.requests.take(Instant::now()) {
+            return true;
+        }
+        let rate = self.live.limits.requests_per_second;
+        self.refuse(&ProtocolError::new(
+            ErrorCode::RateLimited,
+            format!("join, leave and history faster than {rate} per second; not done"),
+        ));
+        false
+    }
+
+    /// Takes reloaded message limits (length, rooms, rates) once a SIGHUP changed them.
     fn refresh_limits(&mut self) {
         let version = self.node.live_version();
         if version == self.live_version {
@@ -398,6 +422,8 @@ impl Session {
         let limits = &self.live.limits;
         self.bucket
             .reconfigure(limits.messages_per_second, limits.message_burst);
+        self.requests
+            .reconfigure(limits.requests_per_second, limits.request_burst);
     }
 
     /// Joins `room`: `joined`, then the history (what was missed since `since`, or the newest
@@ -435,7 +461,7 @@ impl Session {
         // this node. Recorded with the hub join, with no await between: a join cancelled
         // before leaves neither a room to leave nor a subscription behind.
         let subscription = node.transport.subscribe(&room).await;
-        let staging = Arc::new(Outbox::new(self.outbox.capacity()));
+        let staging = Arc::new(Outbox::new(self.outbox.capacity(), self.outbox.max_bytes()));
         let online = node.hub.join_staged(&room, self.conn, &staging).online;
         self.rooms.rooms.push(room.clone());
         subscription.joined();
@@ -503,13 +529,11 @@ impl Session {
             });
     }
 
-    /// Queues `frames`, letting the writer drain the outbox when it fills up.
+    /// Queues `frames`, waiting for the writer to drain the outbox to half its bounds
+    /// whenever it is fuller: a long history never makes its reader a slow consumer.
     async fn push_all(&self, frames: &[Bytes]) {
         for frame in frames {
-            while self.outbox.len() >= self.outbox.capacity() / 2 && !self.outbox.is_closed() {
-                // The writer runs in this task: give it a turn.
-                tokio::task::yield_now().await;
-            }
+            self.outbox.wait_room().await;
             self.reply(frame.clone());
         }
     }
@@ -523,12 +547,14 @@ impl Session {
             ));
         }
         match self.node.transport.page(&room, before, limit).await {
-            Ok(page) => self.reply(native::history_frame(
-                &room,
-                &page.epoch,
-                &page.messages,
-                page.more,
-            )),
+            Ok(page) => {
+                // The page fits in half the outbox, and waits for that half to be free: a
+                // reader as slow as its requests are fast stalls rather than piling up pages.
+                let (messages, more) =
+                    fit_page(&page.messages, page.more, self.outbox.max_bytes() / 2);
+                self.outbox.wait_room().await;
+                self.reply(native::history_frame(&room, &page.epoch, messages, more));
+            }
             Err(e) => self.refuse(&ProtocolError::new(
                 ErrorCode::Unavailable,
                 format!("the history of room {room} is unavailable: {e}"),
@@ -578,6 +604,20 @@ impl Session {
             Err(e) => self.refuse(&e.with_ref(reference)),
         }
     }
+}
+
+/// The newest of `messages` (oldest first) whose `history` frame stays within `max_bytes`, at
+/// least one, and whether older ones are left (the client pages on from the oldest it got).
+fn fit_page(messages: &[Bytes], more: bool, max_bytes: usize) -> (&[Bytes], bool) {
+    /// The frame's header and fields around the messages, with room to spare.
+    const FRAME_OVERHEAD: usize = 256;
+    let mut size = FRAME_OVERHEAD;
+    let mut first = messages.len();
+    while first > 0 && (first == messages.len() || size + messages[first - 1].len() < max_bytes) {
+        size += messages[first - 1].len() + 1;
+        first -= 1;
+    }
+    (&messages[first..], more || first > 0)
 }
 
 /// The rooms a connection is in; leaves them all when dropped, however the session ends.
@@ -687,6 +727,20 @@ mod tests {
         assert!(!bucket.take(now + Duration::from_millis(600)));
         assert!((0..3).all(|_| bucket.take(now + Duration::from_secs(60))));
         assert!(!bucket.take(now + Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn a_page_is_cut_to_its_newest_messages_that_fit() {
+        let messages: Vec<Bytes> = (0..10).map(|_| Bytes::from(vec![b'x'; 100])).collect();
+        let (all, more) = fit_page(&messages, false, 10_000);
+        assert_eq!((all.len(), more), (10, false));
+        let (cut, more) = fit_page(&messages, false, 256 + 3 * 101 + 1);
+        assert_eq!((cut.len(), more), (3, true));
+        assert!(std::ptr::eq(cut.last().unwrap(), messages.last().unwrap()));
+        let (one, more) = fit_page(&messages, true, 10);
+        assert_eq!((one.len(), more), (1, true));
+        let (none, more) = fit_page(&[], false, 10);
+        assert_eq!((none.len(), more), (0, false));
     }
 
     #[test]

@@ -112,7 +112,7 @@ mod tests {
         let ticker = Arc::new(Ticker::default());
         let shutdown = CancellationToken::new();
         tokio::spawn(ticker.clone().run(shutdown.clone()));
-        let outbox = Arc::new(Outbox::new(4));
+        let outbox = Arc::new(Outbox::new(4, 1 << 20));
         let start = Instant::now();
         ticker.wake_at(start + Duration::from_millis(1_050), &outbox);
         outbox.wait().await;
@@ -130,9 +130,9 @@ mod tests {
         let ticker = Arc::new(Ticker::default());
         let shutdown = CancellationToken::new();
         let running = tokio::spawn(ticker.clone().run(shutdown.clone()));
-        let outbox = Arc::new(Outbox::new(4));
+        let outbox = Arc::new(Outbox::new(4, 1 << 20));
         ticker.wake_at(Instant::now() + Duration::from_secs(3600), &outbox);
-        let gone = Arc::new(Outbox::new(4));
+        let gone = Arc::new(Outbox::new(4, 1 << 20));
         ticker.wake_at(Instant::now() + Duration::from_secs(3600), &gone);
         drop(gone);
         shutdown.cancel();

@@ -35,8 +35,11 @@ pub(super) struct Client {
     /// Set by CONNECT: the display name and the first room.
     connected: Option<(String, RoomName)>,
     rooms: Vec<RoomName>,
+    /// `event:message`s.
     bucket: TokenBucket,
-    /// The node's reloadable settings version the bucket was set up for.
+    /// Joins (CONNECT's and `join`) and `leave`s.
+    requests: TokenBucket,
+    /// The node's reloadable settings version the buckets were set up for.
     live_version: u64,
 }
 
@@ -47,6 +50,7 @@ impl Client {
         let live_version = node.live_version();
         let live = node.live();
         let bucket = TokenBucket::new(live.limits.messages_per_second, live.limits.message_burst);
+        let requests = TokenBucket::new(live.limits.requests_per_second, live.limits.request_burst);
         Self {
             live_version,
             node,
@@ -59,12 +63,41 @@ impl Client {
             connected: None,
             rooms: Vec::new(),
             bucket,
+            requests,
         }
     }
 
     /// Whether the client is connected to the namespace now.
     pub fn is_connected(&self) -> bool {
         self.connected.is_some()
+    }
+
+    /// The node's reloadable settings, applied to the buckets once a SIGHUP changed them.
+    fn live(&mut self) -> Arc<crate::config::Reloadable> {
+        let live = self.node.live();
+        let version = self.node.live_version();
+        if version != self.live_version {
+            // The rates apply from this event on.
+            self.live_version = version;
+            let limits = &live.limits;
+            self.bucket
+                .reconfigure(limits.messages_per_second, limits.message_burst);
+            self.requests
+                .reconfigure(limits.requests_per_second, limits.request_burst);
+        }
+        live
+    }
+
+    /// Takes a token for a join or a leave, or says why not.
+    fn take_request(&mut self) -> Result<(), ProtocolError> {
+        let rate = self.live().limits.requests_per_second;
+        if self.requests.take(Instant::now()) {
+            return Ok(());
+        }
+        Err(ProtocolError::new(
+            ErrorCode::RateLimited,
+            format!("join and leave faster than {rate} per second; not done"),
+        ))
     }
 
     fn push(&self, frame: bytes::Bytes) {
@@ -196,6 +229,7 @@ impl Client {
     }
 
     async fn join(&mut self, room: RoomName) -> Answer {
+        self.take_request()?;
         let node = self.node.clone();
         if self.rooms.contains(&room) {
             let online = node.hub.online(room.as_str());
@@ -223,6 +257,7 @@ impl Client {
     }
 
     fn leave(&mut self, room: RoomName) -> Answer {
+        self.take_request()?;
         let Some(at) = self.rooms.iter().position(|r| *r == room) else {
             return Err(ProtocolError::new(
                 ErrorCode::NotJoined,
@@ -250,19 +285,11 @@ impl Client {
     }
 
     async fn send(&mut self, data: &Value) -> Answer {
+        let live = self.live();
         let Some((name, first_room)) = &self.connected else {
             return Err(ProtocolError::new(ErrorCode::BadField, "not connected"));
         };
         let (message, room, reference) = message_fields(data)?;
-        let live = self.node.live();
-        let version = self.node.live_version();
-        if version != self.live_version {
-            // A SIGHUP changed the limits: the rate applies from this message on.
-            self.live_version = version;
-            let limits = &live.limits;
-            self.bucket
-                .reconfigure(limits.messages_per_second, limits.message_burst);
-        }
         check_message(message, live.limits.max_message_chars)?;
         let room = room.unwrap_or_else(|| first_room.clone());
         if !self.rooms.contains(&room) {

@@ -103,7 +103,10 @@ pub(super) fn open(
     let sid = random_id()?;
     let live = node.live();
     let conn = node.next_conn_id();
-    let outbox = Arc::new(Outbox::new(live.limits.max_queued_frames));
+    let outbox = Arc::new(Outbox::new(
+        live.limits.max_queued_frames,
+        live.limits.max_queued_bytes,
+    ));
     let client = Client::new(node.clone(), conn, outbox.clone(), query);
     let session = Arc::new(Session {
         sid: sid.clone(),

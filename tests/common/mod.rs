@@ -31,6 +31,8 @@ pub fn config() -> Config {
     config.server.node_id = "test-node".into();
     config.limits.messages_per_second = 100_000.0;
     config.limits.message_burst = 100_000;
+    config.limits.requests_per_second = 100_000.0;
+    config.limits.request_burst = 100_000;
     config
 }
 
