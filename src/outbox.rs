@@ -3,9 +3,9 @@
 //!
 //! The hub pushes with [`Outbox::push`], which never waits: a full queue means the peer reads
 //! too slowly, so the queue is dropped and the connection is closed with
-//! [`close_code::SLOW_CONSUMER`]; everyone else goes on at full speed. The writer takes
-//! everything queued at once ([`Outbox::take`]) and writes it in one vectored write. The lock
-//! is held only to push or to swap the queue out, never across an await.
+//! [`close_code::SLOW_CONSUMER`]; everyone else goes on at full speed. The writer takes what
+//! is queued, up to a vectored write's worth at once ([`Outbox::take_up_to`]), and writes it
+//! in one vectored write. The lock is held only to push or to take, never across an await.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -59,9 +59,9 @@ struct State {
 }
 
 /// Slots reserved up front, so that delivering to a connection allocates nothing until a
-/// burst outgrows them (when the writer takes the queue, it gives the outbox fresh slots from
-/// its side). Four slots are 128 bytes of every idle connection; a longer burst between two
-/// writer rounds grows the queue once.
+/// burst outgrows them (the writer takes frames out and leaves the slots). Four slots are 128
+/// bytes of every idle connection; a longer burst between two writer rounds grows the queue
+/// once, and the writer gives it back its four slots when it has drained it.
 const INITIAL_SLOTS: usize = 4;
 
 impl Outbox {
@@ -147,6 +147,26 @@ impl Outbox {
         } else if let Some(close) = state.close.take() {
             Next::Close(close)
         } else {
+            Next::Idle
+        }
+    }
+
+    /// For the writer: moves up to `max` queued frames, oldest first, to `put`, or hands over
+    /// the close frame once the queue is drained. Unlike [`Outbox::take`] the queue keeps its
+    /// slots, so a writer that writes what it took before it takes again allocates nothing;
+    /// once drained, a queue that a burst grew goes back to its initial slots.
+    pub fn take_up_to(&self, max: usize, put: impl FnMut(Bytes)) -> Next {
+        let mut state = self.lock();
+        if !state.frames.is_empty() {
+            let n = max.min(state.frames.len());
+            state.frames.drain(..n).for_each(put);
+            Next::Frames
+        } else if let Some(close) = state.close.take() {
+            Next::Close(close)
+        } else {
+            if state.frames.capacity() > INITIAL_SLOTS {
+                state.frames = VecDeque::with_capacity(INITIAL_SLOTS);
+            }
             Next::Idle
         }
     }
