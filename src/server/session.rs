@@ -38,9 +38,10 @@ pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) const LINGER_TIME: Duration = Duration::from_secs(2);
 
 /// The most bytes a closing connection discards before it gives up on the peer. A client
-/// that is refused a message too big keeps sending the rest of it before it reads our close
-/// frame (browsers finish the message they are sending); 16 MiB covers a message of the
-/// largest size `limits.max_frame_bytes` can allow, and is read in a few milliseconds.
+/// refused a message too big may send the rest of it before its close frame (RFC 6455 §5.5.1),
+/// and its kernel sends what it has buffered anyway: 16 MiB covers a message of the largest
+/// size `limits.max_frame_bytes` can allow, and is read in a few milliseconds. A client that
+/// sends more is reset, and may miss the close frame.
 pub(crate) const LINGER_BYTES: u64 = 16 << 20;
 
 /// How long a join waits for the node's live stream to reach the history it sent.
