@@ -25,8 +25,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
-echo "== cargo test"
-cargo test --all-targets --locked
+echo "== cargo test (the server and the bench crate)"
+cargo test --workspace --all-targets --locked
 echo "== benchmark smoke test (fails on lost or duplicated messages)"
 bash scripts/bench.sh --quick
 echo "== browser tests"

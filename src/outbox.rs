@@ -3,9 +3,9 @@
 //!
 //! The hub pushes with [`Outbox::push`], which never waits: a full queue means the peer reads
 //! too slowly, so the queue is dropped and the connection is closed with
-//! [`close_code::SLOW_CONSUMER`]; everyone else goes on at full speed. The writer takes
-//! everything queued at once ([`Outbox::take`]) and writes it in one vectored write. The lock
-//! is held only to push or to swap the queue out, never across an await.
+//! [`close_code::SLOW_CONSUMER`]; everyone else goes on at full speed. The writer takes what
+//! is queued, up to a vectored write's worth at once ([`Outbox::take_up_to`]), and writes it
+//! in one vectored write. The lock is held only to push or to take, never across an await.
 //!
 //! The queue is bounded in frames and in bytes. The bytes count what is queued plus the batch
 //! the writer took last, until it comes back for more (it takes only once that batch is
@@ -73,9 +73,9 @@ struct State {
 }
 
 /// Slots reserved up front, so that delivering to a connection allocates nothing until a
-/// burst outgrows them (when the writer takes the queue, it gives the outbox fresh slots from
-/// its side). Four slots are 128 bytes of every idle connection; a longer burst between two
-/// writer rounds grows the queue once.
+/// burst outgrows them (the writer takes frames out and leaves the slots). Four slots are 128
+/// bytes of every idle connection; a longer burst between two writer rounds grows the queue
+/// once, and the writer gives it back its four slots when it has drained it.
 const INITIAL_SLOTS: usize = 4;
 
 impl Outbox {
@@ -190,7 +190,7 @@ impl Outbox {
     /// Resolves once the queue holds at most half its bounds (frames and bytes, the batch
     /// being written included), or the connection is closing: for a task that queues many
     /// frames, or a large one, and lets the writer drain them first. For one waiter at a time;
-    /// woken by the writer's next [`Outbox::take`].
+    /// woken by the writer's next [`Outbox::take_up_to`] (or a poll's [`Outbox::take`]).
     pub async fn wait_room(&self) {
         std::future::poll_fn(|cx| {
             let mut state = self.lock();
@@ -208,6 +208,38 @@ impl Outbox {
             Poll::Pending
         })
         .await
+    }
+
+    /// For the writer: moves up to `max` queued frames, oldest first, to `put`, or hands over
+    /// the close frame once the queue is drained. Unlike [`Outbox::take`] the queue keeps its
+    /// slots, so a writer that writes what it took before it takes again allocates nothing;
+    /// once drained, a queue that a burst grew goes back to its initial slots.
+    pub fn take_up_to(&self, max: usize, mut put: impl FnMut(Bytes)) -> Next {
+        let mut state = self.lock();
+        // The last batch is written: its bytes are free; what is taken now is in flight.
+        state.bytes -= state.in_flight;
+        state.in_flight = 0;
+        let waiter = state.room_waiter.take();
+        let next = if !state.frames.is_empty() {
+            let n = max.min(state.frames.len());
+            let mut taken = 0;
+            state.frames.drain(..n).for_each(|frame| {
+                taken += frame.len() as u32;
+                put(frame);
+            });
+            state.in_flight = taken;
+            Next::Frames
+        } else if let Some(close) = state.close.take() {
+            Next::Close(close)
+        } else {
+            if state.frames.capacity() > INITIAL_SLOTS {
+                state.frames = VecDeque::with_capacity(INITIAL_SLOTS);
+            }
+            Next::Idle
+        };
+        drop(state);
+        wake(waiter);
+        next
     }
 
     /// Resolves when something was queued, a close was requested or [`Outbox::poke`] was
@@ -360,6 +392,39 @@ mod tests {
         outbox.push(Bytes::from(vec![0; 6])).unwrap();
         assert!(matches!(outbox.take(&mut batch), Next::Frames));
         assert_eq!(outbox.push(Bytes::from(vec![0; 5])), Err(Refused::Full));
+    }
+
+    #[test]
+    fn the_writer_taking_part_of_the_queue_frees_bytes_as_it_comes_back() {
+        let outbox = Outbox::new(8, 10);
+        for len in [3, 3, 4] {
+            outbox.push(Bytes::from(vec![0; len])).unwrap();
+        }
+        let mut taken = Vec::new();
+        assert!(matches!(
+            outbox.take_up_to(2, |f| taken.push(f)),
+            Next::Frames
+        ));
+        assert_eq!(taken.len(), 2);
+        // The two taken (6 bytes) are being written and the third is queued: the bound is full.
+        assert_eq!(outbox.lock().bytes, 10);
+        assert!(matches!(
+            outbox.take_up_to(2, |f| taken.push(f)),
+            Next::Frames
+        ));
+        assert_eq!(outbox.lock().bytes, 4, "the first batch is written");
+        assert!(matches!(
+            outbox.take_up_to(2, |f| taken.push(f)),
+            Next::Idle
+        ));
+        assert_eq!(outbox.lock().bytes, 0);
+        // Many rounds of pushes and takes never leak bytes (half the bound is being written).
+        for _ in 0..1000 {
+            outbox.push(Bytes::from(vec![0; 5])).unwrap();
+            assert!(matches!(outbox.take_up_to(64, drop), Next::Frames));
+        }
+        assert!(matches!(outbox.take_up_to(64, drop), Next::Idle));
+        outbox.push(Bytes::from(vec![0; 10])).unwrap();
     }
 
     #[tokio::test]

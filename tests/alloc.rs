@@ -1,38 +1,57 @@
 //! Encode once, share the bytes: delivering one message allocates the same amount whether the
-//! room has 1 member or 1,000. Counted with a global allocator that counts only on the
-//! measuring thread.
+//! room has 1 member or 1,000 (counted on the publishing thread), and the members' writers
+//! write it without allocating (counted on every thread of a real server's runtime).
+
+mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+use futures_util::StreamExt;
+use futures_util::future::join_all;
 use scalechat::config::RoomsConfig;
 use scalechat::hub::{Codec, ConnId, Hub};
 use scalechat::outbox::Outbox;
 use scalechat::protocol::RoomName;
 use scalechat::protocol::native::MessageTemplate;
+use scalechat::server::Server;
 use scalechat::transport::{Envelope, MemoryTransport};
+use tokio::runtime::{Builder, Runtime};
+use tokio_util::sync::CancellationToken;
 
 struct Counting;
 
 thread_local! {
     static COUNTING: Cell<bool> = const { Cell::new(false) };
     static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
+    /// A thread of the server's runtime.
+    static SERVER_THREAD: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether allocations on server threads are being counted, and how many there were.
+static COUNTING_SERVER: AtomicBool = AtomicBool::new(false);
+static SERVER_ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+
+fn count() {
+    if COUNTING.with(Cell::get) {
+        ALLOCATIONS.with(|n| n.set(n.get() + 1));
+    }
+    if COUNTING_SERVER.load(Ordering::Relaxed) && SERVER_THREAD.with(Cell::get) {
+        SERVER_ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if COUNTING.with(Cell::get) {
-            ALLOCATIONS.with(|n| n.set(n.get() + 1));
-        }
+        count();
         unsafe { System.alloc(layout) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if COUNTING.with(Cell::get) {
-            ALLOCATIONS.with(|n| n.set(n.get() + 1));
-        }
+        count();
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 
@@ -137,4 +156,93 @@ fn socketio_delivery_encodes_once_whatever_the_members() {
         outbox.take(&mut batch);
         assert_eq!(batch[0].as_ptr(), first[0].as_ptr());
     }
+}
+
+/// A runtime whose threads count as the server's.
+fn server_runtime() -> Runtime {
+    Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .on_thread_start(|| SERVER_THREAD.with(|t| t.set(true)))
+        .build()
+        .unwrap()
+}
+
+/// Allocations on the server's threads while one message reaches `members` idle members of a
+/// room, after a first message warmed every connection up. The message is published from the
+/// clients' runtime, so what is counted is the writers' side: each member's writer taking the
+/// message from its outbox and writing it.
+fn burst_allocations(members: usize) -> usize {
+    let server_rt = server_runtime();
+    let mut config = common::config();
+    config.limits.ping_interval_secs = 3600; // no ping during the test
+    let shutdown = CancellationToken::new();
+    let server = server_rt
+        .block_on(Server::bind(config, shutdown.clone()))
+        .unwrap();
+    let (addr, node) = (server.local_addr().unwrap(), server.node().clone());
+    server_rt.spawn(server.run());
+    let clients_rt = Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let count = clients_rt.block_on(async {
+        let url = format!("ws://{addr}/ws?room=burst");
+        let mut clients = Vec::new();
+        for _ in 0..members.div_ceil(50) {
+            let batch = (clients.len()..members.min(clients.len() + 50)).map(|_| async {
+                let mut client = common::Client::connect(&url).await;
+                client.expect("welcome").await;
+                client.expect("joined").await;
+                client
+            });
+            clients.extend(join_all(batch).await);
+        }
+        let room = RoomName::new("burst").unwrap();
+        let publish = |text: &str| {
+            let message = MessageTemplate::new(&room, "alice", 1, text);
+            let envelope = Envelope {
+                room: room.clone(),
+                message,
+                dedupe: None,
+            };
+            let transport = &node.transport;
+            async move { transport.publish(envelope).await.unwrap() }
+        };
+        publish("warm-up").await;
+        everyone_reads(&mut clients).await;
+        SERVER_ALLOCATIONS.store(0, Ordering::Relaxed);
+        COUNTING_SERVER.store(true, Ordering::Relaxed);
+        publish("hello, everyone").await;
+        everyone_reads(&mut clients).await;
+        COUNTING_SERVER.store(false, Ordering::Relaxed);
+        let count = SERVER_ALLOCATIONS.load(Ordering::Relaxed);
+        for mut client in clients {
+            let _ = client.ws.close(None).await;
+            let _ = client.ws.next().await;
+        }
+        count
+    });
+    shutdown.cancel();
+    server_rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    count
+}
+
+/// Every client reads its next frame, a chat message.
+async fn everyone_reads(clients: &mut [common::Client]) {
+    join_all(clients.iter_mut().map(|c| c.expect("message"))).await;
+}
+
+#[test]
+fn writing_a_burst_to_idle_members_allocates_nothing_per_member() {
+    let few = burst_allocations(10);
+    let many = burst_allocations(1000);
+    println!("server-side allocations for one message: {few} with 10 members, {many} with 1,000");
+    // Waking and polling 1,000 connection tasks is free; a handful of allocations may come
+    // from the runtime itself, never one per member.
+    assert!(
+        many <= 16,
+        "{many} allocations on the server's threads for 1,000 members ({few} for 10)"
+    );
 }

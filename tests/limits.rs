@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::sync::Arc;
+
 use common::{Client, RawClient, WAIT, config, http_get, start};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
@@ -79,6 +81,39 @@ async fn oversized_frames_and_fragmented_totals_are_closed_with_1009() {
         }
     }
     assert!(saw_ack);
+}
+
+/// A client that joins a room with history and sends a 4 MiB frame at once, reading nothing
+/// until it is sent, gets the 1009. The history (50 long messages) fills the client's receive
+/// window, so the close frame waits in the node's send queue while the rest of the frame is
+/// still arriving: the node must not reset the connection then, or the close frame is lost.
+/// Twenty such clients at once; every one must see the code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_frame_into_a_room_with_history_is_always_closed_with_1009() {
+    let server = start(config()).await;
+    let mut author = server.client("").await;
+    let long = "x".repeat(config().limits.max_message_chars);
+    for n in 0..50 {
+        author.say("general", &long, &format!("h-{n}")).await;
+    }
+    let mut acks = 0;
+    while acks < 50 {
+        if author.recv().await["type"] == "ack" {
+            acks += 1;
+        }
+    }
+    let frame = Arc::new(common::encode_frame(true, TEXT, &vec![b' '; 4 << 20]));
+    let runs = (0..20).map(|_| {
+        let frame = frame.clone();
+        async move {
+            let mut c = RawClient::connect(server.addr, "/ws").await;
+            c.close_code_after_sending(&frame).await
+        }
+    });
+    let codes = tokio::time::timeout(WAIT, futures_util::future::join_all(runs))
+        .await
+        .expect("every client closed in time");
+    assert!(codes.iter().all(|c| *c == Some(1009)), "{codes:?}");
 }
 
 #[tokio::test]

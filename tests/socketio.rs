@@ -461,6 +461,43 @@ async fn websocket_only_session() {
     server.stop().await;
 }
 
+/// As on `/ws`: a client that sends a 4 MiB frame whole while unread messages fill its
+/// receive window gets the 1009, never a reset that loses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_frame_over_websocket_is_closed_with_1009() {
+    let server = start(config()).await;
+    let mut clients = Vec::new();
+    for _ in 0..5 {
+        let path = "/socket.io/?EIO=4&transport=websocket";
+        let mut c = common::RawClient::connect(server.addr, path).await;
+        c.send_frame(true, 0x1, b"40").await;
+        for _ in 0..3 {
+            c.recv_frame().await.expect("open, connected, joined");
+        }
+        clients.push(c);
+    }
+    // Fifty long messages the clients do not read.
+    let mut author = server.client("").await;
+    let long = "x".repeat(config().limits.max_message_chars);
+    for n in 0..50 {
+        author.say("general", &long, &format!("h-{n}")).await;
+    }
+    let mut acks = 0;
+    while acks < 50 {
+        if author.recv().await["type"] == "ack" {
+            acks += 1;
+        }
+    }
+    let frame = common::encode_frame(true, 0x1, &vec![b' '; 4 << 20]);
+    let runs = clients
+        .iter_mut()
+        .map(|c| c.close_code_after_sending(&frame));
+    let codes = tokio::time::timeout(WAIT, futures_util::future::join_all(runs))
+        .await
+        .expect("every client closed in time");
+    assert!(codes.iter().all(|c| *c == Some(1009)), "{codes:?}");
+}
+
 #[tokio::test]
 async fn a_session_that_does_not_answer_pings_is_closed() {
     let mut config = config();

@@ -10,7 +10,7 @@
 use std::io;
 use std::task::{Context, Poll, ready};
 
-use tokio::io::ReadBuf;
+use tokio::io::{AsyncReadExt, ReadBuf};
 use tokio::net::tcp::ReadHalf;
 
 use crate::protocol::frame::{Decoded, Decoder, FrameError, Opcode};
@@ -127,6 +127,17 @@ impl<'a> FrameReader<'a> {
             opcode: ready.opcode,
             payload: &self.buf[at + usize::from(ready.payload_offset)..at + ready.frame_len],
         }
+    }
+
+    /// Reads and discards what the peer sends until it closes its side, or until `max_bytes`
+    /// were discarded; returns how many. For a closing connection: frames no longer matter,
+    /// and input left unread when the socket closes would make the kernel reset the connection.
+    pub async fn discard(&mut self, max_bytes: u64) -> io::Result<u64> {
+        self.buf = Vec::new();
+        self.start = 0;
+        self.ready = None;
+        let mut rest = (&mut self.stream).take(max_bytes);
+        tokio::io::copy(&mut rest, &mut tokio::io::sink()).await
     }
 
     /// Appends what arrived, reading at least the rest of the frame whose length is known.

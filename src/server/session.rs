@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
-use tokio::io::AsyncWrite;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, error, warn};
@@ -31,8 +31,18 @@ use crate::protocol::ws::close_code;
 use crate::protocol::{ErrorCode, ProtocolError, RoomName};
 use crate::transport::Snapshot;
 
-/// How long either side waits for the other's close frame once one was sent.
+/// How long a connection's close may take in all: the close frame out, then the [`linger`].
 pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a closing connection keeps reading, and discarding, what the peer still sends.
+pub(crate) const LINGER_TIME: Duration = Duration::from_secs(2);
+
+/// The most bytes a closing connection discards before it gives up on the peer. A client
+/// refused a message too big may send the rest of it before its close frame (RFC 6455 §5.5.1),
+/// and its kernel sends what it has buffered anyway: 16 MiB covers a message of the largest
+/// size `limits.max_frame_bytes` can allow, and is read in a few milliseconds. A client that
+/// sends more is reset, and may miss the close frame.
+pub(crate) const LINGER_BYTES: u64 = 16 << 20;
 
 /// How long a join waits for the node's live stream to reach the history it sent.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(2);
@@ -219,7 +229,8 @@ impl Connection<'_> {
         None
     }
 
-    /// The close handshake after `end`: the close frame out, the peer's close frame in.
+    /// The close handshake after `end`: the close frame out, then a [`linger`] until the peer
+    /// closes too.
     async fn close<W: AsyncWrite + Unpin>(
         &mut self,
         id: ConnId,
@@ -233,8 +244,9 @@ impl Connection<'_> {
                 self.writer.outbox().close(code, reason, true);
                 let writing =
                     std::future::poll_fn(|cx| self.writer.poll(socket, &self.liveness, node, cx));
-                if let WriteEnd::Failed(e) = writing.await {
-                    debug!(error = %e, "write failed while closing");
+                match writing.await {
+                    WriteEnd::Failed(e) => debug!(error = %e, "write failed while closing"),
+                    WriteEnd::Closed { .. } => linger(&mut self.reader, socket).await,
                 }
             }
             End::Read(ReadEnd::Gone) => {}
@@ -245,16 +257,32 @@ impl Connection<'_> {
                     self.session = Some(busy.await);
                 }
                 if await_peer {
-                    // Only the peer's close frame is still of interest.
-                    while let Ok(frame) = self.reader.next().await {
-                        if frame.opcode == Opcode::Close {
-                            break;
-                        }
-                    }
+                    linger(&mut self.reader, socket).await;
                 }
             }
         }
         debug!(conn = %id, "connection closed");
+    }
+}
+
+/// Ends a connection whose close frame is written, as RFC 6455 §7.1.1 asks: the write side
+/// is shut down (a TCP FIN after the close frame), and what the peer still sends is read and
+/// discarded until it closes its side too, for at most [`LINGER_TIME`] and [`LINGER_BYTES`].
+///
+/// Closing the socket at once would lose the close frame whenever input is still arriving
+/// (the rest of a message refused as too big, say): the kernel answers unread input with a
+/// reset, which discards whatever the peer has not read yet, the close frame included, and
+/// the client sees 1006 instead of the code. Lingering holds nothing the connection did not
+/// already hold (its socket, its slot, freed when it ends) and a small read buffer.
+pub(crate) async fn linger<W: AsyncWrite + Unpin>(reader: &mut FrameReader<'_>, socket: &mut W) {
+    if socket.shutdown().await.is_err() {
+        return; // the connection is gone: nothing can reach the peer any more
+    }
+    match tokio::time::timeout(LINGER_TIME, reader.discard(LINGER_BYTES)).await {
+        Ok(Ok(n)) if n < LINGER_BYTES => {}
+        Ok(Ok(_)) => debug!("closing connection kept sending; reset"),
+        Ok(Err(e)) => debug!(error = %e, "read failed while closing"),
+        Err(_) => debug!("closing connection did not close its side in time"),
     }
 }
 

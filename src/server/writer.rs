@@ -90,8 +90,9 @@ pub struct Writer {
     /// Also the stall limit: a write that makes no progress for the ping timeout fails, the
     /// peer has stopped reading.
     pinger: Pinger,
-    /// Frames being written; empty, without storage, between rounds (`Outbox::take` swaps
-    /// it with the queue).
+    /// Frames the socket did not take at once, a ping or the close frame; empty, without
+    /// storage, while the socket keeps up (frames taken from the outbox are written from the
+    /// stack).
     batch: VecDeque<Bytes>,
     /// The batch ends with the close frame.
     closing: bool,
@@ -156,9 +157,9 @@ impl Writer {
                     Ping::Wait => {}
                 }
                 if self.batch.is_empty() {
-                    match self.outbox.take(&mut self.batch) {
-                        Next::Frames => {}
-                        Next::Close(frame) => {
+                    match self.take_and_write(socket, node, cx) {
+                        Taken::Written => continue,
+                        Taken::Close(frame) => {
                             // A close frame from `ws::close`: two header bytes, then the code.
                             if let Some(code) = frame.get(2..4) {
                                 node.metrics
@@ -167,9 +168,9 @@ impl Writer {
                             self.batch.push_back(frame);
                             self.closing = true;
                         }
-                        Next::Idle => {
+                        Taken::Idle => {
                             // Idle: no batch storage; the queue keeps its slots, so deliveries
-                            // still never allocate (the next `take` gives it slots again).
+                            // never allocate, and neither does the next round.
                             self.batch = VecDeque::new();
                             let deadline = self.pinger.deadline();
                             if self.wake_at != Some(deadline) {
@@ -179,10 +180,11 @@ impl Writer {
                             ready!(self.outbox.poll_wait(cx));
                             continue;
                         }
+                        Taken::Failed(e) => return Poll::Ready(WriteEnd::Failed(e)),
                     }
                 }
             }
-            match write_vectored(socket, &self.batch, cx) {
+            match write_vectored(socket, self.batch.iter(), cx) {
                 Poll::Ready(Ok(0)) => {
                     return Poll::Ready(WriteEnd::Failed(io::ErrorKind::WriteZero.into()));
                 }
@@ -213,22 +215,85 @@ impl Writer {
             }
         }
     }
+
+    /// Takes up to [`MAX_IOV`] queued frames and writes them from the stack: the batch gets
+    /// storage only for what the socket does not take at once, so writing to a connection
+    /// that keeps up allocates nothing.
+    fn take_and_write<W: AsyncWrite + Unpin>(
+        &mut self,
+        socket: &mut W,
+        node: &Node,
+        cx: &mut Context<'_>,
+    ) -> Taken {
+        let mut frames = [const { Bytes::new() }; MAX_IOV];
+        let mut n = 0;
+        match self.outbox.take_up_to(MAX_IOV, |frame| {
+            frames[n] = frame;
+            n += 1;
+        }) {
+            Next::Frames => {}
+            Next::Close(frame) => return Taken::Close(frame),
+            Next::Idle => return Taken::Idle,
+        }
+        let frames = &mut frames[..n];
+        let written = match write_vectored(socket, frames.iter(), cx) {
+            Poll::Ready(Ok(0)) => return Taken::Failed(io::ErrorKind::WriteZero.into()),
+            Poll::Ready(Ok(written)) => {
+                self.blocked_since = None;
+                node.metrics.bytes_out_total.add(written as u64);
+                written
+            }
+            Poll::Ready(Err(e)) => return Taken::Failed(e),
+            // The batch is written again at once and handles the wait.
+            Poll::Pending => 0,
+        };
+        let rest = unwritten(frames, written);
+        if !rest.is_empty() {
+            self.batch.extend(rest.iter_mut().map(std::mem::take));
+        }
+        Taken::Written
+    }
+}
+
+/// What [`Writer::take_and_write`] did.
+enum Taken {
+    /// Frames were written; those the socket did not take are in the batch.
+    Written,
+    /// The queue is drained and the connection closes with this frame.
+    Close(Bytes),
+    /// Nothing to write.
+    Idle,
+    /// The socket failed.
+    Failed(io::Error),
 }
 
 /// One `writev` of up to [`MAX_IOV`] frames from the front of `batch`. The slice list is built
 /// on each poll, so it is not part of the connection's idle state.
-fn write_vectored<W: AsyncWrite + Unpin>(
+fn write_vectored<'a, W: AsyncWrite + Unpin>(
     socket: &mut W,
-    batch: &VecDeque<Bytes>,
+    batch: impl Iterator<Item = &'a Bytes>,
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<usize>> {
     let mut iov = [IoSlice::new(&[]); MAX_IOV];
     let mut n = 0;
-    for (slot, frame) in iov.iter_mut().zip(batch.iter()) {
+    for (slot, frame) in iov.iter_mut().zip(batch) {
         *slot = IoSlice::new(frame);
         n += 1;
     }
     Pin::new(&mut *socket).poll_write_vectored(cx, &iov[..n])
+}
+
+/// The frames of `frames` not written yet once its first `n` bytes are.
+fn unwritten(frames: &mut [Bytes], mut n: usize) -> &mut [Bytes] {
+    let mut at = 0;
+    while at < frames.len() && frames[at].len() <= n {
+        n -= frames[at].len();
+        at += 1;
+    }
+    if let Some(front) = frames.get_mut(at) {
+        front.advance(n);
+    }
+    &mut frames[at..]
 }
 
 /// Drops the first `n` written bytes from the front of `batch`.
@@ -308,6 +373,17 @@ mod tests {
         assert_eq!(batch, [&b"fg"[..]]);
         consume(&mut batch, 2);
         assert!(batch.is_empty());
+    }
+
+    #[test]
+    fn unwritten_is_what_follows_the_written_bytes() {
+        let mut frames = [Bytes::from_static(b"abc"), Bytes::from_static(b"defg")];
+        assert_eq!(unwritten(&mut frames, 5), [&b"fg"[..]]);
+        let mut frames = [Bytes::from_static(b"abc"), Bytes::from_static(b"defg")];
+        assert_eq!(unwritten(&mut frames, 3), [&b"defg"[..]]);
+        assert!(unwritten(&mut frames, 7).is_empty());
+        let mut frames = [Bytes::from_static(b"abc")];
+        assert_eq!(unwritten(&mut frames, 0), [&b"abc"[..]]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -26,7 +26,7 @@ use crate::protocol::frame::Opcode;
 use crate::protocol::ws::{self, close_code};
 use crate::server::Node;
 use crate::server::reader::FrameReader;
-use crate::server::session::{Assembler, CLOSE_TIMEOUT, ReadEnd, peer_close, read_error};
+use crate::server::session::{Assembler, CLOSE_TIMEOUT, ReadEnd, linger, peer_close, read_error};
 use crate::server::writer::{self, Liveness, WriteEnd};
 
 /// How long a probing WebSocket has to complete the upgrade.
@@ -85,23 +85,27 @@ async fn run(node: Arc<Node>, session: Arc<Session>, upgrade: OnUpgrade, probe: 
         }
     }
     let liveness = Liveness::new();
-    let reading = read_loop(&session, &mut reader, &liveness);
-    let writing = writer::run(&mut write_half, &session.outbox, &liveness, &node);
-    tokio::pin!(reading, writing);
-    tokio::select! {
-        end = &mut reading => {
-            if let ReadEnd::Close(code, reason) = end {
-                session.outbox.close(code, reason, true);
-                let _ = tokio::time::timeout(CLOSE_TIMEOUT, &mut writing).await;
-            }
+    let closed = {
+        let reading = read_loop(&session, &mut reader, &liveness);
+        let writing = writer::run(&mut write_half, &session.outbox, &liveness, &node);
+        tokio::pin!(reading, writing);
+        tokio::select! {
+            end = &mut reading => match end {
+                ReadEnd::Close(code, reason) => {
+                    session.outbox.close(code, reason, true);
+                    let written = tokio::time::timeout(CLOSE_TIMEOUT, &mut writing).await;
+                    matches!(written, Ok(WriteEnd::Closed { .. }))
+                }
+                ReadEnd::Gone => false,
+            },
+            end = &mut writing => matches!(end, WriteEnd::Closed { await_peer: true }),
         }
-        end = &mut writing => {
-            if let WriteEnd::Closed { await_peer: true } = end {
-                let _ = tokio::time::timeout(CLOSE_TIMEOUT, &mut reading).await;
-            }
-        }
-    }
+    };
     session.end(&node);
+    if closed {
+        // The close frame is out: the peer gets it even while it is still sending.
+        linger(&mut reader, &mut write_half).await;
+    }
 }
 
 /// The TCP stream of a completed upgrade and the bytes already read past the handshake.

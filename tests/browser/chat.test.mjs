@@ -10,6 +10,8 @@ import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import {
   ARTIFACTS,
+  WAIT_MS,
+  evalAll,
   freePort,
   joinRoom,
   launchBrowser,
@@ -30,6 +32,7 @@ import {
   waitForMessage,
   waitForStatus,
   waitForUnread,
+  within,
 } from './harness.mjs';
 
 let redis;
@@ -64,7 +67,7 @@ before(async () => {
 });
 
 after(async () => {
-  await browser?.close().catch(() => {});
+  await within('the browser to close', browser?.close()).catch(() => {});
   await stopAll();
 });
 
@@ -93,7 +96,9 @@ function scenario(slug, body) {
       }
       throw err;
     } finally {
-      for (const page of pages) await page.context().close().catch(() => {});
+      for (const page of pages) {
+        await within(`${page.label} to close`, page.context().close()).catch(() => {});
+      }
     }
   };
 }
@@ -134,7 +139,7 @@ test('two pages on two nodes exchange messages both ways in two rooms', { timeou
   await joinRoom(alice, 'dev');
   await joinRoom(bob, 'dev');
   for (const page of [alice, bob]) {
-    const rooms = await page.$$eval('#rooms li', (els) => els.map((el) => el.dataset.room));
+    const rooms = await evalAll(page, '#rooms li', (els) => els.map((el) => el.dataset.room));
     assert.deepEqual(rooms.toSorted(), ['dev', 'general'], `${page.label}: #rooms`);
     for (const room of rooms) {
       const li = roomItem(page, room);
@@ -229,7 +234,7 @@ test('what users type is shown as text, never run as markup', { timeout: 30_000 
     assert.deepEqual(page.dialogs, [], `${page.label}: no dialog`);
   }
 
-  const page = await fetch(`${nodes.a.url}/`);
+  const page = await fetch(`${nodes.a.url}/`, { signal: AbortSignal.timeout(WAIT_MS) });
   assert.equal(page.status, 200);
   assert.match(page.headers.get('content-type') ?? '', /^text\/html\b/, 'content-type of /');
   assert.match(await page.text(), /app\.js/);
@@ -246,7 +251,7 @@ test('what users type is shown as text, never run as markup', { timeout: 30_000 
     ['/app.js', /^(text|application)\/javascript\b/],
     ['/style.css', /^text\/css\b/],
   ]) {
-    const res = await fetch(`${nodes.a.url}${path}`);
+    const res = await fetch(`${nodes.a.url}${path}`, { signal: AbortSignal.timeout(WAIT_MS) });
     await res.arrayBuffer();
     assert.equal(res.status, 200, `GET ${path}`);
     assert.match(res.headers.get('content-type') ?? '', type, `content-type of ${path}`);
@@ -301,7 +306,7 @@ test('a message sent while the node is down is delivered once when it is back', 
 
 /** The lines of `#messages` in order: a message's text, or `|` and a marker's kind. */
 function lines(page) {
-  return page.$$eval('#messages > li', (els) =>
+  return evalAll(page, '#messages > li', (els) =>
     els.map((el) =>
       el.classList.contains('marker')
         ? `|${el.classList.contains('gap') ? 'gap' : 'divider'}`
@@ -482,7 +487,8 @@ test('older messages are loaded on demand until there are no more', { timeout: 4
   await bob.keyboard.press('Enter');
   await waitForMessage(bob, texts[0]);
   await button.waitFor({ state: 'hidden' });
-  assert.equal(await bob.evaluate(() => document.activeElement?.id), 'messages', 'bob: focus');
+  const focused = await within('bob: the focused element', bob.evaluate(() => document.activeElement?.id));
+  assert.equal(focused, 'messages', 'bob: focus');
   const shownB = await assertShown(bob, texts.map((text) => ({ user: 'alice', text, own: false })), { earlier: true });
   const shownA = await assertShown(alice, texts.map((text) => ({ user: 'alice', text, own: true })));
   assertSameIds(shownA, shownB);
@@ -581,7 +587,10 @@ test('screenshots of a conversation, on a desktop and a phone', { timeout: 30_00
   await alice.screenshot({ path: desktop });
   await alice.setViewportSize({ width: 390, height: 844 });
   // What a phone user needs: no sideways scrolling, and the message box on screen.
-  const overflow = await alice.evaluate(() => document.documentElement.scrollWidth);
+  const overflow = await within(
+    'alice: the page width',
+    alice.evaluate(() => document.documentElement.scrollWidth),
+  );
   assert.ok(overflow <= 390, `no horizontal scrolling at 390 px (scrollWidth ${overflow})`);
   const box = await alice.locator('#message-input').boundingBox();
   assert.ok(

@@ -5,7 +5,7 @@
 
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
-import { WAIT_MS, waitFor } from '../common/processes.mjs';
+import { WAIT_MS, waitFor, within } from '../common/processes.mjs';
 
 export * from '../common/processes.mjs';
 
@@ -17,6 +17,7 @@ export function launchBrowser() {
   return chromium.launch({
     executablePath: '/usr/bin/chromium',
     headless: true,
+    timeout: 3 * WAIT_MS,
     args: [
       '--headless',
       '--no-sandbox',
@@ -38,7 +39,10 @@ export function launchBrowser() {
  * that opened (each is dismissed).
  */
 export async function openChat(browser, node, name, { viewport, track = () => {}, setup } = {}) {
-  const context = await browser.newContext({ viewport: viewport ?? { width: 1280, height: 800 } });
+  const context = await within(
+    'a browser context',
+    browser.newContext({ viewport: viewport ?? { width: 1280, height: 800 } }),
+  );
   context.setDefaultTimeout(WAIT_MS);
   await setup?.(context);
   const page = await context.newPage();
@@ -62,6 +66,13 @@ export async function openChat(browser, node, name, { viewport, track = () => {}
   return page;
 }
 
+/**
+ * `page.$$eval(selector, fn)` within WAIT_MS: evaluating in the page has no timeout of its own.
+ */
+export function evalAll(page, selector, fn) {
+  return within(`${page.label}: ${selector}`, page.$$eval(selector, fn));
+}
+
 /** `#status`'s data-state. */
 export function status(page) {
   return page.locator('#status').getAttribute('data-state');
@@ -82,7 +93,7 @@ export async function waitForStatus(page, state, timeout = WAIT_MS) {
 
 /** The `.msg` elements of `#messages`, as data. */
 export function messages(page) {
-  return page.$$eval('#messages .msg', (els) =>
+  return evalAll(page, '#messages .msg', (els) =>
     els.map((el) => ({
       id: el.dataset.id ?? null,
       user: el.querySelector('.user')?.textContent ?? null,
@@ -108,7 +119,7 @@ export async function waitForMessage(page, text, accept = (m) => !m.pending) {
 
 /** The marker lines of `#messages` (history divider, missing-messages notice) as data. */
 export function markers(page) {
-  return page.$$eval('#messages .marker', (els) =>
+  return evalAll(page, '#messages .marker', (els) =>
     els.map((el) => ({ kind: el.classList.contains('gap') ? 'gap' : 'divider', text: el.textContent })),
   );
 }
@@ -150,8 +161,10 @@ export function relay() {
     const pairs = [...r.open];
     r.open.clear();
     for (const { ws, server } of pairs) {
-      await server.close({ code: 1000, reason: 'cut by the test' }).catch(() => {});
-      await ws.close({ code: 4000, reason: 'cut by the test' }).catch(() => {});
+      await within('the relay to close', server.close({ code: 1000, reason: 'cut by the test' }))
+        .catch(() => {});
+      await within('the relay to close', ws.close({ code: 4000, reason: 'cut by the test' }))
+        .catch(() => {});
     }
   };
   return r;
@@ -185,7 +198,7 @@ export async function switchRoom(page, room) {
 
 /** The current room: the one `li` with aria-current="true". */
 export async function currentRooms(page) {
-  return page.$$eval('#rooms li[aria-current="true"]', (els) => els.map((el) => el.dataset.room));
+  return evalAll(page, '#rooms li[aria-current="true"]', (els) => els.map((el) => el.dataset.room));
 }
 
 /** Waits until `room`, and only it, is marked current. */

@@ -403,6 +403,33 @@ impl RawClient {
         }
     }
 
+    /// Writes `bytes` whole before reading anything, as a client busy sending a long message
+    /// does, then reads until the server's close frame; returns its code, or `None` when the
+    /// connection ended without one (what a browser reports as 1006). A failed write is no
+    /// error: the server stops reading once it has refused the message.
+    pub async fn close_code_after_sending(&mut self, bytes: &[u8]) -> Option<u16> {
+        let _ = tokio::time::timeout(WAIT, self.stream.write_all(bytes))
+            .await
+            .expect("the server reads or refuses in time");
+        loop {
+            if let Some((opcode, payload, used)) = parse_frame(&self.buf) {
+                self.buf.drain(..used);
+                if opcode == 0x8 {
+                    return Some(u16::from_be_bytes([payload[0], payload[1]]));
+                }
+                continue;
+            }
+            let mut chunk = [0u8; 65536];
+            match tokio::time::timeout(WAIT, self.stream.read(&mut chunk))
+                .await
+                .expect("a frame in time")
+            {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
     /// Reads frames until a close frame; returns its code.
     pub async fn close_code(&mut self) -> u16 {
         while let Some((opcode, payload)) = self.recv_frame().await {

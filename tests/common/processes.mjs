@@ -46,13 +46,15 @@ export async function waitFor(what, probe, timeout = WAIT_MS) {
   let last;
   for (;;) {
     try {
-      const value = await probe();
+      // A probe that never settles counts as failing once the time is up.
+      const left = Math.max(deadline - Date.now(), 1);
+      const value = await within(`${what} (one probe)`, Promise.resolve(probe()), left);
       if (value !== undefined && value !== false) return value;
       last = value;
     } catch (err) {
       last = err;
     }
-    if (Date.now() > deadline) {
+    if (Date.now() >= deadline) {
       const seen = last instanceof Error ? last.message : JSON.stringify(last);
       throw new Error(`timed out after ${timeout} ms waiting for ${what}; last seen: ${seen}`);
     }
@@ -60,9 +62,29 @@ export async function waitFor(what, probe, timeout = WAIT_MS) {
   }
 }
 
+/**
+ * Settles as `promise` does, or fails after `timeout` ms naming `what`: for every wait on an
+ * event or a reply, so that one that never comes fails the test instead of hanging it.
+ */
+export function within(what, promise, timeout = WAIT_MS) {
+  let timer;
+  const expired = new Promise((_, fail) => {
+    timer = setTimeout(
+      () => fail(new Error(`timed out after ${timeout} ms waiting for ${what}`)),
+      timeout,
+    );
+  });
+  return Promise.race([promise, expired]).finally(() => clearTimeout(timer));
+}
+
+/** The first `event` of `emitter` (its listener's first argument), within `timeout` ms. */
+export function nextEvent(emitter, event, what, timeout = WAIT_MS) {
+  return within(what, new Promise((ok) => emitter.once(event, ok)), timeout);
+}
+
 /** A TCP port that was free on 127.0.0.1 a moment ago. */
 export async function freePort() {
-  return new Promise((ok, fail) => {
+  const port = new Promise((ok, fail) => {
     const srv = createServer();
     srv.on('error', fail);
     srv.listen(0, '127.0.0.1', () => {
@@ -70,6 +92,7 @@ export async function freePort() {
       srv.close(() => ok(port));
     });
   });
+  return within('a free port', port);
 }
 
 /** A child process that keeps its stderr tail for error messages and dies with the tests. */

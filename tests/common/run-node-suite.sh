@@ -2,7 +2,7 @@
 # Runs one Node.js test suite (a folder with package.json, package-lock.json and *.test.mjs)
 # against a scalechat binary: checks for the binary, redis-server and npm, installs the locked
 # npm packages when node_modules is missing or was installed from another lockfile, then
-# `node --test` in the folder.
+# `node --test` in the folder, each test failing after 3 minutes at most.
 #
 #   bash tests/common/run-node-suite.sh SUITE_DIR [SCALECHAT_BINARY]   # default: target/debug/scalechat
 set -euo pipefail
@@ -32,4 +32,6 @@ if [[ ! -f "$stamp" ]] || ! cmp -s package-lock.json "$stamp"; then
     cp package-lock.json "$stamp"
 fi
 
-SCALECHAT_BIN="$bin" node --test
+# Every wait in the suites has its own timeout; this one catches any that was missed, so a
+# hung test fails instead of hanging CI.
+SCALECHAT_BIN="$bin" node --test --test-timeout=180000

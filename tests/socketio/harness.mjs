@@ -4,7 +4,7 @@
 // the test file ends, passes or fails.
 
 import WebSocket from 'ws';
-import { waitFor } from '../common/processes.mjs';
+import { waitFor, within } from '../common/processes.mjs';
 
 export * from '../common/processes.mjs';
 
@@ -28,10 +28,13 @@ export async function nativeClient(node, query = '') {
   const ws = new WebSocket(`ws://127.0.0.1:${node.port}/ws?${query}`);
   const frames = [];
   ws.on('message', (data) => frames.push(JSON.parse(data.toString())));
-  await new Promise((ok, fail) => {
-    ws.once('open', ok);
-    ws.once('error', fail);
-  });
+  await within(
+    'the native client to open',
+    new Promise((ok, fail) => {
+      ws.once('open', ok);
+      ws.once('error', fail);
+    }),
+  );
   await waitFor('the native client to be joined', () => frames.some((f) => f.type === 'joined'));
   return {
     ws,

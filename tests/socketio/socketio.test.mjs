@@ -9,6 +9,7 @@ import {
   WAIT_MS,
   freePort,
   nativeClient,
+  nextEvent,
   record,
   startNode,
   startRedis,
@@ -118,12 +119,12 @@ describe('one node', () => {
 
   test('a refused connect and an unknown namespace get CONNECT ERROR', async () => {
     const bad = connectTo(node, { transports: ['websocket'], auth: { name: ' ' } });
-    const err = await new Promise((ok) => bad.on('connect_error', ok));
+    const err = await nextEvent(bad, 'connect_error', 'CONNECT ERROR for a blank name');
     assert.match(err.message, /display names/);
     bad.close();
     const admin = io(`${node.url}/admin`, { transports: ['websocket'] });
     sockets.push(admin);
-    const nsErr = await new Promise((ok) => admin.on('connect_error', ok));
+    const nsErr = await nextEvent(admin, 'connect_error', 'CONNECT ERROR for /admin');
     assert.equal(nsErr.message, 'Invalid namespace');
     admin.close();
   });
@@ -159,9 +160,12 @@ describe('two nodes and redis', () => {
   });
 
   test("a polling session's id on the other node is answered Session ID unknown", async () => {
-    const open = await fetch(`${nodeA.url}/socket.io/?EIO=4&transport=polling`);
+    const signal = AbortSignal.timeout(WAIT_MS);
+    const open = await fetch(`${nodeA.url}/socket.io/?EIO=4&transport=polling`, { signal });
     const { sid } = JSON.parse((await open.text()).slice(1));
-    const wrong = await fetch(`${nodeB.url}/socket.io/?EIO=4&transport=polling&sid=${sid}`);
+    const wrong = await fetch(`${nodeB.url}/socket.io/?EIO=4&transport=polling&sid=${sid}`, {
+      signal,
+    });
     assert.equal(wrong.status, 400);
     assert.deepEqual(await wrong.json(), { code: 1, message: 'Session ID unknown' });
   });
