@@ -19,6 +19,9 @@ pub const ENV_PREFIX: &str = "SCALECHAT_";
 /// The longest `rooms.history_ttl_secs`: ten years.
 const MAX_HISTORY_TTL_SECS: u64 = 10 * 365 * 24 * 3600;
 
+/// The longest header a server's WebSocket frame has: 2 bytes, 8 of length, a 4-byte margin.
+const MAX_FRAME_HEADER: usize = 14;
+
 /// Plain environment names that the original app's users already set, and the keys they set.
 pub const PLAIN_ENV: &[(&str, &str)] = &[
     ("PORT", "server.port"),
@@ -710,6 +713,13 @@ impl Config {
             "limits.max_queued_bytes",
             "must be from 65536 (and 16 x limits.max_message_chars) to 1073741824",
         );
+        // The echo endpoint queues each message back whole: the largest must fit the queue.
+        check(
+            self.server.echo_path.is_empty()
+                || l.max_queued_bytes >= l.max_frame_bytes + MAX_FRAME_HEADER,
+            "limits.max_queued_bytes",
+            "must be at least limits.max_frame_bytes + 14 when server.echo_path is set",
+        );
         check(
             l.requests_per_second.is_finite() && l.requests_per_second > 0.0,
             "limits.requests_per_second",
@@ -901,6 +911,19 @@ mod tests {
             let found = problems(&format!("[server]\nipv6_prefix_len = {bad}"));
             assert!(found[0].starts_with("server.ipv6_prefix_len:"), "{found:?}");
         }
+    }
+
+    #[test]
+    fn an_echo_endpoint_needs_a_queue_that_holds_the_largest_message() {
+        let echo = "[server]\necho_path = \"/echo\"\n[limits]\nmax_frame_bytes = 16777216\n";
+        let found = problems(echo);
+        assert!(
+            found[0].starts_with("limits.max_queued_bytes:"),
+            "{found:?}"
+        );
+        assert!(problems(&format!("{echo}max_queued_bytes = 16777230")).is_empty());
+        // Without the echo endpoint, chat messages are bounded by max_message_chars instead.
+        assert!(problems("[limits]\nmax_frame_bytes = 16777216").is_empty());
     }
 
     #[test]

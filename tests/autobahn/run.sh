@@ -32,7 +32,8 @@ out=tests/artifacts/autobahn
 rm -rf "$out"
 mkdir -p "$out"
 env -u REDIS_HOST PORT="$port" SCALECHAT_SERVER__HOST=127.0.0.1 SCALECHAT_SERVER__ECHO_PATH=/echo \
-    SCALECHAT_LIMITS__MAX_FRAME_BYTES=16777216 RUST_LOG=warn \
+    SCALECHAT_LIMITS__MAX_FRAME_BYTES=16777216 \
+    SCALECHAT_LIMITS__MAX_QUEUED_BYTES=33554432 RUST_LOG=warn \
     target/release/scalechat --config /dev/null >"$out/server.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
