@@ -17,7 +17,7 @@ use bytes::Bytes;
 
 use crate::metrics::Metrics;
 use crate::outbox::{Next, Outbox, Refused};
-use crate::protocol::RoomName;
+use crate::protocol::{RoomName, socketio};
 
 /// A connection's id, unique within one node's lifetime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -34,7 +34,7 @@ impl fmt::Display for ConnId {
 pub enum Codec {
     /// scalechat's native protocol: the message frame as published.
     Native,
-    /// Socket.IO: the `message` event built by [`crate::socketio::codec::message_frame`].
+    /// Socket.IO: the `message` event built by [`socketio::message_frame`].
     SocketIo,
 }
 
@@ -219,7 +219,7 @@ impl Hub {
             let frame = match member.codec {
                 Codec::Native => frame.clone(),
                 Codec::SocketIo => socketio
-                    .get_or_insert_with(|| crate::socketio::codec::message_frame(frame))
+                    .get_or_insert_with(|| socketio::message_frame(frame))
                     .clone(),
             };
             match member.outbox.push(frame) {

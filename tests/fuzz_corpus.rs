@@ -89,7 +89,7 @@ fn ws_frames_corpus() {
 
 #[test]
 fn socketio_corpus() {
-    use scalechat::socketio::codec;
+    use scalechat::protocol::socketio as codec;
     let mut decoded = 0;
     for (_, data) in corpus("socketio") {
         let Ok(body) = std::str::from_utf8(&data) else {

@@ -1,10 +1,12 @@
-//! Wire formats. `native` is scalechat's JSON protocol v1 (docs/protocol.md); `frame` decodes
-//! and checks the WebSocket frames clients send; `ws` builds the WebSocket frames the server
-//! sends. Names shared by every codec live here: room and user
-//! names, and the stable error codes a client sees.
+//! Wire formats, pure codecs that know nothing of connections. `native` is scalechat's JSON
+//! protocol v1 (docs/protocol.md); `socketio` is Engine.IO v4 and Socket.IO v5
+//! (docs/socketio.md); `frame` decodes and checks the WebSocket frames clients send; `ws`
+//! builds the WebSocket frames the server sends. Names shared by every codec live here: room
+//! and user names, the default room, and the stable error codes a client sees.
 
 pub mod frame;
 pub mod native;
+pub mod socketio;
 pub mod ws;
 
 use std::borrow::Borrow;

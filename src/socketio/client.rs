@@ -11,11 +11,11 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use super::Query;
-use super::codec::{self, CodecError, PacketType};
 use super::session::random_id;
 use crate::hub::{Codec, ConnId};
 use crate::outbox::{Outbox, Refused};
 use crate::protocol::native::check_message;
+use crate::protocol::socketio::{self as codec, CodecError, PacketType};
 use crate::protocol::{ErrorCode, MAX_REF_CHARS, ProtocolError, RoomName, valid_user_name};
 use crate::server::Node;
 use crate::server::http::DEFAULT_ROOM;

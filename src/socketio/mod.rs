@@ -1,7 +1,7 @@
 //! Socket.IO v5 over Engine.IO v4 at `/socket.io/`, for apps built on `socket.io-client` 4.x
-//! (docs/socketio.md).
+//! (docs/socketio.md). The packets themselves are encoded and decoded by
+//! [`protocol::socketio`](crate::protocol::socketio).
 //!
-//! - [`codec`]: pure codecs of Engine.IO packets, the polling payload and Socket.IO packets.
 //! - `session`: one Engine.IO session (sid → [`Sessions`]), its queue, heartbeat and end.
 //! - `client`: the Socket.IO side of a session: CONNECT, events (`event:message`, `join`,
 //!   `leave`), acks, DISCONNECT; publishing goes through the one transport path.
@@ -15,7 +15,6 @@
 //! either transport.
 
 mod client;
-pub mod codec;
 mod polling;
 mod session;
 mod websocket;

@@ -10,10 +10,10 @@ use hyper::body::Incoming;
 use hyper::header;
 use hyper::{Request, Response, StatusCode};
 
-use super::codec::{self, EnginePacket};
 use super::session::Session;
 use super::{Body, EngineError, respond};
 use crate::outbox::Next;
+use crate::protocol::socketio::{self as codec, EnginePacket};
 use crate::server::Node;
 
 const TEXT: &str = "text/plain; charset=UTF-8";

@@ -16,9 +16,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::Query;
 use super::client::Client;
-use super::codec::engine_frame;
 use crate::metrics::OpenSession;
 use crate::outbox::Outbox;
+use crate::protocol::socketio::engine_frame;
 use crate::protocol::ws::close_code;
 use crate::server::writer::Liveness;
 use crate::server::{ConnSlot, Node};

@@ -19,10 +19,10 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::codec::{self, EnginePacket};
 use super::session::Session;
 use super::{Body, EngineError};
 use crate::protocol::frame::Opcode;
+use crate::protocol::socketio::{self as codec, EnginePacket};
 use crate::protocol::ws::{self, close_code};
 use crate::server::Node;
 use crate::server::reader::FrameReader;

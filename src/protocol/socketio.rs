@@ -8,7 +8,7 @@
 use bytes::Bytes;
 use serde_json::Value;
 
-use crate::protocol::ws;
+use super::ws;
 
 /// Why a client's packet was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
