@@ -14,7 +14,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use tokio::time::Instant;
 
-use crate::config::{AuthConfig, ServerConfig};
+use crate::config::AuthConfig;
 use crate::protocol::valid_user_name;
 
 /// The cookie that may carry the token, as an alternative to the `token` query parameter.
@@ -60,24 +60,6 @@ fn parse_hop(hop: &[u8]) -> Option<IpAddr> {
         .or_else(|_| text.parse::<SocketAddr>().map(|a| a.ip()))
         .ok()?;
     Some(ip.to_canonical())
-}
-
-/// Parses `server.trusted_proxies` entries (addresses or networks). Checked by config
-/// validation, so entries that do not parse are skipped here.
-pub fn trusted_proxies(config: &ServerConfig) -> Vec<IpNet> {
-    config
-        .trusted_proxies
-        .iter()
-        .filter_map(|entry| parse_net(entry))
-        .collect()
-}
-
-/// An address (`10.0.0.1`) or network (`10.0.0.0/8`).
-pub fn parse_net(entry: &str) -> Option<IpNet> {
-    entry
-        .parse::<IpNet>()
-        .ok()
-        .or_else(|| entry.parse::<IpAddr>().ok().map(IpNet::from))
 }
 
 /// Why a client address may not connect now.
@@ -362,6 +344,7 @@ pub fn token<'a>(query_token: Option<&'a str>, headers: &'a HeaderMap) -> Option
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::parse_net;
     use hyper::header::HeaderValue;
 
     fn headers(xff: &[&str]) -> HeaderMap {

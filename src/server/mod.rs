@@ -13,8 +13,6 @@ pub(crate) mod session;
 pub mod ticker;
 pub(crate) mod writer;
 
-pub use guard::parse_net;
-
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -81,7 +79,7 @@ impl Node {
         Ok(Self {
             ticker,
             per_ip: Arc::new(guard::PerIp::new(config.server.ipv6_prefix_len)),
-            trusted_proxies: guard::trusted_proxies(&config.server),
+            trusted_proxies: config.server.trusted_proxy_nets(),
             auth: guard::Auth::new(&config.auth),
             live: RwLock::new(Arc::new(config.reloadable())),
             live_version: AtomicU64::new(0),
