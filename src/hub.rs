@@ -76,11 +76,6 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// An empty hub with metrics of its own.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
     /// An empty hub counting rooms and deliveries in `metrics`.
     pub fn with_metrics(metrics: Arc<Metrics>) -> Self {
         Self {
@@ -98,19 +93,9 @@ impl Hub {
         self.rooms.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Adds `conn` to `room` and queues `reply(online)` for it before any message of the room
-    /// can be. Joining a room twice is harmless.
-    pub fn join(
-        &self,
-        room: &RoomName,
-        conn: ConnId,
-        outbox: &Arc<Outbox>,
-        reply: impl FnOnce(usize) -> Bytes,
-    ) -> Membership {
-        self.join_as(Codec::Native, room, conn, outbox, reply)
-    }
-
-    /// [`Hub::join`] for a member reading chat messages in `codec`.
+    /// Adds `conn` to `room` as a member reading chat messages in `codec`, and queues
+    /// `reply(online)` for it before any message of the room can be. Joining a room twice is
+    /// harmless.
     pub fn join_as(
         &self,
         codec: Codec,
@@ -204,11 +189,6 @@ impl Hub {
         self.read().get(room).map_or(0, HashMap::len)
     }
 
-    /// Rooms with at least one local member.
-    pub fn rooms(&self) -> Vec<RoomName> {
-        self.read().keys().cloned().collect()
-    }
-
     /// Queues `frame` for every local member of `room`; never waits. Socket.IO members get
     /// its Socket.IO form, encoded on the first such member and shared by all of them.
     pub fn deliver(&self, room: &str, frame: &Bytes) -> Delivered {
@@ -260,25 +240,29 @@ mod tests {
 
     #[test]
     fn join_and_leave_report_edges_and_counts() {
-        let hub = Hub::new();
+        let hub = Hub::default();
         let a = Arc::new(Outbox::new(8, 1 << 20));
         let b = Arc::new(Outbox::new(8, 1 << 20));
         let general = room("general");
         assert_eq!(
-            hub.join(&general, ConnId(1), &a, reply),
+            hub.join_as(Codec::Native, &general, ConnId(1), &a, reply),
             Membership {
                 online: 1,
                 edge: true
             }
         );
         assert_eq!(
-            hub.join(&general, ConnId(2), &b, reply),
+            hub.join_as(Codec::Native, &general, ConnId(2), &b, reply),
             Membership {
                 online: 2,
                 edge: false
             }
         );
-        assert_eq!(hub.join(&general, ConnId(2), &b, reply).online, 2);
+        assert_eq!(
+            hub.join_as(Codec::Native, &general, ConnId(2), &b, reply)
+                .online,
+            2
+        );
         assert_eq!(hub.leave("general", ConnId(3)), None);
         assert_eq!(
             hub.leave("general", ConnId(1)),
@@ -294,18 +278,18 @@ mod tests {
                 edge: true
             })
         );
-        assert!(hub.rooms().is_empty());
+        assert!(hub.read().is_empty(), "no room left");
     }
 
     #[test]
     fn deliver_shares_one_buffer_with_members_of_that_room_only() {
-        let hub = Hub::new();
+        let hub = Hub::default();
         let a = Arc::new(Outbox::new(8, 1 << 20));
         let b = Arc::new(Outbox::new(8, 1 << 20));
         let other = Arc::new(Outbox::new(8, 1 << 20));
-        hub.join(&room("general"), ConnId(1), &a, reply);
-        hub.join(&room("general"), ConnId(2), &b, reply);
-        hub.join(&room("dev"), ConnId(3), &other, reply);
+        hub.join_as(Codec::Native, &room("general"), ConnId(1), &a, reply);
+        hub.join_as(Codec::Native, &room("general"), ConnId(2), &b, reply);
+        hub.join_as(Codec::Native, &room("dev"), ConnId(3), &other, reply);
         assert_eq!(
             drain(&a),
             [&b"1"[..]],
@@ -328,10 +312,10 @@ mod tests {
 
     #[test]
     fn socketio_members_share_one_socketio_frame_built_once() {
-        let hub = Hub::new();
+        let hub = Hub::default();
         let native = Arc::new(Outbox::new(8, 1 << 20));
         let sio: Vec<_> = (0..3).map(|_| Arc::new(Outbox::new(8, 1 << 20))).collect();
-        hub.join(&room("general"), ConnId(1), &native, reply);
+        hub.join_as(Codec::Native, &room("general"), ConnId(1), &native, reply);
         for (i, outbox) in sio.iter().enumerate() {
             hub.join_as(
                 Codec::SocketIo,
@@ -364,11 +348,11 @@ mod tests {
 
     #[test]
     fn a_full_member_is_counted_slow_and_others_still_get_the_frame() {
-        let hub = Hub::new();
+        let hub = Hub::default();
         let slow = Arc::new(Outbox::new(8, 1 << 20));
         let fast = Arc::new(Outbox::new(8, 1 << 20));
-        hub.join(&room("general"), ConnId(1), &slow, reply);
-        hub.join(&room("general"), ConnId(2), &fast, reply);
+        hub.join_as(Codec::Native, &room("general"), ConnId(1), &slow, reply);
+        hub.join_as(Codec::Native, &room("general"), ConnId(2), &fast, reply);
         drain(&fast);
         while slow.len() < 8 {
             slow.push(Bytes::new()).unwrap();

@@ -293,8 +293,8 @@ pub fn error_frame(err: &ProtocolError) -> Bytes {
 /// A chat message encoded once, before its id is known: the JSON text around the id.
 ///
 /// `{"type":"message","room":"general","id":` + id + `,"epoch":"…"` + `,"user":…,"ts":…,
-/// "message":…}`. The transport that assigns the id joins the parts (see [`epoch_field`]), so
-/// the message is serialized exactly once.
+/// "message":…}`. The transport that assigns the id joins the parts
+/// ([`MessageTemplate::frame`]), so the message is serialized exactly once.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MessageTemplate {
     json: Vec<u8>,
@@ -346,11 +346,6 @@ impl MessageTemplate {
 
 const EPOCH_OPEN: &[u8] = b",\"epoch\":\"";
 const EPOCH_CLOSE: &[u8] = b"\"";
-
-/// `,"epoch":"E"`: what goes between a message's id and its tail.
-pub fn epoch_field(epoch: &str) -> String {
-    format!(",\"epoch\":\"{epoch}\"")
-}
 
 /// The id and epoch of an encoded chat message (the JSON text of a `message` frame).
 ///

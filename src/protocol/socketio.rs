@@ -179,14 +179,6 @@ fn check_shape(kind: PacketType, data: &Option<Value>) -> Result<(), CodecError>
     if ok { Ok(()) } else { Err(CodecError::BadData) }
 }
 
-/// The name of an event packet's event (its first argument), if `packet` is one.
-pub fn event_name<'p>(packet: &'p Packet<'_>) -> Option<&'p str> {
-    match (&packet.kind, &packet.data) {
-        (PacketType::Event, Some(Value::Array(args))) => args.first()?.as_str(),
-        _ => None,
-    }
-}
-
 /// An Engine.IO packet of `kind` (a digit) with `data`, as a WebSocket text frame: the form
 /// every packet for a session is queued in, whatever its transport.
 pub fn engine_frame(kind: u8, data: &[u8]) -> Bytes {
@@ -228,11 +220,6 @@ pub fn event(name: &str, data: &Value) -> Bytes {
 pub fn ack(id: u64, data: &Value) -> Bytes {
     let json = Value::Array(vec![data.clone()]).to_string();
     socketio_frame(b'3', "/", Some(id), json.as_bytes())
-}
-
-/// `41`: the server ends the client's connection to the main namespace.
-pub fn disconnect() -> Bytes {
-    socketio_frame(b'1', "/", None, b"")
 }
 
 /// The Socket.IO form of a chat message: `42["message","<the native JSON as a string>"]`,
@@ -324,7 +311,7 @@ mod tests {
         assert_eq!(p.nsp, "/admin");
         let p = decode_packet(r#"2/x,12["event:message",{"message":"hi"}]"#).unwrap();
         assert_eq!((p.kind, p.nsp, p.ack), (PacketType::Event, "/x", Some(12)));
-        assert_eq!(event_name(&p), Some("event:message"));
+        assert_eq!(p.data.unwrap()[0], "event:message");
         let p = decode_packet(r#"27["join",{"room":"dev"}]"#).unwrap();
         assert_eq!(p.ack, Some(7));
         assert_eq!(decode_packet("1").unwrap().kind, PacketType::Disconnect);
@@ -391,7 +378,6 @@ mod tests {
             payload(event("joined", &serde_json::json!({"room":"g"}))),
             r#"42["joined",{"room":"g"}]"#
         );
-        assert_eq!(payload(disconnect()), "41");
         let native = ws::text(br#"{"type":"message","message":"a \"b\""}"#);
         let text = payload(message_frame(&native));
         let parsed: Value = serde_json::from_str(&text[2..]).unwrap();
