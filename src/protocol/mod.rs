@@ -22,6 +22,9 @@ pub const MAX_NAME_CHARS: usize = 32;
 /// Longest client `ref`, in characters.
 pub const MAX_REF_CHARS: usize = 64;
 
+/// The room a connection starts in when it names none.
+pub const DEFAULT_ROOM: &str = "general";
+
 /// A validated room name: 1 to 64 of `A-Za-z0-9_.-`. Cheap to clone.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RoomName(Arc<str>);

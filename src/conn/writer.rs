@@ -14,8 +14,8 @@ use bytes::{Buf, Bytes};
 use tokio::io::AsyncWrite;
 use tokio::time::Instant;
 
-use super::Node;
 use crate::config::LimitsConfig;
+use crate::node::Node;
 use crate::outbox::{Next, Outbox};
 use crate::protocol::ws::{self, close_code};
 
@@ -80,7 +80,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
 
 /// The writer of one connection, as a state machine polled by the connection's task.
 ///
-/// It keeps no timer of its own: it asks the node's [`Ticker`](super::ticker::Ticker) to wake
+/// It keeps no timer of its own: it asks the node's [`Ticker`](crate::node::ticker::Ticker) to wake
 /// it (through the outbox, the one thing it waits on besides the socket) at its next ping
 /// deadline, or when a blocked write would count as stalled. While idle it holds no frames,
 /// no timer and no waiter.

@@ -183,6 +183,20 @@ fn poll_readable(stream: &mut ReadHalf<'_>, cx: &mut Context<'_>) -> Poll<io::Re
         .map_ok(drop)
 }
 
+/// Collects a fragmented text message (the decoder has checked its order, size and UTF-8).
+#[derive(Default)]
+pub(crate) struct Assembler {
+    buf: Vec<u8>,
+}
+
+impl Assembler {
+    /// Adds a fragment; returns the whole text once the last one arrives.
+    pub(crate) fn push(&mut self, payload: &[u8], fin: bool) -> Option<Vec<u8>> {
+        self.buf.extend_from_slice(payload);
+        fin.then(|| std::mem::take(&mut self.buf))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,5 +279,13 @@ mod tests {
             panic!("expected a protocol error");
         };
         assert_eq!(e.code, 1002);
+    }
+
+    #[test]
+    fn assembler_joins_fragments_and_starts_over() {
+        let mut a = Assembler::default();
+        assert_eq!(a.push(b"\xC3", false), None);
+        assert_eq!(a.push(b"\xA9", true).unwrap(), "é".as_bytes());
+        assert_eq!(a.push(b"x", true).unwrap(), b"x");
     }
 }
