@@ -52,9 +52,9 @@ type Rooms = HashMap<RoomName, HashMap<ConnId, Member>>;
 pub struct Membership {
     /// Local members of the room after the change.
     pub online: usize,
-    /// The room went from no local member to one (join) or from one to none (leave): the
-    /// transport should subscribe or unsubscribe.
-    pub edge: bool,
+    /// The connection is the room's first local member (join) or was its last (leave): the
+    /// node should subscribe to the room or unsubscribe.
+    pub first_or_last: bool,
 }
 
 /// What one delivery did.
@@ -125,13 +125,19 @@ impl Hub {
     ) -> (Membership, RwLockWriteGuard<'_, Rooms>) {
         let mut rooms = self.write();
         let members = rooms.entry(room.clone()).or_default();
-        let edge = members.is_empty();
-        if edge {
+        let first_or_last = members.is_empty();
+        if first_or_last {
             self.metrics.rooms.inc();
         }
         members.insert(conn, member);
         let online = members.len();
-        (Membership { online, edge }, rooms)
+        (
+            Membership {
+                online,
+                first_or_last,
+            },
+            rooms,
+        )
     }
 
     /// Adds `conn` to `room` with a `staging` outbox that collects the room's live frames
@@ -163,7 +169,7 @@ impl Hub {
         let mut staged = VecDeque::new();
         match staging.take(&mut staged) {
             Next::Close(_) => flush(None),
-            Next::Frames | Next::Idle => flush(Some(staged)),
+            Next::Frames | Next::Empty => flush(Some(staged)),
         }
         true
     }
@@ -180,7 +186,7 @@ impl Hub {
         }
         Some(Membership {
             online,
-            edge: online == 0,
+            first_or_last: online == 0,
         })
     }
 
@@ -239,7 +245,7 @@ mod tests {
     }
 
     #[test]
-    fn join_and_leave_report_edges_and_counts() {
+    fn join_and_leave_report_first_and_last_members_and_counts() {
         let hub = Hub::default();
         let a = Arc::new(Outbox::new(8, 1 << 20));
         let b = Arc::new(Outbox::new(8, 1 << 20));
@@ -248,14 +254,14 @@ mod tests {
             hub.join_as(Codec::Native, &general, ConnId(1), &a, reply),
             Membership {
                 online: 1,
-                edge: true
+                first_or_last: true
             }
         );
         assert_eq!(
             hub.join_as(Codec::Native, &general, ConnId(2), &b, reply),
             Membership {
                 online: 2,
-                edge: false
+                first_or_last: false
             }
         );
         assert_eq!(
@@ -268,14 +274,14 @@ mod tests {
             hub.leave("general", ConnId(1)),
             Some(Membership {
                 online: 1,
-                edge: false
+                first_or_last: false
             })
         );
         assert_eq!(
             hub.leave("general", ConnId(2)),
             Some(Membership {
                 online: 0,
-                edge: true
+                first_or_last: true
             })
         );
         assert!(hub.read().is_empty(), "no room left");

@@ -618,7 +618,7 @@ struct Memberships {
 impl Memberships {
     fn leave(&self, room: &RoomName) {
         if let Some(left) = self.node.hub.leave(room.as_str(), self.conn)
-            && left.edge
+            && left.first_or_last
         {
             self.node.transport.unsubscribe(room);
         }

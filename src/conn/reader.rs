@@ -65,13 +65,13 @@ pub struct FrameReader<'a> {
 
 impl<'a> FrameReader<'a> {
     /// A reader of `stream` starting with `early`, the bytes read past the handshake (copied),
-    /// refusing messages above `max_message_bytes`.
-    pub fn new(stream: ReadHalf<'a>, early: &[u8], max_message_bytes: usize) -> Self {
+    /// refusing a frame, or a fragmented message in total, above `max_frame_bytes`.
+    pub fn new(stream: ReadHalf<'a>, early: &[u8], max_frame_bytes: usize) -> Self {
         Self {
             stream,
             buf: early.to_vec(),
             start: 0,
-            decoder: Decoder::new(max_message_bytes),
+            decoder: Decoder::new(max_frame_bytes),
             ready: None,
         }
     }

@@ -168,7 +168,7 @@ impl Writer {
                             self.batch.push_back(frame);
                             self.closing = true;
                         }
-                        Taken::Idle => {
+                        Taken::Empty => {
                             // Idle: no batch storage; the queue keeps its slots, so deliveries
                             // never allocate, and neither does the next round.
                             self.batch = VecDeque::new();
@@ -233,7 +233,7 @@ impl Writer {
         }) {
             Next::Frames => {}
             Next::Close(frame) => return Taken::Close(frame),
-            Next::Idle => return Taken::Idle,
+            Next::Empty => return Taken::Empty,
         }
         let frames = &mut frames[..n];
         let written = match write_vectored(socket, frames.iter(), cx) {
@@ -262,7 +262,7 @@ enum Taken {
     /// The queue is drained and the connection closes with this frame.
     Close(Bytes),
     /// Nothing to write.
-    Idle,
+    Empty,
     /// The socket failed.
     Failed(io::Error),
 }

@@ -58,7 +58,7 @@ impl Ticker {
                 return;
             }
         }
-        outbox.poke();
+        outbox.wake();
     }
 
     /// Entries waiting now (stale ones included, until their tick passes).
@@ -98,7 +98,7 @@ impl Ticker {
 fn wake(due: BTreeMap<u64, Vec<Weak<Outbox>>>) {
     for outbox in due.into_values().flatten() {
         if let Some(outbox) = outbox.upgrade() {
-            outbox.poke();
+            outbox.wake();
         }
     }
 }

@@ -272,7 +272,7 @@ impl Client {
 
     fn leave_room(&self, room: &RoomName) {
         if let Some(left) = self.node.hub.leave(room.as_str(), self.conn)
-            && left.edge
+            && left.first_or_last
         {
             self.node.transport.unsubscribe(room);
         }

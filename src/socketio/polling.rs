@@ -23,7 +23,7 @@ pub(super) fn handshake(session: &EngineSession) -> Response<Body> {
     match session.outbox.take(&mut batch) {
         Next::Frames => respond(StatusCode::OK, TEXT, codec::join_frames(batch.iter())),
         // A session closed before its first response (shutdown raced the handshake).
-        Next::Close(_) | Next::Idle => {
+        Next::Close(_) | Next::Empty => {
             session.end();
             EngineError::BadRequest.response()
         }
@@ -61,7 +61,7 @@ pub(super) async fn poll(session: &Arc<EngineSession>) -> Response<Body> {
                 session.end();
                 return respond(StatusCode::OK, TEXT, Bytes::from_static(b"1"));
             }
-            Next::Idle => {
+            Next::Empty => {
                 tokio::select! {
                     _ = session.outbox.wait() => {}
                     _ = session.ended() => {}
