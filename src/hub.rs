@@ -77,7 +77,7 @@ pub struct Hub {
 
 impl Hub {
     /// An empty hub counting rooms and deliveries in `metrics`.
-    pub fn with_metrics(metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn with_metrics(metrics: Arc<Metrics>) -> Self {
         Self {
             rooms: RwLock::default(),
             metrics,
@@ -142,7 +142,12 @@ impl Hub {
 
     /// Adds `conn` to `room` with a `staging` outbox that collects the room's live frames
     /// while the connection is sent the room's history; [`Hub::promote`] ends the staging.
-    pub fn join_staged(&self, room: &RoomName, conn: ConnId, staging: &Arc<Outbox>) -> Membership {
+    pub(crate) fn join_staged(
+        &self,
+        room: &RoomName,
+        conn: ConnId,
+        staging: &Arc<Outbox>,
+    ) -> Membership {
         let member = Member {
             outbox: staging.clone(),
             codec: Codec::Native,
@@ -153,7 +158,7 @@ impl Hub {
     /// Ends a staged join: from now on `room`'s frames go to `outbox`. Under the lock, so no
     /// frame is delivered meanwhile, `flush` gets the staged frames (oldest first), or `None`
     /// if the staging overflowed. Returns `false` if `conn` is no longer in `room`.
-    pub fn promote(
+    pub(crate) fn promote(
         &self,
         room: &str,
         conn: ConnId,
@@ -175,7 +180,7 @@ impl Hub {
     }
 
     /// Removes `conn` from `room`; `None` if it was not a member.
-    pub fn leave(&self, room: &str, conn: ConnId) -> Option<Membership> {
+    pub(crate) fn leave(&self, room: &str, conn: ConnId) -> Option<Membership> {
         let mut rooms = self.write();
         let members = rooms.get_mut(room)?;
         members.remove(&conn)?;

@@ -39,16 +39,16 @@ const CATCH_UP_WAIT: Duration = Duration::from_secs(2);
 
 /// What the client asked for in the `/ws` query.
 #[derive(Debug)]
-pub struct Params {
+pub(crate) struct Params {
     /// The first room.
-    pub room: RoomName,
+    pub(crate) room: RoomName,
     /// The display name.
-    pub name: String,
+    pub(crate) name: String,
     /// Where the client left the first room, to receive what it missed.
-    pub since: Option<Since>,
+    pub(crate) since: Option<Since>,
     /// The echo endpoint (`server.echo_path`): messages come back to the sender, nothing
     /// else happens; binary messages are allowed.
-    pub echo: bool,
+    pub(crate) echo: bool,
 }
 
 /// Runs one connection from the completed upgrade to the closed socket.

@@ -157,7 +157,7 @@ impl Outbox {
     }
 
     /// Whether the connection is closing.
-    pub fn is_closed(&self) -> bool {
+    pub(crate) fn is_closed(&self) -> bool {
         self.lock().closed
     }
 
@@ -191,7 +191,7 @@ impl Outbox {
     /// being written included), or the connection is closing: for a task that queues many
     /// frames, or a large one, and lets the writer drain them first. For one waiter at a time;
     /// woken by the writer's next [`Outbox::take_up_to`] (or a poll's [`Outbox::take`]).
-    pub async fn wait_room(&self) {
+    pub(crate) async fn wait_room(&self) {
         std::future::poll_fn(|cx| {
             let mut state = self.lock();
             let roomy =
@@ -214,7 +214,7 @@ impl Outbox {
     /// the close frame once the queue is drained. Unlike [`Outbox::take`] the queue keeps its
     /// slots, so a writer that writes what it took before it takes again allocates nothing;
     /// once drained, a queue that a burst grew goes back to its initial slots.
-    pub fn take_up_to(&self, max: usize, mut put: impl FnMut(Bytes)) -> Next {
+    pub(crate) fn take_up_to(&self, max: usize, mut put: impl FnMut(Bytes)) -> Next {
         let mut state = self.lock();
         // The last batch is written: its bytes are free; what is taken now is in flight.
         state.bytes -= state.in_flight;
@@ -244,12 +244,12 @@ impl Outbox {
 
     /// Resolves when something was queued, a close was requested or [`Outbox::wake`] was
     /// called since the waiter last returned. For one waiter at a time.
-    pub async fn wait(&self) {
+    pub(crate) async fn wait(&self) {
         std::future::poll_fn(|cx| self.poll_wait(cx)).await
     }
 
     /// [`Outbox::wait`] as a poll: `Ready` once per wake.
-    pub fn poll_wait(&self, cx: &mut Context<'_>) -> Poll<()> {
+    pub(crate) fn poll_wait(&self, cx: &mut Context<'_>) -> Poll<()> {
         if self.signalled.swap(false, Ordering::AcqRel) {
             return Poll::Ready(());
         }
@@ -264,7 +264,7 @@ impl Outbox {
 
     /// Wakes the waiter: something changed (frames, a close), or a deadline it asked the
     /// ticker for has come.
-    pub fn wake(&self) {
+    pub(crate) fn wake(&self) {
         self.signalled.store(true, Ordering::Release);
         self.waker.wake();
     }
@@ -275,13 +275,13 @@ impl Outbox {
     }
 
     /// The most frames this outbox holds before the connection counts as a slow consumer.
-    pub fn capacity(&self) -> usize {
+    pub(crate) fn capacity(&self) -> usize {
         self.max_frames
     }
 
     /// The most bytes this outbox holds (queued and being written) before the connection
     /// counts as a slow consumer.
-    pub fn max_bytes(&self) -> usize {
+    pub(crate) fn max_bytes(&self) -> usize {
         self.max_bytes as usize
     }
 

@@ -20,18 +20,18 @@ const READ_CHUNK: usize = 4096;
 
 /// One whole client frame, its payload unmasked.
 #[derive(Debug)]
-pub struct Frame<'a> {
+pub(crate) struct Frame<'a> {
     /// Whether this is the last frame of its message.
-    pub fin: bool,
+    pub(crate) fin: bool,
     /// The opcode.
-    pub opcode: Opcode,
+    pub(crate) opcode: Opcode,
     /// The payload.
-    pub payload: &'a [u8],
+    pub(crate) payload: &'a [u8],
 }
 
 /// Why no frame came.
 #[derive(Debug, thiserror::Error)]
-pub enum ReadError {
+pub(crate) enum ReadError {
     /// The stream ended or failed: no close frame can be exchanged.
     #[error("stream ended: {0}")]
     Gone(#[from] io::Error),
@@ -52,7 +52,7 @@ struct Ready {
 
 /// Reads client frames from a socket's read half.
 #[derive(Debug)]
-pub struct FrameReader<'a> {
+pub(crate) struct FrameReader<'a> {
     stream: ReadHalf<'a>,
     /// Received bytes not yet consumed start at `start` (the frame last handed out ends
     /// there); empty, without capacity, when idle.
@@ -66,7 +66,7 @@ pub struct FrameReader<'a> {
 impl<'a> FrameReader<'a> {
     /// A reader of `stream` starting with `early`, the bytes read past the handshake (copied),
     /// refusing a frame, or a fragmented message in total, above `max_frame_bytes`.
-    pub fn new(stream: ReadHalf<'a>, early: &[u8], max_frame_bytes: usize) -> Self {
+    pub(crate) fn new(stream: ReadHalf<'a>, early: &[u8], max_frame_bytes: usize) -> Self {
         Self {
             stream,
             buf: early.to_vec(),

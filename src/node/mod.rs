@@ -40,7 +40,7 @@ pub struct Node {
     /// The message transport.
     pub transport: Transport,
     /// Counters and gauges for `/metrics`.
-    pub metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
     /// Cancelled to shut the node down.
     pub(crate) shutdown: CancellationToken,
     /// The tasks of upgraded connections and Socket.IO sessions, waited for at shutdown.

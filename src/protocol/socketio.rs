@@ -34,7 +34,7 @@ pub enum CodecError {
 }
 
 /// The record separator between packets of a long-polling payload.
-pub const SEPARATOR: u8 = 0x1e;
+pub(crate) const SEPARATOR: u8 = 0x1e;
 
 /// An Engine.IO packet as a client sends it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,7 +82,9 @@ pub fn split_payload(body: &str) -> Result<Vec<&str>, CodecError> {
 /// Joins the payloads of WebSocket text frames built by [`crate::protocol::ws`] (each an
 /// Engine.IO packet) into one long-polling response body. A single frame's payload is
 /// returned as a slice of the frame, without a copy.
-pub fn join_frames<'a>(mut frames: impl ExactSizeIterator<Item = &'a Bytes> + Clone) -> Bytes {
+pub(crate) fn join_frames<'a>(
+    mut frames: impl ExactSizeIterator<Item = &'a Bytes> + Clone,
+) -> Bytes {
     if frames.len() == 1 {
         return frames.next().map(ws::text_payload).unwrap_or_default();
     }
@@ -120,7 +122,7 @@ pub struct Packet<'a> {
     /// The namespace, `/` when the packet names none.
     pub nsp: &'a str,
     /// The ack id, when the sender wants an answer.
-    pub ack: Option<u64>,
+    pub(crate) ack: Option<u64>,
     /// The JSON data, if any.
     pub data: Option<Value>,
 }
@@ -181,7 +183,7 @@ fn check_shape(kind: PacketType, data: &Option<Value>) -> Result<(), CodecError>
 
 /// An Engine.IO packet of `kind` (a digit) with `data`, as a WebSocket text frame: the form
 /// every packet for a session is queued in, whatever its transport.
-pub fn engine_frame(kind: u8, data: &[u8]) -> Bytes {
+pub(crate) fn engine_frame(kind: u8, data: &[u8]) -> Bytes {
     ws::text_parts(&[&[kind], data])
 }
 
@@ -199,32 +201,32 @@ fn socketio_frame(kind: u8, nsp: &str, ack: Option<u64>, json: &[u8]) -> Bytes {
 }
 
 /// `40{"sid":…}`: the client is connected to the main namespace.
-pub fn connected(sid: &str) -> Bytes {
+pub(crate) fn connected(sid: &str) -> Bytes {
     let json = serde_json::json!({ "sid": sid }).to_string();
     socketio_frame(b'0', "/", None, json.as_bytes())
 }
 
 /// `44[/nsp,]{"message":…}`: a refused connect.
-pub fn connect_error(nsp: &str, message: &str) -> Bytes {
+pub(crate) fn connect_error(nsp: &str, message: &str) -> Bytes {
     let json = serde_json::json!({ "message": message }).to_string();
     socketio_frame(b'4', nsp, None, json.as_bytes())
 }
 
 /// `42["name",data]`: an event from the server.
-pub fn event(name: &str, data: &Value) -> Bytes {
+pub(crate) fn event(name: &str, data: &Value) -> Bytes {
     let json = Value::Array(vec![Value::String(name.to_owned()), data.clone()]).to_string();
     socketio_frame(b'2', "/", None, json.as_bytes())
 }
 
 /// `43<id>[data]`: the answer to the client's event `id`.
-pub fn ack(id: u64, data: &Value) -> Bytes {
+pub(crate) fn ack(id: u64, data: &Value) -> Bytes {
     let json = Value::Array(vec![data.clone()]).to_string();
     socketio_frame(b'3', "/", Some(id), json.as_bytes())
 }
 
 /// The Socket.IO form of a chat message: `42["message","<the native JSON as a string>"]`,
 /// built from a native `message` frame (a WebSocket text frame), as one WebSocket text frame.
-pub fn message_frame(native_frame: &Bytes) -> Bytes {
+pub(crate) fn message_frame(native_frame: &Bytes) -> Bytes {
     const HEAD: &[u8] = b"42[\"message\",\"";
     const TAIL: &[u8] = b"\"]";
     let json = ws::text_payload(native_frame);

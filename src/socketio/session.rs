@@ -74,13 +74,13 @@ enum EngineTransport {
 /// One Engine.IO session.
 pub(super) struct EngineSession {
     /// The session id (`sid` in the query).
-    pub sid: String,
+    pub(super) sid: String,
     /// Packets for the client, each a WebSocket text frame (see the module doc of `socketio`).
-    pub outbox: Arc<Outbox>,
+    pub(super) outbox: Arc<Outbox>,
     /// The Socket.IO side. Locked while one request's packets are handled, across publishes.
-    pub client: tokio::sync::Mutex<Client>,
+    pub(super) client: tokio::sync::Mutex<Client>,
     /// Largest packet, or polling request body, accepted from the client.
-    pub max_payload: usize,
+    pub(super) max_payload: usize,
     transport: Mutex<EngineTransport>,
     /// Set while a long-poll GET is waiting: a second one is refused.
     polling: AtomicBool,
@@ -179,12 +179,12 @@ impl EngineSession {
     }
 
     /// Whether the WebSocket transport carries the session now.
-    pub fn is_websocket(&self) -> bool {
+    pub(super) fn is_websocket(&self) -> bool {
         *self.transport() == EngineTransport::WebSocket
     }
 
     /// Starts an upgrade: only a polling session not already probing may.
-    pub fn begin_upgrade(&self) -> bool {
+    pub(super) fn begin_upgrade(&self) -> bool {
         let mut transport = self.transport();
         let polling = *transport == EngineTransport::Polling;
         if polling {
@@ -195,7 +195,7 @@ impl EngineSession {
 
     /// Ends a probe: the WebSocket carries the session from now on (`upgraded`), or polling
     /// goes on.
-    pub fn finish_upgrade(&self, upgraded: bool) {
+    pub(super) fn finish_upgrade(&self, upgraded: bool) {
         *self.transport() = if upgraded {
             EngineTransport::WebSocket
         } else {
@@ -204,29 +204,29 @@ impl EngineSession {
     }
 
     /// Marks a long-poll as waiting; `false` if one already is.
-    pub fn start_poll(&self) -> bool {
+    pub(super) fn start_poll(&self) -> bool {
         !self.polling.swap(true, Ordering::AcqRel)
     }
 
     /// The long-poll ended.
-    pub fn end_poll(&self) {
+    pub(super) fn end_poll(&self) {
         self.polling.store(false, Ordering::Release);
     }
 
     /// The client answered a ping.
-    pub fn ponged(&self) {
+    pub(super) fn ponged(&self) {
         self.pongs.touch();
         self.pong.notify_one();
     }
 
     /// Resolves once the session has ended.
-    pub async fn ended(&self) {
+    pub(super) async fn ended(&self) {
         self.ended.cancelled().await
     }
 
     /// Ends the session: no new request finds it, its transport is told to finish, and its
     /// task leaves its rooms.
-    pub fn end(&self) {
+    pub(super) fn end(&self) {
         if let Some(sessions) = self.listed_in.upgrade() {
             sessions.lock().remove(&self.sid);
         }
