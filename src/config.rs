@@ -3,11 +3,13 @@
 //! validation that reports every problem at once, each naming its key.
 
 use std::fmt;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::value::{Dict, Value};
 use figment::{Figment, Provider};
+use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// The file read when `--config` is not given, if it exists.
@@ -143,6 +145,23 @@ impl ServerConfig {
             addr => addr.parse().ok().map(MetricsEndpoint::Listen),
         }
     }
+
+    /// `server.trusted_proxies` parsed. Checked by validation, so entries that do not parse
+    /// are skipped here.
+    pub fn trusted_proxy_nets(&self) -> Vec<IpNet> {
+        self.trusted_proxies
+            .iter()
+            .filter_map(|entry| parse_net(entry))
+            .collect()
+    }
+}
+
+/// An address (`10.0.0.1`) or network (`10.0.0.0/8`).
+pub(crate) fn parse_net(entry: &str) -> Option<IpNet> {
+    entry
+        .parse::<IpNet>()
+        .ok()
+        .or_else(|| entry.parse::<IpAddr>().ok().map(IpNet::from))
 }
 
 /// `[limits]`: what one connection may do.
@@ -566,7 +585,7 @@ impl Config {
         );
         for proxy in &s.trusted_proxies {
             check(
-                crate::server::parse_net(proxy).is_some(),
+                parse_net(proxy).is_some(),
                 "server.trusted_proxies",
                 "each entry must be an IP address or network such as 10.0.0.0/8",
             );

@@ -17,7 +17,7 @@ use bytes::Bytes;
 
 use crate::metrics::Metrics;
 use crate::outbox::{Next, Outbox, Refused};
-use crate::protocol::RoomName;
+use crate::protocol::{RoomName, socketio};
 
 /// A connection's id, unique within one node's lifetime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -34,7 +34,7 @@ impl fmt::Display for ConnId {
 pub enum Codec {
     /// scalechat's native protocol: the message frame as published.
     Native,
-    /// Socket.IO: the `message` event built by [`crate::socketio::codec::message_frame`].
+    /// Socket.IO: the `message` event built by [`socketio::message_frame`].
     SocketIo,
 }
 
@@ -52,9 +52,9 @@ type Rooms = HashMap<RoomName, HashMap<ConnId, Member>>;
 pub struct Membership {
     /// Local members of the room after the change.
     pub online: usize,
-    /// The room went from no local member to one (join) or from one to none (leave): the
-    /// transport should subscribe or unsubscribe.
-    pub edge: bool,
+    /// The connection is the room's first local member (join) or was its last (leave): the
+    /// node should subscribe to the room or unsubscribe.
+    pub first_or_last: bool,
 }
 
 /// What one delivery did.
@@ -76,13 +76,8 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// An empty hub with metrics of its own.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
     /// An empty hub counting rooms and deliveries in `metrics`.
-    pub fn with_metrics(metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn with_metrics(metrics: Arc<Metrics>) -> Self {
         Self {
             rooms: RwLock::default(),
             metrics,
@@ -98,19 +93,9 @@ impl Hub {
         self.rooms.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Adds `conn` to `room` and queues `reply(online)` for it before any message of the room
-    /// can be. Joining a room twice is harmless.
-    pub fn join(
-        &self,
-        room: &RoomName,
-        conn: ConnId,
-        outbox: &Arc<Outbox>,
-        reply: impl FnOnce(usize) -> Bytes,
-    ) -> Membership {
-        self.join_as(Codec::Native, room, conn, outbox, reply)
-    }
-
-    /// [`Hub::join`] for a member reading chat messages in `codec`.
+    /// Adds `conn` to `room` as a member reading chat messages in `codec`, and queues
+    /// `reply(online)` for it before any message of the room can be. Joining a room twice is
+    /// harmless.
     pub fn join_as(
         &self,
         codec: Codec,
@@ -140,18 +125,29 @@ impl Hub {
     ) -> (Membership, RwLockWriteGuard<'_, Rooms>) {
         let mut rooms = self.write();
         let members = rooms.entry(room.clone()).or_default();
-        let edge = members.is_empty();
-        if edge {
+        let first_or_last = members.is_empty();
+        if first_or_last {
             self.metrics.rooms.inc();
         }
         members.insert(conn, member);
         let online = members.len();
-        (Membership { online, edge }, rooms)
+        (
+            Membership {
+                online,
+                first_or_last,
+            },
+            rooms,
+        )
     }
 
     /// Adds `conn` to `room` with a `staging` outbox that collects the room's live frames
     /// while the connection is sent the room's history; [`Hub::promote`] ends the staging.
-    pub fn join_staged(&self, room: &RoomName, conn: ConnId, staging: &Arc<Outbox>) -> Membership {
+    pub(crate) fn join_staged(
+        &self,
+        room: &RoomName,
+        conn: ConnId,
+        staging: &Arc<Outbox>,
+    ) -> Membership {
         let member = Member {
             outbox: staging.clone(),
             codec: Codec::Native,
@@ -162,7 +158,7 @@ impl Hub {
     /// Ends a staged join: from now on `room`'s frames go to `outbox`. Under the lock, so no
     /// frame is delivered meanwhile, `flush` gets the staged frames (oldest first), or `None`
     /// if the staging overflowed. Returns `false` if `conn` is no longer in `room`.
-    pub fn promote(
+    pub(crate) fn promote(
         &self,
         room: &str,
         conn: ConnId,
@@ -178,13 +174,13 @@ impl Hub {
         let mut staged = VecDeque::new();
         match staging.take(&mut staged) {
             Next::Close(_) => flush(None),
-            Next::Frames | Next::Idle => flush(Some(staged)),
+            Next::Frames | Next::Empty => flush(Some(staged)),
         }
         true
     }
 
     /// Removes `conn` from `room`; `None` if it was not a member.
-    pub fn leave(&self, room: &str, conn: ConnId) -> Option<Membership> {
+    pub(crate) fn leave(&self, room: &str, conn: ConnId) -> Option<Membership> {
         let mut rooms = self.write();
         let members = rooms.get_mut(room)?;
         members.remove(&conn)?;
@@ -195,18 +191,13 @@ impl Hub {
         }
         Some(Membership {
             online,
-            edge: online == 0,
+            first_or_last: online == 0,
         })
     }
 
     /// Local members of `room`.
     pub fn online(&self, room: &str) -> usize {
         self.read().get(room).map_or(0, HashMap::len)
-    }
-
-    /// Rooms with at least one local member.
-    pub fn rooms(&self) -> Vec<RoomName> {
-        self.read().keys().cloned().collect()
     }
 
     /// Queues `frame` for every local member of `room`; never waits. Socket.IO members get
@@ -219,7 +210,7 @@ impl Hub {
             let frame = match member.codec {
                 Codec::Native => frame.clone(),
                 Codec::SocketIo => socketio
-                    .get_or_insert_with(|| crate::socketio::codec::message_frame(frame))
+                    .get_or_insert_with(|| socketio::message_frame(frame))
                     .clone(),
             };
             match member.outbox.push(frame) {
@@ -259,53 +250,57 @@ mod tests {
     }
 
     #[test]
-    fn join_and_leave_report_edges_and_counts() {
-        let hub = Hub::new();
+    fn join_and_leave_report_first_and_last_members_and_counts() {
+        let hub = Hub::default();
         let a = Arc::new(Outbox::new(8, 1 << 20));
         let b = Arc::new(Outbox::new(8, 1 << 20));
         let general = room("general");
         assert_eq!(
-            hub.join(&general, ConnId(1), &a, reply),
+            hub.join_as(Codec::Native, &general, ConnId(1), &a, reply),
             Membership {
                 online: 1,
-                edge: true
+                first_or_last: true
             }
         );
         assert_eq!(
-            hub.join(&general, ConnId(2), &b, reply),
+            hub.join_as(Codec::Native, &general, ConnId(2), &b, reply),
             Membership {
                 online: 2,
-                edge: false
+                first_or_last: false
             }
         );
-        assert_eq!(hub.join(&general, ConnId(2), &b, reply).online, 2);
+        assert_eq!(
+            hub.join_as(Codec::Native, &general, ConnId(2), &b, reply)
+                .online,
+            2
+        );
         assert_eq!(hub.leave("general", ConnId(3)), None);
         assert_eq!(
             hub.leave("general", ConnId(1)),
             Some(Membership {
                 online: 1,
-                edge: false
+                first_or_last: false
             })
         );
         assert_eq!(
             hub.leave("general", ConnId(2)),
             Some(Membership {
                 online: 0,
-                edge: true
+                first_or_last: true
             })
         );
-        assert!(hub.rooms().is_empty());
+        assert!(hub.read().is_empty(), "no room left");
     }
 
     #[test]
     fn deliver_shares_one_buffer_with_members_of_that_room_only() {
-        let hub = Hub::new();
+        let hub = Hub::default();
         let a = Arc::new(Outbox::new(8, 1 << 20));
         let b = Arc::new(Outbox::new(8, 1 << 20));
         let other = Arc::new(Outbox::new(8, 1 << 20));
-        hub.join(&room("general"), ConnId(1), &a, reply);
-        hub.join(&room("general"), ConnId(2), &b, reply);
-        hub.join(&room("dev"), ConnId(3), &other, reply);
+        hub.join_as(Codec::Native, &room("general"), ConnId(1), &a, reply);
+        hub.join_as(Codec::Native, &room("general"), ConnId(2), &b, reply);
+        hub.join_as(Codec::Native, &room("dev"), ConnId(3), &other, reply);
         assert_eq!(
             drain(&a),
             [&b"1"[..]],
@@ -328,10 +323,10 @@ mod tests {
 
     #[test]
     fn socketio_members_share_one_socketio_frame_built_once() {
-        let hub = Hub::new();
+        let hub = Hub::default();
         let native = Arc::new(Outbox::new(8, 1 << 20));
         let sio: Vec<_> = (0..3).map(|_| Arc::new(Outbox::new(8, 1 << 20))).collect();
-        hub.join(&room("general"), ConnId(1), &native, reply);
+        hub.join_as(Codec::Native, &room("general"), ConnId(1), &native, reply);
         for (i, outbox) in sio.iter().enumerate() {
             hub.join_as(
                 Codec::SocketIo,
@@ -364,11 +359,11 @@ mod tests {
 
     #[test]
     fn a_full_member_is_counted_slow_and_others_still_get_the_frame() {
-        let hub = Hub::new();
+        let hub = Hub::default();
         let slow = Arc::new(Outbox::new(8, 1 << 20));
         let fast = Arc::new(Outbox::new(8, 1 << 20));
-        hub.join(&room("general"), ConnId(1), &slow, reply);
-        hub.join(&room("general"), ConnId(2), &fast, reply);
+        hub.join_as(Codec::Native, &room("general"), ConnId(1), &slow, reply);
+        hub.join_as(Codec::Native, &room("general"), ConnId(2), &fast, reply);
         drain(&fast);
         while slow.len() < 8 {
             slow.push(Bytes::new()).unwrap();

@@ -19,7 +19,8 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
 
 use scalechat::config::{self, Config, LogFormat};
-use scalechat::server::{Node, Server};
+use scalechat::node::Node;
+use scalechat::server::Server;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -37,7 +37,7 @@ pub enum Next {
     /// Frames were moved into the writer's batch: write them.
     Frames,
     /// Nothing queued, nothing to close: wait for [`Outbox::wait`].
-    Idle,
+    Empty,
     /// Send this close frame, then end the connection.
     Close(Bytes),
 }
@@ -121,8 +121,8 @@ impl Outbox {
             state.closed = true;
             let waiter = state.room_waiter.take();
             drop(state);
-            self.poke();
-            wake(waiter);
+            self.wake();
+            wake_room_waiter(waiter);
             return Err(Refused::Full);
         }
         let was_empty = state.frames.is_empty();
@@ -132,7 +132,7 @@ impl Outbox {
         // A writer with frames in hand re-checks the queue before it waits, so only the
         // empty-to-non-empty transition needs a wake-up.
         if was_empty {
-            self.poke();
+            self.wake();
         }
         Ok(())
     }
@@ -152,12 +152,12 @@ impl Outbox {
         state.closed = true;
         let waiter = state.room_waiter.take();
         drop(state);
-        self.poke();
-        wake(waiter);
+        self.wake();
+        wake_room_waiter(waiter);
     }
 
     /// Whether the connection is closing.
-    pub fn is_closed(&self) -> bool {
+    pub(crate) fn is_closed(&self) -> bool {
         self.lock().closed
     }
 
@@ -180,10 +180,10 @@ impl Outbox {
         } else if let Some(close) = state.close.take() {
             Next::Close(close)
         } else {
-            Next::Idle
+            Next::Empty
         };
         drop(state);
-        wake(waiter);
+        wake_room_waiter(waiter);
         next
     }
 
@@ -191,7 +191,7 @@ impl Outbox {
     /// being written included), or the connection is closing: for a task that queues many
     /// frames, or a large one, and lets the writer drain them first. For one waiter at a time;
     /// woken by the writer's next [`Outbox::take_up_to`] (or a poll's [`Outbox::take`]).
-    pub async fn wait_room(&self) {
+    pub(crate) async fn wait_room(&self) {
         std::future::poll_fn(|cx| {
             let mut state = self.lock();
             let roomy =
@@ -214,7 +214,7 @@ impl Outbox {
     /// the close frame once the queue is drained. Unlike [`Outbox::take`] the queue keeps its
     /// slots, so a writer that writes what it took before it takes again allocates nothing;
     /// once drained, a queue that a burst grew goes back to its initial slots.
-    pub fn take_up_to(&self, max: usize, mut put: impl FnMut(Bytes)) -> Next {
+    pub(crate) fn take_up_to(&self, max: usize, mut put: impl FnMut(Bytes)) -> Next {
         let mut state = self.lock();
         // The last batch is written: its bytes are free; what is taken now is in flight.
         state.bytes -= state.in_flight;
@@ -235,21 +235,21 @@ impl Outbox {
             if state.frames.capacity() > INITIAL_SLOTS {
                 state.frames = VecDeque::with_capacity(INITIAL_SLOTS);
             }
-            Next::Idle
+            Next::Empty
         };
         drop(state);
-        wake(waiter);
+        wake_room_waiter(waiter);
         next
     }
 
-    /// Resolves when something was queued, a close was requested or [`Outbox::poke`] was
+    /// Resolves when something was queued, a close was requested or [`Outbox::wake`] was
     /// called since the waiter last returned. For one waiter at a time.
-    pub async fn wait(&self) {
+    pub(crate) async fn wait(&self) {
         std::future::poll_fn(|cx| self.poll_wait(cx)).await
     }
 
     /// [`Outbox::wait`] as a poll: `Ready` once per wake.
-    pub fn poll_wait(&self, cx: &mut Context<'_>) -> Poll<()> {
+    pub(crate) fn poll_wait(&self, cx: &mut Context<'_>) -> Poll<()> {
         if self.signalled.swap(false, Ordering::AcqRel) {
             return Poll::Ready(());
         }
@@ -264,7 +264,7 @@ impl Outbox {
 
     /// Wakes the waiter: something changed (frames, a close), or a deadline it asked the
     /// ticker for has come.
-    pub fn poke(&self) {
+    pub(crate) fn wake(&self) {
         self.signalled.store(true, Ordering::Release);
         self.waker.wake();
     }
@@ -275,13 +275,13 @@ impl Outbox {
     }
 
     /// The most frames this outbox holds before the connection counts as a slow consumer.
-    pub fn capacity(&self) -> usize {
+    pub(crate) fn capacity(&self) -> usize {
         self.max_frames
     }
 
     /// The most bytes this outbox holds (queued and being written) before the connection
     /// counts as a slow consumer.
-    pub fn max_bytes(&self) -> usize {
+    pub(crate) fn max_bytes(&self) -> usize {
         self.max_bytes as usize
     }
 
@@ -292,7 +292,7 @@ impl Outbox {
 }
 
 /// Wakes `waiter`, if any, once the lock is released.
-fn wake(waiter: Option<Waker>) {
+fn wake_room_waiter(waiter: Option<Waker>) {
     if let Some(waker) = waiter {
         waker.wake();
     }
@@ -311,7 +311,7 @@ mod tests {
         assert!(matches!(outbox.take(&mut batch), Next::Frames));
         assert_eq!(batch, [&b"a"[..], &b"b"[..]]);
         batch.clear();
-        assert!(matches!(outbox.take(&mut batch), Next::Idle));
+        assert!(matches!(outbox.take(&mut batch), Next::Empty));
     }
 
     #[test]
@@ -385,7 +385,7 @@ mod tests {
         batch.clear();
         assert!(matches!(outbox.take(&mut batch), Next::Frames));
         batch.clear();
-        assert!(matches!(outbox.take(&mut batch), Next::Idle));
+        assert!(matches!(outbox.take(&mut batch), Next::Empty));
         // Everything is written: the whole bound is free again.
         outbox.push(Bytes::from(vec![0; 10])).unwrap();
         let outbox = Outbox::new(8, 10);
@@ -415,7 +415,7 @@ mod tests {
         assert_eq!(outbox.lock().bytes, 4, "the first batch is written");
         assert!(matches!(
             outbox.take_up_to(2, |f| taken.push(f)),
-            Next::Idle
+            Next::Empty
         ));
         assert_eq!(outbox.lock().bytes, 0);
         // Many rounds of pushes and takes never leak bytes (half the bound is being written).
@@ -423,7 +423,7 @@ mod tests {
             outbox.push(Bytes::from(vec![0; 5])).unwrap();
             assert!(matches!(outbox.take_up_to(64, drop), Next::Frames));
         }
-        assert!(matches!(outbox.take_up_to(64, drop), Next::Idle));
+        assert!(matches!(outbox.take_up_to(64, drop), Next::Empty));
         outbox.push(Bytes::from(vec![0; 10])).unwrap();
     }
 
@@ -439,7 +439,7 @@ mod tests {
         // Taken but not written: still more than half of the bytes.
         assert!(poll!(&mut room).is_pending());
         batch.clear();
-        assert!(matches!(outbox.take(&mut batch), Next::Idle));
+        assert!(matches!(outbox.take(&mut batch), Next::Empty));
         assert!(outbox.lock().room_waiter.is_none(), "the waiter was woken");
         assert!(poll!(&mut room).is_ready());
 

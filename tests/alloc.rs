@@ -80,7 +80,7 @@ fn deliver_to(members: usize) -> (usize, Vec<Arc<Outbox>>) {
 
 /// [`deliver_to`] with members reading `codec`.
 fn deliver_to_members(members: usize, codec: Codec) -> (usize, Vec<Arc<Outbox>>) {
-    let hub = Arc::new(Hub::new());
+    let hub = Arc::new(Hub::default());
     let transport = MemoryTransport::new(hub.clone(), RoomsConfig::default());
     let room = RoomName::new("general").unwrap();
     let outboxes: Vec<Arc<Outbox>> = (0..members)

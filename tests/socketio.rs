@@ -147,7 +147,7 @@ async fn handshake_advertises_the_limits() {
     assert_eq!(open["pingInterval"], 7000);
     assert_eq!(open["pingTimeout"], 3000);
     assert_eq!(open["maxPayload"], 65536);
-    assert_eq!(server.node.socketio.len(), 1);
+    assert_eq!(server.socketio.len(), 1);
     server.stop().await;
 }
 
@@ -343,7 +343,7 @@ async fn bad_input_closes_only_the_session_that_sent_it() {
     // The bystander's session goes on.
     post(addr, &bystander, r#"421["event:message","still here"]"#).await;
     poll_until(addr, &bystander, |p| p.starts_with("431[{")).await;
-    assert_eq!(server.node.socketio.len(), 1);
+    assert_eq!(server.socketio.len(), 1);
     server.stop().await;
 }
 
@@ -426,7 +426,7 @@ async fn upgrade_from_polling_to_websocket() {
     // Polling is over for this session.
     engine_error(&poll(addr, &sid).await, 400, 3, "Bad request");
     ws.send(Message::text("1")).await.unwrap();
-    common::eventually("the session to end", || server.node.socketio.is_empty()).await;
+    common::eventually("the session to end", || server.socketio.is_empty()).await;
     server.stop().await;
 }
 
@@ -457,7 +457,7 @@ async fn websocket_only_session() {
             other => panic!("expected a close frame, got {other:?}"),
         }
     }
-    common::eventually("the session to end", || server.node.socketio.is_empty()).await;
+    common::eventually("the session to end", || server.socketio.is_empty()).await;
     server.stop().await;
 }
 
@@ -516,7 +516,7 @@ async fn a_session_that_does_not_answer_pings_is_closed() {
         answer.status,
         answer.body
     );
-    common::eventually("the session to end", || server.node.socketio.is_empty()).await;
+    common::eventually("the session to end", || server.socketio.is_empty()).await;
 
     // One that answers stays.
     let sid = connected(addr, "").await;
@@ -524,7 +524,7 @@ async fn a_session_that_does_not_answer_pings_is_closed() {
         poll_until(addr, &sid, |p| p == "2").await;
         assert_eq!(post(addr, &sid, "3").await.body, "ok");
     }
-    assert_eq!(server.node.socketio.len(), 1);
+    assert_eq!(server.socketio.len(), 1);
     server.stop().await;
 }
 
@@ -724,7 +724,7 @@ async fn sessions_count_against_the_per_address_connection_limit() {
     // A WebSocket session holds it too, until it closes.
     assert_eq!(polling_handshake(addr, &[]).await.status, 429);
     ws.send(Message::text("1")).await.unwrap();
-    common::eventually("the session to end", || server.node.socketio.is_empty()).await;
+    common::eventually("the session to end", || server.socketio.is_empty()).await;
     assert_eq!(polling_handshake(addr, &[]).await.status, 200);
     let (_, text) = common::http_get(addr, "/metrics", &[]).await;
     assert!(
@@ -780,7 +780,7 @@ async fn sessions_that_do_not_connect_in_time_are_closed_and_free_their_slot() {
     let mut ws = ws_handshake(addr, &[]).await.expect("the slot was freed");
     assert_eq!(close_code(&mut ws).await, 1008);
     drop(ws);
-    common::eventually("the session to end", || server.node.socketio.is_empty()).await;
+    common::eventually("the session to end", || server.socketio.is_empty()).await;
     // Connected in time, a session stays past the deadline: it gets the first ping at 2 s.
     let token = signed_token("carol");
     let mut ws = ws_handshake(addr, &[]).await.expect("the slot was freed");
@@ -789,7 +789,7 @@ async fn sessions_that_do_not_connect_in_time_are_closed_and_free_their_slot() {
         .await
         .unwrap();
     while next_text(&mut ws).await != "2" {}
-    assert_eq!(server.node.socketio.len(), 1);
+    assert_eq!(server.socketio.len(), 1);
     server.stop().await;
 }
 
@@ -960,5 +960,5 @@ async fn a_polling_session_that_stops_polling_is_closed_past_the_byte_bound() {
     let answer = poll(addr, &sid).await;
     assert_eq!((answer.status, answer.body.as_str()), (200, "1"));
     engine_error(&poll(addr, &sid).await, 400, 1, "Session ID unknown");
-    assert_eq!(server.node.socketio.len(), 0);
+    assert_eq!(server.socketio.len(), 0);
 }

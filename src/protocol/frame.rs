@@ -261,17 +261,18 @@ pub enum Decoded {
 /// fragments in order, a message's total size, UTF-8 of text, close payloads.
 #[derive(Debug)]
 pub struct Decoder {
-    max_message_bytes: usize,
+    max_frame_bytes: usize,
     /// The header of the frame whose payload is still arriving (already checked).
     header: Option<Header>,
     message: Option<Fragmented>,
 }
 
 impl Decoder {
-    /// A decoder refusing messages, whole or fragmented, above `max_message_bytes` (1009).
-    pub fn new(max_message_bytes: usize) -> Self {
+    /// A decoder refusing a frame, or a fragmented message in total, above `max_frame_bytes`
+    /// (`limits.max_frame_bytes`) with 1009.
+    pub fn new(max_frame_bytes: usize) -> Self {
         Self {
-            max_message_bytes,
+            max_frame_bytes,
             header: None,
             message: None,
         }
@@ -283,7 +284,7 @@ impl Decoder {
     pub fn decode(&mut self, buf: &mut [u8]) -> Result<Decoded, FrameError> {
         let header = match self.header {
             Some(header) => header,
-            None => match parse_header(buf, self.max_message_bytes)? {
+            None => match parse_header(buf, self.max_frame_bytes)? {
                 Some(header) => {
                     self.check_sequence(&header)?;
                     self.header = Some(header);
@@ -312,7 +313,7 @@ impl Decoder {
             (Opcode::Continuation, None) => Err(protocol("continuation frame without a message")),
             (Opcode::Continuation, Some(message)) => {
                 message.len += header.payload_len;
-                if message.len > self.max_message_bytes {
+                if message.len > self.max_frame_bytes {
                     return Err(TOO_BIG);
                 }
                 Ok(())

@@ -1,10 +1,12 @@
-//! Wire formats. `native` is scalechat's JSON protocol v1 (docs/protocol.md); `frame` decodes
-//! and checks the WebSocket frames clients send; `ws` builds the WebSocket frames the server
-//! sends. Names shared by every codec live here: room and user
-//! names, and the stable error codes a client sees.
+//! Wire formats, pure codecs that know nothing of connections. `native` is scalechat's JSON
+//! protocol v1 (docs/protocol.md); `socketio` is Engine.IO v4 and Socket.IO v5
+//! (docs/socketio.md); `frame` decodes and checks the WebSocket frames clients send; `ws`
+//! builds the WebSocket frames the server sends. Names shared by every codec live here: room
+//! and user names, the default room, and the stable error codes a client sees.
 
 pub mod frame;
 pub mod native;
+pub mod socketio;
 pub mod ws;
 
 use std::borrow::Borrow;
@@ -14,11 +16,14 @@ use std::sync::Arc;
 use serde::{Serialize, Serializer};
 
 /// Longest room name, in bytes.
-pub const MAX_ROOM_LEN: usize = 64;
+pub(crate) const MAX_ROOM_LEN: usize = 64;
 /// Longest display name, in characters.
-pub const MAX_NAME_CHARS: usize = 32;
+pub(crate) const MAX_NAME_CHARS: usize = 32;
 /// Longest client `ref`, in characters.
-pub const MAX_REF_CHARS: usize = 64;
+pub(crate) const MAX_REF_CHARS: usize = 64;
+
+/// The room a connection starts in when it names none.
+pub(crate) const DEFAULT_ROOM: &str = "general";
 
 /// A validated room name: 1 to 64 of `A-Za-z0-9_.-`. Cheap to clone.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -75,7 +80,7 @@ impl Serialize for RoomName {
 /// Checks a display name: 1 to 32 characters, not only spaces, no control characters and
 /// no invisible format characters (bidi controls, zero-width spaces and joiners), which
 /// could make one name look like another or reorder the text around it.
-pub fn valid_user_name(name: &str) -> bool {
+pub(crate) fn valid_user_name(name: &str) -> bool {
     let chars = name.chars().count();
     (1..=MAX_NAME_CHARS).contains(&chars)
         && !name.chars().any(|c| c.is_control() || is_format(c))
@@ -143,7 +148,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, in declaration order (`code as usize` is its index).
-    pub const ALL: [ErrorCode; 11] = [
+    pub(crate) const ALL: [ErrorCode; 11] = [
         Self::BadJson,
         Self::UnknownType,
         Self::BadField,
@@ -198,7 +203,7 @@ impl ProtocolError {
     }
 
     /// The same error, echoing the client's `ref`.
-    pub fn with_ref(mut self, reference: Option<&str>) -> Self {
+    pub(crate) fn with_ref(mut self, reference: Option<&str>) -> Self {
         self.reference = reference.map(str::to_owned);
         self
     }

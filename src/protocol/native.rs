@@ -74,12 +74,12 @@ impl Since {
 }
 
 /// Whether `epoch` could be one the server sent: 1 to 32 ASCII letters or digits.
-pub fn valid_epoch(epoch: &str) -> bool {
+pub(crate) fn valid_epoch(epoch: &str) -> bool {
     (1..=32).contains(&epoch.len()) && epoch.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
 /// Most messages one `history` request returns.
-pub const MAX_HISTORY_PAGE: usize = 100;
+pub(crate) const MAX_HISTORY_PAGE: usize = 100;
 
 /// Decodes one client frame, checking every field; `max_message_chars` bounds `send`.
 pub fn decode(payload: &[u8], max_message_chars: usize) -> Result<Request, ProtocolError> {
@@ -157,7 +157,7 @@ fn decode_typed(
 }
 
 /// Checks a chat message: not empty or only white space, at most `max_chars` characters.
-pub fn check_message(message: &str, max_chars: usize) -> Result<(), ProtocolError> {
+pub(crate) fn check_message(message: &str, max_chars: usize) -> Result<(), ProtocolError> {
     if message.trim().is_empty() {
         return Err(ProtocolError::new(
             ErrorCode::EmptyMessage,
@@ -208,7 +208,7 @@ fn required_room(obj: &Map<String, Value>) -> Result<RoomName, ProtocolError> {
 /// Frames the server sends to one connection (not chat messages: see [`MessageTemplate`]).
 #[derive(Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
-pub enum Reply<'a> {
+pub(crate) enum Reply<'a> {
     /// First frame of every connection.
     Welcome {
         /// Connection id.
@@ -281,7 +281,7 @@ impl Reply<'_> {
 }
 
 /// The frame for a refused request.
-pub fn error_frame(err: &ProtocolError) -> Bytes {
+pub(crate) fn error_frame(err: &ProtocolError) -> Bytes {
     Reply::Error {
         code: err.code.as_str(),
         message: &err.message,
@@ -293,8 +293,8 @@ pub fn error_frame(err: &ProtocolError) -> Bytes {
 /// A chat message encoded once, before its id is known: the JSON text around the id.
 ///
 /// `{"type":"message","room":"general","id":` + id + `,"epoch":"…"` + `,"user":…,"ts":…,
-/// "message":…}`. The transport that assigns the id joins the parts (see [`epoch_field`]), so
-/// the message is serialized exactly once.
+/// "message":…}`. The transport that assigns the id joins the parts
+/// ([`MessageTemplate::frame`]), so the message is serialized exactly once.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MessageTemplate {
     json: Vec<u8>,
@@ -347,11 +347,6 @@ impl MessageTemplate {
 const EPOCH_OPEN: &[u8] = b",\"epoch\":\"";
 const EPOCH_CLOSE: &[u8] = b"\"";
 
-/// `,"epoch":"E"`: what goes between a message's id and its tail.
-pub fn epoch_field(epoch: &str) -> String {
-    format!(",\"epoch\":\"{epoch}\"")
-}
-
 /// The id and epoch of an encoded chat message (the JSON text of a `message` frame).
 ///
 /// Only the server's own encoding is read: the first `,"id":` and `,"epoch":"` are the
@@ -366,7 +361,7 @@ pub fn message_meta(json: &[u8]) -> Option<(u64, &str)> {
 
 /// When an encoded chat message was accepted (`ts`, milliseconds since the Unix epoch), read
 /// as [`message_meta`] reads the id.
-pub fn message_ts(json: &[u8]) -> Option<u64> {
+pub(crate) fn message_ts(json: &[u8]) -> Option<u64> {
     number_field(json, b",\"ts\":")
 }
 
@@ -386,7 +381,7 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 
 /// A `history` reply: `{"type":"history","room":…,"epoch":…,"messages":[…],"more":…}` built
 /// from the messages' stored JSON texts, oldest first.
-pub fn history_frame(room: &RoomName, epoch: &str, messages: &[Bytes], more: bool) -> Bytes {
+pub(crate) fn history_frame(room: &RoomName, epoch: &str, messages: &[Bytes], more: bool) -> Bytes {
     let mut json = Vec::with_capacity(64 + messages.iter().map(|m| m.len() + 1).sum::<usize>());
     json.extend_from_slice(b"{\"type\":\"history\",\"room\":");
     push_json_str(&mut json, room.as_str());

@@ -81,13 +81,13 @@ pub fn binary(payload: &[u8]) -> Bytes {
 }
 
 /// A text frame whose payload is `parts` joined (all UTF-8), built with one allocation.
-pub fn text_parts(parts: &[&[u8]]) -> Bytes {
+pub(crate) fn text_parts(parts: &[&[u8]]) -> Bytes {
     frame(OP_TEXT, parts)
 }
 
 /// A text frame of `len` payload bytes, all written by `write` (which must write exactly
 /// `len` UTF-8 bytes) straight into the frame: one allocation, no intermediate buffer.
-pub fn text_with(len: usize, write: impl FnOnce(&mut BytesMut)) -> Bytes {
+pub(crate) fn text_with(len: usize, write: impl FnOnce(&mut BytesMut)) -> Bytes {
     let mut buf = BytesMut::with_capacity(header_len(len) + len);
     put_header(&mut buf, OP_TEXT, len);
     let start = buf.len();
@@ -101,7 +101,7 @@ pub fn text_with(len: usize, write: impl FnOnce(&mut BytesMut)) -> Bytes {
 }
 
 /// The payload of a frame built here (its bytes after the header), sharing its memory.
-pub fn text_payload(frame: &Bytes) -> Bytes {
+pub(crate) fn text_payload(frame: &Bytes) -> Bytes {
     let header = match frame.get(1).map(|b| b & 0x7F) {
         Some(126) => 4,
         Some(127) => 10,

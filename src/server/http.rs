@@ -1,6 +1,7 @@
 //! HTTP routing: the built-in page (`/`, `/app.js`, `/style.css`), `/healthz`, `/readyz`,
-//! `/metrics`, and `/ws`, which checks the request (method, upgrade
-//! headers, Origin, capacity, query) and answers with a clear status before upgrading.
+//! `/metrics`, `/socket.io/` (handed to [`socketio`](crate::socketio)), and `/ws`, which
+//! checks the request (method, upgrade headers, Origin, capacity, query) and answers with a
+//! clear status before upgrading to a [`native`](crate::native) session.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -9,26 +10,27 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use tracing::debug;
 
-use super::session::{self, Params};
-use super::{ConnSlot, Node, guard};
 use crate::config::MetricsEndpoint;
 use crate::metrics::{self, Refusal};
+use crate::native::{self, Params};
+use crate::node::Node;
+use crate::node::admission::{COOKIE_FORBIDDEN, admit, cookie_allowed, origin_allowed};
+use crate::node::guard;
 use crate::protocol::native::Since;
-use crate::protocol::{RoomName, valid_user_name};
+use crate::protocol::{DEFAULT_ROOM, RoomName, valid_user_name};
+use crate::socketio::{self, EngineSessions};
 use crate::web;
 
 type Body = Full<Bytes>;
 
-/// The room a connection starts in when the query names none.
-pub const DEFAULT_ROOM: &str = "general";
-
-/// Answers one HTTP request.
-pub async fn route(
+/// Answers one HTTP request; `socketio` holds the node's Socket.IO sessions.
+pub(crate) async fn route(
     node: Arc<Node>,
+    socketio: Arc<EngineSessions>,
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
@@ -45,7 +47,7 @@ pub async fn route(
         {
             websocket(node, peer, req, true)
         }
-        (_, "/socket.io/" | "/socket.io") => crate::socketio::route(node, peer, req).await,
+        (_, "/socket.io/" | "/socket.io") => socketio::route(node, &socketio, peer, req).await,
         (&Method::GET | &Method::HEAD, path) if web::asset(path).is_some() => page(&req, path),
         (_, "/healthz" | "/readyz" | "/metrics" | "/ws") => get_only(),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
@@ -54,7 +56,7 @@ pub async fn route(
 }
 
 /// Answers one HTTP request on the listener of `server.metrics_listen`: `/metrics` alone.
-pub async fn route_metrics(
+pub(crate) async fn route_metrics(
     node: Arc<Node>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
@@ -235,135 +237,8 @@ fn websocket(
     node.metrics.connections_total.inc();
     debug!(%peer, room = %params.room, "websocket upgrade");
     node.sessions
-        .spawn(session::run(node.clone(), upgrade, params, slot));
+        .spawn(native::run(node.clone(), upgrade, params, slot));
     response.map(|_| Full::new(Bytes::new()))
-}
-
-/// Why [`admit`] refused a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Unadmitted {
-    /// The client address is past a per-address limit: 429.
-    PerIp(guard::Limited),
-    /// The node has `server.max_connections` open: 503.
-    Full,
-}
-
-impl Unadmitted {
-    /// The answer, with the `Retry-After` to wait.
-    pub(crate) fn response(self) -> Response<Body> {
-        let (status, why, retry) = match self {
-            Self::PerIp(guard::Limited::Connections) => (
-                StatusCode::TOO_MANY_REQUESTS,
-                "too many connections from your address\n",
-                "1",
-            ),
-            Self::PerIp(guard::Limited::Rate) => (
-                StatusCode::TOO_MANY_REQUESTS,
-                "connecting too fast from your address\n",
-                "1",
-            ),
-            Self::Full => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "too many connections\n",
-                "5",
-            ),
-        };
-        let mut res = text(status, why);
-        res.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static(retry));
-        res
-    }
-}
-
-/// Admits a new connection (a `/ws` upgrade or a Socket.IO handshake): counts the attempt
-/// against its client address and takes one of the address's connection slots and one of
-/// the node's. The slots are held until the returned guard drops, when the connection ends.
-pub(crate) fn admit(
-    node: &Arc<Node>,
-    peer: SocketAddr,
-    headers: &HeaderMap,
-) -> Result<ConnSlot, Unadmitted> {
-    let ip = guard::client_ip(peer.ip(), headers, &node.trusted_proxies);
-    let s = &node.config.server;
-    let limits = guard::IpLimits {
-        max_open: s.max_connections_per_ip,
-        rate: s.connects_per_ip_per_second,
-        burst: s.connect_burst_per_ip,
-    };
-    let ip_slot = node.per_ip.admit(ip, limits).map_err(|limited| {
-        node.metrics.refused(Refusal::PerIp);
-        Unadmitted::PerIp(limited)
-    })?;
-    let Some(mut slot) = node.reserve_slot() else {
-        node.metrics.refused(Refusal::Capacity);
-        return Err(Unadmitted::Full);
-    };
-    slot._ip = Some(ip_slot);
-    Ok(slot)
-}
-
-pub(crate) fn origin_allowed(node: &Node, req: &Request<Incoming>) -> bool {
-    let live = node.live();
-    let allowed = &live.allowed_origins;
-    if allowed.is_empty() {
-        return true;
-    }
-    // Browsers always send Origin; a client without one is not a browser page that could be
-    // abused cross-site, so it is let through.
-    match req.headers().get(header::ORIGIN) {
-        None => true,
-        Some(origin) => allowed.iter().any(|a| a.as_bytes() == origin.as_bytes()),
-    }
-}
-
-/// The answer to a request refused by [`cookie_allowed`].
-pub(crate) const COOKIE_FORBIDDEN: &str = "origin not allowed: the scalechat_token cookie is accepted only from this site's pages \
-     or server.allowed_origins; other pages must send the token themselves\n";
-
-/// With token authentication on: whether the request may authenticate with the
-/// `scalechat_token` cookie it carries. A browser attaches the cookie to requests from any
-/// page, so a page of another site could otherwise act as the user (cross-site WebSocket
-/// hijacking). The cookie is accepted from this site's pages (`Origin` matches `Host`), from
-/// `server.allowed_origins`, and from clients that send no `Origin` (not browsers). A token
-/// the client sends itself (query parameter, Socket.IO auth payload) is not at risk and is
-/// not checked here. True when authentication is off or no cookie is sent.
-pub(crate) fn cookie_allowed(node: &Node, headers: &HeaderMap) -> bool {
-    node.auth.is_none()
-        || guard::token(None, headers).is_none()
-        || trusted_origin(node, headers).unwrap_or(true)
-}
-
-/// Whether the request's `Origin` is this site (it matches `Host`) or listed in
-/// `server.allowed_origins`: the pages that may use the user's credentials. `None` without
-/// an `Origin`.
-pub(crate) fn trusted_origin(node: &Node, headers: &HeaderMap) -> Option<bool> {
-    let origin = headers.get(header::ORIGIN)?;
-    let listed = || {
-        let live = node.live();
-        live.allowed_origins
-            .iter()
-            .any(|a| a.as_bytes() == origin.as_bytes())
-    };
-    Some(same_origin(origin, headers.get(header::HOST)) || listed())
-}
-
-/// Whether `origin` (`scheme://host[:port]`) names the `host` the request was sent to. A
-/// scheme's default port may be written or left out on either side.
-fn same_origin(origin: &HeaderValue, host: Option<&HeaderValue>) -> bool {
-    let (Ok(origin), Some(Ok(host))) = (origin.to_str(), host.map(HeaderValue::to_str)) else {
-        return false;
-    };
-    let Some((scheme, authority)) = origin.split_once("://") else {
-        return false;
-    };
-    let default_port = match scheme.to_ascii_lowercase().as_str() {
-        "http" => ":80",
-        "https" => ":443",
-        _ => return false,
-    };
-    let authority = authority.strip_suffix(default_port).unwrap_or(authority);
-    let host = host.strip_suffix(default_port).unwrap_or(host);
-    !host.is_empty() && authority.eq_ignore_ascii_case(host)
 }
 
 /// Reads `room`, `name`, `since` and `epoch` from the `/ws` query; unknown parameters are
@@ -411,35 +286,7 @@ fn params(query: &str) -> Result<Params, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::{params, same_origin};
-    use hyper::header::HeaderValue;
-
-    #[test]
-    fn same_origin_compares_the_origin_with_the_host() {
-        let same = |origin: &'static str, host: &'static str| {
-            same_origin(
-                &HeaderValue::from_static(origin),
-                Some(&HeaderValue::from_static(host)),
-            )
-        };
-        assert!(same("https://chat.example.com", "chat.example.com"));
-        assert!(same("https://Chat.Example.com", "chat.example.com:443"));
-        assert!(same("http://127.0.0.1:8000", "127.0.0.1:8000"));
-        assert!(same("http://[::1]:80", "[::1]"));
-        assert!(!same("https://chat.example.com:8443", "chat.example.com"));
-        assert!(!same("https://evil.example.com", "chat.example.com"));
-        assert!(!same(
-            "https://chat.example.com.evil.net",
-            "chat.example.com"
-        ));
-        assert!(!same("null", "chat.example.com"));
-        assert!(!same("chat.example.com", "chat.example.com"));
-        assert!(!same("ftp://chat.example.com", "chat.example.com"));
-        assert!(!same_origin(
-            &HeaderValue::from_static("https://chat.example.com"),
-            None
-        ));
-    }
+    use super::params;
 
     #[test]
     fn query_defaults_and_decoding() {

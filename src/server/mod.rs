@@ -1,25 +1,17 @@
-//! The server: the listener and accept loop, the shared [`Node`] state, and shutdown.
+//! The server, the top of the library: it binds the listener, builds the [`Node`], accepts
+//! connections and hands each HTTP request to `http`, which routes it to the protocols
+//! ([`native`](crate::native) at `/ws`, [`socketio`](crate::socketio) at `/socket.io/`).
 //!
-//! `http` routes each request (health, readiness, the WebSocket upgrade); `session` runs one
-//! upgraded WebSocket connection, `reader` reading its frames and `writer` writing them.
 //! Shutdown: the token is cancelled, the accept loop stops, HTTP connections end gracefully,
 //! every session sends Close 1001, and [`Server::run`] waits for them up to
 //! `shutdown_grace_secs`.
 
-pub(crate) mod guard;
-pub(crate) mod http;
-pub(crate) mod reader;
-pub(crate) mod session;
-pub mod ticker;
-pub(crate) mod writer;
-
-pub use guard::parse_net;
+mod http;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -29,170 +21,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::config::{Config, MetricsEndpoint, Reloadable};
-use crate::hub::{ConnId, Hub};
-use crate::metrics::Metrics;
-use crate::protocol::native::MessageTemplate;
-use crate::protocol::{ErrorCode, ProtocolError, RoomName};
-use crate::transport::{Envelope, Published, Transport, dedupe_key};
-
-/// State shared by every connection of this node.
-#[derive(Debug)]
-pub struct Node {
-    /// The configuration the node started with. The keys that SIGHUP reloads are read from
-    /// [`Node::live`] instead.
-    pub config: Config,
-    /// This node's name, sent in `welcome`.
-    pub id: String,
-    /// Rooms and local members.
-    pub hub: Arc<Hub>,
-    /// The message transport.
-    pub transport: Transport,
-    /// Counters and gauges for `/metrics`.
-    pub metrics: Arc<Metrics>,
-    /// Socket.IO (Engine.IO) sessions of this node, by session id.
-    pub socketio: crate::socketio::Sessions,
-    pub(crate) shutdown: CancellationToken,
-    pub(crate) sessions: TaskTracker,
-    /// Wakes connections at their ping deadlines and at the shutdown.
-    pub(crate) ticker: Arc<ticker::Ticker>,
-    connections: AtomicUsize,
-    next_conn: AtomicU64,
-    live: RwLock<Arc<Reloadable>>,
-    live_version: AtomicU64,
-    per_ip: Arc<guard::PerIp>,
-    trusted_proxies: Vec<ipnet::IpNet>,
-    pub(crate) auth: Option<guard::Auth>,
-}
-
-impl Node {
-    fn new(config: Config, shutdown: CancellationToken) -> io::Result<Self> {
-        let metrics = Arc::new(Metrics::default());
-        let hub = Arc::new(Hub::with_metrics(metrics.clone()));
-        let transport = Transport::new(&config, hub.clone(), metrics.clone())
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
-        let id = if config.server.node_id.is_empty() {
-            format!("node-{:06x}", fastrand::u32(..1 << 24))
-        } else {
-            config.server.node_id.clone()
-        };
-        let ticker = Arc::new(ticker::Ticker::default());
-        tokio::spawn(ticker.clone().run(shutdown.clone()));
-        Ok(Self {
-            ticker,
-            per_ip: Arc::new(guard::PerIp::new(config.server.ipv6_prefix_len)),
-            trusted_proxies: guard::trusted_proxies(&config.server),
-            auth: guard::Auth::new(&config.auth),
-            live: RwLock::new(Arc::new(config.reloadable())),
-            live_version: AtomicU64::new(0),
-            config,
-            id,
-            hub,
-            transport,
-            metrics,
-            socketio: crate::socketio::Sessions::default(),
-            shutdown,
-            sessions: TaskTracker::new(),
-            connections: AtomicUsize::new(0),
-            next_conn: AtomicU64::new(1),
-        })
-    }
-
-    /// Whether the node takes new clients: not shutting down, transport up.
-    pub fn is_ready(&self) -> bool {
-        !self.shutdown.is_cancelled() && self.transport.is_ready()
-    }
-
-    /// WebSocket connections open now.
-    pub fn connections(&self) -> usize {
-        self.connections.load(Ordering::Relaxed)
-    }
-
-    /// The settings SIGHUP can change: limits, allowed origins, the connection cap.
-    pub fn live(&self) -> Arc<Reloadable> {
-        self.live
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-
-    /// Bumped by every [`Node::reconfigure`]: sessions compare it to refresh their limits.
-    pub(crate) fn live_version(&self) -> u64 {
-        self.live_version.load(Ordering::Acquire)
-    }
-
-    /// Applies reloaded settings: new connections and the next message of open ones see them.
-    pub fn reconfigure(&self, live: Reloadable) {
-        *self.live.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(live);
-        self.live_version.fetch_add(1, Ordering::AcqRel);
-    }
-
-    /// Publishes `message` from `user` to `room` (membership, length and rate are the
-    /// caller's checks): encodes it once, stamps it, times and counts the publish. A
-    /// `reference` (the client's `ref`) is remembered for the dedupe window. `unavailable`
-    /// when the transport refused or did not answer.
-    pub(crate) async fn publish(
-        &self,
-        room: RoomName,
-        user: &str,
-        message: &str,
-        reference: Option<&str>,
-    ) -> Result<Published, ProtocolError> {
-        let ts = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let envelope = Envelope {
-            message: MessageTemplate::new(&room, user, ts, message),
-            room,
-            dedupe: reference.map(|r| dedupe_key(user, r)),
-        };
-        let started = std::time::Instant::now();
-        let published = self.transport.publish(envelope).await;
-        self.metrics.publish_seconds.observe(started.elapsed());
-        match published {
-            Ok(p) => {
-                if p.duplicate {
-                    self.metrics.duplicate_sends_total.inc();
-                } else {
-                    self.metrics.messages_in_total.inc();
-                }
-                Ok(p)
-            }
-            Err(e) => {
-                self.metrics.publish_errors_total.inc();
-                Err(ProtocolError::new(ErrorCode::Unavailable, e.to_string()))
-            }
-        }
-    }
-
-    pub(crate) fn next_conn_id(&self) -> ConnId {
-        ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed))
-    }
-
-    /// Takes one of `max_connections` slots, released when the guard drops.
-    pub(crate) fn reserve_slot(self: &Arc<Self>) -> Option<ConnSlot> {
-        let max = self.live().max_connections;
-        let taken = self.connections.fetch_add(1, Ordering::AcqRel);
-        let slot = ConnSlot {
-            node: self.clone(),
-            _ip: None,
-        };
-        (taken < max).then_some(slot)
-    }
-}
-
-/// One of the node's `max_connections` slots, and of its client address's.
-#[derive(Debug)]
-pub(crate) struct ConnSlot {
-    node: Arc<Node>,
-    pub(crate) _ip: Option<guard::IpSlot>,
-}
-
-impl Drop for ConnSlot {
-    fn drop(&mut self) {
-        self.node.connections.fetch_sub(1, Ordering::AcqRel);
-    }
-}
+use crate::config::{Config, MetricsEndpoint};
+use crate::node::Node;
+use crate::socketio::EngineSessions;
 
 /// A bound, not yet running server.
 #[derive(Debug)]
@@ -201,6 +32,8 @@ pub struct Server {
     /// The listener of `server.metrics_listen`, when it names an address.
     metrics_listener: Option<TcpListener>,
     node: Arc<Node>,
+    /// The node's Socket.IO sessions, by id.
+    socketio: Arc<EngineSessions>,
 }
 
 impl Server {
@@ -231,6 +64,7 @@ impl Server {
             listener,
             metrics_listener,
             node,
+            socketio: Arc::default(),
         })
     }
 
@@ -251,12 +85,18 @@ impl Server {
         &self.node
     }
 
+    /// The node's Socket.IO sessions.
+    pub fn socketio(&self) -> &Arc<EngineSessions> {
+        &self.socketio
+    }
+
     /// Serves until the shutdown token is cancelled, then shuts down gracefully.
     pub async fn run(self) {
         let Server {
             listener,
             metrics_listener,
             node,
+            socketio,
         } = self;
         info!(
             addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -291,7 +131,8 @@ impl Server {
             let _ = stream.set_nodelay(true);
             let service = {
                 let node = node.clone();
-                service_fn(move |req| http::route(node.clone(), peer, req))
+                let socketio = socketio.clone();
+                service_fn(move |req| http::route(node.clone(), socketio.clone(), peer, req))
             };
             let conn = http
                 .serve_connection(TokioIo::new(stream), service)

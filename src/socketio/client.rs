@@ -11,15 +11,16 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use super::Query;
-use super::codec::{self, CodecError, PacketType};
 use super::session::random_id;
+use crate::conn::rate::TokenBucket;
 use crate::hub::{Codec, ConnId};
+use crate::node::Node;
 use crate::outbox::{Outbox, Refused};
 use crate::protocol::native::check_message;
-use crate::protocol::{ErrorCode, MAX_REF_CHARS, ProtocolError, RoomName, valid_user_name};
-use crate::server::Node;
-use crate::server::http::DEFAULT_ROOM;
-use crate::server::session::TokenBucket;
+use crate::protocol::socketio::{self as codec, CodecError, PacketType};
+use crate::protocol::{
+    DEFAULT_ROOM, ErrorCode, MAX_REF_CHARS, ProtocolError, RoomName, valid_user_name,
+};
 
 /// The Socket.IO state of one session.
 pub(super) struct Client {
@@ -271,7 +272,7 @@ impl Client {
 
     fn leave_room(&self, room: &RoomName) {
         if let Some(left) = self.node.hub.leave(room.as_str(), self.conn)
-            && left.edge
+            && left.first_or_last
         {
             self.node.transport.unsubscribe(room);
         }

@@ -1,8 +1,9 @@
 //! Socket.IO v5 over Engine.IO v4 at `/socket.io/`, for apps built on `socket.io-client` 4.x
-//! (docs/socketio.md).
+//! (docs/socketio.md). The packets themselves are encoded and decoded by
+//! [`protocol::socketio`](crate::protocol::socketio).
 //!
-//! - [`codec`]: pure codecs of Engine.IO packets, the polling payload and Socket.IO packets.
-//! - `session`: one Engine.IO session (sid → [`Sessions`]), its queue, heartbeat and end.
+//! - `session`: one Engine.IO session (sid → [`EngineSessions`]), its queue, heartbeat and
+//!   end.
 //! - `client`: the Socket.IO side of a session: CONNECT, events (`event:message`, `join`,
 //!   `leave`), acks, DISCONNECT; publishing goes through the one transport path.
 //! - `polling`: the HTTP long-polling transport (GET drains the queue, POST carries packets).
@@ -15,7 +16,6 @@
 //! either transport.
 
 mod client;
-pub mod codec;
 mod polling;
 mod session;
 mod websocket;
@@ -29,12 +29,12 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 
-pub use session::Sessions;
+pub use session::EngineSessions;
 
 use crate::metrics::Refusal;
-use crate::server::Node;
-use crate::server::guard;
-use crate::server::http::{admit, cookie_allowed, origin_allowed, trusted_origin};
+use crate::node::Node;
+use crate::node::admission::{admit, cookie_allowed, origin_allowed, trusted_origin};
+use crate::node::guard;
 
 type Body = Full<Bytes>;
 
@@ -118,9 +118,10 @@ impl Query {
     }
 }
 
-/// Answers a request to `/socket.io/`.
+/// Answers a request to `/socket.io/`; `sessions` are the node's.
 pub(crate) async fn route(
     node: Arc<Node>,
+    sessions: &Arc<EngineSessions>,
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Response<Body> {
@@ -147,7 +148,7 @@ pub(crate) async fn route(
     let mut res = if req.method() == Method::OPTIONS {
         preflight(req.headers())
     } else {
-        dispatch(node, peer, req, query).await
+        dispatch(node, sessions, peer, req, query).await
     };
     let headers = res.headers_mut();
     if let Some(origin) = origin {
@@ -185,6 +186,7 @@ fn preflight(headers: &HeaderMap) -> Response<Body> {
 
 async fn dispatch(
     node: Arc<Node>,
+    sessions: &Arc<EngineSessions>,
     peer: SocketAddr,
     req: Request<Incoming>,
     query: Query,
@@ -201,17 +203,17 @@ async fn dispatch(
         if req.method() != Method::GET {
             return EngineError::BadHandshakeMethod.response();
         }
-        return handshake(node, peer, req, &query, websocket);
+        return handshake(node, sessions, peer, req, &query, websocket);
     };
-    let Some(session) = node.socketio.get(sid) else {
+    let Some(session) = sessions.get(sid) else {
         return EngineError::SessionIdUnknown.response();
     };
     match (req.method(), websocket) {
         (&Method::GET, true) if session.begin_upgrade() => {
             websocket::upgrade(node, session, req, true, peer)
         }
-        (&Method::GET, false) => polling::poll(&node, &session).await,
-        (&Method::POST, false) => polling::post(&node, &session, req).await,
+        (&Method::GET, false) => polling::poll(&session).await,
+        (&Method::POST, false) => polling::post(&session, req).await,
         _ => EngineError::BadRequest.response(),
     }
 }
@@ -220,6 +222,7 @@ async fn dispatch(
 /// capacity), its slots held until it ends.
 fn handshake(
     node: Arc<Node>,
+    sessions: &Arc<EngineSessions>,
     peer: SocketAddr,
     req: Request<Incoming>,
     query: &Query,
@@ -237,13 +240,13 @@ fn handshake(
         Ok(slot) => slot,
         Err(refused) => return refused.response(),
     };
-    match session::open(&node, query, websocket, slot) {
+    match session::open(&node, sessions, query, websocket, slot) {
         Err(_) => respond(
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain; charset=utf-8",
             Bytes::from_static(b"no random bytes for a session id\n"),
         ),
         Ok(session) if websocket => websocket::upgrade(node, session, req, false, peer),
-        Ok(session) => polling::handshake(&node, &session),
+        Ok(session) => polling::handshake(&session),
     }
 }

@@ -10,22 +10,21 @@ use hyper::body::Incoming;
 use hyper::header;
 use hyper::{Request, Response, StatusCode};
 
-use super::codec::{self, EnginePacket};
-use super::session::Session;
+use super::session::EngineSession;
 use super::{Body, EngineError, respond};
 use crate::outbox::Next;
-use crate::server::Node;
+use crate::protocol::socketio::{self as codec, EnginePacket};
 
 const TEXT: &str = "text/plain; charset=UTF-8";
 
 /// The answer to a polling handshake: the open packet queued by the new session.
-pub(super) fn handshake(node: &Node, session: &Session) -> Response<Body> {
+pub(super) fn handshake(session: &EngineSession) -> Response<Body> {
     let mut batch = VecDeque::new();
     match session.outbox.take(&mut batch) {
         Next::Frames => respond(StatusCode::OK, TEXT, codec::join_frames(batch.iter())),
         // A session closed before its first response (shutdown raced the handshake).
-        Next::Close(_) | Next::Idle => {
-            session.end(node);
+        Next::Close(_) | Next::Empty => {
+            session.end();
             EngineError::BadRequest.response()
         }
     }
@@ -33,7 +32,7 @@ pub(super) fn handshake(node: &Node, session: &Session) -> Response<Body> {
 
 /// Marks the session's one long-poll as running until dropped (the response was sent, or
 /// the client went away).
-struct PollGuard<'a>(&'a Session);
+struct PollGuard<'a>(&'a EngineSession);
 
 impl Drop for PollGuard<'_> {
     fn drop(&mut self) {
@@ -42,7 +41,7 @@ impl Drop for PollGuard<'_> {
 }
 
 /// A long-poll: waits until something is queued, then sends all of it.
-pub(super) async fn poll(node: &Node, session: &Arc<Session>) -> Response<Body> {
+pub(super) async fn poll(session: &Arc<EngineSession>) -> Response<Body> {
     if session.is_websocket() || !session.start_poll() {
         return EngineError::BadRequest.response();
     }
@@ -59,10 +58,10 @@ pub(super) async fn poll(node: &Node, session: &Arc<Session>) -> Response<Body> 
                 return respond(StatusCode::OK, TEXT, codec::join_frames(batch.iter()));
             }
             Next::Close(_) => {
-                session.end(node);
+                session.end();
                 return respond(StatusCode::OK, TEXT, Bytes::from_static(b"1"));
             }
-            Next::Idle => {
+            Next::Empty => {
                 tokio::select! {
                     _ = session.outbox.wait() => {}
                     _ = session.ended() => {}
@@ -73,7 +72,7 @@ pub(super) async fn poll(node: &Node, session: &Arc<Session>) -> Response<Body> 
 }
 
 /// A payload of packets from the client.
-pub(super) async fn post(node: &Node, session: &Session, req: Request<Incoming>) -> Response<Body> {
+pub(super) async fn post(session: &EngineSession, req: Request<Incoming>) -> Response<Body> {
     if session.is_websocket() {
         return EngineError::BadRequest.response();
     }
@@ -84,18 +83,18 @@ pub(super) async fn post(node: &Node, session: &Session, req: Request<Incoming>)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > max as u64) {
-        return too_large(node, session);
+        return too_large(session);
     }
     let body = match Limited::new(req.into_body(), max).collect().await {
         Ok(body) => body.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => return too_large(node, session),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => return too_large(session),
         Err(_) => return EngineError::BadRequest.response(),
     };
     let Ok(text) = std::str::from_utf8(&body) else {
-        return bad(node, session);
+        return bad(session);
     };
     let Ok(packets) = codec::split_payload(text) else {
-        return bad(node, session);
+        return bad(session);
     };
     let mut client = session.client.lock().await;
     for packet in packets {
@@ -103,19 +102,19 @@ pub(super) async fn post(node: &Node, session: &Session, req: Request<Incoming>)
             Ok(EnginePacket::Message(text)) => {
                 if client.handle(text).await.is_err() {
                     drop(client);
-                    return bad(node, session);
+                    return bad(session);
                 }
             }
             Ok(EnginePacket::Pong(_)) => session.ponged(),
             Ok(EnginePacket::Close) => {
                 drop(client);
-                session.end(node);
+                session.end();
                 break;
             }
             Ok(EnginePacket::Noop | EnginePacket::Ping(_)) => {}
             Ok(EnginePacket::Upgrade) | Err(_) => {
                 drop(client);
-                return bad(node, session);
+                return bad(session);
             }
         }
     }
@@ -123,14 +122,14 @@ pub(super) async fn post(node: &Node, session: &Session, req: Request<Incoming>)
 }
 
 /// A malformed payload: the session is closed, as Engine.IO does on a parse error.
-fn bad(node: &Node, session: &Session) -> Response<Body> {
-    session.end(node);
+fn bad(session: &EngineSession) -> Response<Body> {
+    session.end();
     EngineError::BadRequest.response()
 }
 
 /// A body over `maxPayload`: 413, and the session is closed.
-fn too_large(node: &Node, session: &Session) -> Response<Body> {
-    session.end(node);
+fn too_large(session: &EngineSession) -> Response<Body> {
+    session.end();
     respond(
         StatusCode::PAYLOAD_TOO_LARGE,
         TEXT,

@@ -1,5 +1,5 @@
 //! One Engine.IO session: its id, its queue of packets, which transport carries it, the
-//! heartbeat, and its end. The node keeps every session in [`Sessions`], by id.
+//! heartbeat, and its end. The node's sessions are listed in [`EngineSessions`], by id.
 //!
 //! A session lives as long as its task, [`run`]: it pings every `ping_interval_secs`, expects
 //! the pong within `ping_timeout_secs`, and on any end (timeout, the client's close, a
@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -16,37 +16,38 @@ use tokio_util::sync::CancellationToken;
 
 use super::Query;
 use super::client::Client;
-use super::codec::engine_frame;
+use crate::config::Reloadable;
+use crate::conn::writer::Liveness;
 use crate::metrics::OpenSession;
+use crate::node::{ConnSlot, Node};
 use crate::outbox::Outbox;
+use crate::protocol::socketio::engine_frame;
 use crate::protocol::ws::close_code;
-use crate::server::writer::Liveness;
-use crate::server::{ConnSlot, Node};
 
 /// How long a session that was told to close (shutdown) waits for its transport to say so.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// The Engine.IO sessions of one node, by session id.
 #[derive(Default)]
-pub struct Sessions {
-    map: Mutex<HashMap<String, Arc<Session>>>,
+pub struct EngineSessions {
+    map: Mutex<HashMap<String, Arc<EngineSession>>>,
 }
 
-impl std::fmt::Debug for Sessions {
+impl std::fmt::Debug for EngineSessions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sessions")
+        f.debug_struct("EngineSessions")
             .field("open", &self.len())
             .finish()
     }
 }
 
-impl Sessions {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Session>>> {
+impl EngineSessions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<EngineSession>>> {
         // Inserts and removes only: a poisoned map is still consistent.
         self.map.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub(super) fn get(&self, sid: &str) -> Option<Arc<Session>> {
+    pub(super) fn get(&self, sid: &str) -> Option<Arc<EngineSession>> {
         self.lock().get(sid).cloned()
     }
 
@@ -61,9 +62,9 @@ impl Sessions {
     }
 }
 
-/// Which transport carries a session's packets.
+/// Which Engine.IO transport carries a session's packets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Carrier {
+enum EngineTransport {
     Polling,
     /// A WebSocket is probing; polling goes on until the client sends `5`.
     Upgrading,
@@ -71,16 +72,16 @@ enum Carrier {
 }
 
 /// One Engine.IO session.
-pub(super) struct Session {
+pub(super) struct EngineSession {
     /// The session id (`sid` in the query).
-    pub sid: String,
+    pub(super) sid: String,
     /// Packets for the client, each a WebSocket text frame (see the module doc of `socketio`).
-    pub outbox: Arc<Outbox>,
+    pub(super) outbox: Arc<Outbox>,
     /// The Socket.IO side. Locked while one request's packets are handled, across publishes.
-    pub client: tokio::sync::Mutex<Client>,
+    pub(super) client: tokio::sync::Mutex<Client>,
     /// Largest packet, or polling request body, accepted from the client.
-    pub max_payload: usize,
-    carrier: Mutex<Carrier>,
+    pub(super) max_payload: usize,
+    transport: Mutex<EngineTransport>,
     /// Set while a long-poll GET is waiting: a second one is refused.
     polling: AtomicBool,
     pongs: Liveness,
@@ -88,6 +89,8 @@ pub(super) struct Session {
     ended: CancellationToken,
     /// The node's and the client address's connection slots, released when the session ends.
     slot: Mutex<Option<ConnSlot>>,
+    /// The table that lists the session, which it leaves when it ends.
+    listed_in: Weak<EngineSessions>,
     /// Time the client has to connect to the namespace once the session is open.
     connect_timeout: Duration,
 }
@@ -96,10 +99,11 @@ pub(super) struct Session {
 /// it ends; fails only when the OS has no random bytes for its id.
 pub(super) fn open(
     node: &Arc<Node>,
+    sessions: &Arc<EngineSessions>,
     query: &Query,
     websocket: bool,
     slot: ConnSlot,
-) -> Result<Arc<Session>, getrandom::Error> {
+) -> Result<Arc<EngineSession>, getrandom::Error> {
     let sid = random_id()?;
     let live = node.live();
     let conn = node.next_conn_id();
@@ -108,21 +112,22 @@ pub(super) fn open(
         live.limits.max_queued_bytes,
     ));
     let client = Client::new(node.clone(), conn, outbox.clone(), query);
-    let session = Arc::new(Session {
+    let session = Arc::new(EngineSession {
         sid: sid.clone(),
         outbox,
         client: tokio::sync::Mutex::new(client),
         max_payload: live.limits.max_frame_bytes,
-        carrier: Mutex::new(if websocket {
-            Carrier::WebSocket
+        transport: Mutex::new(if websocket {
+            EngineTransport::WebSocket
         } else {
-            Carrier::Polling
+            EngineTransport::Polling
         }),
         polling: AtomicBool::new(false),
         pongs: Liveness::new(),
         pong: Notify::new(),
         ended: CancellationToken::new(),
         slot: Mutex::new(Some(slot)),
+        listed_in: Arc::downgrade(sessions),
         connect_timeout: Duration::from_secs(node.config.socketio.connect_timeout_secs),
     });
     let upgrades: &[&str] = if websocket { &[] } else { &["websocket"] };
@@ -137,7 +142,7 @@ pub(super) fn open(
     let _ = session
         .outbox
         .push(engine_frame(b'0', open.to_string().as_bytes()));
-    node.socketio.lock().insert(sid, session.clone());
+    sessions.lock().insert(sid, session.clone());
     node.metrics.connections_total.inc();
     node.sessions
         .spawn(run(node.clone(), session.clone(), live));
@@ -166,61 +171,65 @@ pub(super) fn random_id() -> Result<String, getrandom::Error> {
         .collect())
 }
 
-impl Session {
-    fn carrier(&self) -> std::sync::MutexGuard<'_, Carrier> {
-        self.carrier.lock().unwrap_or_else(PoisonError::into_inner)
+impl EngineSession {
+    fn transport(&self) -> std::sync::MutexGuard<'_, EngineTransport> {
+        self.transport
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Whether the WebSocket transport carries the session now.
-    pub fn is_websocket(&self) -> bool {
-        *self.carrier() == Carrier::WebSocket
+    pub(super) fn is_websocket(&self) -> bool {
+        *self.transport() == EngineTransport::WebSocket
     }
 
     /// Starts an upgrade: only a polling session not already probing may.
-    pub fn begin_upgrade(&self) -> bool {
-        let mut carrier = self.carrier();
-        let polling = *carrier == Carrier::Polling;
+    pub(super) fn begin_upgrade(&self) -> bool {
+        let mut transport = self.transport();
+        let polling = *transport == EngineTransport::Polling;
         if polling {
-            *carrier = Carrier::Upgrading;
+            *transport = EngineTransport::Upgrading;
         }
         polling
     }
 
     /// Ends a probe: the WebSocket carries the session from now on (`upgraded`), or polling
     /// goes on.
-    pub fn finish_upgrade(&self, upgraded: bool) {
-        *self.carrier() = if upgraded {
-            Carrier::WebSocket
+    pub(super) fn finish_upgrade(&self, upgraded: bool) {
+        *self.transport() = if upgraded {
+            EngineTransport::WebSocket
         } else {
-            Carrier::Polling
+            EngineTransport::Polling
         };
     }
 
     /// Marks a long-poll as waiting; `false` if one already is.
-    pub fn start_poll(&self) -> bool {
+    pub(super) fn start_poll(&self) -> bool {
         !self.polling.swap(true, Ordering::AcqRel)
     }
 
     /// The long-poll ended.
-    pub fn end_poll(&self) {
+    pub(super) fn end_poll(&self) {
         self.polling.store(false, Ordering::Release);
     }
 
     /// The client answered a ping.
-    pub fn ponged(&self) {
+    pub(super) fn ponged(&self) {
         self.pongs.touch();
         self.pong.notify_one();
     }
 
     /// Resolves once the session has ended.
-    pub async fn ended(&self) {
+    pub(super) async fn ended(&self) {
         self.ended.cancelled().await
     }
 
     /// Ends the session: no new request finds it, its transport is told to finish, and its
     /// task leaves its rooms.
-    pub fn end(&self, node: &Node) {
-        node.socketio.lock().remove(&self.sid);
+    pub(super) fn end(&self) {
+        if let Some(sessions) = self.listed_in.upgrade() {
+            sessions.lock().remove(&self.sid);
+        }
         self.outbox.close(close_code::NORMAL, "", true);
         self.ended.cancel();
         // Frees the slots now, not when the last request holding the session is done.
@@ -235,7 +244,7 @@ impl Session {
 
 /// The session's task: the connect deadline and the heartbeat, then the cleanup, however
 /// the session ends.
-async fn run(node: Arc<Node>, session: Arc<Session>, live: Arc<crate::config::Reloadable>) {
+async fn run(node: Arc<Node>, session: Arc<EngineSession>, live: Arc<Reloadable>) {
     let _open = OpenSession::new(&node.metrics);
     tokio::select! {
         _ = heartbeats(&node, &session, &live) => {}
@@ -246,14 +255,14 @@ async fn run(node: Arc<Node>, session: Arc<Session>, live: Arc<crate::config::Re
                 .close(close_code::POLICY_VIOLATION, "connect timeout", true);
         }
     }
-    session.end(&node);
+    session.end();
     session.client.lock().await.leave_all();
 }
 
 /// Resolves when the client has not connected to the namespace `connect_timeout` after the
 /// session opened (as socket.io's `connectTimeout`): an Engine.IO session that never
 /// authenticates holds no slot for long. Never resolves once it has connected.
-async fn connect_deadline(session: &Session) {
+async fn connect_deadline(session: &EngineSession) {
     tokio::time::sleep(session.connect_timeout).await;
     // Waits for a CONNECT being handled now, so that it counts.
     if session.client.lock().await.is_connected() {
@@ -263,7 +272,7 @@ async fn connect_deadline(session: &Session) {
 
 /// Pings every `ping_interval_secs` until the session ends, a pong is late or the node
 /// shuts down.
-async fn heartbeats(node: &Node, session: &Session, live: &crate::config::Reloadable) {
+async fn heartbeats(node: &Node, session: &EngineSession, live: &Reloadable) {
     let interval = Duration::from_secs(live.limits.ping_interval_secs);
     let timeout = Duration::from_secs(live.limits.ping_timeout_secs);
     loop {
@@ -289,7 +298,7 @@ async fn heartbeats(node: &Node, session: &Session, live: &crate::config::Reload
 
 /// Sends a ping and waits for its pong; `false` when the session ended meanwhile or the
 /// pong did not come in time (then the session is closed, its queue dropped).
-async fn heartbeat(node: &Node, session: &Session, timeout: Duration) -> bool {
+async fn heartbeat(node: &Node, session: &EngineSession, timeout: Duration) -> bool {
     let sent = Instant::now();
     // Refused only when the session is closing; the loop notices.
     let _ = session.outbox.push(engine_frame(b'2', b""));

@@ -3,7 +3,7 @@
 //! releases the pending poll; the client's `5` moves the session onto the WebSocket.
 //!
 //! As for native connections, the socket is split: this reader, and the one
-//! [`writer`](crate::server::writer) that drains the session's queue.
+//! [`writer`](crate::conn::writer) that drains the session's queue.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,15 +19,15 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::codec::{self, EnginePacket};
-use super::session::Session;
+use super::session::EngineSession;
 use super::{Body, EngineError};
+use crate::conn::close::{CLOSE_TIMEOUT, ReadEnd, linger, peer_close, read_error};
+use crate::conn::reader::{Assembler, FrameReader};
+use crate::conn::writer::{self, Liveness, WriteEnd};
+use crate::node::Node;
 use crate::protocol::frame::Opcode;
+use crate::protocol::socketio::{self as codec, EnginePacket};
 use crate::protocol::ws::{self, close_code};
-use crate::server::Node;
-use crate::server::reader::FrameReader;
-use crate::server::session::{Assembler, CLOSE_TIMEOUT, ReadEnd, linger, peer_close, read_error};
-use crate::server::writer::{self, Liveness, WriteEnd};
 
 /// How long a probing WebSocket has to complete the upgrade.
 const UPGRADE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -36,16 +36,16 @@ const UPGRADE_TIMEOUT: Duration = Duration::from_secs(10);
 /// polling.
 pub(super) fn upgrade(
     node: Arc<Node>,
-    session: Arc<Session>,
+    session: Arc<EngineSession>,
     mut req: Request<Incoming>,
     probe: bool,
     peer: SocketAddr,
 ) -> hyper::Response<Body> {
-    let give_up = |session: &Session| {
+    let give_up = |session: &EngineSession| {
         if probe {
             session.finish_upgrade(false);
         } else {
-            session.end(&node);
+            session.end();
         }
         EngineError::BadRequest.response()
     };
@@ -53,7 +53,7 @@ pub(super) fn upgrade(
         return give_up(&session);
     }
     // hyper's upgrade is taken first; fastwebsockets only checks the request and builds the
-    // 101 response (see the native endpoint in server::http).
+    // 101 response (see the `/ws` endpoint in the server's routing).
     let upgrade = hyper::upgrade::on(&mut req);
     let response = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok((response, _)) => response,
@@ -65,12 +65,12 @@ pub(super) fn upgrade(
     response.map(|_| Full::new(Bytes::new()))
 }
 
-async fn run(node: Arc<Node>, session: Arc<Session>, upgrade: OnUpgrade, probe: bool) {
+async fn run(node: Arc<Node>, session: Arc<EngineSession>, upgrade: OnUpgrade, probe: bool) {
     let Some((mut stream, early)) = accept(upgrade).await else {
         if probe {
             session.finish_upgrade(false);
         } else {
-            session.end(&node);
+            session.end();
         }
         return;
     };
@@ -101,7 +101,7 @@ async fn run(node: Arc<Node>, session: Arc<Session>, upgrade: OnUpgrade, probe: 
             end = &mut writing => matches!(end, WriteEnd::Closed { await_peer: true }),
         }
     };
-    session.end(&node);
+    session.end();
     if closed {
         // The close frame is out: the peer gets it even while it is still sending.
         linger(&mut reader, &mut write_half).await;
@@ -121,7 +121,7 @@ async fn accept(upgrade: OnUpgrade) -> Option<(TcpStream, Bytes)> {
 async fn probe_upgrade<W: AsyncWrite + Unpin>(
     reader: &mut FrameReader<'_>,
     write: &mut W,
-    session: &Session,
+    session: &EngineSession,
 ) -> bool {
     let deadline = tokio::time::Instant::now() + UPGRADE_TIMEOUT;
     let mut probed = false;
@@ -150,7 +150,7 @@ async fn probe_upgrade<W: AsyncWrite + Unpin>(
 }
 
 async fn read_loop(
-    session: &Session,
+    session: &EngineSession,
     reader: &mut FrameReader<'_>,
     liveness: &Liveness,
 ) -> ReadEnd {
@@ -186,7 +186,7 @@ async fn read_loop(
 }
 
 /// Handles one Engine.IO packet; `Some` ends the connection.
-async fn handle(session: &Session, payload: &[u8]) -> Option<ReadEnd> {
+async fn handle(session: &EngineSession, payload: &[u8]) -> Option<ReadEnd> {
     let malformed = Some(ReadEnd::Close(close_code::INVALID_DATA, "malformed packet"));
     let Ok(text) = std::str::from_utf8(payload) else {
         return malformed;

@@ -237,7 +237,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn idle_rooms_are_forgotten_once_their_history_expired() {
-        let hub = Arc::new(Hub::new());
+        let hub = Arc::new(Hub::default());
         let policy = RoomsConfig {
             history_ttl_secs: 60,
             dedupe_window_secs: 30,

@@ -6,17 +6,17 @@ use std::sync::OnceLock;
 
 /// One embedded file.
 #[derive(Debug)]
-pub struct Asset {
+pub(crate) struct Asset {
     /// The file's bytes.
-    pub body: &'static [u8],
+    pub(crate) body: &'static [u8],
     /// Its `Content-Type`.
-    pub content_type: &'static str,
+    pub(crate) content_type: &'static str,
     /// A strong ETag derived from its bytes.
-    pub etag: String,
+    pub(crate) etag: String,
 }
 
 /// The Content-Security-Policy of the page: only its own scripts, styles and WebSocket.
-pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; connect-src 'self'; \
+pub(crate) const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; connect-src 'self'; \
      img-src 'self' data:; style-src 'self'; script-src 'self'; base-uri 'none'; \
      form-action 'none'; frame-ancestors 'none'";
 
@@ -39,7 +39,7 @@ const FILES: [(&str, &[u8], &str); 3] = [
 ];
 
 /// The asset served at `path`, if any.
-pub fn asset(path: &str) -> Option<&'static Asset> {
+pub(crate) fn asset(path: &str) -> Option<&'static Asset> {
     static ASSETS: OnceLock<Vec<(&'static str, Asset)>> = OnceLock::new();
     let assets = ASSETS.get_or_init(|| {
         FILES

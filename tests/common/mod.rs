@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use scalechat::config::Config;
-use scalechat::server::{Node, Server};
+use scalechat::node::Node;
+use scalechat::server::Server;
+use scalechat::socketio::EngineSessions;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -40,6 +42,8 @@ pub fn config() -> Config {
 pub struct TestServer {
     pub addr: SocketAddr,
     pub node: Arc<Node>,
+    /// The node's Socket.IO sessions.
+    pub socketio: Arc<EngineSessions>,
     shutdown: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -50,10 +54,12 @@ pub async fn start(config: Config) -> TestServer {
     let server = Server::bind(config, shutdown.clone()).await.expect("bind");
     let addr = server.local_addr().unwrap();
     let node = server.node().clone();
+    let socketio = server.socketio().clone();
     let task = tokio::spawn(server.run());
     TestServer {
         addr,
         node,
+        socketio,
         shutdown,
         task,
     }

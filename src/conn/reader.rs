@@ -20,18 +20,18 @@ const READ_CHUNK: usize = 4096;
 
 /// One whole client frame, its payload unmasked.
 #[derive(Debug)]
-pub struct Frame<'a> {
+pub(crate) struct Frame<'a> {
     /// Whether this is the last frame of its message.
-    pub fin: bool,
+    pub(crate) fin: bool,
     /// The opcode.
-    pub opcode: Opcode,
+    pub(crate) opcode: Opcode,
     /// The payload.
-    pub payload: &'a [u8],
+    pub(crate) payload: &'a [u8],
 }
 
 /// Why no frame came.
 #[derive(Debug, thiserror::Error)]
-pub enum ReadError {
+pub(crate) enum ReadError {
     /// The stream ended or failed: no close frame can be exchanged.
     #[error("stream ended: {0}")]
     Gone(#[from] io::Error),
@@ -52,7 +52,7 @@ struct Ready {
 
 /// Reads client frames from a socket's read half.
 #[derive(Debug)]
-pub struct FrameReader<'a> {
+pub(crate) struct FrameReader<'a> {
     stream: ReadHalf<'a>,
     /// Received bytes not yet consumed start at `start` (the frame last handed out ends
     /// there); empty, without capacity, when idle.
@@ -65,13 +65,13 @@ pub struct FrameReader<'a> {
 
 impl<'a> FrameReader<'a> {
     /// A reader of `stream` starting with `early`, the bytes read past the handshake (copied),
-    /// refusing messages above `max_message_bytes`.
-    pub fn new(stream: ReadHalf<'a>, early: &[u8], max_message_bytes: usize) -> Self {
+    /// refusing a frame, or a fragmented message in total, above `max_frame_bytes`.
+    pub(crate) fn new(stream: ReadHalf<'a>, early: &[u8], max_frame_bytes: usize) -> Self {
         Self {
             stream,
             buf: early.to_vec(),
             start: 0,
-            decoder: Decoder::new(max_message_bytes),
+            decoder: Decoder::new(max_frame_bytes),
             ready: None,
         }
     }
@@ -183,6 +183,20 @@ fn poll_readable(stream: &mut ReadHalf<'_>, cx: &mut Context<'_>) -> Poll<io::Re
         .map_ok(drop)
 }
 
+/// Collects a fragmented text message (the decoder has checked its order, size and UTF-8).
+#[derive(Default)]
+pub(crate) struct Assembler {
+    buf: Vec<u8>,
+}
+
+impl Assembler {
+    /// Adds a fragment; returns the whole text once the last one arrives.
+    pub(crate) fn push(&mut self, payload: &[u8], fin: bool) -> Option<Vec<u8>> {
+        self.buf.extend_from_slice(payload);
+        fin.then(|| std::mem::take(&mut self.buf))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,5 +279,13 @@ mod tests {
             panic!("expected a protocol error");
         };
         assert_eq!(e.code, 1002);
+    }
+
+    #[test]
+    fn assembler_joins_fragments_and_starts_over() {
+        let mut a = Assembler::default();
+        assert_eq!(a.push(b"\xC3", false), None);
+        assert_eq!(a.push(b"\xA9", true).unwrap(), "é".as_bytes());
+        assert_eq!(a.push(b"x", true).unwrap(), b"x");
     }
 }

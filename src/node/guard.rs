@@ -14,11 +14,11 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use tokio::time::Instant;
 
-use crate::config::{AuthConfig, ServerConfig};
+use crate::config::AuthConfig;
 use crate::protocol::valid_user_name;
 
 /// The cookie that may carry the token, as an alternative to the `token` query parameter.
-pub const TOKEN_COOKIE: &str = "scalechat_token";
+pub(crate) const TOKEN_COOKIE: &str = "scalechat_token";
 
 /// The address a connection is counted against.
 ///
@@ -28,7 +28,7 @@ pub const TOKEN_COOKIE: &str = "scalechat_token";
 /// at that position proves nothing, so the connection counts against the peer (the proxy);
 /// when every hop is a trusted proxy, the leftmost counts. IPv4-mapped IPv6 addresses are
 /// taken as IPv4.
-pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+pub(crate) fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
     let peer = peer.to_canonical();
     let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
     if !is_trusted(&peer) {
@@ -62,27 +62,9 @@ fn parse_hop(hop: &[u8]) -> Option<IpAddr> {
     Some(ip.to_canonical())
 }
 
-/// Parses `server.trusted_proxies` entries (addresses or networks). Checked by config
-/// validation, so entries that do not parse are skipped here.
-pub fn trusted_proxies(config: &ServerConfig) -> Vec<IpNet> {
-    config
-        .trusted_proxies
-        .iter()
-        .filter_map(|entry| parse_net(entry))
-        .collect()
-}
-
-/// An address (`10.0.0.1`) or network (`10.0.0.0/8`).
-pub fn parse_net(entry: &str) -> Option<IpNet> {
-    entry
-        .parse::<IpNet>()
-        .ok()
-        .or_else(|| entry.parse::<IpAddr>().ok().map(IpNet::from))
-}
-
 /// Why a client address may not connect now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Limited {
+pub(crate) enum Limited {
     /// It has `server.max_connections_per_ip` connections open.
     Connections,
     /// It tried to connect faster than `server.connects_per_ip_per_second`.
@@ -96,7 +78,7 @@ pub enum Limited {
 /// connections), and at most `2 × MAX_TRACKED` attempt entries, about 50 bytes each. Every
 /// operation under the lock is O(1) amortised: nothing is ever scanned.
 #[derive(Debug)]
-pub struct PerIp {
+pub(crate) struct PerIp {
     state: Mutex<Table>,
     ipv6_prefix_len: u8,
     max_tracked: usize,
@@ -125,13 +107,13 @@ struct Tokens {
 
 /// Limits for [`PerIp::admit`]; 0 turns one off.
 #[derive(Debug, Clone, Copy)]
-pub struct IpLimits {
+pub(crate) struct IpLimits {
     /// Connections open at once per address.
-    pub max_open: usize,
+    pub(crate) max_open: usize,
     /// Connection attempts per second per address, sustained.
-    pub rate: f64,
+    pub(crate) rate: f64,
     /// Connection attempts per address in a burst.
-    pub burst: u32,
+    pub(crate) burst: u32,
 }
 
 impl IpLimits {
@@ -148,7 +130,7 @@ impl IpLimits {
 /// The key an address is counted under: an IPv4 address (IPv4-mapped IPv6 included) alone,
 /// an IPv6 address by its first `ipv6_prefix_len` bits, since one subscriber usually holds a
 /// whole /64 (or more) and can use any address in it.
-pub fn bucket(ip: IpAddr, ipv6_prefix_len: u8) -> IpAddr {
+pub(crate) fn bucket(ip: IpAddr, ipv6_prefix_len: u8) -> IpAddr {
     match ip.to_canonical() {
         IpAddr::V4(v4) => IpAddr::V4(v4),
         IpAddr::V6(v6) => {
@@ -167,7 +149,7 @@ impl Default for PerIp {
 
 impl PerIp {
     /// An empty table that counts IPv6 addresses by their first `ipv6_prefix_len` bits.
-    pub fn new(ipv6_prefix_len: u8) -> Self {
+    pub(crate) fn new(ipv6_prefix_len: u8) -> Self {
         Self::with_max_tracked(ipv6_prefix_len, MAX_TRACKED)
     }
 
@@ -190,7 +172,7 @@ impl PerIp {
 
     /// Counts an attempt from `ip`; on success the returned guard holds one of its
     /// connection slots until dropped.
-    pub fn admit(self: &Arc<Self>, ip: IpAddr, limits: IpLimits) -> Result<IpSlot, Limited> {
+    pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr, limits: IpLimits) -> Result<IpSlot, Limited> {
         let key = bucket(ip, self.ipv6_prefix_len);
         let mut table = self.lock();
         if limits.rate > 0.0 {
@@ -209,7 +191,7 @@ impl PerIp {
 
     /// Connections open from `ip`'s bucket now.
     #[cfg(test)]
-    pub fn open(&self, ip: IpAddr) -> usize {
+    pub(crate) fn open(&self, ip: IpAddr) -> usize {
         let key = bucket(ip, self.ipv6_prefix_len);
         self.lock().open.get(&key).map_or(0, |n| *n as usize)
     }
@@ -265,7 +247,7 @@ impl Table {
 
 /// One open connection of an address; released when dropped.
 #[derive(Debug)]
-pub struct IpSlot {
+pub(crate) struct IpSlot {
     table: Arc<PerIp>,
     ip: IpAddr,
 }
@@ -283,7 +265,7 @@ impl Drop for IpSlot {
 }
 
 /// Token checking, when `auth.jwt_secret` is set.
-pub struct Auth {
+pub(crate) struct Auth {
     key: DecodingKey,
     validation: Validation,
 }
@@ -302,7 +284,7 @@ struct Claims {
 
 impl Auth {
     /// `None` when authentication is off.
-    pub fn new(config: &AuthConfig) -> Option<Self> {
+    pub(crate) fn new(config: &AuthConfig) -> Option<Self> {
         let secret = config.jwt_secret.expose();
         if secret.is_empty() {
             return None;
@@ -330,7 +312,7 @@ impl Auth {
     }
 
     /// The user name a valid token carries (`name`, else `sub`), or why it is refused.
-    pub fn user(&self, token: &str) -> Result<String, String> {
+    pub(crate) fn user(&self, token: &str) -> Result<String, String> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
             .map_err(|e| format!("invalid token: {e}"))?;
         let name = data
@@ -346,7 +328,7 @@ impl Auth {
 }
 
 /// The token from the `token` query parameter, else the [`TOKEN_COOKIE`] cookie.
-pub fn token<'a>(query_token: Option<&'a str>, headers: &'a HeaderMap) -> Option<&'a str> {
+pub(crate) fn token<'a>(query_token: Option<&'a str>, headers: &'a HeaderMap) -> Option<&'a str> {
     query_token.or_else(|| {
         headers
             .get_all(header::COOKIE)
@@ -362,6 +344,7 @@ pub fn token<'a>(query_token: Option<&'a str>, headers: &'a HeaderMap) -> Option
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::parse_net;
     use hyper::header::HeaderValue;
 
     fn headers(xff: &[&str]) -> HeaderMap {

@@ -14,8 +14,8 @@ use bytes::{Buf, Bytes};
 use tokio::io::AsyncWrite;
 use tokio::time::Instant;
 
-use super::Node;
 use crate::config::LimitsConfig;
+use crate::node::Node;
 use crate::outbox::{Next, Outbox};
 use crate::protocol::ws::{self, close_code};
 
@@ -25,14 +25,14 @@ const MAX_IOV: usize = 64;
 /// When the peer was last heard from, shared by the reader (which records every frame) and
 /// the writer (which pings and times out).
 #[derive(Debug)]
-pub struct Liveness {
+pub(crate) struct Liveness {
     start: Instant,
     last_seen_ms: AtomicU64,
 }
 
 impl Liveness {
     /// Starts the clock now.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             start: Instant::now(),
             last_seen_ms: AtomicU64::new(0),
@@ -44,20 +44,20 @@ impl Liveness {
     }
 
     /// Records that a frame arrived.
-    pub fn touch(&self) {
+    pub(crate) fn touch(&self) {
         self.last_seen_ms
             .store(self.ms(Instant::now()), Ordering::Relaxed);
     }
 
     /// Whether a frame arrived at or after `at`.
-    pub fn heard_since(&self, at: Instant) -> bool {
+    pub(crate) fn heard_since(&self, at: Instant) -> bool {
         self.last_seen_ms.load(Ordering::Relaxed) >= self.ms(at)
     }
 }
 
 /// How the writer ended.
 #[derive(Debug)]
-pub enum WriteEnd {
+pub(crate) enum WriteEnd {
     /// The close frame was sent; `await_peer` when the peer may still answer it.
     Closed {
         /// Whether to wait for the peer's close frame.
@@ -68,7 +68,7 @@ pub enum WriteEnd {
 }
 
 /// Runs the writer until the close frame is sent or the socket fails; see [`Writer`].
-pub async fn run<W: AsyncWrite + Unpin>(
+pub(crate) async fn run<W: AsyncWrite + Unpin>(
     socket: &mut W,
     outbox: &Arc<Outbox>,
     liveness: &Liveness,
@@ -80,12 +80,12 @@ pub async fn run<W: AsyncWrite + Unpin>(
 
 /// The writer of one connection, as a state machine polled by the connection's task.
 ///
-/// It keeps no timer of its own: it asks the node's [`Ticker`](super::ticker::Ticker) to wake
+/// It keeps no timer of its own: it asks the node's [`Ticker`](crate::node::ticker::Ticker) to wake
 /// it (through the outbox, the one thing it waits on besides the socket) at its next ping
 /// deadline, or when a blocked write would count as stalled. While idle it holds no frames,
 /// no timer and no waiter.
 #[derive(Debug)]
-pub struct Writer {
+pub(crate) struct Writer {
     outbox: Arc<Outbox>,
     /// Also the stall limit: a write that makes no progress for the ping timeout fails, the
     /// peer has stopped reading.
@@ -106,7 +106,7 @@ pub struct Writer {
 
 impl Writer {
     /// A writer draining `outbox`, with the ping and stall limits of `limits`.
-    pub fn new(outbox: Arc<Outbox>, limits: &LimitsConfig) -> Self {
+    pub(crate) fn new(outbox: Arc<Outbox>, limits: &LimitsConfig) -> Self {
         Self {
             outbox,
             pinger: Pinger::new(
@@ -123,13 +123,13 @@ impl Writer {
     }
 
     /// The outbox this writer drains.
-    pub fn outbox(&self) -> &Arc<Outbox> {
+    pub(crate) fn outbox(&self) -> &Arc<Outbox> {
         &self.outbox
     }
 
     /// Writes what there is to write; `Ready` once the close frame is sent or the socket
     /// failed or stalled. `node` gives the shutdown token, the ticker and the metrics.
-    pub fn poll<W: AsyncWrite + Unpin>(
+    pub(crate) fn poll<W: AsyncWrite + Unpin>(
         &mut self,
         socket: &mut W,
         liveness: &Liveness,
@@ -168,7 +168,7 @@ impl Writer {
                             self.batch.push_back(frame);
                             self.closing = true;
                         }
-                        Taken::Idle => {
+                        Taken::Empty => {
                             // Idle: no batch storage; the queue keeps its slots, so deliveries
                             // never allocate, and neither does the next round.
                             self.batch = VecDeque::new();
@@ -233,7 +233,7 @@ impl Writer {
         }) {
             Next::Frames => {}
             Next::Close(frame) => return Taken::Close(frame),
-            Next::Idle => return Taken::Idle,
+            Next::Empty => return Taken::Empty,
         }
         let frames = &mut frames[..n];
         let written = match write_vectored(socket, frames.iter(), cx) {
@@ -262,7 +262,7 @@ enum Taken {
     /// The queue is drained and the connection closes with this frame.
     Close(Bytes),
     /// Nothing to write.
-    Idle,
+    Empty,
     /// The socket failed.
     Failed(io::Error),
 }

@@ -8,7 +8,7 @@
 use bytes::Bytes;
 use serde_json::Value;
 
-use crate::protocol::ws;
+use super::ws;
 
 /// Why a client's packet was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -34,7 +34,7 @@ pub enum CodecError {
 }
 
 /// The record separator between packets of a long-polling payload.
-pub const SEPARATOR: u8 = 0x1e;
+pub(crate) const SEPARATOR: u8 = 0x1e;
 
 /// An Engine.IO packet as a client sends it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,7 +82,9 @@ pub fn split_payload(body: &str) -> Result<Vec<&str>, CodecError> {
 /// Joins the payloads of WebSocket text frames built by [`crate::protocol::ws`] (each an
 /// Engine.IO packet) into one long-polling response body. A single frame's payload is
 /// returned as a slice of the frame, without a copy.
-pub fn join_frames<'a>(mut frames: impl ExactSizeIterator<Item = &'a Bytes> + Clone) -> Bytes {
+pub(crate) fn join_frames<'a>(
+    mut frames: impl ExactSizeIterator<Item = &'a Bytes> + Clone,
+) -> Bytes {
     if frames.len() == 1 {
         return frames.next().map(ws::text_payload).unwrap_or_default();
     }
@@ -120,7 +122,7 @@ pub struct Packet<'a> {
     /// The namespace, `/` when the packet names none.
     pub nsp: &'a str,
     /// The ack id, when the sender wants an answer.
-    pub ack: Option<u64>,
+    pub(crate) ack: Option<u64>,
     /// The JSON data, if any.
     pub data: Option<Value>,
 }
@@ -179,17 +181,9 @@ fn check_shape(kind: PacketType, data: &Option<Value>) -> Result<(), CodecError>
     if ok { Ok(()) } else { Err(CodecError::BadData) }
 }
 
-/// The name of an event packet's event (its first argument), if `packet` is one.
-pub fn event_name<'p>(packet: &'p Packet<'_>) -> Option<&'p str> {
-    match (&packet.kind, &packet.data) {
-        (PacketType::Event, Some(Value::Array(args))) => args.first()?.as_str(),
-        _ => None,
-    }
-}
-
 /// An Engine.IO packet of `kind` (a digit) with `data`, as a WebSocket text frame: the form
 /// every packet for a session is queued in, whatever its transport.
-pub fn engine_frame(kind: u8, data: &[u8]) -> Bytes {
+pub(crate) fn engine_frame(kind: u8, data: &[u8]) -> Bytes {
     ws::text_parts(&[&[kind], data])
 }
 
@@ -207,37 +201,32 @@ fn socketio_frame(kind: u8, nsp: &str, ack: Option<u64>, json: &[u8]) -> Bytes {
 }
 
 /// `40{"sid":…}`: the client is connected to the main namespace.
-pub fn connected(sid: &str) -> Bytes {
+pub(crate) fn connected(sid: &str) -> Bytes {
     let json = serde_json::json!({ "sid": sid }).to_string();
     socketio_frame(b'0', "/", None, json.as_bytes())
 }
 
 /// `44[/nsp,]{"message":…}`: a refused connect.
-pub fn connect_error(nsp: &str, message: &str) -> Bytes {
+pub(crate) fn connect_error(nsp: &str, message: &str) -> Bytes {
     let json = serde_json::json!({ "message": message }).to_string();
     socketio_frame(b'4', nsp, None, json.as_bytes())
 }
 
 /// `42["name",data]`: an event from the server.
-pub fn event(name: &str, data: &Value) -> Bytes {
+pub(crate) fn event(name: &str, data: &Value) -> Bytes {
     let json = Value::Array(vec![Value::String(name.to_owned()), data.clone()]).to_string();
     socketio_frame(b'2', "/", None, json.as_bytes())
 }
 
 /// `43<id>[data]`: the answer to the client's event `id`.
-pub fn ack(id: u64, data: &Value) -> Bytes {
+pub(crate) fn ack(id: u64, data: &Value) -> Bytes {
     let json = Value::Array(vec![data.clone()]).to_string();
     socketio_frame(b'3', "/", Some(id), json.as_bytes())
 }
 
-/// `41`: the server ends the client's connection to the main namespace.
-pub fn disconnect() -> Bytes {
-    socketio_frame(b'1', "/", None, b"")
-}
-
 /// The Socket.IO form of a chat message: `42["message","<the native JSON as a string>"]`,
 /// built from a native `message` frame (a WebSocket text frame), as one WebSocket text frame.
-pub fn message_frame(native_frame: &Bytes) -> Bytes {
+pub(crate) fn message_frame(native_frame: &Bytes) -> Bytes {
     const HEAD: &[u8] = b"42[\"message\",\"";
     const TAIL: &[u8] = b"\"]";
     let json = ws::text_payload(native_frame);
@@ -324,7 +313,7 @@ mod tests {
         assert_eq!(p.nsp, "/admin");
         let p = decode_packet(r#"2/x,12["event:message",{"message":"hi"}]"#).unwrap();
         assert_eq!((p.kind, p.nsp, p.ack), (PacketType::Event, "/x", Some(12)));
-        assert_eq!(event_name(&p), Some("event:message"));
+        assert_eq!(p.data.unwrap()[0], "event:message");
         let p = decode_packet(r#"27["join",{"room":"dev"}]"#).unwrap();
         assert_eq!(p.ack, Some(7));
         assert_eq!(decode_packet("1").unwrap().kind, PacketType::Disconnect);
@@ -391,7 +380,6 @@ mod tests {
             payload(event("joined", &serde_json::json!({"room":"g"}))),
             r#"42["joined",{"room":"g"}]"#
         );
-        assert_eq!(payload(disconnect()), "41");
         let native = ws::text(br#"{"type":"message","message":"a \"b\""}"#);
         let text = payload(message_frame(&native));
         let parsed: Value = serde_json::from_str(&text[2..]).unwrap();

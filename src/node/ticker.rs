@@ -21,11 +21,11 @@ use tokio_util::sync::CancellationToken;
 use crate::outbox::Outbox;
 
 /// How precisely deadlines are kept.
-pub const RESOLUTION: Duration = Duration::from_millis(100);
+pub(crate) const RESOLUTION: Duration = Duration::from_millis(100);
 
 /// Wakes connections' writers at their deadlines.
 #[derive(Debug)]
-pub struct Ticker {
+pub(crate) struct Ticker {
     start: Instant,
     /// Outboxes to wake, by the tick at or after their deadline.
     due: Mutex<BTreeMap<u64, Vec<Weak<Outbox>>>>,
@@ -45,7 +45,7 @@ impl Default for Ticker {
 impl Ticker {
     /// Wakes the writer of `outbox` at `at` (or up to [`RESOLUTION`] later); at once after
     /// the shutdown.
-    pub fn wake_at(&self, at: Instant, outbox: &Arc<Outbox>) {
+    pub(crate) fn wake_at(&self, at: Instant, outbox: &Arc<Outbox>) {
         if !self.stopped.load(Ordering::Acquire) {
             let since = at.saturating_duration_since(self.start);
             let tick = since.as_nanos().div_ceil(RESOLUTION.as_nanos()) as u64;
@@ -58,7 +58,7 @@ impl Ticker {
                 return;
             }
         }
-        outbox.poke();
+        outbox.wake();
     }
 
     /// Entries waiting now (stale ones included, until their tick passes).
@@ -72,7 +72,7 @@ impl Ticker {
     }
 
     /// Runs the ticks until `shutdown`, then wakes everyone.
-    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+    pub(crate) async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let mut ticks = tokio::time::interval(RESOLUTION);
         ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
@@ -98,7 +98,7 @@ impl Ticker {
 fn wake(due: BTreeMap<u64, Vec<Weak<Outbox>>>) {
     for outbox in due.into_values().flatten() {
         if let Some(outbox) = outbox.upgrade() {
-            outbox.poke();
+            outbox.wake();
         }
     }
 }

@@ -1,9 +1,10 @@
-//! One WebSocket connection: the reader loop, request handling, and the session's lifetime.
+//! The native protocol's session: one WebSocket connection at `/ws` (or the echo endpoint),
+//! its reader loop, request handling, and lifetime.
 //!
 //! The socket is split: this reader (frames from [`FrameReader`], which holds no buffer while
-//! the connection is idle) and the [`writer`](super::writer), the only code that writes. Both
-//! run in the session's one task. Replies and chat messages reach the writer through the
-//! connection's [`Outbox`].
+//! the connection is idle) and the [`writer`](crate::conn::writer), the only code that
+//! writes. Both run in the session's one task. Replies and chat messages reach the writer
+//! through the connection's [`Outbox`].
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,56 +14,45 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, error, warn};
 
-use super::reader::{FrameReader, ReadError};
-use super::writer::{Liveness, WriteEnd, Writer};
-use super::{ConnSlot, Node};
 use crate::config::Reloadable;
+use crate::conn::close::{CLOSE_TIMEOUT, ReadEnd, linger, peer_close, read_error};
+use crate::conn::rate::TokenBucket;
+use crate::conn::reader::{Assembler, FrameReader};
+use crate::conn::writer::{Liveness, WriteEnd, Writer};
 use crate::hub::ConnId;
 use crate::metrics::OpenSession;
+use crate::node::{ConnSlot, Node};
 use crate::outbox::{Outbox, Refused};
-use crate::protocol::frame::{self, Opcode};
+use crate::protocol::frame::Opcode;
 use crate::protocol::native::{self, Reply, Request, Since};
 use crate::protocol::ws::close_code;
 use crate::protocol::{ErrorCode, ProtocolError, RoomName};
 use crate::transport::Snapshot;
-
-/// How long a connection's close may take in all: the close frame out, then the [`linger`].
-pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// How long a closing connection keeps reading, and discarding, what the peer still sends.
-pub(crate) const LINGER_TIME: Duration = Duration::from_secs(2);
-
-/// The most bytes a closing connection discards before it gives up on the peer. A client
-/// refused a message too big may send the rest of it before its close frame (RFC 6455 §5.5.1),
-/// and its kernel sends what it has buffered anyway: 16 MiB covers a message of the largest
-/// size `limits.max_frame_bytes` can allow, and is read in a few milliseconds. A client that
-/// sends more is reset, and may miss the close frame.
-pub(crate) const LINGER_BYTES: u64 = 16 << 20;
 
 /// How long a join waits for the node's live stream to reach the history it sent.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(2);
 
 /// What the client asked for in the `/ws` query.
 #[derive(Debug)]
-pub struct Params {
+pub(crate) struct Params {
     /// The first room.
-    pub room: RoomName,
+    pub(crate) room: RoomName,
     /// The display name.
-    pub name: String,
+    pub(crate) name: String,
     /// Where the client left the first room, to receive what it missed.
-    pub since: Option<Since>,
+    pub(crate) since: Option<Since>,
     /// The echo endpoint (`server.echo_path`): messages come back to the sender, nothing
     /// else happens; binary messages are allowed.
-    pub echo: bool,
+    pub(crate) echo: bool,
 }
 
 /// Runs one connection from the completed upgrade to the closed socket.
-pub fn run(
+pub(crate) fn run(
     node: Arc<Node>,
     upgrade: OnUpgrade,
     params: Params,
@@ -265,42 +255,12 @@ impl Connection<'_> {
     }
 }
 
-/// Ends a connection whose close frame is written, as RFC 6455 §7.1.1 asks: the write side
-/// is shut down (a TCP FIN after the close frame), and what the peer still sends is read and
-/// discarded until it closes its side too, for at most [`LINGER_TIME`] and [`LINGER_BYTES`].
-///
-/// Closing the socket at once would lose the close frame whenever input is still arriving
-/// (the rest of a message refused as too big, say): the kernel answers unread input with a
-/// reset, which discards whatever the peer has not read yet, the close frame included, and
-/// the client sees 1006 instead of the code. Lingering holds nothing the connection did not
-/// already hold (its socket, its slot, freed when it ends) and a small read buffer.
-pub(crate) async fn linger<W: AsyncWrite + Unpin>(reader: &mut FrameReader<'_>, socket: &mut W) {
-    if socket.shutdown().await.is_err() {
-        return; // the connection is gone: nothing can reach the peer any more
-    }
-    match tokio::time::timeout(LINGER_TIME, reader.discard(LINGER_BYTES)).await {
-        Ok(Ok(n)) if n < LINGER_BYTES => {}
-        Ok(Ok(_)) => debug!("closing connection kept sending; reset"),
-        Ok(Err(e)) => debug!(error = %e, "read failed while closing"),
-        Err(_) => debug!("closing connection did not close its side in time"),
-    }
-}
-
 /// The raw stream back from hyper, and the bytes hyper read past the handshake. The server only
 /// ever serves `TokioIo<TcpStream>`, so the downcast cannot fail. Not async, so that hyper's
 /// parts are no part of the session's state.
 fn take_stream(upgraded: Upgraded) -> Option<(TcpStream, Bytes)> {
     let parts = upgraded.downcast::<TokioIo<TcpStream>>().ok()?;
     Some((parts.io.into_inner(), parts.read_buf))
-}
-
-/// How the reader ended.
-#[derive(Debug)]
-pub(crate) enum ReadEnd {
-    /// The stream ended or failed; no close frame can be exchanged.
-    Gone,
-    /// Send a close frame with this code and reason (the peer closed, or broke a rule).
-    Close(u16, &'static str),
 }
 
 /// The reader side of a connection: identity, rooms and limits.
@@ -658,7 +618,7 @@ struct Memberships {
 impl Memberships {
     fn leave(&self, room: &RoomName) {
         if let Some(left) = self.node.hub.leave(room.as_str(), self.conn)
-            && left.edge
+            && left.first_or_last
         {
             self.node.transport.unsubscribe(room);
         }
@@ -673,89 +633,9 @@ impl Drop for Memberships {
     }
 }
 
-pub(crate) fn read_error(e: ReadError) -> ReadEnd {
-    match e {
-        ReadError::Gone(_) => ReadEnd::Gone,
-        ReadError::Protocol(e) => ReadEnd::Close(e.code, e.reason),
-    }
-}
-
-/// The answer to the peer's close frame: its code echoed, or a protocol error.
-pub(crate) fn peer_close(payload: &[u8]) -> ReadEnd {
-    match frame::close_code(payload) {
-        Ok(code) => ReadEnd::Close(code.unwrap_or(close_code::NORMAL), ""),
-        Err(e) => ReadEnd::Close(e.code, e.reason),
-    }
-}
-
-/// Collects a fragmented text message (the decoder has checked its order, size and UTF-8).
-#[derive(Default)]
-pub(crate) struct Assembler {
-    buf: Vec<u8>,
-}
-
-impl Assembler {
-    /// Adds a fragment; returns the whole text once the last one arrives.
-    pub(crate) fn push(&mut self, payload: &[u8], fin: bool) -> Option<Vec<u8>> {
-        self.buf.extend_from_slice(payload);
-        fin.then(|| std::mem::take(&mut self.buf))
-    }
-}
-
-/// Message rate limit: `rate` tokens a second, at most `burst` saved up.
-#[derive(Debug)]
-pub(crate) struct TokenBucket {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl TokenBucket {
-    pub(crate) fn new(rate: f64, burst: u32) -> Self {
-        Self {
-            rate,
-            burst: f64::from(burst),
-            tokens: f64::from(burst),
-            last: Instant::now(),
-        }
-    }
-
-    /// Changes the rate and burst, keeping the tokens saved up (at most the new burst).
-    pub(crate) fn reconfigure(&mut self, rate: f64, burst: u32) {
-        self.rate = rate;
-        self.burst = f64::from(burst);
-        self.tokens = self.tokens.min(self.burst);
-    }
-
-    pub(crate) fn take(&mut self, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn token_bucket_allows_a_burst_then_the_rate() {
-        let mut bucket = TokenBucket::new(2.0, 3);
-        let now = Instant::now();
-        assert!((0..3).all(|_| bucket.take(now)));
-        assert!(!bucket.take(now));
-        assert!(bucket.take(now + Duration::from_millis(500)));
-        assert!(!bucket.take(now + Duration::from_millis(600)));
-        assert!((0..3).all(|_| bucket.take(now + Duration::from_secs(60))));
-        assert!(!bucket.take(now + Duration::from_secs(60)));
-    }
 
     #[test]
     fn a_page_is_cut_to_its_newest_messages_that_fit() {
@@ -769,25 +649,5 @@ mod tests {
         assert_eq!((one.len(), more), (1, true));
         let (none, more) = fit_page(&[], false, 10);
         assert_eq!((none.len(), more), (0, false));
-    }
-
-    #[test]
-    fn assembler_joins_fragments_and_starts_over() {
-        let mut a = Assembler::default();
-        assert_eq!(a.push(b"\xC3", false), None);
-        assert_eq!(a.push(b"\xA9", true).unwrap(), "é".as_bytes());
-        assert_eq!(a.push(b"x", true).unwrap(), b"x");
-    }
-
-    #[test]
-    fn peer_close_is_echoed_or_refused() {
-        assert!(matches!(peer_close(b""), ReadEnd::Close(1000, _)));
-        assert!(matches!(peer_close(&[3, 233]), ReadEnd::Close(1001, _)));
-        assert!(matches!(peer_close(&[0x03, 0xED]), ReadEnd::Close(1002, _)));
-        assert!(matches!(peer_close(&[3]), ReadEnd::Close(1002, _)));
-        assert!(matches!(
-            peer_close(&[0x03, 0xE8, 0xFF]),
-            ReadEnd::Close(1007, _)
-        ));
     }
 }

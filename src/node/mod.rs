@@ -1,0 +1,190 @@
+//! The shared state of one node: its configuration and live settings, the hub, the
+//! transport, the metrics, the connection slots, and what every connection of the node
+//! shares: the [`admission`] of new ones (per-address limits from [`guard`], the connection
+//! cap, origin checks), and the [`ticker`] that wakes their writers.
+//!
+//! Below both protocols and the [`server`](crate::server), which builds the node and serves
+//! its connections.
+
+pub(crate) mod admission;
+pub(crate) mod guard;
+pub(crate) mod ticker;
+
+use std::io;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, Reloadable};
+use crate::hub::{ConnId, Hub};
+use crate::metrics::Metrics;
+use crate::protocol::native::MessageTemplate;
+use crate::protocol::{ErrorCode, ProtocolError, RoomName};
+use crate::transport::{Envelope, Published, Transport, dedupe_key};
+use guard::{Auth, IpSlot, PerIp};
+use ticker::Ticker;
+
+/// State shared by every connection of this node.
+#[derive(Debug)]
+pub struct Node {
+    /// The configuration the node started with. The keys that SIGHUP reloads are read from
+    /// [`Node::live`] instead.
+    pub config: Config,
+    /// This node's name, sent in `welcome`.
+    pub id: String,
+    /// Rooms and local members.
+    pub hub: Arc<Hub>,
+    /// The message transport.
+    pub transport: Transport,
+    /// Counters and gauges for `/metrics`.
+    pub(crate) metrics: Arc<Metrics>,
+    /// Cancelled to shut the node down.
+    pub(crate) shutdown: CancellationToken,
+    /// The tasks of upgraded connections and Socket.IO sessions, waited for at shutdown.
+    pub(crate) sessions: TaskTracker,
+    /// Wakes connections at their ping deadlines and at the shutdown.
+    pub(crate) ticker: Arc<Ticker>,
+    connections: AtomicUsize,
+    next_conn: AtomicU64,
+    live: RwLock<Arc<Reloadable>>,
+    live_version: AtomicU64,
+    per_ip: Arc<PerIp>,
+    trusted_proxies: Vec<ipnet::IpNet>,
+    /// Token checking, when `auth.jwt_secret` is set.
+    pub(crate) auth: Option<Auth>,
+}
+
+impl Node {
+    /// The node of `config`, its transport started; `shutdown` ends its connections.
+    pub(crate) fn new(config: Config, shutdown: CancellationToken) -> io::Result<Self> {
+        let metrics = Arc::new(Metrics::default());
+        let hub = Arc::new(Hub::with_metrics(metrics.clone()));
+        let transport = Transport::new(&config, hub.clone(), metrics.clone())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let id = if config.server.node_id.is_empty() {
+            format!("node-{:06x}", fastrand::u32(..1 << 24))
+        } else {
+            config.server.node_id.clone()
+        };
+        let ticker = Arc::new(Ticker::default());
+        tokio::spawn(ticker.clone().run(shutdown.clone()));
+        Ok(Self {
+            ticker,
+            per_ip: Arc::new(PerIp::new(config.server.ipv6_prefix_len)),
+            trusted_proxies: config.server.trusted_proxy_nets(),
+            auth: Auth::new(&config.auth),
+            live: RwLock::new(Arc::new(config.reloadable())),
+            live_version: AtomicU64::new(0),
+            config,
+            id,
+            hub,
+            transport,
+            metrics,
+            shutdown,
+            sessions: TaskTracker::new(),
+            connections: AtomicUsize::new(0),
+            next_conn: AtomicU64::new(1),
+        })
+    }
+
+    /// Whether the node takes new clients: not shutting down, transport up.
+    pub fn is_ready(&self) -> bool {
+        !self.shutdown.is_cancelled() && self.transport.is_ready()
+    }
+
+    /// WebSocket connections open now.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// The settings SIGHUP can change: limits, allowed origins, the connection cap.
+    pub fn live(&self) -> Arc<Reloadable> {
+        self.live
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Bumped by every [`Node::reconfigure`]: sessions compare it to refresh their limits.
+    pub(crate) fn live_version(&self) -> u64 {
+        self.live_version.load(Ordering::Acquire)
+    }
+
+    /// Applies reloaded settings: new connections and the next message of open ones see them.
+    pub fn reconfigure(&self, live: Reloadable) {
+        *self.live.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(live);
+        self.live_version.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Publishes `message` from `user` to `room` (membership, length and rate are the
+    /// caller's checks): encodes it once, stamps it, times and counts the publish. A
+    /// `reference` (the client's `ref`) is remembered for the dedupe window. `unavailable`
+    /// when the transport refused or did not answer.
+    pub(crate) async fn publish(
+        &self,
+        room: RoomName,
+        user: &str,
+        message: &str,
+        reference: Option<&str>,
+    ) -> Result<Published, ProtocolError> {
+        let ts = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let envelope = Envelope {
+            message: MessageTemplate::new(&room, user, ts, message),
+            room,
+            dedupe: reference.map(|r| dedupe_key(user, r)),
+        };
+        let started = std::time::Instant::now();
+        let published = self.transport.publish(envelope).await;
+        self.metrics.publish_seconds.observe(started.elapsed());
+        match published {
+            Ok(p) => {
+                if p.duplicate {
+                    self.metrics.duplicate_sends_total.inc();
+                } else {
+                    self.metrics.messages_in_total.inc();
+                }
+                Ok(p)
+            }
+            Err(e) => {
+                self.metrics.publish_errors_total.inc();
+                Err(ProtocolError::new(ErrorCode::Unavailable, e.to_string()))
+            }
+        }
+    }
+
+    /// A new connection's id.
+    pub(crate) fn next_conn_id(&self) -> ConnId {
+        ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Takes one of `max_connections` slots for a connection holding `ip_slot`, one of its
+    /// client address's; both are released when the returned guard drops.
+    fn reserve_slot(self: &Arc<Self>, ip_slot: IpSlot) -> Option<ConnSlot> {
+        let max = self.live().max_connections;
+        let taken = self.connections.fetch_add(1, Ordering::AcqRel);
+        let slot = ConnSlot {
+            node: self.clone(),
+            _ip_slot: ip_slot,
+        };
+        (taken < max).then_some(slot)
+    }
+}
+
+/// One of the node's `max_connections` slots, and of its client address's.
+#[derive(Debug)]
+pub(crate) struct ConnSlot {
+    node: Arc<Node>,
+    /// Held, never read: dropped with the slot, it frees the address's slot too.
+    _ip_slot: IpSlot,
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.node.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
