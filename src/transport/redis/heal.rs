@@ -8,24 +8,24 @@ use bytes::Bytes;
 use tracing::warn;
 
 use super::RedisTransport;
-use super::recent::Seen;
+use super::recent::RoomStream;
 use crate::protocol::native::{self, Since};
 use crate::protocol::{RoomName, ws};
 
 impl RedisTransport {
-    /// Delivers from the history what this node missed in `room` since `seen_last` of
-    /// `seen_epoch`, in order. Returns how many messages it delivered and whether the history
+    /// Delivers from the history what this node missed in `room` since `delivered_id` of
+    /// `delivered_epoch`, in order. Returns how many messages it delivered and whether the history
     /// still held every one (`false`: some are lost, e.g. the history was reset or trimmed
     /// past them); `None` when the history could not be read.
     pub(super) async fn heal(
         &self,
         room: &RoomName,
-        seen_epoch: &str,
-        seen_last: u64,
+        delivered_epoch: &str,
+        delivered_id: u64,
     ) -> Option<(usize, bool)> {
         let since = Since {
-            id: seen_last,
-            epoch: seen_epoch.to_owned(),
+            id: delivered_id,
+            epoch: delivered_epoch.to_owned(),
         };
         let snapshot = match self
             .scripts
@@ -38,9 +38,9 @@ impl RedisTransport {
                 return None;
             }
         };
-        // In a new epoch everything is new; in the same one, what follows `seen`.
-        let same_epoch = snapshot.epoch == seen_epoch;
-        let floor = if same_epoch { seen_last } else { 0 };
+        // In a new epoch everything is new; in the same one, what follows what was delivered.
+        let same_epoch = snapshot.epoch == delivered_epoch;
+        let floor = if same_epoch { delivered_id } else { 0 };
         let missed: Vec<&Bytes> = snapshot
             .frames
             .iter()
@@ -51,36 +51,37 @@ impl RedisTransport {
         let complete = snapshot.recovered == Some(true);
         let delivering = self.lock_delivering();
         {
-            // `seen` takes the messages before the hub delivers them.
-            let mut seen = self.lock_seen();
-            match seen.get_mut(room) {
+            // The stream takes the messages before the hub delivers them.
+            let mut streams = self.lock_streams();
+            match streams.get_mut(room) {
                 Some(s)
                     if complete
-                        && s.epoch == seen_epoch
-                        && s.last == seen_last
-                        && seen_last + missed.len() as u64 == snapshot.last_id =>
+                        && s.epoch == delivered_epoch
+                        && s.last_id == delivered_id
+                        && delivered_id + missed.len() as u64 == snapshot.last_id =>
                 {
                     for frame in &missed {
-                        s.push((*frame).clone(), self.keep);
+                        s.push_next((*frame).clone(), self.keep_recent);
                     }
                 }
                 _ => {
                     // Start over from what the history still stores. Recovering in the same
                     // epoch without `since + 1`: nothing older is stored either. Otherwise the
                     // newest `history_size` came, all there are when fewer came.
-                    let whole = if same_epoch && snapshot.last_id >= seen_last && !complete {
-                        true
-                    } else {
-                        snapshot.frames.len() < self.policy.history_size
-                    };
-                    let restarted = Seen::new(
+                    let nothing_older =
+                        if same_epoch && snapshot.last_id >= delivered_id && !complete {
+                            true
+                        } else {
+                            snapshot.frames.len() < self.policy.history_size
+                        };
+                    let restarted = RoomStream::from_history(
                         snapshot.epoch.clone(),
                         snapshot.last_id,
                         &snapshot.frames,
-                        whole,
-                        self.keep,
+                        nothing_older,
+                        self.keep_recent,
                     );
-                    seen.insert(room.clone(), restarted);
+                    streams.insert(room.clone(), restarted);
                 }
             }
         }
@@ -95,7 +96,8 @@ impl RedisTransport {
             .add(delivered as u64);
         if !complete {
             warn!(
-                %room, after_id = seen_last, epoch = %seen_epoch, new_epoch = %snapshot.epoch,
+                %room, after_id = delivered_id, epoch = %delivered_epoch,
+                new_epoch = %snapshot.epoch,
                 "messages were lost on the backplane and are no longer in the history"
             );
         }
@@ -103,11 +105,11 @@ impl RedisTransport {
     }
 
     /// After a reconnect: fills every room's gap from the history.
-    pub(super) async fn catch_up(&self) {
+    pub(super) async fn heal_all(&self) {
         let rooms: Vec<(RoomName, String, u64)> = self
-            .lock_seen()
+            .lock_streams()
             .iter()
-            .map(|(room, seen)| (room.clone(), seen.epoch.clone(), seen.last))
+            .map(|(room, stream)| (room.clone(), stream.epoch.clone(), stream.last_id))
             .collect();
         for (room, epoch, last) in rooms {
             if let Some((delivered, complete)) = self.heal(&room, &epoch, last).await

@@ -34,9 +34,9 @@ use tokio::time::Instant;
 
 pub use subscriptions::Joining;
 
-use self::recent::{Local, Seen};
+use self::recent::{LocalAnswer, RoomStream};
 use self::scripts::Scripts;
-use self::subscriptions::Want;
+use self::subscriptions::Interest;
 use crate::config::{RedisConfig, RoomsConfig};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -58,25 +58,25 @@ pub struct RedisTransport {
     policy: RoomsConfig,
     /// Per room: the epoch and last id this node delivered, to find gaps, and the newest
     /// messages, to answer joins.
-    seen: Mutex<HashMap<RoomName, Seen>>,
-    /// Held by the subscriber from `seen` taking a message until the hub delivered it.
+    streams: Mutex<HashMap<RoomName, RoomStream>>,
+    /// Held by the subscriber from `streams` taking a message until the hub delivered it.
     delivering: Mutex<()>,
     /// Joins waiting in `caught_up`, and what wakes them.
     waiting: AtomicUsize,
     progress: Notify,
-    /// How many of each room's newest messages `seen` keeps: `rooms.history_on_join` with
+    /// How many of each room's newest messages `streams` keeps: `rooms.history_on_join` with
     /// `redis.local_history`, else none.
-    keep: usize,
+    keep_recent: usize,
     publish_timeout: Duration,
     linger: Duration,
     /// Rooms this node wants to receive, and since when.
-    wanted: Mutex<HashMap<RoomName, Want>>,
+    wanted: Mutex<HashMap<RoomName, Interest>>,
     /// Rooms the subscriber connection has confirmed.
     subscribed: Mutex<HashSet<RoomName>>,
     /// Bumped whenever `subscribed` changes.
-    generation: watch::Sender<u64>,
+    subscribed_version: watch::Sender<u64>,
     /// Wakes the subscriber loop to reconcile `wanted` with `subscribed`.
-    changed: Notify,
+    reconcile_needed: Notify,
     ready: AtomicBool,
     metrics: Arc<Metrics>,
 }
@@ -123,11 +123,11 @@ impl RedisTransport {
             scripts,
             heartbeat: Duration::from_secs(config.heartbeat_secs),
             policy: policy.clone(),
-            seen: Mutex::new(HashMap::new()),
+            streams: Mutex::new(HashMap::new()),
             delivering: Mutex::new(()),
             waiting: AtomicUsize::new(0),
             progress: Notify::new(),
-            keep: if config.local_history {
+            keep_recent: if config.local_history {
                 policy.history_on_join
             } else {
                 0
@@ -136,8 +136,8 @@ impl RedisTransport {
             linger: Duration::from_secs(config.unsubscribe_linger_secs),
             wanted: Mutex::new(HashMap::new()),
             subscribed: Mutex::new(HashSet::new()),
-            generation: watch::Sender::new(0),
-            changed: Notify::new(),
+            subscribed_version: watch::Sender::new(0),
+            reconcile_needed: Notify::new(),
             ready: AtomicBool::new(false),
             metrics,
         });
@@ -154,10 +154,10 @@ impl RedisTransport {
     /// Redis accepted it.
     pub async fn publish(&self, envelope: &Envelope) -> Result<Published, TransportError> {
         let published = self.scripts.publish(envelope).await?;
-        if self.keep > 0
-            && let Some(seen) = self.lock_seen().get_mut(envelope.room.as_str())
+        if self.keep_recent > 0
+            && let Some(stream) = self.lock_streams().get_mut(envelope.room.as_str())
         {
-            seen.acked = seen.acked.max(published.id);
+            stream.acked_id = stream.acked_id.max(published.id);
         }
         Ok(published)
     }
@@ -170,37 +170,37 @@ impl RedisTransport {
         since: Option<&Since>,
     ) -> Result<Snapshot, TransportError> {
         match self.local_snapshot(room, since) {
-            Local::Ready(snapshot) => return Ok(snapshot),
-            Local::Behind { epoch, acked } => {
-                if self.caught_up(room, &epoch, acked, SUBSCRIBE_WAIT).await
-                    && let Local::Ready(snapshot) = self.local_snapshot(room, since)
+            LocalAnswer::Ready(snapshot) => return Ok(snapshot),
+            LocalAnswer::Behind { epoch, acked_id } => {
+                if self.caught_up(room, &epoch, acked_id, SUBSCRIBE_WAIT).await
+                    && let LocalAnswer::Ready(snapshot) = self.local_snapshot(room, since)
                 {
                     return Ok(snapshot);
                 }
             }
-            Local::No => {}
+            LocalAnswer::AskRedis => {}
         }
         self.scripts
             .snapshot(room, since, self.policy.history_on_join)
             .await
     }
 
-    /// [`RedisTransport::snapshot`] from `seen`, while the subscriber is connected and caught
+    /// [`RedisTransport::snapshot`] from `streams`, while the subscriber is connected and caught
     /// up (so the copy is as current as the live stream) and the copy holds every message the
     /// answer needs. Messages are added to the copy before they are delivered, so a joiner's
     /// staging gets exactly the messages after the snapshot's `last_id`. Messages accepted
     /// through other nodes and still on their way here follow as live messages.
-    fn local_snapshot(&self, room: &RoomName, since: Option<&Since>) -> Local {
-        if self.keep == 0 || !self.is_ready() || !self.lock_subscribed().contains(room) {
-            return Local::No;
+    fn local_snapshot(&self, room: &RoomName, since: Option<&Since>) -> LocalAnswer {
+        if self.keep_recent == 0 || !self.is_ready() || !self.lock_subscribed().contains(room) {
+            return LocalAnswer::AskRedis;
         }
-        match self.lock_seen().get_mut(room) {
-            Some(seen) => seen.answer(
+        match self.lock_streams().get_mut(room) {
+            Some(stream) => stream.answer(
                 since,
                 self.policy.history_on_join,
                 Duration::from_secs(self.policy.history_ttl_secs),
             ),
-            None => Local::No,
+            None => LocalAnswer::AskRedis,
         }
     }
 
@@ -225,10 +225,10 @@ impl RedisTransport {
     ) -> bool {
         let reached = || {
             let done = self
-                .lock_seen()
+                .lock_streams()
                 .get(room)
-                .is_some_and(|s| s.epoch == epoch && s.last >= last_id);
-            // `seen` takes a message before the hub has it: wait for that delivery to end,
+                .is_some_and(|s| s.epoch == epoch && s.last_id >= last_id);
+            // The stream takes a message before the hub has it: wait for that delivery to end,
             // so that the joiner's staging, not its outbox, gets it.
             done && {
                 drop(self.lock_delivering());
@@ -252,7 +252,7 @@ impl RedisTransport {
         }
     }
 
-    /// Wakes the joins waiting in [`RedisTransport::caught_up`], if any: called after `seen`
+    /// Wakes the joins waiting in [`RedisTransport::caught_up`], if any: called after a stream
     /// moved on and the hub delivered.
     fn progressed(&self) {
         if self.waiting.load(Ordering::Acquire) > 0 {
@@ -266,7 +266,7 @@ impl RedisTransport {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn lock_seen(&self) -> MutexGuard<'_, HashMap<RoomName, Seen>> {
-        self.seen.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock_streams(&self) -> MutexGuard<'_, HashMap<RoomName, RoomStream>> {
+        self.streams.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }

@@ -17,104 +17,109 @@ use crate::transport::Snapshot;
 /// What this node knows of a room it receives: the newest message it delivered (to find
 /// gaps) and the messages up to it (to answer joins).
 #[derive(Debug)]
-pub(super) struct Seen {
+pub(super) struct RoomStream {
     pub(super) epoch: String,
-    pub(super) last: u64,
-    /// The newest messages, oldest first, with consecutive ids up to `last`; at most `keep`.
+    pub(super) last_id: u64,
+    /// The newest messages, oldest first, with consecutive ids up to `last_id`; at most
+    /// `keep_recent`.
     recent: VecDeque<Bytes>,
     /// The history stores no message older than `recent`'s first.
-    whole: bool,
-    /// The newest id this node's publishes were acked with: a join waits until `last`
+    nothing_older: bool,
+    /// The newest id this node's publishes were acked with: a join waits until `last_id`
     /// reaches it, so a client's own messages are in the history it joins with.
-    pub(super) acked: u64,
+    pub(super) acked_id: u64,
 }
 
-/// What [`Seen::follow`] made of a message.
-pub(super) enum Step {
+/// What [`RoomStream::follow`] made of a message.
+pub(super) enum Arrival {
     /// Delivered already.
-    Had,
+    AlreadyDelivered,
     /// The next message: now the newest.
-    Took,
+    Next,
     /// Not the next one: a gap, or another epoch.
     Gap,
 }
 
-/// What [`Seen::answer`] can answer.
-pub(super) enum Local {
+/// What [`RoomStream::answer`] can answer.
+pub(super) enum LocalAnswer {
+    /// The snapshot, as Redis would send it.
     Ready(Snapshot),
-    /// The channel has not brought every message this node acked yet: up to `acked` of
+    /// The channel has not brought every message this node acked yet: up to `acked_id` of
     /// `epoch`.
-    Behind {
-        epoch: String,
-        acked: u64,
-    },
+    Behind { epoch: String, acked_id: u64 },
     /// Only Redis can answer.
-    No,
+    AskRedis,
 }
 
-impl Seen {
-    /// Starts from `frames`, the newest stored messages up to `last` (consecutive ids);
-    /// `whole` when the history stores none older.
-    pub(super) fn new(
+impl RoomStream {
+    /// Starts from `frames`, the newest stored messages up to `last_id` (consecutive ids);
+    /// `nothing_older` when the history stores none older.
+    pub(super) fn from_history(
         epoch: String,
-        last: u64,
+        last_id: u64,
         frames: &[Bytes],
-        whole: bool,
-        keep: usize,
+        nothing_older: bool,
+        keep_recent: usize,
     ) -> Self {
-        let skip = frames.len().saturating_sub(keep);
+        let skip = frames.len().saturating_sub(keep_recent);
         Self {
             epoch,
-            last,
+            last_id,
             recent: frames[skip..].iter().cloned().collect(),
-            whole: whole && skip == 0,
-            acked: 0,
+            nothing_older: nothing_older && skip == 0,
+            acked_id: 0,
         }
     }
 
-    /// Starts over at a message that does not follow `last`: a new epoch, or a gap the
+    /// Starts over at a message that does not follow `last_id`: a new epoch, or a gap the
     /// history could not fill. Ids start at 1: a message claiming id 0 is not kept, and the
     /// epoch starts before its first message.
-    pub(super) fn restart(epoch: &str, id: u64, frame: Bytes, keep: usize) -> Self {
-        let mut seen = Self {
+    pub(super) fn restart_at(epoch: &str, id: u64, frame: Bytes, keep_recent: usize) -> Self {
+        let mut stream = Self {
             epoch: epoch.to_owned(),
-            last: id.saturating_sub(1),
+            last_id: id.saturating_sub(1),
             recent: VecDeque::new(),
             // The first id of an epoch: there is nothing older.
-            whole: id <= 1,
-            acked: 0,
+            nothing_older: id <= 1,
+            acked_id: 0,
         };
         if id > 0 {
-            seen.push(frame, keep);
+            stream.push_next(frame, keep_recent);
         }
-        seen
+        stream
     }
 
-    /// Follows the next message, `last + 1`.
-    pub(super) fn push(&mut self, frame: Bytes, keep: usize) {
-        self.last += 1;
+    /// Follows the next message, `last_id + 1`.
+    pub(super) fn push_next(&mut self, frame: Bytes, keep_recent: usize) {
+        self.last_id += 1;
         self.recent.push_back(frame);
-        if self.recent.len() > keep {
+        if self.recent.len() > keep_recent {
             self.recent.pop_front();
-            self.whole = false;
+            self.nothing_older = false;
         }
     }
 
     /// Takes message `id` of `epoch` if it is the next one.
-    pub(super) fn follow(&mut self, epoch: &str, id: u64, frame: &Bytes, keep: usize) -> Step {
-        if self.epoch != epoch || id > self.last + 1 {
-            return Step::Gap;
+    pub(super) fn follow(
+        &mut self,
+        epoch: &str,
+        id: u64,
+        frame: &Bytes,
+        keep_recent: usize,
+    ) -> Arrival {
+        if self.epoch != epoch || id > self.last_id + 1 {
+            return Arrival::Gap;
         }
-        if id <= self.last {
-            return Step::Had;
+        if id <= self.last_id {
+            return Arrival::AlreadyDelivered;
         }
-        self.push(frame.clone(), keep);
-        Step::Took
+        self.push_next(frame.clone(), keep_recent);
+        Arrival::Next
     }
 
-    /// The id of `recent`'s first message (`last + 1` when it is empty).
-    fn first(&self) -> u64 {
-        self.last + 1 - self.recent.len() as u64
+    /// The id of `recent`'s first message (`last_id + 1` when it is empty).
+    fn first_id(&self) -> u64 {
+        self.last_id + 1 - self.recent.len() as u64
     }
 
     /// Drops messages older than the history keeps them, as the next publish would.
@@ -132,7 +137,7 @@ impl Seen {
         {
             self.recent.pop_front();
             // Anything older is older still: the history no longer has it either.
-            self.whole = true;
+            self.nothing_older = true;
         }
     }
 
@@ -144,35 +149,35 @@ impl Seen {
         since: Option<&Since>,
         history_on_join: usize,
         history_ttl: Duration,
-    ) -> Local {
-        if self.last < self.acked {
-            return Local::Behind {
+    ) -> LocalAnswer {
+        if self.last_id < self.acked_id {
+            return LocalAnswer::Behind {
                 epoch: self.epoch.clone(),
-                acked: self.acked,
+                acked_id: self.acked_id,
             };
         }
         self.expire(history_ttl);
         let (skip, recovered) = match since {
-            Some(since) if since.epoch == self.epoch && since.id <= self.last => {
-                if since.id + 1 >= self.first() {
-                    ((since.id + 1 - self.first()) as usize, Some(true))
-                } else if self.whole {
+            Some(since) if since.epoch == self.epoch && since.id <= self.last_id => {
+                if since.id + 1 >= self.first_id() {
+                    ((since.id + 1 - self.first_id()) as usize, Some(true))
+                } else if self.nothing_older {
                     // `since + 1` is no longer stored: all that is, which is all here.
                     (0, Some(false))
                 } else {
-                    return Local::No; // Redis may store more of what followed `since`.
+                    return LocalAnswer::AskRedis; // Redis may store more of what followed `since`.
                 }
             }
             _ => {
-                if !self.whole && self.recent.len() < history_on_join {
-                    return Local::No;
+                if !self.nothing_older && self.recent.len() < history_on_join {
+                    return LocalAnswer::AskRedis;
                 }
                 (0, since.map(|_| false))
             }
         };
-        Local::Ready(Snapshot {
+        LocalAnswer::Ready(Snapshot {
             epoch: self.epoch.clone(),
-            last_id: self.last,
+            last_id: self.last_id,
             frames: self.recent.iter().skip(skip).cloned().collect(),
             recovered,
         })
@@ -190,56 +195,70 @@ mod tests {
         )
     }
 
-    fn ids(seen: &Seen) -> Vec<u64> {
+    fn ids(stream: &RoomStream) -> Vec<u64> {
         let id = |f: &Bytes| native::message_meta(&ws::text_payload(f)).unwrap().0;
-        seen.recent.iter().map(id).collect()
+        stream.recent.iter().map(id).collect()
     }
 
     #[test]
-    fn seen_keeps_the_newest_and_knows_when_it_holds_all_there_is() {
+    fn stream_keeps_the_newest_and_knows_when_it_holds_all_there_is() {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap()
             .as_millis() as u64;
         let frames: Vec<Bytes> = (1..=3).map(|id| message(id, now)).collect();
-        let mut seen = Seen::new("e".into(), 3, &frames, true, 4);
+        let mut stream = RoomStream::from_history("e".into(), 3, &frames, true, 4);
         assert_eq!(
-            (ids(&seen), seen.first(), seen.whole),
+            (ids(&stream), stream.first_id(), stream.nothing_older),
             (vec![1, 2, 3], 1, true)
         );
-        seen.push(message(4, now), 4);
-        assert!(seen.whole);
-        seen.push(message(5, now), 4);
+        stream.push_next(message(4, now), 4);
+        assert!(stream.nothing_older);
+        stream.push_next(message(5, now), 4);
         assert_eq!(
-            (ids(&seen), seen.first(), seen.whole),
+            (ids(&stream), stream.first_id(), stream.nothing_older),
             (vec![2, 3, 4, 5], 2, false)
         );
         // More than it keeps: the oldest are left out, and others may be stored.
-        let seen = Seen::new("e".into(), 3, &frames, true, 2);
-        assert_eq!((ids(&seen), seen.whole), (vec![2, 3], false));
+        let stream = RoomStream::from_history("e".into(), 3, &frames, true, 2);
+        assert_eq!((ids(&stream), stream.nothing_older), (vec![2, 3], false));
         // Nothing kept: first is the next id.
-        let seen = Seen::new("e".into(), 7, &[], false, 0);
-        assert_eq!(seen.first(), 8);
-        let seen = Seen::restart("f", 1, message(1, now), 4);
-        assert_eq!((ids(&seen), seen.last, seen.whole), (vec![1], 1, true));
-        let seen = Seen::restart("f", 9, message(9, now), 4);
-        assert_eq!((ids(&seen), seen.first(), seen.whole), (vec![9], 9, false));
+        let stream = RoomStream::from_history("e".into(), 7, &[], false, 0);
+        assert_eq!(stream.first_id(), 8);
+        let stream = RoomStream::restart_at("f", 1, message(1, now), 4);
+        assert_eq!(
+            (ids(&stream), stream.last_id, stream.nothing_older),
+            (vec![1], 1, true)
+        );
+        let stream = RoomStream::restart_at("f", 9, message(9, now), 4);
+        assert_eq!(
+            (ids(&stream), stream.first_id(), stream.nothing_older),
+            (vec![9], 9, false)
+        );
     }
 
     #[test]
-    fn seen_restarting_at_id_0_keeps_nothing_and_does_not_underflow() {
-        let mut seen = Seen::restart("f", 0, message(0, 1), 4);
+    fn stream_restarting_at_id_0_keeps_nothing_and_does_not_underflow() {
+        let mut stream = RoomStream::restart_at("f", 0, message(0, 1), 4);
         assert_eq!(
-            (ids(&seen), seen.last, seen.first(), seen.whole),
+            (
+                ids(&stream),
+                stream.last_id,
+                stream.first_id(),
+                stream.nothing_older
+            ),
             (vec![], 0, 1, true)
         );
         // The epoch's first real message follows.
-        assert!(matches!(seen.follow("f", 1, &message(1, 1), 4), Step::Took));
-        assert_eq!((ids(&seen), seen.last), (vec![1], 1));
+        assert!(matches!(
+            stream.follow("f", 1, &message(1, 1), 4),
+            Arrival::Next
+        ));
+        assert_eq!((ids(&stream), stream.last_id), (vec![1], 1));
     }
 
     #[test]
-    fn seen_drops_what_the_history_no_longer_keeps() {
+    fn stream_drops_what_the_history_no_longer_keeps() {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap()
@@ -249,11 +268,11 @@ mod tests {
             message(5, now - 70_000),
             message(6, now),
         ];
-        let mut seen = Seen::new("e".into(), 6, &frames, false, 3);
+        let mut stream = RoomStream::from_history("e".into(), 6, &frames, false, 3);
         assert_eq!(native::message_ts(&ws::text_payload(&frames[2])), Some(now));
-        seen.expire(Duration::from_secs(80));
-        assert_eq!((ids(&seen), seen.whole), (vec![5, 6], true));
-        seen.expire(Duration::from_secs(3600));
-        assert_eq!(ids(&seen), [5, 6]);
+        stream.expire(Duration::from_secs(80));
+        assert_eq!((ids(&stream), stream.nothing_older), (vec![5, 6], true));
+        stream.expire(Duration::from_secs(3600));
+        assert_eq!(ids(&stream), [5, 6]);
     }
 }

@@ -20,7 +20,7 @@ use super::RedisTransport;
 use super::connect::{
     Backoff, CONNECT_TIMEOUT, closed_error, heartbeat_error, log_outage, timeout_error,
 };
-use super::recent::{Seen, Step};
+use super::recent::{Arrival, RoomStream};
 use crate::protocol::native;
 use crate::protocol::{RoomName, ws};
 
@@ -45,7 +45,7 @@ impl RedisTransport {
                         Ok(()) => {
                             // Messages published while the subscriber was away come from the
                             // history before any new one is delivered.
-                            self.catch_up().await;
+                            self.heal_all().await;
                             self.ready.store(true, Ordering::Relaxed);
                             self.metrics.backplane_up.set(1);
                             match outage.take() {
@@ -69,7 +69,7 @@ impl RedisTransport {
             self.ready.store(false, Ordering::Relaxed);
             self.metrics.backplane_up.set(0);
             self.lock_subscribed().clear();
-            self.generation.send_modify(|g| *g += 1);
+            self.subscribed_version.send_modify(|g| *g += 1);
             if outage.is_none() {
                 outage = Some(Instant::now());
                 log_outage(&reason);
@@ -95,7 +95,7 @@ impl RedisTransport {
                     }
                     None => return closed_error(),
                 },
-                _ = self.changed.notified() => {
+                _ = self.reconcile_needed.notified() => {
                     if let Err(e) = self.reconcile(sink).await {
                         return e;
                     }
@@ -118,8 +118,8 @@ impl RedisTransport {
 
     /// Delivers one message from the channel in id order: the first of a gap is preceded by
     /// the missing ones from the history, and one already delivered is dropped. The payload
-    /// is the frame's text: one copy into the frame, none per member. `seen` takes the
-    /// message before the hub delivers it (see [`RedisTransport::local_snapshot`]).
+    /// is the frame's text: one copy into the frame, none per member. The room's stream
+    /// takes the message before the hub delivers it (see [`RedisTransport::local_snapshot`]).
     async fn receive_one(&self, channel: &str, payload: &[u8]) {
         let Some(room) = channel.strip_prefix(self.scripts.channel_prefix()) else {
             return;
@@ -131,16 +131,16 @@ impl RedisTransport {
             self.hub.deliver(room, &frame);
             return;
         };
-        // Held from `seen` taking the message until the hub has it (see `caught_up`).
+        // Held from the stream taking the message until the hub has it (see `caught_up`).
         let delivering = self.lock_delivering();
         // The common case, the next id of the same epoch, allocates nothing more here.
         let gap = {
-            let mut seen = self.lock_seen();
-            match seen.get_mut(room) {
-                Some(s) => match s.follow(epoch, id, &frame, self.keep) {
-                    Step::Had => return,
-                    Step::Took => None,
-                    Step::Gap => Some(Some((s.epoch.clone(), s.last))),
+            let mut streams = self.lock_streams();
+            match streams.get_mut(room) {
+                Some(s) => match s.follow(epoch, id, &frame, self.keep_recent) {
+                    Arrival::AlreadyDelivered => return,
+                    Arrival::Next => None,
+                    Arrival::Gap => Some(Some((s.epoch.clone(), s.last_id))),
                 },
                 None => Some(None),
             }
@@ -154,25 +154,26 @@ impl RedisTransport {
         let Ok(room_name) = RoomName::new(room) else {
             return;
         };
-        if let Some((seen_epoch, seen_last)) = gap {
+        if let Some((delivered_epoch, delivered_id)) = gap {
             // A gap, or a new epoch: what is missing comes from the history first.
             self.metrics.backplane_gaps_total.inc();
-            if let Some((_, true)) = self.heal(&room_name, &seen_epoch, seen_last).await {
+            if let Some((_, true)) = self.heal(&room_name, &delivered_epoch, delivered_id).await {
                 self.metrics.backplane_gaps_healed_total.inc();
             }
         }
         let delivering = self.lock_delivering();
         {
-            let mut seen = self.lock_seen();
-            let step = seen
+            let mut streams = self.lock_streams();
+            let arrival = streams
                 .get_mut(&room_name)
-                .map(|s| s.follow(epoch, id, &frame, self.keep));
-            match step {
-                Some(Step::Had) => return, // the history had it
-                Some(Step::Took) => {}
-                Some(Step::Gap) | None => {
-                    let restarted = Seen::restart(epoch, id, frame.clone(), self.keep);
-                    seen.insert(room_name, restarted);
+                .map(|s| s.follow(epoch, id, &frame, self.keep_recent));
+            match arrival {
+                Some(Arrival::AlreadyDelivered) => return, // the history had it
+                Some(Arrival::Next) => {}
+                Some(Arrival::Gap) | None => {
+                    let restarted =
+                        RoomStream::restart_at(epoch, id, frame.clone(), self.keep_recent);
+                    streams.insert(room_name, restarted);
                 }
             }
         }
@@ -189,10 +190,10 @@ impl RedisTransport {
             let mut wanted = self.lock_wanted();
             let subscribed = self.lock_subscribed();
             let mut remove = Vec::new();
-            wanted.retain(|room, want| {
-                let expired = want.release_at.is_some_and(|at| at <= now)
-                    && want.joining == 0
-                    && now.duration_since(want.since) >= self.linger
+            wanted.retain(|room, interest| {
+                let expired = interest.release_at.is_some_and(|at| at <= now)
+                    && interest.joins_pending == 0
+                    && now.duration_since(interest.since) >= self.linger
                     && self.hub.online(room.as_str()) == 0;
                 if expired && subscribed.contains(room) {
                     remove.push(room.clone());
@@ -210,37 +211,37 @@ impl RedisTransport {
             sink.subscribe(self.scripts.channels(&add)).await?;
             // A room subscribed for the first time starts at its current last id: what was
             // published before belongs to joiners' histories, and what follows is owed to the
-            // members. After a reconnect the rooms keep their positions, so `catch_up` finds
+            // members. After a reconnect the rooms keep their positions, so `heal_all` finds
             // what was published meanwhile.
             for room in &add {
-                if self.lock_seen().contains_key(room) {
+                if self.lock_streams().contains_key(room) {
                     continue;
                 }
                 // With `local_history`, the newest messages come along, for joins.
-                if let Ok(position) = self.scripts.snapshot(room, None, self.keep).await {
-                    let whole = position.frames.len() < self.keep;
-                    self.lock_seen().entry(room.clone()).or_insert_with(|| {
-                        Seen::new(
+                if let Ok(position) = self.scripts.snapshot(room, None, self.keep_recent).await {
+                    let nothing_older = position.frames.len() < self.keep_recent;
+                    self.lock_streams().entry(room.clone()).or_insert_with(|| {
+                        RoomStream::from_history(
                             position.epoch,
                             position.last_id,
                             &position.frames,
-                            whole,
-                            self.keep,
+                            nothing_older,
+                            self.keep_recent,
                         )
                     });
                 }
             }
             self.lock_subscribed().extend(add);
-            self.generation.send_modify(|g| *g += 1);
+            self.subscribed_version.send_modify(|g| *g += 1);
             self.progressed();
         }
         if !remove.is_empty() {
             sink.unsubscribe(self.scripts.channels(&remove)).await?;
             let mut subscribed = self.lock_subscribed();
-            let mut seen = self.lock_seen();
+            let mut streams = self.lock_streams();
             for room in &remove {
                 subscribed.remove(room);
-                seen.remove(room);
+                streams.remove(room);
             }
         }
         Ok(())

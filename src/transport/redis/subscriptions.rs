@@ -13,13 +13,14 @@ use tokio::time::Instant;
 use super::{RedisTransport, SUBSCRIBE_WAIT};
 use crate::protocol::RoomName;
 
+/// This node's interest in a room: since when it wants it, and what still holds it.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Want {
+pub(super) struct Interest {
     pub(super) since: Instant,
     /// Set when the last local member left: unsubscribe once the linger is over.
     pub(super) release_at: Option<Instant>,
     /// Joins between `subscribe` and the hub: the room is kept for them.
-    pub(super) joining: usize,
+    pub(super) joins_pending: usize,
 }
 
 /// A join's hold on its room, from [`RedisTransport::subscribe`] until the hub has the member
@@ -53,14 +54,14 @@ impl RedisTransport {
         let now = Instant::now();
         {
             let mut wanted = self.lock_wanted();
-            let want = wanted.entry(room.clone()).or_insert(Want {
+            let interest = wanted.entry(room.clone()).or_insert(Interest {
                 since: now,
                 release_at: None,
-                joining: 0,
+                joins_pending: 0,
             });
-            want.since = now;
-            want.release_at = None;
-            want.joining += 1;
+            interest.since = now;
+            interest.release_at = None;
+            interest.joins_pending += 1;
         }
         let joining = Joining {
             transport: self,
@@ -70,11 +71,11 @@ impl RedisTransport {
         if self.lock_subscribed().contains(room) {
             return joining;
         }
-        self.changed.notify_one();
-        let mut generation = self.generation.subscribe();
+        self.reconcile_needed.notify_one();
+        let mut version = self.subscribed_version.subscribe();
         let confirmed = async {
             while !self.lock_subscribed().contains(room) {
-                if generation.changed().await.is_err() {
+                if version.changed().await.is_err() {
                     return;
                 }
             }
@@ -88,26 +89,26 @@ impl RedisTransport {
     /// under way or a member is there.
     fn join_ended(&self, room: &RoomName, joined: bool) {
         let mut wanted = self.lock_wanted();
-        let Some(want) = wanted.get_mut(room) else {
+        let Some(interest) = wanted.get_mut(room) else {
             return;
         };
-        want.joining = want.joining.saturating_sub(1);
-        if !joined && want.joining == 0 && self.hub.online(room.as_str()) == 0 {
-            want.release_at = Some(Instant::now() + self.linger);
+        interest.joins_pending = interest.joins_pending.saturating_sub(1);
+        if !joined && interest.joins_pending == 0 && self.hub.online(room.as_str()) == 0 {
+            interest.release_at = Some(Instant::now() + self.linger);
             drop(wanted);
-            self.changed.notify_one();
+            self.reconcile_needed.notify_one();
         }
     }
 
     /// The last local member left `room`: unsubscribe after the linger.
     pub fn unsubscribe(&self, room: &RoomName) {
-        if let Some(want) = self.lock_wanted().get_mut(room) {
-            want.release_at = Some(Instant::now() + self.linger);
+        if let Some(interest) = self.lock_wanted().get_mut(room) {
+            interest.release_at = Some(Instant::now() + self.linger);
         }
-        self.changed.notify_one();
+        self.reconcile_needed.notify_one();
     }
 
-    pub(super) fn lock_wanted(&self) -> MutexGuard<'_, HashMap<RoomName, Want>> {
+    pub(super) fn lock_wanted(&self) -> MutexGuard<'_, HashMap<RoomName, Interest>> {
         self.wanted.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -150,11 +151,11 @@ mod tests {
         let room = RoomName::new("r").unwrap();
         let waited = tokio::time::timeout(Duration::from_millis(50), transport.subscribe(&room));
         assert!(waited.await.is_err(), "the join was still waiting");
-        let want = transport.lock_wanted()[&room];
-        assert!(want.release_at.is_some() && want.joining == 0);
+        let interest = transport.lock_wanted()[&room];
+        assert!(interest.release_at.is_some() && interest.joins_pending == 0);
         // A join that gets its member into the hub keeps the room for it.
         transport.subscribe(&room).await.joined();
-        let want = transport.lock_wanted()[&room];
-        assert!(want.release_at.is_none() && want.joining == 0);
+        let interest = transport.lock_wanted()[&room];
+        assert!(interest.release_at.is_none() && interest.joins_pending == 0);
     }
 }
