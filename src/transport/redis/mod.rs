@@ -1,0 +1,272 @@
+//! The Redis Pub/Sub backplane: any number of nodes share rooms through one Redis, over two
+//! connections per node. The publisher (multiplexed, reconnecting by itself) runs one script
+//! per message that checks the sender's `ref` against the dedupe window, takes the room's next
+//! id, `PUBLISH`es the message text with that id and stores it in the room's history,
+//! atomically: the order on a room's channel is the order of its ids, and a message is stored
+//! exactly once, whatever the number of nodes. The subscriber is a dedicated connection
+//! subscribed to exactly the rooms that have local members (plus a short linger); when it
+//! drops, the node keeps its clients, reconnects and resubscribes, and `/readyz` says not
+//! ready meanwhile. Each node follows every room it receives by id: a gap is filled from the
+//! history before the next message is delivered, so members see every id once, in order; with
+//! `redis.local_history` a join to a room the node already receives makes no Redis call.
+//!
+//! The parts: `scripts` (the Lua scripts, the keys they use, the publisher connection),
+//! `subscriptions` (which rooms the node wants and has), `subscriber` (the subscriber task:
+//! reconnect, reconcile, receive), `recent` (per room, the last id delivered and the newest
+//! messages), `heal` (filling gaps from the history), `connect` (client, backoff, outages).
+//! This file holds the transport's state and the calls the rest of the server makes.
+
+mod connect;
+mod heal;
+mod recent;
+mod scripts;
+mod subscriber;
+mod subscriptions;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use redis::Client;
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+
+pub use subscriptions::Joining;
+
+use self::recent::{LocalAnswer, RoomStream};
+use self::scripts::Scripts;
+use self::subscriptions::Interest;
+use crate::config::{RedisConfig, RoomsConfig};
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::protocol::RoomName;
+use crate::protocol::native::Since;
+use crate::transport::{Envelope, Page, Published, Snapshot, TransportError};
+
+/// How long a join waits for its room's subscription before answering anyway.
+const SUBSCRIBE_WAIT: Duration = Duration::from_secs(2);
+
+/// Redis Pub/Sub transport.
+pub struct RedisTransport {
+    hub: Arc<Hub>,
+    /// Opens the subscriber connection.
+    client: Client,
+    /// The scripts, run on the publisher connection.
+    scripts: Scripts,
+    heartbeat: Duration,
+    policy: RoomsConfig,
+    /// Per room: the epoch and last id this node delivered, to find gaps, and the newest
+    /// messages, to answer joins.
+    streams: Mutex<HashMap<RoomName, RoomStream>>,
+    /// Held by the subscriber from `streams` taking a message until the hub delivered it.
+    delivering: Mutex<()>,
+    /// Joins waiting in `caught_up`, and what wakes them.
+    waiting: AtomicUsize,
+    progress: Notify,
+    /// How many of each room's newest messages `streams` keeps: `rooms.history_on_join` with
+    /// `redis.local_history`, else none.
+    keep_recent: usize,
+    publish_timeout: Duration,
+    linger: Duration,
+    /// Rooms this node wants to receive, and since when.
+    wanted: Mutex<HashMap<RoomName, Interest>>,
+    /// Rooms the subscriber connection has confirmed.
+    subscribed: Mutex<HashSet<RoomName>>,
+    /// Bumped whenever `subscribed` changes.
+    subscribed_version: watch::Sender<u64>,
+    /// Wakes the subscriber loop to reconcile `wanted` with `subscribed`.
+    reconcile_needed: Notify,
+    ready: AtomicBool,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for RedisTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTransport")
+            .field("channel_prefix", &self.scripts.channel_prefix())
+            .field("ready", &self.ready)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Counts a join in [`RedisTransport::caught_up`] for as long as it waits, however it ends.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Self(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl RedisTransport {
+    /// Builds the transport and starts its subscriber task.
+    pub fn spawn(
+        config: &RedisConfig,
+        policy: &RoomsConfig,
+        hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, TransportError> {
+        let unavailable = |e: redis::RedisError| TransportError::Unavailable(e.to_string());
+        let client = connect::client(config).map_err(unavailable)?;
+        let scripts = Scripts::new(client.clone(), config, policy).map_err(unavailable)?;
+        let transport = Arc::new(Self {
+            hub,
+            client,
+            scripts,
+            heartbeat: Duration::from_secs(config.heartbeat_secs),
+            policy: policy.clone(),
+            streams: Mutex::new(HashMap::new()),
+            delivering: Mutex::new(()),
+            waiting: AtomicUsize::new(0),
+            progress: Notify::new(),
+            keep_recent: if config.local_history {
+                policy.history_on_join
+            } else {
+                0
+            },
+            publish_timeout: Duration::from_millis(config.publish_timeout_ms),
+            linger: Duration::from_secs(config.unsubscribe_linger_secs),
+            wanted: Mutex::new(HashMap::new()),
+            subscribed: Mutex::new(HashSet::new()),
+            subscribed_version: watch::Sender::new(0),
+            reconcile_needed: Notify::new(),
+            ready: AtomicBool::new(false),
+            metrics,
+        });
+        tokio::spawn(transport.clone().run_subscriber());
+        Ok(transport)
+    }
+
+    /// Whether the subscriber is connected (and so Redis reachable).
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Checks the `ref`, assigns the id, publishes and stores, in one script call; the id once
+    /// Redis accepted it.
+    pub async fn publish(&self, envelope: &Envelope) -> Result<Published, TransportError> {
+        let published = self.scripts.publish(envelope).await?;
+        if self.keep_recent > 0
+            && let Some(stream) = self.lock_streams().get_mut(envelope.room.as_str())
+        {
+            stream.acked_id = stream.acked_id.max(published.id);
+        }
+        Ok(published)
+    }
+
+    /// The history a client joining `room` gets; see [`Snapshot`]. From this node's copy of
+    /// the room's newest messages when it can answer exactly as Redis would, else from Redis.
+    pub async fn snapshot(
+        &self,
+        room: &RoomName,
+        since: Option<&Since>,
+    ) -> Result<Snapshot, TransportError> {
+        match self.local_snapshot(room, since) {
+            LocalAnswer::Ready(snapshot) => return Ok(snapshot),
+            LocalAnswer::Behind { epoch, acked_id } => {
+                if self.caught_up(room, &epoch, acked_id, SUBSCRIBE_WAIT).await
+                    && let LocalAnswer::Ready(snapshot) = self.local_snapshot(room, since)
+                {
+                    return Ok(snapshot);
+                }
+            }
+            LocalAnswer::AskRedis => {}
+        }
+        self.scripts
+            .snapshot(room, since, self.policy.history_on_join)
+            .await
+    }
+
+    /// [`RedisTransport::snapshot`] from `streams`, while the subscriber is connected and caught
+    /// up (so the copy is as current as the live stream) and the copy holds every message the
+    /// answer needs. Messages are added to the copy before they are delivered, so a joiner's
+    /// staging gets exactly the messages after the snapshot's `last_id`. Messages accepted
+    /// through other nodes and still on their way here follow as live messages.
+    fn local_snapshot(&self, room: &RoomName, since: Option<&Since>) -> LocalAnswer {
+        if self.keep_recent == 0 || !self.is_ready() || !self.lock_subscribed().contains(room) {
+            return LocalAnswer::AskRedis;
+        }
+        match self.lock_streams().get_mut(room) {
+            Some(stream) => stream.answer(
+                since,
+                self.policy.history_on_join,
+                Duration::from_secs(self.policy.history_ttl_secs),
+            ),
+            None => LocalAnswer::AskRedis,
+        }
+    }
+
+    /// Up to `limit` messages of `room` older than `before`.
+    pub async fn page(
+        &self,
+        room: &RoomName,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Page, TransportError> {
+        self.scripts.page(room, before, limit).await
+    }
+
+    /// See [`Transport::caught_up`](super::Transport::caught_up). Woken by the subscriber
+    /// whenever it moved a room on while a join waits, not polled.
+    pub async fn caught_up(
+        &self,
+        room: &RoomName,
+        epoch: &str,
+        last_id: u64,
+        limit: Duration,
+    ) -> bool {
+        let reached = || {
+            let done = self
+                .lock_streams()
+                .get(room)
+                .is_some_and(|s| s.epoch == epoch && s.last_id >= last_id);
+            // The stream takes a message before the hub has it: wait for that delivery to end,
+            // so that the joiner's staging, not its outbox, gets it.
+            done && {
+                drop(self.lock_delivering());
+                true
+            }
+        };
+        if reached() {
+            return true;
+        }
+        let _waiting = Waiting::new(&self.waiting);
+        let deadline = Instant::now() + limit;
+        loop {
+            // Made before the check, so a step between the two still wakes it.
+            let progressed = self.progress.notified();
+            if reached() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, progressed).await.is_err() {
+                return reached();
+            }
+        }
+    }
+
+    /// Wakes the joins waiting in [`RedisTransport::caught_up`], if any: called after a stream
+    /// moved on and the hub delivered.
+    fn progressed(&self) {
+        if self.waiting.load(Ordering::Acquire) > 0 {
+            self.progress.notify_waiters();
+        }
+    }
+
+    fn lock_delivering(&self) -> MutexGuard<'_, ()> {
+        self.delivering
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lock_streams(&self) -> MutexGuard<'_, HashMap<RoomName, RoomStream>> {
+        self.streams.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}

@@ -1,0 +1,342 @@
+//! The Lua scripts that keep each room's ids, history and dedupe window in Redis, each in one
+//! atomic step, and the publisher connection that runs them. Keys, under
+//! `redis.channel_prefix`: `meta:<room>` (hash: `epoch`, `seq`, the last id), `hist:<room>`
+//! (sorted set of message texts scored by id, trimmed by count and age),
+//! `ref:<room>:<user>\x1f<ref>` (the id a `ref` got, expiring after the dedupe window). The
+//! channel is `room:<room>`. Every key expires: `meta` `rooms.history_ttl_secs` after the
+//! room's last join, page or publish, `hist` as long after its newest message, so a room
+//! nobody uses leaves nothing behind; a room whose `meta` is gone starts a new epoch. A call
+//! waits at most `redis.publish_timeout_ms`; a connection that stopped answering is replaced.
+
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, RedisError, Script};
+use tracing::{debug, warn};
+
+use super::connect::{closed_error, manager_config, timeout_error};
+use crate::config::{RedisConfig, RoomsConfig};
+use crate::protocol::native::Since;
+use crate::protocol::{RoomName, ws};
+use crate::transport::{Envelope, Page, Published, Snapshot, TransportError, new_epoch};
+
+/// The room's epoch, set to the candidate if it has none yet; whether it was new. Shared by
+/// the scripts, which all call it first: it also gives `meta` the history's TTL again, so a
+/// room nobody uses any more leaves no key behind. A room whose `meta` is gone (expired, or
+/// lost by Redis) starts a new epoch with its ids at 1: the old history goes with it, so no
+/// stored message ever shares an epoch with an id it did not get.
+const EPOCH_LUA: &str = r"
+local function room_epoch(meta, hist, candidate, ttl)
+  local epoch = redis.call('HGET', meta, 'epoch')
+  local fresh = false
+  if not epoch then
+    epoch = candidate
+    fresh = true
+    redis.call('HSET', meta, 'epoch', epoch)
+    redis.call('DEL', hist)
+  end
+  redis.call('PEXPIRE', meta, ttl)
+  return epoch, fresh
+end
+";
+
+/// Dedupe check, id, publish and history, in one atomic step. Returns `{id, duplicate}`.
+/// KEYS: meta, hist, ref. ARGV: channel, JSON before the id, JSON after it, epoch candidate,
+/// history size, history TTL (ms), dedupe window (s, 0 = off). A `ref` is not looked up in
+/// a new epoch: the id it got belongs to the old one.
+const PUBLISH_LUA: &str = r#"
+local epoch, fresh = room_epoch(KEYS[1], KEYS[2], ARGV[4], ARGV[6])
+local window = tonumber(ARGV[7])
+if window > 0 and not fresh then
+  local prev = redis.call('GET', KEYS[3])
+  if prev then return {tonumber(prev), 1} end
+end
+local id = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+local msg = ARGV[2] .. id .. ',"epoch":"' .. epoch .. '"' .. ARGV[3]
+redis.call('PUBLISH', ARGV[1], msg)
+local size = tonumber(ARGV[5])
+if size > 0 then
+  local ttl = tonumber(ARGV[6])
+  redis.call('ZADD', KEYS[2], id, msg)
+  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(size + 1))
+  local now = redis.call('TIME')
+  local cutoff = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - ttl
+  for _ = 1, 16 do
+    local oldest = redis.call('ZRANGE', KEYS[2], 0, 0)
+    local ts = oldest[1] and tonumber(string.match(oldest[1], ',"ts":(%d+)'))
+    if not (ts and ts < cutoff) then break end
+    redis.call('ZREMRANGEBYRANK', KEYS[2], 0, 0)
+  end
+  redis.call('PEXPIRE', KEYS[2], ttl)
+end
+if window > 0 then redis.call('SET', KEYS[3], id, 'EX', window) end
+return {id, 0}
+"#;
+
+/// A joining client's history, atomically with the last id. Returns
+/// `{epoch, last_id, recovered (-1 not asked, 0, 1), messages}`.
+/// KEYS: meta, hist. ARGV: epoch candidate, since (-1 = none), the client's epoch, how many
+/// of the newest to return when not recovering, history TTL (ms).
+const SNAPSHOT_LUA: &str = r"
+local epoch = room_epoch(KEYS[1], KEYS[2], ARGV[1], ARGV[5])
+local last = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+local since = tonumber(ARGV[2])
+local recovered = -1
+if since >= 0 then
+  recovered = 0
+  if ARGV[3] == epoch and since <= last then
+    if since == last then return {epoch, last, 1, {}} end
+    local next = #redis.call('ZRANGEBYSCORE', KEYS[2], since + 1, since + 1)
+    -- What is still stored after `since`: all of it, or what is left of it.
+    return {epoch, last, next, redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. since, last)}
+  end
+end
+local n = tonumber(ARGV[4])
+local msgs = {}
+if n > 0 then
+  msgs = redis.call('ZREVRANGEBYSCORE', KEYS[2], last, '-inf', 'LIMIT', 0, n)
+end
+return {epoch, last, recovered, msgs}
+";
+
+/// Older messages, newest first, one more than asked (to tell whether there are more).
+/// Returns `{epoch, messages}`. KEYS: meta, hist. ARGV: epoch candidate, before (-1 =
+/// newest), limit, history TTL (ms).
+const PAGE_LUA: &str = r"
+local epoch = room_epoch(KEYS[1], KEYS[2], ARGV[1], ARGV[4])
+local max = '+inf'
+if tonumber(ARGV[2]) >= 0 then max = '(' .. ARGV[2] end
+return {epoch, redis.call('ZREVRANGEBYSCORE', KEYS[2], max, '-inf', 'LIMIT', 0, tonumber(ARGV[3]) + 1)}
+";
+
+/// The scripts, the publisher connection they run on, and the names of a room's keys and
+/// channel.
+pub(super) struct Scripts {
+    client: Client,
+    /// Replaced after a timeout: a connection whose replies stopped (a half-open TCP
+    /// connection, a stalled network path) would otherwise hold every later command.
+    publisher: Mutex<ConnectionManager>,
+    manager_config: ConnectionManagerConfig,
+    publish_timeout: Duration,
+    publish_script: Script,
+    snapshot_script: Script,
+    page_script: Script,
+    /// `{prefix}:room:`; a room's channel is this plus its name.
+    channel_prefix: String,
+    /// `{prefix}:`; the room's keys are this plus `meta:`, `hist:`, `ref:` and its name.
+    key_prefix: String,
+    history_size: usize,
+    /// `rooms.history_ttl_secs` in milliseconds: how long a room's keys outlive its last use.
+    history_ttl_ms: u64,
+    dedupe_window_secs: u64,
+}
+
+impl Scripts {
+    /// The scripts over a publisher connection of `client`, made at its first use.
+    pub(super) fn new(
+        client: Client,
+        config: &RedisConfig,
+        policy: &RoomsConfig,
+    ) -> Result<Self, RedisError> {
+        let publish_timeout = Duration::from_millis(config.publish_timeout_ms);
+        let manager_config = manager_config(publish_timeout);
+        let publisher =
+            ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone())?;
+        Ok(Self {
+            client,
+            publisher: Mutex::new(publisher),
+            manager_config,
+            publish_timeout,
+            publish_script: Script::new(&format!("{EPOCH_LUA}{PUBLISH_LUA}")),
+            snapshot_script: Script::new(&format!("{EPOCH_LUA}{SNAPSHOT_LUA}")),
+            page_script: Script::new(&format!("{EPOCH_LUA}{PAGE_LUA}")),
+            channel_prefix: format!("{}:room:", config.channel_prefix),
+            key_prefix: format!("{}:", config.channel_prefix),
+            history_size: policy.history_size,
+            history_ttl_ms: policy.history_ttl_secs.saturating_mul(1000),
+            dedupe_window_secs: policy.dedupe_window_secs,
+        })
+    }
+
+    /// `{prefix}:room:`; a room's channel is this plus its name.
+    pub(super) fn channel_prefix(&self) -> &str {
+        &self.channel_prefix
+    }
+
+    /// The channels of `rooms`.
+    pub(super) fn channels(&self, rooms: &[RoomName]) -> Vec<String> {
+        rooms
+            .iter()
+            .map(|room| format!("{}{room}", self.channel_prefix))
+            .collect()
+    }
+
+    fn key(&self, kind: &str, room: &str) -> String {
+        format!("{}{kind}:{room}", self.key_prefix)
+    }
+
+    /// Checks the `ref`, assigns the id, publishes and stores, in one script call; the id once
+    /// Redis accepted it.
+    pub(super) async fn publish(&self, envelope: &Envelope) -> Result<Published, TransportError> {
+        let room = envelope.room.as_str();
+        let dedupe = envelope.dedupe.as_deref().unwrap_or("");
+        let window = if envelope.dedupe.is_some() {
+            self.dedupe_window_secs
+        } else {
+            0
+        };
+        let mut call = self.publish_script.key(self.key("meta", room));
+        call.key(self.key("hist", room))
+            .key(self.key("ref", &format!("{room}:{dedupe}")))
+            .arg(format!("{}{room}", self.channel_prefix))
+            .arg(envelope.message.head())
+            .arg(envelope.message.tail())
+            .arg(new_epoch())
+            .arg(self.history_size)
+            .arg(self.history_ttl_ms)
+            .arg(window);
+        let (id, duplicate) = self.invoke::<(u64, u8)>(call).await?;
+        Ok(Published {
+            id,
+            duplicate: duplicate == 1,
+        })
+    }
+
+    /// The history a client joining `room` gets, read from Redis (see [`Snapshot`]), with up
+    /// to `newest` messages when not recovering.
+    pub(super) async fn snapshot(
+        &self,
+        room: &RoomName,
+        since: Option<&Since>,
+        newest: usize,
+    ) -> Result<Snapshot, TransportError> {
+        let mut call = self.snapshot_script.key(self.key("meta", room.as_str()));
+        call.key(self.key("hist", room.as_str()))
+            .arg(new_epoch())
+            .arg(since.map_or(-1, |s| s.id as i64))
+            .arg(since.map_or("", |s| s.epoch.as_str()))
+            .arg(newest)
+            .arg(self.history_ttl_ms);
+        let (epoch, last_id, recovered, mut messages) = self
+            .invoke::<(String, u64, i64, Vec<Vec<u8>>)>(call)
+            .await?;
+        let same_epoch = since.is_some_and(|s| s.epoch == epoch && s.id <= last_id);
+        if !same_epoch {
+            messages.reverse(); // the newest, newest first from Redis
+        }
+        Ok(Snapshot {
+            epoch,
+            last_id,
+            frames: messages.iter().map(|m| ws::text(m)).collect(),
+            recovered: (recovered >= 0).then_some(recovered == 1),
+        })
+    }
+
+    /// Up to `limit` messages of `room` older than `before`.
+    pub(super) async fn page(
+        &self,
+        room: &RoomName,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Page, TransportError> {
+        let mut call = self.page_script.key(self.key("meta", room.as_str()));
+        call.key(self.key("hist", room.as_str()))
+            .arg(new_epoch())
+            .arg(before.map_or(-1, |b| b as i64))
+            .arg(limit)
+            .arg(self.history_ttl_ms);
+        let (epoch, mut messages) = self.invoke::<(String, Vec<Vec<u8>>)>(call).await?;
+        let more = messages.len() > limit;
+        messages.truncate(limit);
+        messages.reverse();
+        Ok(Page {
+            epoch,
+            messages: messages.into_iter().map(bytes::Bytes::from).collect(),
+            more,
+        })
+    }
+
+    fn publisher(&self) -> ConnectionManager {
+        self.publisher
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Swaps the publisher for a new connection (made at its first use) after Redis stopped
+    /// answering on it; commands in flight on the old one fail with a timeout, as they would.
+    fn replace_publisher(&self) {
+        match ConnectionManager::new_lazy_with_config(
+            self.client.clone(),
+            self.manager_config.clone(),
+        ) {
+            Ok(fresh) => {
+                *self
+                    .publisher
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = fresh;
+                debug!("redis publisher connection replaced after a timeout");
+            }
+            Err(e) => warn!(error = %e, "could not replace the redis publisher connection"),
+        }
+    }
+
+    /// Runs a script on the publisher connection within the publish timeout.
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        call: redis::ScriptInvocation<'_>,
+    ) -> Result<T, TransportError> {
+        let mut conn = self.publisher();
+        match tokio::time::timeout(self.publish_timeout, call.invoke_async::<T>(&mut conn)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => {
+                debug!(error = %e, "redis script failed");
+                // Only a command that never reached Redis is known not to have run.
+                if e.is_timeout() || (e.is_io_error() && !e.is_connection_refusal()) {
+                    if e.is_timeout() {
+                        self.replace_publisher();
+                    }
+                    Err(TransportError::Timeout(format!("redis: {e}")))
+                } else {
+                    Err(TransportError::Unavailable(format!("redis: {e}")))
+                }
+            }
+            Err(_) => {
+                self.replace_publisher();
+                Err(TransportError::Timeout(format!(
+                    "redis did not answer within {} ms",
+                    self.publish_timeout.as_millis()
+                )))
+            }
+        }
+    }
+
+    /// Makes sure the publisher works too before the node calls itself ready: a `PING` that
+    /// fails on a connection broken by the outage makes the connection manager reconnect,
+    /// so the first `send` after an outage does not hit the dead connection, and a Redis
+    /// that wants a password nobody gave is refused here, not at the first join.
+    pub(super) async fn check_publisher(&self) -> Result<(), RedisError> {
+        let mut last = None;
+        for _ in 0..3 {
+            let mut conn = self.publisher();
+            let ping = redis::cmd("PING");
+            match tokio::time::timeout(self.publish_timeout, ping.query_async::<()>(&mut conn))
+                .await
+            {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => {
+                    if e.is_timeout() {
+                        self.replace_publisher();
+                    }
+                    last = Some(e);
+                }
+                Err(_) => {
+                    self.replace_publisher();
+                    last = Some(timeout_error());
+                }
+            }
+        }
+        Err(last.unwrap_or_else(closed_error))
+    }
+}

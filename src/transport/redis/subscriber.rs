@@ -1,0 +1,249 @@
+//! The subscriber: a dedicated connection subscribed to exactly the rooms this node wants,
+//! and the task that runs it for the life of the process. It connects, checks the publisher,
+//! subscribes, heals what was missed while it was away and then receives, copying each
+//! payload once into a WebSocket frame for the hub, so Redis never has to buffer for us. It
+//! reconciles the subscriptions when a join or leave asks and once a second, and sends a
+//! heartbeat `PING`; when the connection drops or stalls the node keeps its clients, says not
+//! ready, and reconnects with capped exponential backoff and jitter.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::RedisError;
+use redis::aio::{PubSubSink, PubSubStream};
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use super::RedisTransport;
+use super::connect::{
+    Backoff, CONNECT_TIMEOUT, closed_error, heartbeat_error, log_outage, timeout_error,
+};
+use super::recent::{Arrival, RoomStream};
+use crate::protocol::native;
+use crate::protocol::{RoomName, ws};
+
+impl RedisTransport {
+    /// Connects, subscribes, receives; on any loss reconnects with backoff. Runs for the
+    /// life of the process.
+    pub(super) async fn run_subscriber(self: Arc<Self>) {
+        let mut backoff = Backoff::default();
+        let mut outage: Option<Instant> = None;
+        loop {
+            let connected = tokio::time::timeout(CONNECT_TIMEOUT, self.client.get_async_pubsub())
+                .await
+                .unwrap_or_else(|_| Err(timeout_error()));
+            let reason = match connected {
+                Ok(pubsub) => {
+                    let (mut sink, mut stream) = pubsub.split();
+                    let usable = match self.scripts.check_publisher().await {
+                        Ok(()) => self.reconcile(&mut sink).await,
+                        Err(e) => Err(e),
+                    };
+                    match usable {
+                        Ok(()) => {
+                            // Messages published while the subscriber was away come from the
+                            // history before any new one is delivered.
+                            self.heal_all().await;
+                            self.ready.store(true, Ordering::Relaxed);
+                            self.metrics.backplane_up.set(1);
+                            match outage.take() {
+                                Some(since) => {
+                                    self.metrics.backplane_reconnects_total.inc();
+                                    info!(
+                                        down_ms = since.elapsed().as_millis() as u64,
+                                        "redis backplane reconnected"
+                                    )
+                                }
+                                None => info!("redis backplane connected"),
+                            }
+                            backoff = Backoff::default();
+                            self.receive(&mut sink, &mut stream).await
+                        }
+                        Err(e) => e,
+                    }
+                }
+                Err(e) => e,
+            };
+            self.ready.store(false, Ordering::Relaxed);
+            self.metrics.backplane_up.set(0);
+            self.lock_subscribed().clear();
+            self.subscribed_version.send_modify(|g| *g += 1);
+            if outage.is_none() {
+                outage = Some(Instant::now());
+                log_outage(&reason);
+            }
+            tokio::time::sleep(backoff.next()).await;
+        }
+    }
+
+    /// Delivers every message until the connection fails; reconciles subscriptions when
+    /// asked and once a second (for lingering rooms); every `redis.heartbeat_secs` sends a
+    /// `PING` on the subscriber connection and gives it up when no answer comes within
+    /// `redis.publish_timeout_ms`, so a stalled or half-open connection is noticed even when
+    /// no message is due.
+    async fn receive(&self, sink: &mut PubSubSink, stream: &mut PubSubStream) -> RedisError {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut heartbeat = tokio::time::interval(self.heartbeat);
+        heartbeat.reset();
+        loop {
+            tokio::select! {
+                msg = stream.next() => match msg {
+                    Some(msg) => {
+                        self.receive_one(msg.get_channel_name(), msg.get_payload_bytes()).await
+                    }
+                    None => return closed_error(),
+                },
+                _ = self.reconcile_needed.notified() => {
+                    if let Err(e) = self.reconcile(sink).await {
+                        return e;
+                    }
+                }
+                _ = tick.tick() => {
+                    if let Err(e) = self.reconcile(sink).await {
+                        return e;
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    match tokio::time::timeout(self.publish_timeout, sink.ping::<redis::Value>()).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return e,
+                        Err(_) => return heartbeat_error(self.publish_timeout),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Delivers one message from the channel in id order: the first of a gap is preceded by
+    /// the missing ones from the history, and one already delivered is dropped. The payload
+    /// is the frame's text: one copy into the frame, none per member. The room's stream
+    /// takes the message before the hub delivers it (see [`RedisTransport::local_snapshot`]).
+    async fn receive_one(&self, channel: &str, payload: &[u8]) {
+        let Some(room) = channel.strip_prefix(self.scripts.channel_prefix()) else {
+            return;
+        };
+        let frame = ws::text(payload);
+        // Ids start at 1: id 0 is no id.
+        let Some((id, epoch)) = native::message_meta(payload).filter(|(id, _)| *id > 0) else {
+            warn!(%room, "a message on the channel has no id; delivered as it is");
+            self.hub.deliver(room, &frame);
+            return;
+        };
+        // Held from the stream taking the message until the hub has it (see `caught_up`).
+        let delivering = self.lock_delivering();
+        // The common case, the next id of the same epoch, allocates nothing more here.
+        let gap = {
+            let mut streams = self.lock_streams();
+            match streams.get_mut(room) {
+                Some(s) => match s.follow(epoch, id, &frame, self.keep_recent) {
+                    Arrival::AlreadyDelivered => return,
+                    Arrival::Next => None,
+                    Arrival::Gap => Some(Some((s.epoch.clone(), s.last_id))),
+                },
+                None => Some(None),
+            }
+        };
+        let Some(gap) = gap else {
+            self.hub.deliver(room, &frame);
+            drop(delivering);
+            return self.progressed();
+        };
+        drop(delivering); // not held while the history is read
+        let Ok(room_name) = RoomName::new(room) else {
+            return;
+        };
+        if let Some((delivered_epoch, delivered_id)) = gap {
+            // A gap, or a new epoch: what is missing comes from the history first.
+            self.metrics.backplane_gaps_total.inc();
+            if let Some((_, true)) = self.heal(&room_name, &delivered_epoch, delivered_id).await {
+                self.metrics.backplane_gaps_healed_total.inc();
+            }
+        }
+        let delivering = self.lock_delivering();
+        {
+            let mut streams = self.lock_streams();
+            let arrival = streams
+                .get_mut(&room_name)
+                .map(|s| s.follow(epoch, id, &frame, self.keep_recent));
+            match arrival {
+                Some(Arrival::AlreadyDelivered) => return, // the history had it
+                Some(Arrival::Next) => {}
+                Some(Arrival::Gap) | None => {
+                    let restarted =
+                        RoomStream::restart_at(epoch, id, frame.clone(), self.keep_recent);
+                    streams.insert(room_name, restarted);
+                }
+            }
+        }
+        self.hub.deliver(room, &frame);
+        drop(delivering);
+        self.progressed();
+    }
+
+    /// Subscribes to wanted rooms not yet subscribed; unsubscribes from rooms whose linger
+    /// is over and that still have no local member.
+    async fn reconcile(&self, sink: &mut PubSubSink) -> Result<(), RedisError> {
+        let now = Instant::now();
+        let (add, remove) = {
+            let mut wanted = self.lock_wanted();
+            let subscribed = self.lock_subscribed();
+            let mut remove = Vec::new();
+            wanted.retain(|room, interest| {
+                let expired = interest.release_at.is_some_and(|at| at <= now)
+                    && interest.joins_pending == 0
+                    && now.duration_since(interest.since) >= self.linger
+                    && self.hub.online(room.as_str()) == 0;
+                if expired && subscribed.contains(room) {
+                    remove.push(room.clone());
+                }
+                !expired
+            });
+            let add: Vec<RoomName> = wanted
+                .keys()
+                .filter(|room| !subscribed.contains(*room))
+                .cloned()
+                .collect();
+            (add, remove)
+        };
+        if !add.is_empty() {
+            sink.subscribe(self.scripts.channels(&add)).await?;
+            // A room subscribed for the first time starts at its current last id: what was
+            // published before belongs to joiners' histories, and what follows is owed to the
+            // members. After a reconnect the rooms keep their positions, so `heal_all` finds
+            // what was published meanwhile.
+            for room in &add {
+                if self.lock_streams().contains_key(room) {
+                    continue;
+                }
+                // With `local_history`, the newest messages come along, for joins.
+                if let Ok(position) = self.scripts.snapshot(room, None, self.keep_recent).await {
+                    let nothing_older = position.frames.len() < self.keep_recent;
+                    self.lock_streams().entry(room.clone()).or_insert_with(|| {
+                        RoomStream::from_history(
+                            position.epoch,
+                            position.last_id,
+                            &position.frames,
+                            nothing_older,
+                            self.keep_recent,
+                        )
+                    });
+                }
+            }
+            self.lock_subscribed().extend(add);
+            self.subscribed_version.send_modify(|g| *g += 1);
+            self.progressed();
+        }
+        if !remove.is_empty() {
+            sink.unsubscribe(self.scripts.channels(&remove)).await?;
+            let mut subscribed = self.lock_subscribed();
+            let mut streams = self.lock_streams();
+            for room in &remove {
+                subscribed.remove(room);
+                streams.remove(room);
+            }
+        }
+        Ok(())
+    }
+}
