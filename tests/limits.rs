@@ -93,15 +93,7 @@ async fn an_oversized_frame_into_a_room_with_history_is_always_closed_with_1009(
     let server = start(config()).await;
     let mut author = server.client("").await;
     let long = "x".repeat(config().limits.max_message_chars);
-    for n in 0..50 {
-        author.say("general", &long, &format!("h-{n}")).await;
-    }
-    let mut acks = 0;
-    while acks < 50 {
-        if author.recv().await["type"] == "ack" {
-            acks += 1;
-        }
-    }
+    author.say_repeated_acked(&long, 50).await;
     let frame = Arc::new(common::encode_frame(true, TEXT, &vec![b' '; 4 << 20]));
     let runs = (0..20).map(|_| {
         let frame = frame.clone();

@@ -479,15 +479,7 @@ async fn an_oversized_frame_over_websocket_is_closed_with_1009() {
     // Fifty long messages the clients do not read.
     let mut author = server.client("").await;
     let long = "x".repeat(config().limits.max_message_chars);
-    for n in 0..50 {
-        author.say("general", &long, &format!("h-{n}")).await;
-    }
-    let mut acks = 0;
-    while acks < 50 {
-        if author.recv().await["type"] == "ack" {
-            acks += 1;
-        }
-    }
+    author.say_repeated_acked(&long, 50).await;
     let frame = common::encode_frame(true, 0x1, &vec![b' '; 4 << 20]);
     let runs = clients
         .iter_mut()

@@ -294,6 +294,20 @@ impl Client {
         }
     }
 
+    /// Sends `count` copies of `text` to general and reads until all are acked, skipping
+    /// whatever else arrives meanwhile: fills the room's history.
+    pub async fn say_repeated_acked(&mut self, text: &str, count: usize) {
+        for n in 0..count {
+            self.say("general", text, &format!("h-{n}")).await;
+        }
+        let mut acks = 0;
+        while acks < count {
+            if self.recv().await["type"] == "ack" {
+                acks += 1;
+            }
+        }
+    }
+
     /// The next chat `message`, skipping acks.
     pub async fn expect_chat(&mut self) -> Value {
         loop {
