@@ -5,6 +5,7 @@
 //! and user names, the default room, and the stable error codes a client sees.
 
 pub mod frame;
+pub mod message;
 pub mod native;
 pub mod socketio;
 pub mod ws;
