@@ -44,17 +44,17 @@ fn paths_are_read_from_use_lists_and_code_not_comments() {
     assert_eq!(named, ["hub", "outbox", "protocol", "web"]);
 }
 
-/// Each top-level module of `src` (a file, or a folder with everything in it) and the
-/// modules its code names.
+/// Each top-level module of `src` (a file, a folder with everything in it, or both: `x.rs`
+/// with its submodules in `x/`) and the modules its code names.
 fn graph(src: &Path) -> BTreeMap<String, Edges> {
     let mut files: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
     for entry in fs::read_dir(src).expect("read src/") {
         let path = entry.expect("read src/").path();
         let name = path.file_stem().unwrap().to_string_lossy().into_owned();
         if path.is_dir() {
-            files.insert(name, rust_files(&path));
+            files.entry(name).or_default().extend(rust_files(&path));
         } else if path.extension().is_some_and(|e| e == "rs") && name != "lib" && name != "main" {
-            files.insert(name, vec![path]);
+            files.entry(name).or_default().push(path);
         }
     }
     let known: BTreeSet<String> = files.keys().cloned().collect();
