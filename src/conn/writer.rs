@@ -1,12 +1,12 @@
 //! The one writer of a WebSocket connection: it owns the socket's write half, drains the
 //! connection's [`Outbox`] in batches (one vectored write for everything queued), sends pings,
-//! and sends the close frame. Nothing else writes to the socket.
+//! and sends the close frame. Nothing else writes to the socket. When the peer was last heard
+//! from, and when to ping it, is kept in [`liveness`].
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -19,41 +19,13 @@ use crate::node::Node;
 use crate::outbox::{Next, Outbox};
 use crate::protocol::ws::{self, close_code};
 
+mod liveness;
+
+pub(crate) use liveness::Liveness;
+use liveness::{Ping, Pinger};
+
 /// Most frames handed to one `writev` call.
 const MAX_IOV: usize = 64;
-
-/// When the peer was last heard from, shared by the reader (which records every frame) and
-/// the writer (which pings and times out).
-#[derive(Debug)]
-pub(crate) struct Liveness {
-    start: Instant,
-    last_seen_ms: AtomicU64,
-}
-
-impl Liveness {
-    /// Starts the clock now.
-    pub(crate) fn new() -> Self {
-        Self {
-            start: Instant::now(),
-            last_seen_ms: AtomicU64::new(0),
-        }
-    }
-
-    fn ms(&self, at: Instant) -> u64 {
-        at.saturating_duration_since(self.start).as_millis() as u64
-    }
-
-    /// Records that a frame arrived.
-    pub(crate) fn touch(&self) {
-        self.last_seen_ms
-            .store(self.ms(Instant::now()), Ordering::Relaxed);
-    }
-
-    /// Whether a frame arrived at or after `at`.
-    pub(crate) fn heard_since(&self, at: Instant) -> bool {
-        self.last_seen_ms.load(Ordering::Relaxed) >= self.ms(at)
-    }
-}
 
 /// How the writer ended.
 #[derive(Debug)]
@@ -312,56 +284,6 @@ fn consume(batch: &mut VecDeque<Bytes>, mut n: usize) {
     }
 }
 
-#[derive(Debug, PartialEq, Eq)]
-enum Ping {
-    Send,
-    TimedOut,
-    Wait,
-}
-
-/// Ping schedule: a ping every `interval`; a ping not answered by any frame within `timeout`
-/// means the peer is gone.
-#[derive(Debug)]
-struct Pinger {
-    interval: Duration,
-    timeout: Duration,
-    next_ping: Instant,
-    sent: Option<Instant>,
-}
-
-impl Pinger {
-    fn new(interval: Duration, timeout: Duration, now: Instant) -> Self {
-        Self {
-            interval,
-            timeout,
-            next_ping: now + interval,
-            sent: None,
-        }
-    }
-
-    fn deadline(&self) -> Instant {
-        self.sent.map_or(self.next_ping, |sent| sent + self.timeout)
-    }
-
-    fn poll(&mut self, now: Instant, liveness: &Liveness) -> Ping {
-        if let Some(sent) = self.sent {
-            if liveness.heard_since(sent) {
-                self.sent = None;
-            } else if now >= sent + self.timeout {
-                return Ping::TimedOut;
-            } else {
-                return Ping::Wait;
-            }
-        }
-        if now >= self.next_ping {
-            self.sent = Some(now);
-            self.next_ping = now + self.interval;
-            return Ping::Send;
-        }
-        Ping::Wait
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -384,33 +306,5 @@ mod tests {
         assert!(unwritten(&mut frames, 7).is_empty());
         let mut frames = [Bytes::from_static(b"abc")];
         assert_eq!(unwritten(&mut frames, 0), [&b"abc"[..]]);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn pinger_pings_then_times_out_without_an_answer() {
-        let liveness = Liveness::new();
-        let start = Instant::now();
-        let mut p = Pinger::new(Duration::from_secs(20), Duration::from_secs(10), start);
-        assert_eq!(p.poll(start, &liveness), Ping::Wait);
-        assert_eq!(p.deadline(), start + Duration::from_secs(20));
-        tokio::time::advance(Duration::from_secs(20)).await;
-        assert_eq!(p.poll(Instant::now(), &liveness), Ping::Send);
-        assert_eq!(p.deadline(), start + Duration::from_secs(30));
-        tokio::time::advance(Duration::from_secs(10)).await;
-        assert_eq!(p.poll(Instant::now(), &liveness), Ping::TimedOut);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn pinger_is_satisfied_by_any_frame() {
-        let liveness = Liveness::new();
-        let start = Instant::now();
-        let mut p = Pinger::new(Duration::from_secs(20), Duration::from_secs(10), start);
-        tokio::time::advance(Duration::from_secs(20)).await;
-        assert_eq!(p.poll(Instant::now(), &liveness), Ping::Send);
-        tokio::time::advance(Duration::from_secs(3)).await;
-        liveness.touch();
-        tokio::time::advance(Duration::from_secs(7)).await;
-        assert_eq!(p.poll(Instant::now(), &liveness), Ping::Wait);
-        assert_eq!(p.deadline(), start + Duration::from_secs(40));
     }
 }
