@@ -2,22 +2,23 @@
 //! every local member of a room.
 //!
 //! Everything here is synchronous and never awaits a member: [`Hub::deliver`] clones the
-//! frame's `Bytes` (a reference-count bump) into each member's bounded [`Outbox`]. A member
+//! message's frame (a reference-count bump) into each member's bounded [`Outbox`]. A member
 //! whose outbox is full is closed as a slow consumer by the outbox itself and skipped.
 //!
-//! Members speak a [`Codec`]: native members get the native frame; Socket.IO members get its
-//! Socket.IO form, built at most once per delivery (only if the room has one) and shared the
-//! same way.
+//! Members read chat messages in a [`Codec`]; each gets the [`Message`]'s frame in its codec,
+//! which the message builds at most once per node and shares. A member that is joining gets
+//! the messages themselves in a bounded [`Staging`] queue until its history is sent.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use bytes::Bytes;
 
 use crate::metrics::Metrics;
-use crate::outbox::{Next, Outbox, Refused};
-use crate::protocol::{RoomName, socketio};
+use crate::outbox::{Outbox, Refused};
+use crate::protocol::RoomName;
+use crate::protocol::message::{Codec, Message};
 
 /// A connection's id, unique within one node's lifetime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -29,20 +30,74 @@ impl fmt::Display for ConnId {
     }
 }
 
-/// The wire format a member reads chat messages in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Codec {
-    /// scalechat's native protocol: the message frame as published.
-    Native,
-    /// Socket.IO: the `message` event built by [`socketio::message_frame`].
-    SocketIo,
-}
-
-/// A local member of a room: where its frames go, and in which form.
+/// A local member of a room: where its messages go, and in which form.
 #[derive(Debug)]
 struct Member {
-    outbox: Arc<Outbox>,
+    sink: Sink,
     codec: Codec,
+}
+
+/// Where a member's messages go.
+#[derive(Debug)]
+enum Sink {
+    /// Its connection's outbox, as frames.
+    Live(Arc<Outbox>),
+    /// Kept while its history is sent; [`Hub::promote`] moves them to the outbox.
+    Staging(Arc<Staging>),
+}
+
+/// The messages of a room that arrive while a joining member is sent its history: bounded
+/// like the member's outbox, in messages and in bytes.
+#[derive(Debug)]
+pub(crate) struct Staging {
+    max_messages: usize,
+    max_bytes: usize,
+    queue: Mutex<StagedQueue>,
+}
+
+#[derive(Debug, Default)]
+struct StagedQueue {
+    messages: VecDeque<Arc<Message>>,
+    bytes: usize,
+    overflowed: bool,
+}
+
+impl Staging {
+    /// A staging queue as bounded as `outbox`.
+    pub(crate) fn like(outbox: &Outbox) -> Self {
+        Self {
+            max_messages: outbox.capacity(),
+            max_bytes: outbox.max_bytes(),
+            queue: Mutex::default(),
+        }
+    }
+
+    /// Keeps `message`; `false` once the bounds are passed (everything is dropped then: the
+    /// member is a slow consumer).
+    fn push(&self, message: &Arc<Message>) -> bool {
+        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        if queue.overflowed {
+            return false;
+        }
+        let size = message.frame(Codec::Native).len();
+        if queue.messages.len() >= self.max_messages || queue.bytes + size > self.max_bytes {
+            *queue = StagedQueue {
+                overflowed: true,
+                ..StagedQueue::default()
+            };
+            return false;
+        }
+        queue.bytes += size;
+        queue.messages.push_back(message.clone());
+        true
+    }
+
+    /// The staged messages, oldest first; `None` if they overflowed.
+    fn take(&self) -> Option<VecDeque<Arc<Message>>> {
+        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        let queue = std::mem::take(&mut *queue);
+        (!queue.overflowed).then_some(queue.messages)
+    }
 }
 
 type Rooms = HashMap<RoomName, HashMap<ConnId, Member>>;
@@ -105,7 +160,7 @@ impl Hub {
         reply: impl FnOnce(usize) -> Bytes,
     ) -> Membership {
         let member = Member {
-            outbox: outbox.clone(),
+            sink: Sink::Live(outbox.clone()),
             codec,
         };
         let (membership, _locked) = self.insert(room, conn, member);
@@ -140,42 +195,42 @@ impl Hub {
         )
     }
 
-    /// Adds `conn` to `room` with a `staging` outbox that collects the room's live frames
-    /// while the connection is sent the room's history; [`Hub::promote`] ends the staging.
+    /// Adds `conn` to `room`, reading `codec`, with a `staging` queue that keeps the room's
+    /// live messages while the connection is sent the room's history; [`Hub::promote`] ends
+    /// the staging.
     pub(crate) fn join_staged(
         &self,
+        codec: Codec,
         room: &RoomName,
         conn: ConnId,
-        staging: &Arc<Outbox>,
+        staging: &Arc<Staging>,
     ) -> Membership {
         let member = Member {
-            outbox: staging.clone(),
-            codec: Codec::Native,
+            sink: Sink::Staging(staging.clone()),
+            codec,
         };
         self.insert(room, conn, member).0
     }
 
-    /// Ends a staged join: from now on `room`'s frames go to `outbox`. Under the lock, so no
-    /// frame is delivered meanwhile, `flush` gets the staged frames (oldest first), or `None`
-    /// if the staging overflowed. Returns `false` if `conn` is no longer in `room`.
+    /// Ends a staged join: from now on `room`'s messages go to `outbox`. Under the lock, so no
+    /// message is delivered meanwhile, `flush` gets the staged messages (oldest first), or
+    /// `None` if the staging overflowed. Returns `false` if `conn` is no longer in `room`.
     pub(crate) fn promote(
         &self,
         room: &str,
         conn: ConnId,
-        staging: &Outbox,
         outbox: &Arc<Outbox>,
-        flush: impl FnOnce(Option<VecDeque<Bytes>>),
+        flush: impl FnOnce(Option<VecDeque<Arc<Message>>>),
     ) -> bool {
         let mut rooms = self.write();
         let Some(entry) = rooms.get_mut(room).and_then(|m| m.get_mut(&conn)) else {
             return false;
         };
-        entry.outbox = outbox.clone();
-        let mut staged = VecDeque::new();
-        match staging.take(&mut staged) {
-            Next::Close(_) => flush(None),
-            Next::Frames | Next::Empty => flush(Some(staged)),
-        }
+        let Sink::Staging(staging) = std::mem::replace(&mut entry.sink, Sink::Live(outbox.clone()))
+        else {
+            return true; // not staged: nothing to flush
+        };
+        flush(staging.take());
         true
     }
 
@@ -200,20 +255,24 @@ impl Hub {
         self.read().get(room).map_or(0, HashMap::len)
     }
 
-    /// Queues `frame` for every local member of `room`; never waits. Socket.IO members get
-    /// its Socket.IO form, encoded on the first such member and shared by all of them.
-    pub fn deliver(&self, room: &str, frame: &Bytes) -> Delivered {
+    /// Queues `message` for every local member of its room, as a frame in the member's
+    /// codec (each form encoded once, on its first member, and shared); never waits.
+    pub fn deliver(&self, message: &Arc<Message>) -> Delivered {
         let rooms = self.read();
         let mut done = Delivered::default();
-        let mut socketio: Option<Bytes> = None;
-        for member in rooms.get(room).into_iter().flat_map(HashMap::values) {
-            let frame = match member.codec {
-                Codec::Native => frame.clone(),
-                Codec::SocketIo => socketio
-                    .get_or_insert_with(|| socketio::message_frame(frame))
-                    .clone(),
+        let members = rooms.get(message.room().as_str());
+        for member in members.into_iter().flat_map(HashMap::values) {
+            let outbox = match &member.sink {
+                Sink::Live(outbox) => outbox,
+                Sink::Staging(staging) => {
+                    // An overflow is counted when the join ends, as the slow consumer it is.
+                    if staging.push(message) {
+                        done.queued += 1;
+                    }
+                    continue;
+                }
             };
-            match member.outbox.push(frame) {
+            match outbox.push(message.frame(member.codec)) {
                 Ok(()) => done.queued += 1,
                 Err(Refused::Full) => done.slow += 1,
                 Err(Refused::Closed) => {}
@@ -241,6 +300,16 @@ mod tests {
 
     fn reply(online: usize) -> Bytes {
         Bytes::from(online.to_string())
+    }
+
+    fn message(room: &str, text: &str) -> Arc<Message> {
+        let draft = crate::protocol::message::Draft::new(
+            RoomName::new(room).unwrap(),
+            "ann".into(),
+            1,
+            text.into(),
+        );
+        Arc::new(draft.accept(1, "e".into()))
     }
 
     fn drain(outbox: &Outbox) -> VecDeque<Bytes> {
@@ -308,11 +377,9 @@ mod tests {
         );
         assert_eq!(drain(&b), [&b"2"[..]]);
         drain(&other);
-        let frame = Bytes::from(vec![1u8; 100]);
-        assert_eq!(
-            hub.deliver("general", &frame),
-            Delivered { queued: 2, slow: 0 }
-        );
+        let message = message("general", "hi");
+        let frame = message.frame(Codec::Native);
+        assert_eq!(hub.deliver(&message), Delivered { queued: 2, slow: 0 });
         for outbox in [&a, &b] {
             let batch = drain(outbox);
             assert_eq!(batch.len(), 1);
@@ -339,15 +406,17 @@ mod tests {
         for outbox in sio.iter().chain([&native]) {
             drain(outbox);
         }
-        let frame = crate::protocol::ws::text(br#"{"type":"message","message":"hi"}"#);
-        assert_eq!(hub.deliver("general", &frame).queued, 4);
+        let message = message("general", "hi");
+        let frame = message.frame(Codec::Native);
+        assert_eq!(hub.deliver(&message).queued, 4);
         assert_eq!(drain(&native)[0].as_ptr(), frame.as_ptr());
         let first = drain(&sio[0]);
         let payload = crate::protocol::ws::text_payload(&first[0]);
         assert_eq!(
-            &payload[..],
-            br#"42["message","{\"type\":\"message\",\"message\":\"hi\"}"]"#
+            payload,
+            crate::protocol::ws::text_payload(&crate::protocol::socketio::message_frame(&frame))
         );
+        assert!(payload.starts_with(br#"42["message","{\"type\":\"message\""#));
         for outbox in &sio[1..] {
             assert_eq!(
                 drain(outbox)[0].as_ptr(),
@@ -368,7 +437,7 @@ mod tests {
         while slow.len() < 8 {
             slow.push(Bytes::new()).unwrap();
         }
-        let done = hub.deliver("general", &Bytes::from_static(b"m"));
+        let done = hub.deliver(&message("general", "m"));
         assert_eq!(done, Delivered { queued: 1, slow: 1 });
         assert!(slow.is_closed());
         assert_eq!(fast.len(), 1);

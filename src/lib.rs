@@ -3,32 +3,39 @@
 //! Module map, in the order a message travels:
 //! - [`server`]: listener, HTTP routing (`/ws`, `/socket.io/`, `/healthz`, `/readyz`,
 //!   `/metrics`, the page) to the protocols, graceful shutdown.
-//! - [`native`]: one session of the native protocol at `/ws`: reads requests, joins rooms,
-//!   publishes what its user sends.
-//! - [`socketio`]: Socket.IO v5 over Engine.IO v4 at `/socket.io/` (long-polling, WebSocket,
-//!   the upgrade between them) for `socket.io-client` apps; members share rooms with native
-//!   clients.
-//! - [`conn`]: what both protocols' connections use: the WebSocket frame reader, the one
-//!   writer, the close handshake, rate limits.
+//! - [`native`] and [`socketio`]: the two protocols. Each decodes a client's requests, hands
+//!   them to the chat core and encodes its answers: `native` at `/ws` (and the echo endpoint),
+//!   `socketio` as Socket.IO v5 over Engine.IO v4 at `/socket.io/` (long-polling, WebSocket,
+//!   the upgrade between them) for `socket.io-client` apps.
+//! - [`chat`]: the chat core, one implementation for every protocol: joining (room limit,
+//!   staged catch-up of history), leaving, sending (length and rate checks, publish, ack),
+//!   history pages, and the rate limits on each.
+//! - [`conn`]: what both protocols' WebSocket connections use: the frame reader, the one
+//!   writer, the close handshake.
 //! - [`node`]: the state a node's connections share (config and live settings, hub,
 //!   transport, metrics, connection slots), the admission of new connections, the ticker.
-//! - [`protocol`]: wire formats. `native` and `socketio` decode client requests and encode
-//!   server frames once; `frame` decodes and checks the WebSocket frames clients send; `ws`
-//!   builds whole WebSocket frames as shared `Bytes`.
-//! - [`transport`]: the one delivery path. `publish` assigns a room's next id and hands the
-//!   encoded frame to the hub of every node with members in the room.
-//! - [`hub`]: rooms to local members; `deliver` queues the same bytes for each member (the
-//!   message's Socket.IO form for Socket.IO members, encoded once per node).
-//! - [`outbox`]: a connection's bounded frame queue; overflow closes a slow consumer.
+//! - [`transport`]: the one delivery path. `publish` assigns a room's next id, stores the
+//!   message and hands it, a typed [`Message`](protocol::message::Message), to the hub of
+//!   every node with members in the room.
+//! - [`hub`]: rooms to local members; `deliver` queues the message's frame in each member's
+//!   codec, encoded once per node and shared, never copied per member.
+//! - [`outbox`]: a connection's queue of frames, bounded in frames and bytes; overflow closes
+//!   a slow consumer.
+//! - [`protocol`]: wire formats. `message` is a chat message and its frame per protocol;
+//!   `native` and `socketio` decode client requests and encode server frames once; `frame`
+//!   decodes and checks the WebSocket frames clients send; `ws` builds whole WebSocket frames
+//!   as shared `Bytes`.
 //! - [`metrics`]: counters and gauges, exposed on `/metrics` in Prometheus text format.
 //! - [`web`]: the built-in chat page, embedded in the binary.
 //! - [`config`]: defaults < TOML file < environment, validated all at once.
 //!
 //! The modules form a ladder, each using only those below it (tests/layers.rs checks that
-//! their imports have no cycle): wire formats and settings ([`protocol`], [`config`],
-//! [`metrics`], [`web`]), then [`outbox`] and [`hub`], [`transport`], [`node`], [`conn`], the
-//! protocols ([`native`], [`socketio`]), and [`server`] on top, which `main.rs` runs.
+//! their imports have no cycle): wire formats and settings ([`protocol`], [`web`], then
+//! [`config`], [`metrics`], [`outbox`]), then [`hub`], [`transport`], [`node`], the chat core
+//! [`chat`] beside [`conn`], the protocols ([`native`], [`socketio`]), and [`server`] on top,
+//! which `main.rs` runs.
 
+pub mod chat;
 pub mod config;
 pub mod conn;
 pub mod hub;

@@ -13,10 +13,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use futures_util::StreamExt;
 use futures_util::future::join_all;
 use scalechat::config::RoomsConfig;
-use scalechat::hub::{Codec, ConnId, Hub};
+use scalechat::hub::{ConnId, Hub};
 use scalechat::outbox::Outbox;
 use scalechat::protocol::RoomName;
-use scalechat::protocol::native::MessageTemplate;
+use scalechat::protocol::message::{Codec, Draft};
 use scalechat::server::Server;
 use scalechat::transport::{Envelope, MemoryTransport};
 use tokio::runtime::{Builder, Runtime};
@@ -92,21 +92,23 @@ fn deliver_to_members(members: usize, codec: Codec) -> (usize, Vec<Arc<Outbox>>)
             outbox
         })
         .collect();
-    // The room's first message creates its log: per room, not per member.
-    let first = MessageTemplate::new(&room, "alice", 1, "warm-up");
-    transport.publish(&Envelope {
-        room: room.clone(),
-        message: first,
+    // The room's first message creates its log: per room, not per member. The sender's
+    // name is shared, as its session holds it.
+    let alice: Arc<str> = "alice".into();
+    let first = Draft::new(room.clone(), alice.clone(), 1, "warm-up".into());
+    transport.publish(Envelope {
+        draft: first,
         dedupe: None,
     });
     for outbox in &outboxes {
         outbox.take(&mut VecDeque::new()); // as each connection's writer does, once
     }
+    // The text is the decoded request's string, which the message keeps.
+    let text = String::from("hello, everyone");
     let count = allocations(|| {
-        let message = MessageTemplate::new(&room, "alice", 2, "hello, everyone");
-        let id = transport.publish(&Envelope {
-            room: room.clone(),
-            message,
+        let draft = Draft::new(room.clone(), alice, 2, text);
+        let id = transport.publish(Envelope {
+            draft,
             dedupe: None,
         });
         assert_eq!(id.id, 2);
@@ -201,10 +203,8 @@ fn burst_allocations(members: usize) -> usize {
         }
         let room = RoomName::new("burst").unwrap();
         let publish = |text: &str| {
-            let message = MessageTemplate::new(&room, "alice", 1, text);
             let envelope = Envelope {
-                room: room.clone(),
-                message,
+                draft: Draft::new(room.clone(), "alice".into(), 1, text.into()),
                 dedupe: None,
             };
             let transport = &node.transport;

@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, Reloadable};
 use crate::hub::{ConnId, Hub};
 use crate::metrics::Metrics;
-use crate::protocol::native::MessageTemplate;
+use crate::protocol::message::Draft;
 use crate::protocol::{ErrorCode, ProtocolError, RoomName};
 use crate::transport::{Envelope, Published, Transport, dedupe_key};
 use guard::{Auth, IpSlot, PerIp};
@@ -126,17 +126,16 @@ impl Node {
     pub(crate) async fn publish(
         &self,
         room: RoomName,
-        user: &str,
-        message: &str,
+        user: &Arc<str>,
+        message: String,
         reference: Option<&str>,
     ) -> Result<Published, ProtocolError> {
         let ts = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         let envelope = Envelope {
-            message: MessageTemplate::new(&room, user, ts, message),
-            room,
             dedupe: reference.map(|r| dedupe_key(user, r)),
+            draft: Draft::new(room, user.clone(), ts, message),
         };
         let started = std::time::Instant::now();
         let published = self.transport.publish(envelope).await;

@@ -33,7 +33,7 @@ pub struct Message {
     epoch: Arc<str>,
     ts: u64,
     user: Arc<str>,
-    text: Box<str>,
+    text: String,
     /// The native `message` frame, a whole WebSocket text frame.
     native: Bytes,
     /// The Socket.IO form, once a Socket.IO member needed it.
@@ -51,20 +51,21 @@ pub struct Draft {
     /// When the node accepted it, in milliseconds since the Unix epoch.
     pub ts: u64,
     /// The chat text.
-    pub text: Box<str>,
+    pub text: String,
     /// The native JSON around the id and epoch (see [`MessageTemplate`]).
     pub template: MessageTemplate,
 }
 
 impl Draft {
-    /// Encodes a message from `user` in `room`, sent at `ts` (ms since the Unix epoch).
-    pub fn new(room: RoomName, user: Arc<str>, ts: u64, text: &str) -> Self {
-        let template = MessageTemplate::new(&room, &user, ts, text);
+    /// Encodes a message from `user` in `room`, sent at `ts` (ms since the Unix epoch). The
+    /// text is kept as it is (the decoded request's own string).
+    pub fn new(room: RoomName, user: Arc<str>, ts: u64, text: String) -> Self {
+        let template = MessageTemplate::new(&room, &user, ts, &text);
         Self {
             room,
             user,
             ts,
-            text: text.into(),
+            text,
             template,
         }
     }
@@ -126,7 +127,7 @@ impl Message {
             epoch: wire.epoch.into(),
             ts: wire.ts,
             user: wire.user.into(),
-            text: wire.message.into(),
+            text: wire.message.into_owned(),
             native: ws::text(json),
             socketio: OnceLock::new(),
         })
@@ -144,11 +145,6 @@ impl Message {
 
     /// The epoch of the room's history it belongs to.
     pub fn epoch(&self) -> &str {
-        &self.epoch
-    }
-
-    /// The epoch, shared.
-    pub fn epoch_arc(&self) -> &Arc<str> {
         &self.epoch
     }
 
@@ -196,7 +192,7 @@ mod tests {
     use super::*;
 
     fn draft(text: &str) -> Draft {
-        Draft::new(RoomName::new("dev").unwrap(), "ann".into(), 17, text)
+        Draft::new(RoomName::new("dev").unwrap(), "ann".into(), 17, text.into())
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! scalechat's native protocol v1: JSON text frames, each one object with a `type`
 //! (docs/protocol.md). Decodes what clients send; encodes what the server sends, each frame once.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use super::message::Message;
 use super::{ErrorCode, MAX_REF_CHARS, ProtocolError, RoomName, ws};
 
 /// What a client asks for.
@@ -347,42 +350,16 @@ impl MessageTemplate {
 const EPOCH_OPEN: &[u8] = b",\"epoch\":\"";
 const EPOCH_CLOSE: &[u8] = b"\"";
 
-/// The id and epoch of an encoded chat message (the JSON text of a `message` frame).
-///
-/// Only the server's own encoding is read: the first `,"id":` and `,"epoch":"` are the
-/// fields, since a JSON string cannot hold an unescaped quote.
-pub fn message_meta(json: &[u8]) -> Option<(u64, &str)> {
-    let id = number_field(json, b",\"id\":")?;
-    let epoch_at = find(json, EPOCH_OPEN)? + EPOCH_OPEN.len();
-    let len = json[epoch_at..].iter().position(|b| *b == b'"')?;
-    let epoch = std::str::from_utf8(&json[epoch_at..epoch_at + len]).ok()?;
-    Some((id, epoch))
-}
-
-/// When an encoded chat message was accepted (`ts`, milliseconds since the Unix epoch), read
-/// as [`message_meta`] reads the id.
-pub(crate) fn message_ts(json: &[u8]) -> Option<u64> {
-    number_field(json, b",\"ts\":")
-}
-
-/// The whole number after the first `key` (`,"name":`) in the server's own encoding.
-fn number_field(json: &[u8], key: &[u8]) -> Option<u64> {
-    let at = find(json, key)? + key.len();
-    let digits = json[at..].iter().take_while(|b| b.is_ascii_digit()).count();
-    std::str::from_utf8(&json[at..at + digits])
-        .ok()?
-        .parse()
-        .ok()
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
 /// A `history` reply: `{"type":"history","room":…,"epoch":…,"messages":[…],"more":…}` built
-/// from the messages' stored JSON texts, oldest first.
-pub(crate) fn history_frame(room: &RoomName, epoch: &str, messages: &[Bytes], more: bool) -> Bytes {
-    let mut json = Vec::with_capacity(64 + messages.iter().map(|m| m.len() + 1).sum::<usize>());
+/// from the messages' JSON texts, oldest first.
+pub(crate) fn history_frame(
+    room: &RoomName,
+    epoch: &str,
+    messages: &[Arc<Message>],
+    more: bool,
+) -> Bytes {
+    let size: usize = messages.iter().map(|m| m.json().len() + 1).sum();
+    let mut json = Vec::with_capacity(64 + size);
     json.extend_from_slice(b"{\"type\":\"history\",\"room\":");
     push_json_str(&mut json, room.as_str());
     json.extend_from_slice(b",\"epoch\":");
@@ -392,7 +369,7 @@ pub(crate) fn history_frame(room: &RoomName, epoch: &str, messages: &[Bytes], mo
         if i > 0 {
             json.push(b',');
         }
-        json.extend_from_slice(message);
+        json.extend_from_slice(&message.json());
     }
     json.extend_from_slice(b"],\"more\":");
     json.extend_from_slice(if more { b"true" } else { b"false" });
@@ -523,10 +500,6 @@ mod tests {
             serde_json::json!({"type":"message","room":"general","id":17,"epoch":"e1",
                 "user":"al\"ice","ts":1_764_288_000_000u64,"message":"hi <b>\n"})
         );
-        assert_eq!(message_meta(&frame[2..]), Some((17, "e1")));
-        // Field names inside a string are escaped, so they cannot be mistaken for fields.
-        let tricky = MessageTemplate::new(&room, ",\"id\":9,\"epoch\":\"x\"", 1, "m");
-        assert_eq!(message_meta(&tricky.frame(3, "e2")[2..]), Some((3, "e2")));
     }
 
     #[test]
@@ -540,12 +513,15 @@ mod tests {
         }
         .frame();
         assert_eq!(&frame[2..], br#"{"type":"ack","room":"dev","id":3}"#);
-        let page = history_frame(&room, "e1", &[Bytes::from_static(b"{\"id\":1}")], true);
-        let v: Value = serde_json::from_slice(&page[2..]).unwrap();
+        let draft = super::super::message::Draft::new(room.clone(), "ann".into(), 5, "hi".into());
+        let message = Arc::new(draft.accept(1, "e1".into()));
+        let page = history_frame(&room, "e1", &[message], true);
+        let v: Value = serde_json::from_slice(&ws::text_payload(&page)).unwrap();
         assert_eq!(
             v,
             serde_json::json!({"type":"history","room":"dev","epoch":"e1",
-                "messages":[{"id":1}],"more":true})
+                "messages":[{"type":"message","room":"dev","id":1,"epoch":"e1","user":"ann",
+                    "ts":5,"message":"hi"}],"more":true})
         );
     }
 }

@@ -10,6 +10,7 @@ mod http;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -137,22 +138,13 @@ impl Server {
             let conn = http
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
-            let shutdown = node.shutdown.clone();
-            http_conns.spawn(async move {
-                tokio::pin!(conn);
-                let result = tokio::select! {
-                    result = conn.as_mut() => result,
-                    _ = shutdown.cancelled() => {
-                        // Finish the request in flight, then close; upgraded sessions are
-                        // no longer hyper's and are tracked separately.
-                        conn.as_mut().graceful_shutdown();
-                        conn.await
-                    }
-                };
-                if let Err(e) = result {
-                    debug!(%peer, error = %e, "http connection ended with an error");
-                }
-            });
+            // Upgraded sessions are no longer hyper's: they are tracked in `node.sessions`.
+            http_conns.spawn(until_shutdown(
+                conn,
+                |conn| conn.graceful_shutdown(),
+                node.shutdown.clone(),
+                peer,
+            ));
         }
         drop(listener);
         let grace = Duration::from_secs(node.config.server.shutdown_grace_secs);
@@ -206,20 +198,35 @@ async fn serve_metrics(listener: TcpListener, node: Arc<Node>, conns: TaskTracke
             service_fn(move |req| http::route_metrics(node.clone(), req))
         };
         let conn = http.serve_connection(TokioIo::new(stream), service);
-        let shutdown = node.shutdown.clone();
-        conns.spawn(async move {
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                result = conn.as_mut() => result,
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            if let Err(e) = result {
-                debug!(%peer, error = %e, "metrics connection ended with an error");
-            }
-        });
+        conns.spawn(until_shutdown(
+            conn,
+            |conn| conn.graceful_shutdown(),
+            node.shutdown.clone(),
+            peer,
+        ));
+    }
+}
+
+/// Serves one HTTP connection; at `shutdown`, `finish` lets it complete the request in
+/// flight, and it closes.
+async fn until_shutdown<C>(
+    conn: C,
+    finish: impl FnOnce(Pin<&mut C>),
+    shutdown: CancellationToken,
+    peer: SocketAddr,
+) where
+    C: Future<Output = hyper::Result<()>>,
+{
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        _ = shutdown.cancelled() => {
+            finish(conn.as_mut());
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        debug!(%peer, error = %e, "http connection ended with an error");
     }
 }
 

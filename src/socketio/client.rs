@@ -7,105 +7,75 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use serde_json::{Value, json};
-use tokio::time::Instant;
 
 use super::Query;
 use super::session::random_id;
-use crate::conn::rate::TokenBucket;
-use crate::hub::{Codec, ConnId};
+use crate::chat::{Chat, Joined, Protocol};
+use crate::hub::ConnId;
 use crate::node::Node;
-use crate::outbox::{Outbox, Refused};
-use crate::protocol::native::check_message;
+use crate::outbox::Outbox;
+use crate::protocol::message::Codec;
 use crate::protocol::socketio::{self as codec, CodecError, PacketType};
 use crate::protocol::{
     DEFAULT_ROOM, ErrorCode, MAX_REF_CHARS, ProtocolError, RoomName, valid_user_name,
 };
 
+/// Socket.IO, as the chat core sees it.
+pub(crate) struct SocketIo;
+
+impl Protocol for SocketIo {
+    const CODEC: Codec = Codec::SocketIo;
+
+    fn joined(joined: &Joined<'_>) -> Bytes {
+        codec::event(
+            "joined",
+            &json!({ "room": joined.room, "online": joined.online }),
+        )
+    }
+
+    fn already_joined(_: &RoomName, _: usize) -> Option<Bytes> {
+        None // the ack answers
+    }
+
+    fn error(err: &ProtocolError) -> Bytes {
+        error_event(err)
+    }
+}
+
 /// The Socket.IO state of one session.
 pub(super) struct Client {
-    node: Arc<Node>,
-    conn: ConnId,
-    outbox: Arc<Outbox>,
+    /// Signed in by CONNECT, with the display name and the first room.
+    chat: Chat<SocketIo>,
     /// `name` and `room` from the handshake query, checked at CONNECT.
     query_name: Option<String>,
     query_room: Option<String>,
     query_token: Option<String>,
     /// The handshake's `scalechat_token` cookie, when its origin may use it.
     cookie_token: Option<String>,
-    /// Set by CONNECT: the display name and the first room.
-    connected: Option<(String, RoomName)>,
-    rooms: Vec<RoomName>,
-    /// `event:message`s.
-    bucket: TokenBucket,
-    /// Joins (CONNECT's and `join`) and `leave`s.
-    requests: TokenBucket,
-    /// The node's reloadable settings version the buckets were set up for.
-    live_version: u64,
 }
 
 type Answer = Result<Value, ProtocolError>;
 
 impl Client {
     pub fn new(node: Arc<Node>, conn: ConnId, outbox: Arc<Outbox>, query: &Query) -> Self {
-        let live_version = node.live_version();
-        let live = node.live();
-        let bucket = TokenBucket::new(live.limits.messages_per_second, live.limits.message_burst);
-        let requests = TokenBucket::new(live.limits.requests_per_second, live.limits.request_burst);
         Self {
-            live_version,
-            node,
-            conn,
-            outbox,
+            chat: Chat::new(node, conn, outbox),
             query_name: query.name.clone(),
             query_room: query.room.clone(),
             query_token: query.token.clone(),
             cookie_token: query.cookie.clone(),
-            connected: None,
-            rooms: Vec::new(),
-            bucket,
-            requests,
         }
     }
 
     /// Whether the client is connected to the namespace now.
     pub fn is_connected(&self) -> bool {
-        self.connected.is_some()
+        self.chat.is_signed_in()
     }
 
-    /// The node's reloadable settings, applied to the buckets once a SIGHUP changed them.
-    fn live(&mut self) -> Arc<crate::config::Reloadable> {
-        let live = self.node.live();
-        let version = self.node.live_version();
-        if version != self.live_version {
-            // The rates apply from this event on.
-            self.live_version = version;
-            let limits = &live.limits;
-            self.bucket
-                .reconfigure(limits.messages_per_second, limits.message_burst);
-            self.requests
-                .reconfigure(limits.requests_per_second, limits.request_burst);
-        }
-        live
-    }
-
-    /// Takes a token for a join or a leave, or says why not.
-    fn take_request(&mut self) -> Result<(), ProtocolError> {
-        let rate = self.live().limits.requests_per_second;
-        if self.requests.take(Instant::now()) {
-            return Ok(());
-        }
-        Err(ProtocolError::new(
-            ErrorCode::RateLimited,
-            format!("join and leave faster than {rate} per second; not done"),
-        ))
-    }
-
-    fn push(&self, frame: bytes::Bytes) {
-        // A refused push means the session is closing; nobody reads the answer.
-        if let Err(Refused::Full) = self.outbox.push(frame) {
-            self.node.metrics.slow_consumer_disconnects_total.inc();
-        }
+    fn push(&self, frame: Bytes) {
+        self.chat.push(frame);
     }
 
     /// Handles one Socket.IO packet. An error means the packet could not be decoded (or
@@ -121,11 +91,8 @@ impl Client {
         }
         match packet.kind {
             PacketType::Connect => self.connect(packet.data.as_ref()).await,
-            PacketType::Disconnect => {
-                self.leave_all();
-                self.connected = None;
-            }
-            PacketType::Event if self.connected.is_some() => {
+            PacketType::Disconnect => self.chat.sign_out(),
+            PacketType::Event if self.is_connected() => {
                 let Some(Value::Array(args)) = packet.data else {
                     return Err(CodecError::BadData);
                 };
@@ -143,7 +110,7 @@ impl Client {
         let Ok(id) = random_id() else {
             return self.push(codec::connect_error("/", "no random bytes for a socket id"));
         };
-        if self.connected.is_some() {
+        if self.is_connected() {
             return self.push(codec::connected(&id));
         }
         let name = match auth.and_then(|a| a.get("name")) {
@@ -152,7 +119,8 @@ impl Client {
             Some(_) => return self.push(codec::connect_error("/", "name must be a string")),
         };
         // With token authentication on, the token names the user, as on `/ws`.
-        let name = match &self.node.auth {
+        let node = self.chat.node().clone();
+        let name = match &node.auth {
             None => name,
             Some(checker) => {
                 let token = match auth.and_then(|a| a.get("token")) {
@@ -169,9 +137,7 @@ impl Client {
                 match user {
                     Ok(user) => Some(user),
                     Err(why) => {
-                        self.node
-                            .metrics
-                            .refused(crate::metrics::Refusal::Unauthorized);
+                        node.metrics.refused(crate::metrics::Refusal::Unauthorized);
                         return self.push(codec::connect_error("/", &why));
                     }
                 }
@@ -193,8 +159,8 @@ impl Client {
             Err(e) => return self.push(codec::connect_error("/", &e.message)),
         };
         self.push(codec::connected(&id));
-        self.connected = Some((name, room.clone()));
-        if let Err(e) = self.join(room).await {
+        self.chat.sign_in(name.into(), room.clone());
+        if let Err(e) = self.chat.join(room, None, false).await {
             self.push(error_event(&e));
         }
     }
@@ -203,8 +169,16 @@ impl Client {
         let data = args.get(1).unwrap_or(&Value::Null);
         match args.first().and_then(Value::as_str) {
             Some("event:message") => self.send(data).await,
-            Some("join") => self.join(room_field(data)?).await,
-            Some("leave") => self.leave(room_field(data)?),
+            Some("join") => {
+                let room = room_field(data)?;
+                let online = self.chat.join(room.clone(), None, false).await?;
+                Ok(json!({ "room": room, "online": online }))
+            }
+            Some("leave") => {
+                let room = room_field(data)?;
+                self.chat.leave(&room)?;
+                Ok(json!({ "room": room }))
+            }
             other => Err(ProtocolError::new(
                 ErrorCode::UnknownType,
                 format!(
@@ -219,7 +193,7 @@ impl Client {
     /// event.
     fn answer(&mut self, ack: Option<u64>, answer: Answer) {
         if let Err(e) = &answer {
-            self.node.metrics.error(e.code);
+            self.chat.node().metrics.error(e.code);
         }
         match (ack, answer) {
             (Some(id), Ok(value)) => self.push(codec::ack(id, &value)),
@@ -229,98 +203,20 @@ impl Client {
         }
     }
 
-    async fn join(&mut self, room: RoomName) -> Answer {
-        self.take_request()?;
-        let node = self.node.clone();
-        if self.rooms.contains(&room) {
-            let online = node.hub.online(room.as_str());
-            return Ok(json!({ "room": room, "online": online }));
-        }
-        let limit = node.live().limits.max_rooms_per_connection;
-        if self.rooms.len() >= limit {
-            return Err(ProtocolError::new(
-                ErrorCode::TooManyRooms,
-                format!("a connection may be in at most {limit} rooms"),
-            ));
-        }
-        // Subscribed first, so that every message published from now on reaches this node.
-        // Recorded with the hub join, with no await between: a join cancelled before leaves
-        // neither a room to leave nor a subscription behind.
-        let subscription = node.transport.subscribe(&room).await;
-        let joined = node
-            .hub
-            .join_as(Codec::SocketIo, &room, self.conn, &self.outbox, |online| {
-                codec::event("joined", &json!({ "room": room, "online": online }))
-            });
-        self.rooms.push(room.clone());
-        subscription.joined();
-        Ok(json!({ "room": room, "online": joined.online }))
-    }
-
-    fn leave(&mut self, room: RoomName) -> Answer {
-        self.take_request()?;
-        let Some(at) = self.rooms.iter().position(|r| *r == room) else {
-            return Err(ProtocolError::new(
-                ErrorCode::NotJoined,
-                format!("not in room {room}"),
-            ));
-        };
-        self.rooms.swap_remove(at);
-        self.leave_room(&room);
-        Ok(json!({ "room": room }))
-    }
-
-    fn leave_room(&self, room: &RoomName) {
-        if let Some(left) = self.node.hub.leave(room.as_str(), self.conn)
-            && left.first_or_last
-        {
-            self.node.transport.unsubscribe(room);
-        }
-    }
-
-    /// Leaves every room (at DISCONNECT and when the session ends).
-    pub fn leave_all(&mut self) {
-        for room in std::mem::take(&mut self.rooms) {
-            self.leave_room(&room);
-        }
-    }
-
     async fn send(&mut self, data: &Value) -> Answer {
-        let live = self.live();
-        let Some((name, first_room)) = &self.connected else {
-            return Err(ProtocolError::new(ErrorCode::BadField, "not connected"));
-        };
         let (message, room, reference) = message_fields(data)?;
-        check_message(message, live.limits.max_message_chars)?;
-        let room = room.unwrap_or_else(|| first_room.clone());
-        if !self.rooms.contains(&room) {
-            return Err(ProtocolError::new(
-                ErrorCode::NotJoined,
-                format!("not in room {room}"),
-            ));
-        }
-        if !self.bucket.take(Instant::now()) {
-            let rate = live.limits.messages_per_second;
-            return Err(ProtocolError::new(
-                ErrorCode::RateLimited,
-                format!("sending faster than {rate} messages per second; not delivered"),
-            ));
-        }
-        let published = self
-            .node
-            .publish(room.clone(), name, message, reference)
-            .await?;
-        Ok(if published.duplicate {
-            json!({ "room": room, "id": published.id, "duplicate": true })
+        let sent = self.chat.send(room, message.to_owned(), reference).await?;
+        let (room, id) = (sent.room, sent.published.id);
+        Ok(if sent.published.duplicate {
+            json!({ "room": room, "id": id, "duplicate": true })
         } else {
-            json!({ "room": room, "id": published.id })
+            json!({ "room": room, "id": id })
         })
     }
-}
 
-impl Drop for Client {
-    fn drop(&mut self) {
-        self.leave_all();
+    /// Leaves every room, as the session ends.
+    pub fn leave_all(&mut self) {
+        self.chat.sign_out();
     }
 }
 
@@ -371,7 +267,7 @@ fn error_json(e: &ProtocolError) -> Value {
     json!({ "code": e.code.as_str(), "message": e.message })
 }
 
-fn error_event(e: &ProtocolError) -> bytes::Bytes {
+fn error_event(e: &ProtocolError) -> Bytes {
     codec::event("error", &error_json(e))
 }
 

@@ -8,13 +8,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::time::Instant;
 
 use crate::config::RoomsConfig;
 use crate::hub::Hub;
+use crate::protocol::RoomName;
+use crate::protocol::message::Message;
 use crate::protocol::native::Since;
-use crate::protocol::{RoomName, ws};
 use crate::transport::{Envelope, Page, Published, Snapshot, new_epoch};
 
 /// In-process transport.
@@ -34,7 +34,7 @@ const SWEEP_EVERY: u64 = 4096;
 
 #[derive(Debug)]
 struct RoomLog {
-    epoch: String,
+    epoch: Arc<str>,
     last_id: u64,
     /// Oldest first.
     history: VecDeque<Stored>,
@@ -45,16 +45,21 @@ struct RoomLog {
 
 #[derive(Debug)]
 struct Stored {
-    id: u64,
     at: Instant,
-    /// The whole frame, as delivered live: replayed to joining clients without a copy.
-    frame: Bytes,
+    /// The message as delivered live: replayed to joining clients without a copy.
+    message: Arc<Message>,
+}
+
+impl Stored {
+    fn id(&self) -> u64 {
+        self.message.id()
+    }
 }
 
 impl RoomLog {
     fn new() -> Self {
         Self {
-            epoch: new_epoch(),
+            epoch: new_epoch().into(),
             last_id: 0,
             history: VecDeque::new(),
             refs: HashMap::new(),
@@ -130,8 +135,8 @@ impl MemoryTransport {
 
     /// Assigns the next id, stores and delivers; or, for a `ref` seen within the dedupe
     /// window, returns the id it got then and delivers nothing.
-    pub fn publish(&self, envelope: &Envelope) -> Published {
-        let log = self.log(&envelope.room);
+    pub fn publish(&self, envelope: Envelope) -> Published {
+        let log = self.log(&envelope.draft.room);
         let mut log = log.lock().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
         log.expire(now, self.ttl());
@@ -145,22 +150,21 @@ impl MemoryTransport {
         }
         log.last_id += 1;
         let id = log.last_id;
-        let frame = envelope.message.frame(id, &log.epoch);
+        if let Some(key) = dedupe {
+            log.refs.insert(key.clone(), id);
+            log.ref_order.push_back((now + window, key.clone()));
+        }
+        let message = Arc::new(envelope.draft.accept(id, log.epoch.clone()));
         if self.policy.history_size > 0 {
             if log.history.len() >= self.policy.history_size {
                 log.history.pop_front();
             }
             log.history.push_back(Stored {
-                id,
                 at: now,
-                frame: frame.clone(),
+                message: message.clone(),
             });
         }
-        if let Some(key) = dedupe {
-            log.refs.insert(key.clone(), id);
-            log.ref_order.push_back((now + window, key.clone()));
-        }
-        self.hub.deliver(envelope.room.as_str(), &frame);
+        self.hub.deliver(&message);
         Published {
             id,
             duplicate: false,
@@ -174,18 +178,18 @@ impl MemoryTransport {
         let mut log = log.lock().unwrap_or_else(PoisonError::into_inner);
         log.expire(Instant::now(), self.ttl());
         let reachable = |s: &Since| {
-            s.epoch == log.epoch
+            *s.epoch == *log.epoch
                 && s.id <= log.last_id
-                && (s.id == log.last_id || log.history.front().is_some_and(|m| m.id <= s.id + 1))
+                && (s.id == log.last_id || log.history.front().is_some_and(|m| m.id() <= s.id + 1))
         };
         let recovered = since.map(reachable);
-        let frames = match since {
+        let messages = match since {
             // Same epoch: whatever is still stored after `since`, all of it when recovered.
-            Some(s) if s.epoch == log.epoch && s.id < log.last_id => log
+            Some(s) if *s.epoch == *log.epoch && s.id < log.last_id => log
                 .history
                 .iter()
-                .filter(|m| m.id > s.id)
-                .map(|m| m.frame.clone())
+                .filter(|m| m.id() > s.id)
+                .map(|m| m.message.clone())
                 .collect(),
             Some(_) if recovered == Some(true) => Vec::new(),
             _ => {
@@ -196,14 +200,14 @@ impl MemoryTransport {
                 log.history
                     .iter()
                     .skip(skip)
-                    .map(|m| m.frame.clone())
+                    .map(|m| m.message.clone())
                     .collect()
             }
         };
         Snapshot {
-            epoch: log.epoch.clone(),
+            epoch: log.epoch.to_string(),
             last_id: log.last_id,
-            frames,
+            messages,
             recovered,
         }
     }
@@ -216,15 +220,12 @@ impl MemoryTransport {
         let older: Vec<&Stored> = log
             .history
             .iter()
-            .filter(|m| before.is_none_or(|b| m.id < b))
+            .filter(|m| before.is_none_or(|b| m.id() < b))
             .collect();
         let skip = older.len().saturating_sub(limit);
         Page {
-            epoch: log.epoch.clone(),
-            messages: older[skip..]
-                .iter()
-                .map(|m| ws::text_payload(&m.frame))
-                .collect(),
+            epoch: log.epoch.to_string(),
+            messages: older[skip..].iter().map(|m| m.message.clone()).collect(),
             more: skip > 0,
         }
     }
@@ -233,7 +234,7 @@ impl MemoryTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::native::MessageTemplate;
+    use crate::protocol::message::Draft;
 
     #[tokio::test(start_paused = true)]
     async fn idle_rooms_are_forgotten_once_their_history_expired() {
@@ -246,11 +247,10 @@ mod tests {
         let transport = MemoryTransport::new(hub, policy);
         let room = RoomName::new("once").unwrap();
         let envelope = Envelope {
-            room: room.clone(),
-            message: MessageTemplate::new(&room, "ann", 1, "hi"),
+            draft: Draft::new(room.clone(), "ann".into(), 1, "hi".into()),
             dedupe: Some("ann\u{1f}r1".into()),
         };
-        assert_eq!(transport.publish(&envelope).id, 1);
+        assert_eq!(transport.publish(envelope).id, 1);
         let sweep = |t: &MemoryTransport| {
             let mut rooms = t.rooms.lock().unwrap();
             t.sweep(&mut rooms);
@@ -261,6 +261,6 @@ mod tests {
         assert_eq!(sweep(&transport), 0, "expired and nobody in it");
         // The room starts again, in a new epoch.
         let again = transport.snapshot(&room, None);
-        assert_eq!((again.last_id, again.frames.len()), (0, 0));
+        assert_eq!((again.last_id, again.messages.len()), (0, 0));
     }
 }

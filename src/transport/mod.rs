@@ -1,8 +1,8 @@
 //! Transports carry every chat message from the session that sent it to the hub of each node
 //! with members in its room, assigning the room's next id on the way. There is one delivery
 //! path: `publish` an [`Envelope`]; the transport stores the message in the room's history and
-//! hands the encoded frame to [`Hub::deliver`](crate::hub::Hub::deliver) in id order, in one
-//! atomic step, so history and live delivery never disagree.
+//! hands it, a typed [`Message`] with its frames, to [`Hub::deliver`](crate::hub::Hub::deliver)
+//! in id order, in one atomic step, so history and live delivery never disagree.
 //!
 //! Each room's history has an epoch, a random name given when the room's store is created:
 //! ids restart at 1 only with a new epoch, so a client that comes back with an old epoch is
@@ -16,8 +16,6 @@ mod redis;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-
 pub use memory::MemoryTransport;
 pub use redis::RedisTransport;
 
@@ -25,15 +23,14 @@ use crate::config::{Config, TransportKind};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::protocol::RoomName;
-use crate::protocol::native::{MessageTemplate, Since};
+use crate::protocol::message::{Draft, Message};
+use crate::protocol::native::Since;
 
 /// A chat message on its way to a room, already encoded but for its id.
 #[derive(Debug, Clone)]
 pub struct Envelope {
-    /// The room.
-    pub room: RoomName,
-    /// The encoded message.
-    pub message: MessageTemplate,
+    /// The message, with its room.
+    pub draft: Draft,
     /// The sender's name and `ref`, when it sent one: a second `send` with the same key
     /// within the dedupe window is not delivered again.
     pub dedupe: Option<String>,
@@ -61,8 +58,8 @@ pub struct Snapshot {
     pub epoch: String,
     /// The newest id when the snapshot was taken (0: no message yet).
     pub last_id: u64,
-    /// Message frames, oldest first, all with ids up to `last_id`.
-    pub frames: Vec<Bytes>,
+    /// Messages, oldest first, all with ids up to `last_id`.
+    pub messages: Vec<Arc<Message>>,
     /// With `since`: whether `frames` are exactly the messages after it.
     pub recovered: Option<bool>,
 }
@@ -72,8 +69,8 @@ pub struct Snapshot {
 pub struct Page {
     /// The room history's epoch.
     pub epoch: String,
-    /// The messages' JSON texts, oldest first.
-    pub messages: Vec<Bytes>,
+    /// The messages, oldest first.
+    pub messages: Vec<Arc<Message>>,
     /// Whether still older messages are stored.
     pub more: bool,
 }
@@ -147,7 +144,7 @@ impl Transport {
     /// its room, on every node; returns the id once the message is accepted.
     pub async fn publish(&self, envelope: Envelope) -> Result<Published, TransportError> {
         match self {
-            Transport::Memory(t) => Ok(t.publish(&envelope)),
+            Transport::Memory(t) => Ok(t.publish(envelope)),
             Transport::Redis(t) => t.publish(&envelope).await,
         }
     }

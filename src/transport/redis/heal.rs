@@ -4,13 +4,15 @@
 //! members see every id once, in order; after a reconnect every room is healed this way.
 //! What the history no longer holds is counted and logged as lost.
 
-use bytes::Bytes;
+use std::sync::Arc;
+
 use tracing::warn;
 
 use super::RedisTransport;
 use super::recent::RoomStream;
-use crate::protocol::native::{self, Since};
-use crate::protocol::{RoomName, ws};
+use crate::protocol::RoomName;
+use crate::protocol::message::Message;
+use crate::protocol::native::Since;
 
 impl RedisTransport {
     /// Delivers from the history what this node missed in `room` since `delivered_id` of
@@ -41,12 +43,10 @@ impl RedisTransport {
         // In a new epoch everything is new; in the same one, what follows what was delivered.
         let same_epoch = snapshot.epoch == delivered_epoch;
         let floor = if same_epoch { delivered_id } else { 0 };
-        let missed: Vec<&Bytes> = snapshot
-            .frames
+        let missed: Vec<&Arc<Message>> = snapshot
+            .messages
             .iter()
-            .filter(|frame| {
-                native::message_meta(&ws::text_payload(frame)).map_or(0, |(id, _)| id) > floor
-            })
+            .filter(|message| message.id() > floor)
             .collect();
         let complete = snapshot.recovered == Some(true);
         let delivering = self.lock_delivering();
@@ -60,8 +60,8 @@ impl RedisTransport {
                         && s.last_id == delivered_id
                         && delivered_id + missed.len() as u64 == snapshot.last_id =>
                 {
-                    for frame in &missed {
-                        s.push_next((*frame).clone(), self.keep_recent);
+                    for message in &missed {
+                        s.push_next((*message).clone(), self.keep_recent);
                     }
                 }
                 _ => {
@@ -72,12 +72,12 @@ impl RedisTransport {
                         if same_epoch && snapshot.last_id >= delivered_id && !complete {
                             true
                         } else {
-                            snapshot.frames.len() < self.policy.history_size
+                            snapshot.messages.len() < self.policy.history_size
                         };
                     let restarted = RoomStream::from_history(
                         snapshot.epoch.clone(),
                         snapshot.last_id,
-                        &snapshot.frames,
+                        &snapshot.messages,
                         nothing_older,
                         self.keep_recent,
                     );
@@ -85,8 +85,8 @@ impl RedisTransport {
                 }
             }
         }
-        for frame in &missed {
-            self.hub.deliver(room.as_str(), frame);
+        for message in &missed {
+            self.hub.deliver(message);
         }
         drop(delivering);
         self.progressed();

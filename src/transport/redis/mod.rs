@@ -155,7 +155,7 @@ impl RedisTransport {
     pub async fn publish(&self, envelope: &Envelope) -> Result<Published, TransportError> {
         let published = self.scripts.publish(envelope).await?;
         if self.keep_recent > 0
-            && let Some(stream) = self.lock_streams().get_mut(envelope.room.as_str())
+            && let Some(stream) = self.lock_streams().get_mut(envelope.draft.room.as_str())
         {
             stream.acked_id = stream.acked_id.max(published.id);
         }

@@ -6,12 +6,11 @@
 //! Redis would send.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
-
-use crate::protocol::native::{self, Since};
-use crate::protocol::ws;
+use crate::protocol::message::Message;
+use crate::protocol::native::Since;
 use crate::transport::Snapshot;
 
 /// What this node knows of a room it receives: the newest message it delivered (to find
@@ -22,7 +21,7 @@ pub(super) struct RoomStream {
     pub(super) last_id: u64,
     /// The newest messages, oldest first, with consecutive ids up to `last_id`; at most
     /// `keep_recent`.
-    recent: VecDeque<Bytes>,
+    recent: VecDeque<Arc<Message>>,
     /// The history stores no message older than `recent`'s first.
     nothing_older: bool,
     /// The newest id this node's publishes were acked with: a join waits until `last_id`
@@ -52,31 +51,31 @@ pub(super) enum LocalAnswer {
 }
 
 impl RoomStream {
-    /// Starts from `frames`, the newest stored messages up to `last_id` (consecutive ids);
+    /// Starts from `messages`, the newest stored ones up to `last_id` (consecutive ids);
     /// `nothing_older` when the history stores none older.
     pub(super) fn from_history(
         epoch: String,
         last_id: u64,
-        frames: &[Bytes],
+        messages: &[Arc<Message>],
         nothing_older: bool,
         keep_recent: usize,
     ) -> Self {
-        let skip = frames.len().saturating_sub(keep_recent);
+        let skip = messages.len().saturating_sub(keep_recent);
         Self {
             epoch,
             last_id,
-            recent: frames[skip..].iter().cloned().collect(),
+            recent: messages[skip..].iter().cloned().collect(),
             nothing_older: nothing_older && skip == 0,
             acked_id: 0,
         }
     }
 
     /// Starts over at a message that does not follow `last_id`: a new epoch, or a gap the
-    /// history could not fill. Ids start at 1: a message claiming id 0 is not kept, and the
-    /// epoch starts before its first message.
-    pub(super) fn restart_at(epoch: &str, id: u64, frame: Bytes, keep_recent: usize) -> Self {
+    /// history could not fill. (Ids start at 1: the epoch starts before its first message.)
+    pub(super) fn restart_at(message: &Arc<Message>, keep_recent: usize) -> Self {
+        let id = message.id();
         let mut stream = Self {
-            epoch: epoch.to_owned(),
+            epoch: message.epoch().to_owned(),
             last_id: id.saturating_sub(1),
             recent: VecDeque::new(),
             // The first id of an epoch: there is nothing older.
@@ -84,36 +83,31 @@ impl RoomStream {
             acked_id: 0,
         };
         if id > 0 {
-            stream.push_next(frame, keep_recent);
+            stream.push_next(message.clone(), keep_recent);
         }
         stream
     }
 
     /// Follows the next message, `last_id + 1`.
-    pub(super) fn push_next(&mut self, frame: Bytes, keep_recent: usize) {
+    pub(super) fn push_next(&mut self, message: Arc<Message>, keep_recent: usize) {
         self.last_id += 1;
-        self.recent.push_back(frame);
+        self.recent.push_back(message);
         if self.recent.len() > keep_recent {
             self.recent.pop_front();
             self.nothing_older = false;
         }
     }
 
-    /// Takes message `id` of `epoch` if it is the next one.
-    pub(super) fn follow(
-        &mut self,
-        epoch: &str,
-        id: u64,
-        frame: &Bytes,
-        keep_recent: usize,
-    ) -> Arrival {
-        if self.epoch != epoch || id > self.last_id + 1 {
+    /// Takes `message` if it is the next one.
+    pub(super) fn follow(&mut self, message: &Arc<Message>, keep_recent: usize) -> Arrival {
+        let id = message.id();
+        if self.epoch != message.epoch() || id > self.last_id + 1 {
             return Arrival::Gap;
         }
         if id <= self.last_id {
             return Arrival::AlreadyDelivered;
         }
-        self.push_next(frame.clone(), keep_recent);
+        self.push_next(message.clone(), keep_recent);
         Arrival::Next
     }
 
@@ -129,10 +123,7 @@ impl RoomStream {
             .unwrap_or_default()
             .as_millis() as u64;
         let cutoff = now.saturating_sub(ttl.as_millis() as u64);
-        while let Some(ts) = self
-            .recent
-            .front()
-            .and_then(|frame| native::message_ts(&ws::text_payload(frame)))
+        while let Some(ts) = self.recent.front().map(|m| m.ts())
             && ts < cutoff
         {
             self.recent.pop_front();
@@ -178,7 +169,7 @@ impl RoomStream {
         LocalAnswer::Ready(Snapshot {
             epoch: self.epoch.clone(),
             last_id: self.last_id,
-            frames: self.recent.iter().skip(skip).cloned().collect(),
+            messages: self.recent.iter().skip(skip).cloned().collect(),
             recovered,
         })
     }
@@ -188,16 +179,18 @@ impl RoomStream {
 mod tests {
     use super::*;
 
-    fn message(id: u64, ts: u64) -> Bytes {
-        ws::text(
-            format!(r#"{{"type":"message","room":"r","from":"a","message":"x","ts":{ts},"id":{id},"epoch":"e"}}"#)
-                .as_bytes(),
-        )
+    fn message_in(epoch: &str, id: u64, ts: u64) -> Arc<Message> {
+        let room = crate::protocol::RoomName::new("r").unwrap();
+        let draft = crate::protocol::message::Draft::new(room, "a".into(), ts, "x".into());
+        Arc::new(draft.accept(id, epoch.into()))
+    }
+
+    fn message(id: u64, ts: u64) -> Arc<Message> {
+        message_in("e", id, ts)
     }
 
     fn ids(stream: &RoomStream) -> Vec<u64> {
-        let id = |f: &Bytes| native::message_meta(&ws::text_payload(f)).unwrap().0;
-        stream.recent.iter().map(id).collect()
+        stream.recent.iter().map(|m| m.id()).collect()
     }
 
     #[test]
@@ -206,7 +199,7 @@ mod tests {
             .duration_since(UNIX_EPOCH)
             .unwrap()
             .as_millis() as u64;
-        let frames: Vec<Bytes> = (1..=3).map(|id| message(id, now)).collect();
+        let frames: Vec<Arc<Message>> = (1..=3).map(|id| message(id, now)).collect();
         let mut stream = RoomStream::from_history("e".into(), 3, &frames, true, 4);
         assert_eq!(
             (ids(&stream), stream.first_id(), stream.nothing_older),
@@ -225,12 +218,12 @@ mod tests {
         // Nothing kept: first is the next id.
         let stream = RoomStream::from_history("e".into(), 7, &[], false, 0);
         assert_eq!(stream.first_id(), 8);
-        let stream = RoomStream::restart_at("f", 1, message(1, now), 4);
+        let stream = RoomStream::restart_at(&message_in("f", 1, now), 4);
         assert_eq!(
             (ids(&stream), stream.last_id, stream.nothing_older),
             (vec![1], 1, true)
         );
-        let stream = RoomStream::restart_at("f", 9, message(9, now), 4);
+        let stream = RoomStream::restart_at(&message_in("f", 9, now), 4);
         assert_eq!(
             (ids(&stream), stream.first_id(), stream.nothing_older),
             (vec![9], 9, false)
@@ -239,7 +232,7 @@ mod tests {
 
     #[test]
     fn stream_restarting_at_id_0_keeps_nothing_and_does_not_underflow() {
-        let mut stream = RoomStream::restart_at("f", 0, message(0, 1), 4);
+        let mut stream = RoomStream::restart_at(&message_in("f", 0, 1), 4);
         assert_eq!(
             (
                 ids(&stream),
@@ -251,7 +244,7 @@ mod tests {
         );
         // The epoch's first real message follows.
         assert!(matches!(
-            stream.follow("f", 1, &message(1, 1), 4),
+            stream.follow(&message_in("f", 1, 1), 4),
             Arrival::Next
         ));
         assert_eq!((ids(&stream), stream.last_id), (vec![1], 1));
@@ -269,7 +262,6 @@ mod tests {
             message(6, now),
         ];
         let mut stream = RoomStream::from_history("e".into(), 6, &frames, false, 3);
-        assert_eq!(native::message_ts(&ws::text_payload(&frames[2])), Some(now));
         stream.expire(Duration::from_secs(80));
         assert_eq!((ids(&stream), stream.nothing_older), (vec![5, 6], true));
         stream.expire(Duration::from_secs(3600));

@@ -8,7 +8,7 @@
 //! nobody uses leaves nothing behind; a room whose `meta` is gone starts a new epoch. A call
 //! waits at most `redis.publish_timeout_ms`; a connection that stopped answering is replaced.
 
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -17,8 +17,9 @@ use tracing::{debug, warn};
 
 use super::connect::{closed_error, manager_config, timeout_error};
 use crate::config::{RedisConfig, RoomsConfig};
+use crate::protocol::RoomName;
+use crate::protocol::message::Message;
 use crate::protocol::native::Since;
-use crate::protocol::{RoomName, ws};
 use crate::transport::{Envelope, Page, Published, Snapshot, TransportError, new_epoch};
 
 /// The room's epoch, set to the candidate if it has none yet; whether it was new. Shared by
@@ -64,7 +65,8 @@ if size > 0 then
   local cutoff = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - ttl
   for _ = 1, 16 do
     local oldest = redis.call('ZRANGE', KEYS[2], 0, 0)
-    local ts = oldest[1] and tonumber(string.match(oldest[1], ',"ts":(%d+)'))
+    local ok, stored = pcall(cjson.decode, oldest[1] or 'null')
+    local ts = ok and type(stored) == 'table' and tonumber(stored.ts)
     if not (ts and ts < cutoff) then break end
     redis.call('ZREMRANGEBYRANK', KEYS[2], 0, 0)
   end
@@ -179,7 +181,7 @@ impl Scripts {
     /// Checks the `ref`, assigns the id, publishes and stores, in one script call; the id once
     /// Redis accepted it.
     pub(super) async fn publish(&self, envelope: &Envelope) -> Result<Published, TransportError> {
-        let room = envelope.room.as_str();
+        let room = envelope.draft.room.as_str();
         let dedupe = envelope.dedupe.as_deref().unwrap_or("");
         let window = if envelope.dedupe.is_some() {
             self.dedupe_window_secs
@@ -190,8 +192,8 @@ impl Scripts {
         call.key(self.key("hist", room))
             .key(self.key("ref", &format!("{room}:{dedupe}")))
             .arg(format!("{}{room}", self.channel_prefix))
-            .arg(envelope.message.head())
-            .arg(envelope.message.tail())
+            .arg(envelope.draft.template.head())
+            .arg(envelope.draft.template.tail())
             .arg(new_epoch())
             .arg(self.history_size)
             .arg(self.history_ttl_ms)
@@ -226,9 +228,9 @@ impl Scripts {
             messages.reverse(); // the newest, newest first from Redis
         }
         Ok(Snapshot {
+            messages: decode_stored(room, &messages),
             epoch,
             last_id,
-            frames: messages.iter().map(|m| ws::text(m)).collect(),
             recovered: (recovered >= 0).then_some(recovered == 1),
         })
     }
@@ -252,7 +254,7 @@ impl Scripts {
         messages.reverse();
         Ok(Page {
             epoch,
-            messages: messages.into_iter().map(bytes::Bytes::from).collect(),
+            messages: decode_stored(room, &messages),
             more,
         })
     }
@@ -339,4 +341,23 @@ impl Scripts {
         }
         Err(last.unwrap_or_else(closed_error))
     }
+}
+
+/// The messages of `room`'s history as stored (native JSON texts), decoded once; a text that
+/// is not a message of the room (written by something else) is logged and left out.
+fn decode_stored(room: &RoomName, stored: &[Vec<u8>]) -> Vec<Arc<Message>> {
+    stored
+        .iter()
+        .filter_map(|json| match Message::decode(json) {
+            Ok(message) if message.room() == room => Some(Arc::new(message)),
+            Ok(_) => {
+                warn!(%room, "the room's history holds another room's message; left out");
+                None
+            }
+            Err(e) => {
+                warn!(%room, error = %e, "the room's history holds a malformed entry; left out");
+                None
+            }
+        })
+        .collect()
 }

@@ -21,8 +21,8 @@ use super::connect::{
     Backoff, CONNECT_TIMEOUT, closed_error, heartbeat_error, log_outage, timeout_error,
 };
 use super::recent::{Arrival, RoomStream};
-use crate::protocol::native;
-use crate::protocol::{RoomName, ws};
+use crate::protocol::RoomName;
+use crate::protocol::message::Message;
 
 impl RedisTransport {
     /// Connects, subscribes, receives; on any loss reconnects with backoff. Runs for the
@@ -118,18 +118,23 @@ impl RedisTransport {
 
     /// Delivers one message from the channel in id order: the first of a gap is preceded by
     /// the missing ones from the history, and one already delivered is dropped. The payload
-    /// is the frame's text: one copy into the frame, none per member. The room's stream
-    /// takes the message before the hub delivers it (see [`RedisTransport::local_snapshot`]).
+    /// is the message's native JSON, decoded once here; it becomes the native frame's text
+    /// (one copy, none per member). The room's stream takes the message before the hub
+    /// delivers it (see [`RedisTransport::local_snapshot`]).
     async fn receive_one(&self, channel: &str, payload: &[u8]) {
         let Some(room) = channel.strip_prefix(self.scripts.channel_prefix()) else {
             return;
         };
-        let frame = ws::text(payload);
-        // Ids start at 1: id 0 is no id.
-        let Some((id, epoch)) = native::message_meta(payload).filter(|(id, _)| *id > 0) else {
-            warn!(%room, "a message on the channel has no id; delivered as it is");
-            self.hub.deliver(room, &frame);
-            return;
+        let message = match Message::decode(payload) {
+            Ok(message) if message.room().as_str() == room => Arc::new(message),
+            Ok(_) => {
+                warn!(%room, "the room's channel carried another room's message; not delivered");
+                return;
+            }
+            Err(e) => {
+                warn!(%room, error = %e, "the room's channel carried a malformed message; not delivered");
+                return;
+            }
         };
         // Held from the stream taking the message until the hub has it (see `caught_up`).
         let delivering = self.lock_delivering();
@@ -137,7 +142,7 @@ impl RedisTransport {
         let gap = {
             let mut streams = self.lock_streams();
             match streams.get_mut(room) {
-                Some(s) => match s.follow(epoch, id, &frame, self.keep_recent) {
+                Some(s) => match s.follow(&message, self.keep_recent) {
                     Arrival::AlreadyDelivered => return,
                     Arrival::Next => None,
                     Arrival::Gap => Some(Some((s.epoch.clone(), s.last_id))),
@@ -146,14 +151,12 @@ impl RedisTransport {
             }
         };
         let Some(gap) = gap else {
-            self.hub.deliver(room, &frame);
+            self.hub.deliver(&message);
             drop(delivering);
             return self.progressed();
         };
         drop(delivering); // not held while the history is read
-        let Ok(room_name) = RoomName::new(room) else {
-            return;
-        };
+        let room_name = message.room().clone();
         if let Some((delivered_epoch, delivered_id)) = gap {
             // A gap, or a new epoch: what is missing comes from the history first.
             self.metrics.backplane_gaps_total.inc();
@@ -166,18 +169,17 @@ impl RedisTransport {
             let mut streams = self.lock_streams();
             let arrival = streams
                 .get_mut(&room_name)
-                .map(|s| s.follow(epoch, id, &frame, self.keep_recent));
+                .map(|s| s.follow(&message, self.keep_recent));
             match arrival {
                 Some(Arrival::AlreadyDelivered) => return, // the history had it
                 Some(Arrival::Next) => {}
                 Some(Arrival::Gap) | None => {
-                    let restarted =
-                        RoomStream::restart_at(epoch, id, frame.clone(), self.keep_recent);
+                    let restarted = RoomStream::restart_at(&message, self.keep_recent);
                     streams.insert(room_name, restarted);
                 }
             }
         }
-        self.hub.deliver(room, &frame);
+        self.hub.deliver(&message);
         drop(delivering);
         self.progressed();
     }
@@ -219,12 +221,12 @@ impl RedisTransport {
                 }
                 // With `local_history`, the newest messages come along, for joins.
                 if let Ok(position) = self.scripts.snapshot(room, None, self.keep_recent).await {
-                    let nothing_older = position.frames.len() < self.keep_recent;
+                    let nothing_older = position.messages.len() < self.keep_recent;
                     self.lock_streams().entry(room.clone()).or_insert_with(|| {
                         RoomStream::from_history(
                             position.epoch,
                             position.last_id,
-                            &position.frames,
+                            &position.messages,
                             nothing_older,
                             self.keep_recent,
                         )

@@ -1,0 +1,340 @@
+//! The chat core: what a connected user can do, whatever protocol they speak. One [`Chat`]
+//! per connection joins rooms (with the room limit and the staged catch-up of history), leaves
+//! them, sends messages (length and rate checks, publish, the id for the ack) and pages
+//! through history, with the request and message rate limits and their reloads. The native
+//! session and the Socket.IO client drive it the same way: they decode requests, call it, and
+//! encode what it answers; the few frames it queues itself (the `joined` reply, history,
+//! errors during a join) it asks of the protocol through [`Protocol`].
+//!
+//! Above the [`node`](crate::node) (hub, transport, limits), below the protocols.
+
+mod join;
+pub(crate) mod rate;
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use self::rate::TokenBucket;
+use crate::config::Reloadable;
+use crate::hub::ConnId;
+use crate::node::Node;
+use crate::outbox::{Outbox, Refused};
+use crate::protocol::message::{Codec, Message};
+use crate::protocol::native::check_message;
+use crate::protocol::{ErrorCode, ProtocolError, RoomName};
+use crate::transport::Published;
+
+pub(crate) use self::join::Joined;
+
+/// What the chat core needs of a protocol: its codec for chat messages and the frames it
+/// queues on its own during a join.
+pub(crate) trait Protocol {
+    /// How its members read chat messages.
+    const CODEC: Codec;
+
+    /// The frame that tells the client it is in a room, queued before any of the room's
+    /// messages (history, then live).
+    fn joined(joined: &Joined<'_>) -> Bytes;
+
+    /// The answer to joining a room the client is already in, if the protocol sends one.
+    fn already_joined(room: &RoomName, online: usize) -> Option<Bytes>;
+
+    /// The frame for a refused request or a failure the client must hear of.
+    fn error(err: &ProtocolError) -> Bytes;
+}
+
+/// A `send` the transport accepted.
+#[derive(Debug)]
+pub(crate) struct Sent {
+    /// The room it went to.
+    pub(crate) room: RoomName,
+    /// Its id there, and whether its `ref` had been accepted before.
+    pub(crate) published: Published,
+}
+
+/// A page of a room's older messages, cut to fit the connection's queue.
+#[derive(Debug)]
+pub(crate) struct HistoryPage {
+    /// The room history's epoch.
+    pub(crate) epoch: String,
+    /// Oldest first.
+    pub(crate) messages: Vec<Arc<Message>>,
+    /// Whether older messages are left.
+    pub(crate) more: bool,
+}
+
+/// One connection's chat state: who the user is, the rooms they are in, their rate limits.
+pub(crate) struct Chat<P> {
+    node: Arc<Node>,
+    conn: ConnId,
+    outbox: Arc<Outbox>,
+    /// Set once the user is known: their display name and first room.
+    user: Option<(Arc<str>, RoomName)>,
+    rooms: Memberships,
+    /// `send`s.
+    sends: TokenBucket,
+    /// Joins, leaves and history pages.
+    requests: TokenBucket,
+    /// The reloadable settings as of `live_version`.
+    live: Arc<Reloadable>,
+    live_version: u64,
+    protocol: PhantomData<fn() -> P>,
+}
+
+impl<P: Protocol> Chat<P> {
+    /// The chat state of connection `conn`, whose frames go to `outbox`; no user yet.
+    pub(crate) fn new(node: Arc<Node>, conn: ConnId, outbox: Arc<Outbox>) -> Self {
+        let live_version = node.live_version();
+        let live = node.live();
+        let limits = &live.limits;
+        let sends = TokenBucket::new(limits.messages_per_second, limits.message_burst);
+        let requests = TokenBucket::new(limits.requests_per_second, limits.request_burst);
+        Self {
+            rooms: Memberships {
+                node: node.clone(),
+                conn,
+                rooms: Vec::new(),
+            },
+            node,
+            conn,
+            outbox,
+            user: None,
+            sends,
+            requests,
+            live,
+            live_version,
+            protocol: PhantomData,
+        }
+    }
+
+    /// The user is known: `user`, whose `send`s without a room go to `first_room`.
+    pub(crate) fn sign_in(&mut self, user: Arc<str>, first_room: RoomName) {
+        self.user = Some((user, first_room));
+    }
+
+    /// The user is gone (the connection stays): leaves every room. The rate limits stay.
+    pub(crate) fn sign_out(&mut self) {
+        self.user = None;
+        self.rooms.leave_all();
+    }
+
+    /// Whether a user is signed in.
+    pub(crate) fn is_signed_in(&self) -> bool {
+        self.user.is_some()
+    }
+
+    /// The node this connection is on.
+    pub(crate) fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    /// The connection's id.
+    pub(crate) fn conn(&self) -> ConnId {
+        self.conn
+    }
+
+    /// The connection's outbox.
+    pub(crate) fn outbox(&self) -> &Arc<Outbox> {
+        &self.outbox
+    }
+
+    /// The reloadable settings, taken again once a SIGHUP changed them: the rates apply from
+    /// the next request on.
+    pub(crate) fn live(&mut self) -> &Reloadable {
+        let version = self.node.live_version();
+        if version != self.live_version {
+            self.live = self.node.live();
+            self.live_version = version;
+            let limits = &self.live.limits;
+            self.sends
+                .reconfigure(limits.messages_per_second, limits.message_burst);
+            self.requests
+                .reconfigure(limits.requests_per_second, limits.request_burst);
+        }
+        &self.live
+    }
+
+    /// Queues `frame` for the client. A refused push means the connection is closing (nobody
+    /// reads it) or just overflowed (counted as the slow consumer it is).
+    pub(crate) fn push(&self, frame: Bytes) {
+        if let Err(Refused::Full) = self.outbox.push(frame) {
+            self.node.metrics.slow_consumer_disconnects_total.inc();
+        }
+    }
+
+    /// Takes a token for a join, leave or history request, or says why not.
+    fn take_request(&mut self) -> Result<(), ProtocolError> {
+        let rate = self.live().limits.requests_per_second;
+        if self.requests.take(Instant::now()) {
+            return Ok(());
+        }
+        Err(ProtocolError::new(
+            ErrorCode::RateLimited,
+            format!("join, leave and history faster than {rate} per second; not done"),
+        ))
+    }
+
+    fn check_member(&self, room: &RoomName) -> Result<(), ProtocolError> {
+        if self.rooms.rooms.contains(room) {
+            return Ok(());
+        }
+        Err(ProtocolError::new(
+            ErrorCode::NotJoined,
+            format!("not in room {room}"),
+        ))
+    }
+
+    /// Leaves `room`.
+    pub(crate) fn leave(&mut self, room: &RoomName) -> Result<(), ProtocolError> {
+        self.take_request()?;
+        self.check_member(room)?;
+        self.rooms.leave(room);
+        Ok(())
+    }
+
+    /// Sends `text` to `room` (the first room when `None`) as the signed-in user: checks its
+    /// length, the membership and the rate, publishes it, and returns its id for the ack.
+    /// A `reference` (the client's `ref`) makes a repeated send within the dedupe window
+    /// answer the first id instead of delivering again.
+    pub(crate) async fn send(
+        &mut self,
+        room: Option<RoomName>,
+        text: String,
+        reference: Option<&str>,
+    ) -> Result<Sent, ProtocolError> {
+        let Some((user, first_room)) = &self.user else {
+            return Err(ProtocolError::new(ErrorCode::BadField, "not connected"));
+        };
+        let user = user.clone();
+        let room = room.unwrap_or_else(|| first_room.clone());
+        let limits = &self.live().limits;
+        let (max_chars, rate) = (limits.max_message_chars, limits.messages_per_second);
+        check_message(&text, max_chars)?;
+        self.check_member(&room)?;
+        if !self.sends.take(Instant::now()) {
+            return Err(ProtocolError::new(
+                ErrorCode::RateLimited,
+                format!("sending faster than {rate} messages per second; not delivered"),
+            ));
+        }
+        let published = self
+            .node
+            .publish(room.clone(), &user, text, reference)
+            .await?;
+        Ok(Sent { room, published })
+    }
+
+    /// Up to `limit` messages of `room` older than `before` (the newest when `None`), cut to
+    /// the newest that fit in half the connection's queue, once that half is free: a reader
+    /// as slow as its requests are fast stalls rather than piling up pages.
+    pub(crate) async fn history(
+        &mut self,
+        room: &RoomName,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<HistoryPage, ProtocolError> {
+        self.take_request()?;
+        self.check_member(room)?;
+        let page = self
+            .node
+            .transport
+            .page(room, before, limit)
+            .await
+            .map_err(|e| unavailable(room, &e))?;
+        let (messages, more) = fit_page(&page.messages, page.more, self.outbox.max_bytes() / 2);
+        let messages = messages.to_vec();
+        self.outbox.wait_room().await;
+        Ok(HistoryPage {
+            epoch: page.epoch,
+            messages,
+            more,
+        })
+    }
+}
+
+/// The error for a history the transport could not read.
+fn unavailable(room: &RoomName, e: &impl std::fmt::Display) -> ProtocolError {
+    ProtocolError::new(
+        ErrorCode::Unavailable,
+        format!("the history of room {room} is unavailable: {e}"),
+    )
+}
+
+/// The newest of `messages` (oldest first) whose `history` frame stays within `max_bytes`, at
+/// least one, and whether older ones are left (the client pages on from the oldest it got).
+fn fit_page(messages: &[Arc<Message>], more: bool, max_bytes: usize) -> (&[Arc<Message>], bool) {
+    /// The frame's header and fields around the messages, with room to spare.
+    const FRAME_OVERHEAD: usize = 256;
+    let size_of = |m: &Arc<Message>| m.frame(Codec::Native).len();
+    let mut size = FRAME_OVERHEAD;
+    let mut first = messages.len();
+    while first > 0 && (first == messages.len() || size + size_of(&messages[first - 1]) < max_bytes)
+    {
+        size += size_of(&messages[first - 1]) + 1;
+        first -= 1;
+    }
+    (&messages[first..], more || first > 0)
+}
+
+/// The rooms a connection is in; leaves them all when dropped, however the connection ends.
+struct Memberships {
+    node: Arc<Node>,
+    conn: ConnId,
+    rooms: Vec<RoomName>,
+}
+
+impl Memberships {
+    /// Leaves `room`, giving up the node's subscription with its last local member.
+    fn leave(&mut self, room: &RoomName) {
+        if let Some(at) = self.rooms.iter().position(|r| r == room) {
+            self.rooms.swap_remove(at);
+        }
+        if let Some(left) = self.node.hub.leave(room.as_str(), self.conn)
+            && left.first_or_last
+        {
+            self.node.transport.unsubscribe(room);
+        }
+    }
+
+    fn leave_all(&mut self) {
+        for room in std::mem::take(&mut self.rooms) {
+            self.leave(&room);
+        }
+    }
+}
+
+impl Drop for Memberships {
+    fn drop(&mut self) {
+        self.leave_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::message::Draft;
+
+    #[test]
+    fn a_page_is_cut_to_its_newest_messages_that_fit() {
+        let room = RoomName::new("dev").unwrap();
+        let messages: Vec<Arc<Message>> = (1..=10)
+            .map(|id| {
+                let draft = Draft::new(room.clone(), "ann".into(), 1, "x".into());
+                Arc::new(draft.accept(id, "e".into()))
+            })
+            .collect();
+        let one = messages[0].frame(Codec::Native).len();
+        let (all, more) = fit_page(&messages, false, 10_000);
+        assert_eq!((all.len(), more), (10, false));
+        let (cut, more) = fit_page(&messages, false, 256 + 3 * (one + 1) + 1);
+        assert_eq!((cut.len(), more), (3, true));
+        assert!(Arc::ptr_eq(cut.last().unwrap(), messages.last().unwrap()));
+        let (one, more) = fit_page(&messages, true, 10);
+        assert_eq!((one.len(), more), (1, true));
+        let (none, more) = fit_page(&[], false, 10);
+        assert_eq!((none.len(), more), (0, false));
+    }
+}

@@ -1,0 +1,191 @@
+//! The native protocol's requests: each client frame decoded into a [`Request`], handed to
+//! the [chat core](crate::chat), and its answer encoded as the protocol's reply; and the echo
+//! endpoint, which only sends messages back.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::Params;
+use crate::chat::{Chat, Joined, Protocol};
+use crate::hub::ConnId;
+use crate::node::Node;
+use crate::outbox::Outbox;
+use crate::protocol::message::Codec;
+use crate::protocol::native::{self, Reply, Request, Since};
+use crate::protocol::{ProtocolError, RoomName, ws};
+
+/// The native protocol, as the chat core sees it.
+pub(crate) struct Native;
+
+impl Protocol for Native {
+    const CODEC: Codec = Codec::Native;
+
+    fn joined(joined: &Joined<'_>) -> Bytes {
+        let history = joined.history;
+        Reply::Joined {
+            room: joined.room,
+            online: joined.online,
+            epoch: history.map(|s| s.epoch.as_str()),
+            last_id: history.map(|s| s.last_id),
+            history: history.map_or(0, |s| s.messages.len()),
+            recovered: joined.recovered(),
+        }
+        .frame()
+    }
+
+    fn already_joined(room: &RoomName, online: usize) -> Option<Bytes> {
+        Some(
+            Reply::Joined {
+                room,
+                online,
+                epoch: None,
+                last_id: None,
+                history: 0,
+                recovered: None,
+            }
+            .frame(),
+        )
+    }
+
+    fn error(err: &ProtocolError) -> Bytes {
+        native::error_frame(err)
+    }
+}
+
+/// A request being handled, owning the session until it hands it back.
+pub(super) type Handling = Pin<Box<dyn Future<Output = Session> + Send>>;
+
+/// The reader side of a connection: the user's chat state, or the echo endpoint.
+pub(super) struct Session {
+    chat: Chat<Native>,
+    name: Arc<str>,
+    first_room: RoomName,
+    /// Serving the echo endpoint.
+    pub(super) echo: bool,
+}
+
+impl Session {
+    pub(super) fn new(node: Arc<Node>, conn: ConnId, params: Params, outbox: Arc<Outbox>) -> Self {
+        let mut chat = Chat::new(node, conn, outbox);
+        let name: Arc<str> = params.name.into();
+        chat.sign_in(name.clone(), params.room.clone());
+        Self {
+            chat,
+            name,
+            first_room: params.room,
+            echo: params.echo,
+        }
+    }
+
+    /// Greets the client and joins its first room.
+    pub(super) async fn start(&mut self, since: Option<Since>) {
+        if self.echo {
+            return;
+        }
+        let welcome = Reply::Welcome {
+            conn: &self.chat.conn().to_string(),
+            name: &self.name,
+            node: &self.chat.node().id,
+            rooms: std::slice::from_ref(&self.first_room),
+        };
+        self.reply(welcome.frame());
+        let room = self.first_room.clone();
+        let joined = self.chat.join_first(room, since, true).await;
+        if let Err(e) = joined {
+            self.refuse(&e);
+        }
+    }
+
+    pub(super) fn reply(&self, frame: Bytes) {
+        self.chat.push(frame);
+    }
+
+    fn refuse(&self, err: &ProtocolError) {
+        self.chat.node().metrics.error(err.code);
+        self.reply(native::error_frame(err));
+    }
+
+    /// One complete message: echoed on the echo endpoint, else handled as a request, in a
+    /// future that owns the session (taken from `slot`) until it is done.
+    pub(super) fn message(
+        slot: &mut Option<Session>,
+        binary: bool,
+        payload: &[u8],
+    ) -> Option<Handling> {
+        let request = slot.as_mut()?.decode(binary, payload)?;
+        let mut session = slot.take()?;
+        Some(Box::pin(async move {
+            session.handle(request).await;
+            session
+        }))
+    }
+
+    /// Echoes, or decodes the request (refusing a bad one); returns the request to handle.
+    fn decode(&mut self, binary: bool, payload: &[u8]) -> Option<Request> {
+        if self.echo {
+            self.reply(if binary {
+                ws::binary(payload)
+            } else {
+                ws::text(payload)
+            });
+            return None;
+        }
+        if self.chat.outbox().is_closed() {
+            return None; // closing: the close handshake is all that is left
+        }
+        let max_chars = self.chat.live().limits.max_message_chars;
+        match native::decode(payload, max_chars) {
+            Ok(request) => Some(request),
+            Err(err) => {
+                self.refuse(&err);
+                None
+            }
+        }
+    }
+
+    async fn handle(&mut self, request: Request) {
+        let chat = &mut self.chat;
+        let answer = match request {
+            Request::Join { room, since } => chat.join(room, since, true).await.map(|_| None),
+            Request::History {
+                room,
+                before,
+                limit,
+            } => chat.history(&room, before, limit).await.map(|page| {
+                Some(native::history_frame(
+                    &room,
+                    &page.epoch,
+                    &page.messages,
+                    page.more,
+                ))
+            }),
+            Request::Send {
+                room,
+                message,
+                reference,
+            } => {
+                let reference = reference.as_deref();
+                let sent = chat.send(room, message, reference).await;
+                sent.map_err(|e| e.with_ref(reference)).map(|sent| {
+                    let ack = Reply::Ack {
+                        reference,
+                        room: &sent.room,
+                        id: sent.published.id,
+                        duplicate: sent.published.duplicate,
+                    };
+                    Some(ack.frame())
+                })
+            }
+            Request::Leave { room } => chat
+                .leave(&room)
+                .map(|()| Some(Reply::Left { room: &room }.frame())),
+        };
+        match answer {
+            Ok(Some(frame)) => self.reply(frame),
+            Ok(None) => {}
+            Err(e) => self.refuse(&e),
+        }
+    }
+}
