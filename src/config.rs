@@ -224,6 +224,12 @@ pub struct RoomsConfig {
     /// Seconds during which a `send` repeating an accepted `ref` is acked again and not
     /// delivered twice.
     pub dedupe_window_secs: u64,
+    /// Milliseconds over which presence changes are gathered into one `member_joined` and
+    /// one `member_left` frame per room.
+    pub presence_interval_ms: u64,
+    /// Seconds after which the members of a node that stopped (crashed, cut off from Redis)
+    /// are removed from every room's presence; nodes renew their presence every third of it.
+    pub presence_timeout_secs: u64,
 }
 
 impl Default for RoomsConfig {
@@ -233,6 +239,8 @@ impl Default for RoomsConfig {
             history_ttl_secs: 24 * 3600,
             history_on_join: 50,
             dedupe_window_secs: 300,
+            presence_interval_ms: 250,
+            presence_timeout_secs: 6,
         }
     }
 }
@@ -676,6 +684,16 @@ impl Config {
             h.history_ttl_secs > 0,
             "rooms.history_ttl_secs",
             "must be at least 1",
+        );
+        check(
+            (10..=10_000).contains(&h.presence_interval_ms),
+            "rooms.presence_interval_ms",
+            "must be 10 to 10000",
+        );
+        check(
+            (3..=3600).contains(&h.presence_timeout_secs),
+            "rooms.presence_timeout_secs",
+            "must be 3 to 3600",
         );
         // Redis takes expiry times in milliseconds as a signed 64-bit count from now.
         check(

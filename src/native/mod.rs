@@ -40,6 +40,8 @@ pub(crate) struct Params {
     pub(crate) name: String,
     /// Where the client left the first room, to receive what it missed.
     pub(crate) since: Option<Since>,
+    /// Send the first room's presence events.
+    pub(crate) presence: bool,
     /// The echo endpoint (`server.echo_path`): messages come back to the sender, nothing
     /// else happens; binary messages are allowed.
     pub(crate) echo: bool,

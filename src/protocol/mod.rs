@@ -7,6 +7,7 @@
 pub mod frame;
 pub mod message;
 pub mod native;
+pub mod presence;
 pub mod socketio;
 pub mod ws;
 

@@ -8,6 +8,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::message::Message;
+use super::presence::{MAX_CURSOR_LEN, MAX_PAGE};
 use super::{ErrorCode, MAX_REF_CHARS, ProtocolError, RoomName, ws};
 
 /// What a client asks for.
@@ -28,6 +29,17 @@ pub enum Request {
         room: RoomName,
         /// The last message the client saw there, to receive what it missed.
         since: Option<Since>,
+        /// Send the room's presence events (`member_joined`, `member_left`).
+        presence: bool,
+    },
+    /// A page of a room's members.
+    Presence {
+        /// The room.
+        room: RoomName,
+        /// Where the page starts: the previous page's `cursor`.
+        cursor: Option<String>,
+        /// At most this many.
+        limit: usize,
     },
     /// Older messages of a room, for scroll-back.
     History {
@@ -131,7 +143,34 @@ fn decode_typed(
             let since = optional_u64(obj, "since")?
                 .map(|id| Since::new(id, epoch))
                 .transpose()?;
-            Ok(Request::Join { room, since })
+            let presence = optional_bool(obj, "presence")?.unwrap_or(false);
+            Ok(Request::Join {
+                room,
+                since,
+                presence,
+            })
+        }
+        "presence" => {
+            let room = required_room(obj)?;
+            let cursor = optional_str(obj, "cursor")?;
+            if cursor.is_some_and(|c| c.len() > MAX_CURSOR_LEN) {
+                return Err(ProtocolError::new(
+                    ErrorCode::BadField,
+                    "`cursor` must be one a presence page returned",
+                ));
+            }
+            let limit = optional_u64(obj, "limit")?.unwrap_or(100);
+            if limit == 0 || limit > MAX_PAGE as u64 {
+                return Err(ProtocolError::new(
+                    ErrorCode::BadField,
+                    format!("`limit` must be 1 to {MAX_PAGE}"),
+                ));
+            }
+            Ok(Request::Presence {
+                room,
+                cursor: cursor.map(str::to_owned),
+                limit: limit as usize,
+            })
         }
         "history" => {
             let room = required_room(obj)?;
@@ -154,7 +193,7 @@ fn decode_typed(
         }),
         other => Err(ProtocolError::new(
             ErrorCode::UnknownType,
-            format!("unknown type {other:?}; expected send, join, leave or history"),
+            format!("unknown type {other:?}; expected send, join, leave, history or presence"),
         )),
     }
 }
@@ -187,6 +226,17 @@ fn optional_str<'a>(
         Some(_) => Err(ProtocolError::new(
             ErrorCode::BadField,
             format!("`{field}` must be a string"),
+        )),
+    }
+}
+
+fn optional_bool(obj: &Map<String, Value>, field: &str) -> Result<Option<bool>, ProtocolError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(_) => Err(ProtocolError::new(
+            ErrorCode::BadField,
+            format!("`{field}` must be true or false"),
         )),
     }
 }
@@ -405,7 +455,8 @@ mod tests {
             decode(br#"{"type":"join","room":"dev"}"#, 10).unwrap(),
             Request::Join {
                 room: room.clone(),
-                since: None
+                since: None,
+                presence: false
             }
         );
         assert_eq!(
@@ -419,7 +470,8 @@ mod tests {
                 since: Some(Since {
                     id: 7,
                     epoch: "ab1".into()
-                })
+                }),
+                presence: false
             }
         );
         assert_eq!(

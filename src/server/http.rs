@@ -241,13 +241,14 @@ fn websocket(
     response.map(|_| Full::new(Bytes::new()))
 }
 
-/// Reads `room`, `name`, `since` and `epoch` from the `/ws` query; unknown parameters are
-/// ignored.
+/// Reads `room`, `name`, `since`, `epoch` and `presence` from the `/ws` query; unknown
+/// parameters are ignored.
 fn params(query: &str) -> Result<Params, String> {
     let mut room = None;
     let mut name = None;
     let mut since = None;
     let mut epoch = None;
+    let mut presence = false;
     for (key, value) in form_urlencoded::parse(query.as_bytes()) {
         match &*key {
             "room" => {
@@ -266,6 +267,13 @@ fn params(query: &str) -> Result<Params, String> {
                 })?)
             }
             "epoch" => epoch = Some(value.into_owned()),
+            "presence" => {
+                presence = match &*value {
+                    "1" | "true" => true,
+                    "0" | "false" => false,
+                    _ => return Err("presence: 1 or true to get presence events\n".into()),
+                }
+            }
             _ => {}
         }
     }
@@ -280,6 +288,7 @@ fn params(query: &str) -> Result<Params, String> {
         }),
         name: name.unwrap_or_else(|| format!("guest-{:04x}", fastrand::u16(..))),
         since,
+        presence,
         echo: false,
     })
 }

@@ -12,11 +12,12 @@ use serde_json::{Value, json};
 
 use super::Query;
 use super::session::random_id;
-use crate::chat::{Chat, Joined, Protocol};
+use crate::chat::{Chat, Join, Joined, Protocol};
 use crate::hub::ConnId;
 use crate::node::Node;
 use crate::outbox::Outbox;
 use crate::protocol::message::Codec;
+use crate::protocol::presence;
 use crate::protocol::socketio::{self as codec, CodecError, PacketType};
 use crate::protocol::{
     DEFAULT_ROOM, ErrorCode, MAX_REF_CHARS, ProtocolError, RoomName, valid_user_name,
@@ -158,9 +159,18 @@ impl Client {
             Ok(room) => room,
             Err(e) => return self.push(codec::connect_error("/", &e.message)),
         };
+        let presence = auth
+            .and_then(|a| a.get("presence"))
+            .and_then(Value::as_bool);
         self.push(codec::connected(&id));
         self.chat.sign_in(name.into(), room.clone());
-        if let Err(e) = self.chat.join(room, None, false).await {
+        let join = Join {
+            room,
+            since: None,
+            history: false,
+            presence: presence.unwrap_or(false),
+        };
+        if let Err(e) = self.chat.join(join).await {
             self.push(error_event(&e));
         }
     }
@@ -171,8 +181,31 @@ impl Client {
             Some("event:message") => self.send(data).await,
             Some("join") => {
                 let room = room_field(data)?;
-                let online = self.chat.join(room.clone(), None, false).await?;
+                let join = Join {
+                    room: room.clone(),
+                    since: None,
+                    history: false,
+                    presence: data.get("presence").and_then(Value::as_bool) == Some(true),
+                };
+                let online = self.chat.join(join).await?;
                 Ok(json!({ "room": room, "online": online }))
+            }
+            Some("presence") => {
+                let room = room_field(data)?;
+                let cursor = match data.get("cursor") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::String(cursor)) => Some(cursor.as_str()),
+                    Some(_) => return Err(bad_field("`cursor` must be a string")),
+                };
+                let limit = match data.get("limit") {
+                    None | Some(Value::Null) => 100,
+                    Some(limit) => limit
+                        .as_u64()
+                        .and_then(|l| usize::try_from(l).ok())
+                        .ok_or_else(|| bad_field("`limit` must be a whole number"))?,
+                };
+                let page = self.chat.presence(&room, cursor, limit).await?;
+                Ok(presence::page_json(&room, &page))
             }
             Some("leave") => {
                 let room = room_field(data)?;
@@ -182,7 +215,7 @@ impl Client {
             other => Err(ProtocolError::new(
                 ErrorCode::UnknownType,
                 format!(
-                    "unknown event {:?}; expected event:message, join or leave",
+                    "unknown event {:?}; expected event:message, join, leave or presence",
                     other.unwrap_or_default()
                 ),
             )),
@@ -252,7 +285,11 @@ fn message_fields(data: &Value) -> Result<(&str, Option<RoomName>, Option<&str>)
     Ok((message, room, reference))
 }
 
-/// The `room` of a `join` or `leave`: `{room}` or the name as a string.
+fn bad_field(why: &str) -> ProtocolError {
+    ProtocolError::new(ErrorCode::BadField, why)
+}
+
+/// The `room` of a `join`, `leave` or `presence`: `{room}` or the name as a string.
 fn room_field(data: &Value) -> Result<RoomName, ProtocolError> {
     match data.get("room").unwrap_or(data) {
         Value::String(room) => RoomName::new(room),

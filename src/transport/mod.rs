@@ -25,6 +25,7 @@ use crate::metrics::Metrics;
 use crate::protocol::RoomName;
 use crate::protocol::message::{Draft, Message};
 use crate::protocol::native::Since;
+use crate::protocol::presence;
 
 /// A chat message on its way to a room, already encoded but for its id.
 #[derive(Debug, Clone)]
@@ -105,6 +106,9 @@ pub enum TransportError {
     /// The transport did not answer in time; the message may still be delivered.
     #[error("{0}; it may still be delivered")]
     Timeout(String),
+    /// The request cannot be served as asked (a presence cursor the transport never gave).
+    #[error("{0}")]
+    BadRequest(String),
 }
 
 /// The transport in use.
@@ -122,6 +126,7 @@ impl Transport {
     /// this must run inside the runtime.
     pub fn new(
         config: &Config,
+        node: &str,
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, TransportError> {
@@ -134,6 +139,7 @@ impl Transport {
             TransportKind::Redis => Transport::Redis(RedisTransport::spawn(
                 &config.redis,
                 &config.rooms,
+                node,
                 hub,
                 metrics,
             )?),
@@ -206,6 +212,49 @@ impl Transport {
         match self {
             Transport::Memory(_) => {}
             Transport::Redis(t) => t.unsubscribe(room),
+        }
+    }
+
+    /// `user`'s connections in `room` on this node went from none to some: the room's members
+    /// over every node are told (as events, to those that asked). Returns the users in the
+    /// room now, over every node.
+    pub async fn presence_joined(&self, room: &RoomName, user: &Arc<str>) -> usize {
+        match self {
+            Transport::Memory(t) => t.presence_changed(room, user),
+            Transport::Redis(t) => t.presence_changed(room, user).await,
+        }
+    }
+
+    /// `user`'s last connection in `room` on this node left: as [`Transport::presence_joined`],
+    /// without waiting.
+    pub fn presence_left(&self, room: &RoomName, user: &Arc<str>) {
+        match self {
+            Transport::Memory(t) => {
+                t.presence_changed(room, user);
+            }
+            Transport::Redis(t) => t.presence_left(room, user),
+        }
+    }
+
+    /// The users in `room` over every node, as last known.
+    pub fn online(&self, room: &RoomName) -> usize {
+        match self {
+            Transport::Memory(t) => t.online(room),
+            Transport::Redis(t) => t.online(room),
+        }
+    }
+
+    /// A page of `room`'s members over every node, from `cursor` (a page's `cursor`, or
+    /// `None` for the first), at most about `limit`.
+    pub async fn presence_page(
+        &self,
+        room: &RoomName,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<presence::Page, TransportError> {
+        match self {
+            Transport::Memory(t) => Ok(t.presence_page(room, cursor, limit)),
+            Transport::Redis(t) => t.presence_page(room, cursor, limit).await,
         }
     }
 

@@ -18,6 +18,7 @@
 
 mod connect;
 mod heal;
+mod presence;
 mod recent;
 mod scripts;
 mod subscriber;
@@ -34,6 +35,7 @@ use tokio::time::Instant;
 
 pub use subscriptions::Joining;
 
+use self::presence::PresenceSync;
 use self::recent::{LocalAnswer, RoomStream};
 use self::scripts::Scripts;
 use self::subscriptions::Interest;
@@ -79,6 +81,8 @@ pub struct RedisTransport {
     reconcile_needed: Notify,
     ready: AtomicBool,
     metrics: Arc<Metrics>,
+    /// This node's presence writer.
+    presence: PresenceSync,
 }
 
 impl std::fmt::Debug for RedisTransport {
@@ -111,6 +115,7 @@ impl RedisTransport {
     pub fn spawn(
         config: &RedisConfig,
         policy: &RoomsConfig,
+        node: &str,
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, TransportError> {
@@ -140,8 +145,10 @@ impl RedisTransport {
             reconcile_needed: Notify::new(),
             ready: AtomicBool::new(false),
             metrics,
+            presence: PresenceSync::new(node, Duration::from_secs(policy.presence_timeout_secs)),
         });
         tokio::spawn(transport.clone().run_subscriber());
+        tokio::spawn(transport.clone().run_presence());
         Ok(transport)
     }
 

@@ -174,6 +174,11 @@ impl Scripts {
             .collect()
     }
 
+    /// `{prefix}:`, before every key's name.
+    pub(super) fn key_prefix(&self) -> &str {
+        &self.key_prefix
+    }
+
     fn key(&self, kind: &str, room: &str) -> String {
         format!("{}{kind}:{room}", self.key_prefix)
     }
@@ -281,6 +286,30 @@ impl Scripts {
                 debug!("redis publisher connection replaced after a timeout");
             }
             Err(e) => warn!(error = %e, "could not replace the redis publisher connection"),
+        }
+    }
+
+    /// Runs another part's script on the publisher connection, as [`Scripts::invoke`].
+    pub(super) async fn run<T: redis::FromRedisValue>(
+        &self,
+        call: redis::ScriptInvocation<'_>,
+    ) -> Result<T, TransportError> {
+        self.invoke(call).await
+    }
+
+    /// Runs one command on the publisher connection within the publish timeout.
+    pub(super) async fn query<T: redis::FromRedisValue>(
+        &self,
+        cmd: &redis::Cmd,
+    ) -> Result<T, TransportError> {
+        let mut conn = self.publisher();
+        match tokio::time::timeout(self.publish_timeout, cmd.query_async::<T>(&mut conn)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(TransportError::Unavailable(format!("redis: {e}"))),
+            Err(_) => Err(TransportError::Timeout(format!(
+                "redis did not answer within {} ms",
+                self.publish_timeout.as_millis()
+            ))),
         }
     }
 

@@ -38,7 +38,10 @@ impl RedisTransport {
                 Ok(pubsub) => {
                     let (mut sink, mut stream) = pubsub.split();
                     let usable = match self.scripts.check_publisher().await {
-                        Ok(()) => self.reconcile(&mut sink).await,
+                        Ok(()) => match sink.subscribe(self.presence_channel()).await {
+                            Ok(()) => self.reconcile(&mut sink).await,
+                            Err(e) => Err(e),
+                        },
                         Err(e) => Err(e),
                     };
                     match usable {
@@ -90,6 +93,9 @@ impl RedisTransport {
         loop {
             tokio::select! {
                 msg = stream.next() => match msg {
+                    Some(msg) if msg.get_channel_name() == self.presence_channel() => {
+                        self.heard(msg.get_payload_bytes());
+                    }
                     Some(msg) => {
                         self.receive_one(msg.get_channel_name(), msg.get_payload_bytes()).await
                     }
@@ -196,7 +202,7 @@ impl RedisTransport {
                 let expired = interest.release_at.is_some_and(|at| at <= now)
                     && interest.joins_pending == 0
                     && now.duration_since(interest.since) >= self.linger
-                    && self.hub.online(room.as_str()) == 0;
+                    && self.hub.members(room.as_str()) == 0;
                 if expired && subscribed.contains(room) {
                     remove.push(room.clone());
                 }
