@@ -317,6 +317,9 @@ pub struct RedisConfig {
     /// Keep each subscribed room's newest `rooms.history_on_join` messages in memory and
     /// answer joins and short reconnects from them, without a Redis round trip.
     pub local_history: bool,
+    /// Share presence through Redis: counts, member lists and events over every node. Off,
+    /// each node reports its own members only and joins write nothing for presence.
+    pub presence: bool,
 }
 
 impl Default for RedisConfig {
@@ -334,6 +337,7 @@ impl Default for RedisConfig {
             unsubscribe_linger_secs: 5,
             heartbeat_secs: 5,
             local_history: true,
+            presence: true,
         }
     }
 }

@@ -263,3 +263,25 @@ async fn nodes_agree_on_members_and_a_killed_node_leaves_no_ghost() {
     assert_eq!(u20["connections"], 1, "{u20}");
     drop(pa);
 }
+
+#[tokio::test]
+async fn with_redis_presence_off_each_node_reports_its_own_members() {
+    let redis = Redis::start(None).await;
+    let off = [("SCALECHAT_REDIS__PRESENCE", "false")];
+    let a = Node::spawn_with("qa", redis.port, None, &off);
+    let b = Node::spawn_with("qb", redis.port, None, &off);
+    ready(&a).await;
+    ready(&b).await;
+    let mut ann = a.client("name=ann&room=dev&presence=1").await;
+    let _bob = b.client("name=bob&room=dev").await;
+    let mut cat = Client::connect(&format!("ws://{}/ws?name=cat&room=dev", a.addr)).await;
+    cat.expect("welcome").await;
+    assert_eq!(
+        cat.expect("joined").await["online"],
+        2,
+        "ann and cat, not bob"
+    );
+    until_event(&mut ann, "member_joined", "cat").await;
+    let (names, _) = list(&mut ann, "dev", 100).await;
+    assert_eq!(names, set(&["ann", "cat"]));
+}

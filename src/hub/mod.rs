@@ -273,7 +273,7 @@ impl Hub {
     fn deliver_presence(&self, room: &RoomName, frame: impl Fn(Codec) -> Bytes) {
         let rooms = self.read();
         let mut frames: [Option<Bytes>; 2] = [None, None];
-        let mut slow = 0;
+        let (mut queued, mut slow) = (0, 0);
         let members = rooms.get(room).map(|r| &r.members);
         for member in members.into_iter().flat_map(HashMap::values) {
             if !member.presence {
@@ -281,6 +281,7 @@ impl Hub {
             }
             let slot = &mut frames[usize::from(member.codec == Codec::SocketIo)];
             let frame = slot.get_or_insert_with(|| frame(member.codec)).clone();
+            queued += 1;
             match &member.sink {
                 Sink::Live(outbox) => {
                     if outbox.push(frame) == Err(Refused::Full) {
@@ -292,6 +293,7 @@ impl Hub {
                 }
             }
         }
+        self.metrics.presence_events_total.add(queued);
         if slow > 0 {
             self.metrics.slow_consumer_disconnects_total.add(slow);
         }

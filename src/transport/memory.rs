@@ -11,11 +11,12 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::config::RoomsConfig;
-use crate::hub::{Change, Hub};
+use crate::hub::Hub;
 use crate::protocol::RoomName;
 use crate::protocol::message::Message;
 use crate::protocol::native::Since;
-use crate::protocol::presence::{self, Member};
+use crate::protocol::presence;
+use crate::transport::local_presence;
 use crate::transport::{Envelope, Page, Published, Snapshot, new_epoch};
 
 /// In-process transport.
@@ -216,16 +217,7 @@ impl MemoryTransport {
     /// Tells `room`'s members that `user`'s presence changed (this node is every node);
     /// returns the users in the room.
     pub fn presence_changed(&self, room: &RoomName, user: &Arc<str>) -> usize {
-        let online = self.hub.user_count(room.as_str());
-        let change = match self.hub.local_user(room.as_str(), user) {
-            Some(local) => Change::Joined {
-                user: user.clone(),
-                since: local.since,
-            },
-            None => Change::Left { user: user.clone() },
-        };
-        self.hub.record_presence(room, change, online);
-        online
+        local_presence::changed(&self.hub, room, user)
     }
 
     /// The users in `room`.
@@ -240,26 +232,7 @@ impl MemoryTransport {
         cursor: Option<&str>,
         limit: usize,
     ) -> presence::Page {
-        let mut users = self.hub.local_users(room.as_str());
-        let online = users.len();
-        users.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        let start = cursor.map_or(0, |after| users.partition_point(|(u, _)| &**u <= after));
-        let rest = &users[start..];
-        let page = &rest[..rest.len().min(limit)];
-        presence::Page {
-            online,
-            members: page
-                .iter()
-                .map(|(user, local)| Member {
-                    user: user.clone(),
-                    connections: local.connections as u64,
-                    since: local.since,
-                })
-                .collect(),
-            cursor: (rest.len() > page.len())
-                .then(|| page.last().map(|(u, _)| u.to_string()))
-                .flatten(),
-        }
+        local_presence::page(&self.hub, room, cursor, limit)
     }
 
     /// Up to `limit` messages of `room` older than `before` (the newest when `None`).

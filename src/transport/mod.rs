@@ -10,6 +10,7 @@
 //!
 //! `memory` serves one node in-process; `redis` shares rooms among any number of nodes.
 
+mod local_presence;
 mod memory;
 mod redis;
 

@@ -145,7 +145,11 @@ impl RedisTransport {
             reconcile_needed: Notify::new(),
             ready: AtomicBool::new(false),
             metrics,
-            presence: PresenceSync::new(node, Duration::from_secs(policy.presence_timeout_secs)),
+            presence: PresenceSync::new(
+                config.presence,
+                node,
+                Duration::from_secs(policy.presence_timeout_secs),
+            ),
         });
         tokio::spawn(transport.clone().run_subscriber());
         tokio::spawn(transport.clone().run_presence());

@@ -27,7 +27,7 @@ use super::connect::Backoff;
 use crate::hub::{Change as HubChange, now_ms};
 use crate::protocol::RoomName;
 use crate::protocol::presence::{Change, MAX_CURSOR_LEN, Member, Page};
-use crate::transport::TransportError;
+use crate::transport::{TransportError, local_presence};
 
 /// Sets this node's connections of users in a room; publishes the changes of who is in it.
 /// KEYS: pres, pres-since, pres-node. ARGV: channel, room, then (user, count, since) triples.
@@ -94,6 +94,8 @@ struct Dirty {
 
 /// This node's presence writer and what it knows of each room's count.
 pub(super) struct PresenceSync {
+    /// `redis.presence`: counts, lists and events over every node; else this node's only.
+    shared: bool,
     /// This node's name in the presence keys.
     node: String,
     timeout: Duration,
@@ -110,8 +112,9 @@ pub(super) struct PresenceSync {
 }
 
 impl PresenceSync {
-    pub(super) fn new(node: &str, timeout: Duration) -> Self {
+    pub(super) fn new(shared: bool, node: &str, timeout: Duration) -> Self {
         Self {
+            shared,
             node: node.to_owned(),
             timeout,
             sync_script: Script::new(SYNC_LUA),
@@ -155,6 +158,9 @@ impl RedisTransport {
 
     /// See [`Transport::presence_joined`](crate::transport::Transport::presence_joined).
     pub async fn presence_changed(&self, room: &RoomName, user: &Arc<str>) -> usize {
+        if !self.presence.shared {
+            return local_presence::changed(&self.hub, room, user);
+        }
         let marked = self.presence.mark(room, user);
         let mut written = self.presence.written.subscribe();
         let done = tokio::time::timeout(JOIN_WAIT, written.wait_for(|w| *w >= marked)).await;
@@ -166,13 +172,20 @@ impl RedisTransport {
 
     /// See [`Transport::presence_left`](crate::transport::Transport::presence_left).
     pub fn presence_left(&self, room: &RoomName, user: &Arc<str>) {
-        self.presence.mark(room, user);
+        if self.presence.shared {
+            self.presence.mark(room, user);
+        } else {
+            local_presence::changed(&self.hub, room, user);
+        }
     }
 
     /// See [`Transport::online`](crate::transport::Transport::online): the last count heard,
     /// at least this node's own users.
     pub fn online(&self, room: &RoomName) -> usize {
         let local = self.hub.user_count(room.as_str());
+        if !self.presence.shared {
+            return local;
+        }
         let heard = self.presence.online().get(room).copied().unwrap_or(0);
         heard.max(local)
     }
@@ -184,6 +197,9 @@ impl RedisTransport {
         cursor: Option<&str>,
         limit: usize,
     ) -> Result<Page, TransportError> {
+        if !self.presence.shared {
+            return Ok(local_presence::page(&self.hub, room, cursor, limit));
+        }
         let start = match cursor {
             None => 0,
             Some(c) if c.len() <= MAX_CURSOR_LEN => c.parse::<u64>().map_err(|_| bad_cursor())?,
@@ -226,6 +242,9 @@ impl RedisTransport {
     /// The presence task: writes marked pairs, renews the node's deadline, removes stopped
     /// nodes' members. Runs for the transport's life.
     pub(super) async fn run_presence(self: Arc<Self>) {
+        if !self.presence.shared {
+            return;
+        }
         let mut renew = tokio::time::interval(self.presence.timeout / 3);
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut backoff = Backoff::default();
@@ -234,11 +253,13 @@ impl RedisTransport {
                 _ = self.presence.wake.notified() => {}
                 _ = renew.tick() => {
                     if let Err(e) = self.renew_presence().await {
+                        self.metrics.presence_errors_total.inc();
                         debug!(error = %e, "presence not renewed");
                     }
                 }
             }
             if let Err(e) = self.write_presence().await {
+                self.metrics.presence_errors_total.inc();
                 debug!(error = %e, "presence not written; retrying");
                 tokio::time::sleep(backoff.next()).await;
                 self.presence.wake.notify_one();
@@ -316,6 +337,7 @@ impl RedisTransport {
                     .arg(local.map_or(now, |l| l.since));
             }
             online = self.scripts.run(call).await?;
+            self.metrics.presence_writes_total.inc();
         }
         let rooms_key = self.presence_key("presence-rooms", &self.presence.node);
         let mut listed = redis::cmd(if self.hub.user_count(name) > 0 {
@@ -376,6 +398,7 @@ impl RedisTransport {
         for node in stopped.iter().filter(|n| **n != self.presence.node) {
             warn!(node = %node, "a node stopped renewing its presence: removing its members");
             self.reap_node(node).await?;
+            self.metrics.presence_nodes_removed_total.inc();
             let mut forget = redis::cmd("ZREM");
             forget.arg(&nodes).arg(node);
             self.scripts.query::<()>(&forget).await?;
