@@ -11,6 +11,11 @@ const MAX_ITEMS_PER_ROOM = 500; // older messages are dropped from memory and th
 const MAX_OUTBOX = 100; // unsent messages held while offline: no unbounded queues
 const HISTORY_PAGE = 50; // older messages asked for per "load older messages"
 const HISTORY_TIMEOUT_MS = 10_000; // a page request without an answer may be asked again
+const MEMBERS_PAGE = 200; // members asked for per `presence` request (the server's maximum)
+const MAX_MEMBERS = 1000; // names listed per room; beyond them the panel says "and N more"
+const PRESENCE_TIMEOUT_MS = 10_000; // a member page without an answer: the list is asked again
+const RECHECK_START_MS = 2000; // a list that disagrees with the count is asked again after this,
+const RECHECK_CAP_MS = 60_000; // doubling each time up to this
 
 const NOT_UNDERSTOOD = 'The server did not understand the request.';
 const ERROR_TEXT = {
@@ -31,6 +36,9 @@ const ui = {
   rooms: $('#rooms'), joinForm: $('#join-form'), joinInput: $('#join-input'),
   roomTitle: $('#room-title'), messages: $('#messages'), newMessages: $('#new-messages'),
   loadOlder: $('#load-older'),
+  membersToggle: $('#members-toggle'), membersToggleCount: $('#members-toggle-count'),
+  membersPanel: $('#members-panel'), membersClose: $('#members-close'), memberCount: $('#member-count'),
+  membersNote: $('#members-note'), members: $('#members'), membersMore: $('#members-more'),
   sendForm: $('#send-form'), input: $('#message-input'), error: $('#error'),
 };
 
@@ -49,6 +57,12 @@ const store = {
 // server, or a pending one of ours that also has { ref, room, pending: true, acked, tries,
 // retry }, or a marker line { marker: 'divider' | 'gap', text }. Pending items always sit after
 // confirmed ones.
+// Presence: `joined` is whether the room is joined on the current connection; `members` maps
+// each listed user to when they came (null: never fetched), `fresh` is whether that list was
+// fetched on this connection and kept up to date by events since, `truncated` whether more
+// users are in the room than MAX_MEMBERS lets us list; `fetch` is a member list being paged in
+// ({ members, events, dropped, timer }: the events that arrive meanwhile are replayed on it);
+// `recheck` is a timer to fetch again a list that disagrees with `online`, `recheckMs` its delay.
 const state = {
   name: null, // our display name
   rooms: new Map(), // joined (or to-be-joined) rooms, in display order
@@ -59,10 +73,13 @@ const state = {
   joinQueue: [],
   stuck: true, // the message list is scrolled to the newest message
   conn: 'reconnecting', // connected | reconnecting | offline
+  membersOpen: false, // the member panel is shown (beside the messages, or as a drawer)
 };
 const newRoom = () => ({
   online: null, unread: 0, items: [],
   epoch: null, lastId: null, seen: new Set(), more: null, loading: false, loadTimer: 0, history: null,
+  joined: false, members: null, fresh: false, truncated: false, fetch: null, recheck: 0,
+  recheckMs: RECHECK_START_MS,
 });
 const seenKey = (epoch, id) => `${epoch}:${id}`;
 
@@ -133,7 +150,7 @@ class Connection {
 const conn = new Connection({
   query: () => {
     const room = state.current ?? firstRoom() ?? 'general';
-    return { room, name: state.name, ...resumeOf(room) };
+    return { room, name: state.name, presence: '1', ...resumeOf(room) };
   },
   onFrame: (frame) => handlers[frame.type]?.(frame),
   onChange: onConnectionChange,
@@ -160,6 +177,11 @@ const handlers = {
       switchRoom(f.room); // the user asked for this join
     }
     room.online = f.online;
+    if (!room.joined) {
+      // Joined on this connection: what we knew of its members may be stale; fetch them again.
+      Object.assign(room, { joined: true, fresh: false });
+      if (f.room === state.current) fetchMembers(f.room);
+    }
     // No epoch: already in the room (nothing follows), or the history could not be read.
     if (f.epoch && f.epoch !== room.epoch) {
       // A new room, or its history was reset: ids start again, older pages are unknown.
@@ -174,7 +196,7 @@ const handlers = {
     room.history = count > 0 ? { left: count, earlier: f.recovered === undefined } : null;
     if (count === 0 && f.epoch && Number.isInteger(f.last_id)) room.lastId = Math.max(room.lastId ?? 0, f.last_id);
     renderRooms();
-    if (f.room === state.current) renderOlder();
+    if (f.room === state.current) { renderOlder(); renderMembers(); }
   },
   message(f) {
     const room = state.rooms.get(f.room);
@@ -236,6 +258,27 @@ const handlers = {
     }
     if (f.room === state.current) renderOlder();
   },
+  presence(f) {
+    const room = state.rooms.get(f.room);
+    const fetch = room?.fetch;
+    if (!fetch) return; // a room left meanwhile
+    clearTimeout(fetch.timer);
+    if (Number.isInteger(f.online)) room.online = f.online;
+    for (const m of Array.isArray(f.members) ? f.members : []) {
+      if (typeof m?.user !== 'string') continue;
+      // A member who came while we paged may be on two pages: the map keeps one.
+      if (fetch.members.size < MAX_MEMBERS || fetch.members.has(m.user)) fetch.members.set(m.user, m.since);
+      else fetch.dropped = true;
+    }
+    const cursor = typeof f.cursor === 'string' ? f.cursor : null;
+    if (cursor && fetch.members.size < MAX_MEMBERS) return requestMembers(f.room, cursor);
+    Object.assign(room, { fetch: null, members: fetch.members, fresh: true, truncated: Boolean(cursor) || fetch.dropped });
+    // Changes announced while we paged may be missing from the pages read before them.
+    for (const event of fetch.events) applyMembers(room, event);
+    membersChanged(f.room);
+  },
+  member_joined(f) { memberEvent(f); },
+  member_left(f) { memberEvent(f); },
   error(f) {
     const item = f.ref && state.outbox.find((x) => x.ref === f.ref);
     if (item) return refused(item, f);
@@ -278,9 +321,13 @@ function onConnectionChange() {
       room.history = null;
       room.loading = false;
       clearTimeout(room.loadTimer);
+      // Events are missed while away: the member list is fetched again once rejoined.
+      stopMembers(room);
+      Object.assign(room, { joined: false, fresh: false });
     }
   }
   renderOlder(); // only asked for while connected
+  renderMembers();
   renderStatus();
 }
 
@@ -305,7 +352,7 @@ function dropFromOutbox(item) {
 
 function requestJoin(room) {
   state.joinQueue.push({ room, wanted: true });
-  conn.send({ type: 'join', room, ...resumeOf(room) });
+  conn.send({ type: 'join', room, presence: true, ...resumeOf(room) });
 }
 
 /** The oldest message shown in `room` of its current epoch, or null. */
@@ -343,7 +390,10 @@ function addRoom(name) {
 }
 
 function leaveRoom(name) {
-  if (!state.rooms.delete(name)) return;
+  const room = state.rooms.get(name);
+  if (!room) return;
+  state.rooms.delete(name);
+  stopMembers(room);
   for (const request of state.joinQueue) if (request.room === name) request.wanted = false;
   conn.send({ type: 'leave', room: name }); // skipped while offline: a reconnect won't rejoin it
   state.outbox.filter((x) => x.room === name).forEach(dropFromOutbox);
@@ -356,8 +406,10 @@ function switchRoom(name) {
   state.current = name;
   const room = state.rooms.get(name);
   if (room) room.unread = 0;
+  if (room && !room.fresh) fetchMembers(name);
   renderRooms();
   renderMessages();
+  renderMembers();
 }
 
 const firstRoom = () => state.rooms.keys().next().value;
@@ -465,6 +517,149 @@ function scrollToEnd() {
   ui.newMessages.hidden = true;
 }
 
+// ---- Members ----
+
+/** Asks for `name`'s member list from its first page, unless it is being fetched already. */
+function fetchMembers(name) {
+  const room = state.rooms.get(name);
+  if (!room?.joined || room.fetch || !conn.ready) return;
+  room.fetch = { members: new Map(), events: [], dropped: false, timer: 0 };
+  requestMembers(name, null);
+  if (name === state.current) renderMembers();
+}
+
+function requestMembers(name, cursor) {
+  const room = state.rooms.get(name);
+  conn.send({ type: 'presence', room: name, limit: MEMBERS_PAGE, ...(cursor ? { cursor } : {}) });
+  // An `error` to a `presence` request carries no ref, so a refused page shows as no answer.
+  room.fetch.timer = setTimeout(() => {
+    room.fetch = null;
+    scheduleRecheck(name, room);
+    if (name === state.current) renderMembers();
+  }, PRESENCE_TIMEOUT_MS);
+}
+
+function memberEvent(f) {
+  const room = state.rooms.get(f.room);
+  if (!room) return;
+  if (Number.isInteger(f.online)) room.online = f.online;
+  const event = { left: f.type === 'member_left',
+    members: (Array.isArray(f.members) ? f.members : []).filter((m) => typeof m?.user === 'string') };
+  applyMembers(room, event);
+  room.fetch?.events.push(event); // replayed on the list being paged in
+  membersChanged(f.room);
+}
+
+// Idempotent: an arrival of a listed user or a departure of an unlisted one changes nothing.
+function applyMembers(room, { left, members }) {
+  const list = room.members;
+  if (!list) return; // never fetched: only the count is known
+  for (const { user, since } of members) {
+    if (left) list.delete(user);
+    else if (list.has(user)) continue;
+    else if (list.size < MAX_MEMBERS) list.set(user, since);
+    else room.truncated = true;
+  }
+}
+
+function membersChanged(name) {
+  const room = state.rooms.get(name);
+  if (membersAgree(room)) {
+    clearTimeout(room.recheck);
+    Object.assign(room, { recheck: 0, recheckMs: RECHECK_START_MS });
+  } else if (room.fresh && !room.fetch) {
+    scheduleRecheck(name, room);
+  }
+  renderRooms();
+  if (name === state.current) renderMembers();
+}
+
+/** Whether the list matches the count (it is allowed to be short when truncated). */
+const membersAgree = (room) => room.members !== null && room.online !== null
+  && (room.truncated ? room.members.size <= room.online : room.members.size === room.online);
+
+// The list and the count can disagree for a moment (a `member_joined` and a `member_left`
+// gathered in the same interval come as two frames) or for good (a user who came and went
+// within one interval is never announced, but may be on a page): look again a little later and
+// fetch the list again if they still disagree, backing off while they keep disagreeing.
+function scheduleRecheck(name, room) {
+  if (room.recheck) return;
+  room.recheck = setTimeout(() => {
+    room.recheck = 0;
+    if (state.rooms.get(name) !== room || (room.fresh && membersAgree(room))) return;
+    room.recheckMs = Math.min(RECHECK_CAP_MS, room.recheckMs * 2);
+    room.fresh = false;
+    if (name === state.current) fetchMembers(name); // else when it is switched to
+  }, room.recheckMs);
+}
+
+function stopMembers(room) {
+  clearTimeout(room.fetch?.timer);
+  clearTimeout(room.recheck);
+  Object.assign(room, { fetch: null, recheck: 0, recheckMs: RECHECK_START_MS });
+}
+
+const collator = new Intl.Collator(undefined, { sensitivity: 'base', numeric: true });
+
+/** The current room's members and count, updated in place, keyed by user. */
+function renderMembers() {
+  const room = state.rooms.get(state.current);
+  const count = room?.online ?? null;
+  ui.memberCount.textContent = count === null ? '' : `${count} online`;
+  ui.membersToggleCount.textContent = count === null ? '' : String(count);
+  ui.membersToggle.title = count === null ? 'Members' : `Members: ${count} online`;
+  const list = room?.members ?? null;
+  const note = !room ? 'Join a room to see who is in it.'
+    : !conn.ready ? (list ? 'May be out of date until reconnected.' : 'Shown once connected.')
+      : !list ? 'Loading members…' : '';
+  ui.membersNote.textContent = note;
+  ui.membersNote.hidden = !note;
+  ui.membersPanel.setAttribute('aria-busy', String(Boolean(room?.fetch)));
+
+  // Our own user first, then everyone by name.
+  const users = [...(list?.keys() ?? [])].sort((a, b) =>
+    (b === state.name) - (a === state.name) || collator.compare(a, b) || (a < b ? -1 : a > b ? 1 : 0));
+  const existing = new Map([...ui.members.children].map((li) => [li.dataset.user, li]));
+  users.forEach((user, index) => {
+    const li = existing.get(user) ?? memberEl(user, list.get(user));
+    existing.delete(user);
+    if (ui.members.children[index] !== li) ui.members.insertBefore(li, ui.members.children[index] ?? null);
+  });
+  for (const li of existing.values()) li.remove();
+
+  const more = list && room.truncated ? Math.max(0, room.online - list.size) : 0;
+  ui.membersMore.hidden = more === 0;
+  ui.membersMore.textContent = more ? `and ${more} more` : '';
+}
+
+function memberEl(user, since) {
+  const li = el('li', 'member');
+  li.dataset.user = user;
+  li.append(el('span', 'member-name', user));
+  if (user === state.name) {
+    li.classList.add('own');
+    li.append(el('span', 'member-you', '(you)'));
+  }
+  if (Number.isFinite(since)) {
+    const date = new Date(since);
+    li.title = `Here since ${pad(date.getHours())}:${pad(date.getMinutes())}`;
+  }
+  return li;
+}
+
+// Beside the messages on wide screens (shown unless closed), a drawer over them on narrow ones
+// (closed unless opened): the same panel, the same button.
+const narrow = matchMedia('(max-width: 900px)');
+
+function setMembersOpen(open) {
+  const wasFocused = ui.membersPanel.contains(document.activeElement);
+  state.membersOpen = open;
+  ui.membersPanel.hidden = !open;
+  ui.membersToggle.setAttribute('aria-expanded', String(open));
+  if (open && narrow.matches) ui.membersClose.focus(); // into the drawer, which covers the rest
+  else if (!open && wasFocused) ui.membersToggle.focus();
+}
+
 // ---- Rooms, status, errors ----
 
 // Updates the list in place, keyed by room, so a focused room keeps focus as counts change.
@@ -478,7 +673,7 @@ function renderRooms() {
     const online = li.querySelector('.online');
     online.hidden = room.online === null; // unknown until the server's `joined`
     online.textContent = online.hidden ? '' : String(room.online);
-    online.title = online.hidden ? '' : `${room.online} online when you joined`;
+    online.title = online.hidden ? '' : `${room.online} online`;
     const unread = li.querySelector('.unread');
     unread.textContent = String(room.unread);
     unread.hidden = room.unread === 0;
@@ -605,6 +800,18 @@ function bindEvents() {
   new ResizeObserver(() => { if (state.stuck) scrollToEnd(); }).observe(ui.messages);
   ui.newMessages.addEventListener('click', () => { scrollToEnd(); ui.input.focus(); });
 
+  ui.membersToggle.addEventListener('click', () => setMembersOpen(!state.membersOpen));
+  ui.membersClose.addEventListener('click', () => setMembersOpen(false));
+  narrow.addEventListener('change', () => setMembersOpen(!narrow.matches));
+  // The drawer closes like other overlays: Escape, or a click or tap outside it.
+  document.addEventListener('keydown', (event) => {
+    if (event.key === 'Escape' && narrow.matches && state.membersOpen) setMembersOpen(false);
+  });
+  document.addEventListener('click', (event) => {
+    if (!narrow.matches || !state.membersOpen || !event.target.isConnected) return;
+    if (!ui.membersPanel.contains(event.target) && !ui.membersToggle.contains(event.target)) setMembersOpen(false);
+  });
+
   window.addEventListener('online', () => { renderStatus(); conn.kick(); });
   window.addEventListener('offline', renderStatus);
 }
@@ -621,6 +828,8 @@ function start(name) {
   ui.me.textContent = `You are ${name}`;
   renderRooms();
   renderMessages();
+  renderMembers();
+  setMembersOpen(!narrow.matches);
   conn.start();
   ui.input.focus();
 }

@@ -1,7 +1,8 @@
 // The built-in chat page in headless Chromium, against two real scalechat nodes that share
 // rooms through a real redis-server: messages across nodes and rooms, escaping of what users
 // type, reconnecting through a node restart, room history on join, resuming after a dropped
-// connection, resending unacknowledged messages, loading older messages, and screenshots.
+// connection, resending unacknowledged messages, loading older messages, who is in a room (the
+// member panel, live over every node, paged, on a phone), and screenshots.
 // Run by tests/browser/run.sh.
 
 import assert from 'node:assert/strict';
@@ -16,6 +17,7 @@ import {
   joinRoom,
   launchBrowser,
   markers,
+  memberNames,
   messages,
   openChat,
   relay,
@@ -29,7 +31,9 @@ import {
   switchRoom,
   waitFor,
   waitForCurrentRoom,
+  waitForMembers,
   waitForMessage,
+  waitForOnline,
   waitForStatus,
   waitForUnread,
   within,
@@ -601,4 +605,198 @@ test('screenshots of a conversation, on a desktop and a phone', { timeout: 30_00
 
   assert.deepEqual(pngSize(await readFile(desktop)), { width: 1280, height: 800 });
   assert.deepEqual(pngSize(await readFile(phone)), { width: 390, height: 844 });
+}));
+
+/** Clicks the leave button of `room` in the room list and waits until it is gone. */
+async function leave(page, room) {
+  await roomItem(page, room).locator('button.leave').click();
+  await roomItem(page, room).waitFor({ state: 'detached' });
+}
+
+test('the member panel shows who is in the room and how many, live over every node', { timeout: 45_000 }, scenario('members', async (open) => {
+  const alice = await open(nodes.a, 'alice');
+  const bob = await open(nodes.b, 'bob');
+  await joinRoom(alice, 'crew');
+  await joinRoom(bob, 'crew');
+
+  // On a desktop the panel is beside the messages, open, its button saying so.
+  const toggle = alice.locator('#members-toggle');
+  assert.equal(await toggle.getAttribute('aria-expanded'), 'true');
+  assert.equal(await toggle.getAttribute('aria-controls'), 'members-panel');
+  assert.ok(await alice.locator('#members-panel').isVisible(), 'alice: the member panel is shown');
+  assert.equal(await alice.locator('#members').evaluate((el) => el.tagName), 'UL', 'the members are a list');
+
+  // Each sees both, their own user first and marked.
+  await waitForMembers(alice, ['alice', 'bob']);
+  await waitForMembers(bob, ['bob', 'alice']);
+  assert.equal(await alice.locator('#members li.own .member-you').textContent(), '(you)');
+  assert.equal(await alice.locator('#members li.own .member-name').textContent(), 'alice');
+  assert.equal((await toggle.textContent()).replace(/\s+/g, ' ').trim(), 'Members 2');
+  for (const page of [alice, bob]) await waitForOnline(page, 'crew', 2);
+
+  // A third, on a third node, with a name that is markup: shown as text to both.
+  const carolName = 'carol <i>x</i>';
+  const carol = await open(nodes.c, carolName);
+  await joinRoom(carol, 'crew');
+  await waitForMembers(alice, ['alice', 'bob', carolName]);
+  await waitForMembers(bob, ['bob', 'alice', carolName]);
+  await waitForMembers(carol, [carolName, 'alice', 'bob']);
+  for (const page of [alice, bob, carol]) await waitForOnline(page, 'crew', 3);
+  for (const page of [alice, bob]) {
+    assert.equal(await page.locator('#members i').count(), 0, `${page.label}: no markup in #members`);
+  }
+  await mkdir(ARTIFACTS, { recursive: true });
+  await alice.screenshot({ path: join(ARTIFACTS, 'chat-members.png') });
+
+  // Leaving the room takes her off the list, while she stays in general with the others.
+  await leave(carol, 'crew');
+  await waitForMembers(alice, ['alice', 'bob']);
+  await waitForMembers(bob, ['bob', 'alice']);
+  for (const page of [alice, bob]) await waitForOnline(page, 'crew', 2);
+
+  // Closing the page is leaving too. A room being looked at away from keeps its count live.
+  await switchRoom(alice, 'general');
+  await within('bob to close', bob.context().close());
+  await waitForOnline(alice, 'crew', 1);
+  await switchRoom(alice, 'crew');
+  await waitForMembers(alice, ['alice']);
+
+  // The panel closes and opens again with its button.
+  await toggle.click();
+  assert.equal(await toggle.getAttribute('aria-expanded'), 'false');
+  await alice.locator('#members-panel').waitFor({ state: 'hidden' });
+  await toggle.click();
+  assert.equal(await toggle.getAttribute('aria-expanded'), 'true');
+  await waitForMembers(alice, ['alice']);
+}));
+
+test('after a dropped connection the page asks for presence again and lists who is there now', { timeout: 45_000 }, scenario('members-reconnect', async (open) => {
+  const net = relay();
+  const alice = await open(nodes.a, 'alice', { setup: net.install });
+  const bob = await open(nodes.b, 'bob');
+  await joinRoom(alice, 'again');
+  await joinRoom(bob, 'again');
+  await waitForMembers(alice, ['alice', 'bob']);
+
+  net.blocked = true;
+  await net.cut();
+  await waitForStatus(alice, 'reconnecting');
+  await leave(bob, 'again');
+  const dave = await open(nodes.c, 'dave');
+  await joinRoom(dave, 'again');
+  await waitForMembers(dave, ['dave']); // alice's connection closed with the cut
+  const note = alice.locator('#members-note');
+  await note.waitFor({ state: 'visible' });
+  assert.match(await note.textContent(), /out of date/);
+
+  const sentBefore = net.sent.length;
+  net.blocked = false;
+  await waitForStatus(alice, 'connected', 20_000);
+  await waitForMembers(alice, ['alice', 'dave']);
+  await waitForMembers(dave, ['dave', 'alice']);
+  await waitForOnline(alice, 'again', 2);
+  await note.waitFor({ state: 'hidden' });
+
+  // The first room came back with presence in the query, the other in its `join`, and the
+  // list was asked for again.
+  const url = net.urls.at(-1);
+  assert.equal(url.searchParams.get('room'), 'again');
+  assert.equal(url.searchParams.get('presence'), '1');
+  const frames = net.sent.slice(sentBefore).map((t) => JSON.parse(t));
+  const joins = frames.filter((f) => f.type === 'join');
+  assert.deepEqual(joins.map((f) => [f.room, f.presence]), [['general', true]], 'rejoins');
+  assert.ok(
+    frames.some((f) => f.type === 'presence' && f.room === 'again' && f.cursor === undefined),
+    `a presence request for "again" after reconnecting: ${JSON.stringify(frames)}`,
+  );
+}));
+
+test('a member list longer than one page is paged in whole', { timeout: 60_000 }, scenario('members-paged', async (open) => {
+  // 540 other users on node-b and node-c, from three browser contexts (a browser holds about
+  // 255 WebSockets per context): more than one page, and more than Redis lists in one HSCAN.
+  const crowd = Array.from({ length: 540 }, (_, i) => `crowd-${String(i).padStart(3, '0')}`);
+  const contexts = [];
+  try {
+    const groups = [[nodes.b, crowd.slice(0, 180)], [nodes.c, crowd.slice(180, 360)], [nodes.b, crowd.slice(360)]];
+    for (const [node, names] of groups) {
+      const context = await within('a browser context', browser.newContext());
+      contexts.push(context);
+      const page = await within('a blank page', context.newPage());
+      const ws = node.url.replace(/^http/, 'ws');
+      await within(`${names.length} sockets on ${node.nodeId}`, page.evaluate(
+        ({ ws, names }) => Promise.all(names.map((name) => new Promise((resolve, reject) => {
+          const socket = new WebSocket(`${ws}/ws?room=crowd&name=${name}`);
+          socket.onmessage = (e) => { if (JSON.parse(e.data).type === 'joined') resolve(); };
+          socket.onerror = () => reject(new Error(`${name}: WebSocket error`));
+          (window.sockets ??= []).push(socket);
+        }))),
+        { ws, names },
+      ), 30_000);
+    }
+
+    const net = relay();
+    const alice = await open(nodes.a, 'alice', { setup: net.install });
+    await joinRoom(alice, 'crowd');
+    await waitForMembers(alice, ['alice', ...crowd]);
+    assert.ok(await alice.locator('#members-more').isHidden(), 'alice: nobody left unlisted');
+    await waitForOnline(alice, 'crowd', 541);
+    const requests = net.sent.map((t) => JSON.parse(t)).filter((f) => f.type === 'presence' && f.room === 'crowd');
+    assert.ok(requests.length >= 2, `more than one page asked for: ${JSON.stringify(requests)}`);
+    assert.equal(requests[0].cursor, undefined, `the first page: ${JSON.stringify(requests)}`);
+    assert.equal(typeof requests[1].cursor, 'string', `the next with the cursor given: ${JSON.stringify(requests)}`);
+
+    // The crowd leaves at once: the list follows.
+    await within('the crowd to leave', Promise.all(contexts.map((c) => c.close())));
+    await waitForMembers(alice, ['alice']);
+    assert.equal((await memberNames(alice)).length, 1);
+  } finally {
+    for (const context of contexts) await within('a context to close', context.close()).catch(() => {});
+  }
+}));
+
+test('on a phone the member list opens as a drawer from its button', { timeout: 40_000 }, scenario('members-phone', async (open) => {
+  const viewport = { width: 390, height: 844 };
+  const alice = await open(nodes.a, 'alice', { viewport });
+  const bob = await open(nodes.b, 'bob');
+  await joinRoom(alice, 'pocket');
+  await joinRoom(bob, 'pocket');
+
+  const toggle = alice.locator('#members-toggle');
+  const panel = alice.locator('#members-panel');
+  await toggle.waitFor({ state: 'visible' });
+  assert.equal(await toggle.getAttribute('aria-expanded'), 'false', 'closed at first on a phone');
+  assert.ok(await panel.isHidden(), 'alice: no member panel until asked for');
+  await waitFor('alice: the count on the members button', async () => {
+    const text = (await toggle.textContent()).replace(/\s+/g, ' ').trim();
+    if (text !== 'Members 2') throw new Error(`#members-toggle: ${JSON.stringify(text)}`);
+    return true;
+  });
+
+  await toggle.click();
+  assert.equal(await toggle.getAttribute('aria-expanded'), 'true');
+  await panel.waitFor({ state: 'visible' });
+  await waitForMembers(alice, ['alice', 'bob']);
+  const box = await panel.boundingBox();
+  assert.ok(
+    box && box.x >= 0 && box.y >= 0 && box.x + box.width <= viewport.width && box.y + box.height <= viewport.height,
+    `#members-panel is on screen at 390x844: ${JSON.stringify(box)}`,
+  );
+  const overflow = await within('alice: the page width', alice.evaluate(() => document.documentElement.scrollWidth));
+  assert.ok(overflow <= viewport.width, `no horizontal scrolling (scrollWidth ${overflow})`);
+  const focused = await within('alice: the focused element', alice.evaluate(() => document.activeElement?.id));
+  assert.equal(focused, 'members-close', 'focus moves into the drawer');
+  await mkdir(ARTIFACTS, { recursive: true });
+  await alice.screenshot({ path: join(ARTIFACTS, 'chat-members-phone.png') });
+
+  // Escape closes it and gives focus back to its button; the close button does too.
+  await alice.keyboard.press('Escape');
+  await panel.waitFor({ state: 'hidden' });
+  assert.equal(await toggle.getAttribute('aria-expanded'), 'false');
+  const back = await within('alice: the focused element', alice.evaluate(() => document.activeElement?.id));
+  assert.equal(back, 'members-toggle', 'focus back on the button');
+  await toggle.click();
+  await panel.waitFor({ state: 'visible' });
+  await alice.locator('#members-close').click();
+  await panel.waitFor({ state: 'hidden' });
+  assert.equal(await toggle.getAttribute('aria-expanded'), 'false');
 }));
