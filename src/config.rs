@@ -257,6 +257,17 @@ pub struct AuthConfig {
     pub jwt_audience: String,
     /// The `iss` a token must carry; empty: `iss` is not checked.
     pub jwt_issuer: String,
+    /// Rooms every user may join (names, or prefixes followed by `*`), whatever their token
+    /// lists and the join hook says.
+    pub public_rooms: Vec<String>,
+    /// An `http://` endpoint asked whether a user may join a room their token does not
+    /// list (POST `{"user","room"}`, answered `{"allow": bool, "read_only": bool}`); empty:
+    /// not asked.
+    pub join_hook_url: String,
+    /// Milliseconds the join hook has to answer; no answer in time refuses the join.
+    pub join_hook_timeout_ms: u64,
+    /// Seconds an answer of the join hook is kept.
+    pub join_hook_cache_secs: u64,
 }
 
 impl Default for AuthConfig {
@@ -266,6 +277,10 @@ impl Default for AuthConfig {
             leeway_secs: 30,
             jwt_audience: String::new(),
             jwt_issuer: String::new(),
+            public_rooms: Vec::new(),
+            join_hook_url: String::new(),
+            join_hook_timeout_ms: 1000,
+            join_hook_cache_secs: 30,
         }
     }
 }
@@ -636,6 +651,26 @@ impl Config {
             a.jwt_secret.expose().is_empty() || a.jwt_secret.expose().len() >= 32,
             "auth.jwt_secret",
             "must be empty (no authentication) or at least 32 bytes",
+        );
+        for pattern in &a.public_rooms {
+            check(
+                crate::protocol::RoomPattern::parse(pattern).is_some(),
+                "auth.public_rooms",
+                &format!("{pattern:?} is not a room name or a prefix followed by *"),
+            );
+        }
+        check(
+            a.join_hook_url.is_empty()
+                || a.join_hook_url
+                    .parse::<hyper::Uri>()
+                    .is_ok_and(|u| u.scheme_str() == Some("http") && u.host().is_some()),
+            "auth.join_hook_url",
+            "must be empty or an http:// URL",
+        );
+        check(
+            (1..=60_000).contains(&a.join_hook_timeout_ms),
+            "auth.join_hook_timeout_ms",
+            "must be 1 to 60000",
         );
         check(
             self.socketio.connect_timeout_secs > 0,

@@ -9,10 +9,11 @@ use tracing::warn;
 
 use super::{Chat, Protocol, unavailable};
 use crate::hub::{Joiner, Staged, Staging};
+use crate::node::access::Mode;
 use crate::outbox::Refused;
 use crate::protocol::native::Since;
 use crate::protocol::ws::close_code;
-use crate::protocol::{ErrorCode, ProtocolError, RoomName};
+use crate::protocol::{ErrorCode, ProtocolError, RoomName, RoomRef, valid_user_name};
 use crate::transport::Snapshot;
 
 /// How long a join waits for the node's live stream to reach the history it sent.
@@ -29,6 +30,10 @@ pub(crate) struct Joined<'a> {
     pub(crate) history: Option<&'a Snapshot>,
     /// The join asked to recover from a position (`since`).
     pub(crate) recovering: bool,
+    /// For a direct-message room, the other user.
+    pub(crate) direct: Option<&'a str>,
+    /// The user may read the room but not send to it.
+    pub(crate) read_only: bool,
 }
 
 impl Joined<'_> {
@@ -39,11 +44,20 @@ impl Joined<'_> {
     }
 }
 
+/// A room joined.
+#[derive(Debug)]
+pub(crate) struct Entered {
+    /// Its name (for a direct-message room, the one derived from the two users).
+    pub(crate) room: RoomName,
+    /// The users in it over every node.
+    pub(crate) online: usize,
+}
+
 /// What a client asks of a join.
 #[derive(Debug)]
 pub(crate) struct Join {
     /// The room.
-    pub(crate) room: RoomName,
+    pub(crate) room: RoomRef,
     /// Where the client left the room, to get what it missed.
     pub(crate) since: Option<Since>,
     /// Send the room's history before live messages.
@@ -62,18 +76,18 @@ impl<P: Protocol> Chat<P> {
     /// atomic with publishing, so every id up to its `last_id` is either in it or was
     /// delivered before the staging began; staged messages up to `last_id` are dropped as
     /// duplicates, the rest follow the history.
-    pub(crate) async fn join(&mut self, join: Join) -> Result<usize, ProtocolError> {
+    pub(crate) async fn join(&mut self, join: Join) -> Result<Entered, ProtocolError> {
         self.take_request()?;
         self.join_room(join).await
     }
 
     /// [`Chat::join`] for the room a connection opens with, which takes no request token:
     /// the connection's admission counted it.
-    pub(crate) async fn join_first(&mut self, join: Join) -> Result<usize, ProtocolError> {
+    pub(crate) async fn join_first(&mut self, join: Join) -> Result<Entered, ProtocolError> {
         self.join_room(join).await
     }
 
-    async fn join_room(&mut self, join: Join) -> Result<usize, ProtocolError> {
+    async fn join_room(&mut self, join: Join) -> Result<Entered, ProtocolError> {
         let Join {
             room,
             since,
@@ -84,14 +98,31 @@ impl<P: Protocol> Chat<P> {
         let Some(user) = self.rooms.user.clone() else {
             return Err(ProtocolError::new(ErrorCode::BadField, "not connected"));
         };
+        let (room, direct) = match room {
+            RoomRef::Named(room) => (room, None),
+            RoomRef::Direct(peer) => {
+                if !valid_user_name(&peer) {
+                    return Err(ProtocolError::new(
+                        ErrorCode::BadField,
+                        "`dm` must be a user's display name",
+                    ));
+                }
+                (RoomName::direct(&user, &peer), Some(peer))
+            }
+        };
         if self.rooms.rooms.contains(&room) {
             // Already in: the live stream is running, so there is no history to add.
             let online = node.transport.online(&room);
             if let Some(frame) = P::already_joined(&room, online) {
                 self.push(frame);
             }
-            return Ok(online);
+            return Ok(Entered { room, online });
         }
+        // A direct-message room admits its two users; any other is decided by the rules.
+        let mode = match direct {
+            Some(_) => Mode::ReadWrite,
+            None => node.access.decide(&user, &self.grant, &room).await?,
+        };
         let limit = self.live().limits.max_rooms_per_connection;
         if self.rooms.rooms.len() >= limit {
             return Err(ProtocolError::new(
@@ -112,6 +143,9 @@ impl<P: Protocol> Chat<P> {
         };
         let membership = node.hub.join_staged(&room, &joiner, &staging);
         self.rooms.rooms.push(room.clone());
+        if mode == Mode::ReadOnly {
+            self.rooms.read_only.push(room.clone());
+        }
         subscription.joined();
         let online = if membership.user_first_or_last {
             node.transport.presence_joined(&room, &user).await
@@ -128,6 +162,8 @@ impl<P: Protocol> Chat<P> {
             online,
             history,
             recovering: since.is_some(),
+            direct: direct.as_deref(),
+            read_only: mode == Mode::ReadOnly,
         };
         match &snapshot {
             None => self.push(P::joined(&joined(None))),
@@ -147,7 +183,7 @@ impl<P: Protocol> Chat<P> {
         }
         let sent = snapshot.as_ref().and_then(|s| s.as_ref().ok());
         self.catch_up(&room, sent).await;
-        Ok(online)
+        Ok(Entered { room, online })
     }
     /// Ends a staged join: once this node's live stream has reached what `sent` held, the
     /// staged messages that came after it follow, and live ones from then on.

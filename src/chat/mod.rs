@@ -21,6 +21,7 @@ use self::rate::TokenBucket;
 use crate::config::Reloadable;
 use crate::hub::ConnId;
 use crate::node::Node;
+use crate::node::access::Grant;
 use crate::outbox::{Outbox, Refused};
 use crate::protocol::message::{Codec, Message};
 use crate::protocol::native::check_message;
@@ -74,6 +75,8 @@ pub(crate) struct Chat<P> {
     outbox: Arc<Outbox>,
     /// Set once the user is known: the first room (the user is in `rooms`).
     first_room: Option<RoomName>,
+    /// The rooms the user's token grants.
+    grant: Grant,
     rooms: Memberships,
     /// `send`s.
     sends: TokenBucket,
@@ -99,11 +102,13 @@ impl<P: Protocol> Chat<P> {
                 conn,
                 user: None,
                 rooms: Vec::new(),
+                read_only: Vec::new(),
             },
             node,
             conn,
             outbox,
             first_room: None,
+            grant: Grant::default(),
             sends,
             requests,
             live,
@@ -112,11 +117,13 @@ impl<P: Protocol> Chat<P> {
         }
     }
 
-    /// The user is known: `user`, whose `send`s without a room go to `first_room`.
-    pub(crate) fn sign_in(&mut self, user: Arc<str>, first_room: RoomName) {
+    /// The user is known: `user`, whose `send`s without a room go to `first_room`, and
+    /// whose token grants `grant`.
+    pub(crate) fn sign_in(&mut self, user: Arc<str>, first_room: RoomName, grant: Grant) {
         self.rooms.leave_all();
         self.rooms.user = Some(user);
         self.first_room = Some(first_room);
+        self.grant = grant;
     }
 
     /// The user is gone (the connection stays): leaves every room. The rate limits stay.
@@ -219,6 +226,12 @@ impl<P: Protocol> Chat<P> {
         let (max_chars, rate) = (limits.max_message_chars, limits.messages_per_second);
         check_message(&text, max_chars)?;
         self.check_member(&room)?;
+        if self.rooms.read_only.contains(&room) {
+            return Err(ProtocolError::new(
+                ErrorCode::ReadOnly,
+                format!("you may read room {room} but not send to it"),
+            ));
+        }
         if !self.sends.take(Instant::now()) {
             return Err(ProtocolError::new(
                 ErrorCode::RateLimited,
@@ -325,6 +338,8 @@ struct Memberships {
     conn: ConnId,
     user: Option<Arc<str>>,
     rooms: Vec<RoomName>,
+    /// Those of `rooms` the user may only read.
+    read_only: Vec<RoomName>,
 }
 
 impl Memberships {
@@ -334,6 +349,7 @@ impl Memberships {
         if let Some(at) = self.rooms.iter().position(|r| r == room) {
             self.rooms.swap_remove(at);
         }
+        self.read_only.retain(|r| r != room);
         let Some(left) = self.node.hub.leave(room.as_str(), self.conn) else {
             return;
         };

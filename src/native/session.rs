@@ -14,7 +14,7 @@ use crate::node::Node;
 use crate::outbox::Outbox;
 use crate::protocol::message::Codec;
 use crate::protocol::native::{self, Reply, Request, Since};
-use crate::protocol::{ProtocolError, RoomName, presence, ws};
+use crate::protocol::{ProtocolError, RoomName, RoomRef, presence, ws};
 
 /// The native protocol, as the chat core sees it.
 pub(crate) struct Native;
@@ -31,6 +31,8 @@ impl Protocol for Native {
             last_id: history.map(|s| s.last_id),
             history: history.map_or(0, |s| s.messages.len()),
             recovered: joined.recovered(),
+            dm: joined.direct,
+            read_only: joined.read_only,
         }
         .frame()
     }
@@ -44,6 +46,8 @@ impl Protocol for Native {
                 last_id: None,
                 history: 0,
                 recovered: None,
+                dm: None,
+                read_only: false,
             }
             .frame(),
         )
@@ -72,7 +76,7 @@ impl Session {
     pub(super) fn new(node: Arc<Node>, conn: ConnId, params: Params, outbox: Arc<Outbox>) -> Self {
         let mut chat = Chat::new(node, conn, outbox);
         let name: Arc<str> = params.name.into();
-        chat.sign_in(name.clone(), params.room.clone());
+        chat.sign_in(name.clone(), params.room.clone(), params.grant);
         Self {
             chat,
             name,
@@ -97,7 +101,7 @@ impl Session {
         let joined = self
             .chat
             .join_first(Join {
-                room: self.first_room.clone(),
+                room: RoomRef::Named(self.first_room.clone()),
                 since,
                 history: true,
                 presence: self.presence,

@@ -6,6 +6,7 @@
 //! Below both protocols and the [`server`](crate::server), which builds the node and serves
 //! its connections.
 
+pub(crate) mod access;
 pub(crate) mod admission;
 pub(crate) mod guard;
 pub(crate) mod ticker;
@@ -24,6 +25,7 @@ use crate::metrics::Metrics;
 use crate::protocol::message::Draft;
 use crate::protocol::{ErrorCode, ProtocolError, RoomName};
 use crate::transport::{Envelope, Published, Transport, dedupe_key};
+use access::Access;
 use guard::{Auth, IpSlot, PerIp};
 use ticker::Ticker;
 
@@ -55,6 +57,8 @@ pub struct Node {
     trusted_proxies: Vec<ipnet::IpNet>,
     /// Token checking, when `auth.jwt_secret` is set.
     pub(crate) auth: Option<Auth>,
+    /// Who may join which room.
+    pub(crate) access: Access,
 }
 
 impl Node {
@@ -81,6 +85,7 @@ impl Node {
             per_ip: Arc::new(PerIp::new(config.server.ipv6_prefix_len)),
             trusted_proxies: config.server.trusted_proxy_nets(),
             auth: Auth::new(&config.auth),
+            access: Access::new(&config.auth),
             live: RwLock::new(Arc::new(config.reloadable())),
             live_version: AtomicU64::new(0),
             config,

@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 
 use super::message::Message;
 use super::presence::{MAX_CURSOR_LEN, MAX_PAGE};
-use super::{ErrorCode, MAX_REF_CHARS, ProtocolError, RoomName, ws};
+use super::{ErrorCode, MAX_REF_CHARS, ProtocolError, RoomName, RoomRef, valid_user_name, ws};
 
 /// What a client asks for.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,8 +25,8 @@ pub enum Request {
     },
     /// Join a room.
     Join {
-        /// The room.
-        room: RoomName,
+        /// The room, or the other user of a direct-message room (`dm`).
+        room: RoomRef,
         /// The last message the client saw there, to receive what it missed.
         since: Option<Since>,
         /// Send the room's presence events (`member_joined`, `member_left`).
@@ -138,7 +138,16 @@ fn decode_typed(
             })
         }
         "join" => {
-            let room = required_room(obj)?;
+            let room = match optional_str(obj, "dm")? {
+                Some(peer) if valid_user_name(peer) => RoomRef::Direct(peer.to_owned()),
+                Some(_) => {
+                    return Err(ProtocolError::new(
+                        ErrorCode::BadField,
+                        "`dm` must be a user's display name",
+                    ));
+                }
+                None => RoomRef::Named(required_room(obj)?),
+            };
             let epoch = optional_str(obj, "epoch")?;
             let since = optional_u64(obj, "since")?
                 .map(|id| Since::new(id, epoch))
@@ -292,6 +301,12 @@ pub(crate) enum Reply<'a> {
         /// means some could not be served (too old, or the history was reset).
         #[serde(skip_serializing_if = "Option::is_none")]
         recovered: Option<bool>,
+        /// A direct-message room: the other user.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        dm: Option<&'a str>,
+        /// The user may read the room but not send to it.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        read_only: bool,
     },
     /// The connection left `room`.
     Left {
@@ -454,7 +469,7 @@ mod tests {
         assert_eq!(
             decode(br#"{"type":"join","room":"dev"}"#, 10).unwrap(),
             Request::Join {
-                room: room.clone(),
+                room: RoomRef::Named(room.clone()),
                 since: None,
                 presence: false
             }
@@ -466,7 +481,7 @@ mod tests {
             )
             .unwrap(),
             Request::Join {
-                room: room.clone(),
+                room: RoomRef::Named(room.clone()),
                 since: Some(Since {
                     id: 7,
                     epoch: "ab1".into()

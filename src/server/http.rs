@@ -18,6 +18,7 @@ use crate::config::MetricsEndpoint;
 use crate::metrics::{self, Refusal};
 use crate::native::{self, Params};
 use crate::node::Node;
+use crate::node::access::Grant;
 use crate::node::admission::{COOKIE_FORBIDDEN, admit, cookie_allowed, origin_allowed};
 use crate::node::guard;
 use crate::protocol::native::Since;
@@ -211,7 +212,10 @@ fn websocket(
             .and_then(|token| auth.user(token));
         match user {
             // The token names the user; a `name` in the query cannot override it.
-            Ok(name) => params.name = name,
+            Ok(identity) => {
+                params.name = identity.name;
+                params.grant = identity.grant;
+            }
             Err(why) => {
                 refuse(Refusal::Unauthorized);
                 return owned_text(StatusCode::UNAUTHORIZED, format!("{why}\n"));
@@ -289,6 +293,7 @@ fn params(query: &str) -> Result<Params, String> {
         name: name.unwrap_or_else(|| format!("guest-{:04x}", fastrand::u16(..))),
         since,
         presence,
+        grant: Grant::default(),
         echo: false,
     })
 }

@@ -15,12 +15,13 @@ use super::session::random_id;
 use crate::chat::{Chat, Join, Joined, Protocol};
 use crate::hub::ConnId;
 use crate::node::Node;
+use crate::node::access::Grant;
 use crate::outbox::Outbox;
 use crate::protocol::message::Codec;
 use crate::protocol::presence;
 use crate::protocol::socketio::{self as codec, CodecError, PacketType};
 use crate::protocol::{
-    DEFAULT_ROOM, ErrorCode, MAX_REF_CHARS, ProtocolError, RoomName, valid_user_name,
+    DEFAULT_ROOM, ErrorCode, MAX_REF_CHARS, ProtocolError, RoomName, RoomRef, valid_user_name,
 };
 
 /// Socket.IO, as the chat core sees it.
@@ -30,10 +31,14 @@ impl Protocol for SocketIo {
     const CODEC: Codec = Codec::SocketIo;
 
     fn joined(joined: &Joined<'_>) -> Bytes {
-        codec::event(
-            "joined",
-            &json!({ "room": joined.room, "online": joined.online }),
-        )
+        let mut event = json!({ "room": joined.room, "online": joined.online });
+        if let Some(peer) = joined.direct {
+            event["dm"] = peer.into();
+        }
+        if joined.read_only {
+            event["read_only"] = true.into();
+        }
+        codec::event("joined", &event)
     }
 
     fn already_joined(_: &RoomName, _: usize) -> Option<Bytes> {
@@ -121,6 +126,7 @@ impl Client {
         };
         // With token authentication on, the token names the user, as on `/ws`.
         let node = self.chat.node().clone();
+        let mut grant = Grant::default();
         let name = match &node.auth {
             None => name,
             Some(checker) => {
@@ -136,7 +142,10 @@ impl Client {
                     })
                     .and_then(|token| checker.user(token));
                 match user {
-                    Ok(user) => Some(user),
+                    Ok(identity) => {
+                        grant = identity.grant;
+                        Some(identity.name)
+                    }
                     Err(why) => {
                         node.metrics.refused(crate::metrics::Refusal::Unauthorized);
                         return self.push(codec::connect_error("/", &why));
@@ -163,9 +172,9 @@ impl Client {
             .and_then(|a| a.get("presence"))
             .and_then(Value::as_bool);
         self.push(codec::connected(&id));
-        self.chat.sign_in(name.into(), room.clone());
+        self.chat.sign_in(name.into(), room.clone(), grant);
         let join = Join {
-            room,
+            room: RoomRef::Named(room),
             since: None,
             history: false,
             presence: presence.unwrap_or(false),
@@ -180,15 +189,19 @@ impl Client {
         match args.first().and_then(Value::as_str) {
             Some("event:message") => self.send(data).await,
             Some("join") => {
-                let room = room_field(data)?;
+                let room = match data.get("dm") {
+                    Some(Value::String(peer)) => RoomRef::Direct(peer.clone()),
+                    Some(_) => return Err(bad_field("`dm` must be a user's display name")),
+                    None => RoomRef::Named(room_field(data)?),
+                };
                 let join = Join {
-                    room: room.clone(),
+                    room,
                     since: None,
                     history: false,
                     presence: data.get("presence").and_then(Value::as_bool) == Some(true),
                 };
-                let online = self.chat.join(join).await?;
-                Ok(json!({ "room": room, "online": online }))
+                let entered = self.chat.join(join).await?;
+                Ok(json!({ "room": entered.room, "online": entered.online }))
             }
             Some("presence") => {
                 let room = room_field(data)?;
