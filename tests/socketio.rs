@@ -995,3 +995,33 @@ async fn presence_events_and_lists_reach_socketio_clients() {
     .await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn socketio_joins_follow_the_same_room_access_rules() {
+    let mut cfg = config();
+    cfg.auth.jwt_secret = SECRET.into();
+    let server = start(cfg).await;
+    let addr = server.addr;
+    let claims = serde_json::json!({"name":"ann","exp": jsonwebtoken::get_current_timestamp() + 3600,
+        "rooms":["general"],"read_only_rooms":["news"]});
+    let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes());
+    let token = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).unwrap();
+    let sid = connected(addr, &format!(r#"{{"token":"{token}"}}"#)).await;
+    let events = [
+        r#"421["join","secret"]"#,
+        r#"422["join","news"]"#,
+        r#"423["event:message",{"room":"news","message":"hi"}]"#,
+        r#"424["join",{"dm":"bob"}]"#,
+    ];
+    assert_eq!(post(addr, &sid, &events.join("\x1e")).await.body, "ok");
+    let seen = poll_until(addr, &sid, |p| p.starts_with("434")).await;
+    let ack = |n: &str| -> Value {
+        let packet = seen.iter().find(|p| p.starts_with(n)).unwrap();
+        serde_json::from_str(&packet[3..]).unwrap()
+    };
+    assert_eq!(ack("431")[0]["error"]["code"], "forbidden");
+    assert_eq!(ack("432")[0]["room"], "news");
+    assert_eq!(ack("433")[0]["error"]["code"], "read_only");
+    assert!(ack("434")[0]["room"].as_str().unwrap().starts_with("dm-"));
+    server.stop().await;
+}
