@@ -285,3 +285,34 @@ async fn with_redis_presence_off_each_node_reports_its_own_members() {
     let (names, _) = list(&mut ann, "dev", 100).await;
     assert_eq!(names, set(&["ann", "cat"]));
 }
+
+#[tokio::test]
+async fn a_redis_restart_is_followed_by_the_nodes_writing_presence_again() {
+    let mut redis = Redis::start(None).await;
+    let a = node("ra", &redis);
+    let b = node("rb", &redis);
+    ready(&a).await;
+    ready(&b).await;
+    let mut ann = a.client("name=ann&room=r").await;
+    let _bob = b.client("name=bob&room=r").await;
+    redis.kill().await;
+    redis.restart().await; // empty: it keeps nothing
+    ready(&a).await;
+    let mut names = BTreeSet::new();
+    for _ in 0..100 {
+        ann.send(json!({"type":"presence","room":"r"})).await;
+        let reply = ann.recv().await;
+        if reply["type"] == "presence" {
+            names = users(&reply);
+            if names == set(&["ann", "bob"]) {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        names,
+        set(&["ann", "bob"]),
+        "both nodes wrote their members again"
+    );
+}
