@@ -48,6 +48,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// The Socket.IO endpoint.
     pub socketio: SocketIoConfig,
+    /// The server API for the application's backend.
+    pub api: ApiConfig,
     /// Redis connection settings (used by the `redis` transport).
     pub redis: RedisConfig,
     /// Logging.
@@ -282,6 +284,56 @@ impl Default for AuthConfig {
             join_hook_timeout_ms: 1000,
             join_hook_cache_secs: 30,
         }
+    }
+}
+
+/// `[api]`: the server API at `/api/v1/` for the application's backend.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// The API keys (`Authorization: Bearer <key>`), at least 16 bytes each; with none (here
+    /// or in `keys_file`) the API is off. Masked by `check-config`.
+    pub keys: Vec<Secret>,
+    /// A file of more keys, one per line (blank lines and `#` comments ignored).
+    pub keys_file: String,
+    /// The largest request body accepted, in bytes; larger gets 413.
+    pub max_body_bytes: usize,
+    /// Requests a second each key may make (sustained), and its burst.
+    pub requests_per_second: f64,
+    /// Requests a key may make at once before the rate applies.
+    pub request_burst: u32,
+    /// The user name of messages posted without one.
+    pub system_name: String,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            keys: Vec::new(),
+            keys_file: String::new(),
+            max_body_bytes: 64 * 1024,
+            requests_per_second: 50.0,
+            request_burst: 100,
+            system_name: "system".into(),
+        }
+    }
+}
+
+impl ApiConfig {
+    /// Every key: `keys`, then those of `keys_file`; why not, when the file cannot be read.
+    pub fn all_keys(&self) -> Result<Vec<Secret>, String> {
+        let mut keys = self.keys.clone();
+        if !self.keys_file.is_empty() {
+            let text = std::fs::read_to_string(&self.keys_file)
+                .map_err(|e| format!("{}: {e}", self.keys_file))?;
+            keys.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(Secret::from),
+            );
+        }
+        Ok(keys)
     }
 }
 
@@ -671,6 +723,30 @@ impl Config {
             (1..=60_000).contains(&a.join_hook_timeout_ms),
             "auth.join_hook_timeout_ms",
             "must be 1 to 60000",
+        );
+        let api = &self.api;
+        match api.all_keys() {
+            Ok(keys) => check(
+                keys.iter().all(|k| k.expose().len() >= 16),
+                "api.keys",
+                "every key (here and in api.keys_file) must be at least 16 bytes",
+            ),
+            Err(why) => check(false, "api.keys_file", &format!("cannot be read: {why}")),
+        }
+        check(
+            (1..=16 << 20).contains(&api.max_body_bytes),
+            "api.max_body_bytes",
+            "must be 1 to 16777216",
+        );
+        check(
+            api.requests_per_second > 0.0 && api.request_burst > 0,
+            "api.requests_per_second",
+            "and api.request_burst must be above 0",
+        );
+        check(
+            crate::protocol::valid_user_name(&api.system_name),
+            "api.system_name",
+            "must be a valid display name",
         );
         check(
             self.socketio.connect_timeout_secs > 0,

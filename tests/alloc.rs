@@ -88,13 +88,14 @@ fn deliver_to_members(members: usize, codec: Codec) -> (usize, Vec<Arc<Outbox>>)
             let outbox = Arc::new(Outbox::new(1024, 1 << 20));
             let joiner = Joiner {
                 conn: ConnId(i as u64),
+                outbox: outbox.clone(),
                 user: format!("u{i}").into(),
                 codec,
                 presence: false,
             };
             let staging = Arc::new(Staging::like(&outbox));
             hub.join_staged(&room, &joiner, &staging);
-            hub.promote(room.as_str(), joiner.conn, &outbox, |_| {});
+            hub.promote(room.as_str(), joiner.conn, |_| {});
             outbox
         })
         .collect();

@@ -137,6 +137,7 @@ impl<P: Protocol> Chat<P> {
         let staging = Arc::new(Staging::like(&self.outbox));
         let joiner = Joiner {
             conn: self.conn,
+            outbox: self.outbox.clone(),
             user: user.clone(),
             codec: P::CODEC,
             presence,
@@ -206,26 +207,25 @@ impl<P: Protocol> Chat<P> {
         }
         let outbox = &self.outbox;
         let metrics = &node.metrics;
-        node.hub
-            .promote(room.as_str(), self.conn, outbox, |staged| {
-                let Some(staged) = staged else {
-                    metrics.slow_consumer_disconnects_total.inc();
-                    return outbox.close(close_code::SLOW_CONSUMER, "slow consumer", false);
-                };
-                for staged in staged {
-                    let frame = match staged {
-                        Staged::Message(m) => {
-                            if covered.is_some_and(|(epoch, id)| !m.is_after(epoch, id)) {
-                                continue; // in the history it was sent
-                            }
-                            m.frame(P::CODEC)
+        node.hub.promote(room.as_str(), self.conn, |staged| {
+            let Some(staged) = staged else {
+                metrics.slow_consumer_disconnects_total.inc();
+                return outbox.close(close_code::SLOW_CONSUMER, "slow consumer", false);
+            };
+            for staged in staged {
+                let frame = match staged {
+                    Staged::Message(m) => {
+                        if covered.is_some_and(|(epoch, id)| !m.is_after(epoch, id)) {
+                            continue; // in the history it was sent
                         }
-                        Staged::Frame(frame) => frame,
-                    };
-                    if outbox.push(frame) == Err(Refused::Full) {
-                        metrics.slow_consumer_disconnects_total.inc();
+                        m.frame(P::CODEC)
                     }
+                    Staged::Frame(frame) => frame,
+                };
+                if outbox.push(frame) == Err(Refused::Full) {
+                    metrics.slow_consumer_disconnects_total.inc();
                 }
-            });
+            }
+        });
     }
 }

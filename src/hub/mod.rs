@@ -44,20 +44,15 @@ impl fmt::Display for ConnId {
 /// A local member of a room: who, where its frames go, and in which form.
 #[derive(Debug)]
 struct Member {
-    sink: Sink,
+    /// Its connection's queue.
+    outbox: Arc<Outbox>,
+    /// While it joins: where the room's traffic is kept until its history is sent
+    /// ([`Hub::promote`] moves it to the outbox).
+    staging: Option<Arc<Staging>>,
     codec: Codec,
     user: Arc<str>,
     /// Sent the room's presence events.
     presence: bool,
-}
-
-/// Where a member's messages go.
-#[derive(Debug)]
-enum Sink {
-    /// Its connection's outbox, as frames.
-    Live(Arc<Outbox>),
-    /// Kept while its history is sent; [`Hub::promote`] moves them to the outbox.
-    Staging(Arc<Staging>),
 }
 
 /// A room's local members, by connection and by user.
@@ -76,6 +71,8 @@ type Rooms = HashMap<RoomName, Room>;
 pub struct Joiner {
     /// The connection.
     pub conn: ConnId,
+    /// The connection's queue.
+    pub outbox: Arc<Outbox>,
     /// The user it is signed in as.
     pub user: Arc<str>,
     /// How it reads chat messages.
@@ -150,7 +147,8 @@ impl Hub {
             self.metrics.rooms.inc();
         }
         let member = Member {
-            sink: Sink::Staging(staging.clone()),
+            outbox: joiner.outbox.clone(),
+            staging: Some(staging.clone()),
             codec: joiner.codec,
             user: joiner.user.clone(),
             presence: joiner.presence,
@@ -171,26 +169,41 @@ impl Hub {
         }
     }
 
-    /// Ends a staged join: from now on `room`'s frames go to `outbox`. Under the lock, so
-    /// nothing is delivered meanwhile, `flush` gets what was staged (oldest first), or `None`
-    /// if the staging overflowed. Returns `false` if `conn` is no longer in `room`.
+    /// Ends a staged join: from now on `room`'s frames go to the member's outbox. Under the
+    /// lock, so nothing is delivered meanwhile, `flush` gets what was staged (oldest first),
+    /// or `None` if the staging overflowed. Returns `false` if `conn` is no longer in `room`.
     pub fn promote(
         &self,
         room: &str,
         conn: ConnId,
-        outbox: &Arc<Outbox>,
         flush: impl FnOnce(Option<VecDeque<Staged>>),
     ) -> bool {
         let mut rooms = self.write();
         let Some(entry) = rooms.get_mut(room).and_then(|r| r.members.get_mut(&conn)) else {
             return false;
         };
-        let Sink::Staging(staging) = std::mem::replace(&mut entry.sink, Sink::Live(outbox.clone()))
-        else {
-            return true; // not staged: nothing to flush
-        };
-        flush(staging.take());
+        if let Some(staging) = entry.staging.take() {
+            flush(staging.take());
+        }
         true
+    }
+
+    /// Closes every local connection of `user` (in any room) with `code` and `reason`;
+    /// returns how many.
+    pub(crate) fn close_user(&self, user: &str, code: u16, reason: &str) -> usize {
+        let rooms = self.read();
+        let mut outboxes: Vec<&Arc<Outbox>> = rooms
+            .values()
+            .flat_map(|r| r.members.values())
+            .filter(|m| &*m.user == user)
+            .map(|m| &m.outbox)
+            .collect();
+        outboxes.sort_by_key(|o| Arc::as_ptr(o));
+        outboxes.dedup_by_key(|o| Arc::as_ptr(o));
+        for outbox in &outboxes {
+            outbox.close(code, reason, true);
+        }
+        outboxes.len()
     }
 
     /// Removes `conn` from `room`; `None` if it was not a member.
@@ -282,13 +295,13 @@ impl Hub {
             let slot = &mut frames[usize::from(member.codec == Codec::SocketIo)];
             let frame = slot.get_or_insert_with(|| frame(member.codec)).clone();
             queued += 1;
-            match &member.sink {
-                Sink::Live(outbox) => {
-                    if outbox.push(frame) == Err(Refused::Full) {
+            match &member.staging {
+                None => {
+                    if member.outbox.push(frame) == Err(Refused::Full) {
                         slow += 1;
                     }
                 }
-                Sink::Staging(staging) => {
+                Some(staging) => {
                     staging.push(Staged::Frame(frame));
                 }
             }
@@ -306,17 +319,14 @@ impl Hub {
         let mut done = Delivered::default();
         let members = rooms.get(message.room().as_str()).map(|r| &r.members);
         for member in members.into_iter().flat_map(HashMap::values) {
-            let outbox = match &member.sink {
-                Sink::Live(outbox) => outbox,
-                Sink::Staging(staging) => {
-                    // An overflow is counted when the join ends, as the slow consumer it is.
-                    if staging.push(Staged::Message(message.clone())) {
-                        done.queued += 1;
-                    }
-                    continue;
+            if let Some(staging) = &member.staging {
+                // An overflow is counted when the join ends, as the slow consumer it is.
+                if staging.push(Staged::Message(message.clone())) {
+                    done.queued += 1;
                 }
-            };
-            match outbox.push(message.frame(member.codec)) {
+                continue;
+            }
+            match member.outbox.push(message.frame(member.codec)) {
                 Ok(()) => done.queued += 1,
                 Err(Refused::Full) => done.slow += 1,
                 Err(Refused::Closed) => {}

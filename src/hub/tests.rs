@@ -22,13 +22,14 @@ fn join_as(
 ) -> Membership {
     let joiner = Joiner {
         conn,
+        outbox: outbox.clone(),
         user: format!("u{}", conn.0).into(),
         codec,
         presence: false,
     };
     let staging = Arc::new(Staging::like(outbox));
     let membership = hub.join_staged(room, &joiner, &staging);
-    hub.promote(room.as_str(), conn, outbox, |staged| {
+    hub.promote(room.as_str(), conn, |staged| {
         outbox.push(reply(membership.online)).unwrap();
         assert!(staged.unwrap().is_empty());
     });
@@ -209,13 +210,14 @@ fn users_count_once_and_watchers_get_one_frame_per_interval() {
         let outbox = Arc::new(Outbox::new(8, 1 << 20));
         let joiner = Joiner {
             conn: ConnId(conn),
+            outbox: outbox.clone(),
             user: user.into(),
             codec: Codec::Native,
             presence,
         };
         let staging = Arc::new(Staging::like(&outbox));
         let membership = hub.join_staged(&dev, &joiner, &staging);
-        hub.promote("dev", ConnId(conn), &outbox, |_| {});
+        hub.promote("dev", ConnId(conn), |_| {});
         (membership, outbox)
     };
     let (first, watcher) = join(1, "ann", true);

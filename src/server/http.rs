@@ -14,6 +14,7 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use tracing::debug;
 
+use crate::api::Api;
 use crate::config::MetricsEndpoint;
 use crate::metrics::{self, Refusal};
 use crate::native::{self, Params};
@@ -28,10 +29,12 @@ use crate::web;
 
 type Body = Full<Bytes>;
 
-/// Answers one HTTP request; `socketio` holds the node's Socket.IO sessions.
+/// Answers one HTTP request; `socketio` holds the node's Socket.IO sessions, `api` the
+/// server API's keys.
 pub(crate) async fn route(
     node: Arc<Node>,
     socketio: Arc<EngineSessions>,
+    api: Arc<Api>,
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
@@ -49,6 +52,7 @@ pub(crate) async fn route(
             websocket(node, peer, req, true)
         }
         (_, "/socket.io/" | "/socket.io") => socketio::route(node, &socketio, peer, req).await,
+        (_, path) if path.starts_with("/api/") => api.route(node, req).await,
         (&Method::GET | &Method::HEAD, path) if web::asset(path).is_some() => page(&req, path),
         (_, "/healthz" | "/readyz" | "/metrics" | "/ws") => get_only(),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),

@@ -44,3 +44,21 @@ pub(super) fn page(hub: &Hub, room: &RoomName, cursor: Option<&str>, limit: usiz
             .flatten(),
     }
 }
+
+/// Rooms listed per page of [`rooms`].
+const ROOMS_PAGE: usize = 200;
+
+/// This node's rooms with members and their users, in name order after `cursor`.
+pub(super) fn rooms(hub: &Hub, cursor: Option<&str>) -> super::RoomList {
+    let mut names = hub.room_names();
+    names.sort_unstable();
+    let start = cursor.map_or(0, |after| names.partition_point(|r| r.as_str() <= after));
+    let rest = &names[start..];
+    let page = &rest[..rest.len().min(ROOMS_PAGE)];
+    let next = (rest.len() > page.len()).then(|| page[page.len() - 1].to_string());
+    let rooms = page
+        .iter()
+        .map(|room| (room.clone(), hub.user_count(room.as_str())))
+        .collect();
+    (rooms, next)
+}

@@ -16,6 +16,7 @@ use crate::protocol::RoomName;
 use crate::protocol::message::Message;
 use crate::protocol::native::Since;
 use crate::protocol::presence;
+use crate::protocol::ws::close_code;
 use crate::transport::local_presence;
 use crate::transport::{Envelope, Page, Published, Snapshot, new_epoch};
 
@@ -218,6 +219,20 @@ impl MemoryTransport {
     /// returns the users in the room.
     pub fn presence_changed(&self, room: &RoomName, user: &Arc<str>) -> usize {
         local_presence::changed(&self.hub, room, user)
+    }
+
+    /// The hub it delivers to.
+    pub(super) fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    /// Closes `user`'s connections; returns how many.
+    pub fn disconnect_user(&self, user: &str) -> usize {
+        self.hub.close_user(
+            user,
+            close_code::DISCONNECTED,
+            "disconnected by the application",
+        )
     }
 
     /// The users in `room`.

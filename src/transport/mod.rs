@@ -92,6 +92,9 @@ impl Subscription<'_> {
     }
 }
 
+/// A page of rooms with their users online, and the next page's cursor.
+pub type RoomList = (Vec<(RoomName, usize)>, Option<String>);
+
 /// A new random epoch: 16 hex digits. Not a credential: it names a room's history so that a
 /// client can tell a restart from a gap, and grants nothing (a non-cryptographic RNG will do).
 pub fn new_epoch() -> String {
@@ -256,6 +259,24 @@ impl Transport {
         match self {
             Transport::Memory(t) => Ok(t.presence_page(room, cursor, limit)),
             Transport::Redis(t) => t.presence_page(room, cursor, limit).await,
+        }
+    }
+
+    /// Rooms with members (over every node where presence is shared) and their users, a page
+    /// at a time from `cursor` (a page's own); the next page's cursor, `None` on the last.
+    pub async fn rooms(&self, cursor: Option<&str>) -> Result<RoomList, TransportError> {
+        match self {
+            Transport::Memory(t) => Ok(local_presence::rooms(t.hub(), cursor)),
+            Transport::Redis(t) => t.rooms(cursor).await,
+        }
+    }
+
+    /// Closes `user`'s connections on every node (close code 4003). Returns, embedded, the
+    /// connections closed; on Redis, the nodes told.
+    pub async fn disconnect_user(&self, user: &str) -> Result<usize, TransportError> {
+        match self {
+            Transport::Memory(t) => Ok(t.disconnect_user(user)),
+            Transport::Redis(t) => t.disconnect_user(user).await,
         }
     }
 

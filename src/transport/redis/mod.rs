@@ -17,6 +17,7 @@
 //! This file holds the transport's state and the calls the rest of the server makes.
 
 mod connect;
+mod control;
 mod heal;
 mod presence;
 mod recent;
@@ -83,6 +84,10 @@ pub struct RedisTransport {
     metrics: Arc<Metrics>,
     /// This node's presence writer.
     presence: PresenceSync,
+    /// `{prefix}:presence`, where presence changes go out.
+    presence_channel: String,
+    /// `{prefix}:control`, where requests for every node go out.
+    control_channel: String,
 }
 
 impl std::fmt::Debug for RedisTransport {
@@ -145,6 +150,8 @@ impl RedisTransport {
             reconcile_needed: Notify::new(),
             ready: AtomicBool::new(false),
             metrics,
+            presence_channel: format!("{}:presence", config.channel_prefix),
+            control_channel: format!("{}:control", config.channel_prefix),
             presence: PresenceSync::new(
                 config.presence,
                 node,

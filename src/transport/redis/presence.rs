@@ -27,7 +27,7 @@ use super::connect::Backoff;
 use crate::hub::{Change as HubChange, now_ms};
 use crate::protocol::RoomName;
 use crate::protocol::presence::{Change, MAX_CURSOR_LEN, Member, Page};
-use crate::transport::{TransportError, local_presence};
+use crate::transport::{RoomList, TransportError, local_presence};
 
 /// Sets this node's connections of users in a room; publishes the changes of who is in it.
 /// KEYS: pres, pres-since, pres-node. ARGV: channel, room, then (user, count, since) triples.
@@ -152,8 +152,8 @@ impl RedisTransport {
     }
 
     /// The channel every node's presence changes go out on.
-    pub(super) fn presence_channel(&self) -> String {
-        format!("{}presence", self.scripts.key_prefix())
+    pub(super) fn presence_channel(&self) -> &str {
+        &self.presence_channel
     }
 
     /// See [`Transport::presence_joined`](crate::transport::Transport::presence_joined).
@@ -237,6 +237,39 @@ impl RedisTransport {
             members,
             cursor: (next != 0).then(|| next.to_string()),
         })
+    }
+
+    /// See [`Transport::rooms`](crate::transport::Transport::rooms): `SCAN` over the rooms'
+    /// presence keys (this node's rooms alone when presence is not shared).
+    pub async fn rooms(&self, cursor: Option<&str>) -> Result<RoomList, TransportError> {
+        if !self.presence.shared {
+            return Ok(local_presence::rooms(&self.hub, cursor));
+        }
+        let start = match cursor {
+            None => 0,
+            Some(c) => c.parse::<u64>().map_err(|_| bad_cursor())?,
+        };
+        let prefix = self.presence_key("pres", "");
+        let mut scan = redis::cmd("SCAN");
+        scan.arg(start)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(200);
+        let (next, keys): (u64, Vec<String>) = self.scripts.query(&scan).await?;
+        let mut rooms = Vec::with_capacity(keys.len());
+        for key in keys {
+            let Some(room) = key
+                .strip_prefix(&prefix)
+                .and_then(|r| RoomName::new(r).ok())
+            else {
+                continue;
+            };
+            let mut len = redis::cmd("HLEN");
+            len.arg(&key);
+            rooms.push((room, self.scripts.query::<usize>(&len).await?));
+        }
+        Ok((rooms, (next != 0).then(|| next.to_string())))
     }
 
     /// The presence task: writes marked pairs, renews the node's deadline, removes stopped

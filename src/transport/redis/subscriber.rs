@@ -38,7 +38,10 @@ impl RedisTransport {
                 Ok(pubsub) => {
                     let (mut sink, mut stream) = pubsub.split();
                     let usable = match self.scripts.check_publisher().await {
-                        Ok(()) => match sink.subscribe(self.presence_channel()).await {
+                        Ok(()) => match sink
+                            .subscribe(&[self.presence_channel(), self.control_channel()])
+                            .await
+                        {
                             Ok(()) => self.reconcile(&mut sink).await,
                             Err(e) => Err(e),
                         },
@@ -95,6 +98,9 @@ impl RedisTransport {
                 msg = stream.next() => match msg {
                     Some(msg) if msg.get_channel_name() == self.presence_channel() => {
                         self.heard(msg.get_payload_bytes());
+                    }
+                    Some(msg) if msg.get_channel_name() == self.control_channel() => {
+                        self.heard_control(msg.get_payload_bytes());
                     }
                     Some(msg) => {
                         self.receive_one(msg.get_channel_name(), msg.get_payload_bytes()).await
