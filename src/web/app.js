@@ -2,6 +2,8 @@
 // state object, and render functions that build the DOM with textContent only (never HTML).
 
 const ROOM_RE = /^[A-Za-z0-9_.-]{1,64}$/;
+const DIRECT_RE = /^dm-[0-9a-fA-F]{32}$/; // a direct-message room: joined with `dm` only
+const MAX_DIRECTS = 100; // direct-message rooms remembered across reloads
 const MAX_NAME_CHARS = 32;
 const BACKOFF_START_MS = 250;
 const BACKOFF_CAP_MS = 5000;
@@ -26,6 +28,8 @@ const ERROR_TEXT = {
   not_joined: 'You are not in that room. Join it first.',
   too_many_rooms: 'You are in too many rooms. Leave one first.',
   unavailable: 'The server could not take the message right now. Try again shortly.',
+  forbidden: 'You may not join that room.',
+  read_only: 'You may read this room but not write in it.',
   bad_json: NOT_UNDERSTOOD, bad_field: NOT_UNDERSTOOD, unknown_type: NOT_UNDERSTOOD, bad_ref: NOT_UNDERSTOOD,
 };
 
@@ -33,13 +37,14 @@ const $ = (selector) => document.querySelector(selector);
 const ui = {
   login: $('#login'), nameInput: $('#name-input'), loginError: $('#login-error'),
   chat: $('#chat'), me: $('#me'), status: $('#status'),
-  rooms: $('#rooms'), joinForm: $('#join-form'), joinInput: $('#join-input'),
+  rooms: $('#rooms'), directsTitle: $('#directs-title'), directs: $('#directs'), joinForm: $('#join-form'), joinInput: $('#join-input'),
   roomTitle: $('#room-title'), messages: $('#messages'), newMessages: $('#new-messages'),
   loadOlder: $('#load-older'),
   membersToggle: $('#members-toggle'), membersToggleCount: $('#members-toggle-count'),
   membersPanel: $('#members-panel'), membersClose: $('#members-close'), memberCount: $('#member-count'),
   membersNote: $('#members-note'), members: $('#members'), membersMore: $('#members-more'),
-  sendForm: $('#send-form'), input: $('#message-input'), error: $('#error'),
+  sendForm: $('#send-form'), input: $('#message-input'), sendButton: $('#send-button'),
+  composeHint: $('#compose-hint'), composeNote: $('#compose-note'), error: $('#error'),
 };
 
 // localStorage can throw (storage disabled, some private modes); the chat works without it.
@@ -48,7 +53,10 @@ const store = {
   set(key, value) { try { localStorage.setItem(key, value); } catch { /* not remembered */ } },
 };
 
-// A room is { online: number|null, unread, items, epoch, lastId, seen, more, loading, history }:
+// A room is { dm, readOnly, online: number|null, unread, items, epoch, lastId, seen, more,
+// loading, history }: `dm` is the other user of a direct-message room (null for any other room),
+// which is joined with `dm` rather than its `dm-…` name; `readOnly` is whether the server said
+// we may only read it;
 // `epoch` is the room history's epoch and `lastId` the newest id received in it (both sent back
 // with `since` when rejoining, to get exactly the messages missed); `seen` holds "epoch:id" of
 // every message shown, so none is shown twice; `more` is whether older messages can be loaded
@@ -68,15 +76,17 @@ const state = {
   rooms: new Map(), // joined (or to-be-joined) rooms, in display order
   current: null, // the room in view
   outbox: [], // pending items not yet acked, in send order: resent after a reconnect
-  // `join`s sent on this connection as { room, wanted }. The server answers each, in order,
-  // with `joined` or `too_many_rooms`; the latter carries no ref, so order is how we match.
+  // `join`s on this connection as { room, dm, wanted } (`room` null: a direct-message room
+  // whose name is not known yet), the first room's too. The server answers each, in order, with
+  // `joined` or an error (`forbidden`, `too_many_rooms`) that carries no ref, so order is how
+  // we match.
   joinQueue: [],
   stuck: true, // the message list is scrolled to the newest message
   conn: 'reconnecting', // connected | reconnecting | offline
   membersOpen: false, // the member panel is shown (beside the messages, or as a drawer)
 };
-const newRoom = () => ({
-  online: null, unread: 0, items: [],
+const newRoom = (dm = null) => ({
+  dm, readOnly: false, online: null, unread: 0, items: [],
   epoch: null, lastId: null, seen: new Set(), more: null, loading: false, loadTimer: 0, history: null,
   joined: false, members: null, fresh: false, truncated: false, fetch: null, recheck: 0,
   recheckMs: RECHECK_START_MS,
@@ -149,7 +159,9 @@ class Connection {
 
 const conn = new Connection({
   query: () => {
-    const room = state.current ?? firstRoom() ?? 'general';
+    // The query's room is joined by name, which a direct-message room may not be.
+    const room = [state.current, ...state.rooms.keys()].find((name) => name && !state.rooms.get(name)?.dm)
+      ?? 'general';
     return { room, name: state.name, presence: '1', ...resumeOf(room) };
   },
   onFrame: (frame) => handlers[frame.type]?.(frame),
@@ -160,23 +172,27 @@ const conn = new Connection({
 
 const handlers = {
   welcome(f) {
-    state.joinQueue = [];
     const first = f.rooms?.[0];
+    // The server joins the first room itself and answers it like a `join`.
+    state.joinQueue = first ? [{ room: first, dm: null, wanted: state.rooms.has(first) }] : [];
     // The server always puts us in one room; leave it if the user had left every room.
     if (first && !state.rooms.has(first)) conn.send({ type: 'leave', room: first });
     for (const room of state.rooms.keys()) if (room !== first) requestJoin(room);
     for (const item of state.outbox) transmit(item); // with the same refs as before the drop
   },
   joined(f) {
-    const request = state.joinQueue[0]?.room === f.room ? state.joinQueue.shift() : null;
+    const head = state.joinQueue[0];
+    const request = head && (head.room === f.room || (head.dm && head.dm === f.dm)) ? state.joinQueue.shift() : null;
     let room = state.rooms.get(f.room);
     if (!room) {
       // Not ours: the automatic first room of a user who left it, or a room left meanwhile.
       if (!request?.wanted) return;
-      room = addRoom(f.room);
+      room = addRoom(f.room, request.dm ?? (typeof f.dm === 'string' ? f.dm : null));
       switchRoom(f.room); // the user asked for this join
     }
     room.online = f.online;
+    room.readOnly = f.read_only === true;
+    if (f.room === state.current) renderCompose();
     if (!room.joined) {
       // Joined on this connection: what we knew of its members may be stale; fetch them again.
       Object.assign(room, { joined: true, fresh: false });
@@ -282,13 +298,21 @@ const handlers = {
   error(f) {
     const item = f.ref && state.outbox.find((x) => x.ref === f.ref);
     if (item) return refused(item, f);
-    if (f.code === 'too_many_rooms') {
+    if (f.code === 'too_many_rooms' || f.code === 'forbidden') {
       const request = state.joinQueue.shift();
-      if (request?.wanted) leaveRoom(request.room); // a rejoin that no longer fits
+      if (request?.wanted && request.room) leaveRoom(request.room); // a rejoin that no longer fits or is refused
+      // A refused first room that is not ours: the automatic one of a user who left it.
+      if (f.code === 'forbidden') return request?.wanted ? showError(forbiddenText(request)) : undefined;
     }
     if (f.code !== 'not_joined' || f.ref) showError(f); // else a `leave` that crossed a reconnect
   },
 };
+
+function forbiddenText({ room, dm }) {
+  if (dm) return `You may not open a direct conversation with ${dm}.`;
+  if (DIRECT_RE.test(room)) return `You may not join ${room}: open direct messages from the member list.`;
+  return `You may not join #${room}.`;
+}
 
 // Oldest match first: the acked id when known, else same room, same user (ours), same text.
 function findPending(room, f) {
@@ -350,9 +374,24 @@ function dropFromOutbox(item) {
   if (i >= 0) state.outbox.splice(i, 1);
 }
 
+/** Joins (or rejoins) `room`; a direct-message room by its other user. */
 function requestJoin(room) {
-  state.joinQueue.push({ room, wanted: true });
-  conn.send({ type: 'join', room, presence: true, ...resumeOf(room) });
+  const dm = state.rooms.get(room)?.dm ?? null;
+  state.joinQueue.push({ room, dm, wanted: true });
+  conn.send({ type: 'join', ...(dm ? { dm } : { room }), presence: true, ...resumeOf(room) });
+}
+
+// The other user sees the conversation only once they open it too, from a member list: a page
+// cannot learn of a direct-message room it is not in, and the server does not announce one.
+/** Opens the direct-message room with `user`: switches to it, or joins it with `dm`. */
+function openDirect(user) {
+  const known = [...state.rooms].find(([, room]) => room.dm === user);
+  if (known) return switchRoom(known[0]);
+  if (!conn.ready) return showError(`Direct messages with ${user} can be opened once connected.`);
+  if (state.joinQueue.some((x) => x.dm === user && x.wanted)) return; // on its way
+  ui.error.textContent = '';
+  state.joinQueue.push({ room: null, dm: user, wanted: true }); // shown and switched to on `joined`
+  conn.send({ type: 'join', dm: user, presence: true });
 }
 
 /** The oldest message shown in `room` of its current epoch, or null. */
@@ -382,8 +421,8 @@ function loadOlder() {
   renderOlder();
 }
 
-function addRoom(name) {
-  const room = newRoom();
+function addRoom(name, dm = null) {
+  const room = newRoom(dm);
   state.rooms.set(name, room);
   saveRooms();
   return room;
@@ -413,10 +452,29 @@ function switchRoom(name) {
 }
 
 const firstRoom = () => state.rooms.keys().next().value;
-const saveRooms = () => store.set('scalechat.rooms', JSON.stringify([...state.rooms.keys()]));
+
+// Rooms are remembered by name; direct-message rooms by their name and other user (they are
+// rejoined with `dm`), and only for the display name they were opened with, since another
+// name has other direct-message rooms.
+function saveRooms() {
+  const all = [...state.rooms];
+  store.set('scalechat.rooms', JSON.stringify(all.filter(([, r]) => !r.dm).map(([name]) => name)));
+  store.set('scalechat.directs', JSON.stringify({ name: state.name,
+    rooms: all.filter(([, r]) => r.dm).map(([room, r]) => ({ room, dm: r.dm })) }));
+}
+
+/** The direct-message rooms remembered for `name`: [{ room, dm }]. */
+function savedDirects(name) {
+  let saved = null;
+  try { saved = JSON.parse(store.get('scalechat.directs')); } catch { /* a bad value: none */ }
+  if (saved?.name !== name || !Array.isArray(saved.rooms)) return [];
+  return saved.rooms.filter((x) => DIRECT_RE.test(x?.room) && typeof x.dm === 'string' && !nameProblem(x.dm))
+    .slice(0, MAX_DIRECTS);
+}
 
 function sendMessage(text) {
   if (!state.current) return showError('Join a room first.');
+  if (state.rooms.get(state.current)?.readOnly) return showError({ code: 'read_only' });
   if (state.outbox.length >= MAX_OUTBOX) return showError('Too many unsent messages. Wait for the connection.');
   const item = { ref: nextRef(), room: state.current, user: state.name, ts: Date.now(), text,
     own: true, pending: true, acked: false, tries: 0, retry: 0 };
@@ -492,11 +550,24 @@ function messageEl(item) {
 }
 
 function renderMessages() {
-  ui.messages.replaceChildren(...(state.rooms.get(state.current)?.items.map(itemEl) ?? []));
+  const room = state.rooms.get(state.current);
+  ui.messages.replaceChildren(...(room?.items.map(itemEl) ?? []));
   renderOlder();
-  ui.roomTitle.textContent = state.current ? `# ${state.current}` : 'No room: join one';
-  ui.input.placeholder = state.current ? `Message #${state.current}` : 'Join a room to chat';
+  ui.roomTitle.textContent = !room ? 'No room: join one'
+    : room.dm ? `Direct messages with ${room.dm}` : `# ${state.current}`;
+  ui.input.placeholder = !room ? 'Join a room to chat' : room.dm ? `Message ${room.dm}` : `Message #${state.current}`;
+  renderCompose();
   scrollToEnd();
+}
+
+/** The composer: disabled, with a note saying why, in a room we may only read. */
+function renderCompose() {
+  const readOnly = Boolean(state.rooms.get(state.current)?.readOnly);
+  ui.input.disabled = readOnly;
+  ui.sendButton.disabled = readOnly;
+  ui.composeHint.hidden = readOnly;
+  ui.composeNote.hidden = !readOnly;
+  ui.composeNote.textContent = readOnly ? `You may read #${state.current} but not write in it.` : '';
 }
 
 /** Shows "load older messages" while the current room may have older messages to load. */
@@ -635,7 +706,15 @@ function renderMembers() {
 function memberEl(user, since) {
   const li = el('li', 'member');
   li.dataset.user = user;
-  li.append(el('span', 'member-name', user));
+  if (user === state.name) li.append(el('span', 'member-name', user));
+  else {
+    // Anyone else's name opens the direct-message room with them.
+    const open = el('button', 'member-name', user);
+    open.type = 'button';
+    open.title = `Message ${user}`;
+    open.setAttribute('aria-label', `Message ${user}`);
+    li.append(open);
+  }
   if (user === state.name) {
     li.classList.add('own');
     li.append(el('span', 'member-you', '(you)'));
@@ -662,14 +741,16 @@ function setMembersOpen(open) {
 
 // ---- Rooms, status, errors ----
 
-// Updates the list in place, keyed by room, so a focused room keeps focus as counts change.
+// Updates the lists in place, keyed by room, so a focused room keeps focus as counts change.
+// Direct-message rooms have a list of their own, labelled by the other user.
 function renderRooms() {
-  const existing = new Map([...ui.rooms.children].map((li) => [li.dataset.room, li]));
-  let index = 0;
+  const existing = new Map([...ui.rooms.children, ...ui.directs.children].map((li) => [li.dataset.room, li]));
+  const index = new Map([[ui.rooms, 0], [ui.directs, 0]]);
   let unreadTotal = 0;
   for (const [name, room] of state.rooms) {
-    const li = existing.get(name) ?? roomEl(name);
+    const li = existing.get(name) ?? roomEl(name, room.dm);
     existing.delete(name);
+    const list = room.dm ? ui.directs : ui.rooms;
     const online = li.querySelector('.online');
     online.hidden = room.online === null; // unknown until the server's `joined`
     online.textContent = online.hidden ? '' : String(room.online);
@@ -679,23 +760,26 @@ function renderRooms() {
     unread.hidden = room.unread === 0;
     if (name === state.current) li.setAttribute('aria-current', 'true');
     else li.removeAttribute('aria-current');
-    if (ui.rooms.children[index] !== li) ui.rooms.insertBefore(li, ui.rooms.children[index] ?? null);
-    index += 1;
+    const at = index.get(list);
+    if (list.children[at] !== li) list.insertBefore(li, list.children[at] ?? null);
+    index.set(list, at + 1);
     unreadTotal += room.unread;
   }
   for (const li of existing.values()) li.remove();
+  ui.directsTitle.hidden = ui.directs.hidden = ui.directs.children.length === 0;
   document.title = unreadTotal ? `(${unreadTotal}) scalechat` : 'scalechat';
 }
 
-function roomEl(name) {
-  const li = el('li', 'room');
+function roomEl(name, dm) {
+  const li = el('li', dm ? 'room direct' : 'room');
   li.dataset.room = name;
+  if (dm) li.dataset.dm = dm;
   li.tabIndex = 0;
   const leave = el('button', 'leave', '×');
   leave.type = 'button';
-  leave.title = `Leave ${name}`;
-  leave.setAttribute('aria-label', `Leave ${name}`);
-  li.append(el('span', 'room-name', name), el('span', 'online'), el('span', 'unread'), leave);
+  leave.title = dm ? `Close the conversation with ${dm}` : `Leave ${name}`;
+  leave.setAttribute('aria-label', leave.title);
+  li.append(el('span', 'room-name', dm ?? name), el('span', 'online'), el('span', 'unread'), leave);
   return li;
 }
 
@@ -772,20 +856,28 @@ function bindEvents() {
     switchRoom(name);
   });
 
-  ui.rooms.addEventListener('click', (event) => {
-    const li = event.target.closest('li[data-room]');
-    if (!li) return;
-    if (!event.target.closest('button.leave')) return switchRoom(li.dataset.room);
-    // Removing the focused room would drop focus to <body>: move it to a neighbour.
-    const next = li.nextElementSibling ?? li.previousElementSibling ?? ui.joinInput;
-    leaveRoom(li.dataset.room);
-    next.focus();
-  });
+  for (const list of [ui.rooms, ui.directs]) {
+    list.addEventListener('click', (event) => {
+      const li = event.target.closest('li[data-room]');
+      if (!li) return;
+      if (!event.target.closest('button.leave')) return switchRoom(li.dataset.room);
+      // Removing the focused room would drop focus to <body>: move it to a neighbour.
+      const next = li.nextElementSibling ?? li.previousElementSibling ?? ui.joinInput;
+      leaveRoom(li.dataset.room);
+      next.focus();
+    });
+    list.addEventListener('keydown', (event) => {
+      if (!event.target.matches('li[data-room]') || (event.key !== 'Enter' && event.key !== ' ')) return;
+      event.preventDefault();
+      switchRoom(event.target.dataset.room);
+    });
+  }
 
-  ui.rooms.addEventListener('keydown', (event) => {
-    if (!event.target.matches('li[data-room]') || (event.key !== 'Enter' && event.key !== ' ')) return;
-    event.preventDefault();
-    switchRoom(event.target.dataset.room);
+  ui.members.addEventListener('click', (event) => {
+    const li = event.target.closest('button.member-name')?.closest('li[data-user]');
+    if (!li) return;
+    if (narrow.matches) setMembersOpen(false); // the drawer covers the conversation it opens
+    openDirect(li.dataset.user);
   });
 
   ui.messages.addEventListener('scroll', () => {
@@ -821,6 +913,8 @@ function bindEvents() {
 function start(name) {
   state.name = name;
   store.set('scalechat.name', name);
+  for (const { room, dm } of savedDirects(name)) if (!state.rooms.has(room)) state.rooms.set(room, newRoom(dm));
+  state.current ??= firstRoom() ?? null;
   ui.login.hidden = true;
   ui.chat.hidden = false;
   ui.status.hidden = false;
@@ -838,7 +932,9 @@ let saved = null;
 try { saved = JSON.parse(store.get('scalechat.rooms')); } catch { /* a bad value: start over */ }
 // No remembered list: chat in `general` right away. An empty list means the user left all rooms.
 for (const name of Array.isArray(saved) ? saved : ['general']) {
-  if (typeof name === 'string' && ROOM_RE.test(name) && !state.rooms.has(name)) state.rooms.set(name, newRoom());
+  if (typeof name === 'string' && ROOM_RE.test(name) && !DIRECT_RE.test(name) && !state.rooms.has(name)) {
+    state.rooms.set(name, newRoom());
+  }
 }
 state.current = firstRoom() ?? null;
 

@@ -2,10 +2,12 @@
 // rooms through a real redis-server: messages across nodes and rooms, escaping of what users
 // type, reconnecting through a node restart, room history on join, resuming after a dropped
 // connection, resending unacknowledged messages, loading older messages, who is in a room (the
-// member panel, live over every node, paged, on a phone), and screenshots.
+// member panel, live over every node, paged, on a phone), direct messages opened from it,
+// refused and read-only rooms, and screenshots.
 // Run by tests/browser/run.sh.
 
 import assert from 'node:assert/strict';
+import { createHmac } from 'node:crypto';
 import { mkdir, readdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
@@ -799,4 +801,140 @@ test('on a phone the member list opens as a drawer from its button', { timeout: 
   await alice.locator('#members-close').click();
   await panel.waitFor({ state: 'hidden' });
   assert.equal(await toggle.getAttribute('aria-expanded'), 'false');
+}));
+
+/** The direct-message room with `peer` in the page's "Direct messages" list. */
+function directItem(page, peer) {
+  return page.locator(`#directs li[data-dm="${peer}"]`);
+}
+
+/** Waits until the direct-message room with `peer` is the current room; returns its name. */
+async function waitForDirect(page, peer) {
+  const item = directItem(page, peer);
+  await waitFor(`${page.label}: the conversation with ${peer} as the current room`, async () =>
+    (await item.getAttribute('aria-current')) === 'true');
+  return item.getAttribute('data-room');
+}
+
+/** Clicks `peer` in the member list and waits until their direct-message room is current. */
+async function openDirect(page, peer) {
+  await page.getByRole('button', { name: `Message ${peer}`, exact: true }).click();
+  return waitForDirect(page, peer);
+}
+
+test('a name in the member list opens a direct conversation that both see and that survives a reconnect', { timeout: 60_000 }, scenario('direct', async (open) => {
+  const net = relay();
+  const alice = await open(nodes.a, 'alice', { setup: net.install });
+  const bob = await open(nodes.b, 'bob');
+  await waitForMembers(alice, ['alice', 'bob']);
+  await waitForMembers(bob, ['bob', 'alice']);
+  assert.equal(await alice.locator('#members li.own button').count(), 0, 'alice: her own name is no button');
+  assert.equal(await alice.locator('#directs-title').isVisible(), false, 'no direct messages yet');
+
+  // alice opens it from the member list and writes; the list and the title name bob.
+  const room = await openDirect(alice, 'bob');
+  assert.match(room, /^dm-[0-9a-f]{32}$/);
+  assert.equal(await alice.locator('#room-title').textContent(), 'Direct messages with bob');
+  assert.equal(await directItem(alice, 'bob').locator('.room-name').textContent(), 'bob');
+  assert.equal(await alice.locator('#directs-title').textContent(), 'Direct messages');
+  assert.equal(await alice.locator(`#rooms li[data-room="${room}"]`).count(), 0, 'not among the rooms');
+  const hello = 'hello bob, just you and me';
+  await sendAll(alice, [hello]);
+
+  // bob sees nothing until he opens it from his member list too; then alice's message is there.
+  assert.equal(await bob.locator('#directs li').count(), 0, 'bob: no direct messages before opening one');
+  assert.equal(await openDirect(bob, 'alice'), room, 'the same room for both');
+  assert.equal(await directItem(bob, 'alice').locator('.room-name').textContent(), 'alice');
+  assert.equal(await bob.locator('#room-title').textContent(), 'Direct messages with alice');
+  await waitForMessage(bob, hello);
+  const reply = 'hi alice';
+  await sendAll(bob, [reply]);
+  await waitForMessage(alice, reply);
+  await waitForMembers(alice, ['alice', 'bob']);
+  await waitForOnline(alice, 'general', 2);
+
+  // Cut off, alice misses a message; back, she gets it once, having rejoined with `dm`.
+  const sentBefore = net.sent.length;
+  net.blocked = true;
+  await net.cut();
+  await waitForStatus(alice, 'reconnecting');
+  const missed = 'sent while alice was away';
+  await sendAll(bob, [missed]);
+  net.blocked = false;
+  await waitForStatus(alice, 'connected', 20_000);
+  await waitForMessage(alice, missed);
+  const last = 'and one more';
+  await sendAll(bob, [last]);
+  await waitForMessage(alice, last);
+  const expected = [hello, reply, missed, last];
+  assert.deepEqual(await lines(alice), expected, 'alice: each message once, no marker');
+  assert.deepEqual((await lines(bob)).filter((t) => !t.startsWith('|')), expected, 'bob');
+  const url = net.urls.at(-1);
+  assert.equal(url.searchParams.get('room'), 'general', 'the query names a room joined by name');
+  const joins = net.sent.slice(sentBefore).map((t) => JSON.parse(t)).filter((f) => f.type === 'join');
+  const rejoin = joins.find((f) => f.dm === 'bob');
+  assert.ok(rejoin && rejoin.room === undefined, `rejoined with dm: ${JSON.stringify(joins)}`);
+  assert.ok(Number.isInteger(rejoin.since) && /^[A-Za-z0-9]+$/.test(rejoin.epoch ?? ''), 'with since and epoch');
+
+  // A reload keeps the conversation, still labelled by bob's name, and its messages.
+  await alice.reload();
+  await waitForStatus(alice, 'connected');
+  await directItem(alice, 'bob').locator('.room-name').click();
+  assert.equal(await waitForDirect(alice, 'bob'), room);
+  assert.equal(await directItem(alice, 'bob').locator('.room-name').textContent(), 'bob');
+  await waitForMessage(alice, last);
+  assert.deepEqual((await lines(alice)).filter((t) => !t.startsWith('|')), expected, 'after the reload');
+  await mkdir(ARTIFACTS, { recursive: true });
+  await alice.screenshot({ path: join(ARTIFACTS, 'chat-direct.png') });
+
+  // A direct-message room's name is not joinable with the join form: refused, said so.
+  const carol = await open(nodes.c, 'carol');
+  await joinRoomAs(carol, room);
+  await waitFor('carol: the refusal shown', async () =>
+    /^You may not join dm-/.test(await carol.locator('#error').textContent()));
+  assert.equal(await carol.locator(`li[data-room="${room}"]`).count(), 0, 'carol: not in the room list');
+}));
+
+/** Types `room` into the join form and presses Enter, without waiting for the result. */
+async function joinRoomAs(page, room) {
+  const input = page.locator('#join-input');
+  await input.fill(room);
+  await input.press('Enter');
+}
+
+/** An HS256 JWT for `claims`, valid for an hour. */
+function token(secret, claims) {
+  const part = (value) => Buffer.from(JSON.stringify(value)).toString('base64url');
+  const body = `${part({ alg: 'HS256', typ: 'JWT' })}.${part({ ...claims, exp: Math.floor(Date.now() / 1000) + 3600 })}`;
+  return `${body}.${createHmac('sha256', secret).update(body).digest('base64url')}`;
+}
+
+test('a room the token does not list is refused, and one it may only read has no composer', { timeout: 40_000 }, scenario('access', async (open) => {
+  const secret = 'a browser test secret of 32 bytes or more';
+  const node = await startNode({ nodeId: 'node-auth', port: await freePort(), env: { SCALECHAT_AUTH__JWT_SECRET: secret } });
+  try {
+    const jwt = token(secret, { name: 'ann', rooms: ['general'], read_only_rooms: ['news'] });
+    const ann = await open(node, 'ann', {
+      setup: (context) => context.addCookies([{ name: 'scalechat_token', value: jwt, url: node.url }]),
+    });
+
+    await joinRoomAs(ann, 'secret');
+    await waitFor('ann: the refusal shown', async () =>
+      (await ann.locator('#error').textContent()) === 'You may not join #secret.');
+    assert.equal(await roomItem(ann, 'secret').count(), 0, 'not in the room list');
+
+    await joinRoom(ann, 'news');
+    const note = ann.locator('#compose-note');
+    await note.waitFor({ state: 'visible' });
+    assert.equal(await note.textContent(), 'You may read #news but not write in it.');
+    assert.ok(await ann.locator('#message-input').isDisabled(), 'the message box is disabled');
+    assert.ok(await ann.locator('#send-button').isDisabled(), 'the send button is disabled');
+
+    await switchRoom(ann, 'general');
+    await note.waitFor({ state: 'hidden' });
+    assert.ok(await ann.locator('#message-input').isEnabled(), 'general: the message box is enabled');
+    await sendAll(ann, ['ann may write here']);
+  } finally {
+    await stop(node.child);
+  }
 }));
