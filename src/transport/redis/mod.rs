@@ -88,6 +88,8 @@ pub struct RedisTransport {
     presence_channel: String,
     /// `{prefix}:control`, where requests for every node go out.
     control_channel: String,
+    /// `server.internal_addr`: where other nodes reach this one.
+    internal_addr: String,
 }
 
 impl std::fmt::Debug for RedisTransport {
@@ -121,6 +123,7 @@ impl RedisTransport {
         config: &RedisConfig,
         policy: &RoomsConfig,
         node: &str,
+        internal_addr: &str,
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, TransportError> {
@@ -152,6 +155,7 @@ impl RedisTransport {
             metrics,
             presence_channel: format!("{}:presence", config.channel_prefix),
             control_channel: format!("{}:control", config.channel_prefix),
+            internal_addr: internal_addr.to_owned(),
             presence: PresenceSync::new(
                 config.presence,
                 node,
