@@ -41,19 +41,41 @@ struct Counts {
 /// A snapshot of every sampled member's counts: (frames, bytes, arrivals) each.
 type Snapshot = Vec<(u64, u64, u64)>;
 
+/// What a storm measured.
+struct Storm {
+    members: usize,
+    /// Seconds to connect the members (and for their own arrivals to be announced).
+    setup_secs: f64,
+    joins: Joins,
+    latency: Histogram<u64>,
+    /// Seconds over which the joins were started.
+    storm_secs: f64,
+    /// Seconds from the first join until the sample went quiet.
+    window_secs: f64,
+    /// Per sampled member: presence frames and KiB per second during the joins, and users
+    /// announced over the window.
+    frames: Vec<f64>,
+    kib: Vec<f64>,
+    arrivals: Vec<f64>,
+    redis_secs: f64,
+    server_cpu: f64,
+    trouble: String,
+}
+
 /// Runs the storm on two nodes on Redis with presence on; its Markdown table.
 pub async fn run(plan: &Plan, opts: &ServerOpts) -> anyhow::Result<String> {
     let mut table = Table::new(
         &format!(
-            "Join storm: {} members joined with presence, then {} joins/s for {} s, \
-             redis 2 nodes; presence frames counted on {} members",
+            "Join storm: {} members joined with presence, then {} joins/s of new users (asking \
+             for presence too) for {} s, redis 2 nodes; presence frames counted on {} members",
             count(plan.storm_members as f64),
             plan.storm_rate,
             plan.storm_secs,
-            plan.storm_sample.min(plan.storm_members)
+            plan.storm_sample.clamp(1, plan.storm_members.max(1))
         ),
         &[
             "members",
+            "setup s",
             "joins made",
             "joins/s",
             "failed",
@@ -69,8 +91,50 @@ pub async fn run(plan: &Plan, opts: &ServerOpts) -> anyhow::Result<String> {
         ],
     );
     eprintln!("presence join storm");
+    let s = measure(plan, opts).await?;
+    let [p50, p99, _, max] = percentiles(&s.latency);
+    let mut reports: Vec<String> = s.joins.first_error.into_iter().collect();
+    reports.extend((!s.trouble.is_empty()).then_some(s.trouble));
+    table.push(vec![
+        count(s.members as f64),
+        format!("{:.1}", s.setup_secs),
+        count(s.joins.joined as f64),
+        format!("{:.0}", s.joins.joined as f64 / s.storm_secs),
+        s.joins.failed.to_string(),
+        format!("{p50} / {p99} / {max}"),
+        format!("{:.1}", mean(&s.frames)),
+        format!("{:.1}", max_of(&s.frames)),
+        format!("{:.1}", mean(&s.kib)),
+        format!(
+            "{:.0} / {:.0} of {}",
+            mean(&s.arrivals),
+            s.arrivals.iter().copied().fold(f64::INFINITY, f64::min),
+            s.joins.joined
+        ),
+        format!("{:.2}", s.redis_secs),
+        format!("{:.0}", 100.0 * s.redis_secs / s.window_secs.max(1e-9)),
+        format!("{:.0}", s.server_cpu),
+        if reports.is_empty() {
+            "-".into()
+        } else {
+            reports.join("; ")
+        },
+    ]);
+    Ok(format!(
+        "{}\nFrames and KiB per second over the {} s of joins; arrivals told: users announced \
+         by `member_joined` to a sampled member from the first join until 1 s without any \
+         (window {:.1} s, over which the redis CPU % is taken).\n\n",
+        table.markdown(),
+        plan.storm_secs,
+        s.window_secs
+    ))
+}
+
+/// Starts the servers, fills the room, runs the joins and stops everything again.
+async fn measure(plan: &Plan, opts: &ServerOpts) -> anyhow::Result<Storm> {
     let cluster = Cluster::start_with_env(Setup::Redis2, opts, &node_env(true)).await?;
     let redis = cluster.redis_pid().context("no redis-server")?;
+    let setup = Instant::now();
     let sample_size = plan.storm_sample.clamp(1, plan.storm_members.max(1));
     let spec = HoldSpec {
         conns: plan.storm_members.saturating_sub(sample_size),
@@ -82,9 +146,9 @@ pub async fn run(plan: &Plan, opts: &ServerOpts) -> anyhow::Result<String> {
     };
     let holders = Holders::spawn(&cluster, &spec).await?;
     let (sample, _sample_tasks) = connect_sample(&cluster, sample_size, plan.sources).await?;
-    let members = holders.joined + sample.len();
     // The members' own arrivals are announced for a while after the last one joined.
-    wait_quiet(&sample, Duration::from_secs(60)).await;
+    wait_quiet(&sample, Duration::from_secs(120)).await;
+    let setup_secs = setup.elapsed().as_secs_f64();
     let before = snapshot(&sample);
     let (redis_before, nodes) = (cpu_secs(redis), cluster.node_pids());
     let node_cpu = CpuSample::take(&nodes);
@@ -97,58 +161,31 @@ pub async fn run(plan: &Plan, opts: &ServerOpts) -> anyhow::Result<String> {
     wait_joins(&joins, total, Duration::from_secs(30)).await;
     wait_quiet(&sample, Duration::from_secs(30)).await;
     let after = snapshot(&sample);
-    let window = started.elapsed().as_secs_f64();
+    let window_secs = started.elapsed().as_secs_f64();
     let redis_secs = cpu_secs(redis) - redis_before;
     let server_cpu = node_cpu.percent_since(&nodes);
     let trouble = cluster.trouble().await;
-    let Joins {
-        latency,
-        joined,
-        failed,
-        first_error,
-    } = std::mem::take(&mut *joins.lock().expect("joins lock"));
-    let latency = latency.unwrap_or_else(histogram);
-    let frames = per_member(&before, &during, |c| c.0, storm_secs);
-    let bytes = per_member(&before, &during, |c| c.1, storm_secs * 1024.0);
-    let arrivals = per_member(&before, &after, |c| c.2, 1.0);
-    let [p50, p99, _, max] = percentiles(&latency);
-    let mut reports: Vec<String> = first_error.into_iter().collect();
-    reports.extend((!trouble.is_empty()).then_some(trouble));
-    table.push(vec![
-        count(members as f64),
-        count(joined as f64),
-        format!("{:.0}", joined as f64 / storm_secs),
-        failed.to_string(),
-        format!("{p50} / {p99} / {max}"),
-        format!("{:.1}", mean(&frames)),
-        format!("{:.1}", max_of(&frames)),
-        format!("{:.1}", mean(&bytes)),
-        format!(
-            "{:.0} / {:.0} of {}",
-            mean(&arrivals),
-            arrivals.iter().copied().fold(f64::INFINITY, f64::min),
-            joined
-        ),
-        format!("{redis_secs:.2}"),
-        format!("{:.0}", 100.0 * redis_secs / window),
-        format!("{server_cpu:.0}"),
-        if reports.is_empty() {
-            "-".into()
-        } else {
-            reports.join("; ")
-        },
-    ]);
+    let mut joins = std::mem::take(&mut *joins.lock().expect("joins lock"));
+    let latency = joins.latency.take().unwrap_or_else(histogram);
     drop(joiners);
+    let members = holders.joined + sample.len();
     holders.release().await;
     drop(cluster);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    Ok(format!(
-        "{}\nFrames and KiB per second over the {} s of joins; arrivals told: users announced \
-         by `member_joined` to a sampled member from the first join until 1 s without any \
-         (window {window:.1} s, over which the redis CPU % is taken).\n\n",
-        table.markdown(),
-        plan.storm_secs
-    ))
+    Ok(Storm {
+        members,
+        setup_secs,
+        joins,
+        latency,
+        storm_secs,
+        window_secs,
+        frames: per_member(&before, &during, |c| c.0, storm_secs),
+        kib: per_member(&before, &during, |c| c.1, storm_secs * 1024.0),
+        arrivals: per_member(&before, &after, |c| c.2, 1.0),
+        redis_secs,
+        server_cpu,
+        trouble,
+    })
 }
 
 /// What the storm's joins measured.
