@@ -349,12 +349,17 @@ pub struct SocketIoConfig {
     /// Seconds an Engine.IO session has to connect to the namespace (a valid CONNECT, with
     /// its token when authentication is on) before it is closed.
     pub connect_timeout_secs: u64,
+    /// Send a joining Socket.IO client the room's newest messages (`rooms.history_on_join`)
+    /// as `message` events after `joined`, as native clients get them. Off keeps the original
+    /// app's contract: live messages only.
+    pub history_on_join: bool,
 }
 
 impl Default for SocketIoConfig {
     fn default() -> Self {
         Self {
             connect_timeout_secs: 5,
+            history_on_join: false,
         }
     }
 }

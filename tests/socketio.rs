@@ -1093,3 +1093,37 @@ async fn any_node_serves_any_session_by_relaying_to_its_owner() {
     assert!(sid2.ends_with(".7362"), "b's own session: {sid2}");
     engine_error(&poll(b.addr, &sid).await, 400, 1, "Session ID unknown");
 }
+
+#[tokio::test]
+async fn with_history_on_join_socketio_clients_get_the_room_history_first() {
+    let mut cfg = config();
+    cfg.socketio.history_on_join = true;
+    let server = start(cfg).await;
+    let addr = server.addr;
+    let mut native = server.client("name=nat").await;
+    for n in 1..=3 {
+        native
+            .say("general", &format!("old {n}"), &format!("o{n}"))
+            .await;
+    }
+    while native.recv().await["id"] != 3 {}
+    let (sid, _) = handshake(addr).await;
+    post(addr, &sid, r#"40{"name":"sio"}"#).await;
+    let seen = poll_until(addr, &sid, |p| p.contains("old 3")).await;
+    let order: Vec<&str> = seen
+        .iter()
+        .filter_map(|p| {
+            if p.starts_with(r#"42["joined""#) {
+                Some("joined")
+            } else {
+                ["old 1", "old 2", "old 3"]
+                    .into_iter()
+                    .find(|t| p.contains(t))
+            }
+        })
+        .collect();
+    assert_eq!(order, ["joined", "old 1", "old 2", "old 3"]);
+    native.say("general", "live", "l1").await;
+    poll_until(addr, &sid, |p| p.contains("live")).await;
+    server.stop().await;
+}

@@ -176,7 +176,7 @@ impl Client {
         let join = Join {
             room: RoomRef::Named(room),
             since: None,
-            history: false,
+            history: self.chat.node().config.socketio.history_on_join,
             presence: presence.unwrap_or(false),
         };
         if let Err(e) = self.chat.join(join).await {
@@ -197,7 +197,7 @@ impl Client {
                 let join = Join {
                     room,
                     since: None,
-                    history: false,
+                    history: self.chat.node().config.socketio.history_on_join,
                     presence: data.get("presence").and_then(Value::as_bool) == Some(true),
                 };
                 let entered = self.chat.join(join).await?;
