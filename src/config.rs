@@ -353,6 +353,10 @@ pub struct SocketIoConfig {
     /// as `message` events after `joined`, as native clients get them. Off keeps the original
     /// app's contract: live messages only.
     pub history_on_join: bool,
+    /// Seconds a disconnected Socket.IO session can be recovered (socket.io-client's
+    /// connection-state recovery: its rooms back and every message it missed, on any node);
+    /// 0 turns recovery off.
+    pub recovery_secs: u64,
 }
 
 impl Default for SocketIoConfig {
@@ -360,6 +364,7 @@ impl Default for SocketIoConfig {
         Self {
             connect_timeout_secs: 5,
             history_on_join: false,
+            recovery_secs: 120,
         }
     }
 }

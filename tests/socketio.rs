@@ -123,7 +123,10 @@ async fn connected(addr: SocketAddr, auth: &str) -> String {
     let (sid, _) = handshake(addr).await;
     assert_eq!(post(addr, &sid, &format!("40{auth}")).await.body, "ok");
     let seen = poll_until(addr, &sid, |p| p.starts_with("42[\"joined\"")).await;
-    assert!(seen[0].starts_with("40{\"sid\":"), "{seen:?}");
+    assert!(
+        seen[0].starts_with("40{") && seen[0].contains("\"sid\":"),
+        "{seen:?}"
+    );
     sid
 }
 
@@ -442,7 +445,7 @@ async fn websocket_only_session() {
     let open: Value = serde_json::from_str(open.strip_prefix('0').unwrap()).unwrap();
     assert_eq!(open["upgrades"], serde_json::json!([]));
     ws.send(Message::text("40")).await.unwrap();
-    assert!(next_text(&mut ws).await.starts_with("40{\"sid\""));
+    assert!(next_text(&mut ws).await.contains("\"sid\":"));
     assert!(next_text(&mut ws).await.starts_with("42[\"joined\""));
     // Binary attachments are refused: the connection closes, nobody else is disturbed.
     ws.send(Message::text(
@@ -748,7 +751,7 @@ async fn handshakes_count_against_the_per_address_attempt_rate() {
         assert_eq!(post(addr, &sid, "6").await.body, "ok");
     }
     ws.send(Message::text("40")).await.unwrap();
-    assert!(next_text(&mut ws).await.starts_with("40{\"sid\""));
+    assert!(next_text(&mut ws).await.contains("\"sid\":"));
     server.stop().await;
 }
 
@@ -855,7 +858,7 @@ async fn the_token_cookie_is_accepted_only_from_this_site_and_listed_origins() {
     let mut ws = ws_handshake(addr, &headers).await.expect("same origin");
     assert!(next_text(&mut ws).await.starts_with("0{"));
     ws.send(Message::text("40")).await.unwrap();
-    assert!(next_text(&mut ws).await.starts_with("40{\"sid\""));
+    assert!(next_text(&mut ws).await.contains("\"sid\":"));
 
     // A page of another site that sends the token itself, without cookies: it works, and
     // CORS lets it read answers, without credentials.
@@ -879,7 +882,7 @@ async fn the_token_cookie_is_accepted_only_from_this_site_and_listed_origins() {
     let mut ws = ws_handshake(addr, &other).await.expect("no cookie");
     assert!(next_text(&mut ws).await.starts_with("0{"));
     ws.send(Message::text(body)).await.unwrap();
-    assert!(next_text(&mut ws).await.starts_with("40{\"sid\""));
+    assert!(next_text(&mut ws).await.contains("\"sid\":"));
     // The token in the query wins over a cookie, so that one is not at risk either.
     let query = format!("/socket.io/?EIO=4&transport=polling&token={token}");
     assert_eq!(request(addr, "GET", &query, &evil, b"").await.status, 200);
@@ -1126,4 +1129,103 @@ async fn with_history_on_join_socketio_clients_get_the_room_history_first() {
     native.say("general", "live", "l1").await;
     poll_until(addr, &sid, |p| p.contains("live")).await;
     server.stop().await;
+}
+
+/// The `pid` of a CONNECT answer among `packets`.
+fn pid_of(packets: &[String]) -> String {
+    let connect = packets
+        .iter()
+        .find(|p| p.starts_with("40{"))
+        .expect("a CONNECT answer");
+    let answer: Value = serde_json::from_str(&connect[2..]).unwrap();
+    answer["pid"].as_str().expect("a pid").to_owned()
+}
+
+/// The offset (last argument) of the `message` event carrying `text` among `packets`.
+fn offset_of(packets: &[String], text: &str) -> String {
+    let event = packets.iter().find(|p| p.contains(text)).unwrap();
+    let args: Value = serde_json::from_str(event.strip_prefix("42").unwrap()).unwrap();
+    args[2].as_str().expect("an offset").to_owned()
+}
+
+/// Reconnects with `pid` and `offset` at `addr`: every packet up to the CONNECT answer.
+async fn reconnect(addr: SocketAddr, pid: &str, offset: &str) -> Vec<String> {
+    let (sid, _) = handshake(addr).await;
+    let connect = json!({"pid": pid, "offset": offset}).to_string();
+    post(addr, &sid, &format!("40{connect}")).await;
+    poll_until(addr, &sid, |p| p.starts_with("40{")).await
+}
+
+#[tokio::test]
+async fn a_session_is_recovered_with_every_missed_message_once() {
+    let server = start(config()).await;
+    let addr = server.addr;
+    let mut native = server.client("name=nat").await;
+    let (sid, _) = handshake(addr).await;
+    post(addr, &sid, r#"40{"name":"sio"}"#).await;
+    let seen = poll_until(addr, &sid, |p| p.starts_with(r#"42["joined""#)).await;
+    let pid = pid_of(&seen);
+    native.say("general", "seen before", "s1").await;
+    let seen = poll_until(addr, &sid, |p| p.contains("seen before")).await;
+    let offset = offset_of(&seen, "seen before");
+    assert!(offset.starts_with("general:"), "{offset}");
+    // The connection drops; two messages are sent meanwhile.
+    post(addr, &sid, "1").await;
+    common::eventually("the session to end", || server.socketio.is_empty()).await;
+    native.say("general", "missed one", "m1").await;
+    native.say("general", "missed two", "m2").await;
+    while native.recv().await["message"] != "missed two" {}
+
+    let packets = reconnect(addr, &pid, &offset).await;
+    assert_eq!(pid_of(&packets), pid, "the same pid: recovered");
+    let texts: Vec<&str> = packets
+        .iter()
+        .filter_map(|p| {
+            ["seen before", "missed one", "missed two"]
+                .into_iter()
+                .find(|t| p.contains(t))
+        })
+        .collect();
+    assert_eq!(
+        texts,
+        ["missed one", "missed two"],
+        "every missed message, once, in order"
+    );
+    // A forged pid recovers nothing: a new session, with a pid of its own.
+    let packets = reconnect(addr, "forged-pid", &offset).await;
+    assert_ne!(pid_of(&packets), "forged-pid", "not recovered");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_session_of_a_killed_node_is_recovered_on_another() {
+    use common::backplane::{Node, Redis};
+    let redis = Redis::start(None).await;
+    let a = Node::spawn_with("ca", redis.port, None, &[]);
+    let b = Node::spawn_with("cb", redis.port, None, &[]);
+    for n in [&a, &b] {
+        let addr = n.addr;
+        common::eventually_async("node ready", || async move {
+            common::readyz(addr).await == Some(200)
+        })
+        .await;
+    }
+    let mut native = b.client("name=nat").await;
+    let (sid, _) = handshake(a.addr).await;
+    post(a.addr, &sid, r#"40{"name":"sio"}"#).await;
+    let pid = pid_of(&poll_until(a.addr, &sid, |p| p.starts_with(r#"42["joined""#)).await);
+    native.say("general", "before the crash", "c1").await;
+    let seen = poll_until(a.addr, &sid, |p| p.contains("before the crash")).await;
+    let offset = offset_of(&seen, "before the crash");
+    let mut a = a;
+    a.child.kill().await.unwrap();
+    native.say("general", "while away", "w1").await;
+    while native.recv().await["message"] != "while away" {}
+    let packets = reconnect(b.addr, &pid, &offset).await;
+    assert_eq!(pid_of(&packets), pid, "recovered on another node");
+    assert_eq!(
+        packets.iter().filter(|p| p.contains("while away")).count(),
+        1
+    );
+    assert!(!packets.iter().any(|p| p.contains("before the crash")));
 }

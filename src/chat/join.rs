@@ -51,6 +51,8 @@ pub(crate) struct Entered {
     pub(crate) room: RoomName,
     /// The users in it over every node.
     pub(crate) online: usize,
+    /// With `since`: whether the messages sent were exactly those missed.
+    pub(crate) recovered: Option<bool>,
 }
 
 /// What a client asks of a join.
@@ -116,7 +118,11 @@ impl<P: Protocol> Chat<P> {
             if let Some(frame) = P::already_joined(&room, online) {
                 self.push(frame);
             }
-            return Ok(Entered { room, online });
+            return Ok(Entered {
+                room,
+                online,
+                recovered: None,
+            });
         }
         // A direct-message room admits its two users; any other is decided by the rules.
         let mode = match direct {
@@ -183,8 +189,15 @@ impl<P: Protocol> Chat<P> {
             }
         }
         let sent = snapshot.as_ref().and_then(|s| s.as_ref().ok());
+        let recovered = since
+            .is_some()
+            .then(|| sent.and_then(|s| s.recovered) == Some(true));
         self.catch_up(&room, sent).await;
-        Ok(Entered { room, online })
+        Ok(Entered {
+            room,
+            online,
+            recovered,
+        })
     }
     /// Ends a staged join: once this node's live stream has reached what `sent` held, the
     /// staged messages that came after it follow, and live ones from then on.

@@ -138,6 +138,16 @@ impl<P: Protocol> Chat<P> {
         self.rooms.user.is_some()
     }
 
+    /// The signed-in user and their first room.
+    pub(crate) fn user(&self) -> Option<(&Arc<str>, &RoomName)> {
+        self.rooms.user.as_ref().zip(self.first_room.as_ref())
+    }
+
+    /// The rooms the connection is in.
+    pub(crate) fn rooms(&self) -> &[RoomName] {
+        &self.rooms.rooms
+    }
+
     /// The node this connection is on.
     pub(crate) fn node(&self) -> &Arc<Node> {
         &self.node

@@ -159,7 +159,7 @@ fn socketio_members_share_one_socketio_frame_built_once() {
     let payload = crate::protocol::ws::text_payload(&first[0]);
     assert_eq!(
         payload,
-        crate::protocol::ws::text_payload(&crate::protocol::socketio::message_frame(&frame))
+        crate::protocol::ws::text_payload(&message.frame(Codec::SocketIo))
     );
     assert!(payload.starts_with(br#"42["message","{\"type\":\"message\""#));
     for outbox in &sio[1..] {

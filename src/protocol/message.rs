@@ -175,7 +175,14 @@ impl Message {
             Codec::Native => self.native.clone(),
             Codec::SocketIo => self
                 .socketio
-                .get_or_init(|| socketio::message_frame(&self.native))
+                .get_or_init(|| {
+                    let offset = socketio::Offset {
+                        room: self.room.as_str(),
+                        epoch: &self.epoch,
+                        id: self.id,
+                    };
+                    socketio::message_frame(&self.native, offset)
+                })
                 .clone(),
         }
     }

@@ -206,6 +206,13 @@ pub(crate) fn connected(sid: &str) -> Bytes {
     socketio_frame(b'0', "/", None, json.as_bytes())
 }
 
+/// `40{"sid":…,"pid":…}`: connected, with the private id the client recovers the session
+/// with; the `pid` it had before when the session was recovered.
+pub(crate) fn connected_with_pid(sid: &str, pid: &str) -> Bytes {
+    let json = serde_json::json!({ "sid": sid, "pid": pid }).to_string();
+    socketio_frame(b'0', "/", None, json.as_bytes())
+}
+
 /// `44[/nsp,]{"message":…}`: a refused connect.
 pub(crate) fn connect_error(nsp: &str, message: &str) -> Bytes {
     let json = serde_json::json!({ "message": message }).to_string();
@@ -224,20 +231,62 @@ pub(crate) fn ack(id: u64, data: &Value) -> Bytes {
     socketio_frame(b'3', "/", Some(id), json.as_bytes())
 }
 
-/// The Socket.IO form of a chat message: `42["message","<the native JSON as a string>"]`,
-/// built from a native `message` frame (a WebSocket text frame), as one WebSocket text frame.
-pub(crate) fn message_frame(native_frame: &Bytes) -> Bytes {
+/// The Socket.IO form of a chat message, built from a native `message` frame (a WebSocket
+/// text frame), as one WebSocket text frame:
+/// `42["message","<the native JSON as a string>","<room>:<epoch>:<id>"]`. The last argument is
+/// the message's offset, which socket.io-client keeps for connection-state recovery (and
+/// which handlers that take one argument never see).
+pub(crate) fn message_frame(native_frame: &Bytes, offset: Offset<'_>) -> Bytes {
     const HEAD: &[u8] = b"42[\"message\",\"";
+    const MIDDLE: &[u8] = b"\",\"";
     const TAIL: &[u8] = b"\"]";
     let json = ws::text_payload(native_frame);
     let mut escaped = 0;
     escape_json(&json, |part| escaped += part.len());
+    let mut digits = itoa::Buffer::new();
+    let id = digits.format(offset.id).as_bytes();
+    // Room names and epochs hold no character JSON escapes.
+    let offset_len = offset.room.len() + 1 + offset.epoch.len() + 1 + id.len();
     // Measured first, so the frame is built in one allocation.
-    ws::text_with(HEAD.len() + escaped + TAIL.len(), |buf| {
-        buf.extend_from_slice(HEAD);
-        escape_json(&json, |part| buf.extend_from_slice(part));
-        buf.extend_from_slice(TAIL);
-    })
+    ws::text_with(
+        HEAD.len() + escaped + MIDDLE.len() + offset_len + TAIL.len(),
+        |buf| {
+            buf.extend_from_slice(HEAD);
+            escape_json(&json, |part| buf.extend_from_slice(part));
+            buf.extend_from_slice(MIDDLE);
+            buf.extend_from_slice(offset.room.as_bytes());
+            buf.extend_from_slice(b":");
+            buf.extend_from_slice(offset.epoch.as_bytes());
+            buf.extend_from_slice(b":");
+            buf.extend_from_slice(id);
+            buf.extend_from_slice(TAIL);
+        },
+    )
+}
+
+/// Where a message stands: its room, the room's epoch and its id. A Socket.IO client sends
+/// the last one it got back when it recovers its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Offset<'a> {
+    /// The room.
+    pub room: &'a str,
+    /// The room history's epoch.
+    pub epoch: &'a str,
+    /// The message's id.
+    pub id: u64,
+}
+
+impl<'a> Offset<'a> {
+    /// Reads an offset as [`message_frame`] writes it.
+    pub fn parse(text: &'a str) -> Option<Self> {
+        let mut parts = text.splitn(3, ':');
+        let (room, epoch, id) = (parts.next()?, parts.next()?, parts.next()?);
+        Some(Self {
+            room,
+            epoch,
+            id: id.parse().ok()?,
+        })
+    }
 }
 
 /// Hands `out` the contents of a JSON string holding `text`, in pieces: `"` and `\` escaped,
@@ -339,9 +388,15 @@ mod tests {
         assert_eq!(decode_packet(&deep), Err(CodecError::BadJson));
     }
 
+    const OFFSET: Offset<'static> = Offset {
+        room: "dev",
+        epoch: "e1",
+        id: 7,
+    };
+
     #[test]
     fn one_frame_is_sent_without_a_copy() {
-        let frame = message_frame(&ws::text(b"{}"));
+        let frame = message_frame(&ws::text(b"{}"), OFFSET);
         let body = join_frames([&frame].into_iter());
         assert_eq!(&body[..], &ws::text_payload(&frame)[..]);
         assert_eq!(body.as_ptr(), frame[2..].as_ptr());
@@ -360,7 +415,7 @@ mod tests {
             let _ = decode_engine(&text);
             let _ = decode_packet(&text);
             let _ = split_payload(&text);
-            let _ = message_frame(&Bytes::from(bytes));
+            let _ = message_frame(&Bytes::from(bytes), OFFSET);
         }
     }
 
@@ -381,13 +436,17 @@ mod tests {
             r#"42["joined",{"room":"g"}]"#
         );
         let native = ws::text(br#"{"type":"message","message":"a \"b\""}"#);
-        let text = payload(message_frame(&native));
+        let text = payload(message_frame(&native, OFFSET));
         let parsed: Value = serde_json::from_str(&text[2..]).unwrap();
         assert_eq!(parsed[0], "message");
+        assert_eq!(parsed[2], "dev:e1:7");
+        assert_eq!(Offset::parse("dev:e1:7"), Some(OFFSET));
+        assert_eq!(Offset::parse("dev:e1"), None);
+        assert_eq!(Offset::parse("dev:e1:x"), None);
         let inner: Value = serde_json::from_str(parsed[1].as_str().unwrap()).unwrap();
         assert_eq!(inner["message"], "a \"b\"");
         let odd = ws::text("x\u{1}\\\"é".as_bytes());
-        let text = payload(message_frame(&odd));
+        let text = payload(message_frame(&odd, OFFSET));
         let parsed: Value = serde_json::from_str(&text[2..]).unwrap();
         assert_eq!(parsed[1], "x\u{1}\\\"é");
     }

@@ -53,7 +53,9 @@ impl Protocol for SocketIo {
 /// The Socket.IO state of one session.
 pub(super) struct Client {
     /// Signed in by CONNECT, with the display name and the first room.
-    chat: Chat<SocketIo>,
+    pub(super) chat: Chat<SocketIo>,
+    /// The private id the session can be recovered with, once connected (recovery on).
+    pub(super) pid: Option<String>,
     /// `name` and `room` from the handshake query, checked at CONNECT.
     query_name: Option<String>,
     query_room: Option<String>,
@@ -68,6 +70,7 @@ impl Client {
     pub fn new(node: Arc<Node>, conn: ConnId, outbox: Arc<Outbox>, query: &Query) -> Self {
         Self {
             chat: Chat::new(node, conn, outbox),
+            pid: None,
             query_name: query.name.clone(),
             query_room: query.room.clone(),
             query_token: query.token.clone(),
@@ -80,7 +83,7 @@ impl Client {
         self.chat.is_signed_in()
     }
 
-    fn push(&self, frame: Bytes) {
+    pub(super) fn push(&self, frame: Bytes) {
         self.chat.push(frame);
     }
 
@@ -97,7 +100,13 @@ impl Client {
         }
         match packet.kind {
             PacketType::Connect => self.connect(packet.data.as_ref()).await,
-            PacketType::Disconnect => self.chat.sign_out(),
+            PacketType::Disconnect => {
+                // A client that leaves on purpose is not recovered.
+                if let Some(pid) = self.pid.take() {
+                    self.chat.node().transport.take_recovery(&pid).await;
+                }
+                self.chat.sign_out();
+            }
             PacketType::Event if self.is_connected() => {
                 let Some(Value::Array(args)) = packet.data else {
                     return Err(CodecError::BadData);
@@ -153,6 +162,13 @@ impl Client {
                 }
             }
         };
+        let recovery = node.config.socketio.recovery_secs > 0;
+        if recovery && let Some(auth) = auth {
+            let token_user = node.auth.as_ref().and(name.as_deref());
+            if self.recover(auth, token_user, grant.clone(), &id).await {
+                return;
+            }
+        }
         let name = match name {
             Some(name) if valid_user_name(&name) => name,
             Some(_) => {
@@ -171,7 +187,18 @@ impl Client {
         let presence = auth
             .and_then(|a| a.get("presence"))
             .and_then(Value::as_bool);
-        self.push(codec::connected(&id));
+        if recovery {
+            let Ok(pid) = random_id() else {
+                return self.push(codec::connect_error(
+                    "/",
+                    "no random bytes for a session id",
+                ));
+            };
+            self.push(codec::connected_with_pid(&id, &pid));
+            self.pid = Some(pid);
+        } else {
+            self.push(codec::connected(&id));
+        }
         self.chat.sign_in(name.into(), room.clone(), grant);
         let join = Join {
             room: RoomRef::Named(room),
@@ -182,6 +209,7 @@ impl Client {
         if let Err(e) = self.chat.join(join).await {
             self.push(error_event(&e));
         }
+        self.save_recovery().await;
     }
 
     async fn event(&mut self, args: &[Value]) -> Answer {
@@ -201,6 +229,7 @@ impl Client {
                     presence: data.get("presence").and_then(Value::as_bool) == Some(true),
                 };
                 let entered = self.chat.join(join).await?;
+                self.save_recovery().await;
                 Ok(json!({ "room": entered.room, "online": entered.online }))
             }
             Some("presence") => {
@@ -223,6 +252,7 @@ impl Client {
             Some("leave") => {
                 let room = room_field(data)?;
                 self.chat.leave(&room)?;
+                self.save_recovery().await;
                 Ok(json!({ "room": room }))
             }
             other => Err(ProtocolError::new(
@@ -317,7 +347,7 @@ fn error_json(e: &ProtocolError) -> Value {
     json!({ "code": e.code.as_str(), "message": e.message })
 }
 
-fn error_event(e: &ProtocolError) -> Bytes {
+pub(super) fn error_event(e: &ProtocolError) -> Bytes {
     codec::event("error", &error_json(e))
 }
 

@@ -18,6 +18,7 @@
 
 mod client;
 mod polling;
+mod recovery;
 mod relay;
 mod session;
 mod websocket;

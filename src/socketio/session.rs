@@ -256,7 +256,11 @@ async fn run(node: Arc<Node>, session: Arc<EngineSession>, live: Arc<Reloadable>
         }
     }
     session.end();
-    session.client.lock().await.leave_all();
+    let mut client = session.client.lock().await;
+    client.leave_all();
+    // Recoverable for `socketio.recovery_secs` from now.
+    let ttl = Duration::from_secs(node.config.socketio.recovery_secs);
+    client.touch_recovery(ttl).await;
 }
 
 /// Resolves when the client has not connected to the namespace `connect_timeout` after the
@@ -291,6 +295,8 @@ async fn heartbeats(node: &Node, session: &EngineSession, live: &Reloadable) {
                 if !heartbeat(node, session, timeout).await {
                     return;
                 }
+                let client = session.client.lock().await;
+                client.touch_recovery(client.recovery_ttl_open()).await;
             }
         }
     }

@@ -30,7 +30,12 @@ pub struct MemoryTransport {
     rooms: Mutex<HashMap<RoomName, Arc<Mutex<RoomLog>>>>,
     /// Room lookups so far; every [`SWEEP_EVERY`]th one sweeps idle rooms.
     lookups: AtomicU64,
+    /// Socket.IO sessions' recovery state by `pid`, until it expires.
+    recoveries: Mutex<HashMap<String, (Instant, String)>>,
 }
+
+/// Recovery states kept at most (sessions open and recently ended).
+const MAX_RECOVERIES: usize = 200_000;
 
 /// How often (in room lookups) idle rooms are swept.
 const SWEEP_EVERY: u64 = 4096;
@@ -99,6 +104,7 @@ impl MemoryTransport {
             policy,
             rooms: Mutex::new(HashMap::new()),
             lookups: AtomicU64::new(0),
+            recoveries: Mutex::new(HashMap::new()),
         }
     }
 
@@ -219,6 +225,44 @@ impl MemoryTransport {
     /// returns the users in the room.
     pub fn presence_changed(&self, room: &RoomName, user: &Arc<str>) -> usize {
         local_presence::changed(&self.hub, room, user)
+    }
+
+    /// Keeps recovery state `state` under `pid` for `ttl`; with the table full (and nothing
+    /// expired), the state is not kept and that session cannot be recovered.
+    pub fn save_recovery(&self, pid: &str, state: &str, ttl: Duration) {
+        let mut table = self
+            .recoveries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        if table.len() >= MAX_RECOVERIES && !table.contains_key(pid) {
+            table.retain(|_, (until, _)| *until > now);
+            if table.len() >= MAX_RECOVERIES {
+                return;
+            }
+        }
+        table.insert(pid.to_owned(), (now + ttl, state.to_owned()));
+    }
+
+    /// Keeps the state under `pid` for `ttl` more.
+    pub fn touch_recovery(&self, pid: &str, ttl: Duration) {
+        let mut table = self
+            .recoveries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some((until, _)) = table.get_mut(pid) {
+            *until = Instant::now() + ttl;
+        }
+    }
+
+    /// Takes the state under `pid`, if it has not expired.
+    pub fn take_recovery(&self, pid: &str) -> Option<String> {
+        let mut table = self
+            .recoveries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (until, state) = table.remove(pid)?;
+        (until > Instant::now()).then_some(state)
     }
 
     /// The hub it delivers to.

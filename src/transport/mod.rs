@@ -281,6 +281,37 @@ impl Transport {
         }
     }
 
+    /// Keeps a Socket.IO session's recovery state under `pid` for `ttl`, where every node can
+    /// read it (Redis) or in this node (embedded).
+    pub async fn save_recovery(&self, pid: &str, state: &str, ttl: Duration) {
+        match self {
+            Transport::Memory(t) => t.save_recovery(pid, state, ttl),
+            Transport::Redis(t) => {
+                if let Err(e) = t.save_recovery(pid, state, ttl).await {
+                    tracing::debug!(error = %e, "recovery state not saved");
+                }
+            }
+        }
+    }
+
+    /// Keeps the recovery state under `pid` for `ttl` more.
+    pub async fn touch_recovery(&self, pid: &str, ttl: Duration) {
+        match self {
+            Transport::Memory(t) => t.touch_recovery(pid, ttl),
+            Transport::Redis(t) => {
+                let _ = t.touch_recovery(pid, ttl).await;
+            }
+        }
+    }
+
+    /// Takes the recovery state under `pid`, once: a second recovery with it finds nothing.
+    pub async fn take_recovery(&self, pid: &str) -> Option<String> {
+        match self {
+            Transport::Memory(t) => t.take_recovery(pid),
+            Transport::Redis(t) => t.take_recovery(pid).await.ok().flatten(),
+        }
+    }
+
     /// Closes `user`'s connections on every node (close code 4003). Returns, embedded, the
     /// connections closed; on Redis, the nodes told.
     pub async fn disconnect_user(&self, user: &str) -> Result<usize, TransportError> {

@@ -2,7 +2,8 @@
 //! subscriber connection listens to (today, closing a user's connections wherever they are:
 //! the server API's `disconnect`), and where each node can be reached (`node-addr:<node>`,
 //! renewed with presence), so that a node can relay a Socket.IO request to the node that owns
-//! its session.
+//! its session; and Socket.IO sessions' recovery state (`sio:<pid>`), which any node may
+//! recover.
 
 use std::time::Duration;
 
@@ -56,6 +57,41 @@ impl RedisTransport {
         let mut get = redis::cmd("GET");
         get.arg(format!("{}node-addr:{node}", self.scripts.key_prefix()));
         self.scripts.query(&get).await
+    }
+
+    fn recovery_key(&self, pid: &str) -> String {
+        format!("{}sio:{pid}", self.scripts.key_prefix())
+    }
+
+    /// Keeps a Socket.IO session's recovery state for `ttl`.
+    pub async fn save_recovery(
+        &self,
+        pid: &str,
+        state: &str,
+        ttl: Duration,
+    ) -> Result<(), TransportError> {
+        let mut set = redis::cmd("SET");
+        set.arg(self.recovery_key(pid))
+            .arg(state)
+            .arg("PX")
+            .arg(ttl.as_millis() as u64);
+        self.scripts.query(&set).await
+    }
+
+    /// Keeps the state under `pid` for `ttl` more.
+    pub async fn touch_recovery(&self, pid: &str, ttl: Duration) -> Result<(), TransportError> {
+        let mut expire = redis::cmd("PEXPIRE");
+        expire
+            .arg(self.recovery_key(pid))
+            .arg(ttl.as_millis() as u64);
+        self.scripts.query(&expire).await
+    }
+
+    /// Takes the state under `pid` (`GETDEL`: a state recovers one session).
+    pub async fn take_recovery(&self, pid: &str) -> Result<Option<String>, TransportError> {
+        let mut take = redis::cmd("GETDEL");
+        take.arg(self.recovery_key(pid));
+        self.scripts.query(&take).await
     }
 
     /// A request heard on the control channel.
