@@ -44,14 +44,20 @@ end
 
 /// Dedupe check, id, publish and history, in one atomic step. Returns `{id, duplicate}`.
 /// KEYS: meta, hist, ref. ARGV: channel, JSON before the id, JSON after it, epoch candidate,
-/// history size, history TTL (ms), dedupe window (s, 0 = off). A `ref` is not looked up in
-/// a new epoch: the id it got belongs to the old one.
+/// history size, history TTL (ms), dedupe window (s, 0 = off), and the epoch and last id the
+/// publishing node delivered (`""`, 0: none). A `ref` is not looked up in a new epoch: the id
+/// it got belongs to the old one. Ids never go back below what the node delivered: a Redis
+/// that lost its newest writes (a failover before they reached the replica) gives the next
+/// message a new id, and the lost ones are a gap the receivers report.
 const PUBLISH_LUA: &str = r#"
 local epoch, fresh = room_epoch(KEYS[1], KEYS[2], ARGV[4], ARGV[6])
 local window = tonumber(ARGV[7])
 if window > 0 and not fresh then
   local prev = redis.call('GET', KEYS[3])
   if prev then return {tonumber(prev), 1} end
+end
+if ARGV[8] == epoch and tonumber(redis.call('HGET', KEYS[1], 'seq') or '0') < tonumber(ARGV[9]) then
+  redis.call('HSET', KEYS[1], 'seq', ARGV[9])
 end
 local id = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local msg = ARGV[2] .. id .. ',"epoch":"' .. epoch .. '"' .. ARGV[3]
@@ -115,10 +121,11 @@ return {epoch, redis.call('ZREVRANGEBYSCORE', KEYS[2], max, '-inf', 'LIMIT', 0, 
 /// The scripts, the publisher connection they run on, and the names of a room's keys and
 /// channel.
 pub(super) struct Scripts {
-    client: Client,
-    /// Replaced after a timeout: a connection whose replies stopped (a half-open TCP
-    /// connection, a stalled network path) would otherwise hold every later command.
-    publisher: Mutex<ConnectionManager>,
+    /// The master's client and the publisher connection to it; `None` until a master is
+    /// known (sentinel mode). The connection is replaced after a timeout: one whose replies
+    /// stopped (a half-open TCP connection, a stalled network path) would otherwise hold
+    /// every later command.
+    publisher: Mutex<Option<(Client, ConnectionManager)>>,
     manager_config: ConnectionManagerConfig,
     publish_timeout: Duration,
     publish_script: Script,
@@ -132,21 +139,28 @@ pub(super) struct Scripts {
     /// `rooms.history_ttl_secs` in milliseconds: how long a room's keys outlive its last use.
     history_ttl_ms: u64,
     dedupe_window_secs: u64,
+    /// `redis.wait_replicas`.
+    wait_replicas: u32,
 }
 
 impl Scripts {
-    /// The scripts over a publisher connection of `client`, made at its first use.
+    /// The scripts over a publisher connection of `client` (made at its first use), or of
+    /// the master [`Scripts::use_master`] is given later.
     pub(super) fn new(
-        client: Client,
+        client: Option<Client>,
         config: &RedisConfig,
         policy: &RoomsConfig,
     ) -> Result<Self, RedisError> {
         let publish_timeout = Duration::from_millis(config.publish_timeout_ms);
         let manager_config = manager_config(publish_timeout);
-        let publisher =
-            ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone())?;
+        let publisher = match client {
+            Some(client) => Some((
+                client.clone(),
+                ConnectionManager::new_lazy_with_config(client, manager_config.clone())?,
+            )),
+            None => None,
+        };
         Ok(Self {
-            client,
             publisher: Mutex::new(publisher),
             manager_config,
             publish_timeout,
@@ -158,6 +172,7 @@ impl Scripts {
             history_size: policy.history_size,
             history_ttl_ms: policy.history_ttl_secs.saturating_mul(1000),
             dedupe_window_secs: policy.dedupe_window_secs,
+            wait_replicas: config.wait_replicas,
         })
     }
 
@@ -178,9 +193,14 @@ impl Scripts {
         format!("{}{kind}:{room}", self.key_prefix)
     }
 
-    /// Checks the `ref`, assigns the id, publishes and stores, in one script call; the id once
-    /// Redis accepted it.
-    pub(super) async fn publish(&self, envelope: &Envelope) -> Result<Published, TransportError> {
+    /// Checks the `ref`, assigns the id (after `delivered`, this node's epoch and last id of
+    /// the room, if any), publishes and stores, in one script call; the id once Redis
+    /// accepted it, and with `redis.wait_replicas` once that many replicas have it.
+    pub(super) async fn publish(
+        &self,
+        envelope: &Envelope,
+        delivered: Option<(String, u64)>,
+    ) -> Result<Published, TransportError> {
         let room = envelope.draft.room.as_str();
         let dedupe = envelope.dedupe.as_deref().unwrap_or("");
         let window = if envelope.dedupe.is_some() {
@@ -198,7 +218,13 @@ impl Scripts {
             .arg(self.history_size)
             .arg(self.history_ttl_ms)
             .arg(window);
+        let (epoch, last_id) = delivered.unwrap_or_default();
+        call.arg(epoch).arg(last_id);
+        let started = tokio::time::Instant::now();
         let (id, duplicate) = self.invoke::<(u64, u8)>(call).await?;
+        if self.wait_replicas > 0 {
+            self.wait_for_replicas(started).await?;
+        }
         Ok(Published {
             id,
             duplicate: duplicate == 1,
@@ -259,26 +285,85 @@ impl Scripts {
         })
     }
 
-    fn publisher(&self) -> ConnectionManager {
+    /// `WAIT`s until `redis.wait_replicas` replicas have every write of the publisher
+    /// connection so far, within what is left of the publish timeout since `started`.
+    async fn wait_for_replicas(&self, started: tokio::time::Instant) -> Result<(), TransportError> {
+        let left = self.publish_timeout.saturating_sub(started.elapsed());
+        let not_kept = || {
+            TransportError::Timeout(format!(
+                "redis: fewer than {} replicas confirmed the message within {} ms",
+                self.wait_replicas,
+                self.publish_timeout.as_millis()
+            ))
+        };
+        if left.is_zero() {
+            return Err(not_kept());
+        }
+        let mut conn = self.publisher()?;
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(self.wait_replicas)
+            .arg(left.as_millis().max(1) as u64);
+        // WAIT itself blocks up to `left`; the outer timeout covers a stalled connection.
+        match tokio::time::timeout(
+            left + Duration::from_millis(100),
+            wait.query_async::<u32>(&mut conn),
+        )
+        .await
+        {
+            Ok(Ok(acked)) if acked >= self.wait_replicas => Ok(()),
+            Ok(Ok(_)) | Err(_) => Err(not_kept()),
+            Ok(Err(e)) => Err(TransportError::Timeout(format!("redis: {e}"))),
+        }
+    }
+
+    fn publisher(&self) -> Result<ConnectionManager, TransportError> {
         self.publisher
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+            .as_ref()
+            .map(|(_, conn)| conn.clone())
+            .ok_or_else(|| TransportError::Unavailable("redis: no master found yet".into()))
+    }
+
+    /// Whether the publisher has a master to talk to.
+    pub(super) fn has_master(&self) -> bool {
+        self.publisher
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    }
+
+    /// Publishes through `client` from now on (the master changed); commands in flight on
+    /// the old connection end as they would.
+    pub(super) fn use_master(&self, client: Client) {
+        self.connect_publisher(client, "redis publisher connection moved to the new master");
     }
 
     /// Swaps the publisher for a new connection (made at its first use) after Redis stopped
     /// answering on it; commands in flight on the old one fail with a timeout, as they would.
     fn replace_publisher(&self) {
-        match ConnectionManager::new_lazy_with_config(
-            self.client.clone(),
-            self.manager_config.clone(),
-        ) {
+        let client = self
+            .publisher
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(|(client, _)| client.clone());
+        if let Some(client) = client {
+            self.connect_publisher(
+                client,
+                "redis publisher connection replaced after a timeout",
+            );
+        }
+    }
+
+    fn connect_publisher(&self, client: Client, why: &str) {
+        match ConnectionManager::new_lazy_with_config(client.clone(), self.manager_config.clone()) {
             Ok(fresh) => {
                 *self
                     .publisher
                     .lock()
-                    .unwrap_or_else(PoisonError::into_inner) = fresh;
-                debug!("redis publisher connection replaced after a timeout");
+                    .unwrap_or_else(PoisonError::into_inner) = Some((client, fresh));
+                debug!("{why}");
             }
             Err(e) => warn!(error = %e, "could not replace the redis publisher connection"),
         }
@@ -289,7 +374,7 @@ impl Scripts {
         &self,
         call: redis::ScriptInvocation<'_>,
     ) -> Result<T, TransportError> {
-        let mut conn = self.publisher();
+        let mut conn = self.publisher()?;
         match tokio::time::timeout(self.publish_timeout, call.invoke_async::<T>(&mut conn)).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => {
@@ -321,7 +406,9 @@ impl Scripts {
     pub(super) async fn check_publisher(&self) -> Result<(), RedisError> {
         let mut last = None;
         for _ in 0..3 {
-            let mut conn = self.publisher();
+            let Ok(mut conn) = self.publisher() else {
+                return Err(closed_error());
+            };
             let ping = redis::cmd("PING");
             match tokio::time::timeout(self.publish_timeout, ping.query_async::<()>(&mut conn))
                 .await

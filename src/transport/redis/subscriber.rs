@@ -4,7 +4,9 @@
 //! payload once into a WebSocket frame for the hub, so Redis never has to buffer for us. It
 //! reconciles the subscriptions when a join or leave asks and once a second, and sends a
 //! heartbeat `PING`; when the connection drops or stalls the node keeps its clients, says not
-//! ready, and reconnects with capped exponential backoff and jitter.
+//! ready, and reconnects with capped exponential backoff and jitter. In sentinel mode each
+//! connect asks the sentinels for the master first; a new one is logged and counted as a
+//! failover, and the publisher follows it.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -16,9 +18,12 @@ use redis::aio::{PubSubSink, PubSubStream};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use super::connect::Locator;
+
 use super::RedisTransport;
 use super::connect::{
-    Backoff, CONNECT_TIMEOUT, closed_error, heartbeat_error, log_outage, timeout_error,
+    Backoff, CONNECT_TIMEOUT, check_standalone, closed_error, heartbeat_error, log_outage,
+    master_switched_error, timeout_error,
 };
 use super::recent::{Arrival, RoomStream};
 use crate::protocol::RoomName;
@@ -27,13 +32,19 @@ use crate::protocol::message::Message;
 impl RedisTransport {
     /// Connects, subscribes, receives; on any loss reconnects with backoff. Runs for the
     /// life of the process.
-    pub(super) async fn run_subscriber(self: Arc<Self>) {
+    pub(super) async fn run_subscriber(self: Arc<Self>, mut locator: Locator) {
         let mut backoff = Backoff::default();
         let mut outage: Option<Instant> = None;
+        let mut switches = self.master_switches.subscribe();
         loop {
-            let connected = tokio::time::timeout(CONNECT_TIMEOUT, self.client.get_async_pubsub())
-                .await
-                .unwrap_or_else(|_| Err(timeout_error()));
+            // A switch announced before this lookup is answered by it.
+            switches.mark_unchanged();
+            let connected = match self.find_master(&mut locator).await {
+                Ok(client) => tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub())
+                    .await
+                    .unwrap_or_else(|_| Err(timeout_error())),
+                Err(e) => Err(e),
+            };
             let reason = match connected {
                 Ok(pubsub) => {
                     let (mut sink, mut stream) = pubsub.split();
@@ -59,7 +70,7 @@ impl RedisTransport {
                                 None => info!("redis backplane connected"),
                             }
                             backoff = Backoff::default();
-                            self.receive(&mut sink, &mut stream).await
+                            self.receive(&mut sink, &mut stream, &mut switches).await
                         }
                         Err(e) => e,
                     }
@@ -83,7 +94,12 @@ impl RedisTransport {
     /// `PING` on the subscriber connection and gives it up when no answer comes within
     /// `redis.publish_timeout_ms`, so a stalled or half-open connection is noticed even when
     /// no message is due.
-    async fn receive(&self, sink: &mut PubSubSink, stream: &mut PubSubStream) -> RedisError {
+    async fn receive(
+        &self,
+        sink: &mut PubSubSink,
+        stream: &mut PubSubStream,
+        switches: &mut tokio::sync::watch::Receiver<u64>,
+    ) -> RedisError {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut heartbeat = tokio::time::interval(self.heartbeat);
         heartbeat.reset();
@@ -95,6 +111,7 @@ impl RedisTransport {
                     }
                     None => return closed_error(),
                 },
+                _ = switches.changed() => return master_switched_error(),
                 _ = self.reconcile_needed.notified() => {
                     if let Err(e) = self.reconcile(sink).await {
                         return e;
@@ -114,6 +131,27 @@ impl RedisTransport {
                 }
             }
         }
+    }
+
+    /// The master to connect to; in sentinel mode the publisher is moved to it when it is
+    /// another one than before, which is logged and counted as a failover.
+    async fn find_master(&self, locator: &mut Locator) -> Result<redis::Client, RedisError> {
+        let master = locator.master().await?;
+        if let Locator::Fixed(_) = locator {
+            check_standalone(&master.client).await?;
+        } else {
+            if let Some(old) = &master.replaced {
+                self.metrics.backplane_failovers_total.inc();
+                warn!(
+                    from = %old, to = %master.address,
+                    "redis master failed over; reconnecting and healing from the history"
+                );
+            }
+            if master.replaced.is_some() || !self.scripts.has_master() {
+                self.scripts.use_master(master.client.clone());
+            }
+        }
+        Ok(master.client)
     }
 
     /// Delivers one message from the channel in id order: the first of a gap is preceded by
