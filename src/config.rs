@@ -335,6 +335,26 @@ pub enum RedisMode {
     /// The master the sentinels in `redis.sentinels` name `redis.master_name`, followed
     /// through failovers.
     Sentinel,
+    /// A Redis Cluster found from the seeds in `redis.host` (comma separated, each `host` or
+    /// `host:port`), rooms spread over its shards with sharded Pub/Sub.
+    Cluster,
+}
+
+impl RedisConfig {
+    /// `redis.host` as the list of `host:port` seeds cluster mode starts from (a seed without
+    /// a port gets `redis.port`); `None` when one is not an address.
+    pub fn cluster_seeds(&self) -> Option<Vec<(String, u16)>> {
+        self.host
+            .split(',')
+            .map(str::trim)
+            .filter(|seed| !seed.is_empty())
+            .map(|seed| match host_port(seed) {
+                Some((host, port)) => Some((host.to_owned(), port)),
+                None if !seed.contains(':') => Some((seed.to_owned(), self.port)),
+                None => None,
+            })
+            .collect()
+    }
 }
 
 /// A list written as a TOML list or as one comma-separated string (as environment
@@ -730,6 +750,22 @@ impl Config {
             "redis.master_name",
             "with redis.mode = \"sentinel\", must name the master the sentinels monitor",
         );
+        let cluster = r.mode == RedisMode::Cluster;
+        check(
+            !cluster || r.cluster_seeds().is_some_and(|seeds| !seeds.is_empty()),
+            "redis.host",
+            "with redis.mode = \"cluster\", must list the seeds as host or host:port, comma separated",
+        );
+        check(
+            !cluster || r.db == 0,
+            "redis.db",
+            "must be 0 with redis.mode = \"cluster\" (a cluster has one database)",
+        );
+        check(
+            !cluster || !r.channel_prefix.contains(['{', '}']),
+            "redis.channel_prefix",
+            "must not contain { or } with redis.mode = \"cluster\" (rooms are hash tags)",
+        );
         check(
             r.wait_replicas <= 16,
             "redis.wait_replicas",
@@ -1033,6 +1069,22 @@ mod tests {
         );
         assert_eq!(host_port(&redis.sentinels[1]), Some(("::1", 2)));
         assert!(problems(&format!("{ok}[\"a:26379\"]")).is_empty());
+    }
+
+    #[test]
+    fn cluster_mode_takes_seeds_from_the_host() {
+        let redis =
+            from_toml("[redis]\nmode = \"cluster\"\nhost = \"a:7000, b,c:7002\"\nport = 7001")
+                .unwrap()
+                .redis;
+        let seeds = redis.cluster_seeds().unwrap();
+        assert_eq!(
+            seeds,
+            [("a".into(), 7000), ("b".into(), 7001), ("c".into(), 7002)]
+        );
+        let found = problems("[redis]\nmode = \"cluster\"\nhost = \"a:x\"\ndb = 1");
+        assert!(found[0].starts_with("redis.host:"), "{found:?}");
+        assert!(found[1].starts_with("redis.db:"), "{found:?}");
     }
 
     #[test]

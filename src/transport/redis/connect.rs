@@ -14,8 +14,8 @@ use tracing::{error, warn};
 use crate::config::{RedisConfig, RedisMode, host_port};
 
 /// Reconnect backoff bounds.
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+pub(super) const BACKOFF_MIN: Duration = Duration::from_millis(100);
+pub(super) const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How long connecting may take before it counts as failed.
 pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -75,6 +75,9 @@ pub(super) enum Locator {
         /// The master found last, `host:port`.
         current: Option<String>,
     },
+    /// `redis.mode = "cluster"`: the seeds are in the settings; the cluster connection finds
+    /// the shards.
+    Cluster(Box<RedisConfig>),
 }
 
 /// What [`Locator::master`] found.
@@ -89,8 +92,10 @@ pub(super) struct Master {
 impl Locator {
     /// The locator `[redis]` describes; it connects only when asked to.
     pub(super) fn new(config: &RedisConfig) -> Result<Self, RedisError> {
-        if config.mode != RedisMode::Sentinel {
-            return client(config).map(Self::Fixed);
+        match config.mode {
+            RedisMode::Standalone => return client(config).map(Self::Fixed),
+            RedisMode::Cluster => return Ok(Self::Cluster(Box::new(config.clone()))),
+            RedisMode::Sentinel => {}
         }
         let (sentinel, _) = sentinel_clients(config)?;
         Ok(Self::Sentinel {
@@ -134,6 +139,9 @@ impl Locator {
                     replaced,
                 })
             }
+            Self::Cluster(_) => Err(RedisError::from(std::io::Error::other(
+                "a cluster has no single master",
+            ))),
         }
     }
 }
@@ -221,7 +229,7 @@ pub(super) fn sentinel_clients(
 }
 
 /// The PEM of `redis.tls_ca_file`, when TLS is on and one is given.
-fn ca_file(config: &RedisConfig) -> Result<Option<Vec<u8>>, RedisError> {
+pub(super) fn ca_file(config: &RedisConfig) -> Result<Option<Vec<u8>>, RedisError> {
     if !config.tls || config.tls_ca_file.is_empty() {
         return Ok(None);
     }
@@ -254,6 +262,13 @@ pub(super) fn closed_error() -> RedisError {
     RedisError::from(std::io::Error::new(
         std::io::ErrorKind::ConnectionAborted,
         "redis closed the subscriber connection",
+    ))
+}
+
+pub(super) fn cluster_stalled_error() -> RedisError {
+    RedisError::from(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "the redis cluster stopped answering commands; connecting again from the seeds",
     ))
 }
 

@@ -23,7 +23,9 @@
 //! This file holds the transport's state and the calls the rest of the server makes.
 
 mod connect;
+mod feed;
 mod heal;
+mod publisher;
 mod recent;
 mod scripts;
 mod sentinel;
@@ -125,7 +127,7 @@ impl RedisTransport {
         let locator = Locator::new(config).map_err(unavailable)?;
         let fixed = match &locator {
             Locator::Fixed(client) => Some(client.clone()),
-            Locator::Sentinel { .. } => None,
+            Locator::Sentinel { .. } | Locator::Cluster(_) => None,
         };
         let scripts = Scripts::new(fixed, config, policy).map_err(unavailable)?;
         let transport = Arc::new(Self {

@@ -7,16 +7,21 @@
 //! room's last join, page or publish, `hist` as long after its newest message, so a room
 //! nobody uses leaves nothing behind; a room whose `meta` is gone starts a new epoch. A call
 //! waits at most `redis.publish_timeout_ms`; a connection that stopped answering is replaced.
+//! In cluster mode the room in every key and in the channel is a hash tag (`meta:{<room>}`,
+//! `room:{<room>}`, …), so a room's keys and channel live in one slot, its scripts run on the
+//! shard owning it, and messages go out with `SPUBLISH` (sharded Pub/Sub). Standalone and
+//! sentinel modes keep the names without braces.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
 use redis::{Client, RedisError, Script};
 use tracing::{debug, warn};
 
 use super::connect::{closed_error, manager_config, timeout_error};
-use crate::config::{RedisConfig, RoomsConfig};
+use super::publisher::{Conn, Publisher};
+use crate::config::{RedisConfig, RedisMode, RoomsConfig};
 use crate::protocol::RoomName;
 use crate::protocol::message::Message;
 use crate::protocol::native::Since;
@@ -44,8 +49,9 @@ end
 
 /// Dedupe check, id, publish and history, in one atomic step. Returns `{id, duplicate}`.
 /// KEYS: meta, hist, ref. ARGV: channel, JSON before the id, JSON after it, epoch candidate,
-/// history size, history TTL (ms), dedupe window (s, 0 = off), and the epoch and last id the
-/// publishing node delivered (`""`, 0: none). A `ref` is not looked up in a new epoch: the id
+/// history size, history TTL (ms), dedupe window (s, 0 = off), the epoch and last id the
+/// publishing node delivered (`""`, 0: none), and the publish command (`SPUBLISH` in cluster
+/// mode). A `ref` is not looked up in a new epoch: the id
 /// it got belongs to the old one. Ids never go back below what the node delivered: a Redis
 /// that lost its newest writes (a failover before they reached the replica) gives the next
 /// message a new id, and the lost ones are a gap the receivers report.
@@ -61,7 +67,7 @@ if ARGV[8] == epoch and tonumber(redis.call('HGET', KEYS[1], 'seq') or '0') < to
 end
 local id = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local msg = ARGV[2] .. id .. ',"epoch":"' .. epoch .. '"' .. ARGV[3]
-redis.call('PUBLISH', ARGV[1], msg)
+redis.call(ARGV[10], ARGV[1], msg)
 local size = tonumber(ARGV[5])
 if size > 0 then
   local ttl = tonumber(ARGV[6])
@@ -121,12 +127,10 @@ return {epoch, redis.call('ZREVRANGEBYSCORE', KEYS[2], max, '-inf', 'LIMIT', 0, 
 /// The scripts, the publisher connection they run on, and the names of a room's keys and
 /// channel.
 pub(super) struct Scripts {
-    /// The master's client and the publisher connection to it; `None` until a master is
-    /// known (sentinel mode). The connection is replaced after a timeout: one whose replies
-    /// stopped (a half-open TCP connection, a stalled network path) would otherwise hold
-    /// every later command.
-    publisher: Mutex<Option<(Client, ConnectionManager)>>,
-    manager_config: ConnectionManagerConfig,
+    /// The connection the scripts run on. A single server's is replaced after a timeout:
+    /// one whose replies stopped (a half-open TCP connection, a stalled network path) would
+    /// otherwise hold every later command.
+    publisher: Publisher,
     publish_timeout: Duration,
     publish_script: Script,
     snapshot_script: Script,
@@ -141,6 +145,9 @@ pub(super) struct Scripts {
     dedupe_window_secs: u64,
     /// `redis.wait_replicas`.
     wait_replicas: u32,
+    /// Cluster mode: the room is a hash tag in key and channel names, published with
+    /// `SPUBLISH`.
+    sharded: bool,
 }
 
 impl Scripts {
@@ -152,17 +159,8 @@ impl Scripts {
         policy: &RoomsConfig,
     ) -> Result<Self, RedisError> {
         let publish_timeout = Duration::from_millis(config.publish_timeout_ms);
-        let manager_config = manager_config(publish_timeout);
-        let publisher = match client {
-            Some(client) => Some((
-                client.clone(),
-                ConnectionManager::new_lazy_with_config(client, manager_config.clone())?,
-            )),
-            None => None,
-        };
         Ok(Self {
-            publisher: Mutex::new(publisher),
-            manager_config,
+            publisher: Publisher::new(client, manager_config(publish_timeout))?,
             publish_timeout,
             publish_script: Script::new(&format!("{EPOCH_LUA}{PUBLISH_LUA}")),
             snapshot_script: Script::new(&format!("{EPOCH_LUA}{SNAPSHOT_LUA}")),
@@ -173,24 +171,48 @@ impl Scripts {
             history_ttl_ms: policy.history_ttl_secs.saturating_mul(1000),
             dedupe_window_secs: policy.dedupe_window_secs,
             wait_replicas: config.wait_replicas,
+            sharded: config.mode == RedisMode::Cluster,
         })
     }
 
-    /// `{prefix}:room:`; a room's channel is this plus its name.
+    /// `{prefix}:room:`; a room's channel is this plus its name (in braces when sharded).
     pub(super) fn channel_prefix(&self) -> &str {
         &self.channel_prefix
+    }
+
+    /// The room a channel carries, if it is one of ours.
+    pub(super) fn room_of<'a>(&self, channel: &'a str) -> Option<&'a str> {
+        let room = channel.strip_prefix(self.channel_prefix.as_str())?;
+        if self.sharded {
+            room.strip_prefix('{')?.strip_suffix('}')
+        } else {
+            Some(room)
+        }
+    }
+
+    fn channel(&self, room: &str) -> String {
+        format!("{}{}", self.channel_prefix, self.tagged(room))
     }
 
     /// The channels of `rooms`.
     pub(super) fn channels(&self, rooms: &[RoomName]) -> Vec<String> {
         rooms
             .iter()
-            .map(|room| format!("{}{room}", self.channel_prefix))
+            .map(|room| self.channel(room.as_str()))
             .collect()
     }
 
+    /// `room`, as a hash tag when sharded.
+    fn tagged<'a>(&self, room: &'a str) -> std::borrow::Cow<'a, str> {
+        if self.sharded {
+            format!("{{{room}}}").into()
+        } else {
+            room.into()
+        }
+    }
+
     fn key(&self, kind: &str, room: &str) -> String {
-        format!("{}{kind}:{room}", self.key_prefix)
+        format!("{}{kind}:{}", self.key_prefix, self.tagged(room))
     }
 
     /// Checks the `ref`, assigns the id (after `delivered`, this node's epoch and last id of
@@ -210,8 +232,8 @@ impl Scripts {
         };
         let mut call = self.publish_script.key(self.key("meta", room));
         call.key(self.key("hist", room))
-            .key(self.key("ref", &format!("{room}:{dedupe}")))
-            .arg(format!("{}{room}", self.channel_prefix))
+            .key(format!("{}:{dedupe}", self.key("ref", room)))
+            .arg(self.channel(room))
             .arg(envelope.draft.template.head())
             .arg(envelope.draft.template.tail())
             .arg(new_epoch())
@@ -219,7 +241,9 @@ impl Scripts {
             .arg(self.history_ttl_ms)
             .arg(window);
         let (epoch, last_id) = delivered.unwrap_or_default();
-        call.arg(epoch).arg(last_id);
+        call.arg(epoch)
+            .arg(last_id)
+            .arg(if self.sharded { "SPUBLISH" } else { "PUBLISH" });
         let started = tokio::time::Instant::now();
         let (id, duplicate) = self.invoke::<(u64, u8)>(call).await?;
         if self.wait_replicas > 0 {
@@ -316,57 +340,32 @@ impl Scripts {
         }
     }
 
-    fn publisher(&self) -> Result<ConnectionManager, TransportError> {
-        self.publisher
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            .map(|(_, conn)| conn.clone())
-            .ok_or_else(|| TransportError::Unavailable("redis: no master found yet".into()))
+    fn publisher(&self) -> Result<Conn, TransportError> {
+        self.publisher.get()
     }
 
-    /// Whether the publisher has a master to talk to.
+    /// Whether the publisher has a connection to run the scripts on.
     pub(super) fn has_master(&self) -> bool {
-        self.publisher
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_some()
+        self.publisher.has_master()
     }
 
-    /// Publishes through `client` from now on (the master changed); commands in flight on
-    /// the old connection end as they would.
+    /// Runs the scripts on `client`, the new master, from now on.
     pub(super) fn use_master(&self, client: Client) {
-        self.connect_publisher(client, "redis publisher connection moved to the new master");
+        self.publisher.use_master(client);
     }
 
-    /// Swaps the publisher for a new connection (made at its first use) after Redis stopped
-    /// answering on it; commands in flight on the old one fail with a timeout, as they would.
+    /// Runs the scripts on the cluster connection `conn` from now on.
+    pub(super) fn use_cluster(&self, conn: ClusterConnection) {
+        self.publisher.use_cluster(conn);
+    }
+
+    /// Whether the cluster connection stopped answering (see [`Publisher::replace`]).
+    pub(super) fn cluster_stalled(&self) -> bool {
+        self.publisher.cluster_stalled()
+    }
+
     fn replace_publisher(&self) {
-        let client = self
-            .publisher
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            .map(|(client, _)| client.clone());
-        if let Some(client) = client {
-            self.connect_publisher(
-                client,
-                "redis publisher connection replaced after a timeout",
-            );
-        }
-    }
-
-    fn connect_publisher(&self, client: Client, why: &str) {
-        match ConnectionManager::new_lazy_with_config(client.clone(), self.manager_config.clone()) {
-            Ok(fresh) => {
-                *self
-                    .publisher
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner) = Some((client, fresh));
-                debug!("{why}");
-            }
-            Err(e) => warn!(error = %e, "could not replace the redis publisher connection"),
-        }
+        self.publisher.replace();
     }
 
     /// Runs a script on the publisher connection within the publish timeout.
@@ -409,10 +408,7 @@ impl Scripts {
             let Ok(mut conn) = self.publisher() else {
                 return Err(closed_error());
             };
-            let ping = redis::cmd("PING");
-            match tokio::time::timeout(self.publish_timeout, ping.query_async::<()>(&mut conn))
-                .await
-            {
+            match tokio::time::timeout(self.publish_timeout, conn.ping()).await {
                 Ok(Ok(())) => return Ok(()),
                 Ok(Err(e)) => {
                     if e.is_timeout() {

@@ -12,18 +12,17 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use redis::RedisError;
-use redis::aio::{PubSubSink, PubSubStream};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::connect::Locator;
+use super::feed::{Feed, Incoming, connect_cluster};
 
 use super::RedisTransport;
 use super::connect::{
-    Backoff, CONNECT_TIMEOUT, check_standalone, closed_error, heartbeat_error, log_outage,
-    master_switched_error, timeout_error,
+    Backoff, CONNECT_TIMEOUT, check_standalone, closed_error, cluster_stalled_error,
+    heartbeat_error, log_outage, master_switched_error, timeout_error,
 };
 use super::recent::{Arrival, RoomStream};
 use crate::protocol::RoomName;
@@ -39,17 +38,10 @@ impl RedisTransport {
         loop {
             // A switch announced before this lookup is answered by it.
             switches.mark_unchanged();
-            let connected = match self.find_master(&mut locator).await {
-                Ok(client) => tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub())
-                    .await
-                    .unwrap_or_else(|_| Err(timeout_error())),
-                Err(e) => Err(e),
-            };
-            let reason = match connected {
-                Ok(pubsub) => {
-                    let (mut sink, mut stream) = pubsub.split();
+            let reason = match self.open_feed(&mut locator).await {
+                Ok(mut feed) => {
                     let usable = match self.scripts.check_publisher().await {
-                        Ok(()) => self.reconcile(&mut sink).await,
+                        Ok(()) => self.reconcile(&mut feed).await,
                         Err(e) => Err(e),
                     };
                     match usable {
@@ -70,7 +62,7 @@ impl RedisTransport {
                                 None => info!("redis backplane connected"),
                             }
                             backoff = Backoff::default();
-                            self.receive(&mut sink, &mut stream, &mut switches).await
+                            self.receive(&mut feed, &mut switches).await
                         }
                         Err(e) => e,
                     }
@@ -96,8 +88,7 @@ impl RedisTransport {
     /// no message is due.
     async fn receive(
         &self,
-        sink: &mut PubSubSink,
-        stream: &mut PubSubStream,
+        feed: &mut Feed,
         switches: &mut tokio::sync::watch::Receiver<u64>,
     ) -> RedisError {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -105,31 +96,90 @@ impl RedisTransport {
         heartbeat.reset();
         loop {
             tokio::select! {
-                msg = stream.next() => match msg {
-                    Some(msg) => {
+                incoming = feed.next() => match incoming {
+                    Incoming::Message(msg) => {
                         self.receive_one(msg.get_channel_name(), msg.get_payload_bytes()).await
                     }
-                    None => return closed_error(),
+                    Incoming::Subscribed(channel) => self.resubscribed(&channel).await,
+                    Incoming::Unsubscribed(channel) => self.unsubscribed(&channel),
+                    Incoming::Other => {}
+                    Incoming::Closed => return closed_error(),
                 },
                 _ = switches.changed() => return master_switched_error(),
                 _ = self.reconcile_needed.notified() => {
-                    if let Err(e) = self.reconcile(sink).await {
+                    if let Err(e) = self.reconcile(feed).await {
                         return e;
                     }
                 }
                 _ = tick.tick() => {
-                    if let Err(e) = self.reconcile(sink).await {
+                    if self.scripts.cluster_stalled() {
+                        return cluster_stalled_error();
+                    }
+                    if let Err(e) = self.reconcile(feed).await {
                         return e;
                     }
                 }
                 _ = heartbeat.tick() => {
-                    match tokio::time::timeout(self.publish_timeout, sink.ping::<redis::Value>()).await {
-                        Ok(Ok(_)) => {}
+                    match tokio::time::timeout(self.publish_timeout, feed.ping()).await {
+                        Ok(Ok(())) => {}
                         Ok(Err(e)) => return e,
                         Err(_) => return heartbeat_error(self.publish_timeout),
                     }
                 }
             }
+        }
+    }
+
+    /// The subscriber's connection: to the cluster (which the publisher then uses too), or
+    /// a Pub/Sub connection to the master.
+    async fn open_feed(&self, locator: &mut Locator) -> Result<Feed, RedisError> {
+        if let Locator::Cluster(config) = locator {
+            let feed = connect_cluster(config).await?;
+            if let Feed::Cluster { conn, .. } = &feed {
+                self.scripts.use_cluster(conn.clone());
+            }
+            return Ok(feed);
+        }
+        let client = self.find_master(locator).await?;
+        let pubsub = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub())
+            .await
+            .unwrap_or_else(|_| Err(timeout_error()))?;
+        let (sink, stream) = pubsub.split();
+        Ok(Feed::Single { sink, stream })
+    }
+
+    /// The cluster subscribed `channel` again (a shard's connection came back, or its slot
+    /// moved): what was published meanwhile comes from the history.
+    async fn resubscribed(&self, channel: &str) {
+        let Some(room) = self.scripts.room_of(channel) else {
+            return;
+        };
+        let position = self
+            .lock_streams()
+            .get(room)
+            .map(|s| (s.epoch.clone(), s.last_id));
+        let Ok(room) = RoomName::new(room) else {
+            return;
+        };
+        if let Some((epoch, last_id)) = position
+            && let Some((delivered, complete)) = self.heal(&room, &epoch, last_id).await
+            && (delivered > 0 || !complete)
+        {
+            self.metrics.backplane_gaps_total.inc();
+            if complete {
+                self.metrics.backplane_gaps_healed_total.inc();
+            }
+        }
+    }
+
+    /// Redis ended `channel`'s sharded subscription (its slot moved to another shard): while
+    /// the room is wanted, the next reconcile subscribes again, on the shard owning it now.
+    fn unsubscribed(&self, channel: &str) {
+        let Some(room) = self.scripts.room_of(channel) else {
+            return;
+        };
+        if self.lock_wanted().contains_key(room) && self.lock_subscribed().remove(room) {
+            self.reconcile_needed.notify_one();
         }
     }
 
@@ -160,7 +210,7 @@ impl RedisTransport {
     /// (one copy, none per member). The room's stream takes the message before the hub
     /// delivers it (see [`RedisTransport::local_snapshot`]).
     async fn receive_one(&self, channel: &str, payload: &[u8]) {
-        let Some(room) = channel.strip_prefix(self.scripts.channel_prefix()) else {
+        let Some(room) = self.scripts.room_of(channel) else {
             return;
         };
         let message = match Message::decode(payload) {
@@ -224,7 +274,7 @@ impl RedisTransport {
 
     /// Subscribes to wanted rooms not yet subscribed; unsubscribes from rooms whose linger
     /// is over and that still have no local member.
-    async fn reconcile(&self, sink: &mut PubSubSink) -> Result<(), RedisError> {
+    async fn reconcile(&self, feed: &mut Feed) -> Result<(), RedisError> {
         let now = Instant::now();
         let (add, remove) = {
             let mut wanted = self.lock_wanted();
@@ -248,7 +298,7 @@ impl RedisTransport {
             (add, remove)
         };
         if !add.is_empty() {
-            sink.subscribe(self.scripts.channels(&add)).await?;
+            feed.subscribe(self.scripts.channels(&add)).await?;
             // A room subscribed for the first time starts at its current last id: what was
             // published before belongs to joiners' histories, and what follows is owed to the
             // members. After a reconnect the rooms keep their positions, so `heal_all` finds
@@ -276,7 +326,7 @@ impl RedisTransport {
             self.progressed();
         }
         if !remove.is_empty() {
-            sink.unsubscribe(self.scripts.channels(&remove)).await?;
+            feed.unsubscribe(self.scripts.channels(&remove)).await?;
             let mut subscribed = self.lock_subscribed();
             let mut streams = self.lock_streams();
             for room in &remove {

@@ -1,0 +1,300 @@
+//! Cluster mode with real processes: a Redis Cluster of three masters and three replicas
+//! (`redis-server --cluster-enabled yes` on free ports, joined with `redis-cli --cluster
+//! create`), three scalechat nodes on it, rooms spread over every shard.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{Client, readyz};
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Polls the async `condition` until it holds, failing after `limit`.
+async fn within<F, Fut>(limit: Duration, what: &str, condition: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !condition().await {
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn query<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> Option<T> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).ok()?;
+    let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+    cmd.query_async(&mut conn).await.ok()
+}
+
+/// Six cluster-enabled servers, three masters with a replica each.
+struct Cluster {
+    ports: Vec<u16>,
+    _children: Vec<Option<Child>>,
+    dir: PathBuf,
+}
+
+impl Cluster {
+    async fn start() -> Cluster {
+        let dir = std::env::temp_dir().join(format!(
+            "scalechat-cluster-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        let ports: Vec<u16> = (0..6).map(|_| free_port()).collect();
+        let mut children = Vec::new();
+        for port in &ports {
+            let data = dir.join(port.to_string());
+            std::fs::create_dir_all(&data).unwrap();
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args([
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--cluster-enabled",
+                    "yes",
+                ])
+                .args(["--cluster-node-timeout", "1000"])
+                .arg("--dir")
+                .arg(&data)
+                .stdout(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("redis-server is installed");
+            children.push(Some(child));
+            let port = *port;
+            within(Duration::from_secs(10), "redis answers", || async move {
+                TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+            })
+            .await;
+        }
+        let status = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(ports.iter().map(|p| format!("127.0.0.1:{p}")))
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .status()
+            .await
+            .expect("redis-cli is installed");
+        assert!(status.success(), "redis-cli --cluster create: {status}");
+        for &port in &ports {
+            within(Duration::from_secs(20), "cluster_state:ok", || async move {
+                let info: Option<String> = query(port, redis::cmd("CLUSTER").arg("INFO")).await;
+                info.is_some_and(|i| i.contains("cluster_state:ok"))
+            })
+            .await;
+        }
+        Cluster {
+            ports,
+            _children: children,
+            dir,
+        }
+    }
+
+    /// The seeds, as `REDIS_HOST` takes them.
+    fn seeds(&self) -> String {
+        self.ports[..3]
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The port of the master owning `key`'s slot.
+    async fn owner(&self, key: &str) -> u16 {
+        let slot: u16 = query(self.ports[0], redis::cmd("CLUSTER").arg("KEYSLOT").arg(key))
+            .await
+            .unwrap();
+        let slots: Vec<Vec<redis::Value>> = query(
+            self.ports[0],
+            &redis::cmd("CLUSTER").arg("SLOTS").to_owned(),
+        )
+        .await
+        .unwrap();
+        for range in slots {
+            let start: u16 = redis::from_redis_value_ref(&range[0]).unwrap();
+            let end: u16 = redis::from_redis_value_ref(&range[1]).unwrap();
+            if (start..=end).contains(&slot) {
+                let master: Vec<redis::Value> = redis::from_redis_value_ref(&range[2]).unwrap();
+                return redis::from_redis_value_ref(&master[1]).unwrap();
+            }
+        }
+        panic!("slot {slot} not covered");
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A scalechat process in cluster mode.
+struct Node {
+    addr: SocketAddr,
+    _child: Child,
+}
+
+impl Node {
+    fn spawn(name: &str, seeds: &str) -> Node {
+        let port = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_scalechat"))
+            .current_dir(std::env::temp_dir())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("PORT", port.to_string())
+            .env("SCALECHAT_SERVER__HOST", "127.0.0.1")
+            .env("SCALECHAT_SERVER__NODE_ID", name)
+            .env("SCALECHAT_LIMITS__MESSAGES_PER_SECOND", "100000")
+            .env("SCALECHAT_LIMITS__MESSAGE_BURST", "100000")
+            .env("SCALECHAT_LIMITS__REQUESTS_PER_SECOND", "100000")
+            .env("SCALECHAT_LIMITS__REQUEST_BURST", "100000")
+            .env("SCALECHAT_REDIS__MODE", "cluster")
+            .env("REDIS_HOST", seeds)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn scalechat");
+        Node {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            _child: child,
+        }
+    }
+
+    async fn ready(&self) {
+        let addr = self.addr;
+        within(Duration::from_secs(15), "node ready", || async move {
+            readyz(addr).await == Some(200)
+        })
+        .await;
+    }
+
+    /// A client in every room of `rooms`.
+    async fn client(&self, name: &str, rooms: &[String]) -> Client {
+        let mut c = Client::connect(&format!("ws://{}/ws?name={name}", self.addr)).await;
+        c.expect("welcome").await;
+        c.joined().await;
+        for room in rooms {
+            c.send(serde_json::json!({"type": "join", "room": room}))
+                .await;
+            c.joined().await;
+        }
+        c
+    }
+}
+
+/// Reads chat messages until `count` arrived, skipping acks; by room, in arrival order.
+async fn by_room(c: &mut Client, count: usize) -> HashMap<String, Vec<Value>> {
+    let mut rooms: HashMap<String, Vec<Value>> = HashMap::new();
+    let mut got = 0;
+    while got < count {
+        let f = c.recv().await;
+        if f["type"] == "message" {
+            rooms
+                .entry(f["room"].as_str().unwrap().to_owned())
+                .or_default()
+                .push(f);
+            got += 1;
+        }
+    }
+    rooms
+}
+
+#[tokio::test]
+async fn three_nodes_chat_over_a_three_shard_cluster_with_sharded_pubsub() {
+    let cluster = Cluster::start().await;
+    let seeds = cluster.seeds();
+    let nodes = [
+        Node::spawn("node-a", &seeds),
+        Node::spawn("node-b", &seeds),
+        Node::spawn("node-c", &seeds),
+    ];
+    for node in &nodes {
+        node.ready().await;
+    }
+    // Rooms until every master owns at least two.
+    let mut rooms = Vec::new();
+    let mut per_master: HashMap<u16, usize> = HashMap::new();
+    for n in 0.. {
+        let room = format!("room{n}");
+        *per_master
+            .entry(cluster.owner(&format!("{{{room}}}")).await)
+            .or_default() += 1;
+        rooms.push(room);
+        if per_master.len() == 3 && per_master.values().all(|c| *c >= 2) {
+            break;
+        }
+    }
+    let mut clients = Vec::new();
+    for (node, name) in nodes.iter().zip(["ann", "bob", "cy"]) {
+        clients.push(node.client(name, &rooms).await);
+    }
+    const EACH: usize = 5;
+    for (c, who) in clients.iter_mut().zip(["a", "b", "c"]) {
+        for room in &rooms {
+            for n in 0..EACH {
+                c.say(room, &format!("{who}{n}"), &format!("{who}-{room}-{n}"))
+                    .await;
+            }
+        }
+    }
+    let total = rooms.len() * EACH * 3;
+    let mut seen = Vec::new();
+    for c in &mut clients {
+        seen.push(by_room(c, total).await);
+    }
+    for room in &rooms {
+        let ids: Vec<u64> = seen[0][room]
+            .iter()
+            .map(|m| m["id"].as_u64().unwrap())
+            .collect();
+        assert_eq!(ids, (1..=(EACH * 3) as u64).collect::<Vec<_>>(), "{room}");
+        assert_eq!(seen[1][room], seen[0][room], "{room}: same order on node b");
+        assert_eq!(seen[2][room], seen[0][room], "{room}: same order on node c");
+    }
+    // Each room's keys live on the master owning its slot: every master holds some.
+    for master in per_master.keys() {
+        let keys: u64 = query(*master, &redis::cmd("DBSIZE")).await.unwrap();
+        assert!(keys > 0, "master {master} holds rooms");
+    }
+    // Sharded Pub/Sub: each node subscribed to the room on the shard owning it.
+    let owner = cluster.owner(&format!("{{{}}}", rooms[0])).await;
+    let (_, subscribers): (String, u64) = query(
+        owner,
+        redis::cmd("PUBSUB")
+            .arg("SHARDNUMSUB")
+            .arg(format!("scalechat:room:{{{}}}", rooms[0])),
+    )
+    .await
+    .unwrap();
+    assert_eq!(subscribers, 3, "one sharded subscription per node");
+    // A client joining later on another node gets the history from the room's shard.
+    let mut late = Client::connect(&format!(
+        "ws://{}/ws?name=dee&room={}",
+        nodes[1].addr, rooms[0]
+    ))
+    .await;
+    late.expect("welcome").await;
+    let (joined, history) = late.joined().await;
+    assert_eq!(joined["last_id"], (EACH * 3) as u64);
+    assert_eq!(history.last(), seen[0][&rooms[0]].last());
+}
