@@ -45,7 +45,7 @@ async fn query<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> Option<
 /// Six cluster-enabled servers, three masters with a replica each.
 struct Cluster {
     ports: Vec<u16>,
-    _children: Vec<Option<Child>>,
+    children: Vec<Option<Child>>,
     dir: PathBuf,
 }
 
@@ -71,7 +71,12 @@ impl Cluster {
                     "--cluster-enabled",
                     "yes",
                 ])
-                .args(["--cluster-node-timeout", "1000"])
+                .args([
+                    "--cluster-node-timeout",
+                    "1000",
+                    "--repl-diskless-sync-delay",
+                    "0",
+                ])
                 .arg("--dir")
                 .arg(&data)
                 .stdout(Stdio::null())
@@ -101,10 +106,19 @@ impl Cluster {
                 info.is_some_and(|i| i.contains("cluster_state:ok"))
             })
             .await;
+            // A replica that never synced cannot take over its master.
+            within(Duration::from_secs(20), "replicas in sync", || async move {
+                let info: Option<String> = query(port, redis::cmd("INFO").arg("replication")).await;
+                info.is_some_and(|i| {
+                    i.contains("role:master") && i.contains("connected_slaves:1")
+                        || i.contains("master_link_status:up")
+                })
+            })
+            .await;
         }
         Cluster {
             ports,
-            _children: children,
+            children,
             dir,
         }
     }
@@ -297,4 +311,90 @@ async fn three_nodes_chat_over_a_three_shard_cluster_with_sharded_pubsub() {
     let (joined, history) = late.joined().await;
     assert_eq!(joined["last_id"], (EACH * 3) as u64);
     assert_eq!(history.last(), seen[0][&rooms[0]].last());
+}
+/// Sends `text` with `reference` until it is acked, resending with the same `ref` after each
+/// `unavailable`; returns the id. Chat messages arriving meanwhile are left out.
+async fn send_until_acked(c: &mut Client, room: &str, text: &str, reference: &str) -> u64 {
+    let deadline = Instant::now() + RESUME_WITHIN * 2;
+    c.say(room, text, reference).await;
+    loop {
+        assert!(Instant::now() < deadline, "{reference} never acked");
+        let frame = c.recv().await;
+        match frame["type"].as_str() {
+            Some("ack") if frame["ref"] == reference => return frame["id"].as_u64().unwrap(),
+            Some("error") if frame["ref"] == reference => {
+                assert_eq!(frame["code"], "unavailable", "{frame}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                c.say(room, text, reference).await;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The bound this test holds a shard's failover to: from its master's death to the first
+/// `send` acked again in a room it owned (`cluster-node-timeout` 1 s, the replica's election,
+/// the nodes' reconnect with a backoff of at most 5 s).
+const RESUME_WITHIN: Duration = Duration::from_secs(20);
+
+#[tokio::test]
+async fn a_shard_master_killed_under_traffic_fails_over_in_order_without_duplicates() {
+    let mut cluster = Cluster::start().await;
+    let seeds = cluster.seeds();
+    let nodes = [
+        Node::spawn("node-a", &seeds),
+        Node::spawn("node-b", &seeds),
+        Node::spawn("node-c", &seeds),
+    ];
+    for node in &nodes {
+        node.ready().await;
+    }
+    let room = "busy".to_owned();
+    let rooms = [room.clone()];
+    let mut sender = nodes[0].client("ann", &rooms).await;
+    let mut b = nodes[1].client("bob", &rooms).await;
+    let mut c = nodes[2].client("cy", &rooms).await;
+    for n in 0..20 {
+        send_until_acked(&mut sender, &room, &format!("m{n}"), &format!("r{n}")).await;
+    }
+    let owner = cluster.owner("{busy}").await;
+    let at = cluster.ports.iter().position(|p| *p == owner).unwrap();
+    let killed_at = Instant::now();
+    cluster.children[at].take().unwrap().kill().await.unwrap();
+    let mut resumed = None;
+    for n in 20..60 {
+        send_until_acked(&mut sender, &room, &format!("m{n}"), &format!("r{n}")).await;
+        resumed.get_or_insert_with(|| killed_at.elapsed());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let resumed = resumed.unwrap();
+    println!("first send acked {resumed:?} after the shard's master was killed");
+    assert!(resumed < RESUME_WITHIN, "resumed after {resumed:?}");
+    for client in [&mut b, &mut c] {
+        let mut got = Vec::new();
+        loop {
+            let f = client.recv().await;
+            if f["type"] == "message" {
+                let last = f["message"] == "m59";
+                got.push(f);
+                if last {
+                    break;
+                }
+            }
+        }
+        let ids: Vec<u64> = got.iter().map(|m| m["id"].as_u64().unwrap()).collect();
+        assert!(
+            ids.windows(2).all(|w| w[0] < w[1]),
+            "in order, each once: {ids:?}"
+        );
+        let texts: Vec<&str> = got.iter().map(|m| m["message"].as_str().unwrap()).collect();
+        for n in 20..60 {
+            let text = format!("m{n}");
+            assert_eq!(
+                texts.iter().filter(|t| **t == text).count(),
+                1,
+                "{text}: {texts:?}"
+            );
+        }
+    }
 }

@@ -5,7 +5,8 @@
 //! bytes: a message that does not fit is dropped, which the room's ids show as a gap that is
 //! filled from the history. When a slot moves, Redis ends its sharded subscriptions
 //! (`SUNSUBSCRIBE` pushed to us); the subscriber subscribes again, now on the new owner, and
-//! heals the room as after any resubscription.
+//! heals the room as after any resubscription. When a shard's connection drops, the
+//! subscriber connects again from the seeds.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -129,6 +130,10 @@ fn incoming(push: PushInfo) -> Incoming {
         }
         PushKind::SSubscribe => channel(&push).map_or(Incoming::Other, Incoming::Subscribed),
         PushKind::SUnsubscribe => channel(&push).map_or(Incoming::Other, Incoming::Unsubscribed),
+        // A shard's connection dropped: its master may be gone for good, and the cluster
+        // connection learns the new owner of its slots only when a command there fails, so
+        // the subscriber starts over from the seeds (and heals every room).
+        PushKind::Disconnection => Incoming::Closed,
         _ => Incoming::Other,
     }
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use redis::RedisError;
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::connect::Locator;
 use super::feed::{Feed, Incoming, connect_cluster};
@@ -76,6 +76,8 @@ impl RedisTransport {
             if outage.is_none() {
                 outage = Some(Instant::now());
                 log_outage(&reason);
+            } else {
+                debug!(error = %reason, "redis backplane still down");
             }
             tokio::time::sleep(backoff.next()).await;
         }
