@@ -237,10 +237,12 @@ async fn by_room(c: &mut Client, count: usize) -> HashMap<String, Vec<Value>> {
 async fn three_nodes_chat_over_a_three_shard_cluster_with_sharded_pubsub() {
     let cluster = Cluster::start().await;
     let seeds = cluster.seeds();
+    // A seed list may hold unreachable entries: the others are enough.
+    let with_a_dead_seed = format!("127.0.0.1:{},{seeds}", free_port());
     let nodes = [
         Node::spawn("node-a", &seeds),
         Node::spawn("node-b", &seeds),
-        Node::spawn("node-c", &seeds),
+        Node::spawn("node-c", &with_a_dead_seed),
     ];
     for node in &nodes {
         node.ready().await;
@@ -396,5 +398,201 @@ async fn a_shard_master_killed_under_traffic_fails_over_in_order_without_duplica
                 "{text}: {texts:?}"
             );
         }
+    }
+}
+
+/// Moves `slot` from the master at `from` to the one at `to`, keys and all, as
+/// `redis-cli --cluster reshard` does: IMPORTING / MIGRATING, MIGRATE in batches, then the new
+/// owner announced to every master.
+async fn migrate_slot(cluster: &Cluster, slot: u16, from: u16, to: u16) {
+    let id = |port: u16| async move {
+        query::<String>(port, redis::cmd("CLUSTER").arg("MYID"))
+            .await
+            .unwrap()
+    };
+    let (from_id, to_id) = (id(from).await, id(to).await);
+    let setslot = |port: u16, how: &'static str, node: String| async move {
+        let _: () = query(
+            port,
+            redis::cmd("CLUSTER")
+                .arg("SETSLOT")
+                .arg(slot)
+                .arg(how)
+                .arg(node),
+        )
+        .await
+        .unwrap_or_else(|| panic!("SETSLOT {how} on {port}"));
+    };
+    setslot(to, "IMPORTING", from_id.clone()).await;
+    setslot(from, "MIGRATING", to_id.clone()).await;
+    loop {
+        let keys: Vec<String> = query(
+            from,
+            redis::cmd("CLUSTER")
+                .arg("GETKEYSINSLOT")
+                .arg(slot)
+                .arg(100),
+        )
+        .await
+        .unwrap();
+        if keys.is_empty() {
+            break;
+        }
+        let _: () = query(
+            from,
+            redis::cmd("MIGRATE")
+                .arg("127.0.0.1")
+                .arg(to)
+                .arg("")
+                .arg(0)
+                .arg(5000)
+                .arg("KEYS")
+                .arg(&keys),
+        )
+        .await
+        .expect("MIGRATE");
+        // A little traffic lands between batches.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    setslot(to, "NODE", to_id.clone()).await;
+    setslot(from, "NODE", to_id.clone()).await;
+    for &port in &cluster.ports {
+        let info: Option<String> = query(port, redis::cmd("INFO").arg("replication")).await;
+        if info.is_some_and(|i| i.contains("role:master")) && port != from && port != to {
+            setslot(port, "NODE", to_id.clone()).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_busy_room_migrated_to_another_shard_loses_and_repeats_nothing() {
+    let cluster = Cluster::start().await;
+    let seeds = cluster.seeds();
+    let nodes = [
+        Node::spawn("node-a", &seeds),
+        Node::spawn("node-b", &seeds),
+        Node::spawn("node-c", &seeds),
+    ];
+    for node in &nodes {
+        node.ready().await;
+    }
+    let room = "busy".to_owned();
+    let rooms = [room.clone()];
+    let mut sender = nodes[0].client("ann", &rooms).await;
+    let mut b = nodes[1].client("bob", &rooms).await;
+    let mut c = nodes[2].client("cy", &rooms).await;
+    for n in 0..20 {
+        send_until_acked(&mut sender, &room, &format!("m{n}"), &format!("r{n}")).await;
+    }
+    let from = cluster.owner("{busy}").await;
+    let to = cluster.ports[..3]
+        .iter()
+        .copied()
+        .find(|p| *p != from)
+        .unwrap();
+    let slot: u16 = query(from, redis::cmd("CLUSTER").arg("KEYSLOT").arg("{busy}"))
+        .await
+        .unwrap();
+    let mut acked = Vec::new();
+    let traffic = async {
+        for n in 20..80 {
+            acked.push(
+                send_until_acked(&mut sender, &room, &format!("m{n}"), &format!("r{n}")).await,
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    let migration = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        migrate_slot(&cluster, slot, from, to).await;
+    };
+    tokio::join!(traffic, migration);
+    assert_eq!(cluster.owner("{busy}").await, to, "the slot moved");
+    for client in [&mut b, &mut c] {
+        let mut got = Vec::new();
+        loop {
+            let f = client.recv().await;
+            if f["type"] == "message" {
+                let last = f["message"] == "m79";
+                got.push(f);
+                if last {
+                    break;
+                }
+            }
+        }
+        let ids: Vec<u64> = got.iter().map(|m| m["id"].as_u64().unwrap()).collect();
+        assert_eq!(
+            ids,
+            (1..=80).collect::<Vec<u64>>(),
+            "every id once, in order"
+        );
+        let texts: Vec<&str> = got.iter().map(|m| m["message"].as_str().unwrap()).collect();
+        let due: Vec<String> = (0..80).map(|n| format!("m{n}")).collect();
+        assert_eq!(texts, due);
+    }
+    // Sent after the move, still delivered: the nodes subscribe on the new owner.
+    send_until_acked(&mut sender, &room, "after", "after").await;
+    assert_eq!(b.expect_chat().await["message"], "after");
+    assert_eq!(c.expect_chat().await["message"], "after");
+}
+
+#[tokio::test]
+async fn a_server_not_in_cluster_mode_or_a_cluster_with_a_slot_uncovered_keeps_the_node_unready() {
+    let plain_port = free_port();
+    let _plain = Command::new("redis-server")
+        .args([
+            "--port",
+            &plain_port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
+        .args(["--appendonly", "no", "--dir", "/tmp"])
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("redis-server is installed");
+    within(Duration::from_secs(10), "redis answers", || async move {
+        TcpStream::connect(("127.0.0.1", plain_port)).await.is_ok()
+    })
+    .await;
+    let cluster = Cluster::start().await;
+    // One slot of the first master no longer served: the cluster is down.
+    let slot: u16 = query(
+        cluster.ports[0],
+        redis::cmd("CLUSTER").arg("KEYSLOT").arg("{busy}"),
+    )
+    .await
+    .unwrap();
+    for &port in &cluster.ports {
+        let _: Option<()> = query(port, redis::cmd("CLUSTER").arg("DELSLOTS").arg(slot)).await;
+    }
+    let owner_less = cluster.ports[0];
+    within(
+        Duration::from_secs(20),
+        "cluster_state:fail",
+        || async move {
+            let info: Option<String> = query(owner_less, redis::cmd("CLUSTER").arg("INFO")).await;
+            info.is_some_and(|i| i.contains("cluster_state:fail"))
+        },
+    )
+    .await;
+    let wrong = [
+        Node::spawn("on-plain", &format!("127.0.0.1:{plain_port}")),
+        Node::spawn("on-broken", &cluster.seeds()),
+    ];
+    for node in &wrong {
+        let addr = node.addr;
+        within(Duration::from_secs(10), "node listening", || async move {
+            readyz(addr).await.is_some()
+        })
+        .await;
+    }
+    for _ in 0..10 {
+        for node in &wrong {
+            assert_eq!(readyz(node.addr).await, Some(503));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

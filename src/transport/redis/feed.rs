@@ -209,7 +209,18 @@ pub(super) async fn connect_cluster(config: &RedisConfig) -> Result<Feed, RedisE
     let client = builder.build()?;
     let conn = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_connection())
         .await
-        .unwrap_or_else(|_| Err(timeout_error()))?;
+        .unwrap_or_else(|_| Err(timeout_error()))
+        .map_err(|e| {
+            let hint = if e.to_string().contains("cluster support disabled") {
+                " (a server not in cluster mode: use redis.mode = \"standalone\" for it)"
+            } else {
+                ""
+            };
+            RedisError::from(std::io::Error::other(format!(
+                "no redis cluster from the seeds {}{hint}: {e}",
+                config.host
+            )))
+        })?;
     Ok(Feed::Cluster {
         conn,
         pushes,

@@ -6,6 +6,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
@@ -50,8 +51,9 @@ impl ConnectionLike for Conn {
 }
 
 impl Conn {
-    /// `PING`; on a cluster, one primary's (a cluster connection sends a plain `PING` to
-    /// every node, and one node down would fail it until the cluster forgets that node).
+    /// `PING`; on a cluster, one primary's `CLUSTER INFO` (see [`ping_cluster`]; a cluster
+    /// connection sends a plain `PING` to every node, and one node down would fail it until
+    /// the cluster forgets that node).
     pub(super) async fn ping(&mut self) -> redis::RedisResult<()> {
         match self {
             Self::Single(conn) => redis::cmd("PING").query_async(conn).await,
@@ -60,13 +62,27 @@ impl Conn {
     }
 }
 
-/// `PING` to one primary of the cluster.
+/// The cluster's heartbeat: `CLUSTER INFO` of one primary, which must say `cluster_state:ok`
+/// (a cluster with a slot not served, or that lost its majority, refuses every command).
 pub(super) async fn ping_cluster(conn: &mut ClusterConnection) -> redis::RedisResult<()> {
     use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
     let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary);
-    conn.route_command(redis::cmd("PING"), route)
-        .await
-        .map(drop)
+    let mut info = redis::cmd("CLUSTER");
+    info.arg("INFO");
+    let reply = conn.route_command(info, route).await?;
+    let text: String = redis::from_redis_value(reply)?;
+    if text.lines().any(|l| l.trim() == "cluster_state:ok") {
+        return Ok(());
+    }
+    let state = text
+        .lines()
+        .find(|l| l.starts_with("cluster_state:"))
+        .unwrap_or("cluster_state:unknown")
+        .trim();
+    Err(redis::RedisError::from(std::io::Error::other(format!(
+        "the redis cluster is down ({state}: a slot is not served, or too few masters are \
+         reachable); not ready until it is ok"
+    ))))
 }
 
 /// The publisher connection, swapped when the master moves or a connection stalls.
@@ -112,6 +128,35 @@ impl Publisher {
     /// Whether there is a connection to run commands on.
     pub(super) fn has_master(&self) -> bool {
         self.lock().is_some()
+    }
+
+    /// `WAIT`s until `replicas` replicas have every write of the connection so far, within
+    /// `left` (what is left of the publish timeout, `timeout` in all).
+    pub(super) async fn wait_for_replicas(
+        &self,
+        replicas: u32,
+        left: Duration,
+        timeout: Duration,
+    ) -> Result<(), TransportError> {
+        let not_kept = || {
+            TransportError::Timeout(format!(
+                "redis: fewer than {replicas} replicas confirmed the message within {} ms",
+                timeout.as_millis()
+            ))
+        };
+        if left.is_zero() {
+            return Err(not_kept());
+        }
+        let mut conn = self.get()?;
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(replicas).arg(left.as_millis().max(1) as u64);
+        // WAIT itself blocks up to `left`; the outer timeout covers a stalled connection.
+        let waited = wait.query_async::<u32>(&mut conn);
+        match tokio::time::timeout(left + Duration::from_millis(100), waited).await {
+            Ok(Ok(acked)) if acked >= replicas => Ok(()),
+            Ok(Ok(_)) | Err(_) => Err(not_kept()),
+            Ok(Err(e)) => Err(TransportError::Timeout(format!("redis: {e}"))),
+        }
     }
 
     /// Publishes through `client` from now on (the master changed); commands in flight on

@@ -247,7 +247,10 @@ impl Scripts {
         let started = tokio::time::Instant::now();
         let (id, duplicate) = self.invoke::<(u64, u8)>(call).await?;
         if self.wait_replicas > 0 {
-            self.wait_for_replicas(started).await?;
+            let left = self.publish_timeout.saturating_sub(started.elapsed());
+            self.publisher
+                .wait_for_replicas(self.wait_replicas, left, self.publish_timeout)
+                .await?;
         }
         Ok(Published {
             id,
@@ -307,37 +310,6 @@ impl Scripts {
             messages: decode_stored(room, &messages),
             more,
         })
-    }
-
-    /// `WAIT`s until `redis.wait_replicas` replicas have every write of the publisher
-    /// connection so far, within what is left of the publish timeout since `started`.
-    async fn wait_for_replicas(&self, started: tokio::time::Instant) -> Result<(), TransportError> {
-        let left = self.publish_timeout.saturating_sub(started.elapsed());
-        let not_kept = || {
-            TransportError::Timeout(format!(
-                "redis: fewer than {} replicas confirmed the message within {} ms",
-                self.wait_replicas,
-                self.publish_timeout.as_millis()
-            ))
-        };
-        if left.is_zero() {
-            return Err(not_kept());
-        }
-        let mut conn = self.publisher()?;
-        let mut wait = redis::cmd("WAIT");
-        wait.arg(self.wait_replicas)
-            .arg(left.as_millis().max(1) as u64);
-        // WAIT itself blocks up to `left`; the outer timeout covers a stalled connection.
-        match tokio::time::timeout(
-            left + Duration::from_millis(100),
-            wait.query_async::<u32>(&mut conn),
-        )
-        .await
-        {
-            Ok(Ok(acked)) if acked >= self.wait_replicas => Ok(()),
-            Ok(Ok(_)) | Err(_) => Err(not_kept()),
-            Ok(Err(e)) => Err(TransportError::Timeout(format!("redis: {e}"))),
-        }
     }
 
     fn publisher(&self) -> Result<Conn, TransportError> {
