@@ -169,6 +169,10 @@ struct Node {
 
 impl Node {
     fn spawn(name: &str, seeds: &str) -> Node {
+        Node::spawn_with(name, seeds, &[])
+    }
+
+    fn spawn_with(name: &str, seeds: &str, extra: &[(&str, &str)]) -> Node {
         let port = free_port();
         let child = Command::new(env!("CARGO_BIN_EXE_scalechat"))
             .current_dir(std::env::temp_dir())
@@ -183,6 +187,7 @@ impl Node {
             .env("SCALECHAT_LIMITS__REQUEST_BURST", "100000")
             .env("SCALECHAT_REDIS__MODE", "cluster")
             .env("REDIS_HOST", seeds)
+            .envs(extra.iter().copied())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .kill_on_drop(true)
@@ -239,10 +244,12 @@ async fn three_nodes_chat_over_a_three_shard_cluster_with_sharded_pubsub() {
     let seeds = cluster.seeds();
     // A seed list may hold unreachable entries: the others are enough.
     let with_a_dead_seed = format!("127.0.0.1:{},{seeds}", free_port());
+    // Acks wait for each master's replica (WAIT goes to every master, the least count wins).
+    let wait = [("SCALECHAT_REDIS__WAIT_REPLICAS", "1")];
     let nodes = [
-        Node::spawn("node-a", &seeds),
-        Node::spawn("node-b", &seeds),
-        Node::spawn("node-c", &with_a_dead_seed),
+        Node::spawn_with("node-a", &seeds, &wait),
+        Node::spawn_with("node-b", &seeds, &wait),
+        Node::spawn_with("node-c", &with_a_dead_seed, &wait),
     ];
     for node in &nodes {
         node.ready().await;
