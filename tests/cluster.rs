@@ -1,6 +1,6 @@
-//! Cluster mode with real processes: a Redis Cluster of three masters and three replicas
-//! (`redis-server --cluster-enabled yes` on free ports, joined with `redis-cli --cluster
-//! create`), three scalechat nodes on it, rooms spread over every shard.
+//! Cluster mode with real processes: a Redis Cluster of three masters with one or two
+//! replicas each (`redis-server --cluster-enabled yes` on free ports, joined with
+//! `redis-cli --cluster create`), three scalechat nodes on it, rooms spread over every shard.
 
 mod common;
 
@@ -42,7 +42,7 @@ async fn query<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> Option<
     cmd.query_async(&mut conn).await.ok()
 }
 
-/// Six cluster-enabled servers, three masters with a replica each.
+/// Cluster-enabled servers: three masters with their replicas.
 struct Cluster {
     ports: Vec<u16>,
     children: Vec<Option<Child>>,
@@ -51,12 +51,17 @@ struct Cluster {
 
 impl Cluster {
     async fn start() -> Cluster {
+        Cluster::start_with(1).await
+    }
+
+    /// Three masters with `replicas` replicas each.
+    async fn start_with(replicas: usize) -> Cluster {
         let dir = std::env::temp_dir().join(format!(
             "scalechat-cluster-{}-{}",
             std::process::id(),
             free_port()
         ));
-        let ports: Vec<u16> = (0..6).map(|_| free_port()).collect();
+        let ports: Vec<u16> = (0..3 * (1 + replicas)).map(|_| free_port()).collect();
         let mut children = Vec::new();
         for port in &ports {
             let data = dir.join(port.to_string());
@@ -77,6 +82,9 @@ impl Cluster {
                     "--repl-diskless-sync-delay",
                     "0",
                 ])
+                // A free bus port of its own: the default, port + 10000, may be taken or
+                // beyond 65535.
+                .args(["--cluster-port", &free_port().to_string()])
                 .arg("--dir")
                 .arg(&data)
                 .stdout(Stdio::null())
@@ -90,16 +98,19 @@ impl Cluster {
             })
             .await;
         }
-        let status = Command::new("redis-cli")
+        let created = Command::new("redis-cli")
             .arg("--cluster")
             .arg("create")
             .args(ports.iter().map(|p| format!("127.0.0.1:{p}")))
-            .args(["--cluster-replicas", "1", "--cluster-yes"])
-            .stdout(Stdio::null())
-            .status()
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .output()
             .await
             .expect("redis-cli is installed");
-        assert!(status.success(), "redis-cli --cluster create: {status}");
+        assert!(
+            created.status.success(),
+            "redis-cli --cluster create: {}",
+            String::from_utf8_lossy(&created.stdout)
+        );
         for &port in &ports {
             within(Duration::from_secs(20), "cluster_state:ok", || async move {
                 let info: Option<String> = query(port, redis::cmd("CLUSTER").arg("INFO")).await;
@@ -107,10 +118,12 @@ impl Cluster {
             })
             .await;
             // A replica that never synced cannot take over its master.
+            let synced = format!("connected_slaves:{replicas}");
+            let synced = &synced;
             within(Duration::from_secs(20), "replicas in sync", || async move {
                 let info: Option<String> = query(port, redis::cmd("INFO").arg("replication")).await;
                 info.is_some_and(|i| {
-                    i.contains("role:master") && i.contains("connected_slaves:1")
+                    i.contains("role:master") && i.contains(synced.as_str())
                         || i.contains("master_link_status:up")
                 })
             })
@@ -347,13 +360,15 @@ async fn send_until_acked(c: &mut Client, room: &str, text: &str, reference: &st
 const RESUME_WITHIN: Duration = Duration::from_secs(20);
 
 #[tokio::test]
-async fn a_shard_master_killed_under_traffic_fails_over_in_order_without_duplicates() {
-    let mut cluster = Cluster::start().await;
+async fn a_shard_master_killed_under_traffic_fails_over_without_losing_an_acked_message() {
+    // Two replicas per master, so the promoted one still has one for `wait_replicas = 1`.
+    let mut cluster = Cluster::start_with(2).await;
     let seeds = cluster.seeds();
+    let wait = [("SCALECHAT_REDIS__WAIT_REPLICAS", "1")];
     let nodes = [
-        Node::spawn("node-a", &seeds),
-        Node::spawn("node-b", &seeds),
-        Node::spawn("node-c", &seeds),
+        Node::spawn_with("node-a", &seeds, &wait),
+        Node::spawn_with("node-b", &seeds, &wait),
+        Node::spawn_with("node-c", &seeds, &wait),
     ];
     for node in &nodes {
         node.ready().await;
@@ -363,8 +378,9 @@ async fn a_shard_master_killed_under_traffic_fails_over_in_order_without_duplica
     let mut sender = nodes[0].client("ann", &rooms).await;
     let mut b = nodes[1].client("bob", &rooms).await;
     let mut c = nodes[2].client("cy", &rooms).await;
+    let mut acked = Vec::new();
     for n in 0..20 {
-        send_until_acked(&mut sender, &room, &format!("m{n}"), &format!("r{n}")).await;
+        acked.push(send_until_acked(&mut sender, &room, &format!("m{n}"), &format!("r{n}")).await);
     }
     let owner = cluster.owner("{busy}").await;
     let at = cluster.ports.iter().position(|p| *p == owner).unwrap();
@@ -372,7 +388,7 @@ async fn a_shard_master_killed_under_traffic_fails_over_in_order_without_duplica
     cluster.children[at].take().unwrap().kill().await.unwrap();
     let mut resumed = None;
     for n in 20..60 {
-        send_until_acked(&mut sender, &room, &format!("m{n}"), &format!("r{n}")).await;
+        acked.push(send_until_acked(&mut sender, &room, &format!("m{n}"), &format!("r{n}")).await);
         resumed.get_or_insert_with(|| killed_at.elapsed());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -397,7 +413,10 @@ async fn a_shard_master_killed_under_traffic_fails_over_in_order_without_duplica
             "in order, each once: {ids:?}"
         );
         let texts: Vec<&str> = got.iter().map(|m| m["message"].as_str().unwrap()).collect();
-        for n in 20..60 {
+        for id in &acked {
+            assert!(ids.contains(id), "acked id {id} delivered: {ids:?}");
+        }
+        for n in 0..60 {
             let text = format!("m{n}");
             assert_eq!(
                 texts.iter().filter(|t| **t == text).count(),

@@ -453,6 +453,8 @@ async fn standalone_mode_refuses_a_replica_a_sentinel_or_a_cluster_node() {
             &dir,
             "--cluster-enabled",
             "yes",
+            "--cluster-port",
+            &free_port().to_string(),
         ],
     );
     cluster_node.answers().await;
