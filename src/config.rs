@@ -50,6 +50,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// The Socket.IO endpoint.
     pub socketio: SocketIoConfig,
+    /// The server API for the application's backend.
+    pub api: ApiConfig,
     /// Redis connection settings (used by the `redis` transport).
     pub redis: RedisConfig,
     /// Logging.
@@ -226,6 +228,12 @@ pub struct RoomsConfig {
     /// Seconds during which a `send` repeating an accepted `ref` is acked again and not
     /// delivered twice.
     pub dedupe_window_secs: u64,
+    /// Milliseconds over which presence changes are gathered into one `member_joined` and
+    /// one `member_left` frame per room.
+    pub presence_interval_ms: u64,
+    /// Seconds after which the members of a node that stopped (crashed, cut off from Redis)
+    /// are removed from every room's presence; nodes renew their presence every third of it.
+    pub presence_timeout_secs: u64,
 }
 
 impl Default for RoomsConfig {
@@ -235,6 +243,8 @@ impl Default for RoomsConfig {
             history_ttl_secs: 24 * 3600,
             history_on_join: 50,
             dedupe_window_secs: 300,
+            presence_interval_ms: 250,
+            presence_timeout_secs: 6,
         }
     }
 }
@@ -251,6 +261,17 @@ pub struct AuthConfig {
     pub jwt_audience: String,
     /// The `iss` a token must carry; empty: `iss` is not checked.
     pub jwt_issuer: String,
+    /// Rooms every user may join (names, or prefixes followed by `*`), whatever their token
+    /// lists and the join hook says.
+    pub public_rooms: Vec<String>,
+    /// An `http://` endpoint asked whether a user may join a room their token does not
+    /// list (POST `{"user","room"}`, answered `{"allow": bool, "read_only": bool}`); empty:
+    /// not asked.
+    pub join_hook_url: String,
+    /// Milliseconds the join hook has to answer; no answer in time refuses the join.
+    pub join_hook_timeout_ms: u64,
+    /// Seconds an answer of the join hook is kept.
+    pub join_hook_cache_secs: u64,
 }
 
 impl Default for AuthConfig {
@@ -260,7 +281,61 @@ impl Default for AuthConfig {
             leeway_secs: 30,
             jwt_audience: String::new(),
             jwt_issuer: String::new(),
+            public_rooms: Vec::new(),
+            join_hook_url: String::new(),
+            join_hook_timeout_ms: 1000,
+            join_hook_cache_secs: 30,
         }
+    }
+}
+
+/// `[api]`: the server API at `/api/v1/` for the application's backend.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// The API keys (`Authorization: Bearer <key>`), at least 16 bytes each; with none (here
+    /// or in `keys_file`) the API is off. Masked by `check-config`.
+    pub keys: Vec<Secret>,
+    /// A file of more keys, one per line (blank lines and `#` comments ignored).
+    pub keys_file: String,
+    /// The largest request body accepted, in bytes; larger gets 413.
+    pub max_body_bytes: usize,
+    /// Requests a second each key may make (sustained), and its burst.
+    pub requests_per_second: f64,
+    /// Requests a key may make at once before the rate applies.
+    pub request_burst: u32,
+    /// The user name of messages posted without one.
+    pub system_name: String,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            keys: Vec::new(),
+            keys_file: String::new(),
+            max_body_bytes: 64 * 1024,
+            requests_per_second: 50.0,
+            request_burst: 100,
+            system_name: "system".into(),
+        }
+    }
+}
+
+impl ApiConfig {
+    /// Every key: `keys`, then those of `keys_file`; why not, when the file cannot be read.
+    pub fn all_keys(&self) -> Result<Vec<Secret>, String> {
+        let mut keys = self.keys.clone();
+        if !self.keys_file.is_empty() {
+            let text = std::fs::read_to_string(&self.keys_file)
+                .map_err(|e| format!("{}: {e}", self.keys_file))?;
+            keys.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(Secret::from),
+            );
+        }
+        Ok(keys)
     }
 }
 
@@ -323,6 +398,9 @@ pub struct RedisConfig {
     /// Replicas that must have a message (`WAIT`) before its `send` is acked; 0: the
     /// master's word is enough.
     pub wait_replicas: u32,
+    /// Share presence through Redis: counts, member lists and events over every node. Off,
+    /// each node reports its own members only and joins write nothing for presence.
+    pub presence: bool,
 }
 
 /// `redis.mode`: where the node's Redis is.
@@ -396,6 +474,7 @@ impl Default for RedisConfig {
             sentinels: Vec::new(),
             master_name: String::new(),
             wait_replicas: 0,
+            presence: true,
         }
     }
 }
@@ -703,6 +782,50 @@ impl Config {
             "auth.jwt_secret",
             "must be empty (no authentication) or at least 32 bytes",
         );
+        for pattern in &a.public_rooms {
+            check(
+                crate::protocol::RoomPattern::parse(pattern).is_some(),
+                "auth.public_rooms",
+                &format!("{pattern:?} is not a room name or a prefix followed by *"),
+            );
+        }
+        check(
+            a.join_hook_url.is_empty()
+                || a.join_hook_url
+                    .parse::<hyper::Uri>()
+                    .is_ok_and(|u| u.scheme_str() == Some("http") && u.host().is_some()),
+            "auth.join_hook_url",
+            "must be empty or an http:// URL",
+        );
+        check(
+            (1..=60_000).contains(&a.join_hook_timeout_ms),
+            "auth.join_hook_timeout_ms",
+            "must be 1 to 60000",
+        );
+        let api = &self.api;
+        match api.all_keys() {
+            Ok(keys) => check(
+                keys.iter().all(|k| k.expose().len() >= 16),
+                "api.keys",
+                "every key (here and in api.keys_file) must be at least 16 bytes",
+            ),
+            Err(why) => check(false, "api.keys_file", &format!("cannot be read: {why}")),
+        }
+        check(
+            (1..=16 << 20).contains(&api.max_body_bytes),
+            "api.max_body_bytes",
+            "must be 1 to 16777216",
+        );
+        check(
+            api.requests_per_second > 0.0 && api.request_burst > 0,
+            "api.requests_per_second",
+            "and api.request_burst must be above 0",
+        );
+        check(
+            crate::protocol::valid_user_name(&api.system_name),
+            "api.system_name",
+            "must be a valid display name",
+        );
         check(
             self.socketio.connect_timeout_secs > 0,
             "socketio.connect_timeout_secs",
@@ -786,6 +909,16 @@ impl Config {
             h.history_ttl_secs > 0,
             "rooms.history_ttl_secs",
             "must be at least 1",
+        );
+        check(
+            (10..=10_000).contains(&h.presence_interval_ms),
+            "rooms.presence_interval_ms",
+            "must be 10 to 10000",
+        );
+        check(
+            (3..=3600).contains(&h.presence_timeout_secs),
+            "rooms.presence_timeout_secs",
+            "must be 3 to 3600",
         );
         // Redis takes expiry times in milliseconds as a signed 64-bit count from now.
         check(

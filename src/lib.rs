@@ -35,6 +35,7 @@
 //! [`chat`] beside [`conn`], the protocols ([`native`], [`socketio`]), and [`server`] on top,
 //! which `main.rs` runs.
 
+pub mod api;
 pub mod chat;
 pub mod config;
 pub mod conn;

@@ -242,6 +242,14 @@ pub struct Metrics {
     pub backplane_gaps_healed_total: Counter,
     /// Messages delivered from history to fill gaps.
     pub backplane_messages_healed_total: Counter,
+    /// Presence events (`member_joined`, `member_left` frames) queued for members.
+    pub presence_events_total: Counter,
+    /// Writes of this node's presence share to Redis (one per room per batch).
+    pub presence_writes_total: Counter,
+    /// Presence writes, renewals or removals Redis refused or did not answer (retried).
+    pub presence_errors_total: Counter,
+    /// Nodes whose members this node removed from presence after they stopped renewing.
+    pub presence_nodes_removed_total: Counter,
     /// Transport publish latency.
     pub publish_seconds: Histogram,
     registry: Registry,
@@ -278,6 +286,10 @@ impl Metrics {
             backplane_gaps_total: Counter::default(),
             backplane_gaps_healed_total: Counter::default(),
             backplane_messages_healed_total: Counter::default(),
+            presence_events_total: Counter::default(),
+            presence_writes_total: Counter::default(),
+            presence_errors_total: Counter::default(),
+            presence_nodes_removed_total: Counter::default(),
             publish_seconds: Histogram::default(),
             registry: Registry::with_prefix("scalechat"),
         };
@@ -365,6 +377,26 @@ impl Metrics {
             "backplane_messages_healed",
             "Messages delivered from history to fill backplane gaps",
             metrics.backplane_messages_healed_total.0.clone(),
+        );
+        registry.register(
+            "presence_events",
+            "Presence event frames (member_joined, member_left) queued for members",
+            metrics.presence_events_total.0.clone(),
+        );
+        registry.register(
+            "presence_writes",
+            "Writes of this node's share of a room's presence to Redis",
+            metrics.presence_writes_total.0.clone(),
+        );
+        registry.register(
+            "presence_errors",
+            "Presence writes, renewals and removals that failed and are retried",
+            metrics.presence_errors_total.0.clone(),
+        );
+        registry.register(
+            "presence_nodes_removed",
+            "Stopped nodes whose members this node removed from presence",
+            metrics.presence_nodes_removed_total.0.clone(),
         );
         registry.register(
             "publish_seconds",
@@ -458,7 +490,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(families.len(), 19, "{families:?}");
+        assert_eq!(families.len(), 23, "{families:?}");
         assert!(text.ends_with('\n'));
         assert!(!text.contains("# EOF"), "0.0.4 text has no EOF marker");
         for line in text.lines().filter(|l| l.starts_with("# HELP ")) {

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use futures_util::StreamExt;
 use futures_util::future::join_all;
 use scalechat::config::RoomsConfig;
-use scalechat::hub::{ConnId, Hub};
+use scalechat::hub::{ConnId, Hub, Joiner, Staging};
 use scalechat::outbox::Outbox;
 use scalechat::protocol::RoomName;
 use scalechat::protocol::message::{Codec, Draft};
@@ -86,9 +86,16 @@ fn deliver_to_members(members: usize, codec: Codec) -> (usize, Vec<Arc<Outbox>>)
     let outboxes: Vec<Arc<Outbox>> = (0..members)
         .map(|i| {
             let outbox = Arc::new(Outbox::new(1024, 1 << 20));
-            hub.join_as(codec, &room, ConnId(i as u64), &outbox, |_| {
-                bytes::Bytes::new()
-            });
+            let joiner = Joiner {
+                conn: ConnId(i as u64),
+                outbox: outbox.clone(),
+                user: format!("u{i}").into(),
+                codec,
+                presence: false,
+            };
+            let staging = Arc::new(Staging::like(&outbox));
+            hub.join_staged(&room, &joiner, &staging);
+            hub.promote(room.as_str(), joiner.conn, |_| {});
             outbox
         })
         .collect();

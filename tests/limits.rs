@@ -347,7 +347,7 @@ async fn a_reader_that_stops_is_closed_as_slow_and_others_get_everything() {
     );
     let node = server.node.clone();
     common::eventually("the slow client leaves the room", || {
-        node.hub.online("general") == 2
+        node.hub.members("general") == 2
     })
     .await;
     // The others were not disturbed.

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{WAIT, config, start};
 use futures_util::{SinkExt, StreamExt};
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -953,4 +953,75 @@ async fn a_polling_session_that_stops_polling_is_closed_past_the_byte_bound() {
     assert_eq!((answer.status, answer.body.as_str()), (200, "1"));
     engine_error(&poll(addr, &sid).await, 400, 1, "Session ID unknown");
     assert_eq!(server.socketio.len(), 0);
+}
+
+#[tokio::test]
+async fn presence_events_and_lists_reach_socketio_clients() {
+    let server = start(config()).await;
+    let addr = server.addr;
+    let sid = connected(addr, r#"{"name":"sio","presence":true}"#).await;
+    let mut native = server.client("name=nat").await;
+    let seen = poll_until(addr, &sid, |p| {
+        p.starts_with(r#"42["member_joined""#) && p.contains(r#""user":"nat""#)
+    })
+    .await;
+    let event = seen.iter().find(|p| p.contains(r#""user":"nat""#)).unwrap();
+    let args: Value = serde_json::from_str(event.strip_prefix("42").unwrap()).unwrap();
+    assert_eq!(args[1]["room"], "general");
+    assert_eq!(args[1]["online"], 2);
+
+    assert_eq!(
+        post(addr, &sid, r#"425["presence",{"room":"general"}]"#)
+            .await
+            .body,
+        "ok"
+    );
+    let seen = poll_until(addr, &sid, |p| p.starts_with("435")).await;
+    let ack: Value =
+        serde_json::from_str(&seen.iter().find(|p| p.starts_with("435")).unwrap()[3..]).unwrap();
+    let mut names: Vec<&str> = ack[0]["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["user"].as_str().unwrap())
+        .collect();
+    names.sort_unstable();
+    assert_eq!((names, &ack[0]["online"]), (vec!["nat", "sio"], &json!(2)));
+
+    native.ws.close(None).await.unwrap();
+    poll_until(addr, &sid, |p| {
+        p.starts_with(r#"42["member_left""#) && p.contains(r#""user":"nat""#)
+    })
+    .await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn socketio_joins_follow_the_same_room_access_rules() {
+    let mut cfg = config();
+    cfg.auth.jwt_secret = SECRET.into();
+    let server = start(cfg).await;
+    let addr = server.addr;
+    let claims = serde_json::json!({"name":"ann","exp": jsonwebtoken::get_current_timestamp() + 3600,
+        "rooms":["general"],"read_only_rooms":["news"]});
+    let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes());
+    let token = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).unwrap();
+    let sid = connected(addr, &format!(r#"{{"token":"{token}"}}"#)).await;
+    let events = [
+        r#"421["join","secret"]"#,
+        r#"422["join","news"]"#,
+        r#"423["event:message",{"room":"news","message":"hi"}]"#,
+        r#"424["join",{"dm":"bob"}]"#,
+    ];
+    assert_eq!(post(addr, &sid, &events.join("\x1e")).await.body, "ok");
+    let seen = poll_until(addr, &sid, |p| p.starts_with("434")).await;
+    let ack = |n: &str| -> Value {
+        let packet = seen.iter().find(|p| p.starts_with(n)).unwrap();
+        serde_json::from_str(&packet[3..]).unwrap()
+    };
+    assert_eq!(ack("431")[0]["error"]["code"], "forbidden");
+    assert_eq!(ack("432")[0]["room"], "news");
+    assert_eq!(ack("433")[0]["error"]["code"], "read_only");
+    assert!(ack("434")[0]["room"].as_str().unwrap().starts_with("dm-"));
+    server.stop().await;
 }

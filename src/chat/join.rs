@@ -1,6 +1,6 @@
-//! Joining a room: the room limit, the node's subscription, and, when the protocol wants the
-//! room's history, the staged catch-up that sends it with no gap and no duplicate before the
-//! live messages.
+//! Joining a room: the room limit, the node's subscription, the user's presence, and the
+//! staged catch-up that sends the room's history, when the client wants it, with no gap and no
+//! duplicate before the live messages.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,11 +8,12 @@ use std::time::Duration;
 use tracing::warn;
 
 use super::{Chat, Protocol, unavailable};
-use crate::hub::Staging;
+use crate::hub::{Joiner, Staged, Staging};
+use crate::node::access::Mode;
 use crate::outbox::Refused;
 use crate::protocol::native::Since;
 use crate::protocol::ws::close_code;
-use crate::protocol::{ErrorCode, ProtocolError, RoomName};
+use crate::protocol::{ErrorCode, ProtocolError, RoomName, RoomRef, valid_user_name};
 use crate::transport::Snapshot;
 
 /// How long a join waits for the node's live stream to reach the history it sent.
@@ -29,6 +30,10 @@ pub(crate) struct Joined<'a> {
     pub(crate) history: Option<&'a Snapshot>,
     /// The join asked to recover from a position (`since`).
     pub(crate) recovering: bool,
+    /// For a direct-message room, the other user.
+    pub(crate) direct: Option<&'a str>,
+    /// The user may read the room but not send to it.
+    pub(crate) read_only: bool,
 }
 
 impl Joined<'_> {
@@ -39,53 +44,85 @@ impl Joined<'_> {
     }
 }
 
+/// A room joined.
+#[derive(Debug)]
+pub(crate) struct Entered {
+    /// Its name (for a direct-message room, the one derived from the two users).
+    pub(crate) room: RoomName,
+    /// The users in it over every node.
+    pub(crate) online: usize,
+}
+
+/// What a client asks of a join.
+#[derive(Debug)]
+pub(crate) struct Join {
+    /// The room.
+    pub(crate) room: RoomRef,
+    /// Where the client left the room, to get what it missed.
+    pub(crate) since: Option<Since>,
+    /// Send the room's history before live messages.
+    pub(crate) history: bool,
+    /// Send the room's presence events.
+    pub(crate) presence: bool,
+}
+
 impl<P: Protocol> Chat<P> {
-    /// Joins `room`, answering the local member count. With `history`, the client is sent
-    /// `joined`, then the room's history (what it missed since `since`, or the newest
-    /// messages), then live messages, with no gap and no duplicate between the two; without,
-    /// `joined` and then live messages.
+    /// Joins a room, answering the users in it over every node. The client is sent `joined`,
+    /// then, when it asked, the room's history (what it missed since `since`, or the newest
+    /// messages), then live messages, with no gap and no duplicate between the two.
     ///
-    /// The history is staged: the connection joins the hub with a queue that keeps live
-    /// messages while the history is read. The history's snapshot is atomic with publishing,
-    /// so every id up to its `last_id` is either in it or was delivered before the staging
-    /// began; staged messages up to `last_id` are dropped as duplicates, the rest follow the
-    /// history.
-    pub(crate) async fn join(
-        &mut self,
-        room: RoomName,
-        since: Option<Since>,
-        history: bool,
-    ) -> Result<usize, ProtocolError> {
+    /// The join is staged: the connection joins the hub with a queue that keeps the room's
+    /// traffic while its presence is written and its history read. The history's snapshot is
+    /// atomic with publishing, so every id up to its `last_id` is either in it or was
+    /// delivered before the staging began; staged messages up to `last_id` are dropped as
+    /// duplicates, the rest follow the history.
+    pub(crate) async fn join(&mut self, join: Join) -> Result<Entered, ProtocolError> {
         self.take_request()?;
-        self.join_room(room, since, history).await
+        self.join_room(join).await
     }
 
     /// [`Chat::join`] for the room a connection opens with, which takes no request token:
     /// the connection's admission counted it.
-    pub(crate) async fn join_first(
-        &mut self,
-        room: RoomName,
-        since: Option<Since>,
-        history: bool,
-    ) -> Result<usize, ProtocolError> {
-        self.join_room(room, since, history).await
+    pub(crate) async fn join_first(&mut self, join: Join) -> Result<Entered, ProtocolError> {
+        self.join_room(join).await
     }
 
-    async fn join_room(
-        &mut self,
-        room: RoomName,
-        since: Option<Since>,
-        history: bool,
-    ) -> Result<usize, ProtocolError> {
+    async fn join_room(&mut self, join: Join) -> Result<Entered, ProtocolError> {
+        let Join {
+            room,
+            since,
+            history,
+            presence,
+        } = join;
         let node = self.node.clone();
+        let Some(user) = self.rooms.user.clone() else {
+            return Err(ProtocolError::new(ErrorCode::BadField, "not connected"));
+        };
+        let (room, direct) = match room {
+            RoomRef::Named(room) => (room, None),
+            RoomRef::Direct(peer) => {
+                if !valid_user_name(&peer) {
+                    return Err(ProtocolError::new(
+                        ErrorCode::BadField,
+                        "`dm` must be a user's display name",
+                    ));
+                }
+                (RoomName::direct(&user, &peer), Some(peer))
+            }
+        };
         if self.rooms.rooms.contains(&room) {
             // Already in: the live stream is running, so there is no history to add.
-            let online = node.hub.online(room.as_str());
+            let online = node.transport.online(&room);
             if let Some(frame) = P::already_joined(&room, online) {
                 self.push(frame);
             }
-            return Ok(online);
+            return Ok(Entered { room, online });
         }
+        // A direct-message room admits its two users; any other is decided by the rules.
+        let mode = match direct {
+            Some(_) => Mode::ReadWrite,
+            None => node.access.decide(&user, &self.grant, &room).await?,
+        };
         let limit = self.live().limits.max_rooms_per_connection;
         if self.rooms.rooms.len() >= limit {
             return Err(ProtocolError::new(
@@ -97,37 +134,41 @@ impl<P: Protocol> Chat<P> {
         // this node. Recorded with the hub join, with no await between: a join cancelled
         // before leaves neither a room to leave nor a subscription behind.
         let subscription = node.transport.subscribe(&room).await;
-        if !history {
-            let joined = node
-                .hub
-                .join_as(P::CODEC, &room, self.conn, &self.outbox, |online| {
-                    P::joined(&Joined {
-                        room: &room,
-                        online,
-                        history: None,
-                        recovering: false,
-                    })
-                });
-            self.rooms.rooms.push(room);
-            subscription.joined();
-            return Ok(joined.online);
-        }
         let staging = Arc::new(Staging::like(&self.outbox));
-        let online = node
-            .hub
-            .join_staged(P::CODEC, &room, self.conn, &staging)
-            .online;
+        let joiner = Joiner {
+            conn: self.conn,
+            outbox: self.outbox.clone(),
+            user: user.clone(),
+            codec: P::CODEC,
+            presence,
+        };
+        let membership = node.hub.join_staged(&room, &joiner, &staging);
         self.rooms.rooms.push(room.clone());
+        if mode == Mode::ReadOnly {
+            self.rooms.read_only.push(room.clone());
+        }
         subscription.joined();
-        let snapshot = node.transport.snapshot(&room, since.as_ref()).await;
+        let online = if membership.user_first_or_last {
+            node.transport.presence_joined(&room, &user).await
+        } else {
+            node.transport.online(&room)
+        };
+        let snapshot = if history {
+            Some(node.transport.snapshot(&room, since.as_ref()).await)
+        } else {
+            None
+        };
         let joined = |history| Joined {
             room: &room,
             online,
             history,
             recovering: since.is_some(),
+            direct: direct.as_deref(),
+            read_only: mode == Mode::ReadOnly,
         };
         match &snapshot {
-            Ok(s) => {
+            None => self.push(P::joined(&joined(None))),
+            Some(Ok(s)) => {
                 self.push(P::joined(&joined(Some(s))));
                 for message in &s.messages {
                     // A long history never makes its reader a slow consumer.
@@ -135,16 +176,16 @@ impl<P: Protocol> Chat<P> {
                     self.push(message.frame(P::CODEC));
                 }
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 self.push(P::joined(&joined(None)));
                 node.metrics.error(ErrorCode::Unavailable);
                 self.push(P::error(&unavailable(&room, e)));
             }
         }
-        self.catch_up(&room, snapshot.as_ref().ok()).await;
-        Ok(online)
+        let sent = snapshot.as_ref().and_then(|s| s.as_ref().ok());
+        self.catch_up(&room, sent).await;
+        Ok(Entered { room, online })
     }
-
     /// Ends a staged join: once this node's live stream has reached what `sent` held, the
     /// staged messages that came after it follow, and live ones from then on.
     async fn catch_up(&self, room: &RoomName, sent: Option<&Snapshot>) {
@@ -166,20 +207,25 @@ impl<P: Protocol> Chat<P> {
         }
         let outbox = &self.outbox;
         let metrics = &node.metrics;
-        node.hub
-            .promote(room.as_str(), self.conn, outbox, |staged| {
-                let Some(staged) = staged else {
-                    metrics.slow_consumer_disconnects_total.inc();
-                    return outbox.close(close_code::SLOW_CONSUMER, "slow consumer", false);
-                };
-                let new = staged
-                    .iter()
-                    .filter(|m| covered.is_none_or(|(epoch, id)| m.is_after(epoch, id)));
-                for message in new {
-                    if outbox.push(message.frame(P::CODEC)) == Err(Refused::Full) {
-                        metrics.slow_consumer_disconnects_total.inc();
+        node.hub.promote(room.as_str(), self.conn, |staged| {
+            let Some(staged) = staged else {
+                metrics.slow_consumer_disconnects_total.inc();
+                return outbox.close(close_code::SLOW_CONSUMER, "slow consumer", false);
+            };
+            for staged in staged {
+                let frame = match staged {
+                    Staged::Message(m) => {
+                        if covered.is_some_and(|(epoch, id)| !m.is_after(epoch, id)) {
+                            continue; // in the history it was sent
+                        }
+                        m.frame(P::CODEC)
                     }
+                    Staged::Frame(frame) => frame,
+                };
+                if outbox.push(frame) == Err(Refused::Full) {
+                    metrics.slow_consumer_disconnects_total.inc();
                 }
-            });
+            }
+        });
     }
 }

@@ -21,13 +21,15 @@ use self::rate::TokenBucket;
 use crate::config::Reloadable;
 use crate::hub::ConnId;
 use crate::node::Node;
+use crate::node::access::Grant;
 use crate::outbox::{Outbox, Refused};
 use crate::protocol::message::{Codec, Message};
 use crate::protocol::native::check_message;
+use crate::protocol::presence::{self, MAX_CURSOR_LEN, MAX_PAGE};
 use crate::protocol::{ErrorCode, ProtocolError, RoomName};
-use crate::transport::Published;
+use crate::transport::{Published, TransportError};
 
-pub(crate) use self::join::Joined;
+pub(crate) use self::join::{Join, Joined};
 
 /// What the chat core needs of a protocol: its codec for chat messages and the frames it
 /// queues on its own during a join.
@@ -71,8 +73,10 @@ pub(crate) struct Chat<P> {
     node: Arc<Node>,
     conn: ConnId,
     outbox: Arc<Outbox>,
-    /// Set once the user is known: their display name and first room.
-    user: Option<(Arc<str>, RoomName)>,
+    /// Set once the user is known: the first room (the user is in `rooms`).
+    first_room: Option<RoomName>,
+    /// The rooms the user's token grants.
+    grant: Grant,
     rooms: Memberships,
     /// `send`s.
     sends: TokenBucket,
@@ -96,12 +100,15 @@ impl<P: Protocol> Chat<P> {
             rooms: Memberships {
                 node: node.clone(),
                 conn,
+                user: None,
                 rooms: Vec::new(),
+                read_only: Vec::new(),
             },
             node,
             conn,
             outbox,
-            user: None,
+            first_room: None,
+            grant: Grant::default(),
             sends,
             requests,
             live,
@@ -110,20 +117,25 @@ impl<P: Protocol> Chat<P> {
         }
     }
 
-    /// The user is known: `user`, whose `send`s without a room go to `first_room`.
-    pub(crate) fn sign_in(&mut self, user: Arc<str>, first_room: RoomName) {
-        self.user = Some((user, first_room));
+    /// The user is known: `user`, whose `send`s without a room go to `first_room`, and
+    /// whose token grants `grant`.
+    pub(crate) fn sign_in(&mut self, user: Arc<str>, first_room: RoomName, grant: Grant) {
+        self.rooms.leave_all();
+        self.rooms.user = Some(user);
+        self.first_room = Some(first_room);
+        self.grant = grant;
     }
 
     /// The user is gone (the connection stays): leaves every room. The rate limits stay.
     pub(crate) fn sign_out(&mut self) {
-        self.user = None;
         self.rooms.leave_all();
+        self.rooms.user = None;
+        self.first_room = None;
     }
 
     /// Whether a user is signed in.
     pub(crate) fn is_signed_in(&self) -> bool {
-        self.user.is_some()
+        self.rooms.user.is_some()
     }
 
     /// The node this connection is on.
@@ -205,7 +217,7 @@ impl<P: Protocol> Chat<P> {
         text: String,
         reference: Option<&str>,
     ) -> Result<Sent, ProtocolError> {
-        let Some((user, first_room)) = &self.user else {
+        let (Some(user), Some(first_room)) = (&self.rooms.user, &self.first_room) else {
             return Err(ProtocolError::new(ErrorCode::BadField, "not connected"));
         };
         let user = user.clone();
@@ -214,6 +226,12 @@ impl<P: Protocol> Chat<P> {
         let (max_chars, rate) = (limits.max_message_chars, limits.messages_per_second);
         check_message(&text, max_chars)?;
         self.check_member(&room)?;
+        if self.rooms.read_only.contains(&room) {
+            return Err(ProtocolError::new(
+                ErrorCode::ReadOnly,
+                format!("you may read room {room} but not send to it"),
+            ));
+        }
         if !self.sends.take(Instant::now()) {
             return Err(ProtocolError::new(
                 ErrorCode::RateLimited,
@@ -255,6 +273,40 @@ impl<P: Protocol> Chat<P> {
     }
 }
 
+impl<P: Protocol> Chat<P> {
+    /// A page of `room`'s members over every node, from `cursor` (a page's own), at most
+    /// `limit` (1 to [`MAX_PAGE`]).
+    pub(crate) async fn presence(
+        &mut self,
+        room: &RoomName,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<presence::Page, ProtocolError> {
+        self.take_request()?;
+        self.check_member(room)?;
+        if !(1..=MAX_PAGE).contains(&limit) {
+            return Err(ProtocolError::new(
+                ErrorCode::BadField,
+                format!("`limit` must be 1 to {MAX_PAGE}"),
+            ));
+        }
+        if cursor.is_some_and(|c| c.len() > MAX_CURSOR_LEN) {
+            return Err(ProtocolError::new(
+                ErrorCode::BadField,
+                "`cursor` must be one a presence page returned",
+            ));
+        }
+        let page = self.node.transport.presence_page(room, cursor, limit).await;
+        page.map_err(|e| match e {
+            TransportError::BadRequest(why) => ProtocolError::new(ErrorCode::BadField, why),
+            e => ProtocolError::new(
+                ErrorCode::Unavailable,
+                format!("the members of room {room} are unavailable: {e}"),
+            ),
+        })
+    }
+}
+
 /// The error for a history the transport could not read.
 fn unavailable(room: &RoomName, e: &impl std::fmt::Display) -> ProtocolError {
     ProtocolError::new(
@@ -279,22 +331,34 @@ fn fit_page(messages: &[Arc<Message>], more: bool, max_bytes: usize) -> (&[Arc<M
     (&messages[first..], more || first > 0)
 }
 
-/// The rooms a connection is in; leaves them all when dropped, however the connection ends.
+/// The user and the rooms a connection is in; leaves them all when dropped, however the
+/// connection ends.
 struct Memberships {
     node: Arc<Node>,
     conn: ConnId,
+    user: Option<Arc<str>>,
     rooms: Vec<RoomName>,
+    /// Those of `rooms` the user may only read.
+    read_only: Vec<RoomName>,
 }
 
 impl Memberships {
-    /// Leaves `room`, giving up the node's subscription with its last local member.
+    /// Leaves `room`: the user's presence there ends with their last connection, and the
+    /// node's subscription with its last local member.
     fn leave(&mut self, room: &RoomName) {
         if let Some(at) = self.rooms.iter().position(|r| r == room) {
             self.rooms.swap_remove(at);
         }
-        if let Some(left) = self.node.hub.leave(room.as_str(), self.conn)
-            && left.first_or_last
+        self.read_only.retain(|r| r != room);
+        let Some(left) = self.node.hub.leave(room.as_str(), self.conn) else {
+            return;
+        };
+        if left.user_first_or_last
+            && let Some(user) = &self.user
         {
+            self.node.transport.presence_left(room, user);
+        }
+        if left.first_or_last {
             self.node.transport.unsubscribe(room);
         }
     }

@@ -24,6 +24,7 @@ use crate::conn::reader::{Assembler, FrameReader};
 use crate::conn::writer::{Liveness, WriteEnd, Writer};
 use crate::hub::ConnId;
 use crate::metrics::OpenSession;
+use crate::node::access::Grant;
 use crate::node::{ConnSlot, Node};
 use crate::outbox::Outbox;
 use crate::protocol::RoomName;
@@ -40,6 +41,10 @@ pub(crate) struct Params {
     pub(crate) name: String,
     /// Where the client left the first room, to receive what it missed.
     pub(crate) since: Option<Since>,
+    /// Send the first room's presence events.
+    pub(crate) presence: bool,
+    /// The rooms the user's token grants.
+    pub(crate) grant: Grant,
     /// The echo endpoint (`server.echo_path`): messages come back to the sender, nothing
     /// else happens; binary messages are allowed.
     pub(crate) echo: bool,

@@ -8,13 +8,13 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::Params;
-use crate::chat::{Chat, Joined, Protocol};
+use crate::chat::{Chat, Join, Joined, Protocol};
 use crate::hub::ConnId;
 use crate::node::Node;
 use crate::outbox::Outbox;
 use crate::protocol::message::Codec;
 use crate::protocol::native::{self, Reply, Request, Since};
-use crate::protocol::{ProtocolError, RoomName, ws};
+use crate::protocol::{ProtocolError, RoomName, RoomRef, presence, ws};
 
 /// The native protocol, as the chat core sees it.
 pub(crate) struct Native;
@@ -31,6 +31,8 @@ impl Protocol for Native {
             last_id: history.map(|s| s.last_id),
             history: history.map_or(0, |s| s.messages.len()),
             recovered: joined.recovered(),
+            dm: joined.direct,
+            read_only: joined.read_only,
         }
         .frame()
     }
@@ -44,6 +46,8 @@ impl Protocol for Native {
                 last_id: None,
                 history: 0,
                 recovered: None,
+                dm: None,
+                read_only: false,
             }
             .frame(),
         )
@@ -62,6 +66,8 @@ pub(super) struct Session {
     chat: Chat<Native>,
     name: Arc<str>,
     first_room: RoomName,
+    /// Send the first room's presence events.
+    presence: bool,
     /// Serving the echo endpoint.
     pub(super) echo: bool,
 }
@@ -70,11 +76,12 @@ impl Session {
     pub(super) fn new(node: Arc<Node>, conn: ConnId, params: Params, outbox: Arc<Outbox>) -> Self {
         let mut chat = Chat::new(node, conn, outbox);
         let name: Arc<str> = params.name.into();
-        chat.sign_in(name.clone(), params.room.clone());
+        chat.sign_in(name.clone(), params.room.clone(), params.grant);
         Self {
             chat,
             name,
             first_room: params.room,
+            presence: params.presence,
             echo: params.echo,
         }
     }
@@ -91,8 +98,15 @@ impl Session {
             rooms: std::slice::from_ref(&self.first_room),
         };
         self.reply(welcome.frame());
-        let room = self.first_room.clone();
-        let joined = self.chat.join_first(room, since, true).await;
+        let joined = self
+            .chat
+            .join_first(Join {
+                room: RoomRef::Named(self.first_room.clone()),
+                since,
+                history: true,
+                presence: self.presence,
+            })
+            .await;
         if let Err(e) = joined {
             self.refuse(&e);
         }
@@ -148,7 +162,27 @@ impl Session {
     async fn handle(&mut self, request: Request) {
         let chat = &mut self.chat;
         let answer = match request {
-            Request::Join { room, since } => chat.join(room, since, true).await.map(|_| None),
+            Request::Join {
+                room,
+                since,
+                presence,
+            } => {
+                let join = Join {
+                    room,
+                    since,
+                    history: true,
+                    presence,
+                };
+                chat.join(join).await.map(|_| None)
+            }
+            Request::Presence {
+                room,
+                cursor,
+                limit,
+            } => chat
+                .presence(&room, cursor.as_deref(), limit)
+                .await
+                .map(|page| Some(presence::page_frame(&room, &page))),
             Request::History {
                 room,
                 before,

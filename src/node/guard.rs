@@ -8,6 +8,7 @@ use hyper::header;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
+use super::access::Grant;
 use crate::config::AuthConfig;
 use crate::protocol::valid_user_name;
 
@@ -36,6 +37,19 @@ impl std::fmt::Debug for Auth {
 struct Claims {
     name: Option<String>,
     sub: Option<String>,
+    /// Rooms the user may join (patterns, see [`crate::protocol::RoomPattern`]).
+    rooms: Option<Vec<String>>,
+    /// Rooms the user may join to read only.
+    read_only_rooms: Option<Vec<String>>,
+}
+
+/// Who a valid token says the user is, and the rooms it grants.
+#[derive(Debug, Clone)]
+pub(crate) struct Identity {
+    /// The display name.
+    pub(crate) name: String,
+    /// The rooms its token lists.
+    pub(crate) grant: Grant,
 }
 
 impl Auth {
@@ -67,8 +81,9 @@ impl Auth {
         })
     }
 
-    /// The user name a valid token carries (`name`, else `sub`), or why it is refused.
-    pub(crate) fn user(&self, token: &str) -> Result<String, String> {
+    /// The user a valid token names (`name`, else `sub`) and the rooms it grants, or why it
+    /// is refused.
+    pub(crate) fn user(&self, token: &str) -> Result<Identity, String> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
             .map_err(|e| format!("invalid token: {e}"))?;
         let name = data
@@ -79,7 +94,11 @@ impl Auth {
         if !valid_user_name(&name) {
             return Err("invalid token: its user name is not a valid display name".into());
         }
-        Ok(name)
+        let grant = Grant::from_claims(
+            data.claims.rooms.as_deref(),
+            data.claims.read_only_rooms.as_deref(),
+        )?;
+        Ok(Identity { name, grant })
     }
 }
 
@@ -110,6 +129,7 @@ mod tests {
             leeway_secs: 30,
             jwt_audience: audience.into(),
             jwt_issuer: issuer.into(),
+            ..AuthConfig::default()
         })
         .unwrap()
     }
@@ -131,20 +151,26 @@ mod tests {
         use serde_json::json;
         let now = jsonwebtoken::get_current_timestamp();
         let plain = auth("", "");
-        assert_eq!(plain.user(&sign(json!({}))).unwrap(), "ann");
-        assert_eq!(plain.user(&sign(json!({"nbf": now - 10}))).unwrap(), "ann");
+        assert_eq!(plain.user(&sign(json!({}))).unwrap().name, "ann");
+        assert_eq!(
+            plain.user(&sign(json!({"nbf": now - 10}))).unwrap().name,
+            "ann"
+        );
         let early = plain.user(&sign(json!({"nbf": now + 3600}))).unwrap_err();
         assert!(early.contains("ImmatureSignature"), "{early}");
         // No audience configured: a token meant for some audience is not for us.
         let aimed = plain.user(&sign(json!({"aud": "chat"}))).unwrap_err();
         assert!(aimed.contains("InvalidAudience"), "{aimed}");
-        assert_eq!(plain.user(&sign(json!({"iss": "anyone"}))).unwrap(), "ann");
+        assert_eq!(
+            plain.user(&sign(json!({"iss": "anyone"}))).unwrap().name,
+            "ann"
+        );
 
         let strict = auth("chat", "https://id.example.com");
         let right = json!({"aud": "chat", "iss": "https://id.example.com"});
-        assert_eq!(strict.user(&sign(right)).unwrap(), "ann");
+        assert_eq!(strict.user(&sign(right)).unwrap().name, "ann");
         let many = json!({"aud": ["mail", "chat"], "iss": "https://id.example.com"});
-        assert_eq!(strict.user(&sign(many)).unwrap(), "ann");
+        assert_eq!(strict.user(&sign(many)).unwrap().name, "ann");
         for (claims, why) in [
             (
                 json!({"aud": "mail", "iss": "https://id.example.com"}),

@@ -6,6 +6,7 @@
 //! Below both protocols and the [`server`](crate::server), which builds the node and serves
 //! its connections.
 
+pub(crate) mod access;
 pub(crate) mod admission;
 pub(crate) mod guard;
 pub(crate) mod ticker;
@@ -13,7 +14,7 @@ pub(crate) mod ticker;
 use std::io;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -24,6 +25,7 @@ use crate::metrics::Metrics;
 use crate::protocol::message::Draft;
 use crate::protocol::{ErrorCode, ProtocolError, RoomName};
 use crate::transport::{Envelope, Published, Transport, dedupe_key};
+use access::Access;
 use guard::{Auth, IpSlot, PerIp};
 use ticker::Ticker;
 
@@ -55,6 +57,8 @@ pub struct Node {
     trusted_proxies: Vec<ipnet::IpNet>,
     /// Token checking, when `auth.jwt_secret` is set.
     pub(crate) auth: Option<Auth>,
+    /// Who may join which room.
+    pub(crate) access: Access,
 }
 
 impl Node {
@@ -62,13 +66,18 @@ impl Node {
     pub(crate) fn new(config: Config, shutdown: CancellationToken) -> io::Result<Self> {
         let metrics = Arc::new(Metrics::default());
         let hub = Arc::new(Hub::with_metrics(metrics.clone()));
-        let transport = Transport::new(&config, hub.clone(), metrics.clone())
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
         let id = if config.server.node_id.is_empty() {
             format!("node-{:06x}", fastrand::u32(..1 << 24))
         } else {
             config.server.node_id.clone()
         };
+        let transport = Transport::new(&config, &id, hub.clone(), metrics.clone())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        tokio::spawn(flush_presence(
+            hub.clone(),
+            Duration::from_millis(config.rooms.presence_interval_ms),
+            shutdown.clone(),
+        ));
         let ticker = Arc::new(Ticker::default());
         tokio::spawn(ticker.clone().run(shutdown.clone()));
         Ok(Self {
@@ -76,6 +85,7 @@ impl Node {
             per_ip: Arc::new(PerIp::new(config.server.ipv6_prefix_len)),
             trusted_proxies: config.server.trusted_proxy_nets(),
             auth: Auth::new(&config.auth),
+            access: Access::new(&config.auth),
             live: RwLock::new(Arc::new(config.reloadable())),
             live_version: AtomicU64::new(0),
             config,
@@ -185,5 +195,17 @@ pub(crate) struct ConnSlot {
 impl Drop for ConnSlot {
     fn drop(&mut self) {
         self.node.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Sends each room's gathered presence changes every `interval` until `shutdown`.
+async fn flush_presence(hub: Arc<Hub>, interval: Duration, shutdown: CancellationToken) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticks.tick() => hub.flush_presence(),
+        }
     }
 }

@@ -7,6 +7,7 @@
 pub mod frame;
 pub mod message;
 pub mod native;
+pub mod presence;
 pub mod socketio;
 pub mod ws;
 
@@ -51,6 +52,78 @@ impl RoomName {
     /// The name as text.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The direct-message room of users `a` and `b` (in either order): `dm-` and 32 hex
+    /// digits of a SHA-256 of the two names, so that no other pair of names can reach it.
+    pub fn direct(a: &str, b: &str) -> Self {
+        let (first, second) = if a <= b { (a, b) } else { (b, a) };
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        // Length-prefixed, so that ("ab", "c") and ("a", "bc") differ.
+        ctx.update(&(first.len() as u64).to_be_bytes());
+        ctx.update(first.as_bytes());
+        ctx.update(second.as_bytes());
+        let digest = ctx.finish();
+        let mut name = String::with_capacity(DIRECT_PREFIX.len() + 32);
+        name.push_str(DIRECT_PREFIX);
+        for byte in &digest.as_ref()[..16] {
+            name.push_str(&format!("{byte:02x}"));
+        }
+        Self(name.into())
+    }
+
+    /// Whether this is a direct-message room's name (`dm-` and 32 hex digits): such names
+    /// are reached only through [`RoomName::direct`].
+    pub fn is_direct(&self) -> bool {
+        self.0
+            .strip_prefix(DIRECT_PREFIX)
+            .is_some_and(|hex| hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+    }
+}
+
+/// The room a `join` names: by its name, or the direct-message room with another user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RoomRef {
+    /// A room by name.
+    Named(RoomName),
+    /// The direct-message room of the joining user and this one.
+    Direct(String),
+}
+
+/// The start of every direct-message room's name.
+const DIRECT_PREFIX: &str = "dm-";
+
+/// A room name, or a prefix followed by `*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomPattern {
+    prefix: String,
+    wildcard: bool,
+}
+
+impl RoomPattern {
+    /// Parses a pattern; `None` if it could match no valid room name.
+    pub fn parse(text: &str) -> Option<Self> {
+        let (prefix, wildcard) = match text.strip_suffix('*') {
+            Some(prefix) => (prefix, true),
+            None => (text, false),
+        };
+        let valid = prefix.is_empty() && wildcard || RoomName::new(prefix).is_ok();
+        valid.then(|| Self {
+            prefix: prefix.to_owned(),
+            wildcard,
+        })
+    }
+
+    /// Whether `room` matches; never a direct-message room.
+    pub fn matches(&self, room: &RoomName) -> bool {
+        if room.is_direct() {
+            return false;
+        }
+        if self.wildcard {
+            room.as_str().starts_with(&self.prefix)
+        } else {
+            room.as_str() == self.prefix
+        }
     }
 }
 
@@ -145,11 +218,16 @@ pub enum ErrorCode {
     RateLimited,
     /// The message could not be accepted right now (transport down); it was not delivered.
     Unavailable,
+    /// The user may not join that room (not granted by the token, the public rooms or the
+    /// join hook; a direct-message room of others).
+    Forbidden,
+    /// The user may read that room but not send to it.
+    ReadOnly,
 }
 
 impl ErrorCode {
     /// Every code, in declaration order (`code as usize` is its index).
-    pub(crate) const ALL: [ErrorCode; 11] = [
+    pub(crate) const ALL: [ErrorCode; 13] = [
         Self::BadJson,
         Self::UnknownType,
         Self::BadField,
@@ -161,6 +239,8 @@ impl ErrorCode {
         Self::TooManyRooms,
         Self::RateLimited,
         Self::Unavailable,
+        Self::Forbidden,
+        Self::ReadOnly,
     ];
 
     /// The code as it appears on the wire.
@@ -177,6 +257,8 @@ impl ErrorCode {
             Self::TooManyRooms => "too_many_rooms",
             Self::RateLimited => "rate_limited",
             Self::Unavailable => "unavailable",
+            Self::Forbidden => "forbidden",
+            Self::ReadOnly => "read_only",
         }
     }
 }

@@ -8,7 +8,8 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::message::Message;
-use super::{ErrorCode, MAX_REF_CHARS, ProtocolError, RoomName, ws};
+use super::presence::{MAX_CURSOR_LEN, MAX_PAGE};
+use super::{ErrorCode, MAX_REF_CHARS, ProtocolError, RoomName, RoomRef, valid_user_name, ws};
 
 /// What a client asks for.
 #[derive(Debug, Clone, PartialEq)]
@@ -24,10 +25,21 @@ pub enum Request {
     },
     /// Join a room.
     Join {
-        /// The room.
-        room: RoomName,
+        /// The room, or the other user of a direct-message room (`dm`).
+        room: RoomRef,
         /// The last message the client saw there, to receive what it missed.
         since: Option<Since>,
+        /// Send the room's presence events (`member_joined`, `member_left`).
+        presence: bool,
+    },
+    /// A page of a room's members.
+    Presence {
+        /// The room.
+        room: RoomName,
+        /// Where the page starts: the previous page's `cursor`.
+        cursor: Option<String>,
+        /// At most this many.
+        limit: usize,
     },
     /// Older messages of a room, for scroll-back.
     History {
@@ -126,12 +138,48 @@ fn decode_typed(
             })
         }
         "join" => {
-            let room = required_room(obj)?;
+            let room = match optional_str(obj, "dm")? {
+                Some(peer) if valid_user_name(peer) => RoomRef::Direct(peer.to_owned()),
+                Some(_) => {
+                    return Err(ProtocolError::new(
+                        ErrorCode::BadField,
+                        "`dm` must be a user's display name",
+                    ));
+                }
+                None => RoomRef::Named(required_room(obj)?),
+            };
             let epoch = optional_str(obj, "epoch")?;
             let since = optional_u64(obj, "since")?
                 .map(|id| Since::new(id, epoch))
                 .transpose()?;
-            Ok(Request::Join { room, since })
+            let presence = optional_bool(obj, "presence")?.unwrap_or(false);
+            Ok(Request::Join {
+                room,
+                since,
+                presence,
+            })
+        }
+        "presence" => {
+            let room = required_room(obj)?;
+            let cursor = optional_str(obj, "cursor")?;
+            if cursor.is_some_and(|c| c.len() > MAX_CURSOR_LEN) {
+                return Err(ProtocolError::new(
+                    ErrorCode::BadField,
+                    "`cursor` must be one a presence page returned",
+                ));
+            }
+            let limit = optional_u64(obj, "limit")?.unwrap_or(100);
+            if limit == 0 || limit > MAX_PAGE as u64 {
+                return Err(ProtocolError::new(
+                    ErrorCode::BadField,
+                    format!("`limit` must be 1 to {MAX_PAGE}"),
+                ));
+            }
+            Ok(Request::Presence {
+                room,
+                cursor: cursor.map(str::to_owned),
+                limit: limit as usize,
+            })
         }
         "history" => {
             let room = required_room(obj)?;
@@ -154,7 +202,7 @@ fn decode_typed(
         }),
         other => Err(ProtocolError::new(
             ErrorCode::UnknownType,
-            format!("unknown type {other:?}; expected send, join, leave or history"),
+            format!("unknown type {other:?}; expected send, join, leave, history or presence"),
         )),
     }
 }
@@ -187,6 +235,17 @@ fn optional_str<'a>(
         Some(_) => Err(ProtocolError::new(
             ErrorCode::BadField,
             format!("`{field}` must be a string"),
+        )),
+    }
+}
+
+fn optional_bool(obj: &Map<String, Value>, field: &str) -> Result<Option<bool>, ProtocolError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(_) => Err(ProtocolError::new(
+            ErrorCode::BadField,
+            format!("`{field}` must be true or false"),
         )),
     }
 }
@@ -242,6 +301,12 @@ pub(crate) enum Reply<'a> {
         /// means some could not be served (too old, or the history was reset).
         #[serde(skip_serializing_if = "Option::is_none")]
         recovered: Option<bool>,
+        /// A direct-message room: the other user.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        dm: Option<&'a str>,
+        /// The user may read the room but not send to it.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        read_only: bool,
     },
     /// The connection left `room`.
     Left {
@@ -383,145 +448,4 @@ fn push_json_str(out: &mut Vec<u8>, s: &str) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn code(payload: &str) -> ErrorCode {
-        decode(payload.as_bytes(), 10).unwrap_err().code
-    }
-
-    #[test]
-    fn decodes_each_request() {
-        assert_eq!(
-            decode(br#"{"type":"send","message":"hi","ref":"c-1"}"#, 10).unwrap(),
-            Request::Send {
-                room: None,
-                message: "hi".into(),
-                reference: Some("c-1".into())
-            }
-        );
-        let room = RoomName::new("dev").unwrap();
-        assert_eq!(
-            decode(br#"{"type":"join","room":"dev"}"#, 10).unwrap(),
-            Request::Join {
-                room: room.clone(),
-                since: None
-            }
-        );
-        assert_eq!(
-            decode(
-                br#"{"type":"join","room":"dev","since":7,"epoch":"ab1"}"#,
-                10
-            )
-            .unwrap(),
-            Request::Join {
-                room: room.clone(),
-                since: Some(Since {
-                    id: 7,
-                    epoch: "ab1".into()
-                })
-            }
-        );
-        assert_eq!(
-            decode(br#"{"type":"history","room":"dev","before":9}"#, 10).unwrap(),
-            Request::History {
-                room: room.clone(),
-                before: Some(9),
-                limit: 50
-            }
-        );
-        assert_eq!(
-            decode(br#"{"type":"leave","room":"dev","extra":1}"#, 10).unwrap(),
-            Request::Leave { room }
-        );
-    }
-
-    #[test]
-    fn refuses_bad_frames_with_stable_codes() {
-        assert_eq!(code("nope"), ErrorCode::BadJson);
-        assert_eq!(code("[1]"), ErrorCode::BadJson);
-        assert_eq!(code(r#"{"message":"hi"}"#), ErrorCode::BadField);
-        assert_eq!(code(r#"{"type":7}"#), ErrorCode::BadField);
-        assert_eq!(code(r#"{"type":"shout"}"#), ErrorCode::UnknownType);
-        assert_eq!(code(r#"{"type":"send"}"#), ErrorCode::BadField);
-        assert_eq!(code(r#"{"type":"send","message":5}"#), ErrorCode::BadField);
-        assert_eq!(
-            code(r#"{"type":"send","message":"  "}"#),
-            ErrorCode::EmptyMessage
-        );
-        assert_eq!(
-            code(r#"{"type":"send","message":"12345678901"}"#),
-            ErrorCode::MessageTooLong
-        );
-        assert_eq!(code(r#"{"type":"join","room":"a b"}"#), ErrorCode::BadRoom);
-        assert_eq!(code(r#"{"type":"join"}"#), ErrorCode::BadField);
-        assert_eq!(
-            code(r#"{"type":"join","room":"a","since":3}"#),
-            ErrorCode::BadField
-        );
-        assert_eq!(
-            code(r#"{"type":"join","room":"a","since":-1,"epoch":"e"}"#),
-            ErrorCode::BadField
-        );
-        assert_eq!(
-            code(r#"{"type":"join","room":"a","since":1,"epoch":"e\"}"}"#),
-            ErrorCode::BadField
-        );
-        assert_eq!(
-            code(r#"{"type":"history","room":"a","limit":101}"#),
-            ErrorCode::BadField
-        );
-        let long_ref = format!(
-            r#"{{"type":"send","message":"x","ref":"{}"}}"#,
-            "r".repeat(65)
-        );
-        assert_eq!(code(&long_ref), ErrorCode::BadRef);
-    }
-
-    #[test]
-    fn errors_echo_the_ref() {
-        let err = decode(br#"{"type":"send","message":"","ref":"c-9"}"#, 10).unwrap_err();
-        assert_eq!(err.reference.as_deref(), Some("c-9"));
-    }
-
-    #[test]
-    fn message_counts_characters_not_bytes() {
-        assert!(decode(r#"{"type":"send","message":"éééééééééé"}"#.as_bytes(), 10).is_ok());
-    }
-
-    #[test]
-    fn message_frame_is_valid_json_with_the_id() {
-        let room = RoomName::new("general").unwrap();
-        let t = MessageTemplate::new(&room, "al\"ice", 1_764_288_000_000, "hi <b>\n");
-        let frame = t.frame(17, "e1");
-        let v: Value = serde_json::from_slice(&frame[2..]).unwrap();
-        assert_eq!(
-            v,
-            serde_json::json!({"type":"message","room":"general","id":17,"epoch":"e1",
-                "user":"al\"ice","ts":1_764_288_000_000u64,"message":"hi <b>\n"})
-        );
-    }
-
-    #[test]
-    fn replies_are_tagged_objects() {
-        let room = RoomName::new("dev").unwrap();
-        let frame = Reply::Ack {
-            reference: None,
-            room: &room,
-            id: 3,
-            duplicate: false,
-        }
-        .frame();
-        assert_eq!(&frame[2..], br#"{"type":"ack","room":"dev","id":3}"#);
-        let draft = super::super::message::Draft::new(room.clone(), "ann".into(), 5, "hi".into());
-        let message = Arc::new(draft.accept(1, "e1".into()));
-        let page = history_frame(&room, "e1", &[message], true);
-        let v: Value = serde_json::from_slice(&ws::text_payload(&page)).unwrap();
-        assert_eq!(
-            v,
-            serde_json::json!({"type":"history","room":"dev","epoch":"e1",
-                "messages":[{"type":"message","room":"dev","id":1,"epoch":"e1","user":"ann",
-                    "ts":5,"message":"hi"}],"more":true})
-        );
-    }
-}
+mod tests;

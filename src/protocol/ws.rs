@@ -27,6 +27,8 @@ pub mod close_code {
     /// The peer did not answer a ping within `ping_timeout_secs`. (A socket that accepts no
     /// bytes for that long is dropped without a close frame: none could reach the peer.)
     pub const PING_TIMEOUT: u16 = 4002;
+    /// The application disconnected the user (the server API's `disconnect`).
+    pub const DISCONNECTED: u16 = 4003;
 }
 
 const OP_TEXT: u8 = 0x1;

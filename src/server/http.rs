@@ -14,10 +14,12 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use tracing::debug;
 
+use crate::api::Api;
 use crate::config::MetricsEndpoint;
 use crate::metrics::{self, Refusal};
 use crate::native::{self, Params};
 use crate::node::Node;
+use crate::node::access::Grant;
 use crate::node::admission::{COOKIE_FORBIDDEN, admit, cookie_allowed, origin_allowed};
 use crate::node::guard;
 use crate::protocol::native::Since;
@@ -27,10 +29,12 @@ use crate::web;
 
 type Body = Full<Bytes>;
 
-/// Answers one HTTP request; `socketio` holds the node's Socket.IO sessions.
+/// Answers one HTTP request; `socketio` holds the node's Socket.IO sessions, `api` the
+/// server API's keys.
 pub(crate) async fn route(
     node: Arc<Node>,
     socketio: Arc<EngineSessions>,
+    api: Arc<Api>,
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
@@ -48,6 +52,7 @@ pub(crate) async fn route(
             websocket(node, peer, req, true)
         }
         (_, "/socket.io/" | "/socket.io") => socketio::route(node, &socketio, peer, req).await,
+        (_, path) if path.starts_with("/api/") => api.route(node, req).await,
         (&Method::GET | &Method::HEAD, path) if web::asset(path).is_some() => page(&req, path),
         (_, "/healthz" | "/readyz" | "/metrics" | "/ws") => get_only(),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
@@ -211,7 +216,10 @@ fn websocket(
             .and_then(|token| auth.user(token));
         match user {
             // The token names the user; a `name` in the query cannot override it.
-            Ok(name) => params.name = name,
+            Ok(identity) => {
+                params.name = identity.name;
+                params.grant = identity.grant;
+            }
             Err(why) => {
                 refuse(Refusal::Unauthorized);
                 return owned_text(StatusCode::UNAUTHORIZED, format!("{why}\n"));
@@ -241,13 +249,14 @@ fn websocket(
     response.map(|_| Full::new(Bytes::new()))
 }
 
-/// Reads `room`, `name`, `since` and `epoch` from the `/ws` query; unknown parameters are
-/// ignored.
+/// Reads `room`, `name`, `since`, `epoch` and `presence` from the `/ws` query; unknown
+/// parameters are ignored.
 fn params(query: &str) -> Result<Params, String> {
     let mut room = None;
     let mut name = None;
     let mut since = None;
     let mut epoch = None;
+    let mut presence = false;
     for (key, value) in form_urlencoded::parse(query.as_bytes()) {
         match &*key {
             "room" => {
@@ -266,6 +275,13 @@ fn params(query: &str) -> Result<Params, String> {
                 })?)
             }
             "epoch" => epoch = Some(value.into_owned()),
+            "presence" => {
+                presence = match &*value {
+                    "1" | "true" => true,
+                    "0" | "false" => false,
+                    _ => return Err("presence: 1 or true to get presence events\n".into()),
+                }
+            }
             _ => {}
         }
     }
@@ -280,6 +296,8 @@ fn params(query: &str) -> Result<Params, String> {
         }),
         name: name.unwrap_or_else(|| format!("guest-{:04x}", fastrand::u16(..))),
         since,
+        presence,
+        grant: Grant::default(),
         echo: false,
     })
 }

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::api::Api;
 use crate::config::{Config, MetricsEndpoint};
 use crate::node::Node;
 use crate::socketio::EngineSessions;
@@ -35,6 +36,8 @@ pub struct Server {
     node: Arc<Node>,
     /// The node's Socket.IO sessions, by id.
     socketio: Arc<EngineSessions>,
+    /// The server API's keys and rate limits.
+    api: Arc<Api>,
 }
 
 impl Server {
@@ -60,12 +63,14 @@ impl Server {
             Some(MetricsEndpoint::Listen(addr)) => Some(TcpListener::bind(addr).await?),
             _ => None,
         };
+        let api = Arc::new(Api::new(&config.api));
         let node = Arc::new(Node::new(config, shutdown)?);
         Ok(Self {
             listener,
             metrics_listener,
             node,
             socketio: Arc::default(),
+            api,
         })
     }
 
@@ -98,6 +103,7 @@ impl Server {
             metrics_listener,
             node,
             socketio,
+            api,
         } = self;
         info!(
             addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -133,7 +139,10 @@ impl Server {
             let service = {
                 let node = node.clone();
                 let socketio = socketio.clone();
-                service_fn(move |req| http::route(node.clone(), socketio.clone(), peer, req))
+                let api = api.clone();
+                service_fn(move |req| {
+                    http::route(node.clone(), socketio.clone(), api.clone(), peer, req)
+                })
             };
             let conn = http
                 .serve_connection(TokioIo::new(stream), service)

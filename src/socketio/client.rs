@@ -12,14 +12,16 @@ use serde_json::{Value, json};
 
 use super::Query;
 use super::session::random_id;
-use crate::chat::{Chat, Joined, Protocol};
+use crate::chat::{Chat, Join, Joined, Protocol};
 use crate::hub::ConnId;
 use crate::node::Node;
+use crate::node::access::Grant;
 use crate::outbox::Outbox;
 use crate::protocol::message::Codec;
+use crate::protocol::presence;
 use crate::protocol::socketio::{self as codec, CodecError, PacketType};
 use crate::protocol::{
-    DEFAULT_ROOM, ErrorCode, MAX_REF_CHARS, ProtocolError, RoomName, valid_user_name,
+    DEFAULT_ROOM, ErrorCode, MAX_REF_CHARS, ProtocolError, RoomName, RoomRef, valid_user_name,
 };
 
 /// Socket.IO, as the chat core sees it.
@@ -29,10 +31,14 @@ impl Protocol for SocketIo {
     const CODEC: Codec = Codec::SocketIo;
 
     fn joined(joined: &Joined<'_>) -> Bytes {
-        codec::event(
-            "joined",
-            &json!({ "room": joined.room, "online": joined.online }),
-        )
+        let mut event = json!({ "room": joined.room, "online": joined.online });
+        if let Some(peer) = joined.direct {
+            event["dm"] = peer.into();
+        }
+        if joined.read_only {
+            event["read_only"] = true.into();
+        }
+        codec::event("joined", &event)
     }
 
     fn already_joined(_: &RoomName, _: usize) -> Option<Bytes> {
@@ -120,6 +126,7 @@ impl Client {
         };
         // With token authentication on, the token names the user, as on `/ws`.
         let node = self.chat.node().clone();
+        let mut grant = Grant::default();
         let name = match &node.auth {
             None => name,
             Some(checker) => {
@@ -135,7 +142,10 @@ impl Client {
                     })
                     .and_then(|token| checker.user(token));
                 match user {
-                    Ok(user) => Some(user),
+                    Ok(identity) => {
+                        grant = identity.grant;
+                        Some(identity.name)
+                    }
                     Err(why) => {
                         node.metrics.refused(crate::metrics::Refusal::Unauthorized);
                         return self.push(codec::connect_error("/", &why));
@@ -158,9 +168,18 @@ impl Client {
             Ok(room) => room,
             Err(e) => return self.push(codec::connect_error("/", &e.message)),
         };
+        let presence = auth
+            .and_then(|a| a.get("presence"))
+            .and_then(Value::as_bool);
         self.push(codec::connected(&id));
-        self.chat.sign_in(name.into(), room.clone());
-        if let Err(e) = self.chat.join(room, None, false).await {
+        self.chat.sign_in(name.into(), room.clone(), grant);
+        let join = Join {
+            room: RoomRef::Named(room),
+            since: None,
+            history: false,
+            presence: presence.unwrap_or(false),
+        };
+        if let Err(e) = self.chat.join(join).await {
             self.push(error_event(&e));
         }
     }
@@ -170,9 +189,36 @@ impl Client {
         match args.first().and_then(Value::as_str) {
             Some("event:message") => self.send(data).await,
             Some("join") => {
+                let room = match data.get("dm") {
+                    Some(Value::String(peer)) => RoomRef::Direct(peer.clone()),
+                    Some(_) => return Err(bad_field("`dm` must be a user's display name")),
+                    None => RoomRef::Named(room_field(data)?),
+                };
+                let join = Join {
+                    room,
+                    since: None,
+                    history: false,
+                    presence: data.get("presence").and_then(Value::as_bool) == Some(true),
+                };
+                let entered = self.chat.join(join).await?;
+                Ok(json!({ "room": entered.room, "online": entered.online }))
+            }
+            Some("presence") => {
                 let room = room_field(data)?;
-                let online = self.chat.join(room.clone(), None, false).await?;
-                Ok(json!({ "room": room, "online": online }))
+                let cursor = match data.get("cursor") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::String(cursor)) => Some(cursor.as_str()),
+                    Some(_) => return Err(bad_field("`cursor` must be a string")),
+                };
+                let limit = match data.get("limit") {
+                    None | Some(Value::Null) => 100,
+                    Some(limit) => limit
+                        .as_u64()
+                        .and_then(|l| usize::try_from(l).ok())
+                        .ok_or_else(|| bad_field("`limit` must be a whole number"))?,
+                };
+                let page = self.chat.presence(&room, cursor, limit).await?;
+                Ok(presence::page_json(&room, &page))
             }
             Some("leave") => {
                 let room = room_field(data)?;
@@ -182,7 +228,7 @@ impl Client {
             other => Err(ProtocolError::new(
                 ErrorCode::UnknownType,
                 format!(
-                    "unknown event {:?}; expected event:message, join or leave",
+                    "unknown event {:?}; expected event:message, join, leave or presence",
                     other.unwrap_or_default()
                 ),
             )),
@@ -252,7 +298,11 @@ fn message_fields(data: &Value) -> Result<(&str, Option<RoomName>, Option<&str>)
     Ok((message, room, reference))
 }
 
-/// The `room` of a `join` or `leave`: `{room}` or the name as a string.
+fn bad_field(why: &str) -> ProtocolError {
+    ProtocolError::new(ErrorCode::BadField, why)
+}
+
+/// The `room` of a `join`, `leave` or `presence`: `{room}` or the name as a string.
 fn room_field(data: &Value) -> Result<RoomName, ProtocolError> {
     match data.get("room").unwrap_or(data) {
         Value::String(room) => RoomName::new(room),

@@ -15,6 +15,9 @@ use crate::hub::Hub;
 use crate::protocol::RoomName;
 use crate::protocol::message::Message;
 use crate::protocol::native::Since;
+use crate::protocol::presence;
+use crate::protocol::ws::close_code;
+use crate::transport::local_presence;
 use crate::transport::{Envelope, Page, Published, Snapshot, new_epoch};
 
 /// In-process transport.
@@ -125,7 +128,7 @@ impl MemoryTransport {
             };
             log.expire(now, ttl);
             // Whoever could be about to use the log (a sender, a joiner, a pager) is a member.
-            !(log.history.is_empty() && log.refs.is_empty() && self.hub.online(name.as_str()) == 0)
+            !(log.history.is_empty() && log.refs.is_empty() && self.hub.members(name.as_str()) == 0)
         });
     }
 
@@ -210,6 +213,41 @@ impl MemoryTransport {
             messages,
             recovered,
         }
+    }
+
+    /// Tells `room`'s members that `user`'s presence changed (this node is every node);
+    /// returns the users in the room.
+    pub fn presence_changed(&self, room: &RoomName, user: &Arc<str>) -> usize {
+        local_presence::changed(&self.hub, room, user)
+    }
+
+    /// The hub it delivers to.
+    pub(super) fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    /// Closes `user`'s connections; returns how many.
+    pub fn disconnect_user(&self, user: &str) -> usize {
+        self.hub.close_user(
+            user,
+            close_code::DISCONNECTED,
+            "disconnected by the application",
+        )
+    }
+
+    /// The users in `room`.
+    pub fn online(&self, room: &RoomName) -> usize {
+        self.hub.user_count(room.as_str())
+    }
+
+    /// Up to `limit` of `room`'s members in name order, after the name `cursor`.
+    pub fn presence_page(
+        &self,
+        room: &RoomName,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> presence::Page {
+        local_presence::page(&self.hub, room, cursor, limit)
     }
 
     /// Up to `limit` messages of `room` older than `before` (the newest when `None`).

@@ -10,6 +10,7 @@
 //!
 //! `memory` serves one node in-process; `redis` shares rooms among any number of nodes.
 
+mod local_presence;
 mod memory;
 mod redis;
 
@@ -25,6 +26,7 @@ use crate::metrics::Metrics;
 use crate::protocol::RoomName;
 use crate::protocol::message::{Draft, Message};
 use crate::protocol::native::Since;
+use crate::protocol::presence;
 
 /// A chat message on its way to a room, already encoded but for its id.
 #[derive(Debug, Clone)]
@@ -90,6 +92,9 @@ impl Subscription<'_> {
     }
 }
 
+/// A page of rooms with their users online, and the next page's cursor.
+pub type RoomList = (Vec<(RoomName, usize)>, Option<String>);
+
 /// A new random epoch: 16 hex digits. Not a credential: it names a room's history so that a
 /// client can tell a restart from a gap, and grants nothing (a non-cryptographic RNG will do).
 pub fn new_epoch() -> String {
@@ -105,6 +110,9 @@ pub enum TransportError {
     /// The transport did not answer in time; the message may still be delivered.
     #[error("{0}; it may still be delivered")]
     Timeout(String),
+    /// The request cannot be served as asked (a presence cursor the transport never gave).
+    #[error("{0}")]
+    BadRequest(String),
 }
 
 /// The transport in use.
@@ -122,6 +130,7 @@ impl Transport {
     /// this must run inside the runtime.
     pub fn new(
         config: &Config,
+        node: &str,
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, TransportError> {
@@ -134,6 +143,7 @@ impl Transport {
             TransportKind::Redis => Transport::Redis(RedisTransport::spawn(
                 &config.redis,
                 &config.rooms,
+                node,
                 hub,
                 metrics,
             )?),
@@ -206,6 +216,67 @@ impl Transport {
         match self {
             Transport::Memory(_) => {}
             Transport::Redis(t) => t.unsubscribe(room),
+        }
+    }
+
+    /// `user`'s connections in `room` on this node went from none to some: the room's members
+    /// over every node are told (as events, to those that asked). Returns the users in the
+    /// room now, over every node.
+    pub async fn presence_joined(&self, room: &RoomName, user: &Arc<str>) -> usize {
+        match self {
+            Transport::Memory(t) => t.presence_changed(room, user),
+            Transport::Redis(t) => t.presence_changed(room, user).await,
+        }
+    }
+
+    /// `user`'s last connection in `room` on this node left: as [`Transport::presence_joined`],
+    /// without waiting.
+    pub fn presence_left(&self, room: &RoomName, user: &Arc<str>) {
+        match self {
+            Transport::Memory(t) => {
+                t.presence_changed(room, user);
+            }
+            Transport::Redis(t) => t.presence_left(room, user),
+        }
+    }
+
+    /// The users in `room` over every node, as last known.
+    pub fn online(&self, room: &RoomName) -> usize {
+        match self {
+            Transport::Memory(t) => t.online(room),
+            Transport::Redis(t) => t.online(room),
+        }
+    }
+
+    /// A page of `room`'s members over every node, from `cursor` (a page's `cursor`, or
+    /// `None` for the first), at most about `limit`.
+    pub async fn presence_page(
+        &self,
+        room: &RoomName,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<presence::Page, TransportError> {
+        match self {
+            Transport::Memory(t) => Ok(t.presence_page(room, cursor, limit)),
+            Transport::Redis(t) => t.presence_page(room, cursor, limit).await,
+        }
+    }
+
+    /// Rooms with members (over every node where presence is shared) and their users, a page
+    /// at a time from `cursor` (a page's own); the next page's cursor, `None` on the last.
+    pub async fn rooms(&self, cursor: Option<&str>) -> Result<RoomList, TransportError> {
+        match self {
+            Transport::Memory(t) => Ok(local_presence::rooms(t.hub(), cursor)),
+            Transport::Redis(t) => t.rooms(cursor).await,
+        }
+    }
+
+    /// Closes `user`'s connections on every node (close code 4003). Returns, embedded, the
+    /// connections closed; on Redis, the nodes told.
+    pub async fn disconnect_user(&self, user: &str) -> Result<usize, TransportError> {
+        match self {
+            Transport::Memory(t) => Ok(t.disconnect_user(user)),
+            Transport::Redis(t) => t.disconnect_user(user).await,
         }
     }
 

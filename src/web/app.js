@@ -2,6 +2,8 @@
 // state object, and render functions that build the DOM with textContent only (never HTML).
 
 const ROOM_RE = /^[A-Za-z0-9_.-]{1,64}$/;
+const DIRECT_RE = /^dm-[0-9a-fA-F]{32}$/; // a direct-message room: joined with `dm` only
+const MAX_DIRECTS = 100; // direct-message rooms remembered across reloads
 const MAX_NAME_CHARS = 32;
 const BACKOFF_START_MS = 250;
 const BACKOFF_CAP_MS = 5000;
@@ -11,6 +13,11 @@ const MAX_ITEMS_PER_ROOM = 500; // older messages are dropped from memory and th
 const MAX_OUTBOX = 100; // unsent messages held while offline: no unbounded queues
 const HISTORY_PAGE = 50; // older messages asked for per "load older messages"
 const HISTORY_TIMEOUT_MS = 10_000; // a page request without an answer may be asked again
+const MEMBERS_PAGE = 200; // members asked for per `presence` request (the server's maximum)
+const MAX_MEMBERS = 1000; // names listed per room; beyond them the panel says "and N more"
+const PRESENCE_TIMEOUT_MS = 10_000; // a member page without an answer: the list is asked again
+const RECHECK_START_MS = 2000; // a list that disagrees with the count is asked again after this,
+const RECHECK_CAP_MS = 60_000; // doubling each time up to this
 
 const NOT_UNDERSTOOD = 'The server did not understand the request.';
 const ERROR_TEXT = {
@@ -21,6 +28,8 @@ const ERROR_TEXT = {
   not_joined: 'You are not in that room. Join it first.',
   too_many_rooms: 'You are in too many rooms. Leave one first.',
   unavailable: 'The server could not take the message right now. Try again shortly.',
+  forbidden: 'You may not join that room.',
+  read_only: 'You may read this room but not write in it.',
   bad_json: NOT_UNDERSTOOD, bad_field: NOT_UNDERSTOOD, unknown_type: NOT_UNDERSTOOD, bad_ref: NOT_UNDERSTOOD,
 };
 
@@ -28,10 +37,14 @@ const $ = (selector) => document.querySelector(selector);
 const ui = {
   login: $('#login'), nameInput: $('#name-input'), loginError: $('#login-error'),
   chat: $('#chat'), me: $('#me'), status: $('#status'),
-  rooms: $('#rooms'), joinForm: $('#join-form'), joinInput: $('#join-input'),
+  rooms: $('#rooms'), directsTitle: $('#directs-title'), directs: $('#directs'), joinForm: $('#join-form'), joinInput: $('#join-input'),
   roomTitle: $('#room-title'), messages: $('#messages'), newMessages: $('#new-messages'),
   loadOlder: $('#load-older'),
-  sendForm: $('#send-form'), input: $('#message-input'), error: $('#error'),
+  membersToggle: $('#members-toggle'), membersToggleCount: $('#members-toggle-count'),
+  membersPanel: $('#members-panel'), membersClose: $('#members-close'), memberCount: $('#member-count'),
+  membersNote: $('#members-note'), members: $('#members'), membersMore: $('#members-more'),
+  sendForm: $('#send-form'), input: $('#message-input'), sendButton: $('#send-button'),
+  composeHint: $('#compose-hint'), composeNote: $('#compose-note'), error: $('#error'),
 };
 
 // localStorage can throw (storage disabled, some private modes); the chat works without it.
@@ -40,7 +53,10 @@ const store = {
   set(key, value) { try { localStorage.setItem(key, value); } catch { /* not remembered */ } },
 };
 
-// A room is { online: number|null, unread, items, epoch, lastId, seen, more, loading, history }:
+// A room is { dm, readOnly, online: number|null, unread, items, epoch, lastId, seen, more,
+// loading, history }: `dm` is the other user of a direct-message room (null for any other room),
+// which is joined with `dm` rather than its `dm-…` name; `readOnly` is whether the server said
+// we may only read it;
 // `epoch` is the room history's epoch and `lastId` the newest id received in it (both sent back
 // with `since` when rejoining, to get exactly the messages missed); `seen` holds "epoch:id" of
 // every message shown, so none is shown twice; `more` is whether older messages can be loaded
@@ -49,20 +65,31 @@ const store = {
 // server, or a pending one of ours that also has { ref, room, pending: true, acked, tries,
 // retry }, or a marker line { marker: 'divider' | 'gap', text }. Pending items always sit after
 // confirmed ones.
+// Presence: `joined` is whether the room is joined on the current connection; `members` maps
+// each listed user to when they came (null: never fetched), `fresh` is whether that list was
+// fetched on this connection and kept up to date by events since, `truncated` whether more
+// users are in the room than MAX_MEMBERS lets us list; `fetch` is a member list being paged in
+// ({ members, events, dropped, timer }: the events that arrive meanwhile are replayed on it);
+// `recheck` is a timer to fetch again a list that disagrees with `online`, `recheckMs` its delay.
 const state = {
   name: null, // our display name
   rooms: new Map(), // joined (or to-be-joined) rooms, in display order
   current: null, // the room in view
   outbox: [], // pending items not yet acked, in send order: resent after a reconnect
-  // `join`s sent on this connection as { room, wanted }. The server answers each, in order,
-  // with `joined` or `too_many_rooms`; the latter carries no ref, so order is how we match.
+  // `join`s on this connection as { room, dm, wanted } (`room` null: a direct-message room
+  // whose name is not known yet), the first room's too. The server answers each, in order, with
+  // `joined` or an error (`forbidden`, `too_many_rooms`) that carries no ref, so order is how
+  // we match.
   joinQueue: [],
   stuck: true, // the message list is scrolled to the newest message
   conn: 'reconnecting', // connected | reconnecting | offline
+  membersOpen: false, // the member panel is shown (beside the messages, or as a drawer)
 };
-const newRoom = () => ({
-  online: null, unread: 0, items: [],
+const newRoom = (dm = null) => ({
+  dm, readOnly: false, online: null, unread: 0, items: [],
   epoch: null, lastId: null, seen: new Set(), more: null, loading: false, loadTimer: 0, history: null,
+  joined: false, members: null, fresh: false, truncated: false, fetch: null, recheck: 0,
+  recheckMs: RECHECK_START_MS,
 });
 const seenKey = (epoch, id) => `${epoch}:${id}`;
 
@@ -132,8 +159,10 @@ class Connection {
 
 const conn = new Connection({
   query: () => {
-    const room = state.current ?? firstRoom() ?? 'general';
-    return { room, name: state.name, ...resumeOf(room) };
+    // The query's room is joined by name, which a direct-message room may not be.
+    const room = [state.current, ...state.rooms.keys()].find((name) => name && !state.rooms.get(name)?.dm)
+      ?? 'general';
+    return { room, name: state.name, presence: '1', ...resumeOf(room) };
   },
   onFrame: (frame) => handlers[frame.type]?.(frame),
   onChange: onConnectionChange,
@@ -143,23 +172,32 @@ const conn = new Connection({
 
 const handlers = {
   welcome(f) {
-    state.joinQueue = [];
     const first = f.rooms?.[0];
+    // The server joins the first room itself and answers it like a `join`.
+    state.joinQueue = first ? [{ room: first, dm: null, wanted: state.rooms.has(first) }] : [];
     // The server always puts us in one room; leave it if the user had left every room.
     if (first && !state.rooms.has(first)) conn.send({ type: 'leave', room: first });
     for (const room of state.rooms.keys()) if (room !== first) requestJoin(room);
     for (const item of state.outbox) transmit(item); // with the same refs as before the drop
   },
   joined(f) {
-    const request = state.joinQueue[0]?.room === f.room ? state.joinQueue.shift() : null;
+    const head = state.joinQueue[0];
+    const request = head && (head.room === f.room || (head.dm && head.dm === f.dm)) ? state.joinQueue.shift() : null;
     let room = state.rooms.get(f.room);
     if (!room) {
       // Not ours: the automatic first room of a user who left it, or a room left meanwhile.
       if (!request?.wanted) return;
-      room = addRoom(f.room);
+      room = addRoom(f.room, request.dm ?? (typeof f.dm === 'string' ? f.dm : null));
       switchRoom(f.room); // the user asked for this join
     }
     room.online = f.online;
+    room.readOnly = f.read_only === true;
+    if (f.room === state.current) renderCompose();
+    if (!room.joined) {
+      // Joined on this connection: what we knew of its members may be stale; fetch them again.
+      Object.assign(room, { joined: true, fresh: false });
+      if (f.room === state.current) fetchMembers(f.room);
+    }
     // No epoch: already in the room (nothing follows), or the history could not be read.
     if (f.epoch && f.epoch !== room.epoch) {
       // A new room, or its history was reset: ids start again, older pages are unknown.
@@ -174,7 +212,7 @@ const handlers = {
     room.history = count > 0 ? { left: count, earlier: f.recovered === undefined } : null;
     if (count === 0 && f.epoch && Number.isInteger(f.last_id)) room.lastId = Math.max(room.lastId ?? 0, f.last_id);
     renderRooms();
-    if (f.room === state.current) renderOlder();
+    if (f.room === state.current) { renderOlder(); renderMembers(); }
   },
   message(f) {
     const room = state.rooms.get(f.room);
@@ -236,16 +274,45 @@ const handlers = {
     }
     if (f.room === state.current) renderOlder();
   },
+  presence(f) {
+    const room = state.rooms.get(f.room);
+    const fetch = room?.fetch;
+    if (!fetch) return; // a room left meanwhile
+    clearTimeout(fetch.timer);
+    if (Number.isInteger(f.online)) room.online = f.online;
+    for (const m of Array.isArray(f.members) ? f.members : []) {
+      if (typeof m?.user !== 'string') continue;
+      // A member who came while we paged may be on two pages: the map keeps one.
+      if (fetch.members.size < MAX_MEMBERS || fetch.members.has(m.user)) fetch.members.set(m.user, m.since);
+      else fetch.dropped = true;
+    }
+    const cursor = typeof f.cursor === 'string' ? f.cursor : null;
+    if (cursor && fetch.members.size < MAX_MEMBERS) return requestMembers(f.room, cursor);
+    Object.assign(room, { fetch: null, members: fetch.members, fresh: true, truncated: Boolean(cursor) || fetch.dropped });
+    // Changes announced while we paged may be missing from the pages read before them.
+    for (const event of fetch.events) applyMembers(room, event);
+    membersChanged(f.room);
+  },
+  member_joined(f) { memberEvent(f); },
+  member_left(f) { memberEvent(f); },
   error(f) {
     const item = f.ref && state.outbox.find((x) => x.ref === f.ref);
     if (item) return refused(item, f);
-    if (f.code === 'too_many_rooms') {
+    if (f.code === 'too_many_rooms' || f.code === 'forbidden') {
       const request = state.joinQueue.shift();
-      if (request?.wanted) leaveRoom(request.room); // a rejoin that no longer fits
+      if (request?.wanted && request.room) leaveRoom(request.room); // a rejoin that no longer fits or is refused
+      // A refused first room that is not ours: the automatic one of a user who left it.
+      if (f.code === 'forbidden') return request?.wanted ? showError(forbiddenText(request)) : undefined;
     }
     if (f.code !== 'not_joined' || f.ref) showError(f); // else a `leave` that crossed a reconnect
   },
 };
+
+function forbiddenText({ room, dm }) {
+  if (dm) return `You may not open a direct conversation with ${dm}.`;
+  if (DIRECT_RE.test(room)) return `You may not join ${room}: open direct messages from the member list.`;
+  return `You may not join #${room}.`;
+}
 
 // Oldest match first: the acked id when known, else same room, same user (ours), same text.
 function findPending(room, f) {
@@ -278,9 +345,13 @@ function onConnectionChange() {
       room.history = null;
       room.loading = false;
       clearTimeout(room.loadTimer);
+      // Events are missed while away: the member list is fetched again once rejoined.
+      stopMembers(room);
+      Object.assign(room, { joined: false, fresh: false });
     }
   }
   renderOlder(); // only asked for while connected
+  renderMembers();
   renderStatus();
 }
 
@@ -303,9 +374,24 @@ function dropFromOutbox(item) {
   if (i >= 0) state.outbox.splice(i, 1);
 }
 
+/** Joins (or rejoins) `room`; a direct-message room by its other user. */
 function requestJoin(room) {
-  state.joinQueue.push({ room, wanted: true });
-  conn.send({ type: 'join', room, ...resumeOf(room) });
+  const dm = state.rooms.get(room)?.dm ?? null;
+  state.joinQueue.push({ room, dm, wanted: true });
+  conn.send({ type: 'join', ...(dm ? { dm } : { room }), presence: true, ...resumeOf(room) });
+}
+
+// The other user sees the conversation only once they open it too, from a member list: a page
+// cannot learn of a direct-message room it is not in, and the server does not announce one.
+/** Opens the direct-message room with `user`: switches to it, or joins it with `dm`. */
+function openDirect(user) {
+  const known = [...state.rooms].find(([, room]) => room.dm === user);
+  if (known) return switchRoom(known[0]);
+  if (!conn.ready) return showError(`Direct messages with ${user} can be opened once connected.`);
+  if (state.joinQueue.some((x) => x.dm === user && x.wanted)) return; // on its way
+  ui.error.textContent = '';
+  state.joinQueue.push({ room: null, dm: user, wanted: true }); // shown and switched to on `joined`
+  conn.send({ type: 'join', dm: user, presence: true });
 }
 
 /** The oldest message shown in `room` of its current epoch, or null. */
@@ -335,15 +421,18 @@ function loadOlder() {
   renderOlder();
 }
 
-function addRoom(name) {
-  const room = newRoom();
+function addRoom(name, dm = null) {
+  const room = newRoom(dm);
   state.rooms.set(name, room);
   saveRooms();
   return room;
 }
 
 function leaveRoom(name) {
-  if (!state.rooms.delete(name)) return;
+  const room = state.rooms.get(name);
+  if (!room) return;
+  state.rooms.delete(name);
+  stopMembers(room);
   for (const request of state.joinQueue) if (request.room === name) request.wanted = false;
   conn.send({ type: 'leave', room: name }); // skipped while offline: a reconnect won't rejoin it
   state.outbox.filter((x) => x.room === name).forEach(dropFromOutbox);
@@ -356,15 +445,36 @@ function switchRoom(name) {
   state.current = name;
   const room = state.rooms.get(name);
   if (room) room.unread = 0;
+  if (room && !room.fresh) fetchMembers(name);
   renderRooms();
   renderMessages();
+  renderMembers();
 }
 
 const firstRoom = () => state.rooms.keys().next().value;
-const saveRooms = () => store.set('scalechat.rooms', JSON.stringify([...state.rooms.keys()]));
+
+// Rooms are remembered by name; direct-message rooms by their name and other user (they are
+// rejoined with `dm`), and only for the display name they were opened with, since another
+// name has other direct-message rooms.
+function saveRooms() {
+  const all = [...state.rooms];
+  store.set('scalechat.rooms', JSON.stringify(all.filter(([, r]) => !r.dm).map(([name]) => name)));
+  store.set('scalechat.directs', JSON.stringify({ name: state.name,
+    rooms: all.filter(([, r]) => r.dm).map(([room, r]) => ({ room, dm: r.dm })) }));
+}
+
+/** The direct-message rooms remembered for `name`: [{ room, dm }]. */
+function savedDirects(name) {
+  let saved = null;
+  try { saved = JSON.parse(store.get('scalechat.directs')); } catch { /* a bad value: none */ }
+  if (saved?.name !== name || !Array.isArray(saved.rooms)) return [];
+  return saved.rooms.filter((x) => DIRECT_RE.test(x?.room) && typeof x.dm === 'string' && !nameProblem(x.dm))
+    .slice(0, MAX_DIRECTS);
+}
 
 function sendMessage(text) {
   if (!state.current) return showError('Join a room first.');
+  if (state.rooms.get(state.current)?.readOnly) return showError({ code: 'read_only' });
   if (state.outbox.length >= MAX_OUTBOX) return showError('Too many unsent messages. Wait for the connection.');
   const item = { ref: nextRef(), room: state.current, user: state.name, ts: Date.now(), text,
     own: true, pending: true, acked: false, tries: 0, retry: 0 };
@@ -440,11 +550,24 @@ function messageEl(item) {
 }
 
 function renderMessages() {
-  ui.messages.replaceChildren(...(state.rooms.get(state.current)?.items.map(itemEl) ?? []));
+  const room = state.rooms.get(state.current);
+  ui.messages.replaceChildren(...(room?.items.map(itemEl) ?? []));
   renderOlder();
-  ui.roomTitle.textContent = state.current ? `# ${state.current}` : 'No room: join one';
-  ui.input.placeholder = state.current ? `Message #${state.current}` : 'Join a room to chat';
+  ui.roomTitle.textContent = !room ? 'No room: join one'
+    : room.dm ? `Direct messages with ${room.dm}` : `# ${state.current}`;
+  ui.input.placeholder = !room ? 'Join a room to chat' : room.dm ? `Message ${room.dm}` : `Message #${state.current}`;
+  renderCompose();
   scrollToEnd();
+}
+
+/** The composer: disabled, with a note saying why, in a room we may only read. */
+function renderCompose() {
+  const readOnly = Boolean(state.rooms.get(state.current)?.readOnly);
+  ui.input.disabled = readOnly;
+  ui.sendButton.disabled = readOnly;
+  ui.composeHint.hidden = readOnly;
+  ui.composeNote.hidden = !readOnly;
+  ui.composeNote.textContent = readOnly ? `You may read #${state.current} but not write in it.` : '';
 }
 
 /** Shows "load older messages" while the current room may have older messages to load. */
@@ -465,42 +588,198 @@ function scrollToEnd() {
   ui.newMessages.hidden = true;
 }
 
+// ---- Members ----
+
+/** Asks for `name`'s member list from its first page, unless it is being fetched already. */
+function fetchMembers(name) {
+  const room = state.rooms.get(name);
+  if (!room?.joined || room.fetch || !conn.ready) return;
+  room.fetch = { members: new Map(), events: [], dropped: false, timer: 0 };
+  requestMembers(name, null);
+  if (name === state.current) renderMembers();
+}
+
+function requestMembers(name, cursor) {
+  const room = state.rooms.get(name);
+  conn.send({ type: 'presence', room: name, limit: MEMBERS_PAGE, ...(cursor ? { cursor } : {}) });
+  // An `error` to a `presence` request carries no ref, so a refused page shows as no answer.
+  room.fetch.timer = setTimeout(() => {
+    room.fetch = null;
+    scheduleRecheck(name, room);
+    if (name === state.current) renderMembers();
+  }, PRESENCE_TIMEOUT_MS);
+}
+
+function memberEvent(f) {
+  const room = state.rooms.get(f.room);
+  if (!room) return;
+  if (Number.isInteger(f.online)) room.online = f.online;
+  const event = { left: f.type === 'member_left',
+    members: (Array.isArray(f.members) ? f.members : []).filter((m) => typeof m?.user === 'string') };
+  applyMembers(room, event);
+  room.fetch?.events.push(event); // replayed on the list being paged in
+  membersChanged(f.room);
+}
+
+// Idempotent: an arrival of a listed user or a departure of an unlisted one changes nothing.
+function applyMembers(room, { left, members }) {
+  const list = room.members;
+  if (!list) return; // never fetched: only the count is known
+  for (const { user, since } of members) {
+    if (left) list.delete(user);
+    else if (list.has(user)) continue;
+    else if (list.size < MAX_MEMBERS) list.set(user, since);
+    else room.truncated = true;
+  }
+}
+
+function membersChanged(name) {
+  const room = state.rooms.get(name);
+  if (membersAgree(room)) {
+    clearTimeout(room.recheck);
+    Object.assign(room, { recheck: 0, recheckMs: RECHECK_START_MS });
+  } else if (room.fresh && !room.fetch) {
+    scheduleRecheck(name, room);
+  }
+  renderRooms();
+  if (name === state.current) renderMembers();
+}
+
+/** Whether the list matches the count (it is allowed to be short when truncated). */
+const membersAgree = (room) => room.members !== null && room.online !== null
+  && (room.truncated ? room.members.size <= room.online : room.members.size === room.online);
+
+// The list and the count can disagree for a moment (a `member_joined` and a `member_left`
+// gathered in the same interval come as two frames) or for good (a user who came and went
+// within one interval is never announced, but may be on a page): look again a little later and
+// fetch the list again if they still disagree, backing off while they keep disagreeing.
+function scheduleRecheck(name, room) {
+  if (room.recheck) return;
+  room.recheck = setTimeout(() => {
+    room.recheck = 0;
+    if (state.rooms.get(name) !== room || (room.fresh && membersAgree(room))) return;
+    room.recheckMs = Math.min(RECHECK_CAP_MS, room.recheckMs * 2);
+    room.fresh = false;
+    if (name === state.current) fetchMembers(name); // else when it is switched to
+  }, room.recheckMs);
+}
+
+function stopMembers(room) {
+  clearTimeout(room.fetch?.timer);
+  clearTimeout(room.recheck);
+  Object.assign(room, { fetch: null, recheck: 0, recheckMs: RECHECK_START_MS });
+}
+
+const collator = new Intl.Collator(undefined, { sensitivity: 'base', numeric: true });
+
+/** The current room's members and count, updated in place, keyed by user. */
+function renderMembers() {
+  const room = state.rooms.get(state.current);
+  const count = room?.online ?? null;
+  ui.memberCount.textContent = count === null ? '' : `${count} online`;
+  ui.membersToggleCount.textContent = count === null ? '' : String(count);
+  ui.membersToggle.title = count === null ? 'Members' : `Members: ${count} online`;
+  const list = room?.members ?? null;
+  const note = !room ? 'Join a room to see who is in it.'
+    : !conn.ready ? (list ? 'May be out of date until reconnected.' : 'Shown once connected.')
+      : !list ? 'Loading members…' : '';
+  ui.membersNote.textContent = note;
+  ui.membersNote.hidden = !note;
+  ui.membersPanel.setAttribute('aria-busy', String(Boolean(room?.fetch)));
+
+  // Our own user first, then everyone by name.
+  const users = [...(list?.keys() ?? [])].sort((a, b) =>
+    (b === state.name) - (a === state.name) || collator.compare(a, b) || (a < b ? -1 : a > b ? 1 : 0));
+  const existing = new Map([...ui.members.children].map((li) => [li.dataset.user, li]));
+  users.forEach((user, index) => {
+    const li = existing.get(user) ?? memberEl(user, list.get(user));
+    existing.delete(user);
+    if (ui.members.children[index] !== li) ui.members.insertBefore(li, ui.members.children[index] ?? null);
+  });
+  for (const li of existing.values()) li.remove();
+
+  const more = list && room.truncated ? Math.max(0, room.online - list.size) : 0;
+  ui.membersMore.hidden = more === 0;
+  ui.membersMore.textContent = more ? `and ${more} more` : '';
+}
+
+function memberEl(user, since) {
+  const li = el('li', 'member');
+  li.dataset.user = user;
+  if (user === state.name) li.append(el('span', 'member-name', user));
+  else {
+    // Anyone else's name opens the direct-message room with them.
+    const open = el('button', 'member-name', user);
+    open.type = 'button';
+    open.title = `Message ${user}`;
+    open.setAttribute('aria-label', `Message ${user}`);
+    li.append(open);
+  }
+  if (user === state.name) {
+    li.classList.add('own');
+    li.append(el('span', 'member-you', '(you)'));
+  }
+  if (Number.isFinite(since)) {
+    const date = new Date(since);
+    li.title = `Here since ${pad(date.getHours())}:${pad(date.getMinutes())}`;
+  }
+  return li;
+}
+
+// Beside the messages on wide screens (shown unless closed), a drawer over them on narrow ones
+// (closed unless opened): the same panel, the same button.
+const narrow = matchMedia('(max-width: 900px)');
+
+function setMembersOpen(open) {
+  const wasFocused = ui.membersPanel.contains(document.activeElement);
+  state.membersOpen = open;
+  ui.membersPanel.hidden = !open;
+  ui.membersToggle.setAttribute('aria-expanded', String(open));
+  if (open && narrow.matches) ui.membersClose.focus(); // into the drawer, which covers the rest
+  else if (!open && wasFocused) ui.membersToggle.focus();
+}
+
 // ---- Rooms, status, errors ----
 
-// Updates the list in place, keyed by room, so a focused room keeps focus as counts change.
+// Updates the lists in place, keyed by room, so a focused room keeps focus as counts change.
+// Direct-message rooms have a list of their own, labelled by the other user.
 function renderRooms() {
-  const existing = new Map([...ui.rooms.children].map((li) => [li.dataset.room, li]));
-  let index = 0;
+  const existing = new Map([...ui.rooms.children, ...ui.directs.children].map((li) => [li.dataset.room, li]));
+  const index = new Map([[ui.rooms, 0], [ui.directs, 0]]);
   let unreadTotal = 0;
   for (const [name, room] of state.rooms) {
-    const li = existing.get(name) ?? roomEl(name);
+    const li = existing.get(name) ?? roomEl(name, room.dm);
     existing.delete(name);
+    const list = room.dm ? ui.directs : ui.rooms;
     const online = li.querySelector('.online');
     online.hidden = room.online === null; // unknown until the server's `joined`
     online.textContent = online.hidden ? '' : String(room.online);
-    online.title = online.hidden ? '' : `${room.online} online when you joined`;
+    online.title = online.hidden ? '' : `${room.online} online`;
     const unread = li.querySelector('.unread');
     unread.textContent = String(room.unread);
     unread.hidden = room.unread === 0;
     if (name === state.current) li.setAttribute('aria-current', 'true');
     else li.removeAttribute('aria-current');
-    if (ui.rooms.children[index] !== li) ui.rooms.insertBefore(li, ui.rooms.children[index] ?? null);
-    index += 1;
+    const at = index.get(list);
+    if (list.children[at] !== li) list.insertBefore(li, list.children[at] ?? null);
+    index.set(list, at + 1);
     unreadTotal += room.unread;
   }
   for (const li of existing.values()) li.remove();
+  ui.directsTitle.hidden = ui.directs.hidden = ui.directs.children.length === 0;
   document.title = unreadTotal ? `(${unreadTotal}) scalechat` : 'scalechat';
 }
 
-function roomEl(name) {
-  const li = el('li', 'room');
+function roomEl(name, dm) {
+  const li = el('li', dm ? 'room direct' : 'room');
   li.dataset.room = name;
+  if (dm) li.dataset.dm = dm;
   li.tabIndex = 0;
   const leave = el('button', 'leave', '×');
   leave.type = 'button';
-  leave.title = `Leave ${name}`;
-  leave.setAttribute('aria-label', `Leave ${name}`);
-  li.append(el('span', 'room-name', name), el('span', 'online'), el('span', 'unread'), leave);
+  leave.title = dm ? `Close the conversation with ${dm}` : `Leave ${name}`;
+  leave.setAttribute('aria-label', leave.title);
+  li.append(el('span', 'room-name', dm ?? name), el('span', 'online'), el('span', 'unread'), leave);
   return li;
 }
 
@@ -577,20 +856,28 @@ function bindEvents() {
     switchRoom(name);
   });
 
-  ui.rooms.addEventListener('click', (event) => {
-    const li = event.target.closest('li[data-room]');
-    if (!li) return;
-    if (!event.target.closest('button.leave')) return switchRoom(li.dataset.room);
-    // Removing the focused room would drop focus to <body>: move it to a neighbour.
-    const next = li.nextElementSibling ?? li.previousElementSibling ?? ui.joinInput;
-    leaveRoom(li.dataset.room);
-    next.focus();
-  });
+  for (const list of [ui.rooms, ui.directs]) {
+    list.addEventListener('click', (event) => {
+      const li = event.target.closest('li[data-room]');
+      if (!li) return;
+      if (!event.target.closest('button.leave')) return switchRoom(li.dataset.room);
+      // Removing the focused room would drop focus to <body>: move it to a neighbour.
+      const next = li.nextElementSibling ?? li.previousElementSibling ?? ui.joinInput;
+      leaveRoom(li.dataset.room);
+      next.focus();
+    });
+    list.addEventListener('keydown', (event) => {
+      if (!event.target.matches('li[data-room]') || (event.key !== 'Enter' && event.key !== ' ')) return;
+      event.preventDefault();
+      switchRoom(event.target.dataset.room);
+    });
+  }
 
-  ui.rooms.addEventListener('keydown', (event) => {
-    if (!event.target.matches('li[data-room]') || (event.key !== 'Enter' && event.key !== ' ')) return;
-    event.preventDefault();
-    switchRoom(event.target.dataset.room);
+  ui.members.addEventListener('click', (event) => {
+    const li = event.target.closest('button.member-name')?.closest('li[data-user]');
+    if (!li) return;
+    if (narrow.matches) setMembersOpen(false); // the drawer covers the conversation it opens
+    openDirect(li.dataset.user);
   });
 
   ui.messages.addEventListener('scroll', () => {
@@ -605,6 +892,18 @@ function bindEvents() {
   new ResizeObserver(() => { if (state.stuck) scrollToEnd(); }).observe(ui.messages);
   ui.newMessages.addEventListener('click', () => { scrollToEnd(); ui.input.focus(); });
 
+  ui.membersToggle.addEventListener('click', () => setMembersOpen(!state.membersOpen));
+  ui.membersClose.addEventListener('click', () => setMembersOpen(false));
+  narrow.addEventListener('change', () => setMembersOpen(!narrow.matches));
+  // The drawer closes like other overlays: Escape, or a click or tap outside it.
+  document.addEventListener('keydown', (event) => {
+    if (event.key === 'Escape' && narrow.matches && state.membersOpen) setMembersOpen(false);
+  });
+  document.addEventListener('click', (event) => {
+    if (!narrow.matches || !state.membersOpen || !event.target.isConnected) return;
+    if (!ui.membersPanel.contains(event.target) && !ui.membersToggle.contains(event.target)) setMembersOpen(false);
+  });
+
   window.addEventListener('online', () => { renderStatus(); conn.kick(); });
   window.addEventListener('offline', renderStatus);
 }
@@ -614,6 +913,8 @@ function bindEvents() {
 function start(name) {
   state.name = name;
   store.set('scalechat.name', name);
+  for (const { room, dm } of savedDirects(name)) if (!state.rooms.has(room)) state.rooms.set(room, newRoom(dm));
+  state.current ??= firstRoom() ?? null;
   ui.login.hidden = true;
   ui.chat.hidden = false;
   ui.status.hidden = false;
@@ -621,6 +922,8 @@ function start(name) {
   ui.me.textContent = `You are ${name}`;
   renderRooms();
   renderMessages();
+  renderMembers();
+  setMembersOpen(!narrow.matches);
   conn.start();
   ui.input.focus();
 }
@@ -629,7 +932,9 @@ let saved = null;
 try { saved = JSON.parse(store.get('scalechat.rooms')); } catch { /* a bad value: start over */ }
 // No remembered list: chat in `general` right away. An empty list means the user left all rooms.
 for (const name of Array.isArray(saved) ? saved : ['general']) {
-  if (typeof name === 'string' && ROOM_RE.test(name) && !state.rooms.has(name)) state.rooms.set(name, newRoom());
+  if (typeof name === 'string' && ROOM_RE.test(name) && !DIRECT_RE.test(name) && !state.rooms.has(name)) {
+    state.rooms.set(name, newRoom());
+  }
 }
 state.current = firstRoom() ?? null;
 

@@ -1,10 +1,13 @@
 // The built-in chat page in headless Chromium, against two real scalechat nodes that share
 // rooms through a real redis-server: messages across nodes and rooms, escaping of what users
 // type, reconnecting through a node restart, room history on join, resuming after a dropped
-// connection, resending unacknowledged messages, loading older messages, and screenshots.
+// connection, resending unacknowledged messages, loading older messages, who is in a room (the
+// member panel, live over every node, paged, on a phone), direct messages opened from it,
+// refused and read-only rooms, and screenshots.
 // Run by tests/browser/run.sh.
 
 import assert from 'node:assert/strict';
+import { createHmac } from 'node:crypto';
 import { mkdir, readdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
@@ -16,6 +19,7 @@ import {
   joinRoom,
   launchBrowser,
   markers,
+  memberNames,
   messages,
   openChat,
   relay,
@@ -29,7 +33,9 @@ import {
   switchRoom,
   waitFor,
   waitForCurrentRoom,
+  waitForMembers,
   waitForMessage,
+  waitForOnline,
   waitForStatus,
   waitForUnread,
   within,
@@ -601,4 +607,334 @@ test('screenshots of a conversation, on a desktop and a phone', { timeout: 30_00
 
   assert.deepEqual(pngSize(await readFile(desktop)), { width: 1280, height: 800 });
   assert.deepEqual(pngSize(await readFile(phone)), { width: 390, height: 844 });
+}));
+
+/** Clicks the leave button of `room` in the room list and waits until it is gone. */
+async function leave(page, room) {
+  await roomItem(page, room).locator('button.leave').click();
+  await roomItem(page, room).waitFor({ state: 'detached' });
+}
+
+test('the member panel shows who is in the room and how many, live over every node', { timeout: 45_000 }, scenario('members', async (open) => {
+  const alice = await open(nodes.a, 'alice');
+  const bob = await open(nodes.b, 'bob');
+  await joinRoom(alice, 'crew');
+  await joinRoom(bob, 'crew');
+
+  // On a desktop the panel is beside the messages, open, its button saying so.
+  const toggle = alice.locator('#members-toggle');
+  assert.equal(await toggle.getAttribute('aria-expanded'), 'true');
+  assert.equal(await toggle.getAttribute('aria-controls'), 'members-panel');
+  assert.ok(await alice.locator('#members-panel').isVisible(), 'alice: the member panel is shown');
+  assert.equal(await alice.locator('#members').evaluate((el) => el.tagName), 'UL', 'the members are a list');
+
+  // Each sees both, their own user first and marked.
+  await waitForMembers(alice, ['alice', 'bob']);
+  await waitForMembers(bob, ['bob', 'alice']);
+  assert.equal(await alice.locator('#members li.own .member-you').textContent(), '(you)');
+  assert.equal(await alice.locator('#members li.own .member-name').textContent(), 'alice');
+  assert.equal((await toggle.textContent()).replace(/\s+/g, ' ').trim(), 'Members 2');
+  for (const page of [alice, bob]) await waitForOnline(page, 'crew', 2);
+
+  // A third, on a third node, with a name that is markup: shown as text to both.
+  const carolName = 'carol <i>x</i>';
+  const carol = await open(nodes.c, carolName);
+  await joinRoom(carol, 'crew');
+  await waitForMembers(alice, ['alice', 'bob', carolName]);
+  await waitForMembers(bob, ['bob', 'alice', carolName]);
+  await waitForMembers(carol, [carolName, 'alice', 'bob']);
+  for (const page of [alice, bob, carol]) await waitForOnline(page, 'crew', 3);
+  for (const page of [alice, bob]) {
+    assert.equal(await page.locator('#members i').count(), 0, `${page.label}: no markup in #members`);
+  }
+  await mkdir(ARTIFACTS, { recursive: true });
+  await alice.screenshot({ path: join(ARTIFACTS, 'chat-members.png') });
+
+  // Leaving the room takes her off the list, while she stays in general with the others.
+  await leave(carol, 'crew');
+  await waitForMembers(alice, ['alice', 'bob']);
+  await waitForMembers(bob, ['bob', 'alice']);
+  for (const page of [alice, bob]) await waitForOnline(page, 'crew', 2);
+
+  // Closing the page is leaving too. A room being looked at away from keeps its count live.
+  await switchRoom(alice, 'general');
+  await within('bob to close', bob.context().close());
+  await waitForOnline(alice, 'crew', 1);
+  await switchRoom(alice, 'crew');
+  await waitForMembers(alice, ['alice']);
+
+  // The panel closes and opens again with its button.
+  await toggle.click();
+  assert.equal(await toggle.getAttribute('aria-expanded'), 'false');
+  await alice.locator('#members-panel').waitFor({ state: 'hidden' });
+  await toggle.click();
+  assert.equal(await toggle.getAttribute('aria-expanded'), 'true');
+  await waitForMembers(alice, ['alice']);
+}));
+
+test('after a dropped connection the page asks for presence again and lists who is there now', { timeout: 45_000 }, scenario('members-reconnect', async (open) => {
+  const net = relay();
+  const alice = await open(nodes.a, 'alice', { setup: net.install });
+  const bob = await open(nodes.b, 'bob');
+  await joinRoom(alice, 'again');
+  await joinRoom(bob, 'again');
+  await waitForMembers(alice, ['alice', 'bob']);
+
+  net.blocked = true;
+  await net.cut();
+  await waitForStatus(alice, 'reconnecting');
+  await leave(bob, 'again');
+  const dave = await open(nodes.c, 'dave');
+  await joinRoom(dave, 'again');
+  await waitForMembers(dave, ['dave']); // alice's connection closed with the cut
+  const note = alice.locator('#members-note');
+  await note.waitFor({ state: 'visible' });
+  assert.match(await note.textContent(), /out of date/);
+
+  const sentBefore = net.sent.length;
+  net.blocked = false;
+  await waitForStatus(alice, 'connected', 20_000);
+  await waitForMembers(alice, ['alice', 'dave']);
+  await waitForMembers(dave, ['dave', 'alice']);
+  await waitForOnline(alice, 'again', 2);
+  await note.waitFor({ state: 'hidden' });
+
+  // The first room came back with presence in the query, the other in its `join`, and the
+  // list was asked for again.
+  const url = net.urls.at(-1);
+  assert.equal(url.searchParams.get('room'), 'again');
+  assert.equal(url.searchParams.get('presence'), '1');
+  const frames = net.sent.slice(sentBefore).map((t) => JSON.parse(t));
+  const joins = frames.filter((f) => f.type === 'join');
+  assert.deepEqual(joins.map((f) => [f.room, f.presence]), [['general', true]], 'rejoins');
+  assert.ok(
+    frames.some((f) => f.type === 'presence' && f.room === 'again' && f.cursor === undefined),
+    `a presence request for "again" after reconnecting: ${JSON.stringify(frames)}`,
+  );
+}));
+
+test('a member list longer than one page is paged in whole', { timeout: 60_000 }, scenario('members-paged', async (open) => {
+  // 540 other users on node-b and node-c, from three browser contexts (a browser holds about
+  // 255 WebSockets per context): more than one page, and more than Redis lists in one HSCAN.
+  const crowd = Array.from({ length: 540 }, (_, i) => `crowd-${String(i).padStart(3, '0')}`);
+  const contexts = [];
+  try {
+    const groups = [[nodes.b, crowd.slice(0, 180)], [nodes.c, crowd.slice(180, 360)], [nodes.b, crowd.slice(360)]];
+    for (const [node, names] of groups) {
+      const context = await within('a browser context', browser.newContext());
+      contexts.push(context);
+      const page = await within('a blank page', context.newPage());
+      const ws = node.url.replace(/^http/, 'ws');
+      await within(`${names.length} sockets on ${node.nodeId}`, page.evaluate(
+        ({ ws, names }) => Promise.all(names.map((name) => new Promise((resolve, reject) => {
+          const socket = new WebSocket(`${ws}/ws?room=crowd&name=${name}`);
+          socket.onmessage = (e) => { if (JSON.parse(e.data).type === 'joined') resolve(); };
+          socket.onerror = () => reject(new Error(`${name}: WebSocket error`));
+          (window.sockets ??= []).push(socket);
+        }))),
+        { ws, names },
+      ), 30_000);
+    }
+
+    const net = relay();
+    const alice = await open(nodes.a, 'alice', { setup: net.install });
+    await joinRoom(alice, 'crowd');
+    await waitForMembers(alice, ['alice', ...crowd]);
+    assert.ok(await alice.locator('#members-more').isHidden(), 'alice: nobody left unlisted');
+    await waitForOnline(alice, 'crowd', 541);
+    const requests = net.sent.map((t) => JSON.parse(t)).filter((f) => f.type === 'presence' && f.room === 'crowd');
+    assert.ok(requests.length >= 2, `more than one page asked for: ${JSON.stringify(requests)}`);
+    assert.equal(requests[0].cursor, undefined, `the first page: ${JSON.stringify(requests)}`);
+    assert.equal(typeof requests[1].cursor, 'string', `the next with the cursor given: ${JSON.stringify(requests)}`);
+
+    // The crowd leaves at once: the list follows.
+    await within('the crowd to leave', Promise.all(contexts.map((c) => c.close())));
+    await waitForMembers(alice, ['alice']);
+    assert.equal((await memberNames(alice)).length, 1);
+  } finally {
+    for (const context of contexts) await within('a context to close', context.close()).catch(() => {});
+  }
+}));
+
+test('on a phone the member list opens as a drawer from its button', { timeout: 40_000 }, scenario('members-phone', async (open) => {
+  const viewport = { width: 390, height: 844 };
+  const alice = await open(nodes.a, 'alice', { viewport });
+  const bob = await open(nodes.b, 'bob');
+  await joinRoom(alice, 'pocket');
+  await joinRoom(bob, 'pocket');
+
+  const toggle = alice.locator('#members-toggle');
+  const panel = alice.locator('#members-panel');
+  await toggle.waitFor({ state: 'visible' });
+  assert.equal(await toggle.getAttribute('aria-expanded'), 'false', 'closed at first on a phone');
+  assert.ok(await panel.isHidden(), 'alice: no member panel until asked for');
+  await waitFor('alice: the count on the members button', async () => {
+    const text = (await toggle.textContent()).replace(/\s+/g, ' ').trim();
+    if (text !== 'Members 2') throw new Error(`#members-toggle: ${JSON.stringify(text)}`);
+    return true;
+  });
+
+  await toggle.click();
+  assert.equal(await toggle.getAttribute('aria-expanded'), 'true');
+  await panel.waitFor({ state: 'visible' });
+  await waitForMembers(alice, ['alice', 'bob']);
+  const box = await panel.boundingBox();
+  assert.ok(
+    box && box.x >= 0 && box.y >= 0 && box.x + box.width <= viewport.width && box.y + box.height <= viewport.height,
+    `#members-panel is on screen at 390x844: ${JSON.stringify(box)}`,
+  );
+  const overflow = await within('alice: the page width', alice.evaluate(() => document.documentElement.scrollWidth));
+  assert.ok(overflow <= viewport.width, `no horizontal scrolling (scrollWidth ${overflow})`);
+  const focused = await within('alice: the focused element', alice.evaluate(() => document.activeElement?.id));
+  assert.equal(focused, 'members-close', 'focus moves into the drawer');
+  await mkdir(ARTIFACTS, { recursive: true });
+  await alice.screenshot({ path: join(ARTIFACTS, 'chat-members-phone.png') });
+
+  // Escape closes it and gives focus back to its button; the close button does too.
+  await alice.keyboard.press('Escape');
+  await panel.waitFor({ state: 'hidden' });
+  assert.equal(await toggle.getAttribute('aria-expanded'), 'false');
+  const back = await within('alice: the focused element', alice.evaluate(() => document.activeElement?.id));
+  assert.equal(back, 'members-toggle', 'focus back on the button');
+  await toggle.click();
+  await panel.waitFor({ state: 'visible' });
+  await alice.locator('#members-close').click();
+  await panel.waitFor({ state: 'hidden' });
+  assert.equal(await toggle.getAttribute('aria-expanded'), 'false');
+}));
+
+/** The direct-message room with `peer` in the page's "Direct messages" list. */
+function directItem(page, peer) {
+  return page.locator(`#directs li[data-dm="${peer}"]`);
+}
+
+/** Waits until the direct-message room with `peer` is the current room; returns its name. */
+async function waitForDirect(page, peer) {
+  const item = directItem(page, peer);
+  await waitFor(`${page.label}: the conversation with ${peer} as the current room`, async () =>
+    (await item.getAttribute('aria-current')) === 'true');
+  return item.getAttribute('data-room');
+}
+
+/** Clicks `peer` in the member list and waits until their direct-message room is current. */
+async function openDirect(page, peer) {
+  await page.getByRole('button', { name: `Message ${peer}`, exact: true }).click();
+  return waitForDirect(page, peer);
+}
+
+test('a name in the member list opens a direct conversation that both see and that survives a reconnect', { timeout: 60_000 }, scenario('direct', async (open) => {
+  const net = relay();
+  const alice = await open(nodes.a, 'alice', { setup: net.install });
+  const bob = await open(nodes.b, 'bob');
+  await waitForMembers(alice, ['alice', 'bob']);
+  await waitForMembers(bob, ['bob', 'alice']);
+  assert.equal(await alice.locator('#members li.own button').count(), 0, 'alice: her own name is no button');
+  assert.equal(await alice.locator('#directs-title').isVisible(), false, 'no direct messages yet');
+
+  // alice opens it from the member list and writes; the list and the title name bob.
+  const room = await openDirect(alice, 'bob');
+  assert.match(room, /^dm-[0-9a-f]{32}$/);
+  assert.equal(await alice.locator('#room-title').textContent(), 'Direct messages with bob');
+  assert.equal(await directItem(alice, 'bob').locator('.room-name').textContent(), 'bob');
+  assert.equal(await alice.locator('#directs-title').textContent(), 'Direct messages');
+  assert.equal(await alice.locator(`#rooms li[data-room="${room}"]`).count(), 0, 'not among the rooms');
+  const hello = 'hello bob, just you and me';
+  await sendAll(alice, [hello]);
+
+  // bob sees nothing until he opens it from his member list too; then alice's message is there.
+  assert.equal(await bob.locator('#directs li').count(), 0, 'bob: no direct messages before opening one');
+  assert.equal(await openDirect(bob, 'alice'), room, 'the same room for both');
+  assert.equal(await directItem(bob, 'alice').locator('.room-name').textContent(), 'alice');
+  assert.equal(await bob.locator('#room-title').textContent(), 'Direct messages with alice');
+  await waitForMessage(bob, hello);
+  const reply = 'hi alice';
+  await sendAll(bob, [reply]);
+  await waitForMessage(alice, reply);
+  await waitForMembers(alice, ['alice', 'bob']);
+  await waitForOnline(alice, 'general', 2);
+
+  // Cut off, alice misses a message; back, she gets it once, having rejoined with `dm`.
+  const sentBefore = net.sent.length;
+  net.blocked = true;
+  await net.cut();
+  await waitForStatus(alice, 'reconnecting');
+  const missed = 'sent while alice was away';
+  await sendAll(bob, [missed]);
+  net.blocked = false;
+  await waitForStatus(alice, 'connected', 20_000);
+  await waitForMessage(alice, missed);
+  const last = 'and one more';
+  await sendAll(bob, [last]);
+  await waitForMessage(alice, last);
+  const expected = [hello, reply, missed, last];
+  assert.deepEqual(await lines(alice), expected, 'alice: each message once, no marker');
+  assert.deepEqual((await lines(bob)).filter((t) => !t.startsWith('|')), expected, 'bob');
+  const url = net.urls.at(-1);
+  assert.equal(url.searchParams.get('room'), 'general', 'the query names a room joined by name');
+  const joins = net.sent.slice(sentBefore).map((t) => JSON.parse(t)).filter((f) => f.type === 'join');
+  const rejoin = joins.find((f) => f.dm === 'bob');
+  assert.ok(rejoin && rejoin.room === undefined, `rejoined with dm: ${JSON.stringify(joins)}`);
+  assert.ok(Number.isInteger(rejoin.since) && /^[A-Za-z0-9]+$/.test(rejoin.epoch ?? ''), 'with since and epoch');
+
+  // A reload keeps the conversation, still labelled by bob's name, and its messages.
+  await alice.reload();
+  await waitForStatus(alice, 'connected');
+  await directItem(alice, 'bob').locator('.room-name').click();
+  assert.equal(await waitForDirect(alice, 'bob'), room);
+  assert.equal(await directItem(alice, 'bob').locator('.room-name').textContent(), 'bob');
+  await waitForMessage(alice, last);
+  assert.deepEqual((await lines(alice)).filter((t) => !t.startsWith('|')), expected, 'after the reload');
+  await mkdir(ARTIFACTS, { recursive: true });
+  await alice.screenshot({ path: join(ARTIFACTS, 'chat-direct.png') });
+
+  // A direct-message room's name is not joinable with the join form: refused, said so.
+  const carol = await open(nodes.c, 'carol');
+  await joinRoomAs(carol, room);
+  await waitFor('carol: the refusal shown', async () =>
+    /^You may not join dm-/.test(await carol.locator('#error').textContent()));
+  assert.equal(await carol.locator(`li[data-room="${room}"]`).count(), 0, 'carol: not in the room list');
+}));
+
+/** Types `room` into the join form and presses Enter, without waiting for the result. */
+async function joinRoomAs(page, room) {
+  const input = page.locator('#join-input');
+  await input.fill(room);
+  await input.press('Enter');
+}
+
+/** An HS256 JWT for `claims`, valid for an hour. */
+function token(secret, claims) {
+  const part = (value) => Buffer.from(JSON.stringify(value)).toString('base64url');
+  const body = `${part({ alg: 'HS256', typ: 'JWT' })}.${part({ ...claims, exp: Math.floor(Date.now() / 1000) + 3600 })}`;
+  return `${body}.${createHmac('sha256', secret).update(body).digest('base64url')}`;
+}
+
+test('a room the token does not list is refused, and one it may only read has no composer', { timeout: 40_000 }, scenario('access', async (open) => {
+  const secret = 'a browser test secret of 32 bytes or more';
+  const node = await startNode({ nodeId: 'node-auth', port: await freePort(), env: { SCALECHAT_AUTH__JWT_SECRET: secret } });
+  try {
+    const jwt = token(secret, { name: 'ann', rooms: ['general'], read_only_rooms: ['news'] });
+    const ann = await open(node, 'ann', {
+      setup: (context) => context.addCookies([{ name: 'scalechat_token', value: jwt, url: node.url }]),
+    });
+
+    await joinRoomAs(ann, 'secret');
+    await waitFor('ann: the refusal shown', async () =>
+      (await ann.locator('#error').textContent()) === 'You may not join #secret.');
+    assert.equal(await roomItem(ann, 'secret').count(), 0, 'not in the room list');
+
+    await joinRoom(ann, 'news');
+    const note = ann.locator('#compose-note');
+    await note.waitFor({ state: 'visible' });
+    assert.equal(await note.textContent(), 'You may read #news but not write in it.');
+    assert.ok(await ann.locator('#message-input').isDisabled(), 'the message box is disabled');
+    assert.ok(await ann.locator('#send-button').isDisabled(), 'the send button is disabled');
+
+    await switchRoom(ann, 'general');
+    await note.waitFor({ state: 'hidden' });
+    assert.ok(await ann.locator('#message-input').isEnabled(), 'general: the message box is enabled');
+    await sendAll(ann, ['ann may write here']);
+  } finally {
+    await stop(node.child);
+  }
 }));

@@ -228,3 +228,36 @@ export async function waitForUnread(page, room, count) {
     return true;
   });
 }
+
+/** The names in `#members`, in the order shown. */
+export function memberNames(page) {
+  return evalAll(page, '#members li', (els) =>
+    els.map((el) => el.querySelector('.member-name')?.textContent ?? null),
+  );
+}
+
+/**
+ * Waits until `#members` lists exactly `names` in that order (own user first, then by name) and
+ * the panel's count says `names.length` online, or `count` when given.
+ */
+export async function waitForMembers(page, names, count = names.length) {
+  await waitFor(`${page.label}: #members to be ${JSON.stringify(names)}, ${count} online`, async () => {
+    const shown = await memberNames(page);
+    const said = await page.locator('#member-count').textContent();
+    if (JSON.stringify(shown) !== JSON.stringify(names) || said !== `${count} online`) {
+      throw new Error(`#members: ${JSON.stringify(shown)}, #member-count: ${JSON.stringify(said)}`);
+    }
+    return true;
+  });
+}
+
+/** Waits until `room`'s online count in the room list is `count`. */
+export async function waitForOnline(page, room, count) {
+  await waitFor(`${page.label}: ${room}'s .online to be ${count}`, async () => {
+    const online = await roomItem(page, room)
+      .locator('.online')
+      .evaluate((el) => ({ hidden: el.hidden, text: el.textContent.trim() }));
+    if (online.hidden || online.text !== String(count)) throw new Error(`.online is ${JSON.stringify(online)}`);
+    return true;
+  });
+}

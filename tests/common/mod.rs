@@ -2,6 +2,7 @@
 //! client that writes any bytes it is told to (for protocol violations).
 #![allow(dead_code)] // each test binary uses its own part of this module
 
+pub mod backplane;
 pub mod proxy;
 
 use std::net::SocketAddr;

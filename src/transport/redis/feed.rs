@@ -73,6 +73,18 @@ impl Feed {
         }
     }
 
+    /// Subscribes to channels every node shares (not a room's): `SUBSCRIBE`, which a
+    /// cluster delivers from whichever node a message is published on.
+    pub(super) async fn subscribe_global(
+        &mut self,
+        channels: Vec<String>,
+    ) -> Result<(), RedisError> {
+        match self {
+            Self::Single { sink, .. } => sink.subscribe(channels).await,
+            Self::Cluster { conn, .. } => conn.subscribe(channels).await,
+        }
+    }
+
     /// Unsubscribes from `channels`.
     pub(super) async fn unsubscribe(&mut self, channels: Vec<String>) -> Result<(), RedisError> {
         match self {

@@ -23,8 +23,10 @@
 //! This file holds the transport's state and the calls the rest of the server makes.
 
 mod connect;
+mod control;
 mod feed;
 mod heal;
+mod presence;
 mod publisher;
 mod recent;
 mod scripts;
@@ -43,6 +45,7 @@ use tokio::time::Instant;
 pub use subscriptions::Joining;
 
 use self::connect::Locator;
+use self::presence::PresenceSync;
 use self::recent::{LocalAnswer, RoomStream};
 use self::scripts::Scripts;
 use self::subscriptions::Interest;
@@ -88,6 +91,12 @@ pub struct RedisTransport {
     /// Bumped when a sentinel announces that the master moved.
     master_switches: watch::Sender<u64>,
     metrics: Arc<Metrics>,
+    /// This node's presence writer.
+    presence: PresenceSync,
+    /// `{prefix}:presence`, where presence changes go out.
+    presence_channel: String,
+    /// `{prefix}:control`, where requests for every node go out.
+    control_channel: String,
 }
 
 impl std::fmt::Debug for RedisTransport {
@@ -120,6 +129,7 @@ impl RedisTransport {
     pub fn spawn(
         config: &RedisConfig,
         policy: &RoomsConfig,
+        node: &str,
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, TransportError> {
@@ -153,6 +163,16 @@ impl RedisTransport {
             ready: AtomicBool::new(false),
             master_switches: watch::Sender::new(0),
             metrics,
+            presence_channel: format!("{}:presence", config.channel_prefix),
+            control_channel: format!("{}:control", config.channel_prefix),
+            // A room's presence keys carry no hash tag (they would land on several shards)
+            // and are found by scanning a prefix: in cluster mode each node reports its own
+            // members, as with `redis.presence = false`.
+            presence: PresenceSync::new(
+                config.presence && config.mode != RedisMode::Cluster,
+                node,
+                Duration::from_secs(policy.presence_timeout_secs),
+            ),
         });
         if config.mode == RedisMode::Sentinel {
             let (_, sentinels) = connect::sentinel_clients(config).map_err(unavailable)?;
@@ -160,6 +180,7 @@ impl RedisTransport {
             tokio::spawn(transport.clone().watch_sentinels(sentinels, master_name));
         }
         tokio::spawn(transport.clone().run_subscriber(locator));
+        tokio::spawn(transport.clone().run_presence());
         Ok(transport)
     }
 

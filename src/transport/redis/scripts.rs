@@ -202,6 +202,11 @@ impl Scripts {
             .collect()
     }
 
+    /// `{prefix}:`, before every key's name.
+    pub(super) fn key_prefix(&self) -> &str {
+        &self.key_prefix
+    }
+
     /// `room`, as a hash tag when sharded.
     fn tagged<'a>(&self, room: &'a str) -> std::borrow::Cow<'a, str> {
         if self.sharded {
@@ -338,6 +343,30 @@ impl Scripts {
 
     fn replace_publisher(&self) {
         self.publisher.replace();
+    }
+
+    /// Runs another part's script on the publisher connection, as [`Scripts::invoke`].
+    pub(super) async fn run<T: redis::FromRedisValue>(
+        &self,
+        call: redis::ScriptInvocation<'_>,
+    ) -> Result<T, TransportError> {
+        self.invoke(call).await
+    }
+
+    /// Runs one command on the publisher connection within the publish timeout.
+    pub(super) async fn query<T: redis::FromRedisValue>(
+        &self,
+        cmd: &redis::Cmd,
+    ) -> Result<T, TransportError> {
+        let mut conn = self.publisher()?;
+        match tokio::time::timeout(self.publish_timeout, cmd.query_async::<T>(&mut conn)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(TransportError::Unavailable(format!("redis: {e}"))),
+            Err(_) => Err(TransportError::Timeout(format!(
+                "redis did not answer within {} ms",
+                self.publish_timeout.as_millis()
+            ))),
+        }
     }
 
     /// Runs a script on the publisher connection within the publish timeout.

@@ -41,7 +41,16 @@ impl RedisTransport {
             let reason = match self.open_feed(&mut locator).await {
                 Ok(mut feed) => {
                     let usable = match self.scripts.check_publisher().await {
-                        Ok(()) => self.reconcile(&mut feed).await,
+                        Ok(()) => {
+                            let global = vec![
+                                self.presence_channel().to_owned(),
+                                self.control_channel().to_owned(),
+                            ];
+                            match feed.subscribe_global(global).await {
+                                Ok(()) => self.reconcile(&mut feed).await,
+                                Err(e) => Err(e),
+                            }
+                        }
                         Err(e) => Err(e),
                     };
                     match usable {
@@ -99,6 +108,12 @@ impl RedisTransport {
         loop {
             tokio::select! {
                 incoming = feed.next() => match incoming {
+                    Incoming::Message(msg) if msg.get_channel_name() == self.presence_channel() => {
+                        self.heard(msg.get_payload_bytes());
+                    }
+                    Incoming::Message(msg) if msg.get_channel_name() == self.control_channel() => {
+                        self.heard_control(msg.get_payload_bytes());
+                    }
                     Incoming::Message(msg) => {
                         self.receive_one(msg.get_channel_name(), msg.get_payload_bytes()).await
                     }
@@ -286,7 +301,7 @@ impl RedisTransport {
                 let expired = interest.release_at.is_some_and(|at| at <= now)
                     && interest.joins_pending == 0
                     && now.duration_since(interest.since) >= self.linger
-                    && self.hub.online(room.as_str()) == 0;
+                    && self.hub.members(room.as_str()) == 0;
                 if expired && subscribed.contains(room) {
                     remove.push(room.clone());
                 }

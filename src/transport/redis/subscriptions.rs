@@ -93,7 +93,7 @@ impl RedisTransport {
             return;
         };
         interest.joins_pending = interest.joins_pending.saturating_sub(1);
-        if !joined && interest.joins_pending == 0 && self.hub.online(room.as_str()) == 0 {
+        if !joined && interest.joins_pending == 0 && self.hub.members(room.as_str()) == 0 {
             interest.release_at = Some(Instant::now() + self.linger);
             drop(wanted);
             self.reconcile_needed.notify_one();
@@ -142,7 +142,7 @@ mod tests {
         };
         let metrics = Arc::new(Metrics::default());
         let hub = Arc::new(Hub::with_metrics(metrics.clone()));
-        RedisTransport::spawn(&config, &RoomsConfig::default(), hub, metrics).unwrap()
+        RedisTransport::spawn(&config, &RoomsConfig::default(), "test-node", hub, metrics).unwrap()
     }
 
     #[tokio::test(start_paused = true)]

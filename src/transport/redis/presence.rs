@@ -1,0 +1,493 @@
+//! Presence across nodes. Per room, Redis holds each user's connections over every node
+//! (`pres:<room>`), when they came (`pres-since:<room>`) and each node's share
+//! (`pres-node:<room>:<node>`); every node registers in `presence-nodes` (a sorted set of
+//! deadlines) and lists its rooms in `presence-rooms:<node>`.
+//!
+//! One task per node writes this node's share: a join or leave marks the (room, user) pair,
+//! and the task sets the pair's count to what the hub holds at that moment, in one script per
+//! room, which publishes `member_joined` / `member_left` changes on the presence channel when a
+//! user's count over every node leaves or reaches zero. Every node listens on that channel
+//! and hands the changes of rooms with local members to its hub. The same task renews the
+//! node's deadline every third of `rooms.presence_timeout_secs`, and removes the members of
+//! nodes whose deadline passed (a crash, a node cut off from Redis), so no member outlives
+//! its node by more than the timeout and a heartbeat. A node that finds its registration gone
+//! (Redis restarted, or it was taken for dead) writes its whole share again.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use redis::Script;
+use tokio::sync::{Notify, watch};
+use tracing::{debug, info, warn};
+
+use super::RedisTransport;
+use super::connect::Backoff;
+use crate::hub::{Change as HubChange, now_ms};
+use crate::protocol::RoomName;
+use crate::protocol::presence::{Change, MAX_CURSOR_LEN, Member, Page};
+use crate::transport::{RoomList, TransportError, local_presence};
+
+/// Sets this node's connections of users in a room; publishes the changes of who is in it.
+/// KEYS: pres, pres-since, pres-node. ARGV: channel, room, then (user, count, since) triples.
+/// Returns the users in the room.
+const SYNC_LUA: &str = r"
+local online = 0
+for i = 3, #ARGV, 3 do
+  local user, count, since = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  local old = tonumber(redis.call('HGET', KEYS[3], user) or '0')
+  local delta = count - old
+  if delta ~= 0 then
+    if count > 0 then redis.call('HSET', KEYS[3], user, count) else redis.call('HDEL', KEYS[3], user) end
+    local total = redis.call('HINCRBY', KEYS[1], user, delta)
+    if total <= 0 then
+      redis.call('HDEL', KEYS[1], user)
+      if total - delta > 0 then
+        redis.call('HDEL', KEYS[2], user)
+        online = redis.call('HLEN', KEYS[1])
+        redis.call('PUBLISH', ARGV[1], cjson.encode({room = ARGV[2], user = user, joined = false, online = online}))
+      end
+    elseif total == delta then
+      redis.call('HSET', KEYS[2], user, since)
+      online = redis.call('HLEN', KEYS[1])
+      redis.call('PUBLISH', ARGV[1], cjson.encode({room = ARGV[2], user = user, joined = true, since = since, online = online}))
+    end
+  end
+end
+return redis.call('HLEN', KEYS[1])
+";
+
+/// Removes a stopped node's share of a room. KEYS: pres, pres-since, pres-node (of that
+/// node). ARGV: channel, room. Returns how many users it had there.
+const REAP_LUA: &str = r"
+local entries = redis.call('HGETALL', KEYS[3])
+for i = 1, #entries, 2 do
+  local user, count = entries[i], tonumber(entries[i + 1])
+  local total = redis.call('HINCRBY', KEYS[1], user, -count)
+  if total <= 0 then
+    redis.call('HDEL', KEYS[1], user)
+    if total + count > 0 then
+      redis.call('HDEL', KEYS[2], user)
+      local online = redis.call('HLEN', KEYS[1])
+      redis.call('PUBLISH', ARGV[1], cjson.encode({room = ARGV[2], user = user, joined = false, online = online}))
+    end
+  end
+end
+redis.call('DEL', KEYS[3])
+return #entries / 2
+";
+
+/// Most (user, count) triples one script call carries.
+const SYNC_CHUNK: usize = 500;
+
+/// How long a join waits for its presence to be written before answering anyway.
+const JOIN_WAIT: Duration = Duration::from_secs(2);
+
+/// The (room, user) pairs whose share must be written.
+#[derive(Debug, Default)]
+struct Dirty {
+    rooms: HashMap<RoomName, HashSet<Arc<str>>>,
+    /// Bumped by every mark; the writer reports the mark it has written up to.
+    marked: u64,
+}
+
+/// This node's presence writer and what it knows of each room's count.
+pub(super) struct PresenceSync {
+    /// `redis.presence`: counts, lists and events over every node; else this node's only.
+    shared: bool,
+    /// This node's name in the presence keys.
+    node: String,
+    timeout: Duration,
+    sync_script: Script,
+    reap_script: Script,
+    dirty: Mutex<Dirty>,
+    wake: Notify,
+    /// The last mark written.
+    written: watch::Sender<u64>,
+    /// Users per room over every node, as last heard, for rooms with local members.
+    online: Mutex<HashMap<RoomName, usize>>,
+    /// This run has registered.
+    registered: AtomicBool,
+}
+
+impl PresenceSync {
+    pub(super) fn new(shared: bool, node: &str, timeout: Duration) -> Self {
+        Self {
+            shared,
+            node: node.to_owned(),
+            timeout,
+            sync_script: Script::new(SYNC_LUA),
+            reap_script: Script::new(REAP_LUA),
+            dirty: Mutex::default(),
+            wake: Notify::new(),
+            written: watch::Sender::new(0),
+            online: Mutex::default(),
+            registered: AtomicBool::new(false),
+        }
+    }
+
+    fn mark(&self, room: &RoomName, user: &Arc<str>) -> u64 {
+        let mut dirty = self.dirty.lock().unwrap_or_else(PoisonError::into_inner);
+        dirty
+            .rooms
+            .entry(room.clone())
+            .or_default()
+            .insert(user.clone());
+        dirty.marked += 1;
+        let marked = dirty.marked;
+        drop(dirty);
+        self.wake.notify_one();
+        marked
+    }
+
+    fn online(&self) -> std::sync::MutexGuard<'_, HashMap<RoomName, usize>> {
+        self.online.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl RedisTransport {
+    fn presence_key(&self, kind: &str, room: &str) -> String {
+        format!("{}{kind}:{room}", self.scripts.key_prefix())
+    }
+
+    /// The channel every node's presence changes go out on.
+    pub(super) fn presence_channel(&self) -> &str {
+        &self.presence_channel
+    }
+
+    /// See [`Transport::presence_joined`](crate::transport::Transport::presence_joined).
+    pub async fn presence_changed(&self, room: &RoomName, user: &Arc<str>) -> usize {
+        if !self.presence.shared {
+            return local_presence::changed(&self.hub, room, user);
+        }
+        let marked = self.presence.mark(room, user);
+        let mut written = self.presence.written.subscribe();
+        let done = tokio::time::timeout(JOIN_WAIT, written.wait_for(|w| *w >= marked)).await;
+        if !matches!(done, Ok(Ok(_))) {
+            debug!(%room, "presence not written in time; answering with the last count");
+        }
+        self.online(room)
+    }
+
+    /// See [`Transport::presence_left`](crate::transport::Transport::presence_left).
+    pub fn presence_left(&self, room: &RoomName, user: &Arc<str>) {
+        if self.presence.shared {
+            self.presence.mark(room, user);
+        } else {
+            local_presence::changed(&self.hub, room, user);
+        }
+    }
+
+    /// See [`Transport::online`](crate::transport::Transport::online): the last count heard,
+    /// at least this node's own users.
+    pub fn online(&self, room: &RoomName) -> usize {
+        let local = self.hub.user_count(room.as_str());
+        if !self.presence.shared {
+            return local;
+        }
+        let heard = self.presence.online().get(room).copied().unwrap_or(0);
+        heard.max(local)
+    }
+
+    /// A page of `room`'s members over every node: `HSCAN` from `cursor`.
+    pub async fn presence_page(
+        &self,
+        room: &RoomName,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<Page, TransportError> {
+        if !self.presence.shared {
+            return Ok(local_presence::page(&self.hub, room, cursor, limit));
+        }
+        let start = match cursor {
+            None => 0,
+            Some(c) if c.len() <= MAX_CURSOR_LEN => c.parse::<u64>().map_err(|_| bad_cursor())?,
+            Some(_) => return Err(bad_cursor()),
+        };
+        let pres = self.presence_key("pres", room.as_str());
+        let since = self.presence_key("pres-since", room.as_str());
+        let mut scan = redis::cmd("HSCAN");
+        scan.arg(&pres).arg(start).arg("COUNT").arg(limit);
+        let (next, pairs): (u64, Vec<(String, u64)>) = self.scripts.query(&scan).await?;
+        let mut online_cmd = redis::cmd("HLEN");
+        online_cmd.arg(&pres);
+        let online: usize = self.scripts.query(&online_cmd).await?;
+        let sinces: Vec<Option<u64>> = if pairs.is_empty() {
+            Vec::new()
+        } else {
+            let mut get = redis::cmd("HMGET");
+            get.arg(&since);
+            for (user, _) in &pairs {
+                get.arg(user);
+            }
+            self.scripts.query(&get).await?
+        };
+        let members = pairs
+            .into_iter()
+            .zip(sinces)
+            .map(|((user, connections), since)| Member {
+                user: user.into(),
+                connections,
+                since: since.unwrap_or(0),
+            })
+            .collect();
+        Ok(Page {
+            online,
+            members,
+            cursor: (next != 0).then(|| next.to_string()),
+        })
+    }
+
+    /// See [`Transport::rooms`](crate::transport::Transport::rooms): `SCAN` over the rooms'
+    /// presence keys (this node's rooms alone when presence is not shared).
+    pub async fn rooms(&self, cursor: Option<&str>) -> Result<RoomList, TransportError> {
+        if !self.presence.shared {
+            return Ok(local_presence::rooms(&self.hub, cursor));
+        }
+        let start = match cursor {
+            None => 0,
+            Some(c) => c.parse::<u64>().map_err(|_| bad_cursor())?,
+        };
+        let prefix = self.presence_key("pres", "");
+        let mut scan = redis::cmd("SCAN");
+        scan.arg(start)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(200);
+        let (next, keys): (u64, Vec<String>) = self.scripts.query(&scan).await?;
+        let mut rooms = Vec::with_capacity(keys.len());
+        for key in keys {
+            let Some(room) = key
+                .strip_prefix(&prefix)
+                .and_then(|r| RoomName::new(r).ok())
+            else {
+                continue;
+            };
+            let mut len = redis::cmd("HLEN");
+            len.arg(&key);
+            rooms.push((room, self.scripts.query::<usize>(&len).await?));
+        }
+        Ok((rooms, (next != 0).then(|| next.to_string())))
+    }
+
+    /// The presence task: writes marked pairs, renews the node's deadline, removes stopped
+    /// nodes' members. Runs for the transport's life.
+    pub(super) async fn run_presence(self: Arc<Self>) {
+        if !self.presence.shared {
+            return;
+        }
+        let mut renew = tokio::time::interval(self.presence.timeout / 3);
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut backoff = Backoff::default();
+        loop {
+            tokio::select! {
+                _ = self.presence.wake.notified() => {}
+                _ = renew.tick() => {
+                    if let Err(e) = self.renew_presence().await {
+                        self.metrics.presence_errors_total.inc();
+                        debug!(error = %e, "presence not renewed");
+                    }
+                }
+            }
+            if let Err(e) = self.write_presence().await {
+                self.metrics.presence_errors_total.inc();
+                debug!(error = %e, "presence not written; retrying");
+                tokio::time::sleep(backoff.next()).await;
+                self.presence.wake.notify_one();
+            } else {
+                backoff = Backoff::default();
+            }
+        }
+    }
+
+    /// Writes every marked pair: this node's connections of the user in the room, as the hub
+    /// holds them now. Pairs not written are marked again.
+    async fn write_presence(&self) -> Result<(), TransportError> {
+        let (rooms, marked) = {
+            let mut dirty = self
+                .presence
+                .dirty
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            (std::mem::take(&mut dirty.rooms), dirty.marked)
+        };
+        if rooms.is_empty() {
+            return Ok(());
+        }
+        let mut failed = None;
+        let mut rooms = rooms.into_iter();
+        for (room, users) in rooms.by_ref() {
+            if let Err(e) = self.write_room(&room, &users).await {
+                let mut dirty = self
+                    .presence
+                    .dirty
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                dirty.rooms.entry(room).or_default().extend(users);
+                failed = Some(e);
+                break;
+            }
+        }
+        if let Some(e) = failed {
+            let mut dirty = self
+                .presence
+                .dirty
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            for (room, users) in rooms {
+                dirty.rooms.entry(room).or_default().extend(users);
+            }
+            return Err(e);
+        }
+        self.presence.written.send_replace(marked);
+        Ok(())
+    }
+
+    async fn write_room(
+        &self,
+        room: &RoomName,
+        users: &HashSet<Arc<str>>,
+    ) -> Result<(), TransportError> {
+        let now = now_ms();
+        let name = room.as_str();
+        let users: Vec<&Arc<str>> = users.iter().collect();
+        let mut online = 0;
+        for chunk in users.chunks(SYNC_CHUNK) {
+            let mut call = self
+                .presence
+                .sync_script
+                .key(self.presence_key("pres", name));
+            call.key(self.presence_key("pres-since", name))
+                .key(self.presence_key("pres-node", &format!("{name}:{}", self.presence.node)))
+                .arg(self.presence_channel())
+                .arg(name);
+            for user in chunk {
+                let local = self.hub.local_user(name, user);
+                call.arg(user.as_ref())
+                    .arg(local.map_or(0, |l| l.connections))
+                    .arg(local.map_or(now, |l| l.since));
+            }
+            online = self.scripts.run(call).await?;
+            self.metrics.presence_writes_total.inc();
+        }
+        let rooms_key = self.presence_key("presence-rooms", &self.presence.node);
+        let mut listed = redis::cmd(if self.hub.user_count(name) > 0 {
+            "SADD"
+        } else {
+            "SREM"
+        });
+        listed.arg(&rooms_key).arg(name);
+        self.scripts.query::<()>(&listed).await?;
+        let mut known = self.presence.online();
+        if self.hub.members(name) > 0 {
+            known.insert(room.clone(), online);
+        } else {
+            known.remove(room);
+        }
+        Ok(())
+    }
+
+    /// Renews this node's deadline; rewrites its whole share if its registration was gone;
+    /// removes the members of nodes whose deadline passed.
+    async fn renew_presence(&self) -> Result<(), TransportError> {
+        let nodes = self.presence_key("presence-nodes", "all");
+        let now = now_ms();
+        let deadline = now + self.presence.timeout.as_millis() as u64;
+        let mut renew = redis::cmd("ZADD");
+        renew
+            .arg(&nodes)
+            .arg("XX")
+            .arg("CH")
+            .arg(deadline)
+            .arg(&self.presence.node);
+        let renewed: u64 = self.scripts.query(&renew).await?;
+        // At the first renewal, a registration under this name is a previous run's.
+        let first = !self.presence.registered.swap(true, Ordering::AcqRel);
+        if renewed == 0 || first {
+            // New, or forgotten: whatever Redis holds of this node's share is stale.
+            self.reap_node(&self.presence.node).await?;
+            let mut marked = 0;
+            for room in self.hub.room_names() {
+                for (user, _) in self.hub.local_users(room.as_str()) {
+                    marked = self.presence.mark(&room, &user);
+                }
+            }
+            let mut register = redis::cmd("ZADD");
+            register.arg(&nodes).arg(deadline).arg(&self.presence.node);
+            self.scripts.query::<()>(&register).await?;
+            info!(node = %self.presence.node, rooms_marked = marked, "presence registered");
+        }
+        let mut expired = redis::cmd("ZRANGEBYSCORE");
+        expired
+            .arg(&nodes)
+            .arg("-inf")
+            .arg(now)
+            .arg("LIMIT")
+            .arg(0)
+            .arg(16);
+        let stopped: Vec<String> = self.scripts.query(&expired).await?;
+        for node in stopped.iter().filter(|n| **n != self.presence.node) {
+            warn!(node = %node, "a node stopped renewing its presence: removing its members");
+            self.reap_node(node).await?;
+            self.metrics.presence_nodes_removed_total.inc();
+            let mut forget = redis::cmd("ZREM");
+            forget.arg(&nodes).arg(node);
+            self.scripts.query::<()>(&forget).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes `node`'s share of every room it listed.
+    async fn reap_node(&self, node: &str) -> Result<(), TransportError> {
+        let rooms_key = self.presence_key("presence-rooms", node);
+        let mut list = redis::cmd("SMEMBERS");
+        list.arg(&rooms_key);
+        let rooms: Vec<String> = self.scripts.query(&list).await?;
+        for room in &rooms {
+            let mut call = self
+                .presence
+                .reap_script
+                .key(self.presence_key("pres", room));
+            call.key(self.presence_key("pres-since", room))
+                .key(self.presence_key("pres-node", &format!("{room}:{node}")))
+                .arg(self.presence_channel())
+                .arg(room);
+            self.scripts.run::<u64>(call).await?;
+        }
+        let mut forget = redis::cmd("DEL");
+        forget.arg(&rooms_key);
+        self.scripts.query::<()>(&forget).await
+    }
+
+    /// A change on the presence channel (which the subscriber connection listens to): the
+    /// changes of rooms with local members go to the hub.
+    pub(super) fn heard(&self, payload: &[u8]) {
+        let change = match Change::decode(payload) {
+            Ok(change) => change,
+            Err(e) => return warn!(error = %e, "the presence channel carried a malformed change"),
+        };
+        let Ok(room) = RoomName::new(&change.room) else {
+            return;
+        };
+        if self.hub.members(room.as_str()) == 0 {
+            return;
+        }
+        self.presence.online().insert(room.clone(), change.online);
+        let user: Arc<str> = change.user.into();
+        let hub_change = if change.joined {
+            HubChange::Joined {
+                user,
+                since: change.since,
+            }
+        } else {
+            HubChange::Left { user }
+        };
+        self.hub.record_presence(&room, hub_change, change.online);
+    }
+}
+
+fn bad_cursor() -> TransportError {
+    TransportError::BadRequest("`cursor` must be one a presence page returned".into())
+}
