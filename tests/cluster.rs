@@ -622,3 +622,39 @@ async fn a_server_not_in_cluster_mode_or_a_cluster_with_a_slot_uncovered_keeps_t
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// `POST path` with the API key; the status code.
+async fn api_post(addr: SocketAddr, path: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\
+         authorization: Bearer {API_KEY}\r\ncontent-type: application/json\r\n\
+         content-length: 2\r\n\r\n{{}}"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(common::WAIT, stream.read_to_end(&mut answer))
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    String::from_utf8_lossy(&answer)[9..12].parse().unwrap()
+}
+
+const API_KEY: &str = "cluster-test-key-0123456789";
+
+#[tokio::test]
+async fn a_disconnect_asked_of_one_node_reaches_a_user_on_another() {
+    let cluster = Cluster::start().await;
+    let seeds = cluster.seeds();
+    let keys = format!("[\"{API_KEY}\"]");
+    let api = [("SCALECHAT_API__KEYS", keys.as_str())];
+    let a = Node::spawn_with("node-a", &seeds, &api);
+    let b = Node::spawn_with("node-b", &seeds, &api);
+    a.ready().await;
+    b.ready().await;
+    let mut bea = b.client("bea", &[]).await;
+    assert_eq!(api_post(a.addr, "/api/v1/users/bea/disconnect").await, 200);
+    let (code, _, _) = bea.closed().await;
+    assert_eq!(code, 4003, "closed through the control channel");
+}
