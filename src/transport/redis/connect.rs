@@ -188,23 +188,20 @@ pub(super) async fn check_standalone(client: &Client) -> Result<(), RedisError> 
         .unwrap_or_else(|_| Err(timeout_error()))
 }
 
-/// A client of the master through the sentinels, and the sentinels' own addresses (to
-/// listen for `+switch-master` on).
+/// A client of the master through the sentinels, and a client of each sentinel (to listen
+/// for `+switch-master` on), with TLS and its CA file as `[redis]` says and no password.
 pub(super) fn sentinel_clients(
     config: &RedisConfig,
-) -> Result<(SentinelClient, Vec<ConnectionAddr>), RedisError> {
+) -> Result<(SentinelClient, Vec<Client>), RedisError> {
     let addrs: Vec<ConnectionAddr> = config
         .sentinels
         .iter()
         .filter_map(|s| host_port(s))
         .map(|(host, port)| ConnectionAddr::Tcp(host.to_owned(), port))
         .collect();
-    let mut builder = SentinelClientBuilder::new(
-        addrs.clone(),
-        &config.master_name,
-        SentinelServerType::Master,
-    )?
-    .set_client_to_redis_db(i64::from(config.db));
+    let mut builder =
+        SentinelClientBuilder::new(addrs, &config.master_name, SentinelServerType::Master)?
+            .set_client_to_redis_db(i64::from(config.db));
     if !config.username.is_empty() {
         builder = builder.set_client_to_redis_username(&config.username);
     }
@@ -225,7 +222,36 @@ pub(super) fn sentinel_clients(
                 .set_client_to_sentinel_certificates(certs(pem));
         }
     }
-    Ok((builder.build()?, addrs))
+    let pem = ca_file(config)?;
+    let listeners = config
+        .sentinels
+        .iter()
+        .filter_map(|s| host_port(s))
+        .map(|(host, port)| {
+            let (host, port) = (host.to_owned(), port);
+            let addr = if config.tls {
+                ConnectionAddr::TcpTls {
+                    host,
+                    port,
+                    insecure: false,
+                    tls_params: None,
+                }
+            } else {
+                ConnectionAddr::Tcp(host, port)
+            };
+            match &pem {
+                Some(pem) => Client::build_with_tls(
+                    addr.into_connection_info()?,
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(pem.clone()),
+                    },
+                ),
+                None => Client::open(addr),
+            }
+        })
+        .collect::<Result<_, _>>()?;
+    Ok((builder.build()?, listeners))
 }
 
 /// The PEM of `redis.tls_ca_file`, when TLS is on and one is given.

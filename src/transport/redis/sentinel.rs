@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use futures_util::StreamExt;
-use redis::{Client, ConnectionAddr};
+use redis::Client;
 use tracing::{debug, info};
 
 use super::RedisTransport;
@@ -22,22 +22,25 @@ impl RedisTransport {
     /// life of the process; bumps `master_switches` on each.
     pub(super) async fn watch_sentinels(
         self: Arc<Self>,
-        sentinels: Vec<ConnectionAddr>,
+        sentinels: Vec<Client>,
         master_name: String,
     ) {
         let mut backoff = Backoff::default();
-        for addr in sentinels.iter().cycle() {
-            match self.listen(addr, &master_name).await {
+        for client in sentinels.iter().cycle() {
+            match self.listen(client, &master_name).await {
                 Ok(()) => backoff = Backoff::default(),
-                Err(e) => debug!(sentinel = %addr, error = %e, "sentinel not listened to"),
+                Err(e) => debug!(
+                    sentinel = %client.get_connection_info().addr(), error = %e,
+                    "sentinel not listened to"
+                ),
             }
             tokio::time::sleep(backoff.next()).await;
         }
     }
 
     /// One sentinel, until its connection ends.
-    async fn listen(&self, addr: &ConnectionAddr, master_name: &str) -> redis::RedisResult<()> {
-        let client = Client::open(addr.clone())?;
+    async fn listen(&self, client: &Client, master_name: &str) -> redis::RedisResult<()> {
+        let addr = client.get_connection_info().addr();
         let mut pubsub = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub())
             .await
             .unwrap_or_else(|_| Err(timeout_error()))?;
