@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # Builds scalechat and scalechat-bench in release mode and runs the benchmark suite: every
 # scenario (fan-out, steady latency, max-rate, churn, idle) on the raw-TCP ceiling, one node
-# on the embedded transport, and one and two nodes on a Redis of the tool's own. Prints the
-# result tables (Markdown) and writes them to target/bench-results.md.
+# on the embedded transport, and one and two nodes on a Redis of the tool's own, then the
+# presence group (churn with redis.presence on and off, a join storm into a 10,000-member
+# room, presence pages of a 19,000-member room). Prints the result tables (Markdown) and
+# writes them to target/bench-results.md.
 #
-#   scripts/bench.sh            the full suite (about 10 minutes; the figures in BENCHMARKS.md)
+#   scripts/bench.sh            the full suite (about 10 minutes, and a few more for presence;
+#                               the figures in BENCHMARKS.md)
 #   scripts/bench.sh --quick    small sizes, well under a minute (run by scripts/test.sh)
 #   scripts/bench.sh --soak [ARGS...]
 #                               only the soak under faults (about 2 minutes): steady traffic on
 #                               two nodes while Redis and then one node restart; results in
 #                               target/soak-results.md
+#   scripts/bench.sh --presence [ARGS...]
+#                               only the presence group (add --quick for small sizes);
+#                               results in target/presence-results.md
 #   scripts/bench.sh ARGS...    any scalechat-bench suite arguments (see --help)
 #
 # Exits non-zero when a message was lost or duplicated at a rate the servers sustain.
@@ -23,6 +29,11 @@ if [[ "${1:-}" == "--soak" ]]; then
     exec "$target/release/scalechat-bench" soak --server-bin "$target/release/scalechat" \
         --log-dir "$target/bench-logs" --redis-dir "$target/soak-redis" \
         --out "$target/soak-results.md" "$@"
+fi
+if [[ "${1:-}" == "--presence" ]]; then
+    shift
+    exec "$target/release/scalechat-bench" presence --server-bin "$target/release/scalechat" \
+        --log-dir "$target/bench-logs" --out "$target/presence-results.md" "$@"
 fi
 exec "$target/release/scalechat-bench" suite --server-bin "$target/release/scalechat" \
     --log-dir "$target/bench-logs" --out "$target/bench-results.md" "$@"

@@ -79,6 +79,10 @@ pub struct ServerConfig {
     pub port: u16,
     /// Name of this node, sent in `welcome`; empty means a random `node-…` name.
     pub node_id: String,
+    /// The `host:port` other nodes reach this one at, to relay Socket.IO requests for its
+    /// sessions; empty: `server.host` and the bound port (127.0.0.1 when `host` is
+    /// 0.0.0.0 or ::, right only for nodes on one machine).
+    pub internal_addr: String,
     /// WebSocket connections accepted at once; more get HTTP 503.
     pub max_connections: usize,
     /// Browser origins allowed to open a WebSocket; empty allows any.
@@ -113,6 +117,7 @@ impl Default for ServerConfig {
             host: "0.0.0.0".into(),
             port: 8000,
             node_id: String::new(),
+            internal_addr: String::new(),
             max_connections: 100_000,
             allowed_origins: Vec::new(),
             header_read_timeout_secs: 10,
@@ -739,6 +744,15 @@ impl Config {
             s.node_id.len() <= 64 && !s.node_id.chars().any(char::is_control),
             "server.node_id",
             "must be at most 64 bytes with no control characters",
+        );
+        check(
+            s.internal_addr.is_empty()
+                || s.internal_addr.parse::<std::net::SocketAddr>().is_ok()
+                || s.internal_addr
+                    .rsplit_once(':')
+                    .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok()),
+            "server.internal_addr",
+            "must be empty or host:port",
         );
         for proxy in &s.trusted_proxies {
             check(

@@ -250,6 +250,8 @@ pub struct Metrics {
     pub presence_errors_total: Counter,
     /// Nodes whose members this node removed from presence after they stopped renewing.
     pub presence_nodes_removed_total: Counter,
+    /// Socket.IO requests relayed to the node that owns their session.
+    pub socketio_relayed_total: Counter,
     /// Transport publish latency.
     pub publish_seconds: Histogram,
     registry: Registry,
@@ -290,6 +292,7 @@ impl Metrics {
             presence_writes_total: Counter::default(),
             presence_errors_total: Counter::default(),
             presence_nodes_removed_total: Counter::default(),
+            socketio_relayed_total: Counter::default(),
             publish_seconds: Histogram::default(),
             registry: Registry::with_prefix("scalechat"),
         };
@@ -399,6 +402,11 @@ impl Metrics {
             metrics.presence_nodes_removed_total.0.clone(),
         );
         registry.register(
+            "socketio_relayed",
+            "Socket.IO requests relayed to the node that owns their session",
+            metrics.socketio_relayed_total.0.clone(),
+        );
+        registry.register(
             "publish_seconds",
             "Transport publish latency in seconds",
             metrics.publish_seconds.clone(),
@@ -490,7 +498,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(families.len(), 23, "{families:?}");
+        assert_eq!(families.len(), 24, "{families:?}");
         assert!(text.ends_with('\n'));
         assert!(!text.contains("# EOF"), "0.0.4 text has no EOF marker");
         for line in text.lines().filter(|l| l.starts_with("# HELP ")) {

@@ -967,7 +967,7 @@ async fn a_slow_narrow_redis_path_delays_but_keeps_order() {
 }
 
 /// Keys in `redis`'s database.
-/// The keys in Redis but the registry of running nodes' presence.
+/// The keys in Redis but those of the running nodes themselves (presence registry, address).
 async fn keys(redis: &Redis) -> Vec<String> {
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg("*")
@@ -975,7 +975,7 @@ async fn keys(redis: &Redis) -> Vec<String> {
         .await
         .unwrap();
     keys.into_iter()
-        .filter(|k| !k.ends_with(":presence-nodes:all"))
+        .filter(|k| !k.ends_with(":presence-nodes:all") && !k.contains(":node-addr:"))
         .collect()
 }
 

@@ -142,7 +142,10 @@ async fn handshake_advertises_the_limits() {
     config.limits.ping_timeout_secs = 3;
     let server = start(config).await;
     let (sid, open) = handshake(server.addr).await;
-    assert_eq!(sid.len(), 22);
+    assert_eq!(
+        sid.split_once('.').map(|(random, _)| random.len()),
+        Some(22)
+    );
     assert_eq!(open["upgrades"], serde_json::json!(["websocket"]));
     assert_eq!(open["pingInterval"], 7000);
     assert_eq!(open["pingTimeout"], 3000);
@@ -791,7 +794,11 @@ async fn session_ids_carry_128_random_bits() {
     let mut seen = std::collections::HashSet::new();
     for _ in 0..200 {
         let (sid, _) = handshake(server.addr).await;
-        // base64url of 16 bytes: 22 characters, the last one holding 2 bits.
+        // base64url of 16 bytes: 22 characters, the last one holding 2 bits; then a dot and
+        // the node's name in hex ("test-node").
+        let (sid, node) = sid.split_once('.').unwrap();
+        assert_eq!(node, "746573742d6e6f6465");
+        let sid = sid.to_owned();
         assert_eq!(sid.len(), 22, "{sid}");
         assert!(
             sid.bytes()
@@ -1024,4 +1031,65 @@ async fn socketio_joins_follow_the_same_room_access_rules() {
     assert_eq!(ack("433")[0]["error"]["code"], "read_only");
     assert!(ack("434")[0]["room"].as_str().unwrap().starts_with("dm-"));
     server.stop().await;
+}
+
+#[tokio::test]
+async fn any_node_serves_any_session_by_relaying_to_its_owner() {
+    use common::backplane::{Node, Redis};
+    let redis = Redis::start(None).await;
+    let a = Node::spawn_with("sa", redis.port, None, &[]);
+    let b = Node::spawn_with("sb", redis.port, None, &[]);
+    for n in [&a, &b] {
+        let addr = n.addr;
+        common::eventually_async("node ready", || async move {
+            common::readyz(addr).await == Some(200)
+        })
+        .await;
+    }
+    // The session is opened on a; every later request goes to b, as a round-robin balancer
+    // would send it.
+    let (sid, _) = handshake(a.addr).await;
+    let mut relayed = false;
+    for _ in 0..50 {
+        if post(b.addr, &sid, r#"40{"name":"sio"}"#).await.body == "ok" {
+            relayed = true;
+            break;
+        }
+        // b reads a's address from Redis once a has advertised it.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(relayed, "b relayed the CONNECT to a");
+    poll_until(b.addr, &sid, |p| p.starts_with(r#"42["joined""#)).await;
+    let mut native = b.client("name=nat").await;
+    native.say("general", "via b", "n1").await;
+    poll_until(b.addr, &sid, |p| p.contains("via b")).await;
+
+    // A forged or foreign id is unknown, not relayed anywhere.
+    let forged = format!("{}.6e6f7065", &sid[..22]);
+    engine_error(&poll(b.addr, &forged).await, 400, 1, "Session ID unknown");
+
+    // The upgrade to WebSocket, relayed too: the two sockets are joined.
+    let url = format!(
+        "ws://{}/socket.io/?EIO=4&transport=websocket&sid={sid}",
+        b.addr
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    ws.send(Message::text("2probe")).await.unwrap();
+    assert_eq!(next_text(&mut ws).await, "3probe");
+    ws.send(Message::text("5")).await.unwrap();
+    native.say("general", "over the relayed socket", "n2").await;
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|p: &String| p.contains("over the relayed socket"))
+    {
+        seen.push(next_text(&mut ws).await);
+    }
+
+    // The owner is gone: its sessions are unknown everywhere, and the client starts over.
+    let mut a = a;
+    a.child.kill().await.unwrap();
+    let (sid2, _) = handshake(b.addr).await;
+    assert!(sid2.ends_with(".7362"), "b's own session: {sid2}");
+    engine_error(&poll(b.addr, &sid).await, 400, 1, "Session ID unknown");
 }

@@ -91,6 +91,16 @@ pub fn free_port() -> anyhow::Result<u16> {
 impl Cluster {
     /// Starts the servers of `setup`.
     pub async fn start(setup: Setup, opts: &ServerOpts) -> anyhow::Result<Cluster> {
+        Cluster::start_with_env(setup, opts, &[]).await
+    }
+
+    /// Starts the servers of `setup`, with `env` added to the scalechat nodes' environment
+    /// (e.g. `SCALECHAT_REDIS__PRESENCE`).
+    pub async fn start_with_env(
+        setup: Setup,
+        opts: &ServerOpts,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Cluster> {
         std::fs::create_dir_all(&opts.log_dir)?;
         let mut cluster = Cluster {
             setup,
@@ -99,7 +109,10 @@ impl Cluster {
             logs: Vec::new(),
             redis_argv: Vec::new(),
             redis_port: None,
-            node_env: Vec::new(),
+            node_env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         match setup {
             Setup::External => {
@@ -124,7 +137,8 @@ impl Cluster {
                 for i in 0..count {
                     let port = free_port()?;
                     let log = opts.log_dir.join(format!("node-{i}.log"));
-                    let cmd = scalechat_command(opts, port, i, redis_port)?;
+                    let mut cmd = scalechat_command(opts, port, i, redis_port)?;
+                    cmd.envs(cluster.node_env.iter().map(|(k, v)| (k, v)));
                     cluster.spawn_node(cmd, port, &log)?;
                 }
                 for node in &cluster.nodes {

@@ -1,7 +1,8 @@
 //! scalechat-bench: a load generator for scalechat's native protocol. It starts the servers
 //! itself (scalechat nodes on the embedded transport or on a Redis of its own, and a raw-TCP
 //! relay as the ceiling) or drives running nodes given with `--url`, and reports idle memory
-//! and CPU, fan-out throughput and latency, the highest sustained rate, and connection churn.
+//! and CPU, fan-out throughput and latency, the highest sustained rate, connection churn, and
+//! the cost of presence (who is in a room).
 //! See BENCHMARKS.md.
 
 mod churn;
@@ -9,14 +10,15 @@ mod cluster;
 mod fanout;
 mod idle;
 mod machine;
+mod presence;
 mod relay;
 mod report;
 mod soak;
+mod storm;
 mod suite;
 mod track;
 mod ws;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
@@ -56,6 +58,10 @@ enum Command {
     MaxRate(Plan),
     /// Open and close connections as fast as possible: upgrades/s and handshake latency.
     Churn(Plan),
+    /// Presence on two nodes on Redis: churn with `redis.presence` on and off, a join storm
+    /// into a big room whose members asked for presence events, and the cost of `presence`
+    /// pages.
+    Presence(Plan),
     /// Steady traffic on two nodes while Redis and then one node restart: lost messages,
     /// duplicates, reconnects, memory before and after.
     Soak(soak::SoakOpts),
@@ -65,18 +71,10 @@ enum Command {
         #[arg(long)]
         port: u16,
     },
-    /// Holds idle connections for `idle` (started by the tool, one per worker process).
+    /// Holds connections for `idle` and `presence` (started by the tool, one per worker
+    /// process).
     #[command(hide = true)]
-    Hold {
-        #[arg(long, value_delimiter = ',')]
-        addrs: Vec<SocketAddr>,
-        #[arg(long)]
-        count: usize,
-        #[arg(long)]
-        sources: usize,
-        #[arg(long)]
-        first_source: usize,
-    },
+    Hold(idle::HoldArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -103,17 +101,13 @@ fn main() -> anyhow::Result<()> {
     }
     let (plan, which) = match cli.command {
         Command::Relay { .. } | Command::Soak(_) => unreachable!("handled above"),
-        Command::Hold {
-            addrs,
-            count,
-            sources,
-            first_source,
-        } => return runtime.block_on(idle::hold(addrs, count, sources, first_source)),
+        Command::Hold(args) => return runtime.block_on(idle::hold(args)),
         Command::Suite(plan) => (plan, Scenarios::all()),
         Command::Idle(plan) => (plan, Scenarios::only(|s| s.idle = true)),
         Command::Fanout(plan) => (plan, Scenarios::only(|s| s.fanout = true)),
         Command::MaxRate(plan) => (plan, Scenarios::only(|s| s.max_rate = true)),
         Command::Churn(plan) => (plan, Scenarios::only(|s| s.churn = true)),
+        Command::Presence(plan) => (plan, Scenarios::only(|s| s.presence = true)),
     };
     let plan = if plan.quick { plan.quick() } else { plan };
     let setups = if cli.servers.urls.is_empty() {
@@ -141,6 +135,7 @@ impl Scenarios {
             fanout: true,
             max_rate: true,
             churn: true,
+            presence: true,
         }
     }
 

@@ -1,5 +1,6 @@
 //! The scenarios run side by side: each one on every setup in turn (raw-TCP ceiling first, so
-//! the others read as ratios to it), a fresh set of servers for each, results as tables.
+//! the others read as ratios to it), a fresh set of servers for each, results as tables. The
+//! presence group picks its own setups (see `presence`).
 
 use std::time::Duration;
 
@@ -7,7 +8,7 @@ use crate::cluster::{Cluster, ServerOpts, Setup};
 use crate::fanout::{self, Shape, Step};
 use crate::idle::{self, IdleOpts};
 use crate::report::{self, Table, count, ms, ratio};
-use crate::{churn, machine};
+use crate::{churn, machine, presence};
 
 /// Sizes, rates and durations of a run.
 #[derive(Clone, Debug, clap::Args)]
@@ -80,6 +81,30 @@ pub struct Plan {
     /// Local source addresses (127.0.0.2 onwards) the connections are spread over.
     #[arg(long, default_value_t = 16)]
     pub sources: usize,
+    /// presence churn: pairs of runs with `redis.presence` on, then off.
+    #[arg(long, default_value_t = 2)]
+    pub presence_rounds: usize,
+    /// join storm: members in the room (each asked for presence events) before it starts.
+    #[arg(long, default_value_t = 10_000)]
+    pub storm_members: usize,
+    /// join storm: members (of those) whose presence frames are counted, in this process.
+    #[arg(long, default_value_t = 200)]
+    pub storm_sample: usize,
+    /// join storm: new users joining per second.
+    #[arg(long, default_value_t = 500.0)]
+    pub storm_rate: f64,
+    /// join storm: seconds of joining.
+    #[arg(long, default_value_t = 10.0)]
+    pub storm_secs: f64,
+    /// presence pages: members of the room.
+    #[arg(long, default_value_t = 19_000)]
+    pub page_members: usize,
+    /// presence pages: requests for the first page, timed one by one.
+    #[arg(long, default_value_t = 100)]
+    pub page_requests: usize,
+    /// presence pages: `limit` of each request (1 to 200).
+    #[arg(long, default_value_t = 100)]
+    pub page_limit: usize,
 }
 
 impl Plan {
@@ -107,6 +132,14 @@ impl Plan {
             idle_secs: 1.0,
             sources: 4,
             p99_limit_ms: self.p99_limit_ms,
+            presence_rounds: 1,
+            storm_members: 300,
+            storm_sample: 50,
+            storm_rate: 50.0,
+            storm_secs: 2.0,
+            page_members: 1000,
+            page_requests: 100,
+            page_limit: self.page_limit,
         }
     }
 }
@@ -118,6 +151,7 @@ pub struct Scenarios {
     pub fanout: bool,
     pub max_rate: bool,
     pub churn: bool,
+    pub presence: bool,
 }
 
 /// Runs the scenarios; the Markdown report and whether nothing was lost or duplicated.
@@ -139,6 +173,9 @@ pub async fn run(
     }
     if which.idle {
         out.push_str(&idle_group(plan, opts, setups).await?);
+    }
+    if which.presence {
+        out.push_str(&presence::run(plan, opts).await?);
     }
     Ok((out, clean))
 }

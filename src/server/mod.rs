@@ -64,6 +64,16 @@ impl Server {
             _ => None,
         };
         let api = Arc::new(Api::new(&config.api));
+        let mut config = config;
+        if config.server.internal_addr.is_empty() {
+            let bound = listener.local_addr()?;
+            let host = if bound.ip().is_unspecified() {
+                IpAddr::from([127, 0, 0, 1])
+            } else {
+                bound.ip()
+            };
+            config.server.internal_addr = SocketAddr::new(host, bound.port()).to_string();
+        }
         let node = Arc::new(Node::new(config, shutdown)?);
         Ok(Self {
             listener,

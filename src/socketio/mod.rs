@@ -8,6 +8,7 @@
 //!   `leave`), acks, DISCONNECT; publishing goes through the one transport path.
 //! - `polling`: the HTTP long-polling transport (GET drains the queue, POST carries packets).
 //! - `websocket`: the WebSocket transport, direct or upgraded from polling.
+//! - `relay`: requests for sessions of other nodes, relayed to them (no sticky sessions).
 //!
 //! A session's queue is an [`Outbox`](crate::outbox::Outbox) of WebSocket text frames, each one
 //! Engine.IO packet: the WebSocket transport writes them as they are, the polling transport
@@ -17,6 +18,7 @@
 
 mod client;
 mod polling;
+mod relay;
 mod session;
 mod websocket;
 
@@ -206,7 +208,10 @@ async fn dispatch(
         return handshake(node, sessions, peer, req, &query, websocket);
     };
     let Some(session) = sessions.get(sid) else {
-        return EngineError::SessionIdUnknown.response();
+        // Another node's session (or none): relayed to its owner, if there is one.
+        let max_body = node.live().limits.max_frame_bytes;
+        let sid = sid.to_owned();
+        return relay::relay(&node, req, &sid, websocket, max_body).await;
     };
     match (req.method(), websocket) {
         (&Method::GET, true) if session.begin_upgrade() => {

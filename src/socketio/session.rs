@@ -104,7 +104,7 @@ pub(super) fn open(
     websocket: bool,
     slot: ConnSlot,
 ) -> Result<Arc<EngineSession>, getrandom::Error> {
-    let sid = random_id()?;
+    let sid = super::relay::session_id(&random_id()?, &node.id);
     let live = node.live();
     let conn = node.next_conn_id();
     let outbox = Arc::new(Outbox::new(

@@ -144,6 +144,7 @@ impl Transport {
                 &config.redis,
                 &config.rooms,
                 node,
+                &config.server.internal_addr,
                 hub,
                 metrics,
             )?),
@@ -268,6 +269,15 @@ impl Transport {
         match self {
             Transport::Memory(t) => Ok(local_presence::rooms(t.hub(), cursor)),
             Transport::Redis(t) => t.rooms(cursor).await,
+        }
+    }
+
+    /// Where node `node` can be reached (its `server.internal_addr`), if it is alive; never
+    /// on the embedded transport, which has one node.
+    pub async fn node_addr(&self, node: &str) -> Option<String> {
+        match self {
+            Transport::Memory(_) => None,
+            Transport::Redis(t) => t.node_addr(node).await.ok().flatten(),
         }
     }
 

@@ -159,15 +159,17 @@ describe('two nodes and redis', () => {
     native.close();
   });
 
-  test("a polling session's id on the other node is answered Session ID unknown", async () => {
+  test("a polling session's id on the other node is relayed to the node that owns it", async () => {
     const signal = AbortSignal.timeout(WAIT_MS);
     const open = await fetch(`${nodeA.url}/socket.io/?EIO=4&transport=polling`, { signal });
     const { sid } = JSON.parse((await open.text()).slice(1));
     const wrong = await fetch(`${nodeB.url}/socket.io/?EIO=4&transport=polling&sid=${sid}`, {
       signal,
     });
-    assert.equal(wrong.status, 400);
-    assert.deepEqual(await wrong.json(), { code: 1, message: 'Session ID unknown' });
+    // Relayed to node A, which owns the session: its first poll gets the open packet's
+    // successor (nothing yet: a noop or a ping comes when due), not an error.
+    assert.equal(wrong.status, 200);
+    await wrong.arrayBuffer();
   });
 });
 
@@ -184,5 +186,91 @@ describe('server restart', () => {
     await waitFor('the client to reconnect', () => seen.connects === 2 && seen.joined.length === 2, 30_000);
     socket.emit('event:message', { message: 'after restart' });
     await waitForText('the reconnected client', seen, 'after restart');
+  });
+});
+
+/**
+ * A balancer that sends each HTTP request, and each WebSocket upgrade, to the next of
+ * `ports` in turn: the opposite of sticky sessions.
+ */
+async function roundRobin(ports) {
+  const http = await import('node:http');
+  const net = await import('node:net');
+  let next = 0;
+  const pick = () => ports[next++ % ports.length];
+  const agent = new http.Agent({ keepAlive: false });
+  const server = http.createServer((req, res) => {
+    const upstream = http.request(
+      { host: '127.0.0.1', port: pick(), method: req.method, path: req.url, headers: req.headers, agent },
+      (answer) => {
+        res.writeHead(answer.statusCode, answer.headers);
+        answer.pipe(res);
+      },
+    );
+    upstream.on('error', () => {
+      res.writeHead(502);
+      res.end();
+    });
+    req.pipe(upstream);
+  });
+  server.on('upgrade', (req, socket, head) => {
+    const upstream = net.connect(pick(), '127.0.0.1', () => {
+      const lines = [`${req.method} ${req.url} HTTP/1.1`];
+      for (let i = 0; i < req.rawHeaders.length; i += 2) {
+        lines.push(`${req.rawHeaders[i]}: ${req.rawHeaders[i + 1]}`);
+      }
+      upstream.write(`${lines.join('\r\n')}\r\n\r\n`);
+      upstream.write(head);
+      upstream.pipe(socket);
+      socket.pipe(upstream);
+    });
+    upstream.on('error', () => socket.destroy());
+    socket.on('error', () => upstream.destroy());
+  });
+  const port = await freePort();
+  await new Promise((done) => server.listen(port, '127.0.0.1', done));
+  return { url: `http://127.0.0.1:${port}`, close: () => server.close() };
+}
+
+describe('no sticky sessions', () => {
+  let redis;
+  let nodes;
+  let balancer;
+  before(async () => {
+    redis = await startRedis();
+    nodes = [];
+    for (const nodeId of ['rr-a', 'rr-b', 'rr-c']) {
+      nodes.push(await startNode({ nodeId, port: await freePort(), redisPort: redis.port }));
+    }
+    balancer = await roundRobin(nodes.map((n) => n.port));
+  });
+  after(() => balancer?.close());
+
+  test('clients with the default transports connect and chat through a round-robin balancer', async () => {
+    const clients = [];
+    const errors = [];
+    for (let i = 0; i < 100; i++) {
+      const socket = connectTo({ url: balancer.url }, { reconnection: false });
+      socket.on('connect_error', (e) => errors.push(e.message));
+      clients.push({ socket, seen: record(socket) });
+    }
+    await waitFor('every client connected', () => clients.every((c) => c.socket.connected), 30_000);
+    const upgraded = () => clients.filter((c) => c.socket.io.engine.transport.name === 'websocket').length;
+    // Upgrades go through the balancer too (to any node, relayed to the owner). A client
+    // whose probe is slow keeps polling, which is correct; nearly all must have upgraded.
+    await waitFor('the clients to upgrade', () => upgraded() >= clients.length * 0.95, 30_000).catch((e) => {
+      throw new Error(`${e.message} (${upgraded()} of ${clients.length} upgraded)`);
+    });
+    assert.deepEqual(errors, [], 'no connect error (no "Session ID unknown")');
+    clients[0].socket.emit('event:message', { message: 'round and round' });
+    for (const [i, c] of clients.entries()) {
+      await waitForText(`client ${i}`, c.seen, 'round and round', 20_000);
+    }
+    const relayed = [];
+    for (const node of nodes) {
+      const text = await (await fetch(`${node.url}/metrics`)).text();
+      relayed.push(Number(/^scalechat_socketio_relayed_total (\d+)/m.exec(text)?.[1] ?? 0));
+    }
+    assert.ok(relayed.reduce((a, b) => a + b) > 0, `requests were relayed: ${relayed}`);
   });
 });

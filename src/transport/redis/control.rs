@@ -1,5 +1,10 @@
-//! Requests for every node, on one control channel the subscriber connection listens to:
-//! today, closing a user's connections wherever they are (the server API's `disconnect`).
+//! What nodes ask of one another: requests for every node on one control channel the
+//! subscriber connection listens to (today, closing a user's connections wherever they are:
+//! the server API's `disconnect`), and where each node can be reached (`node-addr:<node>`,
+//! renewed with presence), so that a node can relay a Socket.IO request to the node that owns
+//! its session.
+
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -30,6 +35,27 @@ impl RedisTransport {
         let mut publish = redis::cmd("PUBLISH");
         publish.arg(self.control_channel()).arg(payload);
         self.scripts.query(&publish).await
+    }
+
+    /// Advertises this node's internal address for `ttl`.
+    pub(super) async fn advertise(&self, ttl: Duration) -> Result<(), TransportError> {
+        let mut set = redis::cmd("SET");
+        set.arg(format!(
+            "{}node-addr:{}",
+            self.scripts.key_prefix(),
+            self.presence.node
+        ))
+        .arg(&self.internal_addr)
+        .arg("PX")
+        .arg(ttl.as_millis() as u64);
+        self.scripts.query(&set).await
+    }
+
+    /// Where `node` can be reached, if it advertised an address and is alive.
+    pub async fn node_addr(&self, node: &str) -> Result<Option<String>, TransportError> {
+        let mut get = redis::cmd("GET");
+        get.arg(format!("{}node-addr:{node}", self.scripts.key_prefix()));
+        self.scripts.query(&get).await
     }
 
     /// A request heard on the control channel.

@@ -97,6 +97,8 @@ pub struct RedisTransport {
     presence_channel: String,
     /// `{prefix}:control`, where requests for every node go out.
     control_channel: String,
+    /// `server.internal_addr`: where other nodes reach this one.
+    internal_addr: String,
 }
 
 impl std::fmt::Debug for RedisTransport {
@@ -130,6 +132,7 @@ impl RedisTransport {
         config: &RedisConfig,
         policy: &RoomsConfig,
         node: &str,
+        internal_addr: &str,
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, TransportError> {
@@ -165,6 +168,7 @@ impl RedisTransport {
             metrics,
             presence_channel: format!("{}:presence", config.channel_prefix),
             control_channel: format!("{}:control", config.channel_prefix),
+            internal_addr: internal_addr.to_owned(),
             // A room's presence keys carry no hash tag (they would land on several shards)
             // and are found by scanning a prefix: in cluster mode each node reports its own
             // members, as with `redis.presence = false`.

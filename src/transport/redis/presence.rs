@@ -97,7 +97,7 @@ pub(super) struct PresenceSync {
     /// `redis.presence`: counts, lists and events over every node; else this node's only.
     shared: bool,
     /// This node's name in the presence keys.
-    node: String,
+    pub(super) node: String,
     timeout: Duration,
     sync_script: Script,
     reap_script: Script,
@@ -275,9 +275,6 @@ impl RedisTransport {
     /// The presence task: writes marked pairs, renews the node's deadline, removes stopped
     /// nodes' members. Runs for the transport's life.
     pub(super) async fn run_presence(self: Arc<Self>) {
-        if !self.presence.shared {
-            return;
-        }
         let mut renew = tokio::time::interval(self.presence.timeout / 3);
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut backoff = Backoff::default();
@@ -285,6 +282,12 @@ impl RedisTransport {
             tokio::select! {
                 _ = self.presence.wake.notified() => {}
                 _ = renew.tick() => {
+                    if let Err(e) = self.advertise(self.presence.timeout * 3).await {
+                        debug!(error = %e, "internal address not advertised");
+                    }
+                    if !self.presence.shared {
+                        continue;
+                    }
                     if let Err(e) = self.renew_presence().await {
                         self.metrics.presence_errors_total.inc();
                         debug!(error = %e, "presence not renewed");

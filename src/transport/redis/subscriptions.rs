@@ -142,7 +142,15 @@ mod tests {
         };
         let metrics = Arc::new(Metrics::default());
         let hub = Arc::new(Hub::with_metrics(metrics.clone()));
-        RedisTransport::spawn(&config, &RoomsConfig::default(), "test-node", hub, metrics).unwrap()
+        RedisTransport::spawn(
+            &config,
+            &RoomsConfig::default(),
+            "test-node",
+            "127.0.0.1:1",
+            hub,
+            metrics,
+        )
+        .unwrap()
     }
 
     #[tokio::test(start_paused = true)]
