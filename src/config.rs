@@ -30,6 +30,8 @@ pub const PLAIN_ENV: &[(&str, &str)] = &[
     ("REDIS_HOST", "redis.host"),
     ("REDIS_PORT", "redis.port"),
     ("REDIS_PASSWORD", "redis.password"),
+    ("REDIS_SENTINELS", "redis.sentinels"),
+    ("REDIS_MASTER_NAME", "redis.master_name"),
 ];
 
 /// The whole configuration of one scalechat node.
@@ -399,9 +401,73 @@ pub struct RedisConfig {
     /// Keep each subscribed room's newest `rooms.history_on_join` messages in memory and
     /// answer joins and short reconnects from them, without a Redis round trip.
     pub local_history: bool,
+    /// How the node finds Redis: one server, a master through Sentinel, or a Cluster.
+    pub mode: RedisMode,
+    /// With `mode = "sentinel"`: the sentinels' `host:port`s (`REDIS_SENTINELS`, comma
+    /// separated).
+    #[serde(deserialize_with = "list_or_commas")]
+    pub sentinels: Vec<String>,
+    /// With `mode = "sentinel"`: the name the sentinels monitor the master under
+    /// (`REDIS_MASTER_NAME`).
+    pub master_name: String,
+    /// Replicas that must have a message (`WAIT`) before its `send` is acked; 0: the
+    /// master's word is enough.
+    pub wait_replicas: u32,
     /// Share presence through Redis: counts, member lists and events over every node. Off,
     /// each node reports its own members only and joins write nothing for presence.
     pub presence: bool,
+}
+
+/// `redis.mode`: where the node's Redis is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisMode {
+    /// One server at `redis.host`:`redis.port`.
+    #[default]
+    Standalone,
+    /// The master the sentinels in `redis.sentinels` name `redis.master_name`, followed
+    /// through failovers.
+    Sentinel,
+    /// A Redis Cluster found from the seeds in `redis.host` (comma separated, each `host` or
+    /// `host:port`), rooms spread over its shards with sharded Pub/Sub.
+    Cluster,
+}
+
+impl RedisConfig {
+    /// `redis.host` as the list of `host:port` seeds cluster mode starts from (a seed without
+    /// a port gets `redis.port`); `None` when one is not an address.
+    pub fn cluster_seeds(&self) -> Option<Vec<(String, u16)>> {
+        self.host
+            .split(',')
+            .map(str::trim)
+            .filter(|seed| !seed.is_empty())
+            .map(|seed| match host_port(seed) {
+                Some((host, port)) => Some((host.to_owned(), port)),
+                None if !seed.contains(':') => Some((seed.to_owned(), self.port)),
+                None => None,
+            })
+            .collect()
+    }
+}
+
+/// A list written as a TOML list or as one comma-separated string (as environment
+/// variables are).
+fn list_or_commas<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        List(Vec<String>),
+        Text(String),
+    }
+    let items = match Either::deserialize(d)? {
+        Either::List(items) => items,
+        Either::Text(text) => text.split(',').map(str::to_owned).collect(),
+    };
+    Ok(items
+        .into_iter()
+        .map(|item| item.trim().to_owned())
+        .filter(|item| !item.is_empty())
+        .collect())
 }
 
 impl Default for RedisConfig {
@@ -419,6 +485,10 @@ impl Default for RedisConfig {
             unsubscribe_linger_secs: 5,
             heartbeat_secs: 5,
             local_history: true,
+            mode: RedisMode::Standalone,
+            sentinels: Vec::new(),
+            master_name: String::new(),
+            wait_replicas: 0,
             presence: true,
         }
     }
@@ -506,6 +576,14 @@ impl<'de> Deserialize<'de> for Secret {
             Scalar::Bool(b) => b.to_string(),
         }))
     }
+}
+
+/// `host:port` split, the port a number from 1 to 65535.
+pub fn host_port(address: &str) -> Option<(&str, u16)> {
+    let (host, port) = address.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = port.parse().ok().filter(|p| *p > 0)?;
+    (!host.is_empty()).then_some((host, port))
 }
 
 /// Every problem found while loading the configuration.
@@ -808,6 +886,38 @@ impl Config {
             "redis.publish_timeout_ms",
             "must be at least 1",
         );
+        check(
+            r.mode != RedisMode::Sentinel
+                || (!r.sentinels.is_empty() && r.sentinels.iter().all(|s| host_port(s).is_some())),
+            "redis.sentinels",
+            "with redis.mode = \"sentinel\", must list the sentinels as host:port",
+        );
+        check(
+            r.mode != RedisMode::Sentinel || !r.master_name.is_empty(),
+            "redis.master_name",
+            "with redis.mode = \"sentinel\", must name the master the sentinels monitor",
+        );
+        let cluster = r.mode == RedisMode::Cluster;
+        check(
+            !cluster || r.cluster_seeds().is_some_and(|seeds| !seeds.is_empty()),
+            "redis.host",
+            "with redis.mode = \"cluster\", must list the seeds as host or host:port, comma separated",
+        );
+        check(
+            !cluster || r.db == 0,
+            "redis.db",
+            "must be 0 with redis.mode = \"cluster\" (a cluster has one database)",
+        );
+        check(
+            !cluster || !r.channel_prefix.contains(['{', '}']),
+            "redis.channel_prefix",
+            "must not contain { or } with redis.mode = \"cluster\" (rooms are hash tags)",
+        );
+        check(
+            r.wait_replicas <= 16,
+            "redis.wait_replicas",
+            "must be at most 16",
+        );
         let h = &self.rooms;
         check(
             h.history_size <= 100_000,
@@ -1100,6 +1210,38 @@ mod tests {
         assert!(problems(&format!("{echo}max_queued_bytes = 16777230")).is_empty());
         // Without the echo endpoint, chat messages are bounded by max_message_chars instead.
         assert!(problems("[limits]\nmax_frame_bytes = 16777216").is_empty());
+    }
+
+    #[test]
+    fn sentinel_mode_needs_sentinels_and_a_master_name() {
+        let found = problems("[redis]\nmode = \"sentinel\"\nsentinels = [\"h:0\", \"h\"]");
+        assert!(found[0].starts_with("redis.sentinels:"), "{found:?}");
+        assert!(found[1].starts_with("redis.master_name:"), "{found:?}");
+        let ok = "[redis]\nmode = \"sentinel\"\nmaster_name = \"m\"\nsentinels = ";
+        let redis = from_toml(&format!("{ok}\"a:1, [::1]:2,\"")).unwrap().redis;
+        assert_eq!(
+            redis.sentinels,
+            ["a:1", "[::1]:2"],
+            "a comma-separated list"
+        );
+        assert_eq!(host_port(&redis.sentinels[1]), Some(("::1", 2)));
+        assert!(problems(&format!("{ok}[\"a:26379\"]")).is_empty());
+    }
+
+    #[test]
+    fn cluster_mode_takes_seeds_from_the_host() {
+        let redis =
+            from_toml("[redis]\nmode = \"cluster\"\nhost = \"a:7000, b,c:7002\"\nport = 7001")
+                .unwrap()
+                .redis;
+        let seeds = redis.cluster_seeds().unwrap();
+        assert_eq!(
+            seeds,
+            [("a".into(), 7000), ("b".into(), 7001), ("c".into(), 7002)]
+        );
+        let found = problems("[redis]\nmode = \"cluster\"\nhost = \"a:x\"\ndb = 1");
+        assert!(found[0].starts_with("redis.host:"), "{found:?}");
+        assert!(found[1].starts_with("redis.db:"), "{found:?}");
     }
 
     #[test]

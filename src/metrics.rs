@@ -230,6 +230,8 @@ pub struct Metrics {
     pub backplane_up: Gauge,
     /// Times the backplane came back after an outage.
     pub backplane_reconnects_total: Counter,
+    /// Times the Redis master changed under the node (a Sentinel failover).
+    pub backplane_failovers_total: Counter,
     /// Publishes the transport refused or did not answer.
     pub publish_errors_total: Counter,
     /// `send`s whose `ref` had already been accepted: acked again, not delivered twice.
@@ -280,6 +282,7 @@ impl Metrics {
             close_codes: close_counts,
             backplane_up: Gauge::default(),
             backplane_reconnects_total: Counter::default(),
+            backplane_failovers_total: Counter::default(),
             publish_errors_total: Counter::default(),
             duplicate_sends_total: Counter::default(),
             backplane_gaps_total: Counter::default(),
@@ -347,6 +350,11 @@ impl Metrics {
             "backplane_reconnects",
             "Backplane reconnections after an outage",
             metrics.backplane_reconnects_total.0.clone(),
+        );
+        registry.register(
+            "backplane_failovers",
+            "Times the Redis master changed under the node (Sentinel failover)",
+            metrics.backplane_failovers_total.0.clone(),
         );
         registry.register(
             "publish_errors",
@@ -490,7 +498,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(families.len(), 23, "{families:?}");
+        assert_eq!(families.len(), 24, "{families:?}");
         assert!(text.ends_with('\n'));
         assert!(!text.contains("# EOF"), "0.0.4 text has no EOF marker");
         for line in text.lines().filter(|l| l.starts_with("# HELP ")) {

@@ -615,6 +615,71 @@ async fn nodes_heal_gaps_when_their_subscriptions_are_killed_mid_stream() {
     );
 }
 
+/// What a failover that lost the newest writes leaves behind: the room's counter and history
+/// behind what the nodes delivered.
+#[tokio::test]
+async fn ids_never_repeat_when_redis_loses_its_newest_messages() {
+    let redis = Redis::start(None).await;
+    let a_node = Node::start("node-a", &redis, None).await;
+    let b_node = Node::start("node-b", &redis, None).await;
+    let mut a = a_node.client("name=ann").await;
+    let mut b = b_node.client("name=bob").await;
+    a.say_acked("m", 10).await;
+    assert_eq!(
+        ids(&messages(&mut b, 10).await),
+        (1..=10).collect::<Vec<_>>()
+    );
+    let mut conn = redis.conn().await;
+    let _: () = redis::cmd("HSET")
+        .arg("scalechat:meta:general")
+        .arg("seq")
+        .arg(6)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("ZREMRANGEBYSCORE")
+        .arg("scalechat:hist:general")
+        .arg(7)
+        .arg(10)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // The nodes reconnect and heal against the shortened history.
+    let _: u64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let r = &redis;
+    common::eventually_async("both nodes resubscribed", || async move {
+        r.numsub("general").await == 2
+    })
+    .await;
+    b.say("general", "after", "after-1").await;
+    let next = b.expect_chat().await;
+    assert_eq!(
+        (&next["message"], &next["id"]),
+        (&"after".into(), &11.into())
+    );
+    // ann's own messages may still be on their way before it, each once.
+    let mut seen = Vec::new();
+    loop {
+        let m = a.expect_chat().await;
+        seen.push(m["id"].as_u64().unwrap());
+        if m["message"] == "after" {
+            break;
+        }
+    }
+    assert_eq!(
+        seen.last(),
+        Some(&11),
+        "ids go on after what was delivered: {seen:?}"
+    );
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+}
+
 #[tokio::test]
 async fn each_message_is_stored_once_whatever_the_number_of_nodes() {
     let redis = Redis::start(None).await;

@@ -42,6 +42,16 @@ impl RedisTransport {
         };
         // In a new epoch everything is new; in the same one, what follows what was delivered.
         let same_epoch = snapshot.epoch == delivered_epoch;
+        if same_epoch && snapshot.last_id < delivered_id {
+            // Redis lost its newest writes (a failover before they were replicated): the room
+            // stays where this node is, so the next publishes get ids above it (see the
+            // publish script), and nothing delivered is delivered again.
+            warn!(
+                %room, redis_last_id = snapshot.last_id, delivered_id, epoch = %delivered_epoch,
+                "redis has lost messages this node delivered (a failover?); ids go on after them"
+            );
+            return Some((0, false));
+        }
         let floor = if same_epoch { delivered_id } else { 0 };
         let missed: Vec<&Arc<Message>> = snapshot
             .messages

@@ -10,18 +10,27 @@
 //! history before the next message is delivered, so members see every id once, in order; with
 //! `redis.local_history` a join to a room the node already receives makes no Redis call.
 //!
+//! In sentinel mode the master is whichever the sentinels name: the subscriber asks them at
+//! every (re)connect, moves the publisher there when it changed, and drops its connection
+//! when a sentinel announces `+switch-master`, so a failover is a reconnect like any other,
+//! healed from the history.
+//!
 //! The parts: `scripts` (the Lua scripts, the keys they use, the publisher connection),
 //! `subscriptions` (which rooms the node wants and has), `subscriber` (the subscriber task:
 //! reconnect, reconcile, receive), `recent` (per room, the last id delivered and the newest
-//! messages), `heal` (filling gaps from the history), `connect` (client, backoff, outages).
+//! messages), `heal` (filling gaps from the history), `connect` (client, sentinels, backoff,
+//! outages), `sentinel` (listening for failovers).
 //! This file holds the transport's state and the calls the rest of the server makes.
 
 mod connect;
 mod control;
+mod feed;
 mod heal;
 mod presence;
+mod publisher;
 mod recent;
 mod scripts;
+mod sentinel;
 mod subscriber;
 mod subscriptions;
 
@@ -30,17 +39,17 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use redis::Client;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 pub use subscriptions::Joining;
 
+use self::connect::Locator;
 use self::presence::PresenceSync;
 use self::recent::{LocalAnswer, RoomStream};
 use self::scripts::Scripts;
 use self::subscriptions::Interest;
-use crate::config::{RedisConfig, RoomsConfig};
+use crate::config::{RedisConfig, RedisMode, RoomsConfig};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::protocol::RoomName;
@@ -53,8 +62,6 @@ const SUBSCRIBE_WAIT: Duration = Duration::from_secs(2);
 /// Redis Pub/Sub transport.
 pub struct RedisTransport {
     hub: Arc<Hub>,
-    /// Opens the subscriber connection.
-    client: Client,
     /// The scripts, run on the publisher connection.
     scripts: Scripts,
     heartbeat: Duration,
@@ -81,6 +88,8 @@ pub struct RedisTransport {
     /// Wakes the subscriber loop to reconcile `wanted` with `subscribed`.
     reconcile_needed: Notify,
     ready: AtomicBool,
+    /// Bumped when a sentinel announces that the master moved.
+    master_switches: watch::Sender<u64>,
     metrics: Arc<Metrics>,
     /// This node's presence writer.
     presence: PresenceSync,
@@ -128,11 +137,14 @@ impl RedisTransport {
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, TransportError> {
         let unavailable = |e: redis::RedisError| TransportError::Unavailable(e.to_string());
-        let client = connect::client(config).map_err(unavailable)?;
-        let scripts = Scripts::new(client.clone(), config, policy).map_err(unavailable)?;
+        let locator = Locator::new(config).map_err(unavailable)?;
+        let fixed = match &locator {
+            Locator::Fixed(client) => Some(client.clone()),
+            Locator::Sentinel { .. } | Locator::Cluster(_) => None,
+        };
+        let scripts = Scripts::new(fixed, config, policy).map_err(unavailable)?;
         let transport = Arc::new(Self {
             hub,
-            client,
             scripts,
             heartbeat: Duration::from_secs(config.heartbeat_secs),
             policy: policy.clone(),
@@ -152,17 +164,26 @@ impl RedisTransport {
             subscribed_version: watch::Sender::new(0),
             reconcile_needed: Notify::new(),
             ready: AtomicBool::new(false),
+            master_switches: watch::Sender::new(0),
             metrics,
             presence_channel: format!("{}:presence", config.channel_prefix),
             control_channel: format!("{}:control", config.channel_prefix),
             internal_addr: internal_addr.to_owned(),
+            // A room's presence keys carry no hash tag (they would land on several shards)
+            // and are found by scanning a prefix: in cluster mode each node reports its own
+            // members, as with `redis.presence = false`.
             presence: PresenceSync::new(
-                config.presence,
+                config.presence && config.mode != RedisMode::Cluster,
                 node,
                 Duration::from_secs(policy.presence_timeout_secs),
             ),
         });
-        tokio::spawn(transport.clone().run_subscriber());
+        if config.mode == RedisMode::Sentinel {
+            let (_, sentinels) = connect::sentinel_clients(config).map_err(unavailable)?;
+            let master_name = config.master_name.clone();
+            tokio::spawn(transport.clone().watch_sentinels(sentinels, master_name));
+        }
+        tokio::spawn(transport.clone().run_subscriber(locator));
         tokio::spawn(transport.clone().run_presence());
         Ok(transport)
     }
@@ -175,9 +196,14 @@ impl RedisTransport {
     /// Checks the `ref`, assigns the id, publishes and stores, in one script call; the id once
     /// Redis accepted it.
     pub async fn publish(&self, envelope: &Envelope) -> Result<Published, TransportError> {
-        let published = self.scripts.publish(envelope).await?;
+        let room = envelope.draft.room.as_str();
+        let delivered = self
+            .lock_streams()
+            .get(room)
+            .map(|s| (s.epoch.clone(), s.last_id));
+        let published = self.scripts.publish(envelope, delivered).await?;
         if self.keep_recent > 0
-            && let Some(stream) = self.lock_streams().get_mut(envelope.draft.room.as_str())
+            && let Some(stream) = self.lock_streams().get_mut(room)
         {
             stream.acked_id = stream.acked_id.max(published.id);
         }

@@ -7,16 +7,21 @@
 //! room's last join, page or publish, `hist` as long after its newest message, so a room
 //! nobody uses leaves nothing behind; a room whose `meta` is gone starts a new epoch. A call
 //! waits at most `redis.publish_timeout_ms`; a connection that stopped answering is replaced.
+//! In cluster mode the room in every key and in the channel is a hash tag (`meta:{<room>}`,
+//! `room:{<room>}`, …), so a room's keys and channel live in one slot, its scripts run on the
+//! shard owning it, and messages go out with `SPUBLISH` (sharded Pub/Sub). Standalone and
+//! sentinel modes keep the names without braces.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
 use redis::{Client, RedisError, Script};
 use tracing::{debug, warn};
 
 use super::connect::{closed_error, manager_config, timeout_error};
-use crate::config::{RedisConfig, RoomsConfig};
+use super::publisher::{Conn, Publisher};
+use crate::config::{RedisConfig, RedisMode, RoomsConfig};
 use crate::protocol::RoomName;
 use crate::protocol::message::Message;
 use crate::protocol::native::Since;
@@ -44,8 +49,12 @@ end
 
 /// Dedupe check, id, publish and history, in one atomic step. Returns `{id, duplicate}`.
 /// KEYS: meta, hist, ref. ARGV: channel, JSON before the id, JSON after it, epoch candidate,
-/// history size, history TTL (ms), dedupe window (s, 0 = off). A `ref` is not looked up in
-/// a new epoch: the id it got belongs to the old one.
+/// history size, history TTL (ms), dedupe window (s, 0 = off), the epoch and last id the
+/// publishing node delivered (`""`, 0: none), and the publish command (`SPUBLISH` in cluster
+/// mode). A `ref` is not looked up in a new epoch: the id
+/// it got belongs to the old one. Ids never go back below what the node delivered: a Redis
+/// that lost its newest writes (a failover before they reached the replica) gives the next
+/// message a new id, and the lost ones are a gap the receivers report.
 const PUBLISH_LUA: &str = r#"
 local epoch, fresh = room_epoch(KEYS[1], KEYS[2], ARGV[4], ARGV[6])
 local window = tonumber(ARGV[7])
@@ -53,9 +62,12 @@ if window > 0 and not fresh then
   local prev = redis.call('GET', KEYS[3])
   if prev then return {tonumber(prev), 1} end
 end
+if ARGV[8] == epoch and tonumber(redis.call('HGET', KEYS[1], 'seq') or '0') < tonumber(ARGV[9]) then
+  redis.call('HSET', KEYS[1], 'seq', ARGV[9])
+end
 local id = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local msg = ARGV[2] .. id .. ',"epoch":"' .. epoch .. '"' .. ARGV[3]
-redis.call('PUBLISH', ARGV[1], msg)
+redis.call(ARGV[10], ARGV[1], msg)
 local size = tonumber(ARGV[5])
 if size > 0 then
   local ttl = tonumber(ARGV[6])
@@ -115,11 +127,10 @@ return {epoch, redis.call('ZREVRANGEBYSCORE', KEYS[2], max, '-inf', 'LIMIT', 0, 
 /// The scripts, the publisher connection they run on, and the names of a room's keys and
 /// channel.
 pub(super) struct Scripts {
-    client: Client,
-    /// Replaced after a timeout: a connection whose replies stopped (a half-open TCP
-    /// connection, a stalled network path) would otherwise hold every later command.
-    publisher: Mutex<ConnectionManager>,
-    manager_config: ConnectionManagerConfig,
+    /// The connection the scripts run on. A single server's is replaced after a timeout:
+    /// one whose replies stopped (a half-open TCP connection, a stalled network path) would
+    /// otherwise hold every later command.
+    publisher: Publisher,
     publish_timeout: Duration,
     publish_script: Script,
     snapshot_script: Script,
@@ -132,23 +143,24 @@ pub(super) struct Scripts {
     /// `rooms.history_ttl_secs` in milliseconds: how long a room's keys outlive its last use.
     history_ttl_ms: u64,
     dedupe_window_secs: u64,
+    /// `redis.wait_replicas`.
+    wait_replicas: u32,
+    /// Cluster mode: the room is a hash tag in key and channel names, published with
+    /// `SPUBLISH`.
+    sharded: bool,
 }
 
 impl Scripts {
-    /// The scripts over a publisher connection of `client`, made at its first use.
+    /// The scripts over a publisher connection of `client` (made at its first use), or of
+    /// the master [`Scripts::use_master`] is given later.
     pub(super) fn new(
-        client: Client,
+        client: Option<Client>,
         config: &RedisConfig,
         policy: &RoomsConfig,
     ) -> Result<Self, RedisError> {
         let publish_timeout = Duration::from_millis(config.publish_timeout_ms);
-        let manager_config = manager_config(publish_timeout);
-        let publisher =
-            ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone())?;
         Ok(Self {
-            client,
-            publisher: Mutex::new(publisher),
-            manager_config,
+            publisher: Publisher::new(client, manager_config(publish_timeout))?,
             publish_timeout,
             publish_script: Script::new(&format!("{EPOCH_LUA}{PUBLISH_LUA}")),
             snapshot_script: Script::new(&format!("{EPOCH_LUA}{SNAPSHOT_LUA}")),
@@ -158,19 +170,35 @@ impl Scripts {
             history_size: policy.history_size,
             history_ttl_ms: policy.history_ttl_secs.saturating_mul(1000),
             dedupe_window_secs: policy.dedupe_window_secs,
+            wait_replicas: config.wait_replicas,
+            sharded: config.mode == RedisMode::Cluster,
         })
     }
 
-    /// `{prefix}:room:`; a room's channel is this plus its name.
+    /// `{prefix}:room:`; a room's channel is this plus its name (in braces when sharded).
     pub(super) fn channel_prefix(&self) -> &str {
         &self.channel_prefix
+    }
+
+    /// The room a channel carries, if it is one of ours.
+    pub(super) fn room_of<'a>(&self, channel: &'a str) -> Option<&'a str> {
+        let room = channel.strip_prefix(self.channel_prefix.as_str())?;
+        if self.sharded {
+            room.strip_prefix('{')?.strip_suffix('}')
+        } else {
+            Some(room)
+        }
+    }
+
+    fn channel(&self, room: &str) -> String {
+        format!("{}{}", self.channel_prefix, self.tagged(room))
     }
 
     /// The channels of `rooms`.
     pub(super) fn channels(&self, rooms: &[RoomName]) -> Vec<String> {
         rooms
             .iter()
-            .map(|room| format!("{}{room}", self.channel_prefix))
+            .map(|room| self.channel(room.as_str()))
             .collect()
     }
 
@@ -179,13 +207,27 @@ impl Scripts {
         &self.key_prefix
     }
 
-    fn key(&self, kind: &str, room: &str) -> String {
-        format!("{}{kind}:{room}", self.key_prefix)
+    /// `room`, as a hash tag when sharded.
+    fn tagged<'a>(&self, room: &'a str) -> std::borrow::Cow<'a, str> {
+        if self.sharded {
+            format!("{{{room}}}").into()
+        } else {
+            room.into()
+        }
     }
 
-    /// Checks the `ref`, assigns the id, publishes and stores, in one script call; the id once
-    /// Redis accepted it.
-    pub(super) async fn publish(&self, envelope: &Envelope) -> Result<Published, TransportError> {
+    fn key(&self, kind: &str, room: &str) -> String {
+        format!("{}{kind}:{}", self.key_prefix, self.tagged(room))
+    }
+
+    /// Checks the `ref`, assigns the id (after `delivered`, this node's epoch and last id of
+    /// the room, if any), publishes and stores, in one script call; the id once Redis
+    /// accepted it, and with `redis.wait_replicas` once that many replicas have it.
+    pub(super) async fn publish(
+        &self,
+        envelope: &Envelope,
+        delivered: Option<(String, u64)>,
+    ) -> Result<Published, TransportError> {
         let room = envelope.draft.room.as_str();
         let dedupe = envelope.dedupe.as_deref().unwrap_or("");
         let window = if envelope.dedupe.is_some() {
@@ -195,15 +237,26 @@ impl Scripts {
         };
         let mut call = self.publish_script.key(self.key("meta", room));
         call.key(self.key("hist", room))
-            .key(self.key("ref", &format!("{room}:{dedupe}")))
-            .arg(format!("{}{room}", self.channel_prefix))
+            .key(format!("{}:{dedupe}", self.key("ref", room)))
+            .arg(self.channel(room))
             .arg(envelope.draft.template.head())
             .arg(envelope.draft.template.tail())
             .arg(new_epoch())
             .arg(self.history_size)
             .arg(self.history_ttl_ms)
             .arg(window);
+        let (epoch, last_id) = delivered.unwrap_or_default();
+        call.arg(epoch)
+            .arg(last_id)
+            .arg(if self.sharded { "SPUBLISH" } else { "PUBLISH" });
+        let started = tokio::time::Instant::now();
         let (id, duplicate) = self.invoke::<(u64, u8)>(call).await?;
+        if self.wait_replicas > 0 {
+            let left = self.publish_timeout.saturating_sub(started.elapsed());
+            self.publisher
+                .wait_for_replicas(self.wait_replicas, left, self.publish_timeout)
+                .await?;
+        }
         Ok(Published {
             id,
             duplicate: duplicate == 1,
@@ -264,29 +317,32 @@ impl Scripts {
         })
     }
 
-    fn publisher(&self) -> ConnectionManager {
-        self.publisher
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+    fn publisher(&self) -> Result<Conn, TransportError> {
+        self.publisher.get()
     }
 
-    /// Swaps the publisher for a new connection (made at its first use) after Redis stopped
-    /// answering on it; commands in flight on the old one fail with a timeout, as they would.
+    /// Whether the publisher has a connection to run the scripts on.
+    pub(super) fn has_master(&self) -> bool {
+        self.publisher.has_master()
+    }
+
+    /// Runs the scripts on `client`, the new master, from now on.
+    pub(super) fn use_master(&self, client: Client) {
+        self.publisher.use_master(client);
+    }
+
+    /// Runs the scripts on the cluster connection `conn` from now on.
+    pub(super) fn use_cluster(&self, conn: ClusterConnection) {
+        self.publisher.use_cluster(conn);
+    }
+
+    /// Whether the cluster connection stopped answering (see [`Publisher::replace`]).
+    pub(super) fn cluster_stalled(&self) -> bool {
+        self.publisher.cluster_stalled()
+    }
+
     fn replace_publisher(&self) {
-        match ConnectionManager::new_lazy_with_config(
-            self.client.clone(),
-            self.manager_config.clone(),
-        ) {
-            Ok(fresh) => {
-                *self
-                    .publisher
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner) = fresh;
-                debug!("redis publisher connection replaced after a timeout");
-            }
-            Err(e) => warn!(error = %e, "could not replace the redis publisher connection"),
-        }
+        self.publisher.replace();
     }
 
     /// Runs another part's script on the publisher connection, as [`Scripts::invoke`].
@@ -302,7 +358,7 @@ impl Scripts {
         &self,
         cmd: &redis::Cmd,
     ) -> Result<T, TransportError> {
-        let mut conn = self.publisher();
+        let mut conn = self.publisher()?;
         match tokio::time::timeout(self.publish_timeout, cmd.query_async::<T>(&mut conn)).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(TransportError::Unavailable(format!("redis: {e}"))),
@@ -318,7 +374,7 @@ impl Scripts {
         &self,
         call: redis::ScriptInvocation<'_>,
     ) -> Result<T, TransportError> {
-        let mut conn = self.publisher();
+        let mut conn = self.publisher()?;
         match tokio::time::timeout(self.publish_timeout, call.invoke_async::<T>(&mut conn)).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => {
@@ -350,11 +406,10 @@ impl Scripts {
     pub(super) async fn check_publisher(&self) -> Result<(), RedisError> {
         let mut last = None;
         for _ in 0..3 {
-            let mut conn = self.publisher();
-            let ping = redis::cmd("PING");
-            match tokio::time::timeout(self.publish_timeout, ping.query_async::<()>(&mut conn))
-                .await
-            {
+            let Ok(mut conn) = self.publisher() else {
+                return Err(closed_error());
+            };
+            match tokio::time::timeout(self.publish_timeout, conn.ping()).await {
                 Ok(Ok(())) => return Ok(()),
                 Ok(Err(e)) => {
                     if e.is_timeout() {

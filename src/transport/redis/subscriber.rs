@@ -4,21 +4,25 @@
 //! payload once into a WebSocket frame for the hub, so Redis never has to buffer for us. It
 //! reconciles the subscriptions when a join or leave asks and once a second, and sends a
 //! heartbeat `PING`; when the connection drops or stalls the node keeps its clients, says not
-//! ready, and reconnects with capped exponential backoff and jitter.
+//! ready, and reconnects with capped exponential backoff and jitter. In sentinel mode each
+//! connect asks the sentinels for the master first; a new one is logged and counted as a
+//! failover, and the publisher follows it.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use redis::RedisError;
-use redis::aio::{PubSubSink, PubSubStream};
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
+
+use super::connect::Locator;
+use super::feed::{Feed, Incoming, connect_cluster};
 
 use super::RedisTransport;
 use super::connect::{
-    Backoff, CONNECT_TIMEOUT, closed_error, heartbeat_error, log_outage, timeout_error,
+    Backoff, CONNECT_TIMEOUT, check_standalone, closed_error, cluster_stalled_error,
+    heartbeat_error, log_outage, master_switched_error, timeout_error,
 };
 use super::recent::{Arrival, RoomStream};
 use crate::protocol::RoomName;
@@ -27,24 +31,26 @@ use crate::protocol::message::Message;
 impl RedisTransport {
     /// Connects, subscribes, receives; on any loss reconnects with backoff. Runs for the
     /// life of the process.
-    pub(super) async fn run_subscriber(self: Arc<Self>) {
+    pub(super) async fn run_subscriber(self: Arc<Self>, mut locator: Locator) {
         let mut backoff = Backoff::default();
         let mut outage: Option<Instant> = None;
+        let mut switches = self.master_switches.subscribe();
         loop {
-            let connected = tokio::time::timeout(CONNECT_TIMEOUT, self.client.get_async_pubsub())
-                .await
-                .unwrap_or_else(|_| Err(timeout_error()));
-            let reason = match connected {
-                Ok(pubsub) => {
-                    let (mut sink, mut stream) = pubsub.split();
+            // A switch announced before this lookup is answered by it.
+            switches.mark_unchanged();
+            let reason = match self.open_feed(&mut locator).await {
+                Ok(mut feed) => {
                     let usable = match self.scripts.check_publisher().await {
-                        Ok(()) => match sink
-                            .subscribe(&[self.presence_channel(), self.control_channel()])
-                            .await
-                        {
-                            Ok(()) => self.reconcile(&mut sink).await,
-                            Err(e) => Err(e),
-                        },
+                        Ok(()) => {
+                            let global = vec![
+                                self.presence_channel().to_owned(),
+                                self.control_channel().to_owned(),
+                            ];
+                            match feed.subscribe_global(global).await {
+                                Ok(()) => self.reconcile(&mut feed).await,
+                                Err(e) => Err(e),
+                            }
+                        }
                         Err(e) => Err(e),
                     };
                     match usable {
@@ -65,7 +71,7 @@ impl RedisTransport {
                                 None => info!("redis backplane connected"),
                             }
                             backoff = Backoff::default();
-                            self.receive(&mut sink, &mut stream).await
+                            self.receive(&mut feed, &mut switches).await
                         }
                         Err(e) => e,
                     }
@@ -79,6 +85,8 @@ impl RedisTransport {
             if outage.is_none() {
                 outage = Some(Instant::now());
                 log_outage(&reason);
+            } else {
+                debug!(error = %reason, "redis backplane still down");
             }
             tokio::time::sleep(backoff.next()).await;
         }
@@ -89,37 +97,48 @@ impl RedisTransport {
     /// `PING` on the subscriber connection and gives it up when no answer comes within
     /// `redis.publish_timeout_ms`, so a stalled or half-open connection is noticed even when
     /// no message is due.
-    async fn receive(&self, sink: &mut PubSubSink, stream: &mut PubSubStream) -> RedisError {
+    async fn receive(
+        &self,
+        feed: &mut Feed,
+        switches: &mut tokio::sync::watch::Receiver<u64>,
+    ) -> RedisError {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut heartbeat = tokio::time::interval(self.heartbeat);
         heartbeat.reset();
         loop {
             tokio::select! {
-                msg = stream.next() => match msg {
-                    Some(msg) if msg.get_channel_name() == self.presence_channel() => {
+                incoming = feed.next() => match incoming {
+                    Incoming::Message(msg) if msg.get_channel_name() == self.presence_channel() => {
                         self.heard(msg.get_payload_bytes());
                     }
-                    Some(msg) if msg.get_channel_name() == self.control_channel() => {
+                    Incoming::Message(msg) if msg.get_channel_name() == self.control_channel() => {
                         self.heard_control(msg.get_payload_bytes());
                     }
-                    Some(msg) => {
+                    Incoming::Message(msg) => {
                         self.receive_one(msg.get_channel_name(), msg.get_payload_bytes()).await
                     }
-                    None => return closed_error(),
+                    Incoming::Subscribed(channel) => self.resubscribed(&channel).await,
+                    Incoming::Unsubscribed(channel) => self.unsubscribed(&channel),
+                    Incoming::Other => {}
+                    Incoming::Closed => return closed_error(),
                 },
+                _ = switches.changed() => return master_switched_error(),
                 _ = self.reconcile_needed.notified() => {
-                    if let Err(e) = self.reconcile(sink).await {
+                    if let Err(e) = self.reconcile(feed).await {
                         return e;
                     }
                 }
                 _ = tick.tick() => {
-                    if let Err(e) = self.reconcile(sink).await {
+                    if self.scripts.cluster_stalled() {
+                        return cluster_stalled_error();
+                    }
+                    if let Err(e) = self.reconcile(feed).await {
                         return e;
                     }
                 }
                 _ = heartbeat.tick() => {
-                    match tokio::time::timeout(self.publish_timeout, sink.ping::<redis::Value>()).await {
-                        Ok(Ok(_)) => {}
+                    match tokio::time::timeout(self.publish_timeout, feed.ping()).await {
+                        Ok(Ok(())) => {}
                         Ok(Err(e)) => return e,
                         Err(_) => return heartbeat_error(self.publish_timeout),
                     }
@@ -128,13 +147,87 @@ impl RedisTransport {
         }
     }
 
+    /// The subscriber's connection: to the cluster (which the publisher then uses too), or
+    /// a Pub/Sub connection to the master.
+    async fn open_feed(&self, locator: &mut Locator) -> Result<Feed, RedisError> {
+        if let Locator::Cluster(config) = locator {
+            let feed = connect_cluster(config).await?;
+            if let Feed::Cluster { conn, .. } = &feed {
+                self.scripts.use_cluster(conn.clone());
+            }
+            return Ok(feed);
+        }
+        let client = self.find_master(locator).await?;
+        let pubsub = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub())
+            .await
+            .unwrap_or_else(|_| Err(timeout_error()))?;
+        let (sink, stream) = pubsub.split();
+        Ok(Feed::Single { sink, stream })
+    }
+
+    /// The cluster subscribed `channel` again (a shard's connection came back, or its slot
+    /// moved): what was published meanwhile comes from the history.
+    async fn resubscribed(&self, channel: &str) {
+        let Some(room) = self.scripts.room_of(channel) else {
+            return;
+        };
+        let position = self
+            .lock_streams()
+            .get(room)
+            .map(|s| (s.epoch.clone(), s.last_id));
+        let Ok(room) = RoomName::new(room) else {
+            return;
+        };
+        if let Some((epoch, last_id)) = position
+            && let Some((delivered, complete)) = self.heal(&room, &epoch, last_id).await
+            && (delivered > 0 || !complete)
+        {
+            self.metrics.backplane_gaps_total.inc();
+            if complete {
+                self.metrics.backplane_gaps_healed_total.inc();
+            }
+        }
+    }
+
+    /// Redis ended `channel`'s sharded subscription (its slot moved to another shard): while
+    /// the room is wanted, the next reconcile subscribes again, on the shard owning it now.
+    fn unsubscribed(&self, channel: &str) {
+        let Some(room) = self.scripts.room_of(channel) else {
+            return;
+        };
+        if self.lock_wanted().contains_key(room) && self.lock_subscribed().remove(room) {
+            self.reconcile_needed.notify_one();
+        }
+    }
+
+    /// The master to connect to; in sentinel mode the publisher is moved to it when it is
+    /// another one than before, which is logged and counted as a failover.
+    async fn find_master(&self, locator: &mut Locator) -> Result<redis::Client, RedisError> {
+        let master = locator.master().await?;
+        if let Locator::Fixed(_) = locator {
+            check_standalone(&master.client).await?;
+        } else {
+            if let Some(old) = &master.replaced {
+                self.metrics.backplane_failovers_total.inc();
+                warn!(
+                    from = %old, to = %master.address,
+                    "redis master failed over; reconnecting and healing from the history"
+                );
+            }
+            if master.replaced.is_some() || !self.scripts.has_master() {
+                self.scripts.use_master(master.client.clone());
+            }
+        }
+        Ok(master.client)
+    }
+
     /// Delivers one message from the channel in id order: the first of a gap is preceded by
     /// the missing ones from the history, and one already delivered is dropped. The payload
     /// is the message's native JSON, decoded once here; it becomes the native frame's text
     /// (one copy, none per member). The room's stream takes the message before the hub
     /// delivers it (see [`RedisTransport::local_snapshot`]).
     async fn receive_one(&self, channel: &str, payload: &[u8]) {
-        let Some(room) = channel.strip_prefix(self.scripts.channel_prefix()) else {
+        let Some(room) = self.scripts.room_of(channel) else {
             return;
         };
         let message = match Message::decode(payload) {
@@ -198,7 +291,7 @@ impl RedisTransport {
 
     /// Subscribes to wanted rooms not yet subscribed; unsubscribes from rooms whose linger
     /// is over and that still have no local member.
-    async fn reconcile(&self, sink: &mut PubSubSink) -> Result<(), RedisError> {
+    async fn reconcile(&self, feed: &mut Feed) -> Result<(), RedisError> {
         let now = Instant::now();
         let (add, remove) = {
             let mut wanted = self.lock_wanted();
@@ -222,7 +315,7 @@ impl RedisTransport {
             (add, remove)
         };
         if !add.is_empty() {
-            sink.subscribe(self.scripts.channels(&add)).await?;
+            feed.subscribe(self.scripts.channels(&add)).await?;
             // A room subscribed for the first time starts at its current last id: what was
             // published before belongs to joiners' histories, and what follows is owed to the
             // members. After a reconnect the rooms keep their positions, so `heal_all` finds
@@ -250,7 +343,7 @@ impl RedisTransport {
             self.progressed();
         }
         if !remove.is_empty() {
-            sink.unsubscribe(self.scripts.channels(&remove)).await?;
+            feed.unsubscribe(self.scripts.channels(&remove)).await?;
             let mut subscribed = self.lock_subscribed();
             let mut streams = self.lock_streams();
             for room in &remove {
