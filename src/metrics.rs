@@ -248,6 +248,14 @@ pub struct Metrics {
     pub presence_errors_total: Counter,
     /// Nodes whose members this node removed from presence after they stopped renewing.
     pub presence_nodes_removed_total: Counter,
+    /// Events queued for webhook endpoints (once per endpoint that wants them).
+    pub webhook_events_queued_total: Counter,
+    /// Events a webhook endpoint accepted (answered 2xx).
+    pub webhook_events_sent_total: Counter,
+    /// Webhook requests that failed (error, timeout, non-2xx answer) and are retried.
+    pub webhook_requests_failed_total: Counter,
+    /// Webhook events dropped: queue full, or every attempt at their batch failed.
+    pub webhook_events_dropped_total: Counter,
     /// Transport publish latency.
     pub publish_seconds: Histogram,
     registry: Registry,
@@ -287,6 +295,10 @@ impl Metrics {
             presence_writes_total: Counter::default(),
             presence_errors_total: Counter::default(),
             presence_nodes_removed_total: Counter::default(),
+            webhook_events_queued_total: Counter::default(),
+            webhook_events_sent_total: Counter::default(),
+            webhook_requests_failed_total: Counter::default(),
+            webhook_events_dropped_total: Counter::default(),
             publish_seconds: Histogram::default(),
             registry: Registry::with_prefix("scalechat"),
         };
@@ -389,6 +401,26 @@ impl Metrics {
             "presence_nodes_removed",
             "Stopped nodes whose members this node removed from presence",
             metrics.presence_nodes_removed_total.0.clone(),
+        );
+        registry.register(
+            "webhook_events_queued",
+            "Events queued for webhook endpoints, once per endpoint",
+            metrics.webhook_events_queued_total.0.clone(),
+        );
+        registry.register(
+            "webhook_events_sent",
+            "Events webhook endpoints accepted with a 2xx answer",
+            metrics.webhook_events_sent_total.0.clone(),
+        );
+        registry.register(
+            "webhook_requests_failed",
+            "Webhook requests that failed (error, timeout, non-2xx) and are retried",
+            metrics.webhook_requests_failed_total.0.clone(),
+        );
+        registry.register(
+            "webhook_events_dropped",
+            "Webhook events dropped: queue full, or every attempt at their batch failed",
+            metrics.webhook_events_dropped_total.0.clone(),
         );
         registry.register(
             "publish_seconds",

@@ -46,6 +46,7 @@ use crate::metrics::Metrics;
 use crate::protocol::RoomName;
 use crate::protocol::native::Since;
 use crate::transport::{Envelope, Page, Published, Snapshot, TransportError};
+use crate::webhooks::{Event, EventKind, Webhooks};
 
 /// How long a join waits for its room's subscription before answering anyway.
 const SUBSCRIBE_WAIT: Duration = Duration::from_secs(2);
@@ -88,6 +89,9 @@ pub struct RedisTransport {
     presence_channel: String,
     /// `{prefix}:control`, where requests for every node go out.
     control_channel: String,
+    /// Where this node reports the messages it published and the presence changes its
+    /// scripts made.
+    webhooks: Arc<Webhooks>,
 }
 
 impl std::fmt::Debug for RedisTransport {
@@ -123,6 +127,7 @@ impl RedisTransport {
         node: &str,
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
+        webhooks: Arc<Webhooks>,
     ) -> Result<Arc<Self>, TransportError> {
         let unavailable = |e: redis::RedisError| TransportError::Unavailable(e.to_string());
         let client = connect::client(config).map_err(unavailable)?;
@@ -152,6 +157,7 @@ impl RedisTransport {
             metrics,
             presence_channel: format!("{}:presence", config.channel_prefix),
             control_channel: format!("{}:control", config.channel_prefix),
+            webhooks,
             presence: PresenceSync::new(
                 config.presence,
                 node,
@@ -169,9 +175,21 @@ impl RedisTransport {
     }
 
     /// Checks the `ref`, assigns the id, publishes and stores, in one script call; the id once
-    /// Redis accepted it.
+    /// Redis accepted it. This node, the one that got the id, reports the message to the
+    /// webhooks: every message is reported by exactly one node.
     pub async fn publish(&self, envelope: &Envelope) -> Result<Published, TransportError> {
-        let published = self.scripts.publish(envelope).await?;
+        let (published, epoch) = self.scripts.publish(envelope).await?;
+        if !published.duplicate && self.webhooks.wants(EventKind::Message) {
+            let draft = &envelope.draft;
+            self.webhooks.emit(Event::message(
+                draft.room.as_str(),
+                published.id,
+                &epoch,
+                &draft.user,
+                draft.ts,
+                &draft.text,
+            ));
+        }
         if self.keep_recent > 0
             && let Some(stream) = self.lock_streams().get_mut(envelope.draft.room.as_str())
         {

@@ -42,7 +42,7 @@ local function room_epoch(meta, hist, candidate, ttl)
 end
 ";
 
-/// Dedupe check, id, publish and history, in one atomic step. Returns `{id, duplicate}`.
+/// Dedupe check, id, publish and history, in one atomic step. Returns `{id, duplicate, epoch}`.
 /// KEYS: meta, hist, ref. ARGV: channel, JSON before the id, JSON after it, epoch candidate,
 /// history size, history TTL (ms), dedupe window (s, 0 = off). A `ref` is not looked up in
 /// a new epoch: the id it got belongs to the old one.
@@ -51,7 +51,7 @@ local epoch, fresh = room_epoch(KEYS[1], KEYS[2], ARGV[4], ARGV[6])
 local window = tonumber(ARGV[7])
 if window > 0 and not fresh then
   local prev = redis.call('GET', KEYS[3])
-  if prev then return {tonumber(prev), 1} end
+  if prev then return {tonumber(prev), 1, epoch} end
 end
 local id = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local msg = ARGV[2] .. id .. ',"epoch":"' .. epoch .. '"' .. ARGV[3]
@@ -73,7 +73,7 @@ if size > 0 then
   redis.call('PEXPIRE', KEYS[2], ttl)
 end
 if window > 0 then redis.call('SET', KEYS[3], id, 'EX', window) end
-return {id, 0}
+return {id, 0, epoch}
 "#;
 
 /// A joining client's history, atomically with the last id. Returns
@@ -183,9 +183,12 @@ impl Scripts {
         format!("{}{kind}:{room}", self.key_prefix)
     }
 
-    /// Checks the `ref`, assigns the id, publishes and stores, in one script call; the id once
-    /// Redis accepted it.
-    pub(super) async fn publish(&self, envelope: &Envelope) -> Result<Published, TransportError> {
+    /// Checks the `ref`, assigns the id, publishes and stores, in one script call; the id (and
+    /// the room's epoch) once Redis accepted it.
+    pub(super) async fn publish(
+        &self,
+        envelope: &Envelope,
+    ) -> Result<(Published, String), TransportError> {
         let room = envelope.draft.room.as_str();
         let dedupe = envelope.dedupe.as_deref().unwrap_or("");
         let window = if envelope.dedupe.is_some() {
@@ -203,11 +206,14 @@ impl Scripts {
             .arg(self.history_size)
             .arg(self.history_ttl_ms)
             .arg(window);
-        let (id, duplicate) = self.invoke::<(u64, u8)>(call).await?;
-        Ok(Published {
-            id,
-            duplicate: duplicate == 1,
-        })
+        let (id, duplicate, epoch) = self.invoke::<(u64, u8, String)>(call).await?;
+        Ok((
+            Published {
+                id,
+                duplicate: duplicate == 1,
+            },
+            epoch,
+        ))
     }
 
     /// The history a client joining `room` gets, read from Redis (see [`Snapshot`]), with up

@@ -125,9 +125,10 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::config::{RedisConfig, RoomsConfig};
+    use crate::config::{RedisConfig, RoomsConfig, WebhooksConfig};
     use crate::hub::Hub;
     use crate::metrics::Metrics;
+    use crate::webhooks::Webhooks;
 
     /// A transport of a Redis that is not there: subscriptions are never confirmed.
     fn unreachable() -> Arc<RedisTransport> {
@@ -142,7 +143,16 @@ mod tests {
         };
         let metrics = Arc::new(Metrics::default());
         let hub = Arc::new(Hub::with_metrics(metrics.clone()));
-        RedisTransport::spawn(&config, &RoomsConfig::default(), "test-node", hub, metrics).unwrap()
+        let webhooks = Webhooks::spawn(&WebhooksConfig::default(), "test-node", metrics.clone());
+        RedisTransport::spawn(
+            &config,
+            &RoomsConfig::default(),
+            "test-node",
+            hub,
+            metrics,
+            webhooks,
+        )
+        .unwrap()
     }
 
     #[tokio::test(start_paused = true)]
