@@ -514,7 +514,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(families.len(), 22, "{families:?}");
+        assert_eq!(families.len(), 26, "{families:?}");
         assert!(text.ends_with('\n'));
         assert!(!text.contains("# EOF"), "0.0.4 text has no EOF marker");
         for line in text.lines().filter(|l| l.starts_with("# HELP ")) {
