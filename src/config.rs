@@ -1132,6 +1132,18 @@ impl Config {
                 });
             }
         }
+        // An endpoint's secret is masked too.
+        let endpoints = "webhooks.endpoints";
+        if self.webhooks.endpoints != new.webhooks.endpoints
+            && !changes.iter().any(|c| c.key == endpoints)
+        {
+            changes.push(Change {
+                key: endpoints.into(),
+                from: "(a secret changed)".into(),
+                to: "(a secret changed)".into(),
+                reloadable: false,
+            });
+        }
         changes.sort_by(|a, b| a.key.cmp(&b.key));
         changes
     }

@@ -156,6 +156,18 @@ impl Webhooks {
     /// The webhooks of `config` (validated before), sent as `node`, with one sending task per
     /// endpoint; must run inside the runtime.
     pub fn spawn(config: &WebhooksConfig, node: &str, metrics: Arc<Metrics>) -> Arc<Self> {
+        let webhooks = Arc::new(Self::new(config, node, metrics));
+        if !webhooks.endpoints.is_empty() {
+            let client = Client::builder(TokioExecutor::new()).build_http();
+            for endpoint in &webhooks.endpoints {
+                tokio::spawn(webhooks.clone().run(endpoint.clone(), client.clone()));
+            }
+        }
+        webhooks
+    }
+
+    /// The webhooks of `config`, their tasks not started.
+    fn new(config: &WebhooksConfig, node: &str, metrics: Arc<Metrics>) -> Self {
         let endpoints = config
             .endpoints
             .iter()
@@ -176,19 +188,12 @@ impl Webhooks {
                 }))
             })
             .collect();
-        let webhooks = Arc::new(Self {
+        Self {
             endpoints,
             config: config.clone(),
             node: node.to_owned(),
             metrics,
-        });
-        if !webhooks.endpoints.is_empty() {
-            let client = Client::builder(TokioExecutor::new()).build_http();
-            for endpoint in &webhooks.endpoints {
-                tokio::spawn(webhooks.clone().run(endpoint.clone(), client.clone()));
-            }
         }
-        webhooks
     }
 
     /// Whether any endpoint wants events of `kind`: check before building one.
@@ -382,6 +387,70 @@ mod tests {
         let tag = ctx.sign();
         let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(signed, format!("v1={hex}"));
+    }
+
+    fn webhooks(queue_items: usize, events: &[&str]) -> Webhooks {
+        let config = WebhooksConfig {
+            endpoints: vec![crate::config::WebhookEndpoint {
+                url: "http://127.0.0.1:9/hooks".into(),
+                secret: "0123456789abcdef".into(),
+                events: events.iter().map(|e| e.to_string()).collect(),
+            }],
+            queue_items,
+            ..WebhooksConfig::default()
+        };
+        Webhooks::new(&config, "n1", Arc::new(Metrics::default()))
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_drops_its_oldest_events_and_counts_them() {
+        let webhooks = webhooks(2, &[]);
+        for id in 1..=3 {
+            webhooks.emit(Event::message("dev", id, "e", "ann", 1, "hi"));
+        }
+        assert_eq!(webhooks.metrics.webhook_events_queued_total.get(), 3);
+        assert_eq!(webhooks.metrics.webhook_events_dropped_total.get(), 1);
+        let batch = webhooks.take(&webhooks.endpoints[0]).await;
+        let body: serde_json::Value = serde_json::from_slice(&webhooks.body(&batch)).unwrap();
+        assert_eq!(body["node"], "n1");
+        let ids: Vec<u64> = body["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].as_u64().unwrap())
+            .collect();
+        assert_eq!(ids, [2, 3]);
+    }
+
+    #[test]
+    fn endpoints_get_only_the_types_they_asked_for() {
+        let webhooks = webhooks(10, &["message", "room_vacated"]);
+        assert!(webhooks.wants(EventKind::Message));
+        assert!(webhooks.wants(EventKind::RoomVacated));
+        assert!(!webhooks.wants(EventKind::MemberJoined));
+        webhooks.emit(Event::member(EventKind::MemberJoined, "dev", "ann", 1, 1));
+        assert_eq!(webhooks.metrics.webhook_events_queued_total.get(), 0);
+    }
+
+    #[test]
+    fn bad_endpoints_are_refused_naming_each_key() {
+        let text = r#"
+            [[webhooks.endpoints]]
+            url = "https://example.com/hooks"
+            secret = "short"
+            events = ["message", "typing"]
+        "#;
+        let err = crate::config::from_toml(text).unwrap_err().to_string();
+        for key in ["url", "secret", "events"] {
+            assert!(err.contains(&format!("webhooks.endpoints.{key}")), "{err}");
+        }
+        let unknown = "[[webhooks.endpoints]]\nurl = \"http://h/\"\nsecrets = \"x\"\n";
+        assert!(crate::config::from_toml(unknown).is_err());
+        let good =
+            "[[webhooks.endpoints]]\nurl = \"http://h:9/x\"\nsecret = \"0123456789abcdef\"\n";
+        let config = crate::config::from_toml(good).unwrap();
+        assert_eq!(config.webhooks.endpoints.len(), 1);
+        assert!(!format!("{config:?}").contains("0123456789abcdef"));
     }
 
     #[test]
