@@ -241,3 +241,65 @@ async fn every_event_arrives_signed_once_per_key_from_one_node() {
     joined.sort_unstable();
     assert_eq!(joined, ["alice", "bob"]);
 }
+
+#[tokio::test]
+async fn the_embedded_transport_reports_messages_rooms_and_members() {
+    let (hooks, seen) = receiver().await;
+    let mut config = common::config();
+    config.webhooks.endpoints = vec![scalechat::config::WebhookEndpoint {
+        url: format!("http://{hooks}/hooks"),
+        secret: SECRET.into(),
+        events: Vec::new(),
+    }];
+    config.webhooks.timeout_ms = 1000;
+    config.webhooks.retry_initial_ms = 50;
+    config.webhooks.retry_max_ms = 200;
+    config.webhooks.max_attempts = 50;
+    let server = common::start(config).await;
+    let mut ann = server.client("name=ann").await;
+    let mut bo = server.client("name=bo").await;
+    ann.say_acked("x", 3).await;
+    bo.say_acked("y", 2).await;
+    drop(ann);
+    drop(bo);
+    eventually("every event arrives", || {
+        let seen = seen.lock().unwrap();
+        of_type(&seen, "message").len() == 5
+            && of_type(&seen, "member_left").len() == 2
+            && of_type(&seen, "room_vacated").len() == 1
+    })
+    .await;
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.bad_signatures, 0);
+        assert!(seen.handled.values().all(|n| *n == 1));
+        let kinds: Vec<&str> = seen
+            .events
+            .iter()
+            .map(|e| e["type"].as_str().unwrap())
+            .collect();
+        // One node: its events arrive in the order they happened.
+        assert_eq!(
+            kinds,
+            [
+                "room_occupied",
+                "member_joined",
+                "member_joined",
+                "message",
+                "message",
+                "message",
+                "message",
+                "message",
+                "member_left",
+                "member_left",
+                "room_vacated"
+            ]
+        );
+        let texts: Vec<&str> = of_type(&seen, "message")
+            .iter()
+            .map(|m| m["text"].as_str().unwrap())
+            .collect();
+        assert_eq!(texts, ["x0", "x1", "x2", "y0", "y1"]);
+    }
+    server.stop().await;
+}
