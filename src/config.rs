@@ -52,6 +52,8 @@ pub struct Config {
     pub api: ApiConfig,
     /// Signed event batches for the application's backend.
     pub webhooks: WebhooksConfig,
+    /// The same events, appended to a Redis stream.
+    pub event_stream: EventStreamConfig,
     /// Redis connection settings (used by the `redis` transport).
     pub redis: RedisConfig,
     /// Logging.
@@ -387,6 +389,32 @@ pub struct WebhookEndpoint {
     /// The event types sent (`message`, `room_occupied`, `room_vacated`, `member_joined`,
     /// `member_left`); empty: all of them.
     pub events: Vec<String>,
+}
+
+/// `[event_stream]`: the webhooks' events, appended to a Redis stream for analytics and
+/// logging, with the queue, batch and retry settings of `[webhooks]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventStreamConfig {
+    /// `redis://[user:password@]host:port[/db]`; empty: no stream. Masked by `check-config`.
+    pub redis_url: Secret,
+    /// The stream's key.
+    pub stream: String,
+    /// Entries the stream keeps, about (`XADD … MAXLEN ~`).
+    pub max_len: u64,
+    /// The event types appended; empty: all.
+    pub events: Vec<String>,
+}
+
+impl Default for EventStreamConfig {
+    fn default() -> Self {
+        Self {
+            redis_url: Secret::default(),
+            stream: "scalechat:events".into(),
+            max_len: 1_000_000,
+            events: Vec::new(),
+        }
+    }
 }
 
 /// The event types a webhook endpoint may ask for.
@@ -834,6 +862,27 @@ impl Config {
                 "each must be one of message, room_occupied, room_vacated, member_joined, member_left",
             );
         }
+        let e = &self.event_stream;
+        let url = e.redis_url.expose();
+        check(
+            url.is_empty()
+                || ((url.starts_with("redis://") || url.starts_with("rediss://"))
+                    && redis::Client::open(url).is_ok()),
+            "event_stream.redis_url",
+            "must be empty or a URL such as redis://127.0.0.1:6379/0",
+        );
+        check(
+            !e.stream.is_empty() && e.max_len > 0,
+            "event_stream.stream",
+            "must not be empty, and event_stream.max_len must be at least 1",
+        );
+        check(
+            e.events
+                .iter()
+                .all(|k| WEBHOOK_EVENTS.contains(&k.as_str())),
+            "event_stream.events",
+            "each must be one of message, room_occupied, room_vacated, member_joined, member_left",
+        );
         check(
             w.queue_items > 0 && w.queue_bytes >= 64 * 1024,
             "webhooks.queue_items",
@@ -1131,6 +1180,16 @@ impl Config {
                     reloadable: false,
                 });
             }
+        }
+        if self.event_stream.redis_url != new.event_stream.redis_url
+            && !changes.iter().any(|c| c.key == "event_stream.redis_url")
+        {
+            changes.push(Change {
+                key: "event_stream.redis_url".into(),
+                from: format!("\"{}\"", self.event_stream.redis_url.masked()),
+                to: format!("\"{}\"", new.event_stream.redis_url.masked()),
+                reloadable: false,
+            });
         }
         // An endpoint's secret is masked too.
         let endpoints = "webhooks.endpoints";

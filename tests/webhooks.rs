@@ -303,3 +303,64 @@ async fn the_embedded_transport_reports_messages_rooms_and_members() {
     }
     server.stop().await;
 }
+
+#[tokio::test]
+async fn the_event_stream_on_redis_reads_back_every_event_once() {
+    let redis = Redis::start(None).await;
+    let url = format!("redis://127.0.0.1:{}/0", redis.port);
+    let env = [
+        ("SCALECHAT_EVENT_STREAM__REDIS_URL", url.as_str()),
+        ("SCALECHAT_EVENT_STREAM__STREAM", "test:events"),
+    ];
+    let a = Node::spawn_with("node-a", redis.port, None, &env);
+    let b = Node::spawn_with("node-b", redis.port, None, &env);
+    for node in [&a, &b] {
+        let addr = node.addr;
+        eventually_async(
+            "node ready",
+            || async move { readyz(addr).await == Some(200) },
+        )
+        .await;
+    }
+    let mut alice = a.client("name=alice").await;
+    let mut bob = b.client("name=bob").await;
+    alice.say_acked("a", 3).await;
+    bob.say_acked("b", 3).await;
+    drop(alice);
+    drop(bob);
+
+    type Entry = (String, HashMap<String, String>);
+    let read = || async {
+        let mut conn = redis.conn().await;
+        let mut xrange = redis::cmd("XRANGE");
+        xrange.arg("test:events").arg("-").arg("+");
+        xrange.query_async::<Vec<Entry>>(&mut conn).await.unwrap()
+    };
+    eventually_async("every event is in the stream", || async {
+        let entries = read().await;
+        let count = |kind: &str| entries.iter().filter(|(_, f)| f["type"] == kind).count();
+        count("message") == 6 && count("member_left") == 2 && count("room_vacated") == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let entries = read().await;
+    let mut keys: Vec<&str> = entries.iter().map(|(_, f)| f["key"].as_str()).collect();
+    keys.sort_unstable();
+    let total = keys.len();
+    keys.dedup();
+    assert_eq!(keys.len(), total, "a key appended twice");
+    let mut ids: Vec<u64> = entries
+        .iter()
+        .filter(|(_, f)| f["type"] == "message")
+        .map(|(_, f)| {
+            let event: Value = serde_json::from_str(&f["event"]).unwrap();
+            assert_eq!(event["key"].as_str(), Some(f["key"].as_str()));
+            event["id"].as_u64().unwrap()
+        })
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, [1, 2, 3, 4, 5, 6]);
+    let kinds = |kind: &str| entries.iter().filter(|(_, f)| f["type"] == kind).count();
+    assert_eq!(kinds("room_occupied"), 1);
+    assert_eq!(kinds("member_joined"), 2);
+}

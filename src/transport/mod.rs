@@ -136,7 +136,12 @@ impl Transport {
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, TransportError> {
-        let webhooks = Webhooks::spawn(&config.webhooks, node, metrics.clone());
+        let webhooks = Webhooks::spawn(
+            &config.webhooks,
+            &config.event_stream,
+            node,
+            metrics.clone(),
+        );
         Ok(match config.transport {
             TransportKind::Memory => {
                 // In-process delivery is always up.

@@ -125,7 +125,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::config::{RedisConfig, RoomsConfig, WebhooksConfig};
+    use crate::config::{EventStreamConfig, RedisConfig, RoomsConfig, WebhooksConfig};
     use crate::hub::Hub;
     use crate::metrics::Metrics;
     use crate::webhooks::Webhooks;
@@ -143,7 +143,12 @@ mod tests {
         };
         let metrics = Arc::new(Metrics::default());
         let hub = Arc::new(Hub::with_metrics(metrics.clone()));
-        let webhooks = Webhooks::spawn(&WebhooksConfig::default(), "test-node", metrics.clone());
+        let webhooks = Webhooks::spawn(
+            &WebhooksConfig::default(),
+            &EventStreamConfig::default(),
+            "test-node",
+            metrics.clone(),
+        );
         RedisTransport::spawn(
             &config,
             &RoomsConfig::default(),

@@ -2,13 +2,18 @@
 //! joined or left) `POST`ed in signed JSON batches to the endpoints of `[webhooks]`
 //! (docs/webhooks.md). The transport that decided an event emits it, once per cluster: the
 //! node whose publish got a message its id, the node whose presence script changed a room's
-//! members. Emitting only queues: each endpoint has its own queue, bounded in events and
-//! bytes (the oldest dropped past either), and its own task that sends batches, retrying a
-//! failed one (an error, a timeout, any answer but 2xx: redirects are not followed) with
-//! capped exponential backoff until `max_attempts`, then dropping it. Nothing here is ever
-//! awaited on the chat's delivery path.
+//! members. With `[event_stream]`, the same events are appended to a Redis stream, one more
+//! [`Sink`] beside the endpoints. Emitting only queues: each sink has its own queue, bounded
+//! in events and bytes (the oldest dropped past either), and its own task that sends
+//! batches, retrying a failed one (an error, a timeout, any answer but 2xx: redirects are
+//! not followed) with capped exponential backoff until `max_attempts`, then dropping it.
+//! Nothing here is ever awaited on the chat's delivery path.
+
+mod stream;
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -24,8 +29,9 @@ use serde_json::json;
 use tokio::sync::Notify;
 use tracing::{debug, warn};
 
-use crate::config::{WEBHOOK_EVENTS, WebhooksConfig};
+use crate::config::{EventStreamConfig, WEBHOOK_EVENTS, WebhooksConfig};
 use crate::metrics::Metrics;
+use stream::RedisStream;
 
 /// The most of an endpoint's answer read (and ignored), so its connection can be reused.
 const ANSWER_MAX: usize = 64 * 1024;
@@ -126,19 +132,70 @@ struct Queue {
     bytes: usize,
 }
 
-/// One endpoint: where, its key, what it wants, its queue.
-struct Endpoint {
-    url: hyper::Uri,
-    key: hmac::Key,
+/// Where batches of events go: a webhook endpoint, an event stream. A Kafka producer, say,
+/// would be one more.
+pub trait Sink: Send + Sync {
+    /// Where, for logs (no secrets).
+    fn describe(&self) -> String;
+
+    /// Sends one batch, sent by `node`, oldest event first; `Ok` once the far end has it.
+    fn send<'a>(
+        &'a self,
+        node: &'a str,
+        batch: &'a [Bytes],
+    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+}
+
+/// One sink, what it wants and its queue.
+struct Destination {
+    sink: Box<dyn Sink>,
     /// Per [`EventKind`], whether it is sent.
     wants: [bool; 5],
     queue: Mutex<Queue>,
     wake: Notify,
 }
 
-/// The webhooks of one node.
+impl Destination {
+    fn new(sink: Box<dyn Sink>, events: &[String]) -> Arc<Self> {
+        let mut wants = [events.is_empty(); 5];
+        for name in events {
+            if let Some(kind) = EventKind::parse(name) {
+                wants[kind as usize] = true;
+            }
+        }
+        Arc::new(Self {
+            sink,
+            wants,
+            queue: Mutex::default(),
+            wake: Notify::new(),
+        })
+    }
+}
+
+/// A webhook endpoint.
+struct HttpSink {
+    url: hyper::Uri,
+    key: hmac::Key,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Sink for HttpSink {
+    fn describe(&self) -> String {
+        self.url.to_string()
+    }
+
+    fn send<'a>(
+        &'a self,
+        node: &'a str,
+        batch: &'a [Bytes],
+    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
+        Box::pin(post(self, body(node, batch)))
+    }
+}
+
+/// The webhooks (and the event stream) of one node.
 pub struct Webhooks {
-    endpoints: Vec<Arc<Endpoint>>,
+    endpoints: Vec<Arc<Destination>>,
     config: WebhooksConfig,
     node: String,
     metrics: Arc<Metrics>,
@@ -153,39 +210,42 @@ impl std::fmt::Debug for Webhooks {
 }
 
 impl Webhooks {
-    /// The webhooks of `config` (validated before), sent as `node`, with one sending task per
-    /// endpoint; must run inside the runtime.
-    pub fn spawn(config: &WebhooksConfig, node: &str, metrics: Arc<Metrics>) -> Arc<Self> {
-        let webhooks = Arc::new(Self::new(config, node, metrics));
-        if !webhooks.endpoints.is_empty() {
-            let client = Client::builder(TokioExecutor::new()).build_http();
-            for endpoint in &webhooks.endpoints {
-                tokio::spawn(webhooks.clone().run(endpoint.clone(), client.clone()));
-            }
+    /// The webhooks of `config` and the event stream of `stream` (validated before), sent as
+    /// `node`, with one sending task per endpoint; must run inside the runtime.
+    pub fn spawn(
+        config: &WebhooksConfig,
+        stream: &EventStreamConfig,
+        node: &str,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        let mut webhooks = Self::new(config, node, metrics);
+        match RedisStream::new(stream) {
+            Ok(Some(sink)) => webhooks
+                .endpoints
+                .push(Destination::new(Box::new(sink), &stream.events)),
+            Ok(None) => {}
+            Err(e) => warn!(error = %e, "the event stream is off: bad event_stream.redis_url"),
+        }
+        let webhooks = Arc::new(webhooks);
+        for endpoint in &webhooks.endpoints {
+            tokio::spawn(webhooks.clone().run(endpoint.clone()));
         }
         webhooks
     }
 
     /// The webhooks of `config`, their tasks not started.
     fn new(config: &WebhooksConfig, node: &str, metrics: Arc<Metrics>) -> Self {
+        let client = Client::builder(TokioExecutor::new()).build_http();
         let endpoints = config
             .endpoints
             .iter()
             .filter_map(|e| {
-                let url = e.url.parse::<hyper::Uri>().ok()?;
-                let mut wants = [e.events.is_empty(); 5];
-                for name in &e.events {
-                    if let Some(kind) = EventKind::parse(name) {
-                        wants[kind as usize] = true;
-                    }
-                }
-                Some(Arc::new(Endpoint {
-                    url,
+                let sink = HttpSink {
+                    url: e.url.parse::<hyper::Uri>().ok()?,
                     key: hmac::Key::new(hmac::HMAC_SHA256, e.secret.expose().as_bytes()),
-                    wants,
-                    queue: Mutex::default(),
-                    wake: Notify::new(),
-                }))
+                    client: client.clone(),
+                };
+                Some(Destination::new(Box::new(sink), &e.events))
             })
             .collect();
         Self {
@@ -237,34 +297,31 @@ impl Webhooks {
 
     /// The sending task of `endpoint`: a batch at a time, each retried until sent or out of
     /// attempts. Runs for the node's life.
-    async fn run(
-        self: Arc<Self>,
-        endpoint: Arc<Endpoint>,
-        client: Client<HttpConnector, Full<Bytes>>,
-    ) {
+    async fn run(self: Arc<Self>, endpoint: Arc<Destination>) {
         let timeout = Duration::from_millis(self.config.timeout_ms);
         let first_wait = Duration::from_millis(self.config.retry_initial_ms);
         let longest_wait = Duration::from_millis(self.config.retry_max_ms);
+        let to = endpoint.sink.describe();
         loop {
             let batch = self.take(&endpoint).await;
-            let body = self.body(&batch);
             let mut wait = first_wait;
             let mut attempt = 1;
             loop {
-                match tokio::time::timeout(timeout, send(&client, &endpoint, body.clone())).await {
+                let sent = endpoint.sink.send(&self.node, &batch);
+                match tokio::time::timeout(timeout, sent).await {
                     Ok(Ok(())) => {
                         self.metrics
                             .webhook_events_sent_total
                             .add(batch.len() as u64);
                         break;
                     }
-                    Ok(Err(why)) => debug!(url = %endpoint.url, attempt, %why, "webhook failed"),
-                    Err(_) => debug!(url = %endpoint.url, attempt, "webhook timed out"),
+                    Ok(Err(why)) => debug!(%to, attempt, %why, "event batch not sent"),
+                    Err(_) => debug!(%to, attempt, "event batch timed out"),
                 }
                 self.metrics.webhook_requests_failed_total.inc();
                 if attempt >= self.config.max_attempts {
-                    warn!(url = %endpoint.url, events = batch.len(), attempts = attempt,
-                        "webhook endpoint failed every attempt: events dropped");
+                    warn!(%to, events = batch.len(), attempts = attempt,
+                        "every attempt at an event batch failed: events dropped");
                     self.metrics
                         .webhook_events_dropped_total
                         .add(batch.len() as u64);
@@ -278,7 +335,7 @@ impl Webhooks {
     }
 
     /// Waits for events, then takes up to `batch_max` of them.
-    async fn take(&self, endpoint: &Endpoint) -> Vec<Bytes> {
+    async fn take(&self, endpoint: &Destination) -> Vec<Bytes> {
         loop {
             {
                 let mut queue = endpoint
@@ -296,24 +353,24 @@ impl Webhooks {
             endpoint.wake.notified().await;
         }
     }
+}
 
-    /// `{"node":…,"events":[…]}` around the events' JSON, copied once.
-    fn body(&self, batch: &[Bytes]) -> Bytes {
-        let node = serde_json::to_string(&self.node).unwrap_or_else(|_| "\"\"".into());
-        let size = batch.iter().map(|e| e.len() + 1).sum::<usize>() + node.len() + 24;
-        let mut body = Vec::with_capacity(size);
-        body.extend_from_slice(b"{\"node\":");
-        body.extend_from_slice(node.as_bytes());
-        body.extend_from_slice(b",\"events\":[");
-        for (i, event) in batch.iter().enumerate() {
-            if i > 0 {
-                body.push(b',');
-            }
-            body.extend_from_slice(event);
+/// `{"node":…,"events":[…]}` around the events' JSON, copied once.
+fn body(node: &str, batch: &[Bytes]) -> Bytes {
+    let node = serde_json::to_string(node).unwrap_or_else(|_| "\"\"".into());
+    let size = batch.iter().map(|e| e.len() + 1).sum::<usize>() + node.len() + 24;
+    let mut body = Vec::with_capacity(size);
+    body.extend_from_slice(b"{\"node\":");
+    body.extend_from_slice(node.as_bytes());
+    body.extend_from_slice(b",\"events\":[");
+    for (i, event) in batch.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
         }
-        body.extend_from_slice(b"]}");
-        Bytes::from(body)
+        body.extend_from_slice(event);
     }
+    body.extend_from_slice(b"]}");
+    Bytes::from(body)
 }
 
 /// The signature header's value: `v1=` and the hex HMAC-SHA256 of `timestamp.body`.
@@ -332,11 +389,7 @@ pub fn signature(key: &hmac::Key, timestamp: u64, body: &[u8]) -> String {
 }
 
 /// One attempt: `Ok` on a 2xx answer.
-async fn send(
-    client: &Client<HttpConnector, Full<Bytes>>,
-    endpoint: &Endpoint,
-    body: Bytes,
-) -> Result<(), String> {
+async fn post(endpoint: &HttpSink, body: Bytes) -> Result<(), String> {
     let timestamp = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -354,7 +407,11 @@ async fn send(
     if let Ok(value) = HeaderValue::from_str(&signed) {
         headers.insert("x-scalechat-signature", value);
     }
-    let answer = client.request(request).await.map_err(|e| e.to_string())?;
+    let answer = endpoint
+        .client
+        .request(request)
+        .await
+        .map_err(|e| e.to_string())?;
     let status = answer.status();
     // Read (a bounded part of) the answer, so the connection can carry the next batch.
     let _ = Limited::new(answer.into_body(), ANSWER_MAX).collect().await;
@@ -411,7 +468,7 @@ mod tests {
         assert_eq!(webhooks.metrics.webhook_events_queued_total.get(), 3);
         assert_eq!(webhooks.metrics.webhook_events_dropped_total.get(), 1);
         let batch = webhooks.take(&webhooks.endpoints[0]).await;
-        let body: serde_json::Value = serde_json::from_slice(&webhooks.body(&batch)).unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body("n1", &batch)).unwrap();
         assert_eq!(body["node"], "n1");
         let ids: Vec<u64> = body["events"]
             .as_array()
@@ -422,8 +479,8 @@ mod tests {
         assert_eq!(ids, [2, 3]);
     }
 
-    #[test]
-    fn endpoints_get_only_the_types_they_asked_for() {
+    #[tokio::test]
+    async fn endpoints_get_only_the_types_they_asked_for() {
         let webhooks = webhooks(10, &["message", "room_vacated"]);
         assert!(webhooks.wants(EventKind::Message));
         assert!(webhooks.wants(EventKind::RoomVacated));
