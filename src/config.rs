@@ -52,6 +52,10 @@ pub struct Config {
     pub socketio: SocketIoConfig,
     /// The server API for the application's backend.
     pub api: ApiConfig,
+    /// Signed event batches for the application's backend.
+    pub webhooks: WebhooksConfig,
+    /// The same events, appended to a Redis stream.
+    pub event_stream: EventStreamConfig,
     /// Redis connection settings (used by the `redis` transport).
     pub redis: RedisConfig,
     /// Logging.
@@ -343,6 +347,91 @@ impl ApiConfig {
         Ok(keys)
     }
 }
+
+/// `[webhooks]`: endpoints that receive signed batches of chat events (docs/webhooks.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhooksConfig {
+    /// The endpoints; none: no events are gathered at all.
+    pub endpoints: Vec<WebhookEndpoint>,
+    /// Events each endpoint's queue holds, at most; past it the oldest is dropped.
+    pub queue_items: usize,
+    /// Bytes of events each endpoint's queue holds, at most; past it the oldest are dropped.
+    pub queue_bytes: usize,
+    /// Events sent in one request, at most.
+    pub batch_max: usize,
+    /// How long a request may take, answer included, before it counts as failed.
+    pub timeout_ms: u64,
+    /// Attempts at one batch (the first included) before it is dropped.
+    pub max_attempts: u32,
+    /// The wait before the first retry; doubled after each failure up to `retry_max_ms`.
+    pub retry_initial_ms: u64,
+    /// The longest wait between two attempts.
+    pub retry_max_ms: u64,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self {
+            endpoints: Vec::new(),
+            queue_items: 10_000,
+            queue_bytes: 8 << 20,
+            batch_max: 100,
+            timeout_ms: 5_000,
+            max_attempts: 8,
+            retry_initial_ms: 500,
+            retry_max_ms: 30_000,
+        }
+    }
+}
+
+/// One `[[webhooks.endpoints]]`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhookEndpoint {
+    /// Where batches are `POST`ed: an `http://` URL (put a TLS proxy in front for https).
+    pub url: String,
+    /// The HMAC-SHA256 key of the signature, at least 16 bytes. Masked by `check-config`.
+    pub secret: Secret,
+    /// The event types sent (`message`, `room_occupied`, `room_vacated`, `member_joined`,
+    /// `member_left`); empty: all of them.
+    pub events: Vec<String>,
+}
+
+/// `[event_stream]`: the webhooks' events, appended to a Redis stream for analytics and
+/// logging, with the queue, batch and retry settings of `[webhooks]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventStreamConfig {
+    /// `redis://[user:password@]host:port[/db]`; empty: no stream. Masked by `check-config`.
+    pub redis_url: Secret,
+    /// The stream's key.
+    pub stream: String,
+    /// Entries the stream keeps, about (`XADD … MAXLEN ~`).
+    pub max_len: u64,
+    /// The event types appended; empty: all.
+    pub events: Vec<String>,
+}
+
+impl Default for EventStreamConfig {
+    fn default() -> Self {
+        Self {
+            redis_url: Secret::default(),
+            stream: "scalechat:events".into(),
+            max_len: 1_000_000,
+            events: Vec::new(),
+        }
+    }
+}
+
+/// The event types a webhook endpoint may ask for.
+pub const WEBHOOK_EVENTS: [&str; 5] = [
+    "message",
+    "room_occupied",
+    "room_vacated",
+    "member_joined",
+    "member_left",
+];
 
 /// `[socketio]`: the Socket.IO endpoint at `/socket.io/`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -850,6 +939,77 @@ impl Config {
             "api.system_name",
             "must be a valid display name",
         );
+        let w = &self.webhooks;
+        for endpoint in &w.endpoints {
+            check(
+                endpoint.url.starts_with("http://")
+                    && endpoint
+                        .url
+                        .parse::<hyper::Uri>()
+                        .is_ok_and(|u| u.host().is_some()),
+                "webhooks.endpoints.url",
+                "must be an http:// URL such as http://127.0.0.1:9000/hooks",
+            );
+            check(
+                endpoint.secret.expose().len() >= 16,
+                "webhooks.endpoints.secret",
+                "must be at least 16 bytes",
+            );
+            check(
+                endpoint
+                    .events
+                    .iter()
+                    .all(|e| WEBHOOK_EVENTS.contains(&e.as_str())),
+                "webhooks.endpoints.events",
+                "each must be one of message, room_occupied, room_vacated, member_joined, member_left",
+            );
+        }
+        let e = &self.event_stream;
+        let url = e.redis_url.expose();
+        check(
+            url.is_empty()
+                || ((url.starts_with("redis://") || url.starts_with("rediss://"))
+                    && redis::Client::open(url).is_ok()),
+            "event_stream.redis_url",
+            "must be empty or a URL such as redis://127.0.0.1:6379/0",
+        );
+        check(
+            !e.stream.is_empty() && e.max_len > 0,
+            "event_stream.stream",
+            "must not be empty, and event_stream.max_len must be at least 1",
+        );
+        check(
+            e.events
+                .iter()
+                .all(|k| WEBHOOK_EVENTS.contains(&k.as_str())),
+            "event_stream.events",
+            "each must be one of message, room_occupied, room_vacated, member_joined, member_left",
+        );
+        check(
+            w.queue_items > 0 && w.queue_bytes >= 64 * 1024,
+            "webhooks.queue_items",
+            "must be at least 1, and webhooks.queue_bytes at least 65536",
+        );
+        check(
+            (1..=10_000).contains(&w.batch_max),
+            "webhooks.batch_max",
+            "must be 1 to 10000",
+        );
+        check(
+            (1..=600_000).contains(&w.timeout_ms),
+            "webhooks.timeout_ms",
+            "must be 1 to 600000",
+        );
+        check(
+            w.max_attempts > 0,
+            "webhooks.max_attempts",
+            "must be at least 1",
+        );
+        check(
+            w.retry_initial_ms > 0 && w.retry_initial_ms <= w.retry_max_ms,
+            "webhooks.retry_initial_ms",
+            "must be at least 1 and at most webhooks.retry_max_ms",
+        );
         check(
             self.socketio.connect_timeout_secs > 0,
             "socketio.connect_timeout_secs",
@@ -1154,6 +1314,28 @@ impl Config {
                     reloadable: false,
                 });
             }
+        }
+        if self.event_stream.redis_url != new.event_stream.redis_url
+            && !changes.iter().any(|c| c.key == "event_stream.redis_url")
+        {
+            changes.push(Change {
+                key: "event_stream.redis_url".into(),
+                from: format!("\"{}\"", self.event_stream.redis_url.masked()),
+                to: format!("\"{}\"", new.event_stream.redis_url.masked()),
+                reloadable: false,
+            });
+        }
+        // An endpoint's secret is masked too.
+        let endpoints = "webhooks.endpoints";
+        if self.webhooks.endpoints != new.webhooks.endpoints
+            && !changes.iter().any(|c| c.key == endpoints)
+        {
+            changes.push(Change {
+                key: endpoints.into(),
+                from: "(a secret changed)".into(),
+                to: "(a secret changed)".into(),
+                reloadable: false,
+            });
         }
         changes.sort_by(|a, b| a.key.cmp(&b.key));
         changes

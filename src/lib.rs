@@ -30,15 +30,17 @@
 //!   `native` and `socketio` decode client requests and encode server frames once; `frame`
 //!   decodes and checks the WebSocket frames clients send; `ws` builds whole WebSocket frames
 //!   as shared `Bytes`.
+//! - [`webhooks`]: the chat's events (messages, rooms occupied and vacated, members joined
+//!   and left), queued and sent in signed batches to the application's endpoints.
 //! - [`metrics`]: counters and gauges, exposed on `/metrics` in Prometheus text format.
 //! - [`web`]: the built-in chat page, embedded in the binary.
 //! - [`config`]: defaults < TOML file < environment, validated all at once.
 //!
 //! The modules form a ladder, each using only those below it (tests/layers.rs checks that
 //! their imports have no cycle): wire formats and settings ([`protocol`], [`web`], then
-//! [`config`], [`metrics`], [`outbox`]), then [`hub`], [`transport`], [`node`], the chat core
-//! [`chat`] beside [`conn`], the protocols and the API ([`native`], [`socketio`], [`api`]),
-//! and [`server`] on top, which `main.rs` runs.
+//! [`config`], [`metrics`], [`outbox`], [`webhooks`]), then [`hub`], [`transport`], [`node`],
+//! the chat core [`chat`] beside [`conn`], the protocols and the API ([`native`],
+//! [`socketio`], [`api`]), and [`server`] on top, which `main.rs` runs.
 
 pub mod api;
 pub mod chat;
@@ -54,3 +56,4 @@ pub mod server;
 pub mod socketio;
 pub mod transport;
 pub mod web;
+pub mod webhooks;

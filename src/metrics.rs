@@ -252,6 +252,14 @@ pub struct Metrics {
     pub presence_nodes_removed_total: Counter,
     /// Socket.IO requests relayed to the node that owns their session.
     pub socketio_relayed_total: Counter,
+    /// Events queued for webhook endpoints (once per endpoint that wants them).
+    pub webhook_events_queued_total: Counter,
+    /// Events a webhook endpoint accepted (answered 2xx).
+    pub webhook_events_sent_total: Counter,
+    /// Webhook requests that failed (error, timeout, non-2xx answer) and are retried.
+    pub webhook_requests_failed_total: Counter,
+    /// Webhook events dropped: queue full, or every attempt at their batch failed.
+    pub webhook_events_dropped_total: Counter,
     /// Transport publish latency.
     pub publish_seconds: Histogram,
     registry: Registry,
@@ -293,6 +301,10 @@ impl Metrics {
             presence_errors_total: Counter::default(),
             presence_nodes_removed_total: Counter::default(),
             socketio_relayed_total: Counter::default(),
+            webhook_events_queued_total: Counter::default(),
+            webhook_events_sent_total: Counter::default(),
+            webhook_requests_failed_total: Counter::default(),
+            webhook_events_dropped_total: Counter::default(),
             publish_seconds: Histogram::default(),
             registry: Registry::with_prefix("scalechat"),
         };
@@ -407,6 +419,26 @@ impl Metrics {
             metrics.socketio_relayed_total.0.clone(),
         );
         registry.register(
+            "webhook_events_queued",
+            "Events queued for webhook endpoints, once per endpoint",
+            metrics.webhook_events_queued_total.0.clone(),
+        );
+        registry.register(
+            "webhook_events_sent",
+            "Events webhook endpoints accepted with a 2xx answer",
+            metrics.webhook_events_sent_total.0.clone(),
+        );
+        registry.register(
+            "webhook_requests_failed",
+            "Webhook requests that failed (error, timeout, non-2xx) and are retried",
+            metrics.webhook_requests_failed_total.0.clone(),
+        );
+        registry.register(
+            "webhook_events_dropped",
+            "Webhook events dropped: queue full, or every attempt at their batch failed",
+            metrics.webhook_events_dropped_total.0.clone(),
+        );
+        registry.register(
             "publish_seconds",
             "Transport publish latency in seconds",
             metrics.publish_seconds.clone(),
@@ -498,7 +530,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(families.len(), 24, "{families:?}");
+        assert_eq!(families.len(), 28, "{families:?}");
         assert!(text.ends_with('\n'));
         assert!(!text.contains("# EOF"), "0.0.4 text has no EOF marker");
         for line in text.lines().filter(|l| l.starts_with("# HELP ")) {

@@ -19,6 +19,7 @@ use crate::protocol::presence;
 use crate::protocol::ws::close_code;
 use crate::transport::local_presence;
 use crate::transport::{Envelope, Page, Published, Snapshot, new_epoch};
+use crate::webhooks::{Event, EventKind, Webhooks};
 
 /// In-process transport.
 #[derive(Debug)]
@@ -32,6 +33,8 @@ pub struct MemoryTransport {
     lookups: AtomicU64,
     /// Socket.IO sessions' recovery state by `pid`, until it expires.
     recoveries: Mutex<HashMap<String, (Instant, String)>>,
+    /// Where messages and presence changes are reported, when anyone asked.
+    webhooks: Option<Arc<Webhooks>>,
 }
 
 /// Recovery states kept at most (sessions open and recently ended).
@@ -105,7 +108,19 @@ impl MemoryTransport {
             rooms: Mutex::new(HashMap::new()),
             lookups: AtomicU64::new(0),
             recoveries: Mutex::new(HashMap::new()),
+            webhooks: None,
         }
+    }
+
+    /// The same transport, reporting its events to `webhooks`.
+    pub fn with_webhooks(mut self, webhooks: Arc<Webhooks>) -> Self {
+        self.webhooks = Some(webhooks);
+        self
+    }
+
+    /// The webhooks, when they want events of `kind`.
+    fn webhooks(&self, kind: EventKind) -> Option<&Webhooks> {
+        self.webhooks.as_deref().filter(|w| w.wants(kind))
     }
 
     fn log(&self, room: &RoomName) -> Arc<Mutex<RoomLog>> {
@@ -174,6 +189,16 @@ impl MemoryTransport {
             });
         }
         self.hub.deliver(&message);
+        if let Some(webhooks) = self.webhooks(EventKind::Message) {
+            webhooks.emit(Event::message(
+                message.room().as_str(),
+                id,
+                message.epoch(),
+                message.user(),
+                message.ts(),
+                message.text(),
+            ));
+        }
         Published {
             id,
             duplicate: false,
@@ -224,7 +249,37 @@ impl MemoryTransport {
     /// Tells `room`'s members that `user`'s presence changed (this node is every node);
     /// returns the users in the room.
     pub fn presence_changed(&self, room: &RoomName, user: &Arc<str>) -> usize {
-        local_presence::changed(&self.hub, room, user)
+        let online = local_presence::changed(&self.hub, room, user);
+        let joined = self.hub.local_user(room.as_str(), user).is_some();
+        let (member, occupancy) = if joined {
+            (
+                EventKind::MemberJoined,
+                (online == 1).then_some(EventKind::RoomOccupied),
+            )
+        } else {
+            (
+                EventKind::MemberLeft,
+                (online == 0).then_some(EventKind::RoomVacated),
+            )
+        };
+        let now = crate::hub::now_ms();
+        // Occupied before its first member joined; vacated after its last one left.
+        if joined && let Some(kind) = occupancy.filter(|k| self.webhooks(*k).is_some()) {
+            self.emit(Event::room(kind, room.as_str(), now));
+        }
+        if self.webhooks(member).is_some() {
+            self.emit(Event::member(member, room.as_str(), user, now, online));
+        }
+        if !joined && let Some(kind) = occupancy.filter(|k| self.webhooks(*k).is_some()) {
+            self.emit(Event::room(kind, room.as_str(), now));
+        }
+        online
+    }
+
+    fn emit(&self, event: Event) {
+        if let Some(webhooks) = &self.webhooks {
+            webhooks.emit(event);
+        }
     }
 
     /// Keeps recovery state `state` under `pid` for `ttl`; with the table full (and nothing

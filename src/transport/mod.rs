@@ -27,6 +27,7 @@ use crate::protocol::RoomName;
 use crate::protocol::message::{Draft, Message};
 use crate::protocol::native::Since;
 use crate::protocol::presence;
+use crate::webhooks::Webhooks;
 
 /// A chat message on its way to a room, already encoded but for its id.
 #[derive(Debug, Clone)]
@@ -126,19 +127,28 @@ pub enum Transport {
 
 impl Transport {
     /// Builds the transport `config` names, delivering into `hub` and reporting the
-    /// backplane's state in `metrics`. The Redis transport starts its subscriber task, so
-    /// this must run inside the runtime.
+    /// backplane's state in `metrics`, emitting the webhooks' events. It starts the webhooks'
+    /// tasks (and the Redis transport its subscriber task), so this must run inside the
+    /// runtime.
     pub fn new(
         config: &Config,
         node: &str,
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, TransportError> {
+        let webhooks = Webhooks::spawn(
+            &config.webhooks,
+            &config.event_stream,
+            node,
+            metrics.clone(),
+        );
         Ok(match config.transport {
             TransportKind::Memory => {
                 // In-process delivery is always up.
                 metrics.backplane_up.set(1);
-                Transport::Memory(MemoryTransport::new(hub, config.rooms.clone()))
+                Transport::Memory(
+                    MemoryTransport::new(hub, config.rooms.clone()).with_webhooks(webhooks),
+                )
             }
             TransportKind::Redis => Transport::Redis(RedisTransport::spawn(
                 &config.redis,
@@ -147,6 +157,7 @@ impl Transport {
                 &config.server.internal_addr,
                 hub,
                 metrics,
+                webhooks,
             )?),
         })
     }

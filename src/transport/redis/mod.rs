@@ -55,6 +55,7 @@ use crate::metrics::Metrics;
 use crate::protocol::RoomName;
 use crate::protocol::native::Since;
 use crate::transport::{Envelope, Page, Published, Snapshot, TransportError};
+use crate::webhooks::{Event, EventKind, Webhooks};
 
 /// How long a join waits for its room's subscription before answering anyway.
 const SUBSCRIBE_WAIT: Duration = Duration::from_secs(2);
@@ -99,6 +100,9 @@ pub struct RedisTransport {
     control_channel: String,
     /// `server.internal_addr`: where other nodes reach this one.
     internal_addr: String,
+    /// Where this node reports the messages it published and the presence changes its
+    /// scripts made.
+    webhooks: Arc<Webhooks>,
 }
 
 impl std::fmt::Debug for RedisTransport {
@@ -135,6 +139,7 @@ impl RedisTransport {
         internal_addr: &str,
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
+        webhooks: Arc<Webhooks>,
     ) -> Result<Arc<Self>, TransportError> {
         let unavailable = |e: redis::RedisError| TransportError::Unavailable(e.to_string());
         let locator = Locator::new(config).map_err(unavailable)?;
@@ -172,6 +177,7 @@ impl RedisTransport {
             // A room's presence keys carry no hash tag (they would land on several shards)
             // and are found by scanning a prefix: in cluster mode each node reports its own
             // members, as with `redis.presence = false`.
+            webhooks,
             presence: PresenceSync::new(
                 config.presence && config.mode != RedisMode::Cluster,
                 node,
@@ -194,14 +200,26 @@ impl RedisTransport {
     }
 
     /// Checks the `ref`, assigns the id, publishes and stores, in one script call; the id once
-    /// Redis accepted it.
+    /// Redis accepted it. This node, the one that got the id, reports the message to the
+    /// webhooks: every message is reported by exactly one node.
     pub async fn publish(&self, envelope: &Envelope) -> Result<Published, TransportError> {
         let room = envelope.draft.room.as_str();
         let delivered = self
             .lock_streams()
             .get(room)
             .map(|s| (s.epoch.clone(), s.last_id));
-        let published = self.scripts.publish(envelope, delivered).await?;
+        let (published, epoch) = self.scripts.publish(envelope, delivered).await?;
+        if !published.duplicate && self.webhooks.wants(EventKind::Message) {
+            let draft = &envelope.draft;
+            self.webhooks.emit(Event::message(
+                draft.room.as_str(),
+                published.id,
+                &epoch,
+                &draft.user,
+                draft.ts,
+                &draft.text,
+            ));
+        }
         if self.keep_recent > 0
             && let Some(stream) = self.lock_streams().get_mut(room)
         {

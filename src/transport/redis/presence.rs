@@ -28,12 +28,14 @@ use crate::hub::{Change as HubChange, now_ms};
 use crate::protocol::RoomName;
 use crate::protocol::presence::{Change, MAX_CURSOR_LEN, Member, Page};
 use crate::transport::{RoomList, TransportError, local_presence};
+use crate::webhooks::{Event, EventKind};
 
 /// Sets this node's connections of users in a room; publishes the changes of who is in it.
 /// KEYS: pres, pres-since, pres-node. ARGV: channel, room, then (user, count, since) triples.
-/// Returns the users in the room.
+/// Returns the users in the room and the changes it published.
 const SYNC_LUA: &str = r"
 local online = 0
+local changes = {}
 for i = 3, #ARGV, 3 do
   local user, count, since = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   local old = tonumber(redis.call('HGET', KEYS[3], user) or '0')
@@ -46,21 +48,26 @@ for i = 3, #ARGV, 3 do
       if total - delta > 0 then
         redis.call('HDEL', KEYS[2], user)
         online = redis.call('HLEN', KEYS[1])
-        redis.call('PUBLISH', ARGV[1], cjson.encode({room = ARGV[2], user = user, joined = false, online = online}))
+        local change = cjson.encode({room = ARGV[2], user = user, joined = false, online = online})
+        redis.call('PUBLISH', ARGV[1], change)
+        table.insert(changes, change)
       end
     elseif total == delta then
       redis.call('HSET', KEYS[2], user, since)
       online = redis.call('HLEN', KEYS[1])
-      redis.call('PUBLISH', ARGV[1], cjson.encode({room = ARGV[2], user = user, joined = true, since = since, online = online}))
+      local change = cjson.encode({room = ARGV[2], user = user, joined = true, since = since, online = online})
+      redis.call('PUBLISH', ARGV[1], change)
+      table.insert(changes, change)
     end
   end
 end
-return redis.call('HLEN', KEYS[1])
+return {redis.call('HLEN', KEYS[1]), changes}
 ";
 
 /// Removes a stopped node's share of a room. KEYS: pres, pres-since, pres-node (of that
-/// node). ARGV: channel, room. Returns how many users it had there.
+/// node). ARGV: channel, room. Returns the changes it published.
 const REAP_LUA: &str = r"
+local changes = {}
 local entries = redis.call('HGETALL', KEYS[3])
 for i = 1, #entries, 2 do
   local user, count = entries[i], tonumber(entries[i + 1])
@@ -70,12 +77,14 @@ for i = 1, #entries, 2 do
     if total + count > 0 then
       redis.call('HDEL', KEYS[2], user)
       local online = redis.call('HLEN', KEYS[1])
-      redis.call('PUBLISH', ARGV[1], cjson.encode({room = ARGV[2], user = user, joined = false, online = online}))
+      local change = cjson.encode({room = ARGV[2], user = user, joined = false, online = online})
+      redis.call('PUBLISH', ARGV[1], change)
+      table.insert(changes, change)
     end
   end
 end
 redis.call('DEL', KEYS[3])
-return #entries / 2
+return changes
 ";
 
 /// Most (user, count) triples one script call carries.
@@ -372,8 +381,10 @@ impl RedisTransport {
                     .arg(local.map_or(0, |l| l.connections))
                     .arg(local.map_or(now, |l| l.since));
             }
-            online = self.scripts.run(call).await?;
+            let changes: Vec<Vec<u8>>;
+            (online, changes) = self.scripts.run(call).await?;
             self.metrics.presence_writes_total.inc();
+            self.report(&changes);
         }
         let rooms_key = self.presence_key("presence-rooms", &self.presence.node);
         let mut listed = redis::cmd(if self.hub.user_count(name) > 0 {
@@ -457,11 +468,44 @@ impl RedisTransport {
                 .key(self.presence_key("pres-node", &format!("{room}:{node}")))
                 .arg(self.presence_channel())
                 .arg(room);
-            self.scripts.run::<u64>(call).await?;
+            let changes: Vec<Vec<u8>> = self.scripts.run(call).await?;
+            self.report(&changes);
         }
         let mut forget = redis::cmd("DEL");
         forget.arg(&rooms_key);
         self.scripts.query::<()>(&forget).await
+    }
+
+    /// Reports the changes this node's script made to the webhooks: each change is made (and
+    /// so reported) by exactly one script run. A room whose users went from none to one was
+    /// occupied, from one to none vacated.
+    fn report(&self, changes: &[Vec<u8>]) {
+        let webhooks = &self.webhooks;
+        let now = now_ms();
+        for change in changes.iter().filter_map(|c| Change::decode(c).ok()) {
+            let room = change.room.as_str();
+            if change.joined {
+                if change.online == 1 && webhooks.wants(EventKind::RoomOccupied) {
+                    webhooks.emit(Event::room(EventKind::RoomOccupied, room, now));
+                }
+                if webhooks.wants(EventKind::MemberJoined) {
+                    let user = &change.user;
+                    let event =
+                        Event::member(EventKind::MemberJoined, room, user, now, change.online);
+                    webhooks.emit(event);
+                }
+            } else {
+                if webhooks.wants(EventKind::MemberLeft) {
+                    let user = &change.user;
+                    let event =
+                        Event::member(EventKind::MemberLeft, room, user, now, change.online);
+                    webhooks.emit(event);
+                }
+                if change.online == 0 && webhooks.wants(EventKind::RoomVacated) {
+                    webhooks.emit(Event::room(EventKind::RoomVacated, room, now));
+                }
+            }
+        }
     }
 
     /// A change on the presence channel (which the subscriber connection listens to): the

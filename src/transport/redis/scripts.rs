@@ -47,7 +47,7 @@ local function room_epoch(meta, hist, candidate, ttl)
 end
 ";
 
-/// Dedupe check, id, publish and history, in one atomic step. Returns `{id, duplicate}`.
+/// Dedupe check, id, publish and history, in one atomic step. Returns `{id, duplicate, epoch}`.
 /// KEYS: meta, hist, ref. ARGV: channel, JSON before the id, JSON after it, epoch candidate,
 /// history size, history TTL (ms), dedupe window (s, 0 = off), the epoch and last id the
 /// publishing node delivered (`""`, 0: none), and the publish command (`SPUBLISH` in cluster
@@ -60,7 +60,7 @@ local epoch, fresh = room_epoch(KEYS[1], KEYS[2], ARGV[4], ARGV[6])
 local window = tonumber(ARGV[7])
 if window > 0 and not fresh then
   local prev = redis.call('GET', KEYS[3])
-  if prev then return {tonumber(prev), 1} end
+  if prev then return {tonumber(prev), 1, epoch} end
 end
 if ARGV[8] == epoch and tonumber(redis.call('HGET', KEYS[1], 'seq') or '0') < tonumber(ARGV[9]) then
   redis.call('HSET', KEYS[1], 'seq', ARGV[9])
@@ -85,7 +85,7 @@ if size > 0 then
   redis.call('PEXPIRE', KEYS[2], ttl)
 end
 if window > 0 then redis.call('SET', KEYS[3], id, 'EX', window) end
-return {id, 0}
+return {id, 0, epoch}
 "#;
 
 /// A joining client's history, atomically with the last id. Returns
@@ -221,13 +221,14 @@ impl Scripts {
     }
 
     /// Checks the `ref`, assigns the id (after `delivered`, this node's epoch and last id of
-    /// the room, if any), publishes and stores, in one script call; the id once Redis
-    /// accepted it, and with `redis.wait_replicas` once that many replicas have it.
+    /// the room, if any), publishes and stores, in one script call; the id and the room's
+    /// epoch once Redis accepted it, and with `redis.wait_replicas` once that many replicas
+    /// have it.
     pub(super) async fn publish(
         &self,
         envelope: &Envelope,
         delivered: Option<(String, u64)>,
-    ) -> Result<Published, TransportError> {
+    ) -> Result<(Published, String), TransportError> {
         let room = envelope.draft.room.as_str();
         let dedupe = envelope.dedupe.as_deref().unwrap_or("");
         let window = if envelope.dedupe.is_some() {
@@ -250,17 +251,20 @@ impl Scripts {
             .arg(last_id)
             .arg(if self.sharded { "SPUBLISH" } else { "PUBLISH" });
         let started = tokio::time::Instant::now();
-        let (id, duplicate) = self.invoke::<(u64, u8)>(call).await?;
+        let (id, duplicate, epoch) = self.invoke::<(u64, u8, String)>(call).await?;
         if self.wait_replicas > 0 {
             let left = self.publish_timeout.saturating_sub(started.elapsed());
             self.publisher
                 .wait_for_replicas(self.wait_replicas, left, self.publish_timeout)
                 .await?;
         }
-        Ok(Published {
-            id,
-            duplicate: duplicate == 1,
-        })
+        Ok((
+            Published {
+                id,
+                duplicate: duplicate == 1,
+            },
+            epoch,
+        ))
     }
 
     /// The history a client joining `room` gets, read from Redis (see [`Snapshot`]), with up

@@ -125,9 +125,10 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::config::{RedisConfig, RoomsConfig};
+    use crate::config::{EventStreamConfig, RedisConfig, RoomsConfig, WebhooksConfig};
     use crate::hub::Hub;
     use crate::metrics::Metrics;
+    use crate::webhooks::Webhooks;
 
     /// A transport of a Redis that is not there: subscriptions are never confirmed.
     fn unreachable() -> Arc<RedisTransport> {
@@ -142,6 +143,12 @@ mod tests {
         };
         let metrics = Arc::new(Metrics::default());
         let hub = Arc::new(Hub::with_metrics(metrics.clone()));
+        let webhooks = Webhooks::spawn(
+            &WebhooksConfig::default(),
+            &EventStreamConfig::default(),
+            "test-node",
+            metrics.clone(),
+        );
         RedisTransport::spawn(
             &config,
             &RoomsConfig::default(),
@@ -149,6 +156,7 @@ mod tests {
             "127.0.0.1:1",
             hub,
             metrics,
+            webhooks,
         )
         .unwrap()
     }
