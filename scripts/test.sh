@@ -9,6 +9,9 @@ need_apt=()
 command -v cc >/dev/null || need_apt+=(build-essential)
 command -v curl >/dev/null || need_apt+=(curl)
 command -v redis-server >/dev/null || need_apt+=(redis-server) # the multi-node tests start their own
+# the archive tests start their own PostgreSQL cluster with Debian's initdb and pg_ctl
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || command -v initdb >/dev/null ||
+    need_apt+=(postgresql)
 command -v npm >/dev/null || need_apt+=(nodejs npm)             # the browser tests' driver
 [[ -x /usr/bin/chromium ]] || need_apt+=(chromium)               # the browser they drive
 if ((${#need_apt[@]})); then

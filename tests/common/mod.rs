@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test binary uses its own part of this module
 
 pub mod backplane;
+pub mod postgres;
 pub mod proxy;
 
 use std::net::SocketAddr;
