@@ -61,7 +61,7 @@ echo "== dpkg -x: run the packaged binary"
 dpkg -x "$deb" "$scratch/root"
 "$scratch/root/usr/bin/scalechat" --version
 # Only the packaged file: none of this shell's configuration variables.
-unset_env=(-u PORT -u REDIS_HOST -u REDIS_PORT -u REDIS_PASSWORD)
+unset_env=(-u PORT -u REDIS_HOST -u REDIS_PORT -u REDIS_PASSWORD -u DATABASE_URL)
 for name in $(compgen -e | grep '^SCALECHAT_' || true); do unset_env+=(-u "$name"); done
 env "${unset_env[@]}" "$scratch/root/usr/bin/scalechat" --config "$scratch/root/etc/scalechat/scalechat.toml" \
     check-config >"$scratch/effective.toml"

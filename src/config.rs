@@ -32,6 +32,7 @@ pub const PLAIN_ENV: &[(&str, &str)] = &[
     ("REDIS_PASSWORD", "redis.password"),
     ("REDIS_SENTINELS", "redis.sentinels"),
     ("REDIS_MASTER_NAME", "redis.master_name"),
+    ("DATABASE_URL", "archive.url"),
 ];
 
 /// The whole configuration of one scalechat node.
@@ -58,6 +59,8 @@ pub struct Config {
     pub event_stream: EventStreamConfig,
     /// Redis connection settings (used by the `redis` transport).
     pub redis: RedisConfig,
+    /// The PostgreSQL archive (off while its URL is empty).
+    pub archive: ArchiveConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -581,6 +584,170 @@ impl Default for RedisConfig {
             presence: true,
         }
     }
+}
+
+/// `[archive]`: the PostgreSQL archive, every accepted message kept once. Off while `url` is
+/// empty (`DATABASE_URL` sets it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ArchiveConfig {
+    /// libpq URL of the database (`DATABASE_URL`); empty turns the archive off. Its password
+    /// is masked in logs and `check-config`.
+    pub url: DatabaseUrl,
+    /// Connections to PostgreSQL the node keeps at most.
+    pub pool_size: usize,
+    /// Messages waiting to be written at most; past it a message is not queued (counted).
+    pub queue_max_messages: usize,
+    /// Bytes of messages (room, user, text, epoch) waiting to be written at most.
+    pub queue_max_bytes: usize,
+    /// Messages written by one `INSERT` at most.
+    pub batch_max_messages: usize,
+    /// Days a message is kept; 0 keeps every message forever.
+    pub retention_days: u64,
+    /// Apply the schema's migrations at start (under an advisory lock); `false` leaves them to
+    /// `scalechat migrate`.
+    pub migrate_on_start: bool,
+    /// Seconds to wait for a connection to PostgreSQL, and for one statement.
+    pub timeout_secs: u64,
+}
+
+impl Default for ArchiveConfig {
+    fn default() -> Self {
+        Self {
+            url: DatabaseUrl::default(),
+            pool_size: 4,
+            queue_max_messages: 100_000,
+            queue_max_bytes: 64 << 20,
+            batch_max_messages: 1000,
+            retention_days: 0,
+            migrate_on_start: true,
+            timeout_secs: 10,
+        }
+    }
+}
+
+impl ArchiveConfig {
+    /// Whether the archive is on.
+    pub fn enabled(&self) -> bool {
+        !self.url.expose().is_empty()
+    }
+}
+
+/// A PostgreSQL URL (`postgres://user:password@host:port/database?options`): shown with its
+/// password masked in `Debug`, logs and `check-config`.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    /// The URL itself, password included, for the one place that connects.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with its password (in the user part or a `password` parameter) masked.
+    pub fn masked(&self) -> String {
+        mask_url(&self.0)
+    }
+
+    /// The connection settings the URL gives, or why it is not a usable PostgreSQL URL (the
+    /// reason never quotes the URL).
+    pub fn parse(&self) -> Result<tokio_postgres::Config, String> {
+        let url = self.0.as_str();
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err("must be a URL starting with postgres:// or postgresql://".into());
+        }
+        let config: tokio_postgres::Config = url.parse().map_err(|e| format!("{e}"))?;
+        if config.get_hosts().is_empty() {
+            return Err("must name a host, as in postgres://user@db.example.com/chat".into());
+        }
+        if config
+            .get_hosts()
+            .iter()
+            .any(|h| !matches!(h, tokio_postgres::config::Host::Tcp(_)))
+        {
+            return Err("must name hosts reached over TCP, not Unix socket directories".into());
+        }
+        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+            return Err(
+                "sslmode=require is not supported: scalechat connects without TLS \
+                 (use sslmode=disable or prefer, on a private network or through a TLS tunnel)"
+                    .into(),
+            );
+        }
+        Ok(config)
+    }
+}
+
+impl From<&str> for DatabaseUrl {
+    fn from(s: &str) -> Self {
+        Self(s.to_owned())
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.masked())
+    }
+}
+
+impl Serialize for DatabaseUrl {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.masked())
+    }
+}
+
+impl<'de> Deserialize<'de> for DatabaseUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Self)
+    }
+}
+
+/// `url` with the password of its user part and of a `password` parameter replaced by
+/// `********`. What is not a URL is masked whole: a password in it could not be told apart.
+fn mask_url(url: &str) -> String {
+    const MASK: &str = "********";
+    if url.is_empty() {
+        return String::new();
+    }
+    let Some(scheme_end) = url.find("://").map(|at| at + 3) else {
+        return MASK.into();
+    };
+    let (scheme, rest) = url.split_at(scheme_end);
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let mut out = String::from(scheme);
+    match authority.rfind('@') {
+        Some(at) => {
+            let userinfo = &authority[..at];
+            match userinfo.find(':') {
+                Some(colon) => {
+                    out.push_str(&userinfo[..=colon]);
+                    out.push_str(MASK);
+                }
+                None => out.push_str(userinfo),
+            }
+            out.push_str(&authority[at..]);
+        }
+        None => out.push_str(authority),
+    }
+    match tail.split_once('?') {
+        Some((path, query)) => {
+            out.push_str(path);
+            out.push('?');
+            let params: Vec<String> = query
+                .split('&')
+                .map(|param| match param.split_once('=') {
+                    Some((key, _)) if key.eq_ignore_ascii_case("password") => {
+                        format!("{key}={MASK}")
+                    }
+                    _ => param.to_owned(),
+                })
+                .collect();
+            out.push_str(&params.join("&"));
+        }
+        None => out.push_str(tail),
+    }
+    out
 }
 
 /// `[log]`: log level and format.
@@ -1116,6 +1283,44 @@ impl Config {
             "redis.tls_ca_file",
             "must be empty or a readable PEM file",
         );
+        let a = &self.archive;
+        if a.enabled()
+            && let Err(why) = a.url.parse()
+        {
+            check(false, "archive.url", &why);
+        }
+        check(
+            (1..=64).contains(&a.pool_size),
+            "archive.pool_size",
+            "must be from 1 to 64",
+        );
+        check(
+            a.queue_max_messages >= 1,
+            "archive.queue_max_messages",
+            "must be at least 1",
+        );
+        check(
+            a.queue_max_bytes >= 64 * 1024
+                && a.queue_max_bytes / 8 >= self.limits.max_message_chars
+                && a.queue_max_bytes <= 1 << 32,
+            "archive.queue_max_bytes",
+            "must be from 65536 (and 8 x limits.max_message_chars) to 4294967296",
+        );
+        check(
+            (1..=10_000).contains(&a.batch_max_messages),
+            "archive.batch_max_messages",
+            "must be from 1 to 10000",
+        );
+        check(
+            a.retention_days <= 36_500,
+            "archive.retention_days",
+            "must be 0 (keep forever) or at most 36500",
+        );
+        check(
+            a.timeout_secs > 0,
+            "archive.timeout_secs",
+            "must be at least 1",
+        );
         let l = &self.limits;
         check(
             l.max_message_chars > 0,
@@ -1337,6 +1542,15 @@ impl Config {
                 reloadable: false,
             });
         }
+        let (old, new) = (&self.archive.url, &new.archive.url);
+        if old != new && !changes.iter().any(|c| c.key == "archive.url") {
+            changes.push(Change {
+                key: "archive.url".into(),
+                from: format!("\"{}\"", old.masked()),
+                to: format!("\"{}\"", new.masked()),
+                reloadable: false,
+            });
+        }
         changes.sort_by(|a, b| a.key.cmp(&b.key));
         changes
     }
@@ -1424,6 +1638,50 @@ mod tests {
         let found = problems("[redis]\nmode = \"cluster\"\nhost = \"a:x\"\ndb = 1");
         assert!(found[0].starts_with("redis.host:"), "{found:?}");
         assert!(found[1].starts_with("redis.db:"), "{found:?}");
+    }
+
+    #[test]
+    fn the_archive_url_is_checked_and_its_password_never_shown() {
+        assert!(!Config::default().archive.enabled());
+        let good = from_toml(
+            "[archive]\nurl = \"postgres://chat:s3cr%2Ft@db.example.com:5433/chat?password=x\"",
+        )
+        .unwrap();
+        assert!(good.archive.enabled());
+        let shown = good.to_toml();
+        assert!(!shown.contains("s3cr") && !shown.contains("=x"), "{shown}");
+        assert!(
+            shown.contains("postgres://chat:********@db.example.com:5433/chat?password=********"),
+            "{shown}"
+        );
+        assert!(!format!("{good:?}").contains("s3cr"));
+        for bad in [
+            "localhost",
+            "mysql://u@h/db",
+            "postgres://u:pw@h:notaport/db",
+            "postgres://u@h/db?sslmode=require",
+            "postgres:///db",
+        ] {
+            let found = problems(&format!("[archive]\nurl = \"{bad}\""));
+            assert!(found[0].starts_with("archive.url:"), "{bad}: {found:?}");
+            assert!(!found[0].contains("pw"), "{found:?}");
+        }
+        let found = problems("[archive]\npool_size = 0\nbatch_max_messages = 0");
+        assert_eq!(found.len(), 2, "{found:?}");
+    }
+
+    #[test]
+    fn urls_are_masked_in_every_form() {
+        let m = |u: &str| DatabaseUrl::from(u).masked();
+        assert_eq!(m(""), "");
+        assert_eq!(m("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(m("postgres://u:p@h"), "postgres://u:********@h");
+        assert_eq!(m("postgres://u:p@x@h/db"), "postgres://u:********@h/db");
+        assert_eq!(
+            m("postgresql://h/db?user=u&password=p&sslmode=disable"),
+            "postgresql://h/db?user=u&password=********&sslmode=disable"
+        );
+        assert_eq!(m("host=h password=p"), "********");
     }
 
     #[test]

@@ -100,12 +100,13 @@ Environment:
   REDIS_HOST                redis.host, and selects transport = \"redis\" over the file
   REDIS_PORT                redis.port
   REDIS_PASSWORD            redis.password
+  DATABASE_URL              archive.url (a libpq URL; turns the PostgreSQL archive on)
   SCALECHAT_<SECTION>__<KEY>  any key, e.g. SCALECHAT_LIMITS__MAX_MESSAGE_CHARS=2000,
                             SCALECHAT_TRANSPORT=redis (over the file, under the names above)
   RUST_LOG                  log filter, replacing log.level (also on reload)
   NOTIFY_SOCKET, WATCHDOG_USEC  set by systemd for Type=notify and WatchdogSec=
 
-Load order: built-in defaults < TOML file < SCALECHAT_* < PORT and REDIS_*.
+Load order: built-in defaults < TOML file < SCALECHAT_* < PORT, REDIS_* and DATABASE_URL.
 Signals: SIGTERM or SIGINT shuts down gracefully (a second one exits at once). SIGHUP reloads
 the file and applies log.level, [limits], server.allowed_origins and server.max_connections;
 it logs every changed key, and those that need a restart.
