@@ -26,6 +26,8 @@
 //!   per member; presence events are gathered per room and sent a few frames per interval.
 //! - [`outbox`]: a connection's queue of frames, bounded in frames and bytes; overflow closes
 //!   a slow consumer.
+//! - [`archive`]: the optional PostgreSQL archive: every accepted message written once, off
+//!   the delivery path, and read back for old history, recovery, search and retention.
 //! - [`protocol`]: wire formats. `message` is a chat message and its frame per protocol;
 //!   `native` and `socketio` decode client requests and encode server frames once; `frame`
 //!   decodes and checks the WebSocket frames clients send; `ws` builds whole WebSocket frames
@@ -38,11 +40,13 @@
 //!
 //! The modules form a ladder, each using only those below it (tests/layers.rs checks that
 //! their imports have no cycle): wire formats and settings ([`protocol`], [`web`], then
-//! [`config`], [`metrics`], [`outbox`], [`webhooks`]), then [`hub`], [`transport`], [`node`],
-//! the chat core [`chat`] beside [`conn`], the protocols and the API ([`native`],
-//! [`socketio`], [`api`]), and [`server`] on top, which `main.rs` runs.
+//! [`config`], [`metrics`], [`outbox`], [`webhooks`]), the [`archive`] above them, then
+//! [`hub`], [`transport`], [`node`], the chat core [`chat`] beside [`conn`], the protocols
+//! and the API ([`native`], [`socketio`], [`api`]), and [`server`] on top, which `main.rs`
+//! runs.
 
 pub mod api;
+pub mod archive;
 pub mod chat;
 pub mod config;
 pub mod conn;

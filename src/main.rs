@@ -130,6 +130,8 @@ enum Command {
     Serve,
     /// Print the effective configuration (secrets masked) and exit; non-zero on errors.
     CheckConfig,
+    /// Apply the PostgreSQL archive's schema migrations (archive.url / DATABASE_URL) and exit.
+    Migrate,
 }
 
 fn main() -> ExitCode {
@@ -150,6 +152,7 @@ fn main() -> ExitCode {
             print!("{}", config.to_toml());
             ExitCode::SUCCESS
         }
+        Command::Migrate => migrate(&config),
         Command::Serve => {
             let log_filter = init_tracing(&config);
             for warning in config.warnings() {
@@ -167,6 +170,41 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// `scalechat migrate`: brings the archive's schema up to date, under the same advisory lock
+/// the nodes take, and says what it did.
+fn migrate(config: &Config) -> ExitCode {
+    if !config.archive.enabled() {
+        eprintln!("scalechat: archive.url is empty: set DATABASE_URL or [archive] url");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("scalechat: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(scalechat::archive::migrate(&config.archive)) {
+        Ok(applied) => {
+            let newest = scalechat::archive::schema::MIGRATIONS
+                .last()
+                .map_or(0, |(v, _)| *v);
+            println!(
+                "{}: {applied} migration(s) applied, schema at version {newest}",
+                config.archive.url.masked()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("scalechat: migrate: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -262,7 +262,113 @@ pub struct Metrics {
     pub webhook_events_dropped_total: Counter,
     /// Transport publish latency.
     pub publish_seconds: Histogram,
+    /// The PostgreSQL archive.
+    pub archive: ArchiveMetrics,
     registry: Registry,
+}
+
+/// What the PostgreSQL archive counts (`scalechat_archive_*`).
+#[derive(Debug, Default)]
+pub struct ArchiveMetrics {
+    /// 1 while PostgreSQL answers the archive; 0 while it does not, or the archive is off.
+    pub up: Gauge,
+    /// Messages waiting to be archived or being written.
+    pub queue_messages: Gauge,
+    /// Their bytes.
+    pub queue_bytes: Gauge,
+    /// Milliseconds since the oldest message not yet archived was accepted; 0 when none waits.
+    pub lag_ms: Gauge,
+    /// Batches committed.
+    pub batches_total: Counter,
+    /// Messages in the last batch committed.
+    pub last_batch_messages: Gauge,
+    /// Rows inserted.
+    pub messages_written_total: Counter,
+    /// Messages written again that were already archived (retries, catch-up, other nodes).
+    pub duplicates_total: Counter,
+    /// Batch writes that failed (each is retried).
+    pub write_errors_total: Counter,
+    /// Messages not queued because the queue was full.
+    pub dropped_total: Counter,
+    /// Messages lost to the archive: the room's history no longer held them at catch-up.
+    pub missed_total: Counter,
+    /// Rows deleted by retention.
+    pub deleted_total: Counter,
+}
+
+impl ArchiveMetrics {
+    fn register(&self, registry: &mut Registry) {
+        let gauges = [
+            (
+                "archive_up",
+                "1 while PostgreSQL answers the archive",
+                &self.up,
+            ),
+            (
+                "archive_queue_messages",
+                "Messages waiting to be archived or being written",
+                &self.queue_messages,
+            ),
+            (
+                "archive_queue_bytes",
+                "Bytes of messages waiting to be archived or being written",
+                &self.queue_bytes,
+            ),
+            (
+                "archive_lag_milliseconds",
+                "Age of the oldest message not yet archived",
+                &self.lag_ms,
+            ),
+            (
+                "archive_last_batch_messages",
+                "Messages in the last batch written",
+                &self.last_batch_messages,
+            ),
+        ];
+        for (name, help, gauge) in gauges {
+            registry.register(name, help, gauge.0.clone());
+        }
+        let counters = [
+            (
+                "archive_batches",
+                "Archive batches committed",
+                &self.batches_total,
+            ),
+            (
+                "archive_messages_written",
+                "Messages inserted into the archive",
+                &self.messages_written_total,
+            ),
+            (
+                "archive_duplicates",
+                "Messages written again that the archive already held",
+                &self.duplicates_total,
+            ),
+            (
+                "archive_write_errors",
+                "Archive batch writes that failed and were retried",
+                &self.write_errors_total,
+            ),
+            (
+                "archive_dropped",
+                "Messages not queued for the archive because its queue was full",
+                &self.dropped_total,
+            ),
+            (
+                "archive_missed",
+                "Messages lost to the archive: the room's history no longer held them",
+                &self.missed_total,
+            ),
+            (
+                "archive_deleted",
+                "Archived messages deleted by retention",
+                &self.deleted_total,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            registry.register(name, help, counter.0.clone());
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -306,6 +412,7 @@ impl Metrics {
             webhook_requests_failed_total: Counter::default(),
             webhook_events_dropped_total: Counter::default(),
             publish_seconds: Histogram::default(),
+            archive: ArchiveMetrics::default(),
             registry: Registry::with_prefix("scalechat"),
         };
         // Counters are registered without `_total`, which the encoder appends. The encoder
@@ -443,6 +550,7 @@ impl Metrics {
             "Transport publish latency in seconds",
             metrics.publish_seconds.clone(),
         );
+        metrics.archive.register(registry);
         metrics
     }
 

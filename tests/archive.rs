@@ -3,7 +3,74 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use common::postgres::Postgres;
+use scalechat::archive::{self, Archive, ArchiveError, Position, SearchCursor};
+use scalechat::config::{ArchiveConfig, DatabaseUrl};
+use scalechat::metrics::Metrics;
+use scalechat::protocol::RoomName;
+use scalechat::protocol::message::{Draft, Message};
+use tokio_util::sync::CancellationToken;
+
+/// Archive settings for `url`, the rest at their defaults.
+fn settings(url: &str) -> ArchiveConfig {
+    ArchiveConfig {
+        url: DatabaseUrl::from(url),
+        timeout_secs: 2,
+        ..ArchiveConfig::default()
+    }
+}
+
+/// A running archive, stopped when dropped.
+struct Running {
+    archive: Archive,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+fn spawn(config: &ArchiveConfig) -> Running {
+    let metrics = Arc::new(Metrics::new());
+    let shutdown = CancellationToken::new();
+    let archive = Archive::spawn(config, metrics.clone(), shutdown.clone()).expect("spawn");
+    Running {
+        archive,
+        metrics,
+        shutdown,
+    }
+}
+
+impl Running {
+    /// Waits until every queued message is written (PostgreSQL may be restarting).
+    async fn settled(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while self.archive.pending() > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "archive settled: {} pending",
+                self.archive.pending()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn message(room: &str, epoch: &str, id: u64, ts: u64, text: &str) -> Arc<Message> {
+    let room = RoomName::new(room).unwrap();
+    Arc::new(Draft::new(room, "ann".into(), ts, text).accept(id, epoch.into()))
+}
+
+async fn rows(pg: &Postgres) -> i64 {
+    pg.query_i64("postgres", "SELECT count(*) FROM scalechat_messages")
+        .await
+}
 
 #[tokio::test]
 async fn the_test_cluster_stops_is_killed_and_restarts() {
@@ -66,4 +133,330 @@ async fn a_malformed_database_url_is_refused_naming_the_key() {
         let (code, _, err) = scalechat(&[], &[("DATABASE_URL", url), ("PORT", "0")]).await;
         assert_eq!(code, 2, "{err}");
     }
+}
+
+#[tokio::test]
+async fn migrations_apply_once_from_many_processes_at_once() {
+    let pg = Postgres::start().await;
+    let url = pg.url();
+    let env = [("DATABASE_URL", url.as_str())];
+    let runs = (0..4).map(|_| scalechat(&["migrate"], &env));
+    for (code, out, err) in futures_util::future::join_all(runs).await {
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(out.contains("schema at version 1"), "{out}");
+    }
+    // Again, from the library: nothing left to apply.
+    assert_eq!(archive::migrate(&settings(&url)).await.unwrap(), 0);
+    assert_eq!(
+        pg.query_i64("postgres", "SELECT count(*) FROM scalechat_schema_versions")
+            .await,
+        1
+    );
+    assert_eq!(rows(&pg).await, 0);
+}
+
+#[tokio::test]
+async fn a_role_that_may_not_create_tables_gets_a_clear_error() {
+    let pg = Postgres::start().await;
+    pg.execute("postgres", "CREATE ROLE chat LOGIN").await;
+    pg.execute("postgres", "CREATE DATABASE chat").await;
+    pg.execute("chat", "REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+        .await;
+    let url = pg.url_for("chat", "chat");
+    let err = archive::migrate(&settings(&url)).await.unwrap_err();
+    assert!(matches!(err, ArchiveError::Permission(_)), "{err}");
+    let (code, _, stderr) = scalechat(&["migrate"], &[("DATABASE_URL", url.as_str())]).await;
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("may not create the archive's tables")
+            && stderr.contains("permission denied for schema public"),
+        "{stderr}"
+    );
+    // Migrated by the owner, the schema serves the role without CREATE.
+    let owner = pg.url_for("postgres", "chat");
+    assert_eq!(archive::migrate(&settings(&owner)).await.unwrap(), 1);
+    pg.execute(
+        "chat",
+        "GRANT SELECT, INSERT, DELETE ON ALL TABLES IN SCHEMA public TO chat",
+    )
+    .await;
+    assert_eq!(archive::migrate(&settings(&url)).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn batches_are_idempotent_one_row_per_message() {
+    let pg = Postgres::start().await;
+    let mut config = settings(&pg.url());
+    config.batch_max_messages = 64;
+    let running = spawn(&config);
+    // 20 rooms x 100 messages, every one offered twice, as a retry or another node would.
+    for round in 0..2 {
+        for id in 1..=100 {
+            for room in 0..20 {
+                let m = message(&format!("room{room}"), "e1", id, 1_000 + id, "hello");
+                assert!(running.archive.offer(&m), "queued (round {round})");
+            }
+        }
+        running.settled().await;
+    }
+    assert_eq!(rows(&pg).await, 2000);
+    let m = &running.metrics.archive;
+    assert_eq!(m.messages_written_total.get(), 2000);
+    assert_eq!(m.duplicates_total.get(), 2000);
+    assert!(
+        m.batches_total.get() >= 2 * 2000 / 64,
+        "{}",
+        m.batches_total.get()
+    );
+    let text = running.metrics.render();
+    assert!(
+        text.contains("scalechat_archive_messages_written_total 2000"),
+        "{text}"
+    );
+    assert!(text.contains("scalechat_archive_up 1"), "{text}");
+}
+
+#[tokio::test]
+async fn messages_queued_while_postgres_is_down_land_once_when_it_is_back() {
+    let mut pg = Postgres::start().await;
+    let running = spawn(&settings(&pg.url()));
+    let mut id = 0;
+    let mut offer = |n: u64| {
+        for _ in 0..n {
+            id += 1;
+            assert!(
+                running
+                    .archive
+                    .offer(&message("general", "e1", id, id, "m"))
+            );
+        }
+    };
+    offer(100);
+    running.settled().await;
+    pg.stop().await;
+    offer(300);
+    common::eventually("the archive sees the outage", || !running.archive.is_up()).await;
+    offer(100);
+    assert!(running.archive.pending() > 0);
+    pg.restart().await;
+    running.settled().await;
+    assert!(running.archive.is_up());
+    // Killed mid-stream this time, as a crash would.
+    offer(200);
+    pg.kill().await;
+    offer(200);
+    pg.restart().await;
+    running.settled().await;
+    assert_eq!(rows(&pg).await, 900);
+    assert_eq!(
+        pg.query_i64(
+            "postgres",
+            "SELECT count(DISTINCT id) FROM scalechat_messages WHERE id BETWEEN 1 AND 900"
+        )
+        .await,
+        900
+    );
+    assert!(running.metrics.archive.write_errors_total.get() > 0);
+}
+
+#[tokio::test]
+async fn an_archive_started_while_postgres_is_down_catches_up_when_it_comes() {
+    let mut pg = Postgres::start().await;
+    pg.stop().await;
+    let running = spawn(&settings(&pg.url()));
+    for id in 1..=50 {
+        assert!(
+            running
+                .archive
+                .offer(&message("general", "e1", id, id, "early"))
+        );
+    }
+    common::eventually("the outage is seen", || !running.archive.is_up()).await;
+    assert_eq!(running.metrics.archive.up.get(), 0);
+    pg.restart().await;
+    running.settled().await;
+    assert_eq!(rows(&pg).await, 50);
+}
+
+#[tokio::test]
+async fn a_full_queue_refuses_and_counts_without_waiting() {
+    let mut pg = Postgres::start().await;
+    pg.stop().await;
+    let mut config = settings(&pg.url());
+    config.queue_max_messages = 10;
+    let running = spawn(&config);
+    let offered: Vec<bool> = (1..=15)
+        .map(|id| {
+            running
+                .archive
+                .offer(&message("general", "e1", id, id, "x"))
+        })
+        .collect();
+    assert_eq!(offered.iter().filter(|q| **q).count(), 10);
+    assert_eq!(running.metrics.archive.dropped_total.get(), 5);
+    assert_eq!(running.metrics.archive.queue_messages.get(), 10);
+}
+
+#[tokio::test]
+async fn reads_page_back_recover_and_find_a_rooms_position() {
+    let pg = Postgres::start().await;
+    let running = spawn(&settings(&pg.url()));
+    // An older epoch, then the current one.
+    for id in 1..=5 {
+        running
+            .archive
+            .offer(&message("dev", "old", id, id, "before the reset"));
+    }
+    for id in 1..=30 {
+        running.archive.offer(&message(
+            "dev",
+            "new",
+            id,
+            1_000 + id,
+            &format!("message {id}"),
+        ));
+    }
+    running
+        .archive
+        .offer(&message("other", "x", 1, 5_000, "elsewhere"));
+    running.settled().await;
+    let a = &running.archive;
+    let dev = RoomName::new("dev").unwrap();
+    let (page, more) = a.page(&dev, "new", 21, 10).await.unwrap();
+    let ids: Vec<u64> = page.iter().map(|m| m.id()).collect();
+    assert_eq!(ids, (11..=20).collect::<Vec<_>>());
+    assert!(more);
+    assert_eq!(page[0].text(), "message 11");
+    assert_eq!(page[0].epoch(), "new");
+    let (page, more) = a.page(&dev, "new", 6, 10).await.unwrap();
+    assert_eq!(page.len(), 5);
+    assert!(!more);
+    let after = a.after(&dev, "new", 25, 100).await.unwrap();
+    assert_eq!(after.len(), 5);
+    assert!(archive::is_consecutive_from(25, &after));
+    assert!(!archive::is_consecutive_from(24, &after));
+    let position = a.position(&dev).await.unwrap();
+    assert_eq!(
+        position,
+        Some(Position {
+            epoch: "new".into(),
+            last_id: 30
+        })
+    );
+    let nobody = RoomName::new("empty").unwrap();
+    assert_eq!(a.position(&nobody).await.unwrap(), None);
+    // What a message read back looks like to a client: the same frame as when it was sent.
+    let sent = message("dev", "new", 30, 1_030, "message 30");
+    let (back, _) = a.page(&dev, "new", 31, 1).await.unwrap();
+    assert_eq!(back[0].json(), sent.json());
+}
+
+#[tokio::test]
+async fn search_finds_newest_first_and_any_query_is_safe() {
+    let pg = Postgres::start().await;
+    let running = spawn(&settings(&pg.url()));
+    let texts = [
+        "deploy at five",
+        "the deploy failed",
+        "lunch?",
+        "Deploy fixed, déjà vu",
+        "it's a 'quoted' \"deploy\" -- really; DROP TABLE x",
+    ];
+    for (i, text) in texts.iter().enumerate() {
+        let id = i as u64 + 1;
+        running
+            .archive
+            .offer(&message("dev", "e", id, 100 + id, text));
+    }
+    running
+        .archive
+        .offer(&message("ops", "e", 1, 1, "deploy elsewhere"));
+    running.settled().await;
+    let a = &running.archive;
+    let dev = RoomName::new("dev").unwrap();
+    let found = a.search(&dev, "deploy", None, 10).await.unwrap();
+    let ids: Vec<u64> = found.iter().map(|m| m.id()).collect();
+    assert_eq!(ids, [5, 4, 2, 1]);
+    // Paged: two, then the rest after the cursor.
+    let first = a.search(&dev, "deploy", None, 2).await.unwrap();
+    let cursor = SearchCursor::after(first.last().unwrap());
+    let rest = a.search(&dev, "deploy", Some(&cursor), 10).await.unwrap();
+    let ids: Vec<u64> = first.iter().chain(&rest).map(|m| m.id()).collect();
+    assert_eq!(ids, [5, 4, 2, 1]);
+    assert_eq!(
+        a.search(&dev, "\"deploy failed\"", None, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        a.search(&dev, "deploy -failed", None, 10)
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+    assert_eq!(a.search(&dev, "DÉJÀ", None, 10).await.unwrap().len(), 1);
+    for query in [
+        "",
+        "\"",
+        "'",
+        "&&||!!",
+        "a & | ! ( ) : * <-> <2>",
+        "'; DROP TABLE scalechat_messages; --",
+        "\"unclosed phrase",
+        "or or or",
+        "-",
+        "\\",
+        "\0null",
+        "%_%",
+    ] {
+        let found = a.search(&dev, query, None, 10).await;
+        assert!(found.is_ok(), "{query:?}: {found:?}");
+    }
+    assert_eq!(rows(&pg).await, 6);
+}
+
+#[tokio::test]
+async fn a_message_with_nul_is_archived_without_failing_its_batch() {
+    let pg = Postgres::start().await;
+    let running = spawn(&settings(&pg.url()));
+    running.archive.offer(&message("dev", "e", 1, 1, "a\0b"));
+    running.archive.offer(&message("dev", "e", 2, 2, "fine"));
+    running.settled().await;
+    assert_eq!(rows(&pg).await, 2);
+    assert_eq!(running.metrics.archive.write_errors_total.get(), 0);
+}
+
+#[tokio::test]
+async fn retention_deletes_old_messages_in_batches_and_keeps_new_ones() {
+    let pg = Postgres::start().await;
+    let running = spawn(&settings(&pg.url()));
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let old = now_ms - 3 * 24 * 3600 * 1000;
+    for id in 1..=12_000 {
+        running
+            .archive
+            .offer(&message("dev", "e", id, old + id, "old"));
+    }
+    for id in 12_001..=12_010 {
+        running
+            .archive
+            .offer(&message("dev", "e", id, now_ms, "new"));
+    }
+    running.settled().await;
+    assert_eq!(rows(&pg).await, 12_010);
+    drop(running);
+    let mut config = settings(&pg.url());
+    config.retention_days = 2;
+    let pruning = spawn(&config);
+    common::eventually_async("old messages deleted", || async {
+        pruning.metrics.archive.deleted_total.get() == 12_000
+    })
+    .await;
+    assert_eq!(rows(&pg).await, 10);
 }

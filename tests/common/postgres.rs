@@ -109,7 +109,7 @@ impl Postgres {
                 "postgres",
                 "-E",
                 "UTF8",
-                "--locale=C",
+                "--locale=C.UTF-8",
                 "--no-sync",
             ],
         );
