@@ -33,6 +33,7 @@ for want in \
     "-rw-r--r-- ./usr/share/doc/scalechat/README.md" \
     "-rw-r--r-- ./usr/share/doc/scalechat/protocol.md" \
     "-rw-r--r-- ./usr/share/doc/scalechat/socketio.md" \
+    "-rw-r--r-- ./usr/share/doc/scalechat/archive.md" \
     "-rw-r--r-- ./usr/share/doc/scalechat/copyright"; do
     grep -qxF -- "$want" <<<"$files" || fail "missing or wrong mode: $want"
 done
