@@ -67,7 +67,12 @@ fn message(room: &str, epoch: &str, id: u64, ts: u64, text: &str) -> Arc<Message
     Arc::new(Draft::new(room, "ann".into(), ts, text).accept(id, epoch.into()))
 }
 
+/// Rows in the archive (0 before the schema is there).
 async fn rows(pg: &Postgres) -> i64 {
+    let exists = "SELECT (to_regclass('scalechat_messages') IS NOT NULL)::int::bigint";
+    if pg.query_i64("postgres", exists).await == 0 {
+        return 0;
+    }
     pg.query_i64("postgres", "SELECT count(*) FROM scalechat_messages")
         .await
 }
@@ -459,4 +464,212 @@ async fn retention_deletes_old_messages_in_batches_and_keeps_new_ones() {
     })
     .await;
     assert_eq!(rows(&pg).await, 10);
+}
+
+/// A `redis-server` of this test's own on a free port, keeping nothing on disk.
+struct Redis {
+    port: u16,
+    _child: tokio::process::Child,
+}
+
+impl Redis {
+    async fn start() -> Redis {
+        let port = common::postgres::free_port();
+        let child = tokio::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--dir", "/tmp"])
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server is installed");
+        common::eventually_async("redis answers", || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+        })
+        .await;
+        Redis {
+            port,
+            _child: child,
+        }
+    }
+
+    fn client(&self) -> redis::Client {
+        redis::Client::open(format!("redis://127.0.0.1:{}/", self.port)).unwrap()
+    }
+
+    async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        self.client()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    /// Appends messages `ids` of `room` to the stream, as the publish script does.
+    async fn xadd(&self, room: &str, ids: std::ops::RangeInclusive<u64>) {
+        let mut conn = self.conn().await;
+        let mut pipe = redis::pipe();
+        for id in ids {
+            let json = message(room, "e", id, id, &format!("m{id}")).json();
+            pipe.cmd("XADD")
+                .arg(STREAM)
+                .arg("*")
+                .arg(archive::stream::FIELD)
+                .arg(json.as_ref())
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut conn).await.unwrap();
+    }
+
+    /// Entries read by `consumer` and not acknowledged.
+    async fn pending(&self, consumer: Option<&str>) -> usize {
+        let mut cmd = redis::cmd("XPENDING");
+        cmd.arg(STREAM)
+            .arg(archive::stream::GROUP)
+            .arg("-")
+            .arg("+")
+            .arg(100_000);
+        if let Some(c) = consumer {
+            cmd.arg(c);
+        }
+        let entries: Vec<redis::Value> = cmd.query_async(&mut self.conn().await).await.unwrap();
+        entries.len()
+    }
+}
+
+const STREAM: &str = "scalechat:archive";
+
+fn stream_source(redis: &Redis, consumer: &str) -> archive::stream::StreamSource {
+    archive::stream::StreamSource {
+        client: redis.client(),
+        key: STREAM.into(),
+        consumer: consumer.into(),
+    }
+}
+
+#[tokio::test]
+async fn nodes_sharing_the_stream_write_each_message_once() {
+    let pg = Postgres::start().await;
+    let redis = Redis::start().await;
+    let nodes = [spawn(&settings(&pg.url())), spawn(&settings(&pg.url()))];
+    for (n, node) in nodes.iter().enumerate() {
+        node.archive.spawn_stream_consumer(
+            stream_source(&redis, &format!("node-{n}")),
+            node.shutdown.clone(),
+        );
+    }
+    for chunk in 0..10 {
+        redis
+            .xadd("general", chunk * 300 + 1..=chunk * 300 + 300)
+            .await;
+    }
+    common::eventually_async("3000 rows", || async { rows(&pg).await == 3000 }).await;
+    common::eventually_async("all acknowledged", || async {
+        redis.pending(None).await == 0
+    })
+    .await;
+    let written: u64 = nodes
+        .iter()
+        .map(|n| n.metrics.archive.messages_written_total.get())
+        .sum();
+    let duplicates: u64 = nodes
+        .iter()
+        .map(|n| n.metrics.archive.duplicates_total.get())
+        .sum();
+    assert_eq!(
+        (written, duplicates),
+        (3000, 0),
+        "each entry went to one node"
+    );
+}
+
+#[tokio::test]
+async fn entries_a_dead_node_read_are_archived_by_another_and_a_restarted_node_reads_its_own() {
+    let pg = Postgres::start().await;
+    let redis = Redis::start().await;
+    redis.xadd("general", 1..=300).await;
+    // Two nodes read entries and die before acknowledging them.
+    let mut conn = redis.conn().await;
+    redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(STREAM)
+        .arg(archive::stream::GROUP)
+        .arg("0")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    for (consumer, count) in [("dead", 100), ("restarting", 100)] {
+        let _: redis::Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(archive::stream::GROUP)
+            .arg(consumer)
+            .arg("COUNT")
+            .arg(count)
+            .arg("STREAMS")
+            .arg(STREAM)
+            .arg(">")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    // The dead node's entries have been pending long enough to be taken over.
+    let ids: Vec<(String, redis::Value)> = redis::cmd("XRANGE")
+        .arg(STREAM)
+        .arg("-")
+        .arg("+")
+        .arg("COUNT")
+        .arg(100)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut xclaim = redis::cmd("XCLAIM");
+    xclaim
+        .arg(STREAM)
+        .arg(archive::stream::GROUP)
+        .arg("dead")
+        .arg(0);
+    for (id, _) in &ids {
+        xclaim.arg(id);
+    }
+    xclaim
+        .arg("IDLE")
+        .arg(archive::stream::CLAIM_IDLE.as_millis() as u64 * 2)
+        .arg("JUSTID");
+    let _: redis::Value = xclaim.query_async(&mut conn).await.unwrap();
+    assert_eq!(redis.pending(Some("dead")).await, 100);
+    assert_eq!(redis.pending(Some("restarting")).await, 100);
+    // The restarted node reads its own pending entries; the other takes the dead one's.
+    let nodes = [spawn(&settings(&pg.url())), spawn(&settings(&pg.url()))];
+    nodes[0].archive.spawn_stream_consumer(
+        stream_source(&redis, "restarting"),
+        nodes[0].shutdown.clone(),
+    );
+    nodes[1]
+        .archive
+        .spawn_stream_consumer(stream_source(&redis, "other"), nodes[1].shutdown.clone());
+    common::eventually_async("300 rows", || async { rows(&pg).await == 300 }).await;
+    common::eventually_async("all acknowledged", || async {
+        redis.pending(None).await == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_stream_holds_messages_while_postgres_is_down() {
+    let mut pg = Postgres::start().await;
+    let redis = Redis::start().await;
+    let node = spawn(&settings(&pg.url()));
+    node.archive
+        .spawn_stream_consumer(stream_source(&redis, "node"), node.shutdown.clone());
+    redis.xadd("general", 1..=100).await;
+    common::eventually_async("100 rows", || async { rows(&pg).await == 100 }).await;
+    pg.kill().await;
+    redis.xadd("general", 101..=400).await;
+    common::eventually("the outage is seen", || !node.archive.is_up()).await;
+    pg.restart().await;
+    common::eventually_async("400 rows", || async { rows(&pg).await == 400 }).await;
+    common::eventually_async("all acknowledged", || async {
+        redis.pending(None).await == 0
+    })
+    .await;
 }

@@ -23,6 +23,7 @@ mod queue;
 mod read;
 mod retention;
 pub mod schema;
+pub mod stream;
 mod writer;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -86,6 +87,8 @@ struct Shared {
     metrics: Arc<Metrics>,
     health: Health,
     timeout: Duration,
+    /// Set once the schema is up to date: the stream consumer waits for it.
+    schema_ready: tokio::sync::watch::Sender<bool>,
 }
 
 /// Whether PostgreSQL answered last time, so an outage is logged once when it starts and
@@ -186,6 +189,7 @@ impl Archive {
             metrics,
             health: Health::new(),
             timeout: Duration::from_secs(config.timeout_secs),
+            schema_ready: tokio::sync::watch::Sender::new(false),
         });
         tokio::spawn(writer::run(shared.clone(), shutdown.clone()));
         if config.retention_days > 0 {

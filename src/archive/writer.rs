@@ -143,6 +143,7 @@ async fn prepare(shared: &Shared, shutdown: &CancellationToken) -> bool {
         let wait = match result {
             Ok(applied) => {
                 shared.health.succeeded(&shared.metrics);
+                shared.schema_ready.send_replace(true);
                 info!(applied, "PostgreSQL archive ready");
                 return true;
             }
@@ -200,7 +201,7 @@ async fn write_batch(
     drop(permit);
 }
 
-fn committed(shared: &Shared, len: usize, inserted: u64) {
+pub(super) fn committed(shared: &Shared, len: usize, inserted: u64) {
     shared.health.succeeded(&shared.metrics);
     let m = &shared.metrics.archive;
     m.batches_total.inc();
