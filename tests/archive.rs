@@ -507,13 +507,25 @@ impl Redis {
 
     /// Appends messages `ids` of `room` to the stream, as the publish script does.
     async fn xadd(&self, room: &str, ids: std::ops::RangeInclusive<u64>) {
+        self.xadd_capped(room, ids, None).await;
+    }
+
+    /// Appends messages, keeping at most `cap` entries in the stream when given.
+    async fn xadd_capped(
+        &self,
+        room: &str,
+        ids: std::ops::RangeInclusive<u64>,
+        cap: Option<usize>,
+    ) {
         let mut conn = self.conn().await;
         let mut pipe = redis::pipe();
         for id in ids {
             let json = message(room, "e", id, id, &format!("m{id}")).json();
-            pipe.cmd("XADD")
-                .arg(STREAM)
-                .arg("*")
+            let cmd = pipe.cmd("XADD").arg(STREAM);
+            if let Some(cap) = cap {
+                cmd.arg("MAXLEN").arg(cap);
+            }
+            cmd.arg("*")
                 .arg(archive::stream::FIELD)
                 .arg(json.as_ref())
                 .ignore();
@@ -672,4 +684,37 @@ async fn the_stream_holds_messages_while_postgres_is_down() {
         redis.pending(None).await == 0
     })
     .await;
+}
+
+#[tokio::test]
+async fn entries_trimmed_before_any_node_read_them_are_counted_once() {
+    let mut pg = Postgres::start().await;
+    let redis = Redis::start().await;
+    let mut config = settings(&pg.url());
+    config.batch_max_messages = 100;
+    let node = spawn(&config);
+    node.archive
+        .spawn_stream_consumer(stream_source(&redis, "node"), node.shutdown.clone());
+    common::eventually("schema ready", || node.metrics.archive.up.get() == 1).await;
+    pg.kill().await;
+    // The consumer takes a batch (what had arrived when it woke) and holds it while
+    // PostgreSQL is down; the publisher's cap of 300 trims 700 entries meanwhile, all but
+    // that batch never read.
+    redis.xadd_capped("general", 1..=100, Some(300)).await;
+    common::eventually_async("a batch is held", || async {
+        redis.pending(None).await > 0
+    })
+    .await;
+    let held = redis.pending(None).await as i64;
+    redis.xadd_capped("general", 101..=1000, Some(300)).await;
+    pg.restart().await;
+    common::eventually_async("the rest archived", || async {
+        rows(&pg).await == 300 + held
+    })
+    .await;
+    common::eventually_async("all acknowledged", || async {
+        redis.pending(None).await == 0
+    })
+    .await;
+    assert_eq!(node.metrics.archive.missed_total.get(), 700 - held as u64);
 }

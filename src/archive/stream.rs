@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
-use redis::{AsyncConnectionConfig, Client, RedisError};
+use redis::{AsyncConnectionConfig, Client, RedisError, Script};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -32,6 +32,47 @@ pub const CLAIM_IDLE: Duration = Duration::from_secs(60);
 const BLOCK: Duration = Duration::from_secs(1);
 /// How often pending entries of other consumers are looked for.
 const CLAIM_EVERY: Duration = Duration::from_secs(10);
+
+/// Counts the entries trimmed from the stream (by the publisher's `MAXLEN`) before the group
+/// read them, and moves the group's count of entries read past them, so each loss is counted
+/// once, by one node. Returns the count, or -1 when Redis cannot tell how many. KEYS: the
+/// stream. ARGV: the group.
+///
+/// Trimming removes entries from the head: the undelivered entries can have lost some only
+/// when the group's last delivered id is older than the stream's first entry; then every entry
+/// left is undelivered, and the rest of `entries-added - entries-read` was trimmed.
+const TRIMMED_LUA: &str = r"
+local function field(list, name)
+  for i = 1, #list, 2 do
+    if list[i] == name then return list[i + 1] end
+  end
+  return nil
+end
+local function older(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am < bm or (am == bm and as < bs)
+end
+local info = redis.call('XINFO', 'STREAM', KEYS[1])
+local first = field(info, 'first-entry')
+if not first then return 0 end
+local added = field(info, 'entries-added')
+local length = field(info, 'length')
+for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  if field(group, 'name') == ARGV[1] then
+    local last = field(group, 'last-delivered-id')
+    if not older(last, first[1]) then return 0 end
+    local read = field(group, 'entries-read')
+    local trimmed = -1
+    if read then trimmed = added - read - length end
+    if trimmed == 0 then return 0 end
+    redis.call('XGROUP', 'SETID', KEYS[1], ARGV[1], last, 'ENTRIESREAD', added - length)
+    return trimmed
+  end
+end
+return 0
+";
 
 /// Where the archive reads from on Redis.
 #[derive(Debug, Clone)]
@@ -116,12 +157,41 @@ async fn consume(
                 return Ok(());
             }
         }
+        trimmed(&mut conn, source, shared).await;
         let entries = read(&mut conn, source, ">", shared.config.batch_max_messages).await?;
         if !archive(shared, &mut conn, &source.key, &entries, shutdown).await? {
             return Ok(());
         }
     }
     Ok(())
+}
+
+/// Looks for entries trimmed before the group read them; counts and logs them. A Redis older
+/// than 7.0 cannot tell (the check fails) and nothing is counted.
+async fn trimmed(conn: &mut MultiplexedConnection, source: &StreamSource, shared: &Shared) {
+    let result: Result<i64, RedisError> = Script::new(TRIMMED_LUA)
+        .key(&source.key)
+        .arg(GROUP)
+        .invoke_async(conn)
+        .await;
+    match result {
+        Ok(0) => {}
+        Ok(n) if n > 0 => {
+            shared.metrics.archive.missed_total.add(n as u64);
+            warn!(
+                count = n,
+                key = %source.key,
+                "messages lost to the archive: trimmed from the archive stream before any node \
+                 read them (PostgreSQL was down longer than archive.queue_max_messages lasts)"
+            );
+        }
+        Ok(_) => warn!(
+            key = %source.key,
+            "messages lost to the archive: trimmed from the archive stream before any node read \
+             them; Redis cannot tell how many"
+        ),
+        Err(e) => tracing::debug!(error = %e, "archive stream: trimmed entries not checked"),
+    }
 }
 
 /// Creates the group (reading from the stream's start) and the stream, unless they exist.

@@ -140,7 +140,7 @@ impl Postgres {
     pub async fn restart(&mut self) {
         let options = format!(
             "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c fsync=off \
-             -c max_connections=200",
+             -c max_connections=50",
             self.port
         );
         let log = self.dir.join("server.log");
