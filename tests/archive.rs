@@ -299,6 +299,8 @@ async fn a_full_queue_refuses_and_counts_without_waiting() {
         .collect();
     assert_eq!(offered.iter().filter(|q| **q).count(), 10);
     assert_eq!(running.metrics.archive.dropped_total.get(), 5);
+    // No hot store to catch up from: lost, and said so.
+    assert_eq!(running.metrics.archive.missed_total.get(), 5);
     assert_eq!(running.metrics.archive.queue_messages.get(), 10);
 }
 
@@ -350,6 +352,13 @@ async fn reads_page_back_recover_and_find_a_rooms_position() {
     );
     let nobody = RoomName::new("empty").unwrap();
     assert_eq!(a.position(&nobody).await.unwrap(), None);
+    let mut all = a.positions().await.unwrap();
+    all.sort_by(|x, y| x.0.as_str().cmp(y.0.as_str()));
+    let all: Vec<(&str, &str, u64)> = all
+        .iter()
+        .map(|(room, p)| (room.as_str(), p.epoch.as_str(), p.last_id))
+        .collect();
+    assert_eq!(all, [("dev", "new", 30), ("other", "x", 1)]);
     // What a message read back looks like to a client: the same frame as when it was sent.
     let sent = message("dev", "new", 30, 1_030, "message 30");
     let (back, _) = a.page(&dev, "new", 31, 1).await.unwrap();
@@ -717,4 +726,72 @@ async fn entries_trimmed_before_any_node_read_them_are_counted_once() {
     })
     .await;
     assert_eq!(node.metrics.archive.missed_total.get(), 700 - held as u64);
+}
+
+/// A hot store holding messages `from..=to` of one room.
+#[derive(Debug)]
+struct Held {
+    room: &'static str,
+    from: u64,
+    to: u64,
+}
+
+impl archive::catchup::HotStore for Held {
+    fn since(&self, room: &RoomName, epoch: &str, from: u64) -> Vec<Arc<Message>> {
+        if room.as_str() != self.room || epoch != "e1" {
+            return Vec::new();
+        }
+        (from.max(self.from)..=self.to)
+            .map(|id| message(self.room, "e1", id, id, "held"))
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn messages_the_full_queue_refused_are_caught_up_from_the_hot_store() {
+    for (held_from, rows_expected, missed) in [(5, 30, 0), (15, 26, 4)] {
+        let mut pg = Postgres::start().await;
+        pg.stop().await;
+        let mut config = settings(&pg.url());
+        config.queue_max_messages = 10;
+        let running = spawn(&config);
+        running.archive.set_hot_store(Arc::new(Held {
+            room: "general",
+            from: held_from,
+            to: 30,
+        }));
+        let queued = (1..=30)
+            .filter(|id| {
+                running
+                    .archive
+                    .offer(&message("general", "e1", *id, *id, "x"))
+            })
+            .count();
+        assert_eq!(queued, 10);
+        pg.restart().await;
+        running.settled().await;
+        assert_eq!(rows(&pg).await, rows_expected, "held from {held_from}");
+        let m = &running.metrics.archive;
+        assert_eq!(m.dropped_total.get(), 20);
+        assert_eq!(m.missed_total.get(), missed, "held from {held_from}");
+    }
+}
+
+#[tokio::test]
+async fn shutdown_writes_what_was_queued_before_the_writer_ends() {
+    let pg = Postgres::start().await;
+    let running = spawn(&settings(&pg.url()));
+    common::eventually("schema ready", || running.metrics.archive.up.get() == 1).await;
+    for id in 1..=5000 {
+        assert!(
+            running
+                .archive
+                .offer(&message("general", "e1", id, id, "bye"))
+        );
+    }
+    running.shutdown.cancel();
+    tokio::time::timeout(common::WAIT, running.archive.closed())
+        .await
+        .expect("the writer ends in time");
+    assert_eq!(rows(&pg).await, 5000);
 }

@@ -19,6 +19,7 @@
 //! (embedded migrations under an advisory lock), `read` (pages, recovery, a room's position,
 //! search), `retention` (deleting old messages in small batches).
 
+pub mod catchup;
 mod queue;
 mod read;
 mod retention;
@@ -77,6 +78,8 @@ pub enum ArchiveError {
 #[derive(Debug)]
 pub struct Archive {
     shared: Arc<Shared>,
+    /// The writer task, ending after shutdown once what was queued is written or given up.
+    writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 #[derive(Debug)]
@@ -87,6 +90,8 @@ struct Shared {
     metrics: Arc<Metrics>,
     health: Health,
     timeout: Duration,
+    /// Rooms whose messages the queue refused, to take from the hot store later.
+    catch_up: catchup::CatchUp,
     /// Set once the schema is up to date: the stream consumer waits for it.
     schema_ready: tokio::sync::watch::Sender<bool>,
 }
@@ -190,12 +195,16 @@ impl Archive {
             health: Health::new(),
             timeout: Duration::from_secs(config.timeout_secs),
             schema_ready: tokio::sync::watch::Sender::new(false),
+            catch_up: catchup::CatchUp::default(),
         });
-        tokio::spawn(writer::run(shared.clone(), shutdown.clone()));
+        let writer = tokio::spawn(writer::run(shared.clone(), shutdown.clone()));
         if config.retention_days > 0 {
             tokio::spawn(retention::run(shared.clone(), shutdown));
         }
-        Ok(Self { shared })
+        Ok(Self {
+            shared,
+            writer: Mutex::new(Some(writer)),
+        })
     }
 
     /// Queues an accepted message to be written. Never waits; `false` when the queue is full
@@ -210,8 +219,22 @@ impl Archive {
             m.queue_bytes.set(bytes as u64);
         } else {
             m.dropped_total.inc();
+            if !self.shared.catch_up.refused(message) {
+                m.missed_total.inc();
+                warn!(
+                    room = message.room().as_str(),
+                    "message lost to the archive: its queue is full and the room cannot be \
+                     caught up from the hot store"
+                );
+            }
         }
         queued
+    }
+
+    /// Catches up from `store` the messages the queue refuses (the embedded transport's
+    /// room logs).
+    pub fn set_hot_store(&self, store: Arc<dyn catchup::HotStore>) {
+        self.shared.catch_up.set_store(store);
     }
 
     /// Counts `count` messages that could not be archived because the room's history no
@@ -228,9 +251,23 @@ impl Archive {
         }
     }
 
-    /// Messages waiting or being written.
+    /// Messages waiting or being written, or rooms still to catch up (as 1).
     pub fn pending(&self) -> usize {
-        self.shared.queue.depth().0
+        self.shared.queue.depth().0 + usize::from(self.shared.catch_up.pending())
+    }
+
+    /// Waits, after shutdown, until the writer has written what was queued (one try each,
+    /// within `archive.timeout_secs`) and ended. Returns at once the second time.
+    pub async fn closed(&self) {
+        let writer = self
+            .writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(writer) = writer {
+            // A writer that panicked has nothing left to write.
+            let _ = writer.await;
+        }
     }
 
     /// Whether PostgreSQL answered the last call.

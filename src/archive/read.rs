@@ -158,6 +158,30 @@ impl Archive {
         }))
     }
 
+    /// Every archived room's newest position (see [`Archive::position`]), for a node on the
+    /// embedded transport to continue its rooms' ids after a restart. Rooms whose name is no
+    /// longer valid are left out.
+    pub async fn positions(&self) -> Result<Vec<(RoomName, Position)>, ArchiveError> {
+        let rows = self
+            .query(
+                "SELECT DISTINCT ON (room) room, epoch, id FROM scalechat_messages \
+                 ORDER BY room, ts DESC, id DESC",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|row| {
+                let room = RoomName::new(row.get::<_, &str>(0)).ok()?;
+                let position = Position {
+                    epoch: row.get(1),
+                    last_id: u64::try_from(row.get::<_, i64>(2)).unwrap_or(0),
+                };
+                Some((room, position))
+            })
+            .collect())
+    }
+
     /// Up to `limit` messages of `room` matching `query` (web-search syntax: words, "quoted
     /// phrases", `or`, `-word`), newest first, after `cursor` when paging on. Any text is a
     /// valid query; one with no words matches nothing.

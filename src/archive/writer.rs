@@ -64,6 +64,9 @@ pub(super) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut batch_no = 0u64;
     loop {
         update_gauges(&shared, &in_flight);
+        if shared.catch_up.pending() {
+            super::catchup::run_once(&shared);
+        }
         if shared.queue.waiting() == 0 {
             tokio::select! {
                 biased;
@@ -94,6 +97,9 @@ pub(super) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
         ));
     }
     flush(&shared).await;
+    // Batches in flight get their last try (see `write_batch`); wait for them.
+    let all = u32::try_from(shared.config.pool_size).unwrap_or(u32::MAX);
+    let _ = tokio::time::timeout(shared.timeout, permits.acquire_many(all)).await;
 }
 
 fn lock(in_flight: &InFlight) -> std::sync::MutexGuard<'_, Vec<(u64, u64)>> {
