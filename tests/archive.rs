@@ -64,7 +64,7 @@ impl Running {
 
 fn message(room: &str, epoch: &str, id: u64, ts: u64, text: &str) -> Arc<Message> {
     let room = RoomName::new(room).unwrap();
-    Arc::new(Draft::new(room, "ann".into(), ts, text).accept(id, epoch.into()))
+    Arc::new(Draft::new(room, "ann".into(), ts, text.to_owned()).accept(id, epoch.into()))
 }
 
 /// Rows in the archive (0 before the schema is there).

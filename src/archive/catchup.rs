@@ -74,7 +74,7 @@ impl CatchUp {
         rooms.insert(
             message.room().clone(),
             Behind {
-                epoch: message.epoch_arc().clone(),
+                epoch: Arc::from(message.epoch()),
                 from: message.id(),
             },
         );

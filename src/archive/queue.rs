@@ -117,7 +117,7 @@ mod tests {
 
     fn message(id: u64, text: &str) -> Arc<Message> {
         let room = RoomName::new("dev").unwrap();
-        Arc::new(Draft::new(room, "ann".into(), 1, text).accept(id, "e".into()))
+        Arc::new(Draft::new(room, "ann".into(), 1, text.to_owned()).accept(id, "e".into()))
     }
 
     #[test]

@@ -58,7 +58,7 @@ fn message(room: &RoomName, row: &Row) -> Message {
         room.clone(),
         Arc::from(user),
         u64::try_from(ts).unwrap_or(0),
-        &text,
+        text,
     )
     .accept(u64::try_from(id).unwrap_or(0), Arc::from(epoch))
 }
