@@ -1290,6 +1290,14 @@ impl Config {
             check(false, "archive.url", &why);
         }
         check(
+            !a.enabled()
+                || self.transport != TransportKind::Redis
+                || self.redis.mode == RedisMode::Standalone,
+            "archive.url",
+            "the archive serves the embedded transport and redis.mode = \"standalone\" only \
+             (its stream is one key, which Cluster shards and Sentinel failovers do not follow yet)",
+        );
+        check(
             (1..=64).contains(&a.pool_size),
             "archive.pool_size",
             "must be from 1 to 64",

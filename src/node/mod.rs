@@ -8,6 +8,7 @@
 
 pub(crate) mod access;
 pub(crate) mod admission;
+pub(crate) mod archive;
 pub(crate) mod guard;
 pub(crate) mod ticker;
 
@@ -41,6 +42,8 @@ pub struct Node {
     pub hub: Arc<Hub>,
     /// The message transport.
     pub transport: Transport,
+    /// The PostgreSQL archive, when `archive.url` is set.
+    pub archive: Option<Arc<crate::archive::Archive>>,
     /// Counters and gauges for `/metrics`.
     pub(crate) metrics: Arc<Metrics>,
     /// Cancelled to shut the node down.
@@ -62,17 +65,25 @@ pub struct Node {
 }
 
 impl Node {
-    /// The node of `config`, its transport started; `shutdown` ends its connections.
-    pub(crate) fn new(config: Config, shutdown: CancellationToken) -> io::Result<Self> {
+    /// The node of `config`, its transport and archive started; `shutdown` ends its
+    /// connections.
+    pub(crate) async fn new(config: Config, shutdown: CancellationToken) -> io::Result<Self> {
         let metrics = Arc::new(Metrics::default());
+        let archived = archive::start(&config, &metrics, &shutdown).await;
+        let archive = archived.as_ref().map(|a| a.archive.clone());
         let hub = Arc::new(Hub::with_metrics(metrics.clone()));
         let id = if config.server.node_id.is_empty() {
             format!("node-{:06x}", fastrand::u32(..1 << 24))
         } else {
             config.server.node_id.clone()
         };
-        let transport = Transport::new(&config, &id, hub.clone(), metrics.clone())
+        let transport = Transport::new(&config, &id, hub.clone(), metrics.clone(), archived)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        if let (Some(archive), Transport::Redis(redis)) = (&archive, &transport)
+            && let Some(source) = redis.archive_source(&id)
+        {
+            archive.spawn_stream_consumer(source, shutdown.clone());
+        }
         tokio::spawn(flush_presence(
             hub.clone(),
             Duration::from_millis(config.rooms.presence_interval_ms),
@@ -92,6 +103,7 @@ impl Node {
             id,
             hub,
             transport,
+            archive,
             metrics,
             shutdown,
             sessions: TaskTracker::new(),

@@ -74,7 +74,7 @@ impl Server {
             };
             config.server.internal_addr = SocketAddr::new(host, bound.port()).to_string();
         }
-        let node = Arc::new(Node::new(config, shutdown)?);
+        let node = Arc::new(Node::new(config, shutdown).await?);
         Ok(Self {
             listener,
             metrics_listener,
@@ -185,6 +185,10 @@ impl Server {
                 remaining = node.connections(),
                 "shutdown grace period over; dropping the remaining connections"
             ),
+        }
+        if let Some(archive) = &node.archive {
+            // What was accepted before the shutdown is written before the process exits.
+            archive.closed().await;
         }
     }
 }

@@ -2,6 +2,10 @@
 //! its epoch, its history and its recent `ref`s. The log's lock is held while an id is
 //! assigned, the message stored and handed to the hub, so every member sees messages in id
 //! order and a history snapshot never disagrees with live delivery.
+//!
+//! With the archive on, each accepted message is offered to it (never waiting), the room logs
+//! serve as its hot store to catch up from, and a room continues the epoch and ids the archive
+//! last holds for it, after a restart and after the room was swept from memory.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,6 +14,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::archive::Archive;
+use crate::archive::catchup::HotStore;
 use crate::config::RoomsConfig;
 use crate::hub::Hub;
 use crate::protocol::RoomName;
@@ -18,7 +24,7 @@ use crate::protocol::native::Since;
 use crate::protocol::presence;
 use crate::protocol::ws::close_code;
 use crate::transport::local_presence;
-use crate::transport::{Envelope, Page, Published, Snapshot, new_epoch};
+use crate::transport::{Archived, Envelope, Page, Published, Snapshot, new_epoch};
 use crate::webhooks::{Event, EventKind, Webhooks};
 
 /// In-process transport.
@@ -28,13 +34,45 @@ pub struct MemoryTransport {
     policy: RoomsConfig,
     // Outer lock only to find the room's log; the per-room lock orders id assignment,
     // storage and delivery, so rooms do not wait on each other.
-    rooms: Mutex<HashMap<RoomName, Arc<Mutex<RoomLog>>>>,
+    rooms: Arc<RoomLogs>,
     /// Room lookups so far; every [`SWEEP_EVERY`]th one sweeps idle rooms.
     lookups: AtomicU64,
     /// Socket.IO sessions' recovery state by `pid`, until it expires.
     recoveries: Mutex<HashMap<String, (Instant, String)>>,
     /// Where messages and presence changes are reported, when anyone asked.
     webhooks: Option<Arc<Webhooks>>,
+    /// The archive, when on.
+    archive: Option<Arc<Archive>>,
+    /// With the archive: the epoch and last id of rooms not in `rooms` (archived before a
+    /// restart, or swept since), which they continue from when used again.
+    resume: Mutex<HashMap<RoomName, (Arc<str>, u64)>>,
+}
+
+/// The room logs, shared with the archive as its hot store.
+#[derive(Debug, Default)]
+struct RoomLogs(Mutex<HashMap<RoomName, Arc<Mutex<RoomLog>>>>);
+
+impl RoomLogs {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<RoomName, Arc<Mutex<RoomLog>>>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl HotStore for RoomLogs {
+    fn since(&self, room: &RoomName, epoch: &str, from: u64) -> Vec<Arc<Message>> {
+        let Some(log) = self.lock().get(room).cloned() else {
+            return Vec::new();
+        };
+        let log = log.lock().unwrap_or_else(PoisonError::into_inner);
+        if *log.epoch != *epoch {
+            return Vec::new();
+        }
+        log.history
+            .iter()
+            .filter(|m| m.id() >= from)
+            .map(|m| m.message.clone())
+            .collect()
+    }
 }
 
 /// Recovery states kept at most (sessions open and recently ended).
@@ -68,10 +106,12 @@ impl Stored {
 }
 
 impl RoomLog {
-    fn new() -> Self {
+    /// A room's log, in a new epoch, or continuing `(epoch, last_id)`.
+    fn new(resume: Option<(Arc<str>, u64)>) -> Self {
+        let (epoch, last_id) = resume.unwrap_or_else(|| (new_epoch().into(), 0));
         Self {
-            epoch: new_epoch().into(),
-            last_id: 0,
+            epoch,
+            last_id,
             history: VecDeque::new(),
             refs: HashMap::new(),
             ref_order: VecDeque::new(),
@@ -105,10 +145,12 @@ impl MemoryTransport {
         Self {
             hub,
             policy,
-            rooms: Mutex::new(HashMap::new()),
+            rooms: Arc::default(),
             lookups: AtomicU64::new(0),
             recoveries: Mutex::new(HashMap::new()),
             webhooks: None,
+            archive: None,
+            resume: Mutex::default(),
         }
     }
 
@@ -123,25 +165,50 @@ impl MemoryTransport {
         self.webhooks.as_deref().filter(|w| w.wants(kind))
     }
 
+    /// The transport, archiving every accepted message in `archived`, its rooms continuing
+    /// where the archive left them.
+    pub fn with_archive(hub: Arc<Hub>, policy: RoomsConfig, archived: Archived) -> Self {
+        let mut transport = Self::new(hub, policy);
+        archived.archive.set_hot_store(transport.rooms.clone());
+        transport.archive = Some(archived.archive);
+        transport.resume = Mutex::new(
+            archived
+                .positions
+                .into_iter()
+                .map(|(room, p)| (room, (Arc::from(p.epoch), p.last_id)))
+                .collect(),
+        );
+        transport
+    }
+
     fn log(&self, room: &RoomName) -> Arc<Mutex<RoomLog>> {
-        let mut rooms = self.rooms.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut rooms = self.rooms.lock();
         if self.lookups.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
             self.sweep(&mut rooms);
         }
         match rooms.get(room) {
             Some(log) => log.clone(),
-            None => rooms
-                .entry(room.clone())
-                .or_insert_with(|| Arc::new(Mutex::new(RoomLog::new())))
-                .clone(),
+            None => {
+                let resume = self
+                    .resume
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(room);
+                rooms
+                    .entry(room.clone())
+                    .or_insert_with(|| Arc::new(Mutex::new(RoomLog::new(resume))))
+                    .clone()
+            }
         }
     }
 
     /// Forgets rooms with no member, no history left and no `ref` to remember, so that rooms
-    /// used once do not stay in memory. Such a room starts again in a new epoch.
+    /// used once do not stay in memory. Such a room starts again in a new epoch; with the
+    /// archive, it continues its epoch and ids (kept in `resume`, a few dozen bytes a room).
     fn sweep(&self, rooms: &mut HashMap<RoomName, Arc<Mutex<RoomLog>>>) {
         let now = Instant::now();
         let ttl = self.ttl();
+        let mut resume = self.resume.lock().unwrap_or_else(PoisonError::into_inner);
         rooms.retain(|name, log| {
             // A log in use is not idle; it is looked at again next time.
             let Ok(mut log) = log.try_lock() else {
@@ -149,7 +216,13 @@ impl MemoryTransport {
             };
             log.expire(now, ttl);
             // Whoever could be about to use the log (a sender, a joiner, a pager) is a member.
-            !(log.history.is_empty() && log.refs.is_empty() && self.hub.members(name.as_str()) == 0)
+            let idle = log.history.is_empty()
+                && log.refs.is_empty()
+                && self.hub.members(name.as_str()) == 0;
+            if idle && self.archive.is_some() && log.last_id > 0 {
+                resume.insert(name.clone(), (log.epoch.clone(), log.last_id));
+            }
+            !idle
         });
     }
 
@@ -198,6 +271,10 @@ impl MemoryTransport {
                 message.ts(),
                 message.text(),
             ));
+        }
+        if let Some(archive) = &self.archive {
+            // Never waits: a full queue counts it, and the archive catches up from this log.
+            archive.offer(&message);
         }
         Published {
             id,
@@ -389,7 +466,7 @@ mod tests {
         };
         assert_eq!(transport.publish(envelope).id, 1);
         let sweep = |t: &MemoryTransport| {
-            let mut rooms = t.rooms.lock().unwrap();
+            let mut rooms = t.rooms.lock();
             t.sweep(&mut rooms);
             rooms.len()
         };

@@ -20,6 +20,7 @@ use std::time::Duration;
 pub use memory::MemoryTransport;
 pub use redis::RedisTransport;
 
+use crate::archive::{Archive, Position};
 use crate::config::{Config, TransportKind};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -116,6 +117,16 @@ pub enum TransportError {
     BadRequest(String),
 }
 
+/// The archive as a transport feeds it: the archive, and where each of its rooms left off
+/// (read at start, for the embedded transport to continue their epoch and ids).
+#[derive(Debug)]
+pub struct Archived {
+    /// The archive.
+    pub archive: Arc<Archive>,
+    /// Each archived room's newest epoch and id.
+    pub positions: Vec<(RoomName, Position)>,
+}
+
 /// The transport in use.
 #[derive(Debug)]
 pub enum Transport {
@@ -135,6 +146,7 @@ impl Transport {
         node: &str,
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
+        archived: Option<Archived>,
     ) -> Result<Self, TransportError> {
         let webhooks = Webhooks::spawn(
             &config.webhooks,
@@ -147,7 +159,13 @@ impl Transport {
                 // In-process delivery is always up.
                 metrics.backplane_up.set(1);
                 Transport::Memory(
-                    MemoryTransport::new(hub, config.rooms.clone()).with_webhooks(webhooks),
+                    match archived {
+                        Some(archived) => {
+                            MemoryTransport::with_archive(hub, config.rooms.clone(), archived)
+                        }
+                        None => MemoryTransport::new(hub, config.rooms.clone()),
+                    }
+                    .with_webhooks(webhooks),
                 )
             }
             TransportKind::Redis => Transport::Redis(RedisTransport::spawn(
@@ -158,6 +176,8 @@ impl Transport {
                 hub,
                 metrics,
                 webhooks,
+                // With the archive on, the publish script feeds its stream.
+                archived.map_or(0, |_| config.archive.queue_max_messages),
             )?),
         })
     }

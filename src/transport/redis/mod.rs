@@ -49,6 +49,7 @@ use self::presence::PresenceSync;
 use self::recent::{LocalAnswer, RoomStream};
 use self::scripts::Scripts;
 use self::subscriptions::Interest;
+use crate::archive::stream::StreamSource;
 use crate::config::{RedisConfig, RedisMode, RoomsConfig};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -65,6 +66,8 @@ pub struct RedisTransport {
     hub: Arc<Hub>,
     /// The scripts, run on the publisher connection.
     scripts: Scripts,
+    /// Opens the archive stream consumer's connection (standalone mode, archive on).
+    archive_client: Option<redis::Client>,
     heartbeat: Duration,
     policy: RoomsConfig,
     /// Per room: the epoch and last id this node delivered, to find gaps, and the newest
@@ -140,6 +143,7 @@ impl RedisTransport {
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
         webhooks: Arc<Webhooks>,
+        archive_cap: usize,
     ) -> Result<Arc<Self>, TransportError> {
         let unavailable = |e: redis::RedisError| TransportError::Unavailable(e.to_string());
         let locator = Locator::new(config).map_err(unavailable)?;
@@ -147,10 +151,13 @@ impl RedisTransport {
             Locator::Fixed(client) => Some(client.clone()),
             Locator::Sentinel { .. } | Locator::Cluster(_) => None,
         };
-        let scripts = Scripts::new(fixed, config, policy).map_err(unavailable)?;
+        // The archive stream's consumer reads the one server (standalone mode only).
+        let archive_client = fixed.clone().filter(|_| archive_cap > 0);
+        let scripts = Scripts::new(fixed, config, policy, archive_cap).map_err(unavailable)?;
         let transport = Arc::new(Self {
             hub,
             scripts,
+            archive_client,
             heartbeat: Duration::from_secs(config.heartbeat_secs),
             policy: policy.clone(),
             streams: Mutex::new(HashMap::new()),
@@ -192,6 +199,18 @@ impl RedisTransport {
         tokio::spawn(transport.clone().run_subscriber(locator));
         tokio::spawn(transport.clone().run_presence());
         Ok(transport)
+    }
+
+    /// Where the archive reads this deployment's messages: the archive stream, through a
+    /// connection of its own, as consumer `node` (stable across restarts when
+    /// `server.node_id` is set). `None` without the archive, and in Sentinel and Cluster
+    /// modes, which the archive does not serve (refused by the configuration's checks).
+    pub fn archive_source(&self, node: &str) -> Option<StreamSource> {
+        Some(StreamSource {
+            client: self.archive_client.clone()?,
+            key: self.scripts.archive_key(),
+            consumer: node.to_owned(),
+        })
     }
 
     /// Whether the subscriber is connected (and so Redis reachable).

@@ -48,10 +48,13 @@ end
 ";
 
 /// Dedupe check, id, publish and history, in one atomic step. Returns `{id, duplicate, epoch}`.
-/// KEYS: meta, hist, ref. ARGV: channel, JSON before the id, JSON after it, epoch candidate,
-/// history size, history TTL (ms), dedupe window (s, 0 = off), the epoch and last id the
-/// publishing node delivered (`""`, 0: none), and the publish command (`SPUBLISH` in cluster
-/// mode). A `ref` is not looked up in a new epoch: the id
+/// KEYS: meta, hist, ref, the archive stream. ARGV: channel, JSON before the id, JSON after
+/// it, epoch candidate, history size, history TTL (ms), dedupe window (s, 0 = off), the epoch
+/// and last id the publishing node delivered (`""`, 0: none), the publish command
+/// (`SPUBLISH` in cluster mode), and the archive stream's cap (0: no archive; never in
+/// cluster mode, where the stream would be on another shard). With the archive on, the
+/// message is also appended to the archive stream (capped, approximately), which the nodes
+/// consume (`archive::stream`). A `ref` is not looked up in a new epoch: the id
 /// it got belongs to the old one. Ids never go back below what the node delivered: a Redis
 /// that lost its newest writes (a failover before they reached the replica) gives the next
 /// message a new id, and the lost ones are a gap the receivers report.
@@ -68,6 +71,10 @@ end
 local id = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local msg = ARGV[2] .. id .. ',"epoch":"' .. epoch .. '"' .. ARGV[3]
 redis.call(ARGV[10], ARGV[1], msg)
+local archive_cap = tonumber(ARGV[11])
+if archive_cap > 0 then
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', archive_cap, '*', 'm', msg)
+end
 local size = tonumber(ARGV[5])
 if size > 0 then
   local ttl = tonumber(ARGV[6])
@@ -148,6 +155,8 @@ pub(super) struct Scripts {
     /// Cluster mode: the room is a hash tag in key and channel names, published with
     /// `SPUBLISH`.
     sharded: bool,
+    /// Entries the archive stream keeps at most (about); 0 when the archive is off.
+    archive_cap: usize,
 }
 
 impl Scripts {
@@ -157,6 +166,7 @@ impl Scripts {
         client: Option<Client>,
         config: &RedisConfig,
         policy: &RoomsConfig,
+        archive_cap: usize,
     ) -> Result<Self, RedisError> {
         let publish_timeout = Duration::from_millis(config.publish_timeout_ms);
         Ok(Self {
@@ -172,7 +182,18 @@ impl Scripts {
             dedupe_window_secs: policy.dedupe_window_secs,
             wait_replicas: config.wait_replicas,
             sharded: config.mode == RedisMode::Cluster,
+            // One stream for every room cannot be written by a script on a room's shard.
+            archive_cap: if config.mode == RedisMode::Cluster {
+                0
+            } else {
+                archive_cap
+            },
         })
+    }
+
+    /// The archive stream's key: `{prefix}:archive`.
+    pub(super) fn archive_key(&self) -> String {
+        format!("{}archive", self.key_prefix)
     }
 
     /// `{prefix}:room:`; a room's channel is this plus its name (in braces when sharded).
@@ -239,6 +260,7 @@ impl Scripts {
         let mut call = self.publish_script.key(self.key("meta", room));
         call.key(self.key("hist", room))
             .key(format!("{}:{dedupe}", self.key("ref", room)))
+            .key(self.archive_key())
             .arg(self.channel(room))
             .arg(envelope.draft.template.head())
             .arg(envelope.draft.template.tail())
@@ -249,7 +271,8 @@ impl Scripts {
         let (epoch, last_id) = delivered.unwrap_or_default();
         call.arg(epoch)
             .arg(last_id)
-            .arg(if self.sharded { "SPUBLISH" } else { "PUBLISH" });
+            .arg(if self.sharded { "SPUBLISH" } else { "PUBLISH" })
+            .arg(self.archive_cap);
         let started = tokio::time::Instant::now();
         let (id, duplicate, epoch) = self.invoke::<(u64, u8, String)>(call).await?;
         if self.wait_replicas > 0 {

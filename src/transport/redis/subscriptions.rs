@@ -157,6 +157,7 @@ mod tests {
             hub,
             metrics,
             webhooks,
+            0,
         )
         .unwrap()
     }
