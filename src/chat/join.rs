@@ -160,7 +160,7 @@ impl<P: Protocol> Chat<P> {
             node.transport.online(&room)
         };
         let snapshot = if history {
-            Some(node.transport.snapshot(&room, since.as_ref()).await)
+            Some(node.snapshot(&room, since.as_ref()).await)
         } else {
             None
         };

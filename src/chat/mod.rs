@@ -268,7 +268,6 @@ impl<P: Protocol> Chat<P> {
         self.check_member(room)?;
         let page = self
             .node
-            .transport
             .page(room, before, limit)
             .await
             .map_err(|e| unavailable(room, &e))?;
