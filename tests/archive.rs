@@ -832,3 +832,139 @@ async fn archive_rate() {
         m.batches_total.get()
     );
 }
+
+/// A test server on the embedded transport archiving into `url`, keeping `history` messages
+/// per room in memory.
+fn archived_config(url: &str, history: usize) -> scalechat::config::Config {
+    let mut config = common::config();
+    config.archive = settings(url);
+    config.rooms.history_size = history;
+    config.rooms.history_on_join = history.min(2);
+    config
+}
+
+#[tokio::test]
+async fn a_single_node_restarted_with_postgres_continues_its_rooms_and_pages_into_the_archive() {
+    let pg = Postgres::start().await;
+    let server = common::start(archived_config(&pg.url(), 3)).await;
+    let mut alice = server.client("name=alice").await;
+    alice.say_acked("m", 5).await;
+    let first = server.client("name=bob").await;
+    drop(first);
+    server.stop().await;
+    assert_eq!(rows(&pg).await, 5, "written at shutdown at the latest");
+
+    let server = common::start(archived_config(&pg.url(), 3)).await;
+    let mut bob = common::Client::connect(&server.url("name=bob")).await;
+    bob.expect("welcome").await;
+    let (joined, history) = bob.joined().await;
+    let epoch = joined["epoch"].as_str().unwrap().to_owned();
+    assert_eq!(joined["last_id"], 5, "{joined}");
+    assert!(history.is_empty(), "the restarted node's memory holds none");
+    bob.say("general", "after the restart", "b1").await;
+    let sent = bob.expect_chat().await;
+    assert_eq!(
+        (sent["id"].as_u64(), sent["epoch"].as_str()),
+        (Some(6), Some(epoch.as_str()))
+    );
+    // Paging back reaches the messages from before the restart, in the archive.
+    bob.send(serde_json::json!({"type":"history","room":"general","before":6,"limit":10}))
+        .await;
+    let page = loop {
+        let frame = bob.recv().await;
+        if frame["type"] == "history" {
+            break frame;
+        }
+    };
+    let ids: Vec<u64> = page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, [1, 2, 3, 4, 5], "{page}");
+    assert_eq!(page["more"], false);
+    assert_eq!(page["messages"][0]["message"], "m0");
+    // A client that saw message 1 before the restart recovers every message since.
+    let mut carol =
+        common::Client::connect(&server.url(&format!("name=carol&since=1&epoch={epoch}"))).await;
+    carol.expect("welcome").await;
+    let (joined, history) = carol.joined().await;
+    assert_eq!(joined["recovered"], true, "{joined}");
+    assert_eq!(common::ids(&history), [2, 3, 4, 5, 6]);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_node_chats_while_postgres_is_down_and_archives_once_it_is_back() {
+    let mut pg = Postgres::start().await;
+    pg.stop().await;
+    let server = common::start(archived_config(&pg.url(), 200)).await;
+    assert_eq!(common::readyz(server.addr).await, Some(200));
+    let mut alice = server.client("name=alice").await;
+    alice.say_acked("down", 20).await;
+    let (_, metrics) = common::http_get(server.addr, "/metrics", &[]).await;
+    assert!(metrics.contains("scalechat_archive_up 0"), "{metrics}");
+    assert!(
+        metrics.contains("scalechat_archive_queue_messages 20"),
+        "{metrics}"
+    );
+    pg.restart().await;
+    common::eventually_async("archived once back", || async { rows(&pg).await == 20 }).await;
+    server.stop().await;
+}
+
+fn node_env(url: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("DATABASE_URL", url.to_owned()),
+        ("SCALECHAT_ARCHIVE__TIMEOUT_SECS", "2".to_owned()),
+    ]
+}
+
+async fn redis_node(
+    name: &str,
+    redis: &common::backplane::Redis,
+    url: &str,
+) -> common::backplane::Node {
+    let env = node_env(url);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let node = common::backplane::Node::spawn_with(name, redis.port, None, &env);
+    let addr = node.addr;
+    common::eventually_async("node ready", || async move {
+        common::readyz(addr).await == Some(200)
+    })
+    .await;
+    node
+}
+
+#[tokio::test]
+async fn many_nodes_on_redis_archive_every_message_once_even_when_the_publisher_is_killed() {
+    let mut pg = Postgres::start().await;
+    let redis = common::backplane::Redis::start(None).await;
+    let url = pg.url();
+    let mut a = redis_node("node-a", &redis, &url).await;
+    let b = redis_node("node-b", &redis, &url).await;
+    let mut alice = a.client("name=alice").await;
+    let mut bob = b.client("name=bob").await;
+    alice.say_acked("a", 50).await;
+    bob.say_acked("b", 50).await;
+    common::eventually_async("100 rows", || async { rows(&pg).await == 100 }).await;
+    // PostgreSQL down: the nodes hold what they read. A burst acked on node A, then A is
+    // killed (SIGKILL) before it could write; restarted under its name, it archives it.
+    pg.kill().await;
+    alice.say_acked("burst", 100).await;
+    a.child.kill().await.unwrap();
+    pg.restart().await;
+    a = redis_node("node-a", &redis, &url).await;
+    common::eventually_async("200 rows", || async { rows(&pg).await == 200 }).await;
+    assert_eq!(
+        pg.query_i64(
+            "postgres",
+            "SELECT count(*) FROM (SELECT DISTINCT room, epoch, id FROM scalechat_messages) d"
+        )
+        .await,
+        200
+    );
+    let c = a.client("name=carol").await;
+    drop(c);
+}
