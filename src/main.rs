@@ -209,12 +209,23 @@ fn migrate(config: &Config) -> ExitCode {
     }
 }
 
+/// The log filter of `log.level`. The connection pool's own warnings (one per connection
+/// attempt during a PostgreSQL outage) are left out unless the level names `deadpool`: the
+/// archive logs an outage once when it starts and once when it ends.
+fn level_filter(level: &str) -> Result<EnvFilter, tracing_subscriber::filter::ParseError> {
+    let filter = EnvFilter::try_new(level)?;
+    if level.contains("deadpool") {
+        return Ok(filter);
+    }
+    Ok(filter.add_directive("deadpool=error".parse()?))
+}
+
 /// Handle to swap the log filter on reload.
 type LogFilter = reload::Handle<EnvFilter, Registry>;
 
 fn init_tracing(config: &Config) -> LogFilter {
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&config.log.level))
+        .or_else(|_| level_filter(&config.log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
     let fmt = tracing_subscriber::fmt::layer()
@@ -326,7 +337,7 @@ impl Reloader {
         if new.log.level != self.current.log.level {
             if std::env::var_os("RUST_LOG").is_some() {
                 warn!("RUST_LOG is set and replaces log.level: the log filter is unchanged");
-            } else if let Err(e) = EnvFilter::try_new(&new.log.level)
+            } else if let Err(e) = level_filter(&new.log.level)
                 .map_err(|e| e.to_string())
                 .and_then(|f| self.log_filter.reload(f).map_err(|e| e.to_string()))
             {
