@@ -27,11 +27,13 @@ python3 -c 'import yaml' 2>/dev/null || apt-get install -y -qq python3-yaml
 python3 - <<'PY'
 import sys, yaml
 services = yaml.safe_load(open("docker-compose.yml"))["services"]
-want = {"redis", "scalechat-1", "scalechat-2", "nginx"}
+want = {"redis", "postgres", "scalechat-1", "scalechat-2", "nginx"}
 if set(services) != want:
     sys.exit(f"docker-compose.yml services: {sorted(services)}, want {sorted(want)}")
 for node in ("scalechat-1", "scalechat-2"):
     if services[node]["build"]["dockerfile"] != "packaging/Dockerfile":
         sys.exit(f"{node} is not built from packaging/Dockerfile")
+    if "@postgres:5432/" not in services[node]["environment"].get("DATABASE_URL", ""):
+        sys.exit(f"{node} does not archive into the postgres service")
 PY
 echo "ok: config/nginx.conf, docker-compose.yml"
