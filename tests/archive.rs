@@ -968,3 +968,73 @@ async fn many_nodes_on_redis_archive_every_message_once_even_when_the_publisher_
     let c = a.client("name=carol").await;
     drop(c);
 }
+
+/// The `search` reply to `query` in general (after `cursor`), skipping chat frames.
+async fn search(
+    client: &mut common::Client,
+    query: &str,
+    cursor: Option<&str>,
+    limit: u64,
+) -> serde_json::Value {
+    client
+        .send(serde_json::json!({
+            "type":"search","room":"general","query":query,"cursor":cursor,"limit":limit
+        }))
+        .await;
+    loop {
+        let frame = client.recv().await;
+        if frame["type"] == "search" || frame["type"] == "error" {
+            return frame;
+        }
+    }
+}
+
+#[tokio::test]
+async fn clients_search_a_rooms_archive_newest_first_and_any_query_is_answered() {
+    let pg = Postgres::start().await;
+    let server = common::start(archived_config(&pg.url(), 200)).await;
+    let mut alice = server.client("name=alice").await;
+    for (n, text) in [
+        "deploy at five",
+        "lunch?",
+        "the deploy failed",
+        "Deploy fixed",
+    ]
+    .iter()
+    .enumerate()
+    {
+        alice.say("general", text, &format!("s{n}")).await;
+        alice.expect_chat().await;
+    }
+    common::eventually_async("archived", || async { rows(&pg).await == 4 }).await;
+    let page = search(&mut alice, "deploy", None, 2).await;
+    let texts: Vec<&str> = page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["Deploy fixed", "the deploy failed"], "{page}");
+    let cursor = page["cursor"].as_str().unwrap().to_owned();
+    let rest = search(&mut alice, "deploy", Some(&cursor), 2).await;
+    assert_eq!(rest["messages"][0]["message"], "deploy at five", "{rest}");
+    assert!(rest["cursor"].is_null(), "{rest}");
+    for query in [
+        "\"",
+        "'; DROP TABLE scalechat_messages; --",
+        "a & | ! ( ) <->",
+        "-",
+    ] {
+        let answer = search(&mut alice, query, None, 10).await;
+        assert_eq!(answer["type"], "search", "{query:?}: {answer}");
+    }
+    let bad = search(&mut alice, "deploy", Some("not-a-cursor"), 10).await;
+    assert_eq!(bad["code"], "bad_field", "{bad}");
+    server.stop().await;
+    // Without the archive, search is refused in words.
+    let server = common::start(common::config()).await;
+    let mut bob = server.client("name=bob").await;
+    let answer = search(&mut bob, "deploy", None, 10).await;
+    assert_eq!(answer["code"], "unavailable", "{answer}");
+    server.stop().await;
+}

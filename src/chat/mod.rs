@@ -10,6 +10,7 @@
 
 mod join;
 pub(crate) mod rate;
+mod search;
 
 use std::marker::PhantomData;
 use std::sync::Arc;

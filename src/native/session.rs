@@ -195,6 +195,22 @@ impl Session {
                     page.more,
                 ))
             }),
+            Request::Search {
+                room,
+                query,
+                cursor,
+                limit,
+            } => chat
+                .search(&room, &query, cursor.as_deref(), limit)
+                .await
+                .map(|page| {
+                    Some(native::search_frame(
+                        &room,
+                        &query,
+                        &page.messages,
+                        page.cursor.as_deref(),
+                    ))
+                }),
             Request::Send {
                 room,
                 message,

@@ -55,7 +55,25 @@ pub enum Request {
         /// The room.
         room: RoomName,
     },
+    /// Full-text search over a room's archived messages, newest first.
+    Search {
+        /// The room.
+        room: RoomName,
+        /// Words, "quoted phrases", `or`, `-word`; any text is valid.
+        query: String,
+        /// Where the page starts: the previous page's `cursor`.
+        cursor: Option<String>,
+        /// At most this many.
+        limit: usize,
+    },
 }
+
+/// Longest `search` query, in characters.
+pub const MAX_SEARCH_QUERY_CHARS: usize = 256;
+/// Most messages one `search` request returns.
+pub const MAX_SEARCH_PAGE: usize = 50;
+/// Longest `cursor` a `search` page returns (time, id and epoch).
+pub const MAX_SEARCH_CURSOR_LEN: usize = 128;
 
 /// Where a client left a room: the id of the last message it saw, and the room's epoch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -200,9 +218,41 @@ fn decode_typed(
         "leave" => Ok(Request::Leave {
             room: required_room(obj)?,
         }),
+        "search" => {
+            let room = required_room(obj)?;
+            let query = optional_str(obj, "query")?.unwrap_or_default();
+            if query.trim().is_empty() || query.chars().count() > MAX_SEARCH_QUERY_CHARS {
+                return Err(ProtocolError::new(
+                    ErrorCode::BadField,
+                    format!("`query` must be 1 to {MAX_SEARCH_QUERY_CHARS} characters"),
+                ));
+            }
+            let cursor = optional_str(obj, "cursor")?;
+            if cursor.is_some_and(|c| c.len() > MAX_SEARCH_CURSOR_LEN) {
+                return Err(ProtocolError::new(
+                    ErrorCode::BadField,
+                    "`cursor` must be one a search page returned",
+                ));
+            }
+            let limit = optional_u64(obj, "limit")?.unwrap_or(20);
+            if limit == 0 || limit > MAX_SEARCH_PAGE as u64 {
+                return Err(ProtocolError::new(
+                    ErrorCode::BadField,
+                    format!("`limit` must be 1 to {MAX_SEARCH_PAGE}"),
+                ));
+            }
+            Ok(Request::Search {
+                room,
+                query: query.to_owned(),
+                cursor: cursor.map(str::to_owned),
+                limit: limit as usize,
+            })
+        }
         other => Err(ProtocolError::new(
             ErrorCode::UnknownType,
-            format!("unknown type {other:?}; expected send, join, leave, history or presence"),
+            format!(
+                "unknown type {other:?}; expected send, join, leave, history, presence or search"
+            ),
         )),
     }
 }
@@ -438,6 +488,36 @@ pub(crate) fn history_frame(
     }
     json.extend_from_slice(b"],\"more\":");
     json.extend_from_slice(if more { b"true" } else { b"false" });
+    json.push(b'}');
+    ws::text(&json)
+}
+
+/// A `search` reply: `{"type":"search","room":…,"query":…,"messages":[…],"cursor":…}`, the
+/// messages newest first; `cursor` (null on the last page) asks for the next page.
+pub(crate) fn search_frame(
+    room: &RoomName,
+    query: &str,
+    messages: &[Arc<Message>],
+    cursor: Option<&str>,
+) -> Bytes {
+    let size: usize = messages.iter().map(|m| m.json().len() + 1).sum();
+    let mut json = Vec::with_capacity(96 + query.len() + size);
+    json.extend_from_slice(b"{\"type\":\"search\",\"room\":");
+    push_json_str(&mut json, room.as_str());
+    json.extend_from_slice(b",\"query\":");
+    push_json_str(&mut json, query);
+    json.extend_from_slice(b",\"messages\":[");
+    for (i, message) in messages.iter().enumerate() {
+        if i > 0 {
+            json.push(b',');
+        }
+        json.extend_from_slice(&message.json());
+    }
+    json.extend_from_slice(b"],\"cursor\":");
+    match cursor {
+        Some(cursor) => push_json_str(&mut json, cursor),
+        None => json.extend_from_slice(b"null"),
+    }
     json.push(b'}');
     ws::text(&json)
 }

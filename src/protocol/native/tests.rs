@@ -7,6 +7,36 @@ fn code(payload: &str) -> ErrorCode {
 }
 
 #[test]
+fn search_requests_are_bounded() {
+    assert_eq!(
+        decode(
+            br#"{"type":"search","room":"dev","query":"a \"b\" -c"}"#,
+            10
+        )
+        .unwrap(),
+        Request::Search {
+            room: RoomName::new("dev").unwrap(),
+            query: "a \"b\" -c".into(),
+            cursor: None,
+            limit: 20,
+        }
+    );
+    for bad in [
+        r#"{"type":"search","room":"dev"}"#,
+        r#"{"type":"search","room":"dev","query":"  "}"#,
+        r#"{"type":"search","room":"dev","query":"x","limit":51}"#,
+        r#"{"type":"search","room":"dev","query":"x","limit":0}"#,
+    ] {
+        assert_eq!(code(bad), ErrorCode::BadField, "{bad}");
+    }
+    let long = format!(
+        r#"{{"type":"search","room":"dev","query":"{}"}}"#,
+        "é".repeat(257)
+    );
+    assert_eq!(code(&long), ErrorCode::BadField);
+}
+
+#[test]
 fn decodes_each_request() {
     assert_eq!(
         decode(br#"{"type":"send","message":"hi","ref":"c-1"}"#, 10).unwrap(),
