@@ -12,6 +12,7 @@ const MAX_UNAVAILABLE_TRIES = 5;
 const MAX_ITEMS_PER_ROOM = 500; // older messages are dropped from memory and the page
 const MAX_OUTBOX = 100; // unsent messages held while offline: no unbounded queues
 const HISTORY_PAGE = 50; // older messages asked for per "load older messages"
+const SEARCH_PAGE = 20; // search results asked for per page
 const HISTORY_TIMEOUT_MS = 10_000; // a page request without an answer may be asked again
 const MEMBERS_PAGE = 200; // members asked for per `presence` request (the server's maximum)
 const MAX_MEMBERS = 1000; // names listed per room; beyond them the panel says "and N more"
@@ -43,6 +44,9 @@ const ui = {
   membersToggle: $('#members-toggle'), membersToggleCount: $('#members-toggle-count'),
   membersPanel: $('#members-panel'), membersClose: $('#members-close'), memberCount: $('#member-count'),
   membersNote: $('#members-note'), members: $('#members'), membersMore: $('#members-more'),
+  searchForm: $('#search-form'), searchInput: $('#search-input'), searchResults: $('#search-results'),
+  searchSummary: $('#search-summary'), searchList: $('#search-list'), searchMore: $('#search-more'),
+  searchClose: $('#search-close'),
   sendForm: $('#send-form'), input: $('#message-input'), sendButton: $('#send-button'),
   composeHint: $('#compose-hint'), composeNote: $('#compose-note'), error: $('#error'),
 };
@@ -75,6 +79,7 @@ const state = {
   name: null, // our display name
   rooms: new Map(), // joined (or to-be-joined) rooms, in display order
   current: null, // the room in view
+  search: null, // the search on screen (see searchRoom)
   outbox: [], // pending items not yet acked, in send order: resent after a reconnect
   // `join`s on this connection as { room, dm, wanted } (`room` null: a direct-message room
   // whose name is not known yet), the first room's too. The server answers each, in order, with
@@ -295,7 +300,28 @@ const handlers = {
   },
   member_joined(f) { memberEvent(f); },
   member_left(f) { memberEvent(f); },
+  search(f) {
+    const search = state.search;
+    // Only the answer to the search on screen; an older one (another room or query) is dropped.
+    if (!search || f.room !== search.room || f.query !== search.query) return;
+    search.pending = false;
+    search.cursor = typeof f.cursor === 'string' ? f.cursor : null;
+    for (const m of Array.isArray(f.messages) ? f.messages : []) {
+      search.found += 1;
+      ui.searchList.append(messageEl({ id: m.id, epoch: m.epoch, user: m.user, ts: m.ts,
+        text: m.message, own: m.user === state.name }));
+    }
+    renderSearch();
+  },
   error(f) {
+    if (state.search?.pending && !f.ref && (f.code === 'unavailable' || f.code === 'bad_field')) {
+      // The answer to our search: the archive is off or down, or the cursor is stale.
+      state.search.pending = false;
+      state.search.cursor = null;
+      state.search.problem = f.code === 'unavailable'
+        ? 'Search is not available on this server right now.' : 'That search could not be continued.';
+      return renderSearch();
+    }
     const item = f.ref && state.outbox.find((x) => x.ref === f.ref);
     if (item) return refused(item, f);
     if (f.code === 'too_many_rooms' || f.code === 'forbidden') {
@@ -817,6 +843,40 @@ function nameProblem(name) {
 
 // ---- Events ----
 
+// The search on screen: { room, query, cursor, pending, found, problem }, or null.
+function searchRoom(query) {
+  if (!state.current || !conn.ready) return showError('Connect and join a room to search it.');
+  state.search = { room: state.current, query, cursor: null, pending: true, found: 0, problem: null };
+  ui.searchList.replaceChildren();
+  conn.send({ type: 'search', room: state.current, query, limit: SEARCH_PAGE });
+  renderSearch();
+  return true;
+}
+
+function searchMore() {
+  const search = state.search;
+  if (!search?.cursor || search.pending || !conn.ready) return;
+  search.pending = true;
+  conn.send({ type: 'search', room: search.room, query: search.query, cursor: search.cursor, limit: SEARCH_PAGE });
+  renderSearch();
+}
+
+function closeSearch() {
+  state.search = null;
+  ui.searchList.replaceChildren();
+  renderSearch();
+}
+
+function renderSearch() {
+  const search = state.search;
+  ui.searchResults.hidden = !search;
+  if (!search) return;
+  ui.searchSummary.textContent = search.problem ?? (search.pending ? 'Searching…'
+    : search.found === 0 ? `No messages in #${search.room} match “${search.query}”.`
+      : `${search.found} message${search.found === 1 ? '' : 's'} in #${search.room} match “${search.query}”, newest first.`);
+  ui.searchMore.hidden = !search.cursor || search.pending;
+}
+
 function bindEvents() {
   ui.login.addEventListener('submit', (event) => {
     event.preventDefault();
@@ -888,6 +948,14 @@ function bindEvents() {
     if (m.scrollTop <= 0 && m.scrollHeight > m.clientHeight && !ui.loadOlder.hidden) loadOlder();
   });
   ui.loadOlder.addEventListener('click', loadOlder);
+  ui.searchForm.addEventListener('submit', (event) => {
+    event.preventDefault();
+    const query = ui.searchInput.value.trim();
+    if (query) searchRoom(query);
+    else closeSearch();
+  });
+  ui.searchMore.addEventListener('click', searchMore);
+  ui.searchClose.addEventListener('click', () => { closeSearch(); ui.searchInput.value = ''; });
   // The list shrinks when a phone keyboard opens: stay on the newest message if we were there.
   new ResizeObserver(() => { if (state.stuck) scrollToEnd(); }).observe(ui.messages);
   ui.newMessages.addEventListener('click', () => { scrollToEnd(); ui.input.focus(); });
