@@ -51,7 +51,7 @@ pub enum ArchiveError {
     #[error("archive.url: {0}")]
     Config(String),
     /// PostgreSQL refused or failed a statement, or the connection failed.
-    #[error("PostgreSQL: {0}")]
+    #[error("PostgreSQL: {}", describe(.0))]
     Postgres(#[from] tokio_postgres::Error),
     /// No connection could be had from the pool.
     #[error("no connection to PostgreSQL: {0}")]
@@ -72,6 +72,18 @@ pub enum ArchiveError {
          run `scalechat migrate`"
     )]
     Schema,
+}
+
+/// What went wrong, in words: the server's message for a refused statement (the client's
+/// `Display` says only "db error"), else the error and its cause.
+fn describe(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{}: {}", db.severity(), db.message());
+    }
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    }
 }
 
 /// The archive of one node: its queue, its connections and its writer.
@@ -268,6 +280,13 @@ impl Archive {
             // A writer that panicked has nothing left to write.
             let _ = writer.await;
         }
+    }
+
+    /// Waits until the schema is up to date (the writer migrated or checked it).
+    pub async fn schema_ready(&self) {
+        let mut ready = self.shared.schema_ready.subscribe();
+        // The sender lives in `shared`, held here: waiting cannot fail.
+        let _ = ready.wait_for(|ready| *ready).await;
     }
 
     /// Whether PostgreSQL answered the last call.

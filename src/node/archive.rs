@@ -41,7 +41,12 @@ pub(crate) async fn start(
     let mut positions = Vec::new();
     if config.transport == TransportKind::Memory {
         let limit = Duration::from_secs(config.archive.timeout_secs);
-        match tokio::time::timeout(limit, archive.positions()).await {
+        // A fresh database gets its tables first; then there is nothing to continue.
+        let read = async {
+            archive.schema_ready().await;
+            archive.positions().await
+        };
+        match tokio::time::timeout(limit, read).await {
             Ok(Ok(found)) => positions = found,
             Ok(Err(e)) => warn!(
                 error = %e,
