@@ -103,7 +103,6 @@ pub(super) async fn history(node: &Arc<Node>, name: &str, query: &str) -> Result
         .transpose()?;
     let limit = number(query, "limit", 50, 1..=MAX_HISTORY_PAGE as u64)? as usize;
     let page = node
-        .transport
         .page(&room, before, limit)
         .await
         .map_err(|e| unavailable(&e))?;
