@@ -1038,3 +1038,49 @@ async fn clients_search_a_rooms_archive_newest_first_and_any_query_is_answered()
     assert_eq!(answer["code"], "unavailable", "{answer}");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn on_redis_history_and_recovery_reach_past_the_rooms_history_into_the_archive() {
+    let pg = Postgres::start().await;
+    let redis = common::backplane::Redis::start(None).await;
+    let url = pg.url();
+    let env = [
+        ("DATABASE_URL", url.as_str()),
+        ("SCALECHAT_ROOMS__HISTORY_SIZE", "5"),
+        ("SCALECHAT_ROOMS__HISTORY_ON_JOIN", "5"),
+    ];
+    let node = common::backplane::Node::spawn_with("node-a", redis.port, None, &env);
+    let addr = node.addr;
+    common::eventually_async("node ready", || async move {
+        common::readyz(addr).await == Some(200)
+    })
+    .await;
+    let (mut alice, joined, _) = node.connect("name=alice").await;
+    let epoch = joined["epoch"].as_str().unwrap().to_owned();
+    alice.say_acked("r", 20).await;
+    common::eventually_async("20 rows", || async { rows(&pg).await == 20 }).await;
+    // Redis keeps 16..=20; a client that saw message 2 recovers 3..=20.
+    let (_, joined, history) = node
+        .connect(&format!("name=bob&since=2&epoch={epoch}"))
+        .await;
+    assert_eq!(joined["recovered"], true, "{joined}");
+    assert_eq!(common::ids(&history), (3..=20).collect::<Vec<_>>());
+    // Paging back from the oldest Redis still holds goes on in the archive.
+    alice
+        .send(serde_json::json!({"type":"history","room":"general","before":16,"limit":10}))
+        .await;
+    let page = loop {
+        let frame = alice.recv().await;
+        if frame["type"] == "history" {
+            break frame;
+        }
+    };
+    let ids: Vec<u64> = page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, (6..=15).collect::<Vec<_>>(), "{page}");
+    assert_eq!(page["more"], true);
+}
