@@ -1676,6 +1676,13 @@ mod tests {
         }
         let found = problems("[archive]\npool_size = 0\nbatch_max_messages = 0");
         assert_eq!(found.len(), 2, "{found:?}");
+        let cluster = "transport = \"redis\"\n[redis]\nmode = \"cluster\"\n\
+                       [archive]\nurl = \"postgres://u@h/db\"";
+        let found = problems(cluster);
+        assert!(
+            found.iter().any(|p| p.starts_with("archive.url:")),
+            "{found:?}"
+        );
     }
 
     #[test]

@@ -260,7 +260,13 @@ impl Scripts {
         let mut call = self.publish_script.key(self.key("meta", room));
         call.key(self.key("hist", room))
             .key(format!("{}:{dedupe}", self.key("ref", room)))
-            .key(self.archive_key())
+            // Without the archive, a key of the room's own (never written): in cluster mode
+            // every key a script names must be on the room's shard.
+            .key(if self.archive_cap > 0 {
+                self.archive_key()
+            } else {
+                self.key("meta", room)
+            })
             .arg(self.channel(room))
             .arg(envelope.draft.template.head())
             .arg(envelope.draft.template.tail())
