@@ -144,21 +144,29 @@ impl Postgres {
             self.port
         );
         let log = self.dir.join("server.log");
-        let started = try_run(
-            "pg_ctl",
-            &[
-                "-D",
-                path(&self.data()),
-                "-l",
-                path(&log),
-                "-o",
-                &options,
-                "-w",
-                "-t",
-                "30",
-                "start",
-            ],
-        );
+        let data = self.data();
+        let args = [
+            "-D",
+            path(&data),
+            "-l",
+            path(&log),
+            "-o",
+            &options,
+            "-w",
+            "-t",
+            "30",
+            "start",
+        ];
+        // While the server was down, another test may have taken its port for a moment (each
+        // picks free ports): a start that fails is tried again, a few times.
+        let mut started = try_run("pg_ctl", &args);
+        for _ in 0..5 {
+            if started.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            started = try_run("pg_ctl", &args);
+        }
         if let Err(e) = started {
             let log = std::fs::read_to_string(&log).unwrap_or_default();
             panic!("{e}\nserver log:\n{log}");
