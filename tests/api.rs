@@ -50,6 +50,29 @@ async fn call(
     (status, json)
 }
 
+/// One HTTP/1.1 request without a key: the status and the body as text.
+async fn call_raw(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(body.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(common::WAIT, stream.read_to_end(&mut answer))
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text[9..12].parse().unwrap();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
 async fn post(addr: SocketAddr, path: &str, body: Value) -> (u16, Value) {
     call(addr, "POST", path, Some(KEY), Some(&body.to_string())).await
 }
@@ -225,6 +248,18 @@ async fn on_two_nodes_posts_reach_every_protocol_once_and_disconnects_reach_ever
     }
     let mut on_b = b.client("name=bea&room=dev").await;
     let mut on_a = a.client("name=al&room=dev").await;
+    // A Socket.IO member on node b too, over long-polling.
+    let (_, open) = call_raw(
+        b.addr,
+        "GET",
+        "/socket.io/?EIO=4&transport=polling&room=dev",
+        "",
+    )
+    .await;
+    let open: Value = serde_json::from_str(open.strip_prefix('0').unwrap()).unwrap();
+    let sid = open["sid"].as_str().unwrap().to_owned();
+    let polling = format!("/socket.io/?EIO=4&transport=polling&sid={sid}");
+    call_raw(b.addr, "POST", &polling, r#"40{"name":"sio"}"#).await;
     on_a.say("dev", "client first", "c1").await;
     // Messages `client` received, by id and text, until it has `count`.
     async fn messages(client: &mut common::Client, seen: &mut Vec<(u64, String)>, count: usize) {
@@ -254,6 +289,18 @@ async fn on_two_nodes_posts_reach_every_protocol_once_and_disconnects_reach_ever
     assert_eq!(answer["id"], 2);
     let mut seen_b = Vec::new();
     messages(&mut on_b, &mut seen_b, 2).await;
+    let mut packets = String::new();
+    for _ in 0..20 {
+        packets.push_str(&call_raw(b.addr, "GET", &polling, "").await.1);
+        if packets.contains("api second") {
+            break;
+        }
+    }
+    assert_eq!(packets.matches("api second").count(), 1, "{packets}");
+    assert!(
+        packets.find("client first") < packets.find("api second"),
+        "{packets}"
+    );
     messages(&mut on_a, &mut seen_a, 2).await;
     let expected = [(1, "client first".to_owned()), (2, "api second".to_owned())];
     assert_eq!(
@@ -275,11 +322,11 @@ async fn on_two_nodes_posts_reach_every_protocol_once_and_disconnects_reach_ever
     let mut listed = false;
     for _ in 0..50 {
         let (_, rooms) = get(a.addr, "/api/v1/rooms").await;
-        if rooms["rooms"] == json!([{"room":"dev","online":1}]) {
+        if rooms["rooms"] == json!([{"room":"dev","online":2}]) {
             listed = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(listed, "only al is left in dev: {rooms}");
+    assert!(listed, "al and sio are left in dev: {rooms}");
 }
