@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::backplane::free_port;
+use common::within;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -21,26 +23,6 @@ const DOWN_AFTER_MS: u64 = 1000;
 /// acked by the new master (detection `DOWN_AFTER_MS`, the sentinels' vote and promotion,
 /// then the node's reconnect with its backoff of at most 5 s).
 const RESUME_WITHIN: Duration = Duration::from_secs(15);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
-/// Polls the async `condition` until it holds, failing after `limit`.
-async fn within<F, Fut>(limit: Duration, what: &str, condition: F)
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while !condition().await {
-        assert!(Instant::now() < deadline, "timed out waiting: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// One `redis-server` process of the topology.
 struct Server {
