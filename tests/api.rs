@@ -24,39 +24,41 @@ async fn call(
     key: Option<&str>,
     body: Option<&str>,
 ) -> (u16, Value) {
+    let (status, text) = request(
+        addr,
+        method,
+        path,
+        key,
+        "application/json",
+        body.unwrap_or(""),
+    )
+    .await;
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// One HTTP/1.1 request without a key: the status and the body as text.
+async fn call_raw(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    request(addr, method, path, None, "text/plain", body).await
+}
+
+/// One HTTP/1.1 request (with `key`, when given): the status and the body as text.
+async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    content_type: &str,
+    body: &str,
+) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     let mut head = format!("{method} {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n");
     if let Some(key) = key {
         head.push_str(&format!("authorization: Bearer {key}\r\n"));
     }
-    let body = body.unwrap_or("");
     head.push_str(&format!(
-        "content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        "content-type: {content_type}\r\ncontent-length: {}\r\n\r\n",
         body.len()
     ));
-    stream.write_all(head.as_bytes()).await.unwrap();
-    stream.write_all(body.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(common::WAIT, stream.read_to_end(&mut answer))
-        .await
-        .expect("an answer in time")
-        .unwrap();
-    let text = String::from_utf8_lossy(&answer);
-    let status = text[9..12].parse().unwrap();
-    let json = text
-        .split_once("\r\n\r\n")
-        .and_then(|(_, b)| serde_json::from_str(b).ok())
-        .unwrap_or(Value::Null);
-    (status, json)
-}
-
-/// One HTTP/1.1 request without a key: the status and the body as text.
-async fn call_raw(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n",
-        body.len()
-    );
     stream.write_all(head.as_bytes()).await.unwrap();
     stream.write_all(body.as_bytes()).await.unwrap();
     let mut answer = Vec::new();
