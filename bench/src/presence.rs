@@ -41,8 +41,12 @@ pub async fn run(plan: &Plan, opts: &ServerOpts) -> anyhow::Result<String> {
         return Ok("Presence: skipped (it starts its own servers; drop --url).\n\n".into());
     }
     let mut out = churn_on_off(plan, opts).await?;
-    out.push_str(&storm::run(plan, opts).await?);
-    out.push_str(&pages(plan, opts).await?);
+    if plan.storm_members > 0 {
+        out.push_str(&storm::run(plan, opts).await?);
+    }
+    if plan.page_members > 0 {
+        out.push_str(&pages(plan, opts).await?);
+    }
     Ok(out)
 }
 

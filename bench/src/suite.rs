@@ -84,7 +84,8 @@ pub struct Plan {
     /// presence churn: pairs of runs with `redis.presence` on, then off.
     #[arg(long, default_value_t = 2)]
     pub presence_rounds: usize,
-    /// join storm: members in the room (each asked for presence events) before it starts.
+    /// join storm: members in the room (each asked for presence events) before it starts;
+    /// 0 skips the join storm.
     #[arg(long, default_value_t = 10_000)]
     pub storm_members: usize,
     /// join storm: members (of those) whose presence frames are counted, in this process.
@@ -96,7 +97,7 @@ pub struct Plan {
     /// join storm: seconds of joining.
     #[arg(long, default_value_t = 10.0)]
     pub storm_secs: f64,
-    /// presence pages: members of the room.
+    /// presence pages: members of the room; 0 skips the pages.
     #[arg(long, default_value_t = 19_000)]
     pub page_members: usize,
     /// presence pages: requests for the first page, timed one by one.

@@ -18,6 +18,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
 use redis::Script;
 use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
@@ -30,13 +32,20 @@ use crate::protocol::presence::{Change, MAX_CURSOR_LEN, Member, Page};
 use crate::transport::{RoomList, TransportError, local_presence};
 use crate::webhooks::{Event, EventKind};
 
-/// Sets this node's connections of users in a room; publishes the changes of who is in it.
-/// KEYS: pres, pres-since, pres-node. ARGV: channel, room, then (user, count, since) triples.
+/// Sets this node's connections of users in a room; publishes the changes of who is in it;
+/// lists the room among the node's rooms while the node has users in it.
+/// KEYS: pres, pres-since, pres-node, presence-rooms (of this node). ARGV: channel, room,
+/// `1` when the node has users in the room (else `0`), then (user, count, since) triples.
 /// Returns the users in the room and the changes it published.
 const SYNC_LUA: &str = r"
 local online = 0
 local changes = {}
-for i = 3, #ARGV, 3 do
+if ARGV[3] == '1' then
+  redis.call('SADD', KEYS[4], ARGV[2])
+else
+  redis.call('SREM', KEYS[4], ARGV[2])
+end
+for i = 4, #ARGV, 3 do
   local user, count, since = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   local old = tonumber(redis.call('HGET', KEYS[3], user) or '0')
   local delta = count - old
@@ -89,6 +98,9 @@ return changes
 
 /// Most (user, count) triples one script call carries.
 const SYNC_CHUNK: usize = 500;
+
+/// Most presence writes in flight at once.
+const WRITES_IN_FLIGHT: usize = 4;
 
 /// How long a join waits for its presence to be written before answering anyway.
 const JOIN_WAIT: Duration = Duration::from_secs(2);
@@ -283,13 +295,43 @@ impl RedisTransport {
 
     /// The presence task: writes marked pairs, renews the node's deadline, removes stopped
     /// nodes' members. Runs for the transport's life.
+    ///
+    /// Writes are pipelined: a mark starts a write at once, even while earlier ones are in
+    /// flight (at most [`WRITES_IN_FLIGHT`]), so a join waits for about one round trip. They
+    /// go out on one connection in the order they read the hub, so Redis applies them in that
+    /// order and ends with the hub's latest state.
     pub(super) async fn run_presence(self: Arc<Self>) {
         let mut renew = tokio::time::interval(self.presence.timeout / 3);
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut backoff = Backoff::default();
+        let mut writes = FuturesOrdered::new();
         loop {
             tokio::select! {
-                _ = self.presence.wake.notified() => {}
+                () = self.presence.wake.notified(), if writes.len() < WRITES_IN_FLIGHT => {
+                    // Woken by a mark: the connections ready now mark theirs first, so that
+                    // one write carries them all.
+                    tokio::task::yield_now().await;
+                    writes.push_back(self.write_presence());
+                }
+                Some(written) = writes.next() => match written {
+                    Ok(Some(marked)) => {
+                        backoff = Backoff::default();
+                        self.presence.written.send_if_modified(|w| {
+                            let later = marked > *w;
+                            if later {
+                                *w = marked;
+                            }
+                            later
+                        });
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        self.metrics.presence_errors_total.inc();
+                        debug!(error = %e, "presence not written; retrying");
+                        tokio::time::sleep(backoff.next()).await;
+                        self.presence.wake.notify_one();
+                    }
+                },
                 _ = renew.tick() => {
                     if let Err(e) = self.advertise(self.presence.timeout * 3).await {
                         debug!(error = %e, "internal address not advertised");
@@ -301,22 +343,17 @@ impl RedisTransport {
                         self.metrics.presence_errors_total.inc();
                         debug!(error = %e, "presence not renewed");
                     }
+                    // What renewing marked (a whole share to write again).
+                    self.presence.wake.notify_one();
                 }
-            }
-            if let Err(e) = self.write_presence().await {
-                self.metrics.presence_errors_total.inc();
-                debug!(error = %e, "presence not written; retrying");
-                tokio::time::sleep(backoff.next()).await;
-                self.presence.wake.notify_one();
-            } else {
-                backoff = Backoff::default();
             }
         }
     }
 
     /// Writes every marked pair: this node's connections of the user in the room, as the hub
-    /// holds them now. Pairs not written are marked again.
-    async fn write_presence(&self) -> Result<(), TransportError> {
+    /// holds them now. Pairs not written are marked again. Answers the mark written up to,
+    /// `None` when nothing was marked.
+    async fn write_presence(&self) -> Result<Option<u64>, TransportError> {
         let (rooms, marked) = {
             let mut dirty = self
                 .presence
@@ -326,7 +363,7 @@ impl RedisTransport {
             (std::mem::take(&mut dirty.rooms), dirty.marked)
         };
         if rooms.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let mut failed = None;
         let mut rooms = rooms.into_iter();
@@ -353,8 +390,7 @@ impl RedisTransport {
             }
             return Err(e);
         }
-        self.presence.written.send_replace(marked);
-        Ok(())
+        Ok(Some(marked))
     }
 
     async fn write_room(
@@ -365,6 +401,12 @@ impl RedisTransport {
         let now = now_ms();
         let name = room.as_str();
         let users: Vec<&Arc<str>> = users.iter().collect();
+        let rooms_key = self.presence_key("presence-rooms", &self.presence.node);
+        let listed = if self.hub.user_count(name) > 0 {
+            "1"
+        } else {
+            "0"
+        };
         let mut online = 0;
         for chunk in users.chunks(SYNC_CHUNK) {
             let mut call = self
@@ -373,8 +415,10 @@ impl RedisTransport {
                 .key(self.presence_key("pres", name));
             call.key(self.presence_key("pres-since", name))
                 .key(self.presence_key("pres-node", &format!("{name}:{}", self.presence.node)))
+                .key(&rooms_key)
                 .arg(self.presence_channel())
-                .arg(name);
+                .arg(name)
+                .arg(listed);
             for user in chunk {
                 let local = self.hub.local_user(name, user);
                 call.arg(user.as_ref())
@@ -386,14 +430,6 @@ impl RedisTransport {
             self.metrics.presence_writes_total.inc();
             self.report(&changes);
         }
-        let rooms_key = self.presence_key("presence-rooms", &self.presence.node);
-        let mut listed = redis::cmd(if self.hub.user_count(name) > 0 {
-            "SADD"
-        } else {
-            "SREM"
-        });
-        listed.arg(&rooms_key).arg(name);
-        self.scripts.query::<()>(&listed).await?;
         let mut known = self.presence.online();
         if self.hub.members(name) > 0 {
             known.insert(room.clone(), online);
@@ -481,6 +517,15 @@ impl RedisTransport {
     /// occupied, from one to none vacated.
     fn report(&self, changes: &[Vec<u8>]) {
         let webhooks = &self.webhooks;
+        let wanted = [
+            EventKind::RoomOccupied,
+            EventKind::MemberJoined,
+            EventKind::MemberLeft,
+            EventKind::RoomVacated,
+        ];
+        if changes.is_empty() || !wanted.into_iter().any(|kind| webhooks.wants(kind)) {
+            return;
+        }
         let now = now_ms();
         for change in changes.iter().filter_map(|c| Change::decode(c).ok()) {
             let room = change.room.as_str();
