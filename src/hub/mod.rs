@@ -15,7 +15,7 @@
 mod events;
 mod staging;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::fmt;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -243,6 +243,45 @@ impl Hub {
             .flatten()
             .map(|(user, local)| (user.clone(), *local))
             .collect()
+    }
+
+    /// A page of `room`'s local users: the room's user count, up to `limit` users in name
+    /// order after `after`, and whether more follow. Keeps only the page while it looks
+    /// through the room, so a page of a big room costs one pass and `limit` clones.
+    pub(crate) fn users_page(
+        &self,
+        room: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> (usize, Vec<(Arc<str>, LocalUser)>, bool) {
+        let rooms = self.read();
+        let Some(users) = rooms.get(room).map(|r| &r.users) else {
+            return (0, Vec::new(), false);
+        };
+        // The `limit + 1` first names after `after`: the page, and whether one follows it.
+        let keep = limit.saturating_add(1);
+        let mut first: BinaryHeap<&str> = BinaryHeap::with_capacity(keep.min(users.len()));
+        for name in users.keys().map(|u| &**u) {
+            if after.is_some_and(|after| name <= after) {
+                continue;
+            }
+            if first.len() < keep {
+                first.push(name);
+            } else if let Some(mut last) = first.peek_mut()
+                && name < *last
+            {
+                *last = name;
+            }
+        }
+        let more = first.len() > limit;
+        let mut names = first.into_sorted_vec();
+        names.truncate(limit);
+        let page = names
+            .into_iter()
+            .filter_map(|name| users.get_key_value(name))
+            .map(|(user, local)| (user.clone(), *local))
+            .collect();
+        (users.len(), page, more)
     }
 
     /// This node's connections of `user` in `room`.

@@ -248,3 +248,43 @@ fn users_count_once_and_watchers_get_one_frame_per_interval() {
     hub.record_presence(&dev, Change::Left { user: "bob".into() }, 0);
     assert!(hub.presence.take().is_empty());
 }
+
+#[test]
+fn users_pages_walk_the_room_in_name_order_once() {
+    let hub = Hub::default();
+    let lobby = room("lobby");
+    let outbox = Arc::new(Outbox::new(8, 1 << 20));
+    // u0 … u24 joined out of order, u7 twice.
+    for (conn, user) in (0..25).rev().chain([7]).enumerate() {
+        let joiner = Joiner {
+            conn: ConnId(conn as u64),
+            outbox: outbox.clone(),
+            user: format!("u{user:02}").into(),
+            codec: Codec::Native,
+            presence: false,
+        };
+        hub.join_staged(&lobby, &joiner, &Arc::new(Staging::like(&outbox)));
+    }
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let (online, page, more) = hub.users_page("lobby", after.as_deref(), 10);
+        assert_eq!(online, 25);
+        seen.extend(page.iter().map(|(u, l)| (u.to_string(), l.connections)));
+        if !more {
+            break;
+        }
+        after = page.last().map(|(u, _)| u.to_string());
+    }
+    let want: Vec<_> = (0..25)
+        .map(|i| (format!("u{i:02}"), if i == 7 { 2 } else { 1 }))
+        .collect();
+    assert_eq!(seen, want);
+    assert_eq!(
+        hub.users_page("lobby", Some("u24"), 10),
+        (25, Vec::new(), false)
+    );
+    assert_eq!(hub.users_page("nowhere", None, 10), (0, Vec::new(), false));
+    let (_, none, more) = hub.users_page("lobby", None, 0);
+    assert!(none.is_empty() && more);
+}

@@ -23,25 +23,21 @@ pub(super) fn changed(hub: &Hub, room: &RoomName, user: &Arc<str>) -> usize {
 
 /// Up to `limit` of `room`'s members in name order, after the name `cursor`.
 pub(super) fn page(hub: &Hub, room: &RoomName, cursor: Option<&str>, limit: usize) -> Page {
-    let mut users = hub.local_users(room.as_str());
-    let online = users.len();
-    users.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    let start = cursor.map_or(0, |after| users.partition_point(|(u, _)| &**u <= after));
-    let rest = &users[start..];
-    let page = &rest[..rest.len().min(limit)];
+    let (online, page, more) = hub.users_page(room.as_str(), cursor, limit);
+    let cursor = more
+        .then(|| page.last().map(|(u, _)| u.to_string()))
+        .flatten();
     Page {
         online,
         members: page
-            .iter()
+            .into_iter()
             .map(|(user, local)| Member {
-                user: user.clone(),
+                user,
                 connections: local.connections as u64,
                 since: local.since,
             })
             .collect(),
-        cursor: (rest.len() > page.len())
-            .then(|| page.last().map(|(u, _)| u.to_string()))
-            .flatten(),
+        cursor,
     }
 }
 
