@@ -16,12 +16,20 @@
 #   scripts/bench.sh --presence [ARGS...]
 #                               only the presence group (add --quick for small sizes);
 #                               results in target/presence-results.md
+#   scripts/bench.sh --rooms [ARGS...]
+#                               only many rooms (2,000 rooms x 20 members, 40,000 connections)
+#                               on four nodes sharing one Redis, then on four nodes over a
+#                               three-shard Redis Cluster, in the same run: a ramp of rates
+#                               until p99 passes 100 ms or a message is lost (add --quick for
+#                               small sizes); results in target/rooms-results.md
 #   scripts/bench.sh ARGS...    any scalechat-bench suite arguments (see --help)
 #
 # Exits non-zero when a message was lost or duplicated at a rate the servers sustain.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
+# redis-server, and redis-cli (redis-tools) to join the Redis Cluster of the rooms setups.
+command -v redis-server >/dev/null && command -v redis-cli >/dev/null ||
+    { apt-get update -qq && apt-get install -y -qq redis-server redis-tools; }
 cargo build --release --locked --workspace
 target="${CARGO_TARGET_DIR:-target}"
 if [[ "${1:-}" == "--soak" ]]; then
@@ -29,6 +37,11 @@ if [[ "${1:-}" == "--soak" ]]; then
     exec "$target/release/scalechat-bench" soak --server-bin "$target/release/scalechat" \
         --log-dir "$target/bench-logs" --redis-dir "$target/soak-redis" \
         --out "$target/soak-results.md" "$@"
+fi
+if [[ "${1:-}" == "--rooms" ]]; then
+    shift
+    exec "$target/release/scalechat-bench" rooms --server-bin "$target/release/scalechat" \
+        --log-dir "$target/bench-logs" --out "$target/rooms-results.md" "$@"
 fi
 if [[ "${1:-}" == "--presence" ]]; then
     shift

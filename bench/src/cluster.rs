@@ -1,7 +1,8 @@
-//! The servers a scenario runs against: scalechat nodes on the embedded transport or on Redis
-//! (with a `redis-server` of our own), the raw-TCP relay, or nodes given by URL. Started on free
-//! ports with limits raised so that they do not shape the results; read from /proc for CPU time
-//! and resident memory; stopped when dropped.
+//! The servers a scenario runs against: scalechat nodes on the embedded transport, on Redis
+//! (with a `redis-server` of our own) or on a Redis Cluster of our own (`redis-server
+//! --cluster-enabled yes` on free ports, joined with `redis-cli --cluster create`), the raw-TCP
+//! relay, or nodes given by URL. Started on free ports with limits raised so that they do not
+//! shape the results; read from /proc for CPU time and resident memory; stopped when dropped.
 
 use std::fmt;
 use std::net::{SocketAddr, TcpListener};
@@ -24,6 +25,11 @@ pub enum Setup {
     Redis1,
     /// Two scalechat nodes sharing the room through one Redis.
     Redis2,
+    /// Four scalechat nodes sharing one Redis.
+    Redis4,
+    /// Four scalechat nodes on a Redis Cluster of three masters (sharded Pub/Sub, no
+    /// replicas).
+    Cluster4,
     /// The nodes given with --url (not started by the tool).
     External,
 }
@@ -35,6 +41,8 @@ impl fmt::Display for Setup {
             Setup::Memory => "memory 1 node",
             Setup::Redis1 => "redis 1 node",
             Setup::Redis2 => "redis 2 nodes",
+            Setup::Redis4 => "redis 4 nodes",
+            Setup::Cluster4 => "cluster 4 nodes, 3 shards",
             Setup::External => "external",
         })
     }
@@ -49,6 +57,9 @@ pub struct ServerOpts {
     /// The redis-server binary.
     #[arg(long, global = true, default_value = "redis-server")]
     pub redis_bin: String,
+    /// The redis-cli binary (joins the cluster of the `cluster4` setup).
+    #[arg(long, global = true, default_value = "redis-cli")]
+    pub redis_cli: String,
     /// `limits.max_queued_frames` for the started nodes.
     #[arg(long, global = true, default_value_t = 65536)]
     pub max_queued_frames: usize,
@@ -70,15 +81,30 @@ pub struct Node {
     child: Option<Child>,
 }
 
+/// What the scalechat nodes share rooms through.
+#[derive(Clone, Debug)]
+enum Backplane {
+    Memory,
+    /// One redis-server on this port.
+    Redis(u16),
+    /// A Redis Cluster: the seeds, `host:port,host:port,…`.
+    Cluster(String),
+}
+
 /// The running servers of one setup.
 pub struct Cluster {
     pub setup: Setup,
     pub nodes: Vec<Node>,
-    redis: Option<Child>,
+    /// The redis-servers the tool started: one, or a cluster's masters.
+    redis: Vec<Child>,
+    /// The hash slots each of `redis` serves (empty unless a cluster).
+    slots: Vec<Vec<(u16, u16)>>,
+    /// The cluster's data folder (its `nodes.conf` files), removed when dropped.
+    redis_dir: Option<PathBuf>,
     logs: Vec<PathBuf>,
     /// How the redis-server was started (binary, then arguments), to start it again.
     redis_argv: Vec<String>,
-    redis_port: Option<u16>,
+    backplane: Backplane,
     /// Extra environment of the started nodes, to start them again alike.
     node_env: Vec<(String, String)>,
 }
@@ -105,10 +131,12 @@ impl Cluster {
         let mut cluster = Cluster {
             setup,
             nodes: Vec::new(),
-            redis: None,
+            redis: Vec::new(),
+            slots: Vec::new(),
+            redis_dir: None,
             logs: Vec::new(),
             redis_argv: Vec::new(),
-            redis_port: None,
+            backplane: Backplane::Memory,
             node_env: env
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -128,16 +156,23 @@ impl Cluster {
                 cluster.spawn_node(cmd, port, &log)?;
                 wait_listening(cluster.nodes[0].addr).await?;
             }
-            Setup::Memory | Setup::Redis1 | Setup::Redis2 => {
-                let redis_port = match setup {
-                    Setup::Memory => None,
-                    _ => Some(cluster.spawn_redis(opts).await?),
+            Setup::Memory | Setup::Redis1 | Setup::Redis2 | Setup::Redis4 | Setup::Cluster4 => {
+                cluster.backplane = match setup {
+                    Setup::Memory => Backplane::Memory,
+                    Setup::Cluster4 => {
+                        Backplane::Cluster(cluster.spawn_redis_cluster(opts, 3).await?)
+                    }
+                    _ => Backplane::Redis(cluster.spawn_redis(opts).await?),
                 };
-                let count = if setup == Setup::Redis2 { 2 } else { 1 };
+                let count = match setup {
+                    Setup::Redis2 => 2,
+                    Setup::Redis4 | Setup::Cluster4 => 4,
+                    _ => 1,
+                };
                 for i in 0..count {
                     let port = free_port()?;
                     let log = opts.log_dir.join(format!("node-{i}.log"));
-                    let mut cmd = scalechat_command(opts, port, i, redis_port)?;
+                    let mut cmd = scalechat_command(opts, port, i, &cluster.backplane)?;
                     cmd.envs(cluster.node_env.iter().map(|(k, v)| (k, v)));
                     cluster.spawn_node(cmd, port, &log)?;
                 }
@@ -179,10 +214,12 @@ impl Cluster {
         let mut cluster = Cluster {
             setup: Setup::Redis2,
             nodes: Vec::new(),
-            redis: None,
+            redis: Vec::new(),
+            slots: Vec::new(),
+            redis_dir: None,
             logs: Vec::new(),
             redis_argv: argv.iter().map(|s| s.to_string()).collect(),
-            redis_port: Some(port),
+            backplane: Backplane::Redis(port),
             node_env: env
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -192,7 +229,7 @@ impl Cluster {
         for i in 0..2 {
             let port = free_port()?;
             let log = opts.log_dir.join(format!("soak-node-{i}.log"));
-            let mut cmd = scalechat_command(opts, port, i, Some(cluster.redis_port.unwrap_or(0)))?;
+            let mut cmd = scalechat_command(opts, port, i, &cluster.backplane)?;
             cmd.envs(cluster.node_env.iter().map(|(k, v)| (k, v)));
             cluster.spawn_node(cmd, port, &log)?;
         }
@@ -203,14 +240,16 @@ impl Cluster {
     }
 
     async fn start_redis(&mut self) -> anyhow::Result<()> {
-        let port = self.redis_port.context("no redis port")?;
+        let Backplane::Redis(port) = self.backplane else {
+            bail!("no redis port");
+        };
         let child = Command::new(&self.redis_argv[0])
             .args(&self.redis_argv[1..])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .context("start redis-server (apt-get install redis-server)")?;
-        self.redis = Some(child);
+        self.redis.push(child);
         wait_listening(SocketAddr::from(([127, 0, 0, 1], port))).await
     }
 
@@ -218,7 +257,7 @@ impl Cluster {
     /// starts it again on the same port with the same files; returns how long it was down.
     pub async fn restart_redis(&mut self) -> anyhow::Result<Duration> {
         let started = Instant::now();
-        if let Some(mut child) = self.redis.take() {
+        if let Some(mut child) = self.redis.pop() {
             child.kill()?;
             child.wait()?;
         }
@@ -250,7 +289,7 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         let port = node.addr.port();
-        let mut cmd = scalechat_command(opts, port, i, self.redis_port)?;
+        let mut cmd = scalechat_command(opts, port, i, &self.backplane)?;
         cmd.envs(self.node_env.iter().map(|(k, v)| (k, v)));
         let log = std::fs::OpenOptions::new()
             .append(true)
@@ -289,9 +328,81 @@ impl Cluster {
             .stderr(Stdio::null())
             .spawn()
             .context("start redis-server (apt-get install redis-server)")?;
-        self.redis = Some(child);
+        self.redis.push(child);
         wait_listening(SocketAddr::from(([127, 0, 0, 1], port))).await?;
         Ok(port)
+    }
+
+    /// Starts `masters` cluster-enabled redis-servers (no persistence, no replicas), joins
+    /// them with `redis-cli --cluster create`, waits until each says `cluster_state:ok` and
+    /// reads which slots each serves; returns the seeds for `redis.host`.
+    async fn spawn_redis_cluster(
+        &mut self,
+        opts: &ServerOpts,
+        masters: usize,
+    ) -> anyhow::Result<String> {
+        let dir = std::fs::canonicalize(&opts.log_dir)?.join(format!(
+            "redis-cluster-{}-{}",
+            std::process::id(),
+            free_port()?
+        ));
+        self.redis_dir = Some(dir.clone());
+        let mut ports = Vec::new();
+        for _ in 0..masters {
+            let port = free_port()?;
+            let data = dir.join(port.to_string());
+            std::fs::create_dir_all(&data)?;
+            let child = Command::new(&opts.redis_bin)
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "5000"])
+                // A free bus port of its own: the default, port + 10000, may be taken or
+                // beyond 65535.
+                .args(["--cluster-port", &free_port()?.to_string()])
+                .arg("--dir")
+                .arg(&data)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("start redis-server (apt-get install redis-server)")?;
+            self.redis.push(child);
+            ports.push(port);
+        }
+        for &port in &ports {
+            wait_listening(SocketAddr::from(([127, 0, 0, 1], port))).await?;
+        }
+        let seeds: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let created = tokio::process::Command::new(&opts.redis_cli)
+            .args(["--cluster", "create"])
+            .args(&seeds)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .context("run redis-cli (apt-get install redis-tools)")?;
+        if !created.status.success() {
+            bail!(
+                "redis-cli --cluster create: {}{}",
+                String::from_utf8_lossy(&created.stdout),
+                String::from_utf8_lossy(&created.stderr)
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for &port in &ports {
+            loop {
+                let info = redis_query(port, "CLUSTER INFO").await.unwrap_or_default();
+                if info.contains("cluster_state:ok") {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("redis cluster on {} not ok: {info}", seeds.join(","));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let nodes = redis_query(ports[0], "CLUSTER NODES").await?;
+        self.slots = ports.iter().map(|&port| slots_of(&nodes, port)).collect();
+        Ok(seeds.join(","))
     }
 
     /// Process ids of the nodes that the tool started.
@@ -299,9 +410,18 @@ impl Cluster {
         self.nodes.iter().filter_map(|n| n.pid).collect()
     }
 
-    /// The redis-server's pid, when the tool started one.
-    pub fn redis_pid(&self) -> Option<u32> {
-        self.redis.as_ref().map(Child::id)
+    /// The pids of the redis-servers the tool started: one, or a cluster's masters (the
+    /// shards).
+    pub fn redis_pids(&self) -> Vec<u32> {
+        self.redis.iter().map(Child::id).collect()
+    }
+
+    /// Which of [`Cluster::redis_pids`] serves the Redis Cluster hash slot `slot`; `None`
+    /// unless the setup is a cluster.
+    pub fn shard_of_slot(&self, slot: u16) -> Option<usize> {
+        self.slots
+            .iter()
+            .position(|ranges| ranges.iter().any(|&(a, b)| (a..=b).contains(&slot)))
     }
 
     /// Trouble the nodes report in /metrics (non-zero error, close-code, slow-consumer,
@@ -314,7 +434,7 @@ impl Cluster {
                     for line in text.lines().filter(|l| is_trouble(l)) {
                         out.push(format!("n{i} {line}"));
                     }
-                    if self.redis.is_some()
+                    if !self.redis.is_empty()
                         && let Some(mean) = publish_mean_ms(&text)
                     {
                         out.push(format!("n{i} mean publish {mean:.2} ms"));
@@ -363,18 +483,94 @@ fn is_trouble(line: &str) -> bool {
 impl Drop for Cluster {
     fn drop(&mut self) {
         let children = self.nodes.iter_mut().filter_map(|n| n.child.as_mut());
-        for child in children.chain(self.redis.as_mut()) {
+        for child in children.chain(self.redis.iter_mut()) {
             let _ = child.kill();
             let _ = child.wait();
         }
+        if let Some(dir) = &self.redis_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
+}
+
+/// The slot ranges the master on `port` serves, from `CLUSTER NODES` (`<id> <ip:port@bus>
+/// <flags> <master> <ping> <pong> <epoch> <link> <slot or range>…`; ranges being moved, in
+/// brackets, are left out).
+fn slots_of(nodes: &str, port: u16) -> Vec<(u16, u16)> {
+    let suffix = format!(":{port}");
+    let Some(line) = nodes.lines().find(|line| {
+        line.split_whitespace()
+            .nth(1)
+            .and_then(|a| a.split('@').next())
+            .is_some_and(|a| a.ends_with(&suffix))
+    }) else {
+        return Vec::new();
+    };
+    line.split_whitespace()
+        .skip(8)
+        .filter_map(|range| {
+            let (a, b) = range.split_once('-').unwrap_or((range, range));
+            Some((a.parse().ok()?, b.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The Redis Cluster hash slot of a key whose hash tag (the part in braces) is `tag`: CRC16
+/// (XMODEM) of it, modulo 16384.
+pub fn key_slot(tag: &str) -> u16 {
+    let mut crc = 0u16;
+    for &b in tag.as_bytes() {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16384
+}
+
+/// Sends one inline command to the redis-server on `port` and returns its answer (the
+/// content of a bulk string, or the line of a simple one).
+async fn redis_query(port: u16, command: &str) -> anyhow::Result<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(format!("{command}\r\n").as_bytes()).await?;
+    let mut buf = Vec::new();
+    let read = async {
+        loop {
+            let mut chunk = [0u8; 4096];
+            let n = s.read(&mut chunk).await?;
+            if n == 0 {
+                bail!("redis closed the connection");
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            let Some(eol) = memchr::memmem::find(&buf, b"\r\n") else {
+                continue;
+            };
+            let head = String::from_utf8_lossy(&buf[..eol]).into_owned();
+            match head.as_bytes().first() {
+                Some(b'$') => {
+                    let len: usize = head[1..].parse().context("bulk length")?;
+                    if buf.len() >= eol + 2 + len {
+                        let body = &buf[eol + 2..eol + 2 + len];
+                        return Ok(String::from_utf8_lossy(body).into_owned());
+                    }
+                }
+                Some(b'+') => return Ok(head[1..].to_owned()),
+                _ => bail!("redis answered {head}"),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), read).await?
 }
 
 fn scalechat_command(
     opts: &ServerOpts,
     port: u16,
     index: usize,
-    redis_port: Option<u16>,
+    backplane: &Backplane,
 ) -> anyhow::Result<Command> {
     let bin = match &opts.server_bin {
         Some(bin) => bin.clone(),
@@ -418,12 +614,16 @@ fn scalechat_command(
         ("SCALECHAT_LOG__LEVEL", "warn".to_owned()),
     ];
     cmd.envs(env);
-    match redis_port {
-        Some(p) => cmd
+    match backplane {
+        Backplane::Redis(p) => cmd
             .env("SCALECHAT_TRANSPORT", "redis")
             .env("SCALECHAT_REDIS__HOST", "127.0.0.1")
             .env("SCALECHAT_REDIS__PORT", p.to_string()),
-        None => cmd.env("SCALECHAT_TRANSPORT", "memory"),
+        Backplane::Cluster(seeds) => cmd
+            .env("SCALECHAT_TRANSPORT", "redis")
+            .env("SCALECHAT_REDIS__MODE", "cluster")
+            .env("SCALECHAT_REDIS__HOST", seeds),
+        Backplane::Memory => cmd.env("SCALECHAT_TRANSPORT", "memory"),
     };
     Ok(cmd)
 }
@@ -580,5 +780,34 @@ impl CpuSample {
             .map(|(&p, &before)| cpu_secs(p) - before)
             .sum();
         100.0 * used / wall
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_slots_are_redis_cluster_slots() {
+        // CLUSTER KEYSLOT answers of a Redis 7.
+        assert_eq!(key_slot("123456789"), 0x31c3);
+        assert_eq!(key_slot("foo"), 12182);
+        assert_eq!(key_slot("rm0"), 15693);
+        assert_eq!(key_slot("rm1"), 11628);
+        assert_eq!(key_slot("rm17"), 1591);
+        assert_eq!(key_slot(""), 0);
+    }
+
+    #[test]
+    fn reads_a_masters_slots_from_cluster_nodes() {
+        let nodes = "\
+a1 127.0.0.1:7001@17001 myself,master - 0 0 1 connected 0-5460
+b2 127.0.0.1:7002@17002 master - 0 1 2 connected 5461-10922 12000 [12001->-c3]
+c3 127.0.0.1:7003@17003,host master - 0 1 3 connected 10923-11999 12001-16383
+";
+        assert_eq!(slots_of(nodes, 7001), [(0, 5460)]);
+        assert_eq!(slots_of(nodes, 7002), [(5461, 10922), (12000, 12000)]);
+        assert_eq!(slots_of(nodes, 7003), [(10923, 11999), (12001, 16383)]);
+        assert!(slots_of(nodes, 700).is_empty());
     }
 }

@@ -328,7 +328,7 @@ impl Load {
             r.read_latency.reset();
         }
         let pids = cluster.node_pids();
-        let redis: Vec<u32> = cluster.redis_pid().into_iter().collect();
+        let redis = cluster.redis_pids();
         let me = [std::process::id()];
         let cpu = (
             CpuSample::take(&pids),

@@ -1,8 +1,8 @@
 //! scalechat-bench: a load generator for scalechat's native protocol. It starts the servers
-//! itself (scalechat nodes on the embedded transport or on a Redis of its own, and a raw-TCP
-//! relay as the ceiling) or drives running nodes given with `--url`, and reports idle memory
-//! and CPU, fan-out throughput and latency, the highest sustained rate, connection churn, and
-//! the cost of presence (who is in a room).
+//! itself (scalechat nodes on the embedded transport or on a Redis or Redis Cluster of its own,
+//! and a raw-TCP relay as the ceiling) or drives running nodes given with `--url`, and reports idle memory
+//! and CPU, fan-out throughput and latency, the highest sustained rate, connection churn, the
+//! cost of presence (who is in a room), and many rooms on one Redis against a Redis Cluster.
 //! See BENCHMARKS.md.
 
 mod churn;
@@ -13,6 +13,7 @@ mod machine;
 mod presence;
 mod relay;
 mod report;
+mod rooms;
 mod soak;
 mod storm;
 mod suite;
@@ -34,13 +35,9 @@ struct Cli {
     #[command(flatten)]
     servers: ServerOpts,
     /// Setups to run, in order (the raw-TCP ceiling first, so the others read as ratios).
-    #[arg(
-        long,
-        global = true,
-        value_delimiter = ',',
-        default_value = "raw,memory,redis1,redis2"
-    )]
-    setups: Vec<Setup>,
+    /// Default: raw,memory,redis1,redis2; for `rooms`, redis4,cluster4.
+    #[arg(long, global = true, value_delimiter = ',')]
+    setups: Option<Vec<Setup>>,
     /// Also write the report to this file.
     #[arg(long, global = true)]
     out: Option<PathBuf>,
@@ -48,7 +45,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Every scenario on every setup.
+    /// Every scenario on every setup (`rooms` and `soak` run on their own).
     Suite(Plan),
     /// Open N connections, hold them, report server memory per connection and idle CPU.
     Idle(Plan),
@@ -62,6 +59,10 @@ enum Command {
     /// into a big room whose members asked for presence events, and the cost of `presence`
     /// pages.
     Presence(Plan),
+    /// Many rooms (2,000 × 20 members by default) over four nodes, on one Redis and on a
+    /// three-shard Redis Cluster: a ramp of rates until p99 passes the limit or messages are
+    /// lost; deliveries/s, latency, CPU of the nodes and of each Redis.
+    Rooms(Plan),
     /// Steady traffic on two nodes while Redis and then one node restart: lost messages,
     /// duplicates, reconnects, memory before and after.
     Soak(soak::SoakOpts),
@@ -75,6 +76,10 @@ enum Command {
     /// process).
     #[command(hide = true)]
     Hold(idle::HoldArgs),
+    /// Holds whole rooms for `rooms` and runs its steps on command (started by the tool, one
+    /// per worker process).
+    #[command(hide = true)]
+    RoomWorker(rooms::WorkerArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -102,18 +107,24 @@ fn main() -> anyhow::Result<()> {
     let (plan, which) = match cli.command {
         Command::Relay { .. } | Command::Soak(_) => unreachable!("handled above"),
         Command::Hold(args) => return runtime.block_on(idle::hold(args)),
+        Command::RoomWorker(args) => return runtime.block_on(rooms::worker(args)),
         Command::Suite(plan) => (plan, Scenarios::all()),
         Command::Idle(plan) => (plan, Scenarios::only(|s| s.idle = true)),
         Command::Fanout(plan) => (plan, Scenarios::only(|s| s.fanout = true)),
         Command::MaxRate(plan) => (plan, Scenarios::only(|s| s.max_rate = true)),
         Command::Churn(plan) => (plan, Scenarios::only(|s| s.churn = true)),
         Command::Presence(plan) => (plan, Scenarios::only(|s| s.presence = true)),
+        Command::Rooms(plan) => (plan, Scenarios::only(|s| s.rooms = true)),
     };
     let plan = if plan.quick { plan.quick() } else { plan };
-    let setups = if cli.servers.urls.is_empty() {
-        cli.setups.clone()
-    } else {
+    let setups = if !cli.servers.urls.is_empty() {
         vec![Setup::External]
+    } else if let Some(setups) = cli.setups.clone() {
+        setups
+    } else if which.rooms {
+        vec![Setup::Redis4, Setup::Cluster4]
+    } else {
+        vec![Setup::Raw, Setup::Memory, Setup::Redis1, Setup::Redis2]
     };
     let (text, clean) = runtime.block_on(suite::run(&plan, &cli.servers, &setups, which))?;
     println!("{text}");
@@ -136,6 +147,7 @@ impl Scenarios {
             max_rate: true,
             churn: true,
             presence: true,
+            rooms: false,
         }
     }
 

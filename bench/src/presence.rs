@@ -79,7 +79,7 @@ async fn churn_on_off(plan: &Plan, opts: &ServerOpts) -> anyhow::Result<String> 
         let presence = run % 2 == 0;
         eprintln!("presence churn, redis.presence={presence}");
         let cluster = Cluster::start_with_env(Setup::Redis2, opts, &node_env(presence)).await?;
-        let redis: Vec<u32> = cluster.redis_pid().into_iter().collect();
+        let redis = cluster.redis_pids();
         let redis_cpu = CpuSample::take(&redis);
         let c = churn::run(
             &cluster,

@@ -133,7 +133,7 @@ pub async fn run(plan: &Plan, opts: &ServerOpts) -> anyhow::Result<String> {
 /// Starts the servers, fills the room, runs the joins and stops everything again.
 async fn measure(plan: &Plan, opts: &ServerOpts) -> anyhow::Result<Storm> {
     let cluster = Cluster::start_with_env(Setup::Redis2, opts, &node_env(true)).await?;
-    let redis = cluster.redis_pid().context("no redis-server")?;
+    let redis = *cluster.redis_pids().first().context("no redis-server")?;
     let setup = Instant::now();
     let sample_size = plan.storm_sample.clamp(1, plan.storm_members.max(1));
     let spec = HoldSpec {

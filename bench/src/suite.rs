@@ -1,6 +1,7 @@
 //! The scenarios run side by side: each one on every setup in turn (raw-TCP ceiling first, so
 //! the others read as ratios to it), a fresh set of servers for each, results as tables. The
-//! presence group picks its own setups (see `presence`).
+//! presence group picks its own setups (see `presence`); `rooms` runs on the setups given
+//! (by default one Redis and a Redis Cluster, see `rooms`).
 
 use std::time::Duration;
 
@@ -8,7 +9,7 @@ use crate::cluster::{Cluster, ServerOpts, Setup};
 use crate::fanout::{self, Shape, Step};
 use crate::idle::{self, IdleOpts};
 use crate::report::{self, Table, count, ms, ratio};
-use crate::{churn, machine, presence};
+use crate::{churn, machine, presence, rooms};
 
 /// Sizes, rates and durations of a run.
 #[derive(Clone, Debug, clap::Args)]
@@ -68,7 +69,8 @@ pub struct Plan {
     /// idle: connection counts, one run each.
     #[arg(long, value_delimiter = ',', default_value = "10000,19000")]
     pub conns: Vec<usize>,
-    /// idle: connections per worker process at most (each needs a file per connection).
+    /// idle, presence and rooms: connections per worker process at most (each needs a file
+    /// per connection).
     #[arg(long, default_value_t = 9000)]
     pub per_process: usize,
     /// idle: seconds between the last connection and the memory reading.
@@ -106,6 +108,21 @@ pub struct Plan {
     /// presence pages: `limit` of each request (1 to 200).
     #[arg(long, default_value_t = 100)]
     pub page_limit: usize,
+    /// rooms: how many rooms.
+    #[arg(long, default_value_t = 2000)]
+    pub rooms: usize,
+    /// rooms: members of each room, each a connection of its own, spread over the nodes.
+    #[arg(long, default_value_t = 20)]
+    pub room_members: usize,
+    /// rooms: members of each room that also publish (the total rate is shared between all
+    /// of them).
+    #[arg(long, default_value_t = 1)]
+    pub room_publishers: usize,
+    /// rooms: the first step's total messages per second over all rooms (deliveries = this
+    /// × members); each step is the last times --factor, for --step-secs, up to --max-steps,
+    /// until p99 passes --p99-limit-ms or a message is lost.
+    #[arg(long, default_value_t = 2000.0)]
+    pub rooms_start_rate: f64,
 }
 
 impl Plan {
@@ -141,6 +158,10 @@ impl Plan {
             page_members: 1000,
             page_requests: 100,
             page_limit: self.page_limit,
+            rooms: 100,
+            room_members: 4,
+            room_publishers: 1,
+            rooms_start_rate: 200.0,
         }
     }
 }
@@ -153,6 +174,7 @@ pub struct Scenarios {
     pub max_rate: bool,
     pub churn: bool,
     pub presence: bool,
+    pub rooms: bool,
 }
 
 /// Runs the scenarios; the Markdown report and whether nothing was lost or duplicated.
@@ -177,6 +199,11 @@ pub async fn run(
     }
     if which.presence {
         out.push_str(&presence::run(plan, opts).await?);
+    }
+    if which.rooms {
+        let (text, ok) = rooms::run(plan, opts, setups).await?;
+        out.push_str(&text);
+        clean &= ok;
     }
     Ok((out, clean))
 }
@@ -377,7 +404,7 @@ async fn fanout_group(
 }
 
 /// Why a max-rate step does not count as sustained; empty when it does.
-fn failure(s: &Step, p99_limit_ms: f64) -> String {
+pub fn failure(s: &Step, p99_limit_ms: f64) -> String {
     let mut why = Vec::new();
     if s.lost() > 0 {
         why.push(format!("{} lost", s.lost()));

@@ -98,19 +98,24 @@ pub fn error_code(payload: &[u8]) -> Option<String> {
 
 /// Sequence numbers seen from one publisher: everything below `next` arrived except `missing`.
 #[derive(Default, Clone)]
-struct Seqs {
+pub struct Seqs {
     next: u64,
     missing: std::collections::BTreeSet<u64>,
     duplicates: u64,
 }
 
 impl Seqs {
-    fn see(&mut self, seq: u64) {
+    /// Counts message `seq`; whether it is the first time it arrived.
+    pub fn see(&mut self, seq: u64) -> bool {
         if seq >= self.next {
             self.missing.extend(self.next..seq);
             self.next = seq + 1;
-        } else if !self.missing.remove(&seq) {
+            true
+        } else if self.missing.remove(&seq) {
+            true
+        } else {
             self.duplicates += 1;
+            false
         }
     }
 
