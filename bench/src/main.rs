@@ -1,8 +1,9 @@
-//! scalechat-bench: a load generator for scalechat's native protocol. It starts the servers
-//! itself (scalechat nodes on the embedded transport or on a Redis of its own, and a raw-TCP
-//! relay as the ceiling) or drives running nodes given with `--url`, and reports idle memory
-//! and CPU, fan-out throughput and latency, the highest sustained rate, connection churn, and
-//! the cost of presence (who is in a room).
+//! scalechat-bench: a load generator for scalechat's native protocol (and Socket.IO). It starts
+//! the servers itself (scalechat nodes on the embedded transport or on a Redis of its own, and
+//! a raw-TCP relay as the ceiling) or drives running nodes given with `--url`, and reports idle
+//! memory and CPU, fan-out throughput and latency, the highest sustained rate, connection
+//! churn, the cost of presence (who is in a room), and what relaying a Socket.IO session's
+//! requests between nodes costs.
 //! See BENCHMARKS.md.
 
 mod churn;
@@ -13,6 +14,8 @@ mod machine;
 mod presence;
 mod relay;
 mod report;
+mod sio;
+mod sio_relay;
 mod soak;
 mod storm;
 mod suite;
@@ -62,6 +65,9 @@ enum Command {
     /// into a big room whose members asked for presence events, and the cost of `presence`
     /// pages.
     Presence(Plan),
+    /// Socket.IO on two nodes on Redis, sessions on node 0: connect, upgrade and message round
+    /// trip with requests sent to node 0 (direct) or to node 1, which relays them.
+    SioRelay(Plan),
     /// Steady traffic on two nodes while Redis and then one node restart: lost messages,
     /// duplicates, reconnects, memory before and after.
     Soak(soak::SoakOpts),
@@ -108,6 +114,7 @@ fn main() -> anyhow::Result<()> {
         Command::MaxRate(plan) => (plan, Scenarios::only(|s| s.max_rate = true)),
         Command::Churn(plan) => (plan, Scenarios::only(|s| s.churn = true)),
         Command::Presence(plan) => (plan, Scenarios::only(|s| s.presence = true)),
+        Command::SioRelay(plan) => (plan, Scenarios::only(|s| s.sio_relay = true)),
     };
     let plan = if plan.quick { plan.quick() } else { plan };
     let setups = if cli.servers.urls.is_empty() {
@@ -136,6 +143,7 @@ impl Scenarios {
             max_rate: true,
             churn: true,
             presence: true,
+            sio_relay: true,
         }
     }
 

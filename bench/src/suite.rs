@@ -1,6 +1,6 @@
 //! The scenarios run side by side: each one on every setup in turn (raw-TCP ceiling first, so
 //! the others read as ratios to it), a fresh set of servers for each, results as tables. The
-//! presence group picks its own setups (see `presence`).
+//! presence group and the Socket.IO relay pick their own setups (see `presence`, `sio_relay`).
 
 use std::time::Duration;
 
@@ -8,7 +8,7 @@ use crate::cluster::{Cluster, ServerOpts, Setup};
 use crate::fanout::{self, Shape, Step};
 use crate::idle::{self, IdleOpts};
 use crate::report::{self, Table, count, ms, ratio};
-use crate::{churn, machine, presence};
+use crate::{churn, machine, presence, sio_relay};
 
 /// Sizes, rates and durations of a run.
 #[derive(Clone, Debug, clap::Args)]
@@ -105,6 +105,12 @@ pub struct Plan {
     /// presence pages: `limit` of each request (1 to 200).
     #[arg(long, default_value_t = 100)]
     pub page_limit: usize,
+    /// sio-relay: Socket.IO sessions connected each way (direct and relayed).
+    #[arg(long, default_value_t = 200)]
+    pub sio_connects: usize,
+    /// sio-relay: messages each of the four clients sends and waits for.
+    #[arg(long, default_value_t = 1000)]
+    pub sio_messages: usize,
 }
 
 impl Plan {
@@ -140,6 +146,8 @@ impl Plan {
             page_members: 1000,
             page_requests: 100,
             page_limit: self.page_limit,
+            sio_connects: 10,
+            sio_messages: 50,
         }
     }
 }
@@ -152,6 +160,7 @@ pub struct Scenarios {
     pub max_rate: bool,
     pub churn: bool,
     pub presence: bool,
+    pub sio_relay: bool,
 }
 
 /// Runs the scenarios; the Markdown report and whether nothing was lost or duplicated.
@@ -176,6 +185,9 @@ pub async fn run(
     }
     if which.presence {
         out.push_str(&presence::run(plan, opts).await?);
+    }
+    if which.sio_relay {
+        out.push_str(&sio_relay::run(plan, opts).await?);
     }
     Ok((out, clean))
 }
