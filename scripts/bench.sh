@@ -3,7 +3,8 @@
 # scenario (fan-out, steady latency, max-rate, churn, idle) on the raw-TCP ceiling, one node
 # on the embedded transport, and one and two nodes on a Redis of the tool's own, then the
 # presence group (churn with redis.presence on and off, a join storm into a 10,000-member
-# room, presence pages of a 19,000-member room). Prints the result tables (Markdown) and
+# room, presence pages of a 19,000-member room) and the Socket.IO relay (a session's requests
+# sent to its own node or relayed by another). Prints the result tables (Markdown) and
 # writes them to target/bench-results.md.
 #
 #   scripts/bench.sh            the full suite (about 10 minutes, and a few more for presence;
@@ -22,6 +23,9 @@
 #                               three-shard Redis Cluster, in the same run: a ramp of rates
 #                               until p99 passes 100 ms or a message is lost (add --quick for
 #                               small sizes); results in target/rooms-results.md
+#   scripts/bench.sh --sio-relay [ARGS...]
+#                               only the Socket.IO relay's cost (under a minute; add --quick
+#                               for a few seconds); results in target/sio-relay-results.md
 #   scripts/bench.sh ARGS...    any scalechat-bench suite arguments (see --help)
 #
 # Exits non-zero when a message was lost or duplicated at a rate the servers sustain.
@@ -47,6 +51,11 @@ if [[ "${1:-}" == "--presence" ]]; then
     shift
     exec "$target/release/scalechat-bench" presence --server-bin "$target/release/scalechat" \
         --log-dir "$target/bench-logs" --out "$target/presence-results.md" "$@"
+fi
+if [[ "${1:-}" == "--sio-relay" ]]; then
+    shift
+    exec "$target/release/scalechat-bench" sio-relay --server-bin "$target/release/scalechat" \
+        --log-dir "$target/bench-logs" --out "$target/sio-relay-results.md" "$@"
 fi
 exec "$target/release/scalechat-bench" suite --server-bin "$target/release/scalechat" \
     --log-dir "$target/bench-logs" --out "$target/bench-results.md" "$@"

@@ -437,6 +437,39 @@ async fn upgrade_from_polling_to_websocket() {
 }
 
 #[tokio::test]
+async fn a_poll_sent_after_the_probe_noop_was_taken_is_released_too() {
+    // The race socket.io-client runs into, more often when its requests are relayed: the noop
+    // queued at `2probe` goes to the poll that was out, the client polls again before `3probe`
+    // reaches it, then pauses and waits for that poll to end before it sends `5`. A poll that
+    // never ends fails the upgrade, and the client, paused, never polls again.
+    let server = start(config()).await;
+    let addr = server.addr;
+    let sid = connected(addr, r#"{"name":"race"}"#).await;
+    let url = format!("ws://{addr}/socket.io/?EIO=4&transport=websocket&sid={sid}");
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    ws.send(Message::text("2probe")).await.unwrap();
+    assert_eq!(next_text(&mut ws).await, "3probe");
+    let first = poll(addr, &sid).await;
+    assert!(first.body.split('\x1e').any(|p| p == "6"), "{}", first.body);
+    let second = tokio::time::timeout(Duration::from_secs(3), poll(addr, &sid))
+        .await
+        .expect("the poll after the noop is released too, long before a ping is due");
+    assert_eq!((second.status, second.body.as_str()), (200, "6"));
+    ws.send(Message::text("5")).await.unwrap();
+    ws.send(Message::text(
+        r#"421["event:message",{"message":"upgraded"}]"#,
+    ))
+    .await
+    .unwrap();
+    let mut seen = Vec::new();
+    while !seen.iter().any(|p: &String| p.starts_with("431")) {
+        seen.push(next_text(&mut ws).await);
+    }
+    assert!(seen.iter().any(|p| p.contains("upgraded")), "{seen:?}");
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn websocket_only_session() {
     let server = start(config()).await;
     let url = format!("ws://{}/socket.io/?EIO=4&transport=websocket", server.addr);
@@ -1228,4 +1261,81 @@ async fn a_session_of_a_killed_node_is_recovered_on_another() {
         1
     );
     assert!(!packets.iter().any(|p| p.contains("before the crash")));
+}
+
+/// Sends a long-poll for `sid` to `relay` and returns its connection once `owner` holds it:
+/// when a second poll there is refused. The relayed poll may reach the owner after the check:
+/// then the check parks instead, and the whole is tried again.
+async fn park_relayed_poll(relay: SocketAddr, owner: SocketAddr, sid: &str) -> TcpStream {
+    let req = format!(
+        "GET /socket.io/?EIO=4&transport=polling&sid={sid} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    );
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tokio::time::Instant::now() < deadline {
+        let mut first = TcpStream::connect(relay).await.unwrap();
+        first.write_all(req.as_bytes()).await.unwrap();
+        let check = tokio::time::timeout(Duration::from_millis(500), poll(owner, sid)).await;
+        if matches!(check, Ok(a) if a.status == 400 && a.json()["code"] == 3) {
+            return first;
+        }
+    }
+    panic!("no relayed poll parked at the owner");
+}
+
+#[tokio::test]
+async fn a_node_relaying_for_another_stops_without_waiting_for_the_relayed_sessions() {
+    use common::backplane::{Node, Redis};
+    let redis = Redis::start(None).await;
+    let a = Node::spawn_with("ta", redis.port, None, &[]);
+    // A grace period far longer than the test waits: the relayed sessions must not hold b.
+    let mut b = Node::spawn_with(
+        "tb",
+        redis.port,
+        None,
+        &[("SCALECHAT_SERVER__SHUTDOWN_GRACE_SECS", "60")],
+    );
+    for n in [&a, &b] {
+        let addr = n.addr;
+        common::eventually_async("node ready", || async move {
+            common::readyz(addr).await == Some(200)
+        })
+        .await;
+    }
+    // Two sessions of a, reached through b: one upgraded to a WebSocket, one parked in a poll.
+    let (upgraded, _) = handshake(a.addr).await;
+    common::eventually_async("b to relay to a", || async {
+        post(b.addr, &upgraded, r#"40{"name":"ws"}"#).await.body == "ok"
+    })
+    .await;
+    poll_until(b.addr, &upgraded, |p| p.starts_with(r#"42["joined""#)).await;
+    let url = format!(
+        "ws://{}/socket.io/?EIO=4&transport=websocket&sid={upgraded}",
+        b.addr
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    ws.send(Message::text("2probe")).await.unwrap();
+    assert_eq!(next_text(&mut ws).await, "3probe");
+    ws.send(Message::text("5")).await.unwrap();
+    let polling = connected(a.addr, r#"{"name":"poll"}"#).await;
+    let parked = park_relayed_poll(b.addr, a.addr, &polling).await;
+
+    common::send_signal(b.child.id().expect("b runs"), "-TERM");
+    let exited = tokio::time::timeout(WAIT, b.child.wait()).await;
+    assert!(
+        matches!(exited, Ok(Ok(status)) if status.success()),
+        "b exits at once, not after its grace period: {exited:?}"
+    );
+    // Both clients are told, and reconnect (socket.io-client recovers their sessions).
+    let answer = read_answer(parked).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    let end = tokio::time::timeout(WAIT, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "the relayed WebSocket is closed");
 }

@@ -1,8 +1,9 @@
-//! scalechat-bench: a load generator for scalechat's native protocol. It starts the servers
-//! itself (scalechat nodes on the embedded transport or on a Redis or Redis Cluster of its own,
-//! and a raw-TCP relay as the ceiling) or drives running nodes given with `--url`, and reports idle memory
-//! and CPU, fan-out throughput and latency, the highest sustained rate, connection churn, the
-//! cost of presence (who is in a room), and many rooms on one Redis against a Redis Cluster.
+//! scalechat-bench: a load generator for scalechat's native protocol (and Socket.IO). It starts
+//! the servers itself (scalechat nodes on the embedded transport or on a Redis or Redis Cluster
+//! of its own, and a raw-TCP relay as the ceiling) or drives running nodes given with `--url`,
+//! and reports idle memory and CPU, fan-out throughput and latency, the highest sustained rate,
+//! connection churn, the cost of presence (who is in a room), many rooms on one Redis against a
+//! Redis Cluster, and what relaying a Socket.IO session's requests between nodes costs.
 //! See BENCHMARKS.md.
 
 mod churn;
@@ -14,6 +15,8 @@ mod presence;
 mod relay;
 mod report;
 mod rooms;
+mod sio;
+mod sio_relay;
 mod soak;
 mod storm;
 mod suite;
@@ -63,6 +66,9 @@ enum Command {
     /// three-shard Redis Cluster: a ramp of rates until p99 passes the limit or messages are
     /// lost; deliveries/s, latency, CPU of the nodes and of each Redis.
     Rooms(Plan),
+    /// Socket.IO on two nodes on Redis, sessions on node 0: connect, upgrade and message round
+    /// trip with requests sent to node 0 (direct) or to node 1, which relays them.
+    SioRelay(Plan),
     /// Steady traffic on two nodes while Redis and then one node restart: lost messages,
     /// duplicates, reconnects, memory before and after.
     Soak(soak::SoakOpts),
@@ -115,6 +121,7 @@ fn main() -> anyhow::Result<()> {
         Command::Churn(plan) => (plan, Scenarios::only(|s| s.churn = true)),
         Command::Presence(plan) => (plan, Scenarios::only(|s| s.presence = true)),
         Command::Rooms(plan) => (plan, Scenarios::only(|s| s.rooms = true)),
+        Command::SioRelay(plan) => (plan, Scenarios::only(|s| s.sio_relay = true)),
     };
     let plan = if plan.quick { plan.quick() } else { plan };
     let setups = if !cli.servers.urls.is_empty() {
@@ -148,6 +155,7 @@ impl Scenarios {
             churn: true,
             presence: true,
             rooms: false,
+            sio_relay: true,
         }
     }
 

@@ -1,7 +1,7 @@
 //! The scenarios run side by side: each one on every setup in turn (raw-TCP ceiling first, so
 //! the others read as ratios to it), a fresh set of servers for each, results as tables. The
-//! presence group picks its own setups (see `presence`); `rooms` runs on the setups given
-//! (by default one Redis and a Redis Cluster, see `rooms`).
+//! presence group and the Socket.IO relay pick their own setups (see `presence`, `sio_relay`);
+//! `rooms` runs on the setups given (by default one Redis and a Redis Cluster, see `rooms`).
 
 use std::time::Duration;
 
@@ -9,7 +9,7 @@ use crate::cluster::{Cluster, ServerOpts, Setup};
 use crate::fanout::{self, Shape, Step};
 use crate::idle::{self, IdleOpts};
 use crate::report::{self, Table, count, ms, ratio};
-use crate::{churn, machine, presence, rooms};
+use crate::{churn, machine, presence, rooms, sio_relay};
 
 /// Sizes, rates and durations of a run.
 #[derive(Clone, Debug, clap::Args)]
@@ -123,6 +123,12 @@ pub struct Plan {
     /// until p99 passes --p99-limit-ms or a message is lost.
     #[arg(long, default_value_t = 2000.0)]
     pub rooms_start_rate: f64,
+    /// sio-relay: Socket.IO sessions connected each way (direct and relayed).
+    #[arg(long, default_value_t = 200)]
+    pub sio_connects: usize,
+    /// sio-relay: messages each of the four clients sends and waits for.
+    #[arg(long, default_value_t = 1000)]
+    pub sio_messages: usize,
 }
 
 impl Plan {
@@ -162,6 +168,8 @@ impl Plan {
             room_members: 4,
             room_publishers: 1,
             rooms_start_rate: 200.0,
+            sio_connects: 10,
+            sio_messages: 50,
         }
     }
 }
@@ -175,6 +183,7 @@ pub struct Scenarios {
     pub churn: bool,
     pub presence: bool,
     pub rooms: bool,
+    pub sio_relay: bool,
 }
 
 /// Runs the scenarios; the Markdown report and whether nothing was lost or duplicated.
@@ -204,6 +213,9 @@ pub async fn run(
         let (text, ok) = rooms::run(plan, opts, setups).await?;
         out.push_str(&text);
         clean &= ok;
+    }
+    if which.sio_relay {
+        out.push_str(&sio_relay::run(plan, opts).await?);
     }
     Ok((out, clean))
 }

@@ -65,7 +65,14 @@ pub fn parse_delivery(payload: &[u8]) -> Option<Delivery> {
     }
     static MARKER: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"message\":\"B"));
     let at = MARKER.find(payload)? + 12;
-    let mut fields = payload[at..].splitn(4, |&b| b == b'.' || b == b'"');
+    parse_marker(&payload[at..])
+}
+
+/// The marker's fields at the start of `text` (past its `B`): `<publisher>.<seq>.<sent_ns>`,
+/// ended by any byte that is not a digit (a quote in a native frame, a backslash in a
+/// Socket.IO event).
+pub fn parse_marker(text: &[u8]) -> Option<Delivery> {
+    let mut fields = text.splitn(4, |b| !b.is_ascii_digit());
     let publisher = number(fields.next()?)?;
     let seq = number(fields.next()?)?;
     let sent_ns = number(fields.next()?)?;

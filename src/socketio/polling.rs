@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
@@ -16,6 +17,10 @@ use crate::outbox::Next;
 use crate::protocol::socketio::{self as codec, EnginePacket};
 
 const TEXT: &str = "text/plain; charset=UTF-8";
+
+/// How long a poll waits for packets while an upgrade is pending before it is released with a
+/// noop.
+const PROBED_RELEASE: Duration = Duration::from_millis(100);
 
 /// The answer to a polling handshake: the open packet queued by the new session.
 pub(super) fn handshake(session: &EngineSession) -> Response<Body> {
@@ -62,9 +67,18 @@ pub(super) async fn poll(session: &Arc<EngineSession>) -> Response<Body> {
                 return respond(StatusCode::OK, TEXT, Bytes::from_static(b"1"));
             }
             Next::Empty => {
+                // While the client upgrades it waits for its poll to end before it sends
+                // `5`; the noop queued at the probe may have gone to the poll before this
+                // one, so this one is released too (as Engine.IO's server does, every 100 ms
+                // while the upgrade is pending, which also keeps a client that goes on
+                // polling from spinning).
+                let probed = session.is_probed();
                 tokio::select! {
                     _ = session.outbox.wait() => {}
                     _ = session.ended() => {}
+                    () = tokio::time::sleep(PROBED_RELEASE), if probed => {
+                        return respond(StatusCode::OK, TEXT, Bytes::from_static(b"6"));
+                    }
                 }
             }
         }

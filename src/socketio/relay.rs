@@ -6,6 +6,9 @@
 //! as it is and, once the owner accepts it, the two sockets are joined byte for byte. The
 //! owner keeps the session's state and delivery rules; the relay adds one hop.
 //!
+//! A node that shuts down does not wait for what it relays: a relayed poll is answered `503`
+//! and a relayed WebSocket is cut, and socket.io-client reconnects and recovers the session.
+//!
 //! A relayed request carries [`RELAYED`]: it is never relayed again, so a stale address or a
 //! forged id cannot make nodes relay in a loop. A session whose node is gone, unknown or
 //! unreachable gets Engine.IO's "Session ID unknown", and the client starts a new session.
@@ -17,7 +20,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderName, HeaderValue};
-use hyper::{Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -25,7 +28,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::{Body, EngineError};
+use super::{Body, EngineError, respond};
 use crate::node::Node;
 
 /// Marks a relayed request.
@@ -99,6 +102,14 @@ pub(super) async fn relay(
         + Duration::from_secs(5);
     let relayed = if websocket {
         tokio::time::timeout(CONNECT_TIMEOUT * 2, upgrade(node, req, &addr)).await
+    } else if req.method() == Method::GET {
+        // A poll waits on the owner for up to a ping interval, longer than this node's
+        // shutdown should wait for it: on shutdown the client is told to go elsewhere (its
+        // transport fails, and socket.io-client reconnects and recovers the session).
+        tokio::select! {
+            relayed = tokio::time::timeout(limit, forward(req, &addr, max_body)) => relayed,
+            () = node.shutdown.cancelled() => return shutting_down(),
+        }
     } else {
         tokio::time::timeout(limit, forward(req, &addr, max_body)).await
     };
@@ -113,6 +124,15 @@ pub(super) async fn relay(
             unknown()
         }
     }
+}
+
+/// The answer to a relayed poll when this node shuts down.
+fn shutting_down() -> Response<Body> {
+    respond(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "text/plain; charset=utf-8",
+        Bytes::from_static(b"shutting down\n"),
+    )
 }
 
 /// Whether `name` is a header that belongs to one connection, not to the request.
@@ -228,13 +248,22 @@ async fn upgrade(
     }
     let early = buf.split_off(head_len);
     let on_upgrade = hyper::upgrade::on(&mut req);
+    let shutdown = node.shutdown.clone();
     node.sessions.spawn(async move {
         let Ok(upgraded) = on_upgrade.await else {
             return;
         };
         let mut client = TokioIo::new(upgraded);
-        if client.write_all(&early).await.is_ok() {
-            let _ = tokio::io::copy_bidirectional(&mut client, &mut owner).await;
+        if client.write_all(&early).await.is_err() {
+            return;
+        }
+        // The session lives on the owner, which sends its Close frames; this node only
+        // carries bytes, without knowing where a frame ends. On this node's shutdown both
+        // sockets are closed at once: the client reconnects (and recovers the session), and
+        // the shutdown does not wait for a connection that would outlive it.
+        tokio::select! {
+            _ = tokio::io::copy_bidirectional(&mut client, &mut owner) => {}
+            () = shutdown.cancelled() => {}
         }
     });
     Ok(response)

@@ -68,6 +68,8 @@ enum EngineTransport {
     Polling,
     /// A WebSocket is probing; polling goes on until the client sends `5`.
     Upgrading,
+    /// The probe was answered: the client pauses polling, and sends `5` once its poll ends.
+    Probed,
     WebSocket,
 }
 
@@ -191,6 +193,19 @@ impl EngineSession {
             *transport = EngineTransport::Upgrading;
         }
         polling
+    }
+
+    /// The probe was answered (`3probe`).
+    pub(super) fn probed(&self) {
+        let mut transport = self.transport();
+        if *transport == EngineTransport::Upgrading {
+            *transport = EngineTransport::Probed;
+        }
+    }
+
+    /// Whether the client was answered its probe and is about to send `5`.
+    pub(super) fn is_probed(&self) -> bool {
+        *self.transport() == EngineTransport::Probed
     }
 
     /// Ends a probe: the WebSocket carries the session from now on (`upgraded`), or polling

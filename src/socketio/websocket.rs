@@ -135,6 +135,7 @@ async fn probe_upgrade<W: AsyncWrite + Unpin>(
             (Opcode::Pong, ..) => continue,
             (Opcode::Text, true, b"2probe", false) => {
                 probed = true;
+                session.probed();
                 // Releases the pending poll, so the client can pause polling and upgrade.
                 let _ = session.outbox.push(codec::engine_frame(b'6', b""));
                 codec::engine_frame(b'3', b"probe")
