@@ -479,3 +479,91 @@ async fn a_client_closing_with_sends_in_flight_gets_their_acks_and_its_messages_
     })
     .await;
 }
+
+/// One HTTP/1.1 request: the status and the body.
+async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(body.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut raw))
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    let raw = String::from_utf8(raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, body.to_owned())
+}
+
+#[tokio::test]
+async fn a_polling_post_of_many_messages_waits_for_room_and_is_acked_in_order() {
+    let redis = Redis::start(None).await;
+    let node = patient_node(
+        "node-a",
+        &redis,
+        "20000",
+        &[("SCALECHAT_LIMITS__PUBLISHES_IN_FLIGHT", "4")],
+    )
+    .await;
+    let addr = node.addr;
+    let (status, open) = http(addr, "GET", "/socket.io/?EIO=4&transport=polling", "").await;
+    assert_eq!(status, 200, "{open}");
+    let open: Value = serde_json::from_str(open.strip_prefix('0').unwrap()).unwrap();
+    let path = format!(
+        "/socket.io/?EIO=4&transport=polling&sid={}",
+        open["sid"].as_str().unwrap()
+    );
+    assert_eq!(
+        http(addr, "POST", &path, "40{\"name\":\"pat\"}").await.1,
+        "ok"
+    );
+    let mut packets = Vec::new();
+    while !packets
+        .iter()
+        .any(|p: &String| p.starts_with("42[\"joined\""))
+    {
+        let (_, body) = http(addr, "GET", &path, "").await;
+        packets.extend(body.split('\x1e').map(str::to_owned));
+    }
+    // Twelve messages in one POST while Redis holds every publish: the node takes four and
+    // leaves the rest, and the POST's answer, waiting.
+    pause_writes(&redis, 30_000).await;
+    let payload: Vec<String> = (0..12)
+        .map(|n| format!("42{n}[\"event:message\",{{\"message\":\"p{n}\",\"ref\":\"p-{n}\"}}]"))
+        .collect();
+    let post = tokio::spawn({
+        let path = path.clone();
+        let payload = payload.join("\x1e");
+        async move { http(addr, "POST", &path, &payload).await }
+    });
+    within(WAIT, "four messages in flight", || async {
+        in_flight(addr).await == 4
+    })
+    .await;
+    for _ in 0..10 {
+        assert_eq!(in_flight(addr).await, 4, "at most four in flight");
+        assert!(!post.is_finished(), "the POST waits for room");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    unpause(&redis).await;
+    assert_eq!(post.await.unwrap(), (200, "ok".to_owned()));
+    let mut acks = Vec::new();
+    while acks.len() < 12 {
+        let (_, body) = http(addr, "GET", &path, "").await;
+        acks.extend(
+            body.split('\x1e')
+                .filter(|p| p.starts_with("43"))
+                .map(str::to_owned),
+        );
+    }
+    let due: Vec<String> = (0..12)
+        .map(|n| format!("43{n}[{{\"id\":{},\"room\":\"general\"}}]", n + 1))
+        .collect();
+    assert_eq!(acks, due);
+}
