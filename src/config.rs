@@ -203,6 +203,10 @@ pub struct LimitsConfig {
     pub requests_per_second: f64,
     /// Such requests one connection may make in a burst above the sustained rate.
     pub request_burst: u32,
+    /// `send`s one connection may have in flight: read, not yet answered.
+    pub publishes_in_flight: usize,
+    /// Bytes of messages one connection's sends in flight may hold before it reads no more.
+    pub publish_bytes_in_flight: usize,
     /// Seconds between server pings.
     pub ping_interval_secs: u64,
     /// Seconds a peer has to answer a ping (or to accept queued bytes) before it is closed.
@@ -221,6 +225,8 @@ impl Default for LimitsConfig {
             max_queued_bytes: 1 << 20,
             requests_per_second: 5.0,
             request_burst: 50,
+            publishes_in_flight: 16,
+            publish_bytes_in_flight: 64 * 1024,
             ping_interval_secs: 20,
             ping_timeout_secs: 20,
         }
@@ -1390,6 +1396,16 @@ impl Config {
             "must be at least 1",
         );
         check(
+            (1..=1024).contains(&l.publishes_in_flight),
+            "limits.publishes_in_flight",
+            "must be from 1 to 1024",
+        );
+        check(
+            (4096..=1 << 30).contains(&l.publish_bytes_in_flight),
+            "limits.publish_bytes_in_flight",
+            "must be from 4096 to 1073741824",
+        );
+        check(
             l.ping_interval_secs > 0,
             "limits.ping_interval_secs",
             "must be at least 1",
@@ -1614,6 +1630,27 @@ mod tests {
         assert!(problems(&format!("{echo}max_queued_bytes = 16777230")).is_empty());
         // Without the echo endpoint, chat messages are bounded by max_message_chars instead.
         assert!(problems("[limits]\nmax_frame_bytes = 16777216").is_empty());
+    }
+
+    #[test]
+    fn the_sends_in_flight_are_bounded_in_count_and_bytes() {
+        assert_eq!(Config::default().limits.publishes_in_flight, 16);
+        let ok = "[limits]\npublishes_in_flight = 1\npublish_bytes_in_flight = 4096";
+        assert!(problems(ok).is_empty());
+        let found = problems("[limits]\npublishes_in_flight = 0\npublish_bytes_in_flight = 4095");
+        assert!(
+            found[0].starts_with("limits.publishes_in_flight:"),
+            "{found:?}"
+        );
+        assert!(
+            found[1].starts_with("limits.publish_bytes_in_flight:"),
+            "{found:?}"
+        );
+        let found = problems("[limits]\npublishes_in_flight = 1025");
+        assert!(
+            found[0].starts_with("limits.publishes_in_flight:"),
+            "{found:?}"
+        );
     }
 
     #[test]

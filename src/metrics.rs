@@ -236,6 +236,8 @@ pub struct Metrics {
     pub publish_errors_total: Counter,
     /// `send`s whose `ref` had already been accepted: acked again, not delivered twice.
     pub duplicate_sends_total: Counter,
+    /// `send`s read from clients and not answered yet, over every connection.
+    pub publishes_in_flight: Gauge,
     /// Gaps in a room's ids seen on the backplane (a lost message or subscription).
     pub backplane_gaps_total: Counter,
     /// Gaps filled completely from the room's history.
@@ -399,6 +401,7 @@ impl Metrics {
             backplane_failovers_total: Counter::default(),
             publish_errors_total: Counter::default(),
             duplicate_sends_total: Counter::default(),
+            publishes_in_flight: Gauge::default(),
             backplane_gaps_total: Counter::default(),
             backplane_gaps_healed_total: Counter::default(),
             backplane_messages_healed_total: Counter::default(),
@@ -484,6 +487,11 @@ impl Metrics {
             "duplicate_sends",
             "Sends repeating an accepted ref: acked again, not delivered twice",
             metrics.duplicate_sends_total.0.clone(),
+        );
+        registry.register(
+            "publishes_in_flight",
+            "Sends read from clients and not answered yet",
+            metrics.publishes_in_flight.0.clone(),
         );
         registry.register(
             "backplane_gaps",
@@ -639,7 +647,7 @@ mod tests {
             }
         }
         // 28, and the archive's 12.
-        assert_eq!(families.len(), 40, "{families:?}");
+        assert_eq!(families.len(), 41, "{families:?}");
         assert!(text.ends_with('\n'));
         assert!(!text.contains("# EOF"), "0.0.4 text has no EOF marker");
         for line in text.lines().filter(|l| l.starts_with("# HELP ")) {

@@ -215,7 +215,7 @@ fn burst_allocations(members: usize) -> usize {
                 dedupe: None,
             };
             let transport = &node.transport;
-            async move { transport.publish(envelope).await.unwrap() }
+            async move { transport.publish(vec![envelope]).await.unwrap() }
         };
         publish("warm-up").await;
         everyone_reads(&mut clients).await;

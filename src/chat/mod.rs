@@ -1,14 +1,16 @@
 //! The chat core: what a connected user can do, whatever protocol they speak. One [`Chat`]
 //! per connection joins rooms (with the room limit and the staged catch-up of history), leaves
-//! them, sends messages (length and rate checks, publish, the id for the ack) and pages
-//! through history, with the request and message rate limits and their reloads. The native
-//! session and the Socket.IO client drive it the same way: they decode requests, call it, and
-//! encode what it answers; the few frames it queues itself (the `joined` reply, history,
-//! errors during a join) it asks of the protocol through [`Protocol`].
+//! them, sends messages (length and rate checks, then publishing through its [`pipeline`],
+//! which answers each with its ack or error in the order sent) and pages through history,
+//! with the request and message rate limits and their reloads. The native session and the
+//! Socket.IO client drive it the same way: they decode requests, call it, and encode what it
+//! answers; the frames it queues itself (the `joined` reply, history, errors during a join,
+//! the answers to sends) it asks of the protocol through [`Protocol`].
 //!
 //! Above the [`node`](crate::node) (hub, transport, limits), below the protocols.
 
 mod join;
+mod pipeline;
 pub(crate) mod rate;
 mod search;
 
@@ -28,15 +30,22 @@ use crate::protocol::message::{Codec, Message};
 use crate::protocol::native::check_message;
 use crate::protocol::presence::{self, MAX_CURSOR_LEN, MAX_PAGE};
 use crate::protocol::{ErrorCode, ProtocolError, RoomName};
-use crate::transport::{Published, TransportError};
+use crate::transport::{Envelope, Published, TransportError};
 
 pub(crate) use self::join::{Join, Joined};
+pub(crate) use self::pipeline::Pipeline;
 
 /// What the chat core needs of a protocol: its codec for chat messages and the frames it
 /// queues on its own during a join.
-pub(crate) trait Protocol {
+pub(crate) trait Protocol: 'static {
     /// How its members read chat messages.
     const CODEC: Codec;
+
+    /// What answering a `send` takes besides its outcome (its `ref`, the ack it asked for).
+    type SendTag: Send + 'static;
+
+    /// The answer to a `send`: its ack, or its error; `None` when the client wants none.
+    fn sent(tag: Self::SendTag, answer: Result<Sent, ProtocolError>) -> Option<Bytes>;
 
     /// The frame that tells the client it is in a room, queued before any of the room's
     /// messages (history, then live).
@@ -70,10 +79,12 @@ pub(crate) struct HistoryPage {
 }
 
 /// One connection's chat state: who the user is, the rooms they are in, their rate limits.
-pub(crate) struct Chat<P> {
+pub(crate) struct Chat<P: Protocol> {
     node: Arc<Node>,
     conn: ConnId,
     outbox: Arc<Outbox>,
+    /// Sends in flight, and the replies queued behind them.
+    pipeline: Pipeline<P>,
     /// Set once the user is known: the first room (the user is in `rooms`).
     first_room: Option<RoomName>,
     /// The rooms the user's token grants.
@@ -105,6 +116,7 @@ impl<P: Protocol> Chat<P> {
                 rooms: Vec::new(),
                 read_only: Vec::new(),
             },
+            pipeline: Pipeline::new(node.clone(), outbox.clone()),
             node,
             conn,
             outbox,
@@ -180,12 +192,36 @@ impl<P: Protocol> Chat<P> {
         &self.live
     }
 
-    /// Queues `frame` for the client. A refused push means the connection is closing (nobody
-    /// reads it) or just overflowed (counted as the slow consumer it is).
+    /// Queues `frame` for the client, after the answers of the sends before it. A refused
+    /// push means the connection is closing (nobody reads it) or just overflowed (counted as
+    /// the slow consumer it is).
     pub(crate) fn push(&self, frame: Bytes) {
+        self.pipeline.reply(frame);
+    }
+
+    /// Queues `frame` for the client now, ahead of any answer still owed: for control frames
+    /// (pongs), which are no answer to a request.
+    pub(crate) fn push_now(&self, frame: Bytes) {
         if let Err(Refused::Full) = self.outbox.push(frame) {
             self.node.metrics.slow_consumer_disconnects_total.inc();
         }
+    }
+
+    /// The connection's sends in flight: a clone waits for room or for them to be answered
+    /// without the chat state.
+    pub(crate) fn pipeline(&self) -> &Pipeline<P> {
+        &self.pipeline
+    }
+
+    /// Resolves once every send so far is answered: requests other than `send` wait for it,
+    /// so that they are answered, and take effect, after the sends before them.
+    pub(crate) async fn drained(&self) {
+        self.pipeline.drained().await;
+    }
+
+    /// Answers a `send` that could not be decoded, with `err`, in its turn.
+    pub(crate) fn refuse_send(&self, tag: P::SendTag, err: ProtocolError) {
+        self.pipeline.refuse(tag, err);
     }
 
     /// Takes a token for a join, leave or history request, or says why not.
@@ -219,15 +255,31 @@ impl<P: Protocol> Chat<P> {
     }
 
     /// Sends `text` to `room` (the first room when `None`) as the signed-in user: checks its
-    /// length, the membership and the rate, publishes it, and returns its id for the ack.
+    /// length, the membership and the rate, and publishes it after the sends before it; its
+    /// answer (the ack with its id, or the error), built from `tag`, is queued in its turn.
     /// A `reference` (the client's `ref`) makes a repeated send within the dedupe window
-    /// answer the first id instead of delivering again.
-    pub(crate) async fn send(
+    /// answer the first id instead of delivering again. The caller waits for room in the
+    /// pipeline before it reads the request.
+    pub(crate) fn send(
         &mut self,
         room: Option<RoomName>,
         text: String,
         reference: Option<&str>,
-    ) -> Result<Sent, ProtocolError> {
+        tag: P::SendTag,
+    ) {
+        match self.check_send(room, text, reference) {
+            Ok(envelope) => self.pipeline.send(envelope, tag),
+            Err(e) => self.pipeline.refuse(tag, e),
+        }
+    }
+
+    /// A `send`'s checks; the message to publish once they pass.
+    fn check_send(
+        &mut self,
+        room: Option<RoomName>,
+        text: String,
+        reference: Option<&str>,
+    ) -> Result<Envelope, ProtocolError> {
         let (Some(user), Some(first_room)) = (&self.rooms.user, &self.first_room) else {
             return Err(ProtocolError::new(ErrorCode::BadField, "not connected"));
         };
@@ -249,11 +301,7 @@ impl<P: Protocol> Chat<P> {
                 format!("sending faster than {rate} messages per second; not delivered"),
             ));
         }
-        let published = self
-            .node
-            .publish(room.clone(), &user, text, reference)
-            .await?;
-        Ok(Sent { room, published })
+        Ok(crate::node::envelope(room, &user, text, reference))
     }
 
     /// Up to `limit` messages of `room` older than `before` (the newest when `None`), cut to

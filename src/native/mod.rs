@@ -130,8 +130,9 @@ enum OpenEnd {
 }
 
 /// One open connection, polled by its task: the writer first, then the request in progress,
-/// then the client's next frames. Frames are read only while no request is in progress, so
-/// a client's requests are handled one at a time, in order; the writer runs all along.
+/// then the client's next frames. Frames are read only while no request is in progress and
+/// the session's sends in flight leave room, so a client's requests are handled in order,
+/// `send`s while earlier ones are still being published; the writer runs all along.
 struct Connection<'a> {
     /// The session, while no request holds it.
     session: Option<Session>,
@@ -165,6 +166,9 @@ impl Connection<'_> {
                 self.handling = None;
                 continue; // its replies are queued: write them first
             }
+            if let Some(session) = &self.session {
+                ready!(session.poll_room(cx));
+            }
             if let Err(e) = ready!(self.reader.poll_ready(cx)) {
                 return Poll::Ready(OpenEnd::Read(read_error(e)));
             }
@@ -192,7 +196,7 @@ impl Connection<'_> {
         // The decoder checked the frame order, sizes, UTF-8 and close payloads.
         match frame.opcode {
             Opcode::Close => return Some(peer_close(frame.payload)),
-            Opcode::Ping => session.reply(crate::protocol::ws::pong(frame.payload)),
+            Opcode::Ping => session.pong(frame.payload),
             Opcode::Pong => {}
             Opcode::Binary if !session.echo => {
                 return Some(ReadEnd::Close(
@@ -225,6 +229,14 @@ impl Connection<'_> {
         node: &Node,
     ) {
         debug!(conn = %id, ?end, "connection ending");
+        let end = match end {
+            // Sends in flight are answered before the close frame, the writer going on.
+            OpenEnd::Read(ReadEnd::Close(..)) => match self.drain(socket, node).await {
+                Some(written) => OpenEnd::Write(written),
+                None => end,
+            },
+            end => end,
+        };
         match end {
             OpenEnd::Read(ReadEnd::Close(code, reason)) => {
                 self.writer.outbox().close(code, reason, true);
@@ -248,6 +260,31 @@ impl Connection<'_> {
             }
         }
         debug!(conn = %id, "connection closed");
+    }
+
+    /// Waits until the session's sends in flight are answered while the writer goes on;
+    /// `Some` if the writer ended first.
+    async fn drain<W: AsyncWrite + Unpin>(
+        &mut self,
+        socket: &mut W,
+        node: &Node,
+    ) -> Option<WriteEnd> {
+        let Self {
+            session,
+            writer,
+            liveness,
+            ..
+        } = self;
+        let session = session.as_ref()?;
+        let drained = session.drained();
+        tokio::pin!(drained);
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(end) = writer.poll(socket, liveness, node, cx) {
+                return Poll::Ready(Some(end));
+            }
+            drained.as_mut().poll(cx).map(|()| None)
+        })
+        .await
     }
 }
 

@@ -1,14 +1,17 @@
 //! The native protocol's requests: each client frame decoded into a [`Request`], handed to
 //! the [chat core](crate::chat), and its answer encoded as the protocol's reply; and the echo
-//! endpoint, which only sends messages back.
+//! endpoint, which only sends messages back. A `send` is handed over at once, and the
+//! connection reads on while it is published (see [`Pipeline`](crate::chat::Pipeline)); any
+//! other request waits until the sends before it are answered.
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 
 use super::Params;
-use crate::chat::{Chat, Join, Joined, Protocol};
+use crate::chat::{Chat, Join, Joined, Protocol, Sent};
 use crate::hub::ConnId;
 use crate::node::Node;
 use crate::outbox::Outbox;
@@ -21,6 +24,23 @@ pub(crate) struct Native;
 
 impl Protocol for Native {
     const CODEC: Codec = Codec::Native;
+
+    /// The `send`'s `ref`, echoed in its `ack` or `error`.
+    type SendTag = Option<String>;
+
+    fn sent(reference: Option<String>, answer: Result<Sent, ProtocolError>) -> Option<Bytes> {
+        let reference = reference.as_deref();
+        Some(match answer {
+            Ok(sent) => Reply::Ack {
+                reference,
+                room: &sent.room,
+                id: sent.published.id,
+                duplicate: sent.published.duplicate,
+            }
+            .frame(),
+            Err(e) => native::error_frame(&e.with_ref(reference)),
+        })
+    }
 
     fn joined(joined: &Joined<'_>) -> Bytes {
         let history = joined.history;
@@ -112,8 +132,25 @@ impl Session {
         }
     }
 
+    /// Queues `frame` for the client, after the answers of the sends before it.
     pub(super) fn reply(&self, frame: Bytes) {
         self.chat.push(frame);
+    }
+
+    /// Answers the client's ping at once.
+    pub(super) fn pong(&self, payload: &[u8]) {
+        self.chat.push_now(ws::pong(payload));
+    }
+
+    /// Ready while the connection may read another request (see
+    /// [`Pipeline::poll_room`](crate::chat::Pipeline::poll_room)).
+    pub(super) fn poll_room(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.chat.pipeline().poll_room(cx)
+    }
+
+    /// Resolves once every send so far is answered.
+    pub(super) async fn drained(&self) {
+        self.chat.drained().await;
     }
 
     fn refuse(&self, err: &ProtocolError) {
@@ -121,19 +158,36 @@ impl Session {
         self.reply(native::error_frame(err));
     }
 
-    /// One complete message: echoed on the echo endpoint, else handled as a request, in a
-    /// future that owns the session (taken from `slot`) until it is done.
+    /// One complete message: echoed on the echo endpoint; a `send`, handed to the chat core
+    /// at once; else a request handled, once the sends before it are answered, in a future
+    /// that owns the session (taken from `slot`) until it is done.
     pub(super) fn message(
         slot: &mut Option<Session>,
         binary: bool,
         payload: &[u8],
     ) -> Option<Handling> {
-        let request = slot.as_mut()?.decode(binary, payload)?;
+        let session = slot.as_mut()?;
+        let request = session.decode(binary, payload)?;
+        if let Request::Send {
+            room,
+            message,
+            reference,
+        } = request
+        {
+            session.send(room, message, reference);
+            return None;
+        }
         let mut session = slot.take()?;
         Some(Box::pin(async move {
+            session.drained().await;
             session.handle(request).await;
             session
         }))
+    }
+
+    fn send(&mut self, room: Option<RoomName>, message: String, reference: Option<String>) {
+        let key = reference.clone();
+        self.chat.send(room, message, key.as_deref(), reference);
     }
 
     /// Echoes, or decodes the request (refusing a bad one); returns the request to handle.
@@ -216,17 +270,8 @@ impl Session {
                 message,
                 reference,
             } => {
-                let reference = reference.as_deref();
-                let sent = chat.send(room, message, reference).await;
-                sent.map_err(|e| e.with_ref(reference)).map(|sent| {
-                    let ack = Reply::Ack {
-                        reference,
-                        room: &sent.room,
-                        id: sent.published.id,
-                        duplicate: sent.published.duplicate,
-                    };
-                    Some(ack.frame())
-                })
+                self.send(room, message, reference);
+                return;
             }
             Request::Leave { room } => chat
                 .leave(&room)

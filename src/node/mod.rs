@@ -142,9 +142,7 @@ impl Node {
     }
 
     /// Publishes `message` from `user` to `room` (membership, length and rate are the
-    /// caller's checks): encodes it once, stamps it, times and counts the publish. A
-    /// `reference` (the client's `ref`) is remembered for the dedupe window. `unavailable`
-    /// when the transport refused or did not answer.
+    /// caller's checks), as [`Node::publish_batch`] does.
     pub(crate) async fn publish(
         &self,
         room: RoomName,
@@ -152,27 +150,43 @@ impl Node {
         message: String,
         reference: Option<&str>,
     ) -> Result<Published, ProtocolError> {
-        let ts = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let envelope = Envelope {
-            dedupe: reference.map(|r| dedupe_key(user, r)),
-            draft: Draft::new(room, user.clone(), ts, message),
-        };
+        let envelope = envelope(room, user, message, reference);
+        let published = self.publish_batch(vec![envelope]).await?;
+        published.first().copied().ok_or_else(|| {
+            ProtocolError::new(
+                ErrorCode::Unavailable,
+                "the transport gave no id; not delivered",
+            )
+        })
+    }
+
+    /// Publishes `envelopes`, all of one room, in their order (see
+    /// [`Transport::publish`]); times and counts them. `unavailable`, for all of them, when
+    /// the transport refused or did not answer.
+    pub(crate) async fn publish_batch(
+        &self,
+        envelopes: Vec<Envelope>,
+    ) -> Result<Vec<Published>, ProtocolError> {
+        let count = envelopes.len() as u64;
         let started = std::time::Instant::now();
-        let published = self.transport.publish(envelope).await;
-        self.metrics.publish_seconds.observe(started.elapsed());
+        let published = self.transport.publish(envelopes).await;
+        let took = started.elapsed();
+        for _ in 0..count {
+            self.metrics.publish_seconds.observe(took);
+        }
         match published {
-            Ok(p) => {
-                if p.duplicate {
-                    self.metrics.duplicate_sends_total.inc();
-                } else {
-                    self.metrics.messages_in_total.inc();
+            Ok(published) => {
+                for p in &published {
+                    if p.duplicate {
+                        self.metrics.duplicate_sends_total.inc();
+                    } else {
+                        self.metrics.messages_in_total.inc();
+                    }
                 }
-                Ok(p)
+                Ok(published)
             }
             Err(e) => {
-                self.metrics.publish_errors_total.inc();
+                self.metrics.publish_errors_total.add(count);
                 Err(ProtocolError::new(ErrorCode::Unavailable, e.to_string()))
             }
         }
@@ -193,6 +207,23 @@ impl Node {
             _ip_slot: ip_slot,
         };
         (taken < max).then_some(slot)
+    }
+}
+
+/// `message` from `user` to `room`, encoded once and stamped with the time now. A
+/// `reference` (the client's `ref`) is remembered for the dedupe window.
+pub(crate) fn envelope(
+    room: RoomName,
+    user: &Arc<str>,
+    message: String,
+    reference: Option<&str>,
+) -> Envelope {
+    let ts = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    Envelope {
+        dedupe: reference.map(|r| dedupe_key(user, r)),
+        draft: Draft::new(room, user.clone(), ts, message),
     }
 }
 

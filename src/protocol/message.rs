@@ -70,6 +70,11 @@ impl Draft {
         }
     }
 
+    /// The bytes it holds until it is accepted: the text and its encoded JSON.
+    pub fn size(&self) -> usize {
+        self.text.len() + self.template.head().len() + self.template.tail().len()
+    }
+
     /// The accepted message: id `id` of `epoch`. Its native frame is built now, once.
     pub fn accept(self, id: u64, epoch: Arc<str>) -> Message {
         let native = self.template.frame(id, &epoch);

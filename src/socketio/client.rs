@@ -2,7 +2,9 @@
 //! emit (`event:message`, `join`, `leave`), their acks, and DISCONNECT.
 //!
 //! `event:message` is published through the same transport path as a native `send`, so ids,
-//! history, Redis and `ref` dedupe apply alike. What is answered is documented in
+//! history, Redis and `ref` dedupe apply alike; it is handed over at once, and the session
+//! reads on while it is published (see [`Pipeline`](crate::chat::Pipeline)). Any other packet
+//! waits until the messages before it are answered. What is answered is documented in
 //! docs/socketio.md.
 
 use std::sync::Arc;
@@ -12,7 +14,7 @@ use serde_json::{Value, json};
 
 use super::Query;
 use super::session::random_id;
-use crate::chat::{Chat, Join, Joined, Protocol};
+use crate::chat::{Chat, Join, Joined, Pipeline, Protocol, Sent};
 use crate::hub::ConnId;
 use crate::node::Node;
 use crate::node::access::Grant;
@@ -29,6 +31,26 @@ pub(crate) struct SocketIo;
 
 impl Protocol for SocketIo {
     const CODEC: Codec = Codec::SocketIo;
+
+    /// The id of the ack the `event:message` asked for, if any.
+    type SendTag = Option<u64>;
+
+    fn sent(ack: Option<u64>, answer: Result<Sent, ProtocolError>) -> Option<Bytes> {
+        match (ack, answer) {
+            (Some(id), Ok(sent)) => {
+                let (room, id_in_room) = (sent.room, sent.published.id);
+                let value = if sent.published.duplicate {
+                    json!({ "room": room, "id": id_in_room, "duplicate": true })
+                } else {
+                    json!({ "room": room, "id": id_in_room })
+                };
+                Some(codec::ack(id, &value))
+            }
+            (Some(id), Err(e)) => Some(codec::ack(id, &json!({ "error": error_json(&e) }))),
+            (None, Ok(_)) => None,
+            (None, Err(e)) => Some(error_event(&e)),
+        }
+    }
 
     fn joined(joined: &Joined<'_>) -> Bytes {
         let mut event = json!({ "room": joined.room, "online": joined.online });
@@ -87,6 +109,11 @@ impl Client {
         self.chat.push(frame);
     }
 
+    /// The session's messages in flight.
+    pub(super) fn pipeline(&self) -> Pipeline<SocketIo> {
+        self.chat.pipeline().clone()
+    }
+
     /// Handles one Socket.IO packet. An error means the packet could not be decoded (or
     /// carries binary attachments): the session is to be closed, as Socket.IO does.
     pub async fn handle(&mut self, text: &str) -> Result<(), CodecError> {
@@ -97,6 +124,12 @@ impl Client {
                 self.push(codec::connect_error(packet.nsp, "Invalid namespace"));
             }
             return Ok(());
+        }
+        let message = packet.kind == PacketType::Event
+            && matches!(&packet.data, Some(Value::Array(args))
+                if args.first().and_then(Value::as_str) == Some("event:message"));
+        if !message {
+            self.chat.drained().await;
         }
         match packet.kind {
             PacketType::Connect => self.connect(packet.data.as_ref()).await,
@@ -111,8 +144,12 @@ impl Client {
                 let Some(Value::Array(args)) = packet.data else {
                     return Err(CodecError::BadData);
                 };
-                let answer = self.event(&args).await;
-                self.answer(packet.ack, answer);
+                if message {
+                    self.send(args.get(1).unwrap_or(&Value::Null), packet.ack);
+                } else {
+                    let answer = self.event(&args).await;
+                    self.answer(packet.ack, answer);
+                }
             }
             // Events before CONNECT, acks (the server asks for none) and connect errors
             // (a server's packet) are ignored.
@@ -212,10 +249,10 @@ impl Client {
         self.save_recovery().await;
     }
 
+    /// An event other than `event:message` (which [`Client::send`] takes), answered.
     async fn event(&mut self, args: &[Value]) -> Answer {
         let data = args.get(1).unwrap_or(&Value::Null);
         match args.first().and_then(Value::as_str) {
-            Some("event:message") => self.send(data).await,
             Some("join") => {
                 let room = match data.get("dm") {
                     Some(Value::String(peer)) => RoomRef::Direct(peer.clone()),
@@ -279,15 +316,15 @@ impl Client {
         }
     }
 
-    async fn send(&mut self, data: &Value) -> Answer {
-        let (message, room, reference) = message_fields(data)?;
-        let sent = self.chat.send(room, message.to_owned(), reference).await?;
-        let (room, id) = (sent.room, sent.published.id);
-        Ok(if sent.published.duplicate {
-            json!({ "room": room, "id": id, "duplicate": true })
-        } else {
-            json!({ "room": room, "id": id })
-        })
+    /// An `event:message`, published after the messages before it and answered (`ack`, the
+    /// id of the ack it asked for) in its turn.
+    fn send(&mut self, data: &Value, ack: Option<u64>) {
+        match message_fields(data) {
+            Ok((message, room, reference)) => {
+                self.chat.send(room, message.to_owned(), reference, ack);
+            }
+            Err(e) => self.chat.refuse_send(ack, e),
+        }
     }
 
     /// Leaves every room, as the session ends.

@@ -114,6 +114,9 @@ pub(super) async fn post(session: &EngineSession, req: Request<Incoming>) -> Res
     for packet in packets {
         match codec::decode_engine(packet) {
             Ok(EnginePacket::Message(text)) => {
+                // With as many messages in flight as allowed, the rest waits (and with it
+                // the answer to the POST).
+                session.sends.room().await;
                 if client.handle(text).await.is_err() {
                     drop(client);
                     return bad(session);

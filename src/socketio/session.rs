@@ -15,7 +15,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Query;
-use super::client::Client;
+use super::client::{Client, SocketIo};
+use crate::chat::Pipeline;
 use crate::config::Reloadable;
 use crate::conn::writer::Liveness;
 use crate::metrics::OpenSession;
@@ -79,8 +80,12 @@ pub(super) struct EngineSession {
     pub(super) sid: String,
     /// Packets for the client, each a WebSocket text frame (see the module doc of `socketio`).
     pub(super) outbox: Arc<Outbox>,
-    /// The Socket.IO side. Locked while one request's packets are handled, across publishes.
+    /// The Socket.IO side. Locked while one request's packets are handled, across the
+    /// requests' awaits (not across the publishes of `event:message`s, which go on in its
+    /// pipeline).
     pub(super) client: tokio::sync::Mutex<Client>,
+    /// The client's messages in flight: a reader waits here for room before it reads more.
+    pub(super) sends: Pipeline<SocketIo>,
     /// Largest packet, or polling request body, accepted from the client.
     pub(super) max_payload: usize,
     transport: Mutex<EngineTransport>,
@@ -117,6 +122,7 @@ pub(super) fn open(
     let session = Arc::new(EngineSession {
         sid: sid.clone(),
         outbox,
+        sends: client.pipeline(),
         client: tokio::sync::Mutex::new(client),
         max_payload: live.limits.max_frame_bytes,
         transport: Mutex::new(if websocket {

@@ -92,9 +92,21 @@ async fn run(node: Arc<Node>, session: Arc<EngineSession>, upgrade: OnUpgrade, p
         tokio::select! {
             end = &mut reading => match end {
                 ReadEnd::Close(code, reason) => {
-                    session.outbox.close(code, reason, true);
-                    let written = tokio::time::timeout(CLOSE_TIMEOUT, &mut writing).await;
-                    matches!(written, Ok(WriteEnd::Closed { .. }))
+                    // Messages in flight are answered before the close, the writer going on.
+                    let drained = tokio::time::timeout(CLOSE_TIMEOUT, async {
+                        tokio::select! {
+                            end = &mut writing => Some(end),
+                            () = session.sends.drained() => None,
+                        }
+                    });
+                    match drained.await {
+                        Ok(Some(end)) => matches!(end, WriteEnd::Closed { await_peer: true }),
+                        Ok(None) | Err(_) => {
+                            session.outbox.close(code, reason, true);
+                            let written = tokio::time::timeout(CLOSE_TIMEOUT, &mut writing).await;
+                            matches!(written, Ok(WriteEnd::Closed { .. }))
+                        }
+                    }
                 }
                 ReadEnd::Gone => false,
             },
@@ -157,6 +169,9 @@ async fn read_loop(
 ) -> ReadEnd {
     let mut message = Assembler::default();
     loop {
+        // With as many messages in flight as allowed, nothing more is read until one is
+        // answered.
+        session.sends.room().await;
         let frame = match reader.next().await {
             Ok(frame) => frame,
             Err(e) => return read_error(e),

@@ -182,12 +182,18 @@ impl Transport {
         })
     }
 
-    /// Assigns the room's next id to `envelope`, stores it and delivers it to every member of
-    /// its room, on every node; returns the id once the message is accepted.
-    pub async fn publish(&self, envelope: Envelope) -> Result<Published, TransportError> {
+    /// Assigns the room's next ids to `envelopes`, all of one room, in their order; stores
+    /// them and delivers them to every member of the room, on every node; returns their ids
+    /// once they are accepted. The embedded transport publishes them one after the other,
+    /// Redis in one script call: atomic, so no reconnect, retry or redirect beneath can
+    /// reorder them, and they fail together (a timeout leaves each possibly delivered).
+    pub async fn publish(
+        &self,
+        envelopes: Vec<Envelope>,
+    ) -> Result<Vec<Published>, TransportError> {
         match self {
-            Transport::Memory(t) => Ok(t.publish(envelope)),
-            Transport::Redis(t) => t.publish(&envelope).await,
+            Transport::Memory(t) => Ok(envelopes.into_iter().map(|e| t.publish(e)).collect()),
+            Transport::Redis(t) => t.publish(&envelopes).await,
         }
     }
 

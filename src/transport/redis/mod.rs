@@ -221,31 +221,42 @@ impl RedisTransport {
         self.ready.load(Ordering::Relaxed)
     }
 
-    /// Checks the `ref`, assigns the id, publishes and stores, in one script call; the id once
-    /// Redis accepted it. This node, the one that got the id, reports the message to the
-    /// webhooks: every message is reported by exactly one node.
-    pub async fn publish(&self, envelope: &Envelope) -> Result<Published, TransportError> {
-        let room = envelope.draft.room.as_str();
+    /// Checks each `ref`, assigns the ids, publishes and stores `envelopes` (all of one room,
+    /// in their order), in one script call; their ids once Redis accepted them. This node,
+    /// the one that got the ids, reports the messages to the webhooks: every message is
+    /// reported by exactly one node.
+    pub async fn publish(&self, envelopes: &[Envelope]) -> Result<Vec<Published>, TransportError> {
+        let Some(first) = envelopes.first() else {
+            return Ok(Vec::new());
+        };
+        let room = first.draft.room.as_str();
+        debug_assert!(envelopes.iter().all(|e| e.draft.room.as_str() == room));
         let delivered = self
             .lock_streams()
             .get(room)
             .map(|s| (s.epoch.clone(), s.last_id));
-        let (published, epoch) = self.scripts.publish(envelope, delivered).await?;
-        if !published.duplicate && self.webhooks.wants(EventKind::Message) {
-            let draft = &envelope.draft;
-            self.webhooks.emit(Event::message(
-                draft.room.as_str(),
-                published.id,
-                &epoch,
-                &draft.user,
-                draft.ts,
-                &draft.text,
-            ));
+        let (published, epoch) = self.scripts.publish(envelopes, delivered).await?;
+        if self.webhooks.wants(EventKind::Message) {
+            for (envelope, published) in envelopes.iter().zip(&published) {
+                if published.duplicate {
+                    continue;
+                }
+                let draft = &envelope.draft;
+                self.webhooks.emit(Event::message(
+                    draft.room.as_str(),
+                    published.id,
+                    &epoch,
+                    &draft.user,
+                    draft.ts,
+                    &draft.text,
+                ));
+            }
         }
+        let newest = published.iter().map(|p| p.id).max().unwrap_or(0);
         if self.keep_recent > 0
             && let Some(stream) = self.lock_streams().get_mut(room)
         {
-            stream.acked_id = stream.acked_id.max(published.id);
+            stream.acked_id = stream.acked_id.max(newest);
         }
         Ok(published)
     }

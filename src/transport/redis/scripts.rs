@@ -47,38 +47,54 @@ local function room_epoch(meta, hist, candidate, ttl)
 end
 ";
 
-/// Dedupe check, id, publish and history, in one atomic step. Returns `{id, duplicate, epoch}`.
-/// KEYS: meta, hist, ref, the archive stream. ARGV: channel, JSON before the id, JSON after
-/// it, epoch candidate, history size, history TTL (ms), dedupe window (s, 0 = off), the epoch
-/// and last id the publishing node delivered (`""`, 0: none), the publish command
-/// (`SPUBLISH` in cluster mode), and the archive stream's cap (0: no archive; never in
-/// cluster mode, where the stream would be on another shard). With the archive on, the
-/// message is also appended to the archive stream (capped, approximately), which the nodes
-/// consume (`archive::stream`). A `ref` is not looked up in a new epoch: the id
-/// it got belongs to the old one. Ids never go back below what the node delivered: a Redis
-/// that lost its newest writes (a failover before they reached the replica) gives the next
-/// message a new id, and the lost ones are a gap the receivers report.
+/// Dedupe check, id, publish and history for a batch of messages of one room, in their order,
+/// in one atomic step. Returns `{epoch, {id, duplicate, id, duplicate, ...}}`, one pair per
+/// message. KEYS: meta, hist, the archive stream, then each message's ref key. ARGV: channel,
+/// epoch candidate, history size, history TTL (ms), the epoch and last id the publishing node
+/// delivered (`""`, 0: none), the publish command (`SPUBLISH` in cluster mode), the archive
+/// stream's cap (0: no archive; never in cluster mode, where the stream would be on another
+/// shard), then per message: JSON before the id, JSON after it, dedupe window (s, 0 = off).
+/// With the archive on, each message is also appended to the archive stream (capped,
+/// approximately), which the nodes consume (`archive::stream`). In a new epoch a `ref` is
+/// looked up only among the batch's own: the id it got before belongs to the old epoch. Ids
+/// never go back below what the node delivered: a Redis that lost its newest writes (a
+/// failover before they reached the replica) gives the next message a new id, and the lost
+/// ones are a gap the receivers report.
 const PUBLISH_LUA: &str = r#"
-local epoch, fresh = room_epoch(KEYS[1], KEYS[2], ARGV[4], ARGV[6])
-local window = tonumber(ARGV[7])
-if window > 0 and not fresh then
-  local prev = redis.call('GET', KEYS[3])
-  if prev then return {tonumber(prev), 1, epoch} end
+local epoch, fresh = room_epoch(KEYS[1], KEYS[2], ARGV[2], ARGV[4])
+if ARGV[5] == epoch and tonumber(redis.call('HGET', KEYS[1], 'seq') or '0') < tonumber(ARGV[6]) then
+  redis.call('HSET', KEYS[1], 'seq', ARGV[6])
 end
-if ARGV[8] == epoch and tonumber(redis.call('HGET', KEYS[1], 'seq') or '0') < tonumber(ARGV[9]) then
-  redis.call('HSET', KEYS[1], 'seq', ARGV[9])
+local size = tonumber(ARGV[3])
+local archive_cap = tonumber(ARGV[8])
+local out, mine = {}, {}
+for i = 0, (#ARGV - 8) / 3 - 1 do
+  local ref, window = KEYS[4 + i], tonumber(ARGV[11 + 3 * i])
+  local prev = false
+  if window > 0 then
+    if fresh then prev = mine[ref] or false else prev = redis.call('GET', ref) end
+  end
+  if prev then
+    out[#out + 1] = tonumber(prev)
+    out[#out + 1] = 1
+  else
+    local id = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+    local msg = ARGV[9 + 3 * i] .. id .. ',"epoch":"' .. epoch .. '"' .. ARGV[10 + 3 * i]
+    redis.call(ARGV[7], ARGV[1], msg)
+    if archive_cap > 0 then
+      redis.call('XADD', KEYS[3], 'MAXLEN', '~', archive_cap, '*', 'm', msg)
+    end
+    if size > 0 then redis.call('ZADD', KEYS[2], id, msg) end
+    if window > 0 then
+      redis.call('SET', ref, id, 'EX', window)
+      mine[ref] = id
+    end
+    out[#out + 1] = id
+    out[#out + 1] = 0
+  end
 end
-local id = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-local msg = ARGV[2] .. id .. ',"epoch":"' .. epoch .. '"' .. ARGV[3]
-redis.call(ARGV[10], ARGV[1], msg)
-local archive_cap = tonumber(ARGV[11])
-if archive_cap > 0 then
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', archive_cap, '*', 'm', msg)
-end
-local size = tonumber(ARGV[5])
 if size > 0 then
-  local ttl = tonumber(ARGV[6])
-  redis.call('ZADD', KEYS[2], id, msg)
+  local ttl = tonumber(ARGV[4])
   redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(size + 1))
   local now = redis.call('TIME')
   local cutoff = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - ttl
@@ -91,8 +107,7 @@ if size > 0 then
   end
   redis.call('PEXPIRE', KEYS[2], ttl)
 end
-if window > 0 then redis.call('SET', KEYS[3], id, 'EX', window) end
-return {id, 0, epoch}
+return {epoch, out}
 "#;
 
 /// A joining client's history, atomically with the last id. Returns
@@ -241,59 +256,76 @@ impl Scripts {
         format!("{}{kind}:{}", self.key_prefix, self.tagged(room))
     }
 
-    /// Checks the `ref`, assigns the id (after `delivered`, this node's epoch and last id of
-    /// the room, if any), publishes and stores, in one script call; the id and the room's
-    /// epoch once Redis accepted it, and with `redis.wait_replicas` once that many replicas
-    /// have it.
+    /// Checks each `ref`, assigns the ids (after `delivered`, this node's epoch and last id
+    /// of the room, if any), publishes and stores `envelopes`, all of one room, in their
+    /// order, in one script call; their ids and the room's epoch once Redis accepted them,
+    /// and with `redis.wait_replicas` once that many replicas have them. One call at a time
+    /// per sender keeps its messages in order whatever happens beneath: the client library
+    /// retries a script Redis does not know yet, a cluster connection follows redirects and
+    /// reconnects, each request on its own.
     pub(super) async fn publish(
         &self,
-        envelope: &Envelope,
+        envelopes: &[Envelope],
         delivered: Option<(String, u64)>,
-    ) -> Result<(Published, String), TransportError> {
-        let room = envelope.draft.room.as_str();
-        let dedupe = envelope.dedupe.as_deref().unwrap_or("");
-        let window = if envelope.dedupe.is_some() {
-            self.dedupe_window_secs
-        } else {
-            0
+    ) -> Result<(Vec<Published>, String), TransportError> {
+        let Some(first) = envelopes.first() else {
+            return Ok((Vec::new(), String::new()));
         };
+        let room = first.draft.room.as_str();
         let mut call = self.publish_script.key(self.key("meta", room));
         call.key(self.key("hist", room))
-            .key(format!("{}:{dedupe}", self.key("ref", room)))
             // Without the archive, a key of the room's own (never written): in cluster mode
             // every key a script names must be on the room's shard.
             .key(if self.archive_cap > 0 {
                 self.archive_key()
             } else {
                 self.key("meta", room)
-            })
-            .arg(self.channel(room))
-            .arg(envelope.draft.template.head())
-            .arg(envelope.draft.template.tail())
+            });
+        let (epoch, last_id) = delivered.unwrap_or_default();
+        call.arg(self.channel(room))
             .arg(new_epoch())
             .arg(self.history_size)
             .arg(self.history_ttl_ms)
-            .arg(window);
-        let (epoch, last_id) = delivered.unwrap_or_default();
-        call.arg(epoch)
+            .arg(epoch)
             .arg(last_id)
             .arg(if self.sharded { "SPUBLISH" } else { "PUBLISH" })
             .arg(self.archive_cap);
+        let ref_prefix = self.key("ref", room);
+        for envelope in envelopes {
+            let dedupe = envelope.dedupe.as_deref().unwrap_or("");
+            let window = if envelope.dedupe.is_some() {
+                self.dedupe_window_secs
+            } else {
+                0
+            };
+            call.key(format!("{ref_prefix}:{dedupe}"))
+                .arg(envelope.draft.template.head())
+                .arg(envelope.draft.template.tail())
+                .arg(window);
+        }
         let started = tokio::time::Instant::now();
-        let (id, duplicate, epoch) = self.invoke::<(u64, u8, String)>(call).await?;
+        let (epoch, ids) = self.invoke::<(String, Vec<u64>)>(call).await?;
+        if ids.len() != 2 * envelopes.len() {
+            return Err(TransportError::Unavailable(format!(
+                "redis: the publish script answered {} values for {} messages",
+                ids.len(),
+                envelopes.len()
+            )));
+        }
         if self.wait_replicas > 0 {
             let left = self.publish_timeout.saturating_sub(started.elapsed());
             self.publisher
                 .wait_for_replicas(self.wait_replicas, left, self.publish_timeout)
                 .await?;
         }
-        Ok((
-            Published {
-                id,
-                duplicate: duplicate == 1,
-            },
-            epoch,
-        ))
+        let published = ids
+            .chunks_exact(2)
+            .map(|pair| Published {
+                id: pair[0],
+                duplicate: pair[1] == 1,
+            })
+            .collect();
+        Ok((published, epoch))
     }
 
     /// The history a client joining `room` gets, read from Redis (see [`Snapshot`]), with up
