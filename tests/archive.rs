@@ -1084,3 +1084,189 @@ async fn on_redis_history_and_recovery_reach_past_the_rooms_history_into_the_arc
     assert_eq!(ids, (6..=15).collect::<Vec<_>>(), "{page}");
     assert_eq!(page["more"], true);
 }
+
+/// A Socket.IO client over a WebSocket-only session (`transport=websocket`), connected to the
+/// main namespace.
+struct SocketIo {
+    ws: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    next_ack: u64,
+}
+
+impl SocketIo {
+    async fn connect(addr: std::net::SocketAddr, name: &str) -> SocketIo {
+        use futures_util::SinkExt;
+        let url = format!("ws://{addr}/socket.io/?EIO=4&transport=websocket&name={name}");
+        let (ws, _) = tokio_tungstenite::connect_async(&url)
+            .await
+            .expect("connect");
+        let mut client = SocketIo { ws, next_ack: 1 };
+        assert!(client.packet().await.starts_with("0{"));
+        client
+            .ws
+            .send(tokio_tungstenite::tungstenite::Message::text("40"))
+            .await
+            .unwrap();
+        assert!(client.packet().await.starts_with("40{"));
+        assert!(client.packet().await.starts_with(r#"42["joined""#));
+        client
+    }
+
+    /// The next Engine.IO packet, answering the server's pings on the way.
+    async fn packet(&mut self) -> String {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        loop {
+            let frame = tokio::time::timeout(common::WAIT, self.ws.next())
+                .await
+                .expect("a packet in time")
+                .expect("connection open")
+                .expect("valid frame");
+            match frame {
+                Message::Text(text) if text.as_str() == "2" => {
+                    self.ws.send(Message::text("3")).await.unwrap();
+                }
+                Message::Text(text) => return text.as_str().to_owned(),
+                Message::Ping(_) | Message::Pong(_) => {}
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// Emits `event` with `data` asking for an ack; the ack's argument.
+    async fn emit(&mut self, event: &str, data: serde_json::Value) -> serde_json::Value {
+        use futures_util::SinkExt;
+        let id = self.next_ack;
+        self.next_ack += 1;
+        let packet = format!("42{id}{}", serde_json::json!([event, data]));
+        self.ws
+            .send(tokio_tungstenite::tungstenite::Message::text(packet))
+            .await
+            .unwrap();
+        let prefix = format!("43{id}[");
+        loop {
+            let packet = self.packet().await;
+            if let Some(json) = packet.strip_prefix(&prefix[..prefix.len() - 1]) {
+                let args: serde_json::Value = serde_json::from_str(json).unwrap();
+                return args[0].clone();
+            }
+        }
+    }
+
+    /// Emits `event` with `data` without an ack; the `error` event that answers it.
+    async fn emit_refused(&mut self, event: &str, data: serde_json::Value) -> serde_json::Value {
+        use futures_util::SinkExt;
+        let packet = format!("42{}", serde_json::json!([event, data]));
+        self.ws
+            .send(tokio_tungstenite::tungstenite::Message::text(packet))
+            .await
+            .unwrap();
+        loop {
+            let packet = self.packet().await;
+            if let Some(json) = packet.strip_prefix(r#"42["error","#) {
+                let args: serde_json::Value = serde_json::from_str(&format!("[{json}")).unwrap();
+                return args[0].clone();
+            }
+        }
+    }
+}
+
+/// The texts of a search answer's messages.
+fn texts(page: &serde_json::Value) -> Vec<&str> {
+    page["messages"]
+        .as_array()
+        .unwrap_or_else(|| panic!("a search page: {page}"))
+        .iter()
+        .map(|m| m["message"].as_str().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn socketio_clients_search_through_acks_with_the_same_checks_and_rate() {
+    let pg = Postgres::start().await;
+    let mut config = archived_config(&pg.url(), 200);
+    // CONNECT's join takes one request, the searches below the other five.
+    config.limits.requests_per_second = 0.01;
+    config.limits.request_burst = 6;
+    let server = common::start(config).await;
+    let mut sio = SocketIo::connect(server.addr, "sio").await;
+    for text in [
+        "deploy at five",
+        "lunch?",
+        "the deploy failed",
+        "Deploy fixed",
+    ] {
+        let ack = sio
+            .emit("event:message", serde_json::json!({"message": text}))
+            .await;
+        assert_eq!(ack["room"], "general", "{ack}");
+    }
+    common::eventually_async("archived", || async { rows(&pg).await == 4 }).await;
+
+    let search = |query: &str, cursor: Option<&str>| serde_json::json!({"room":"general","query":query,"cursor":cursor,"limit":2});
+    let page = sio.emit("search", search("deploy", None)).await;
+    assert_eq!(
+        texts(&page),
+        ["Deploy fixed", "the deploy failed"],
+        "{page}"
+    );
+    assert_eq!(
+        (&page["room"], &page["query"]),
+        (&"general".into(), &"deploy".into())
+    );
+    assert_eq!(page["messages"][0]["type"], "message", "{page}");
+    assert_eq!(page["messages"][0]["user"], "sio", "{page}");
+    let cursor = page["cursor"].as_str().expect("a cursor").to_owned();
+    let rest = sio.emit("search", search("deploy", Some(&cursor))).await;
+    assert_eq!(texts(&rest), ["deploy at five"], "{rest}");
+    assert!(rest["cursor"].is_null(), "{rest}");
+
+    let code = |answer: &serde_json::Value| answer["error"]["code"].as_str().map(str::to_owned);
+    let dev = serde_json::json!({"room":"dev","query":"deploy"});
+    let answer = sio.emit("search", dev.clone()).await;
+    assert_eq!(code(&answer).as_deref(), Some("not_joined"), "{answer}");
+    // Bad fields are refused before they take a request from the rate.
+    for bad in [
+        serde_json::json!({"room":"general","query":"   "}),
+        serde_json::json!({"room":"general"}),
+        serde_json::json!({"room":"general","query":"x".repeat(257)}),
+        serde_json::json!({"room":"general","query":"x","limit":51}),
+        serde_json::json!({"room":"general","query":"x","cursor":"c".repeat(129)}),
+        serde_json::json!({"room":"no spaces","query":"x"}),
+        serde_json::json!("deploy"),
+    ] {
+        let answer = sio.emit("search", bad.clone()).await;
+        let want = if bad["room"] == "no spaces" {
+            "bad_room"
+        } else {
+            "bad_field"
+        };
+        assert_eq!(code(&answer).as_deref(), Some(want), "{bad}: {answer}");
+        assert!(answer["error"]["message"].is_string(), "{answer}");
+    }
+    let answer = sio
+        .emit("search", search("deploy", Some("not-a-cursor")))
+        .await;
+    assert_eq!(code(&answer).as_deref(), Some("bad_field"), "{answer}");
+    // Without an ack, the refusal comes as the event `error`.
+    let error = sio.emit_refused("search", dev).await;
+    assert_eq!(error["code"], "not_joined", "{error}");
+    // The sixth request of the burst was the last.
+    let answer = sio.emit("search", search("deploy", None)).await;
+    assert_eq!(code(&answer).as_deref(), Some("rate_limited"), "{answer}");
+    server.stop().await;
+
+    // Without the archive, search is refused in words.
+    let server = common::start(common::config()).await;
+    let mut sio = SocketIo::connect(server.addr, "sio").await;
+    let answer = sio.emit("search", search("deploy", None)).await;
+    assert_eq!(code(&answer).as_deref(), Some("unavailable"), "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("archive")),
+        "{answer}"
+    );
+    server.stop().await;
+}

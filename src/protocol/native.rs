@@ -219,33 +219,12 @@ fn decode_typed(
             room: required_room(obj)?,
         }),
         "search" => {
-            let room = required_room(obj)?;
-            let query = optional_str(obj, "query")?.unwrap_or_default();
-            if query.trim().is_empty() || query.chars().count() > MAX_SEARCH_QUERY_CHARS {
-                return Err(ProtocolError::new(
-                    ErrorCode::BadField,
-                    format!("`query` must be 1 to {MAX_SEARCH_QUERY_CHARS} characters"),
-                ));
-            }
-            let cursor = optional_str(obj, "cursor")?;
-            if cursor.is_some_and(|c| c.len() > MAX_SEARCH_CURSOR_LEN) {
-                return Err(ProtocolError::new(
-                    ErrorCode::BadField,
-                    "`cursor` must be one a search page returned",
-                ));
-            }
-            let limit = optional_u64(obj, "limit")?.unwrap_or(20);
-            if limit == 0 || limit > MAX_SEARCH_PAGE as u64 {
-                return Err(ProtocolError::new(
-                    ErrorCode::BadField,
-                    format!("`limit` must be 1 to {MAX_SEARCH_PAGE}"),
-                ));
-            }
+            let (room, query, cursor, limit) = search_fields(obj)?;
             Ok(Request::Search {
                 room,
                 query: query.to_owned(),
                 cursor: cursor.map(str::to_owned),
-                limit: limit as usize,
+                limit,
             })
         }
         other => Err(ProtocolError::new(
@@ -255,6 +234,37 @@ fn decode_typed(
             ),
         )),
     }
+}
+
+/// The fields of a `search` request, checked as every protocol takes them: `room`, `query`
+/// (1 to [`MAX_SEARCH_QUERY_CHARS`] characters, not only white space), `cursor` (at most
+/// [`MAX_SEARCH_CURSOR_LEN`] bytes) and `limit` (1 to [`MAX_SEARCH_PAGE`], 20 when absent).
+pub(crate) fn search_fields(
+    obj: &Map<String, Value>,
+) -> Result<(RoomName, &str, Option<&str>, usize), ProtocolError> {
+    let room = required_room(obj)?;
+    let query = optional_str(obj, "query")?.unwrap_or_default();
+    if query.trim().is_empty() || query.chars().count() > MAX_SEARCH_QUERY_CHARS {
+        return Err(ProtocolError::new(
+            ErrorCode::BadField,
+            format!("`query` must be 1 to {MAX_SEARCH_QUERY_CHARS} characters"),
+        ));
+    }
+    let cursor = optional_str(obj, "cursor")?;
+    if cursor.is_some_and(|c| c.len() > MAX_SEARCH_CURSOR_LEN) {
+        return Err(ProtocolError::new(
+            ErrorCode::BadField,
+            "`cursor` must be one a search page returned",
+        ));
+    }
+    let limit = optional_u64(obj, "limit")?.unwrap_or(20);
+    if limit == 0 || limit > MAX_SEARCH_PAGE as u64 {
+        return Err(ProtocolError::new(
+            ErrorCode::BadField,
+            format!("`limit` must be 1 to {MAX_SEARCH_PAGE}"),
+        ));
+    }
+    Ok((room, query, cursor, limit as usize))
 }
 
 /// Checks a chat message: not empty or only white space, at most `max_chars` characters.
@@ -500,12 +510,40 @@ pub(crate) fn search_frame(
     messages: &[Arc<Message>],
     cursor: Option<&str>,
 ) -> Bytes {
+    let mut json = b"{\"type\":\"search\",".to_vec();
+    push_search_page(&mut json, room, query, messages, cursor);
+    ws::text(&json)
+}
+
+/// A search page as one JSON object, `{"room":…,"query":…,"messages":[…],"cursor":…}`: what a
+/// Socket.IO `search` is acked with. The messages are the native `message` objects, copied
+/// from their encoded JSON.
+pub(crate) fn search_json(
+    room: &RoomName,
+    query: &str,
+    messages: &[Arc<Message>],
+    cursor: Option<&str>,
+) -> Vec<u8> {
+    let mut json = b"{".to_vec();
+    push_search_page(&mut json, room, query, messages, cursor);
+    json
+}
+
+/// Appends `"room":…,"query":…,"messages":[…],"cursor":…}` (the object's fields and its
+/// closing brace) to `json`.
+fn push_search_page(
+    json: &mut Vec<u8>,
+    room: &RoomName,
+    query: &str,
+    messages: &[Arc<Message>],
+    cursor: Option<&str>,
+) {
     let size: usize = messages.iter().map(|m| m.json().len() + 1).sum();
-    let mut json = Vec::with_capacity(96 + query.len() + size);
-    json.extend_from_slice(b"{\"type\":\"search\",\"room\":");
-    push_json_str(&mut json, room.as_str());
+    json.reserve(96 + query.len() + size);
+    json.extend_from_slice(b"\"room\":");
+    push_json_str(json, room.as_str());
     json.extend_from_slice(b",\"query\":");
-    push_json_str(&mut json, query);
+    push_json_str(json, query);
     json.extend_from_slice(b",\"messages\":[");
     for (i, message) in messages.iter().enumerate() {
         if i > 0 {
@@ -515,11 +553,10 @@ pub(crate) fn search_frame(
     }
     json.extend_from_slice(b"],\"cursor\":");
     match cursor {
-        Some(cursor) => push_json_str(&mut json, cursor),
+        Some(cursor) => push_json_str(json, cursor),
         None => json.extend_from_slice(b"null"),
     }
     json.push(b'}');
-    ws::text(&json)
 }
 
 fn push_json_str(out: &mut Vec<u8>, s: &str) {

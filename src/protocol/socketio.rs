@@ -231,6 +231,14 @@ pub(crate) fn ack(id: u64, data: &Value) -> Bytes {
     socketio_frame(b'3', "/", Some(id), json.as_bytes())
 }
 
+/// `43<id>[json]`: the answer to the client's event `id`, from JSON already encoded (one
+/// value).
+pub(crate) fn ack_json(id: u64, json: &[u8]) -> Bytes {
+    let mut digits = itoa::Buffer::new();
+    let id = digits.format(id).as_bytes();
+    ws::text_parts(&[b"43", id, b"[", json, b"]"])
+}
+
 /// The Socket.IO form of a chat message, built from a native `message` frame (a WebSocket
 /// text frame), as one WebSocket text frame:
 /// `42["message","<the native JSON as a string>","<room>:<epoch>:<id>"]`. The last argument is
@@ -431,6 +439,7 @@ mod tests {
             payload(ack(3, &serde_json::json!({"id":1}))),
             r#"433[{"id":1}]"#
         );
+        assert_eq!(payload(ack_json(12, br#"{"id":1}"#)), r#"4312[{"id":1}]"#);
         assert_eq!(
             payload(event("joined", &serde_json::json!({"room":"g"}))),
             r#"42["joined",{"room":"g"}]"#

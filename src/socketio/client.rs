@@ -1,5 +1,5 @@
 //! The Socket.IO side of a session: CONNECT to the main namespace, the events a client may
-//! emit (`event:message`, `join`, `leave`), their acks, and DISCONNECT.
+//! emit (`event:message`, `join`, `leave`, `presence`, `search`), their acks, and DISCONNECT.
 //!
 //! `event:message` is published through the same transport path as a native `send`, so ids,
 //! history, Redis and `ref` dedupe apply alike; it is handed over at once, and the session
@@ -20,11 +20,11 @@ use crate::node::Node;
 use crate::node::access::Grant;
 use crate::outbox::Outbox;
 use crate::protocol::message::Codec;
-use crate::protocol::presence;
 use crate::protocol::socketio::{self as codec, CodecError, PacketType};
 use crate::protocol::{
     DEFAULT_ROOM, ErrorCode, MAX_REF_CHARS, ProtocolError, RoomName, RoomRef, valid_user_name,
 };
+use crate::protocol::{native, presence};
 
 /// Socket.IO, as the chat core sees it.
 pub(crate) struct SocketIo;
@@ -86,7 +86,23 @@ pub(super) struct Client {
     cookie_token: Option<String>,
 }
 
-type Answer = Result<Value, ProtocolError>;
+/// What an event is answered with: an ack's value, or why it was refused.
+type Answer = Result<Acked, ProtocolError>;
+
+/// The value an ack carries.
+enum Acked {
+    /// Built as a JSON value.
+    Value(Value),
+    /// Already encoded: a search page, whose messages are copied from their encoded JSON
+    /// rather than parsed back into values.
+    Json(Vec<u8>),
+}
+
+impl From<Value> for Acked {
+    fn from(value: Value) -> Self {
+        Acked::Value(value)
+    }
+}
 
 impl Client {
     pub fn new(node: Arc<Node>, conn: ConnId, outbox: Arc<Outbox>, query: &Query) -> Self {
@@ -267,7 +283,7 @@ impl Client {
                 };
                 let entered = self.chat.join(join).await?;
                 self.save_recovery().await;
-                Ok(json!({ "room": entered.room, "online": entered.online }))
+                Ok(json!({ "room": entered.room, "online": entered.online }).into())
             }
             Some("presence") => {
                 let room = room_field(data)?;
@@ -284,18 +300,19 @@ impl Client {
                         .ok_or_else(|| bad_field("`limit` must be a whole number"))?,
                 };
                 let page = self.chat.presence(&room, cursor, limit).await?;
-                Ok(presence::page_json(&room, &page))
+                Ok(presence::page_json(&room, &page).into())
             }
+            Some("search") => self.search(data).await,
             Some("leave") => {
                 let room = room_field(data)?;
                 self.chat.leave(&room)?;
                 self.save_recovery().await;
-                Ok(json!({ "room": room }))
+                Ok(json!({ "room": room }).into())
             }
             other => Err(ProtocolError::new(
                 ErrorCode::UnknownType,
                 format!(
-                    "unknown event {:?}; expected event:message, join, leave or presence",
+                    "unknown event {:?}; expected event:message, join, leave, presence or search",
                     other.unwrap_or_default()
                 ),
             )),
@@ -309,7 +326,8 @@ impl Client {
             self.chat.node().metrics.error(e.code);
         }
         match (ack, answer) {
-            (Some(id), Ok(value)) => self.push(codec::ack(id, &value)),
+            (Some(id), Ok(Acked::Value(value))) => self.push(codec::ack(id, &value)),
+            (Some(id), Ok(Acked::Json(json))) => self.push(codec::ack_json(id, &json)),
             (Some(id), Err(e)) => self.push(codec::ack(id, &json!({ "error": error_json(&e) }))),
             (None, Ok(_)) => {}
             (None, Err(e)) => self.push(error_event(&e)),
@@ -325,6 +343,23 @@ impl Client {
             }
             Err(e) => self.chat.refuse_send(ack, e),
         }
+    }
+
+    /// `search` `{room, query, cursor?, limit?}`: the fields checked as on the native
+    /// protocol, then the chat core's search (its request rate, membership, the archive).
+    async fn search(&mut self, data: &Value) -> Answer {
+        let Value::Object(obj) = data else {
+            return Err(bad_field("search takes {room, query, cursor?, limit?}"));
+        };
+        let (room, query, cursor, limit) = native::search_fields(obj)?;
+        let page = self.chat.search(&room, query, cursor, limit).await?;
+        let cursor = page.cursor.as_deref();
+        Ok(Acked::Json(native::search_json(
+            &room,
+            query,
+            &page.messages,
+            cursor,
+        )))
     }
 
     /// Leaves every room, as the session ends.

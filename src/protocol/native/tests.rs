@@ -172,3 +172,25 @@ fn replies_are_tagged_objects() {
                 "ts":5,"message":"hi"}],"more":true})
     );
 }
+
+#[test]
+fn a_search_page_is_the_same_object_in_both_encodings() {
+    let room = RoomName::new("dev").unwrap();
+    let message = Arc::new(
+        super::super::message::Draft::new(room.clone(), "ann".into(), 5, "a \"q\"".into())
+            .accept(3, "e1".into()),
+    );
+    let frame = search_frame(&room, "q", std::slice::from_ref(&message), Some("5.3.e1"));
+    let native: Value = serde_json::from_slice(&ws::text_payload(&frame)).unwrap();
+    let json = search_json(&room, "q", &[message], Some("5.3.e1"));
+    let mut acked: Value = serde_json::from_slice(&json).unwrap();
+    assert_eq!(acked["messages"][0]["message"], "a \"q\"");
+    assert_eq!(acked["cursor"], "5.3.e1");
+    acked["type"] = "search".into();
+    assert_eq!(acked, native);
+    let last = search_json(&room, "q", &[], None);
+    assert_eq!(
+        std::str::from_utf8(&last).unwrap(),
+        r#"{"room":"dev","query":"q","messages":[],"cursor":null}"#
+    );
+}
