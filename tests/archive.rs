@@ -728,6 +728,36 @@ async fn entries_trimmed_before_any_node_read_them_are_counted_once() {
     assert_eq!(node.metrics.archive.missed_total.get(), 700 - held as u64);
 }
 
+#[tokio::test]
+async fn a_stream_filled_before_its_group_existed_counts_only_what_was_trimmed() {
+    let pg = Postgres::start().await;
+    // Nodes published before any consumer created the group (the schema was not ready yet):
+    // 200 entries waiting lose nothing; 1000 under a cap of 300 lost 700 unread.
+    for (added, cap, missed) in [(200, None, 0), (1000, Some(300), 700)] {
+        let fresh = "DROP TABLE IF EXISTS scalechat_messages, scalechat_schema_versions";
+        pg.execute("postgres", fresh).await;
+        let redis = Redis::start().await;
+        redis.xadd_capped("general", 1..=added, cap).await;
+        let node = spawn(&settings(&pg.url()));
+        node.archive
+            .spawn_stream_consumer(stream_source(&redis, "node"), node.shutdown.clone());
+        let kept = cap.map_or(added, |c| c as u64) as i64;
+        common::eventually_async("what the stream held archived", || async {
+            rows(&pg).await == kept
+        })
+        .await;
+        common::eventually_async("all acknowledged", || async {
+            redis.pending(None).await == 0
+        })
+        .await;
+        assert_eq!(
+            node.metrics.archive.missed_total.get(),
+            missed,
+            "{added} added"
+        );
+    }
+}
+
 /// A hot store holding messages `from..=to` of one room.
 #[derive(Debug)]
 struct Held {

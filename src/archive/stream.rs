@@ -40,7 +40,10 @@ const CLAIM_EVERY: Duration = Duration::from_secs(10);
 ///
 /// Trimming removes entries from the head: the undelivered entries can have lost some only
 /// when the group's last delivered id is older than the stream's first entry; then every entry
-/// left is undelivered, and the rest of `entries-added - entries-read` was trimmed.
+/// left is undelivered, and the rest of `entries-added - entries-read` was trimmed. A group
+/// that has read nothing yet (last delivered `0-0`) has no `entries-read` in Redis 7: every
+/// entry added and gone was trimmed unread, `entries-added - length` (none, when the entries
+/// are simply waiting for their first read).
 const TRIMMED_LUA: &str = r"
 local function field(list, name)
   for i = 1, #list, 2 do
@@ -65,7 +68,11 @@ for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
     if not older(last, first[1]) then return 0 end
     local read = field(group, 'entries-read')
     local trimmed = -1
-    if read then trimmed = added - read - length end
+    if read then
+      trimmed = added - read - length
+    elseif last == '0-0' then
+      trimmed = added - length
+    end
     if trimmed == 0 then return 0 end
     redis.call('XGROUP', 'SETID', KEYS[1], ARGV[1], last, 'ENTRIESREAD', added - length)
     return trimmed
