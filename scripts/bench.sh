@@ -10,6 +10,13 @@
 #   scripts/bench.sh            the full suite (about 10 minutes, and a few more for presence;
 #                               the figures in BENCHMARKS.md)
 #   scripts/bench.sh --quick    small sizes, well under a minute (run by scripts/test.sh)
+#   scripts/bench.sh --setups memory,memory-pg,redis2,redis2-pg
+#                               the suite with and without the PostgreSQL archive (a cluster of
+#                               the tool's own), then the archive scenario on the same setups
+#   scripts/bench.sh --archive [ARGS...]
+#                               only the archive scenario (500 rooms, rising rates) on memory,
+#                               memory-pg, redis2 and redis2-pg unless ARGS has --setups (add
+#                               --quick for small sizes); results in target/archive-results.md
 #   scripts/bench.sh --soak [ARGS...]
 #                               only the soak under faults (about 2 minutes): steady traffic on
 #                               two nodes while Redis and then one node restart; results in
@@ -34,6 +41,11 @@ cd "$(dirname "$0")/.."
 # redis-server, and redis-cli (redis-tools) to join the Redis Cluster of the rooms setups.
 command -v redis-server >/dev/null && command -v redis-cli >/dev/null ||
     { apt-get update -qq && apt-get install -y -qq redis-server redis-tools; }
+# The setups with the archive start their own PostgreSQL cluster with Debian's initdb and pg_ctl.
+if [[ " $* " == *" --archive "* || "$*" == *-pg* ]] &&
+    ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null && ! command -v initdb >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq postgresql
+fi
 cargo build --release --locked --workspace
 target="${CARGO_TARGET_DIR:-target}"
 if [[ "${1:-}" == "--soak" ]]; then
@@ -56,6 +68,11 @@ if [[ "${1:-}" == "--sio-relay" ]]; then
     shift
     exec "$target/release/scalechat-bench" sio-relay --server-bin "$target/release/scalechat" \
         --log-dir "$target/bench-logs" --out "$target/sio-relay-results.md" "$@"
+fi
+if [[ "${1:-}" == "--archive" ]]; then
+    shift
+    exec "$target/release/scalechat-bench" archive --server-bin "$target/release/scalechat" \
+        --log-dir "$target/bench-logs" --out "$target/archive-results.md" "$@"
 fi
 exec "$target/release/scalechat-bench" suite --server-bin "$target/release/scalechat" \
     --log-dir "$target/bench-logs" --out "$target/bench-results.md" "$@"

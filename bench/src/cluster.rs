@@ -1,8 +1,9 @@
 //! The servers a scenario runs against: scalechat nodes on the embedded transport, on Redis
 //! (with a `redis-server` of our own) or on a Redis Cluster of our own (`redis-server
-//! --cluster-enabled yes` on free ports, joined with `redis-cli --cluster create`), the raw-TCP
-//! relay, or nodes given by URL. Started on free ports with limits raised so that they do not
-//! shape the results; read from /proc for CPU time and resident memory; stopped when dropped.
+//! --cluster-enabled yes` on free ports, joined with `redis-cli --cluster create`), with or
+//! without the PostgreSQL archive (a cluster of our own, see `postgres`), the raw-TCP relay, or
+//! nodes given by URL. Started on free ports with limits raised so that they do not shape the
+//! results; read from /proc for CPU time and resident memory; stopped when dropped.
 
 use std::fmt;
 use std::net::{SocketAddr, TcpListener};
@@ -14,6 +15,8 @@ use anyhow::{Context, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::postgres::Postgres;
+
 /// What the load is driven against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Setup {
@@ -21,6 +24,8 @@ pub enum Setup {
     Raw,
     /// One scalechat node, embedded transport.
     Memory,
+    /// One scalechat node, embedded transport, archiving into a PostgreSQL of the tool's own.
+    MemoryPg,
     /// One scalechat node on Redis.
     Redis1,
     /// Two scalechat nodes sharing the room through one Redis.
@@ -30,6 +35,8 @@ pub enum Setup {
     /// Four scalechat nodes on a Redis Cluster of three masters (sharded Pub/Sub, no
     /// replicas).
     Cluster4,
+    /// Two scalechat nodes on one Redis, archiving into a PostgreSQL of the tool's own.
+    Redis2Pg,
     /// The nodes given with --url (not started by the tool).
     External,
 }
@@ -39,12 +46,21 @@ impl fmt::Display for Setup {
         f.write_str(match self {
             Setup::Raw => "raw-tcp",
             Setup::Memory => "memory 1 node",
+            Setup::MemoryPg => "memory 1 node + pg",
             Setup::Redis1 => "redis 1 node",
             Setup::Redis2 => "redis 2 nodes",
             Setup::Redis4 => "redis 4 nodes",
             Setup::Cluster4 => "cluster 4 nodes, 3 shards",
+            Setup::Redis2Pg => "redis 2 nodes + pg",
             Setup::External => "external",
         })
+    }
+}
+
+impl Setup {
+    /// Whether its nodes archive into a PostgreSQL the tool starts.
+    pub fn archives(self) -> bool {
+        matches!(self, Setup::MemoryPg | Setup::Redis2Pg)
     }
 }
 
@@ -66,6 +82,11 @@ pub struct ServerOpts {
     /// `limits.max_queued_bytes` for the started nodes: as many frames of up to 1 KiB.
     #[arg(long, global = true, default_value_t = 64 << 20)]
     pub max_queued_bytes: usize,
+    /// Runs the tool's PostgreSQL (setups `memory-pg`, `redis2-pg`) with `fsync`,
+    /// `synchronous_commit` and `full_page_writes` off, as the archive's tests do; by default
+    /// they are on, PostgreSQL's defaults.
+    #[arg(long, global = true)]
+    pub pg_no_fsync: bool,
     /// Folder for the servers' logs.
     #[arg(long, global = true, default_value = "target/bench-logs")]
     pub log_dir: PathBuf,
@@ -107,6 +128,8 @@ pub struct Cluster {
     backplane: Backplane,
     /// Extra environment of the started nodes, to start them again alike.
     node_env: Vec<(String, String)>,
+    /// The PostgreSQL the nodes archive into (setups with `-pg`); stopped after the nodes.
+    pub pg: Option<Postgres>,
 }
 
 /// A free TCP port on 127.0.0.1 (free when asked; the server binds it right after).
@@ -141,6 +164,7 @@ impl Cluster {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            pg: None,
         };
         match setup {
             Setup::External => {
@@ -156,16 +180,27 @@ impl Cluster {
                 cluster.spawn_node(cmd, port, &log)?;
                 wait_listening(cluster.nodes[0].addr).await?;
             }
-            Setup::Memory | Setup::Redis1 | Setup::Redis2 | Setup::Redis4 | Setup::Cluster4 => {
+            Setup::Memory
+            | Setup::MemoryPg
+            | Setup::Redis1
+            | Setup::Redis2
+            | Setup::Redis2Pg
+            | Setup::Redis4
+            | Setup::Cluster4 => {
+                if setup.archives() {
+                    let pg = Postgres::start(opts).await?;
+                    cluster.node_env.push(("DATABASE_URL".into(), pg.url()));
+                    cluster.pg = Some(pg);
+                }
                 cluster.backplane = match setup {
-                    Setup::Memory => Backplane::Memory,
+                    Setup::Memory | Setup::MemoryPg => Backplane::Memory,
                     Setup::Cluster4 => {
                         Backplane::Cluster(cluster.spawn_redis_cluster(opts, 3).await?)
                     }
                     _ => Backplane::Redis(cluster.spawn_redis(opts).await?),
                 };
                 let count = match setup {
-                    Setup::Redis2 => 2,
+                    Setup::Redis2 | Setup::Redis2Pg => 2,
                     Setup::Redis4 | Setup::Cluster4 => 4,
                     _ => 1,
                 };
@@ -224,6 +259,7 @@ impl Cluster {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            pg: None,
         };
         cluster.start_redis().await?;
         for i in 0..2 {
@@ -424,6 +460,11 @@ impl Cluster {
             .position(|ranges| ranges.iter().any(|&(a, b)| (a..=b).contains(&slot)))
     }
 
+    /// The processes of the tool's PostgreSQL now (none without one).
+    pub fn pg_pids(&self) -> Vec<u32> {
+        self.pg.as_ref().map(Postgres::pids).unwrap_or_default()
+    }
+
     /// Trouble the nodes report in /metrics (non-zero error, close-code, slow-consumer,
     /// refusal and publish-error counters), and warning or error lines in their logs.
     pub async fn trouble(&self) -> String {
@@ -476,6 +517,9 @@ fn is_trouble(line: &str) -> bool {
         "scalechat_publish_errors_total",
         "scalechat_connections_refused_total",
         "scalechat_backplane_reconnects_total",
+        "scalechat_archive_write_errors_total",
+        "scalechat_archive_dropped_total",
+        "scalechat_archive_missed_total",
     ];
     counters.iter().any(|c| line.starts_with(c)) && !line.ends_with(" 0")
 }
@@ -774,10 +818,11 @@ impl CpuSample {
     /// CPU used since `self` by the same `pids`, in percent of one core (summed over them).
     pub fn percent_since(&self, pids: &[u32]) -> f64 {
         let wall = self.at.elapsed().as_secs_f64().max(1e-9);
+        // A process that ended meanwhile reads 0: it adds nothing rather than its past.
         let used: f64 = pids
             .iter()
             .zip(&self.secs)
-            .map(|(&p, &before)| cpu_secs(p) - before)
+            .map(|(&p, &before)| (cpu_secs(p) - before).max(0.0))
             .sum();
         100.0 * used / wall
     }

@@ -228,6 +228,8 @@ pub struct Step {
     pub read_latency: Histogram<u64>,
     pub server_cpu: f64,
     pub redis_cpu: f64,
+    /// The tool's PostgreSQL (setups with the archive), its processes at the step's start.
+    pub pg_cpu: f64,
     pub generator_cpu: f64,
     /// Everything else the machine ran meanwhile (other processes, and kernel work not
     /// charged to a process), in percent of one core.
@@ -329,11 +331,13 @@ impl Load {
         }
         let pids = cluster.node_pids();
         let redis = cluster.redis_pids();
+        let pg = cluster.pg_pids();
         let me = [std::process::id()];
         let cpu = (
             CpuSample::take(&pids),
             CpuSample::take(&redis),
             CpuSample::take(&me),
+            CpuSample::take(&pg),
         );
         let machine = MachineSample::take();
         let start = now_ns();
@@ -346,12 +350,14 @@ impl Load {
         let sent = self.sent() - sent_before;
         let expected = sent * self.receivers.len() as u64;
         self.drain(before.unique + expected, drain_secs).await;
-        let (server_cpu, redis_cpu, generator_cpu) = (
+        let (server_cpu, redis_cpu, generator_cpu, pg_cpu) = (
             cpu.0.percent_since(&pids),
             cpu.1.percent_since(&redis),
             cpu.2.percent_since(&me),
+            cpu.3.percent_since(&pg),
         );
-        let other_cpu = (machine.percent_since() - server_cpu - redis_cpu - generator_cpu).max(0.0);
+        let other_cpu =
+            (machine.percent_since() - server_cpu - redis_cpu - generator_cpu - pg_cpu).max(0.0);
         let after = self.totals();
         let mut step = Step {
             rate,
@@ -367,6 +373,7 @@ impl Load {
             read_latency: histogram(),
             server_cpu,
             redis_cpu,
+            pg_cpu,
             generator_cpu,
             other_cpu,
             disconnected: 0,

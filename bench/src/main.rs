@@ -1,16 +1,20 @@
 //! scalechat-bench: a load generator for scalechat's native protocol (and Socket.IO). It starts
 //! the servers itself (scalechat nodes on the embedded transport or on a Redis or Redis Cluster
-//! of its own, and a raw-TCP relay as the ceiling) or drives running nodes given with `--url`,
-//! and reports idle memory and CPU, fan-out throughput and latency, the highest sustained rate,
-//! connection churn, the cost of presence (who is in a room), many rooms on one Redis against a
-//! Redis Cluster, and what relaying a Socket.IO session's requests between nodes costs.
+//! of its own, with or without a PostgreSQL archive of its own, and a raw-TCP relay as the
+//! ceiling) or drives running nodes given with `--url`, and reports idle memory and CPU, fan-out
+//! throughput and latency, the highest sustained rate, connection churn, the cost of presence
+//! (who is in a room), many rooms on one Redis against a Redis Cluster, what relaying a
+//! Socket.IO session's requests between nodes costs, and the PostgreSQL archive's sustained
+//! write rate.
 //! See BENCHMARKS.md.
 
+mod archive;
 mod churn;
 mod cluster;
 mod fanout;
 mod idle;
 mod machine;
+mod postgres;
 mod presence;
 mod relay;
 mod report;
@@ -38,7 +42,8 @@ struct Cli {
     #[command(flatten)]
     servers: ServerOpts,
     /// Setups to run, in order (the raw-TCP ceiling first, so the others read as ratios).
-    /// Default: raw,memory,redis1,redis2; for `rooms`, redis4,cluster4.
+    /// Default: raw,memory,redis1,redis2; for `rooms`, redis4,cluster4; for `archive`,
+    /// memory,memory-pg,redis2,redis2-pg.
     #[arg(long, global = true, value_delimiter = ',')]
     setups: Option<Vec<Setup>>,
     /// Also write the report to this file.
@@ -58,6 +63,10 @@ enum Command {
     MaxRate(Plan),
     /// Open and close connections as fast as possible: upgrades/s and handshake latency.
     Churn(Plan),
+    /// Many rooms, publishers at rising rates, on setups with and without the PostgreSQL
+    /// archive (`memory-pg`, `redis2-pg`): rows archived per second, the archive's backlog and
+    /// refusals, delivery latency; then the rows counted against the messages accepted.
+    Archive(Plan),
     /// Presence on two nodes on Redis: churn with `redis.presence` on and off, a join storm
     /// into a big room whose members asked for presence events, and the cost of `presence`
     /// pages.
@@ -122,6 +131,7 @@ fn main() -> anyhow::Result<()> {
         Command::Presence(plan) => (plan, Scenarios::only(|s| s.presence = true)),
         Command::Rooms(plan) => (plan, Scenarios::only(|s| s.rooms = true)),
         Command::SioRelay(plan) => (plan, Scenarios::only(|s| s.sio_relay = true)),
+        Command::Archive(plan) => (plan, Scenarios::only(|s| s.archive = true)),
     };
     let plan = if plan.quick { plan.quick() } else { plan };
     let setups = if !cli.servers.urls.is_empty() {
@@ -130,6 +140,13 @@ fn main() -> anyhow::Result<()> {
         setups
     } else if which.rooms {
         vec![Setup::Redis4, Setup::Cluster4]
+    } else if which.archive_only() {
+        vec![
+            Setup::Memory,
+            Setup::MemoryPg,
+            Setup::Redis2,
+            Setup::Redis2Pg,
+        ]
     } else {
         vec![Setup::Raw, Setup::Memory, Setup::Redis1, Setup::Redis2]
     };
@@ -156,6 +173,7 @@ impl Scenarios {
             presence: true,
             rooms: false,
             sio_relay: true,
+            archive: true,
         }
     }
 

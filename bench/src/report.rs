@@ -30,6 +30,11 @@ impl Table {
         self.rows.push(row);
     }
 
+    /// Whether it has no row yet.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
     /// The table as Markdown.
     pub fn markdown(&self) -> String {
         let mut out = format!("### {}\n\n| {} |\n|", self.title, self.header.join(" | "));
@@ -100,6 +105,7 @@ pub const STEP_HEADER: &[&str] = &[
     "as read p50/p99 ms",
     "server CPU %",
     "redis CPU %",
+    "postgres CPU %",
     "generator CPU %",
     "other CPU %",
     "server reports",
@@ -161,11 +167,8 @@ pub fn step_row(setup: Setup, step: &Step, raw: Option<f64>, trouble: &str) -> V
         cross,
         read,
         format!("{:.0}", step.server_cpu.max(0.0)),
-        if step.redis_cpu > 0.0 {
-            format!("{:.0}", step.redis_cpu)
-        } else {
-            "-".into()
-        },
+        optional_cpu(step.redis_cpu),
+        optional_cpu(step.pg_cpu),
         format!("{:.0}", step.generator_cpu),
         format!("{:.0}", step.other_cpu),
         if notes.is_empty() {
@@ -174,6 +177,15 @@ pub fn step_row(setup: Setup, step: &Step, raw: Option<f64>, trouble: &str) -> V
             notes.join("; ")
         },
     ]
+}
+
+/// CPU of a process that may not be there: "-" when it used none.
+pub fn optional_cpu(percent: f64) -> String {
+    if percent > 0.0 {
+        format!("{percent:.0}")
+    } else {
+        "-".into()
+    }
 }
 
 /// The columns of an idle run.

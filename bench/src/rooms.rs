@@ -52,12 +52,12 @@ fn room_name(room: usize) -> String {
     format!("rm{room}")
 }
 
-/// The sizes of a run, from the plan.
+/// The sizes of a run: rooms, members of each, publishers among them.
 #[derive(Clone, Copy)]
-struct Shape {
-    rooms: usize,
-    members: usize,
-    publishers: usize,
+pub struct Shape {
+    pub rooms: usize,
+    pub members: usize,
+    pub publishers: usize,
 }
 
 impl Shape {
@@ -274,8 +274,8 @@ fn redis_cpu(s: &RoomStep) -> String {
 }
 
 /// One step over every worker.
-struct RoomStep {
-    step: Step,
+pub struct RoomStep {
+    pub step: Step,
     /// CPU of each redis-server (each shard), in percent of one core.
     shard_cpu: Vec<f64>,
 }
@@ -332,7 +332,7 @@ fn add_pairs(h: &mut Histogram<u64>, pairs: &[(u64, u64)]) {
 }
 
 /// The worker processes of one setup, killed when dropped.
-struct Workers {
+pub struct Workers {
     procs: Vec<Worker>,
     /// Publishers over all rooms.
     publishers: usize,
@@ -350,7 +350,7 @@ struct Worker {
 impl Workers {
     /// Starts the workers (whole rooms each, at most `--per-process` connections each) and
     /// waits until every member has joined.
-    async fn spawn(cluster: &Cluster, plan: &Plan, shape: Shape) -> anyhow::Result<Workers> {
+    pub async fn spawn(cluster: &Cluster, plan: &Plan, shape: Shape) -> anyhow::Result<Workers> {
         let addrs: Vec<String> = cluster.nodes.iter().map(|n| n.addr.to_string()).collect();
         let rooms_each = (plan.per_process / shape.members).max(1);
         let count = shape.rooms.div_ceil(rooms_each);
@@ -410,7 +410,7 @@ impl Workers {
 
     /// Publishes `rate` messages per second in all, for `secs`, waits up to `drain_secs` for
     /// the last deliveries, and measures.
-    async fn step(
+    pub async fn step(
         &mut self,
         cluster: &Cluster,
         rate: f64,
@@ -425,9 +425,11 @@ impl Workers {
         let line = serde_json::to_string(&command)? + "\n";
         let nodes = cluster.node_pids();
         let redis = cluster.redis_pids();
+        let pg = cluster.pg_pids();
         let mut generator: Vec<u32> = self.procs.iter().map(|w| w.pid).collect();
         generator.push(std::process::id());
         let node_cpu = CpuSample::take(&nodes);
+        let pg_cpu = CpuSample::take(&pg);
         let shard_cpu: Vec<CpuSample> = redis.iter().map(|&p| CpuSample::take(&[p])).collect();
         let generator_cpu = CpuSample::take(&generator);
         let machine = MachineSample::take();
@@ -455,7 +457,9 @@ impl Workers {
             .collect();
         let redis_cpu: f64 = shard_cpu.iter().sum();
         let generator_cpu = generator_cpu.percent_since(&generator);
-        let other_cpu = (machine.percent_since() - server_cpu - redis_cpu - generator_cpu).max(0.0);
+        let pg_cpu = pg_cpu.percent_since(&pg);
+        let other_cpu =
+            (machine.percent_since() - server_cpu - redis_cpu - generator_cpu - pg_cpu).max(0.0);
         let mut step = Step {
             rate,
             publishers: self.publishers,
@@ -470,6 +474,7 @@ impl Workers {
             read_latency: histogram(),
             server_cpu,
             redis_cpu,
+            pg_cpu,
             generator_cpu,
             other_cpu,
             disconnected: 0,
@@ -503,7 +508,7 @@ impl Workers {
 
     /// Closes the workers' standard input (they close their connections and exit) and waits
     /// for them, at most 10 s each (one still running then is killed when dropped).
-    async fn release(mut self) {
+    pub async fn release(mut self) {
         for worker in &mut self.procs {
             drop(worker.stdin.take());
             let _ = tokio::time::timeout(Duration::from_secs(10), worker.child.wait()).await;

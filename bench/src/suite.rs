@@ -1,7 +1,9 @@
 //! The scenarios run side by side: each one on every setup in turn (raw-TCP ceiling first, so
 //! the others read as ratios to it), a fresh set of servers for each, results as tables. The
 //! presence group and the Socket.IO relay pick their own setups (see `presence`, `sio_relay`);
-//! `rooms` runs on the setups given (by default one Redis and a Redis Cluster, see `rooms`).
+//! `rooms` runs on the setups given (by default one Redis and a Redis Cluster, see `rooms`);
+//! the archive scenario runs when a setup with the archive is among them (see `archive`), and
+//! every setup with the archive ends with its rows counted against the messages accepted.
 
 use std::time::Duration;
 
@@ -9,7 +11,7 @@ use crate::cluster::{Cluster, ServerOpts, Setup};
 use crate::fanout::{self, Shape, Step};
 use crate::idle::{self, IdleOpts};
 use crate::report::{self, Table, count, ms, ratio};
-use crate::{churn, machine, presence, rooms, sio_relay};
+use crate::{archive, churn, machine, presence, rooms, sio_relay};
 
 /// Sizes, rates and durations of a run.
 #[derive(Clone, Debug, clap::Args)]
@@ -129,6 +131,27 @@ pub struct Plan {
     /// sio-relay: messages each of the four clients sends and waits for.
     #[arg(long, default_value_t = 1000)]
     pub sio_messages: usize,
+    /// archive: rooms, each with one publisher.
+    #[arg(long, default_value_t = 500)]
+    pub archive_rooms: usize,
+    /// archive: members of each room (the publisher included).
+    #[arg(long, default_value_t = 2)]
+    pub archive_members: usize,
+    /// archive: total messages per second of each step, in order; the ramp stops at the first
+    /// step that fails.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "10000,25000,50000,75000,100000"
+    )]
+    pub archive_rates: Vec<f64>,
+    /// archive: seconds of publishing per step.
+    #[arg(long, default_value_t = 10.0)]
+    pub archive_secs: f64,
+    /// archive: a step fails when more than this many seconds of messages wait to be archived
+    /// when publishing stops.
+    #[arg(long, default_value_t = 2.0)]
+    pub archive_lag_secs: f64,
 }
 
 impl Plan {
@@ -170,6 +193,11 @@ impl Plan {
             rooms_start_rate: 200.0,
             sio_connects: 10,
             sio_messages: 50,
+            archive_rooms: 20,
+            archive_members: 2,
+            archive_rates: vec![500.0, 1000.0],
+            archive_secs: 1.0,
+            archive_lag_secs: self.archive_lag_secs,
         }
     }
 }
@@ -184,6 +212,23 @@ pub struct Scenarios {
     pub presence: bool,
     pub rooms: bool,
     pub sio_relay: bool,
+    pub archive: bool,
+}
+
+impl Scenarios {
+    /// Whether the archive scenario is the only one asked for (`scalechat-bench archive`).
+    pub fn archive_only(&self) -> bool {
+        let others = [
+            self.idle,
+            self.fanout,
+            self.max_rate,
+            self.churn,
+            self.presence,
+            self.rooms,
+            self.sio_relay,
+        ];
+        self.archive && !others.contains(&true)
+    }
 }
 
 /// Runs the scenarios; the Markdown report and whether nothing was lost or duplicated.
@@ -195,8 +240,9 @@ pub async fn run(
 ) -> anyhow::Result<(String, bool)> {
     let mut out = machine::describe();
     let mut clean = true;
+    let mut checks = archive::tally_table();
     if which.fanout || which.max_rate {
-        let (text, ok) = fanout_group(plan, opts, setups, which).await?;
+        let (text, ok) = fanout_group(plan, opts, setups, which, &mut checks).await?;
         out.push_str(&text);
         clean &= ok;
     }
@@ -217,6 +263,22 @@ pub async fn run(
     if which.sio_relay {
         out.push_str(&sio_relay::run(plan, opts).await?);
     }
+    if which.archive {
+        if setups.iter().any(|s| s.archives()) {
+            let (text, ok) = archive::run(plan, opts, setups, &mut checks).await?;
+            out.push_str(&text);
+            clean &= ok;
+        } else if which.archive_only() {
+            out.push_str(
+                "Archive: skipped (no setup with the archive: add memory-pg or redis2-pg to \
+                 --setups).\n\n",
+            );
+        }
+    }
+    if !checks.is_empty() {
+        out.push_str(&checks.markdown());
+        out.push('\n');
+    }
     Ok((out, clean))
 }
 
@@ -225,6 +287,7 @@ async fn fanout_group(
     opts: &ServerOpts,
     setups: &[Setup],
     which: Scenarios,
+    checks: &mut Table,
 ) -> anyhow::Result<(String, bool)> {
     let shape = Shape {
         members: plan.members,
@@ -393,6 +456,10 @@ async fn fanout_group(
             if !trouble.is_empty() {
                 eprintln!("  {setup} after max-rate: {trouble}");
             }
+        }
+        if let Some(t) = archive::tally(&cluster, plan.drain_secs).await? {
+            clean &= t.matches();
+            checks.push(archive::tally_row("fan-out, max-rate", setup, &t));
         }
         drop(load);
         drop(cluster);
