@@ -642,6 +642,15 @@ fn scalechat_command(
         ("SCALECHAT_SERVER__PORT", port.to_string()),
         ("SCALECHAT_SERVER__NODE_ID", format!("bench-{index}")),
         ("SCALECHAT_SERVER__MAX_CONNECTIONS", "1000000".to_owned()),
+        // Every connection comes from a few loopback addresses: no per-address limits.
+        ("SCALECHAT_SERVER__MAX_CONNECTIONS_PER_IP", "0".to_owned()),
+        (
+            "SCALECHAT_SERVER__CONNECTS_PER_IP_PER_SECOND",
+            "0".to_owned(),
+        ),
+        // As many connects waiting to be accepted as the kernel allows (net.core.somaxconn
+        // caps it), for the bursts of the scenarios that open tens of thousands.
+        ("SCALECHAT_SERVER__LISTEN_BACKLOG", "65535".to_owned()),
         (
             "SCALECHAT_LIMITS__MESSAGES_PER_SECOND",
             "1000000".to_owned(),
