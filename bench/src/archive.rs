@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use crate::cluster::{Cluster, ServerOpts, Setup, http_get};
 use crate::fanout::Step;
+use crate::members::{Layout, Workers};
 use crate::report::{Table, count, ms, optional_cpu, percentiles};
-use crate::rooms::{self, Workers};
 use crate::suite::{Plan, failure};
 
 /// How often the nodes' metrics are read during a step.
@@ -354,20 +354,23 @@ pub async fn run(
     setups: &[Setup],
     checks: &mut Table,
 ) -> anyhow::Result<(String, bool)> {
-    let shape = rooms::Shape {
+    let layout = Layout {
         rooms: plan.archive_rooms.max(1),
         members: plan.archive_members.max(1),
         publishers: 1,
+        per_process: plan.per_process,
+        sources: plan.sources,
+        latency_every: 1,
     };
     let (mut best, mut steps) = tables(plan);
     let mut clean = true;
     for &setup in setups.iter().filter(|s| **s != Setup::Raw) {
         eprintln!("archive on {setup}");
         let cluster = Cluster::start(setup, opts).await?;
-        let mut workers = Workers::spawn(&cluster, plan, shape).await?;
+        let (mut workers, _) = Workers::spawn(&cluster, layout).await?;
         // Warm-up, not reported: long enough for every publisher to send a message.
         let warm_up = plan.archive_rates.first().map_or(1000.0, |r| r.min(1000.0));
-        let warm_secs = (shape.rooms as f64 / warm_up).clamp(0.5, 5.0);
+        let warm_secs = (layout.rooms as f64 / warm_up).clamp(0.5, 5.0);
         let warm = workers.step(&cluster, warm_up, warm_secs, 2.0).await?;
         clean &= warm.step.duplicates == 0;
         let (top, why, ok) = ramp(&cluster, &mut workers, plan, &mut steps).await?;

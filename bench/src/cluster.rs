@@ -837,6 +837,68 @@ impl CpuSample {
     }
 }
 
+/// CPU time of every process of a run at one moment, to diff against a later one: each
+/// node, each redis-server (a cluster's shards), the PostgreSQL's processes, the generator's
+/// processes and the machine.
+pub struct Usage {
+    machine: MachineSample,
+    nodes: Vec<(u32, f64)>,
+    redis: Vec<(u32, f64)>,
+    pg: Vec<(u32, f64)>,
+    generator: Vec<(u32, f64)>,
+}
+
+/// CPU used since a [`Usage`], in percent of one core.
+pub struct Cpu {
+    /// Each node.
+    pub nodes: Vec<f64>,
+    /// Each redis-server.
+    pub redis: Vec<f64>,
+    /// The tool's PostgreSQL (its processes at the start), 0 without one.
+    pub pg: f64,
+    /// The generator's processes together.
+    pub generator: f64,
+    /// The rest of the machine's busy time: other processes, and kernel work not charged to
+    /// any process.
+    pub other: f64,
+}
+
+impl Usage {
+    /// Samples the nodes and redis-servers of `cluster`, the `generator` processes and the
+    /// machine now.
+    pub fn take(cluster: &Cluster, generator: &[u32]) -> Usage {
+        let each = |pids: &[u32]| pids.iter().map(|&p| (p, cpu_secs(p))).collect();
+        Usage {
+            machine: MachineSample::take(),
+            nodes: each(&cluster.node_pids()),
+            redis: each(&cluster.redis_pids()),
+            pg: each(&cluster.pg_pids()),
+            generator: each(generator),
+        }
+    }
+
+    /// CPU used since the sample.
+    pub fn since(&self) -> Cpu {
+        let wall = self.machine.at.elapsed().as_secs_f64().max(1e-9);
+        let each = |pids: &[(u32, f64)]| -> Vec<f64> {
+            pids.iter()
+                .map(|&(p, before)| 100.0 * (cpu_secs(p) - before) / wall)
+                .collect()
+        };
+        let (nodes, redis) = (each(&self.nodes), each(&self.redis));
+        let pg: f64 = each(&self.pg).iter().sum();
+        let generator: f64 = each(&self.generator).iter().sum();
+        let accounted = nodes.iter().sum::<f64>() + redis.iter().sum::<f64>() + pg + generator;
+        Cpu {
+            other: (self.machine.percent_since() - accounted).max(0.0),
+            nodes,
+            redis,
+            pg,
+            generator,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

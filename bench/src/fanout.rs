@@ -240,6 +240,31 @@ pub struct Step {
 }
 
 impl Step {
+    /// An empty step at `rate` messages per second from `publishers` into `members`.
+    pub fn new(rate: f64, publishers: usize, members: usize) -> Step {
+        Step {
+            rate,
+            publishers,
+            members,
+            sent: 0,
+            expected: 0,
+            unique: 0,
+            duplicates: 0,
+            deliveries_per_sec: 0.0,
+            latency: histogram(),
+            cross_latency: histogram(),
+            read_latency: histogram(),
+            server_cpu: 0.0,
+            redis_cpu: 0.0,
+            pg_cpu: 0.0,
+            generator_cpu: 0.0,
+            other_cpu: 0.0,
+            disconnected: 0,
+            errors: HashMap::new(),
+            close_codes: HashMap::new(),
+        }
+    }
+
     /// Deliveries expected but not received.
     pub fn lost(&self) -> u64 {
         self.expected.saturating_sub(self.unique)
@@ -359,27 +384,17 @@ impl Load {
         let other_cpu =
             (machine.percent_since() - server_cpu - redis_cpu - generator_cpu - pg_cpu).max(0.0);
         let after = self.totals();
-        let mut step = Step {
+        let mut step = Step::new(
             rate,
-            publishers: publishers.clamp(1, self.publishers.len().max(1)),
-            members: self.receivers.len(),
-            sent,
-            expected,
-            unique: after.unique - before.unique,
-            duplicates: after.duplicates - before.duplicates,
-            deliveries_per_sec: 0.0,
-            latency: histogram(),
-            cross_latency: histogram(),
-            read_latency: histogram(),
-            server_cpu,
-            redis_cpu,
-            pg_cpu,
-            generator_cpu,
-            other_cpu,
-            disconnected: 0,
-            errors: HashMap::new(),
-            close_codes: HashMap::new(),
-        };
+            publishers.clamp(1, self.publishers.len().max(1)),
+            self.receivers.len(),
+        );
+        step.sent = sent;
+        step.expected = expected;
+        step.unique = after.unique - before.unique;
+        step.duplicates = after.duplicates - before.duplicates;
+        (step.server_cpu, step.redis_cpu, step.pg_cpu) = (server_cpu, redis_cpu, pg_cpu);
+        (step.generator_cpu, step.other_cpu) = (generator_cpu, other_cpu);
         let mut last = start;
         for r in &self.receivers {
             let r = r.lock().expect("receiver lock");

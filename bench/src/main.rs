@@ -14,6 +14,7 @@ mod cluster;
 mod fanout;
 mod idle;
 mod machine;
+mod members;
 mod postgres;
 mod presence;
 mod relay;
@@ -91,10 +92,10 @@ enum Command {
     /// process).
     #[command(hide = true)]
     Hold(idle::HoldArgs),
-    /// Holds whole rooms for `rooms` and runs its steps on command (started by the tool, one
-    /// per worker process).
+    /// Holds member connections for `rooms` and `archive` and runs their steps on command
+    /// (started by the tool, one per worker process).
     #[command(hide = true)]
-    RoomWorker(rooms::WorkerArgs),
+    RoomWorker(members::WorkerArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -122,7 +123,7 @@ fn main() -> anyhow::Result<()> {
     let (plan, which) = match cli.command {
         Command::Relay { .. } | Command::Soak(_) => unreachable!("handled above"),
         Command::Hold(args) => return runtime.block_on(idle::hold(args)),
-        Command::RoomWorker(args) => return runtime.block_on(rooms::worker(args)),
+        Command::RoomWorker(args) => return runtime.block_on(members::worker(args)),
         Command::Suite(plan) => (plan, Scenarios::all()),
         Command::Idle(plan) => (plan, Scenarios::only(|s| s.idle = true)),
         Command::Fanout(plan) => (plan, Scenarios::only(|s| s.fanout = true)),

@@ -1,0 +1,435 @@
+//! Member connections held by worker processes of the tool, for the scenarios with more
+//! connections than one process may hold files (`rooms`, `archive`). A [`Layout`]
+//! numbers them: connection g is member g mod M of room g / M (rooms `rm0`, `rm1`, …, M
+//! members each), on node (room + member) mod nodes, so every room has members on every node;
+//! the first P members of each room also publish. Each worker process (`room-worker`, see
+//! [`worker`]) holds a range of consecutive connections, at most `per_process`, so a big room
+//! is split over several of them.
+//!
+//! A step is two orders to every worker, one JSON line each on its standard input: `publish`
+//! (a rate per publisher, for some seconds), answered with what its publishers sent into each
+//! room; then `drain`, carrying the deliveries its members are due (each room's messages, from
+//! whichever worker sent them, times its members in that room here), answered once they have
+//! arrived, or the drain gave up, with its counters and latency histograms as (value, count)
+//! pairs. The tool adds the answers up.
+
+mod member;
+mod worker;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+
+pub use worker::{WorkerArgs, worker};
+
+use crate::cluster::{Cluster, Cpu, Usage};
+use crate::fanout::Step;
+use crate::track::histogram;
+
+/// Connections of one worker process in their TCP or WebSocket handshake at once.
+pub const IN_FLIGHT: usize = 512;
+
+/// The name of room `room`.
+pub fn room_name(room: usize) -> String {
+    format!("rm{room}")
+}
+
+/// Who is where: rooms, members and publishers, over the nodes, the source addresses and the
+/// worker processes.
+#[derive(Clone, Copy, Debug)]
+pub struct Layout {
+    pub rooms: usize,
+    /// Members of each room.
+    pub members: usize,
+    /// Members of each room that publish (the first ones).
+    pub publishers: usize,
+    /// Connections per worker process at most.
+    pub per_process: usize,
+    /// Source addresses (127.0.0.2 onwards); connection g uses number g mod this.
+    pub sources: usize,
+    /// One member in this many on each node records latency (every member counts losses and
+    /// duplicates).
+    pub latency_every: usize,
+}
+
+impl Layout {
+    /// Member connections in all.
+    pub fn connections(&self) -> usize {
+        self.rooms * self.members
+    }
+
+    /// Publishers over all rooms.
+    pub fn all_publishers(&self) -> usize {
+        self.rooms * self.publishers
+    }
+
+    /// The node (of `nodes`) connection `g` connects to.
+    pub fn node_of(&self, g: usize, nodes: usize) -> usize {
+        (g / self.members + g % self.members) % nodes.max(1)
+    }
+
+    /// Whether connection `g` records latency: one in `latency_every` of each block of
+    /// `nodes` consecutive connections' turns, so that every node has its share.
+    fn samples_latency(&self, g: usize, nodes: usize) -> bool {
+        (g / nodes.max(1)).is_multiple_of(self.latency_every.max(1))
+    }
+
+    /// The connections of each worker process: consecutive ranges as even as can be, each at
+    /// most `per_process`.
+    pub fn ranges(&self) -> Vec<Range<usize>> {
+        let total = self.connections();
+        let count = total.div_ceil(self.per_process.max(1)).max(1);
+        let mut first = 0;
+        (0..count)
+            .map(|w| {
+                let n = (total - first) / (count - w);
+                first += n;
+                first - n..first
+            })
+            .collect()
+    }
+
+    /// The deliveries the members in `range` are due when `sent[room]` messages went into
+    /// each room.
+    fn due(&self, range: &Range<usize>, sent: &[u64]) -> u64 {
+        if range.is_empty() {
+            return 0;
+        }
+        let m = self.members;
+        (range.start / m..=(range.end - 1) / m)
+            .map(|room| {
+                let here = range.end.min((room + 1) * m) - range.start.max(room * m);
+                sent.get(room).copied().unwrap_or(0) * here as u64
+            })
+            .sum()
+    }
+}
+
+/// An order to a worker.
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "order", rename_all = "snake_case")]
+enum Order {
+    /// Publish `rate` messages per second from each publisher for `secs`.
+    Publish { rate: f64, secs: f64 },
+    /// Wait for `expected` more unique deliveries, at most `max_secs`.
+    Drain { expected: u64, max_secs: f64 },
+}
+
+/// A worker's answer once its connections are open.
+#[derive(Serialize, Deserialize)]
+struct Ready {
+    joined: usize,
+    failed: usize,
+    first_error: Option<String>,
+    /// Time from the start of each connect to its `joined`, µs: (value, count) pairs.
+    connect: Vec<(u64, u64)>,
+}
+
+/// A worker's answer to `publish`: (room, messages sent into it) for the rooms it sent into.
+#[derive(Serialize, Deserialize)]
+struct Sent {
+    rooms: Vec<(usize, u64)>,
+}
+
+/// A worker's answer to `drain`.
+#[derive(Serialize, Deserialize)]
+struct Report {
+    expected: u64,
+    unique: u64,
+    duplicates: u64,
+    deliveries: u64,
+    start_ns: u64,
+    last_delivery_ns: u64,
+    /// Send to arrival in the socket, µs: (value, count) pairs of the histogram.
+    latency: Vec<(u64, u64)>,
+    /// Send to the moment the worker read it.
+    read_latency: Vec<(u64, u64)>,
+    /// Connections that have ended so far.
+    disconnected: usize,
+    /// `error` frames during the step, by code.
+    errors: HashMap<String, u64>,
+    /// Close codes of the connections the servers closed so far.
+    close_codes: HashMap<u16, u64>,
+}
+
+fn pairs(h: &Histogram<u64>) -> Vec<(u64, u64)> {
+    h.iter_recorded()
+        .map(|v| (v.value_iterated_to(), v.count_at_value()))
+        .collect()
+}
+
+fn add_pairs(h: &mut Histogram<u64>, pairs: &[(u64, u64)]) {
+    for &(value, n) in pairs {
+        h.saturating_record_n(value, n);
+    }
+}
+
+/// Adds the workers' reports of a step of `secs` into `step`.
+fn add_up(step: &mut Step, reports: &[Report], secs: f64) {
+    let start = reports.iter().map(|r| r.start_ns).min().unwrap_or(0);
+    let mut last = start;
+    let mut deliveries = 0;
+    for r in reports {
+        step.expected += r.expected;
+        step.unique += r.unique;
+        step.duplicates += r.duplicates;
+        deliveries += r.deliveries;
+        last = last.max(r.last_delivery_ns);
+        add_pairs(&mut step.latency, &r.latency);
+        add_pairs(&mut step.read_latency, &r.read_latency);
+        step.disconnected += r.disconnected;
+        for (code, n) in &r.errors {
+            *step.errors.entry(code.clone()).or_default() += n;
+        }
+        for (code, n) in &r.close_codes {
+            *step.close_codes.entry(*code).or_default() += n;
+        }
+    }
+    // From the first worker's start to the last delivery, at least the step's length.
+    let secs = (last.saturating_sub(start) as f64 * 1e-9).max(secs);
+    step.deliveries_per_sec = deliveries as f64 / secs;
+}
+
+/// How the connections opened.
+pub struct Opened {
+    /// From starting the workers until every member had joined.
+    pub secs: f64,
+    /// From the start of each connect to its `joined`, µs.
+    pub connect: Histogram<u64>,
+    pub processes: usize,
+}
+
+/// One step over every worker.
+pub struct Measured {
+    pub step: Step,
+    /// CPU of each node, each redis-server, the generator and the rest of the machine.
+    pub cpu: Cpu,
+}
+
+/// The worker processes of one setup, killed when dropped.
+pub struct Workers {
+    procs: Vec<Worker>,
+    layout: Layout,
+}
+
+struct Worker {
+    child: Child,
+    pid: u32,
+    stdin: Option<ChildStdin>,
+    lines: Lines<BufReader<ChildStdout>>,
+    range: Range<usize>,
+}
+
+impl Workers {
+    /// Starts the workers of `layout` against the nodes of `cluster` and waits until every
+    /// member has joined.
+    pub async fn spawn(cluster: &Cluster, layout: Layout) -> anyhow::Result<(Workers, Opened)> {
+        let addrs: Vec<SocketAddr> = cluster.nodes.iter().map(|n| n.addr).collect();
+        let started = Instant::now();
+        let mut procs = Vec::new();
+        for range in layout.ranges() {
+            let mut child = Command::new(std::env::current_exe()?)
+                .args(WorkerArgs::argv(&layout, &addrs, &range))
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()?;
+            let stdout = child.stdout.take().context("worker stdout")?;
+            procs.push(Worker {
+                pid: child.id().context("worker pid")?,
+                stdin: child.stdin.take(),
+                lines: BufReader::new(stdout).lines(),
+                child,
+                range,
+            });
+        }
+        let mut workers = Workers { procs, layout };
+        let mut connect = histogram();
+        let (mut failed, mut first_error) = (0, None);
+        for worker in &mut workers.procs {
+            let line = worker
+                .lines
+                .next_line()
+                .await?
+                .context("room worker ended before its connections were open")?;
+            let ready: Ready = serde_json::from_str(&line)
+                .with_context(|| format!("room worker: unexpected report {line:?}"))?;
+            failed += ready.failed;
+            first_error = first_error.or(ready.first_error);
+            add_pairs(&mut connect, &ready.connect);
+        }
+        if failed > 0 {
+            bail!(
+                "{failed} of {} members failed to join: {}",
+                layout.connections(),
+                first_error.unwrap_or_default()
+            );
+        }
+        let opened = Opened {
+            secs: started.elapsed().as_secs_f64(),
+            connect,
+            processes: workers.procs.len(),
+        };
+        Ok((workers, opened))
+    }
+
+    /// The worker processes and this one.
+    fn generator_pids(&self) -> Vec<u32> {
+        let mut pids: Vec<u32> = self.procs.iter().map(|w| w.pid).collect();
+        pids.push(std::process::id());
+        pids
+    }
+
+    /// Sends every worker its order.
+    async fn tell_all(&mut self, order: impl Fn(&Worker) -> Order) -> anyhow::Result<()> {
+        for worker in &mut self.procs {
+            let order = serde_json::to_string(&order(worker))? + "\n";
+            let stdin = worker.stdin.as_mut().context("worker stdin closed")?;
+            stdin.write_all(order.as_bytes()).await?;
+            stdin.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Reads one answer of type `T` from every worker, each within `limit`.
+    async fn hear_all<T: for<'a> Deserialize<'a>>(
+        &mut self,
+        limit: Duration,
+    ) -> anyhow::Result<Vec<T>> {
+        let mut answers = Vec::new();
+        for worker in &mut self.procs {
+            let line = tokio::time::timeout(limit, worker.lines.next_line())
+                .await
+                .context("a room worker did not answer in time")??
+                .context("a room worker ended")?;
+            let answer = serde_json::from_str(&line)
+                .with_context(|| format!("room worker: unexpected answer {line:?}"))?;
+            answers.push(answer);
+        }
+        Ok(answers)
+    }
+
+    /// Publishes `rate` messages per second in all for `secs`, waits up to `drain_secs` for
+    /// the last deliveries, and measures.
+    pub async fn step(
+        &mut self,
+        cluster: &Cluster,
+        rate: f64,
+        secs: f64,
+        drain_secs: f64,
+    ) -> anyhow::Result<Measured> {
+        let layout = self.layout;
+        let usage = Usage::take(cluster, &self.generator_pids());
+        let each = rate / layout.all_publishers().max(1) as f64;
+        self.tell_all(|_| Order::Publish { rate: each, secs })
+            .await?;
+        let sent: Vec<Sent> = self.hear_all(Duration::from_secs_f64(secs + 30.0)).await?;
+        let mut per_room = vec![0u64; layout.rooms];
+        for (room, n) in sent.iter().flat_map(|s| &s.rooms) {
+            per_room[*room] += n;
+        }
+        self.tell_all(|w| Order::Drain {
+            expected: layout.due(&w.range, &per_room),
+            max_secs: drain_secs,
+        })
+        .await?;
+        let reports: Vec<Report> = self
+            .hear_all(Duration::from_secs_f64(drain_secs + 30.0))
+            .await?;
+        let cpu = usage.since();
+        let mut step = Step::new(rate, layout.all_publishers(), layout.connections());
+        step.sent = per_room.iter().sum();
+        step.server_cpu = cpu.nodes.iter().sum();
+        step.redis_cpu = cpu.redis.iter().sum();
+        step.pg_cpu = cpu.pg;
+        step.generator_cpu = cpu.generator;
+        step.other_cpu = cpu.other;
+        add_up(&mut step, &reports, secs);
+        Ok(Measured { step, cpu })
+    }
+
+    /// Closes the workers' standard input (they close their connections and exit) and waits
+    /// for them, at most 10 s each (one still running then is killed when dropped).
+    pub async fn release(mut self) {
+        for worker in &mut self.procs {
+            drop(worker.stdin.take());
+            let _ = tokio::time::timeout(Duration::from_secs(10), worker.child.wait()).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout(rooms: usize, members: usize, per_process: usize) -> Layout {
+        Layout {
+            rooms,
+            members,
+            publishers: 1,
+            per_process,
+            sources: 16,
+            latency_every: 1,
+        }
+    }
+
+    #[test]
+    fn histograms_travel_as_pairs() {
+        let mut h = histogram();
+        for v in [1, 5, 5, 900, 12_345, 59_000_000] {
+            h.saturating_record(v);
+        }
+        let mut back = histogram();
+        add_pairs(&mut back, &pairs(&h));
+        assert_eq!(back.len(), h.len());
+        for q in [0.0, 0.5, 0.9, 0.99, 1.0] {
+            assert_eq!(back.value_at_quantile(q), h.value_at_quantile(q), "q {q}");
+        }
+    }
+
+    #[test]
+    fn one_big_room_is_split_over_workers() {
+        // 4 nodes × 19,000 members in one room, at most 9,000 connections per worker.
+        let l = layout(1, 76_000, 9000);
+        let ranges = l.ranges();
+        assert_eq!(ranges.len(), 9);
+        assert!(ranges.iter().all(|r| r.len() <= 9000));
+        assert_eq!(ranges.iter().map(Range::len).sum::<usize>(), 76_000);
+        assert!(ranges.windows(2).all(|w| w[0].end == w[1].start));
+    }
+
+    #[test]
+    fn every_worker_is_due_its_members_share_of_every_room() {
+        // 3 rooms of 10 members, at most 7 per worker: 5 workers of 6, the second holding
+        // members 6-9 of room 0 and 0-1 of room 1.
+        let l = layout(3, 10, 7);
+        let ranges = l.ranges();
+        assert_eq!(ranges.len(), 5);
+        assert_eq!(ranges[1], 6..12);
+        let sent = [5, 100, 1000];
+        assert_eq!(l.due(&ranges[1], &sent), 4 * 5 + 2 * 100);
+        let total: u64 = ranges.iter().map(|r| l.due(r, &sent)).sum();
+        assert_eq!(total, 10 * (5 + 100 + 1000));
+    }
+
+    #[test]
+    fn latency_samples_come_from_every_node() {
+        let l = Layout {
+            latency_every: 8,
+            ..layout(1, 1000, 1000)
+        };
+        let mut per_node = [0; 4];
+        for g in (0..1000).filter(|&g| l.samples_latency(g, 4)) {
+            per_node[l.node_of(g, 4)] += 1;
+        }
+        assert_eq!(per_node, [32; 4]);
+    }
+}
