@@ -33,6 +33,12 @@
 #   scripts/bench.sh --sio-relay [ARGS...]
 #                               only the Socket.IO relay's cost (under a minute; add --quick
 #                               for a few seconds); results in target/sio-relay-results.md
+#   scripts/bench.sh --scale [ARGS...]
+#                               only one big room: 19,000 members on each of four nodes sharing
+#                               one Redis (76,000 in one room): connect time, steady steps at 5
+#                               and 20 msg/s, then a ramp (add --quick for 250 per node, or
+#                               e.g. --scale-members 2000 --setups redis2); results in
+#                               target/scale-results.md
 #   scripts/bench.sh ARGS...    any scalechat-bench suite arguments (see --help)
 #
 # Exits non-zero when a message was lost or duplicated at a rate the servers sustain.
@@ -58,6 +64,11 @@ if [[ "${1:-}" == "--rooms" ]]; then
     shift
     exec "$target/release/scalechat-bench" rooms --server-bin "$target/release/scalechat" \
         --log-dir "$target/bench-logs" --out "$target/rooms-results.md" "$@"
+fi
+if [[ "${1:-}" == "--scale" ]]; then
+    shift
+    exec "$target/release/scalechat-bench" scale --server-bin "$target/release/scalechat" \
+        --log-dir "$target/bench-logs" --out "$target/scale-results.md" "$@"
 fi
 if [[ "${1:-}" == "--presence" ]]; then
     shift

@@ -1,5 +1,5 @@
-//! The machine a run happened on, for the report, and the open-file limit every process of the
-//! tool raises to its hard limit.
+//! The machine a run happened on, for the report; the open-file limit every process of the
+//! tool raises to its hard limit; the kernel's port range and listen backlog cap.
 
 /// Raises this process's soft open-file limit to its hard limit.
 pub fn raise_file_limit() {
@@ -25,6 +25,28 @@ pub fn file_limit() -> u64 {
     // SAFETY: getrlimit writes one rlimit.
     unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
     lim.rlim_cur
+}
+
+/// Local ports a connection may get from one source address to one destination
+/// (`net.ipv4.ip_local_port_range`; 28,232 by default).
+pub fn ephemeral_ports() -> usize {
+    let range =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let mut ends = range
+        .split_whitespace()
+        .filter_map(|v| v.parse::<usize>().ok());
+    match (ends.next(), ends.next()) {
+        (Some(low), Some(high)) if high >= low => high - low + 1,
+        _ => 28_232,
+    }
+}
+
+/// The kernel's cap on a listen backlog (`net.core.somaxconn`; 4,096 by default).
+pub fn somaxconn() -> usize {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(4096)
 }
 
 /// Cores, memory, kernel and CPU model, as a Markdown paragraph.

@@ -3,9 +3,9 @@
 //! of its own, with or without a PostgreSQL archive of its own, and a raw-TCP relay as the
 //! ceiling) or drives running nodes given with `--url`, and reports idle memory and CPU, fan-out
 //! throughput and latency, the highest sustained rate, connection churn, the cost of presence
-//! (who is in a room), many rooms on one Redis against a Redis Cluster, what relaying a
-//! Socket.IO session's requests between nodes costs, and the PostgreSQL archive's sustained
-//! write rate.
+//! (who is in a room), many rooms on one Redis against a Redis Cluster, one room of tens of
+//! thousands of members over several nodes, what relaying a Socket.IO session's requests
+//! between nodes costs, and the PostgreSQL archive's sustained write rate.
 //! See BENCHMARKS.md.
 
 mod archive;
@@ -20,6 +20,7 @@ mod presence;
 mod relay;
 mod report;
 mod rooms;
+mod scale;
 mod sio;
 mod sio_relay;
 mod soak;
@@ -43,8 +44,8 @@ struct Cli {
     #[command(flatten)]
     servers: ServerOpts,
     /// Setups to run, in order (the raw-TCP ceiling first, so the others read as ratios).
-    /// Default: raw,memory,redis1,redis2; for `rooms`, redis4,cluster4; for `archive`,
-    /// memory,memory-pg,redis2,redis2-pg.
+    /// Default: raw,memory,redis1,redis2; for `rooms`, redis4,cluster4; for `scale`, redis4;
+    /// for `archive`, memory,memory-pg,redis2,redis2-pg.
     #[arg(long, global = true, value_delimiter = ',')]
     setups: Option<Vec<Setup>>,
     /// Also write the report to this file.
@@ -79,6 +80,10 @@ enum Command {
     /// Socket.IO on two nodes on Redis, sessions on node 0: connect, upgrade and message round
     /// trip with requests sent to node 0 (direct) or to node 1, which relays them.
     SioRelay(Plan),
+    /// One room of `--scale-members` members on each node (19,000 × 4 nodes = 76,000 by
+    /// default): connect time, steady steps and a ramp; deliveries/s, loss, latency, and the
+    /// memory and CPU of each node, of Redis, of the generator and of the rest of the machine.
+    Scale(Plan),
     /// Steady traffic on two nodes while Redis and then one node restart: lost messages,
     /// duplicates, reconnects, memory before and after.
     Soak(soak::SoakOpts),
@@ -92,8 +97,8 @@ enum Command {
     /// process).
     #[command(hide = true)]
     Hold(idle::HoldArgs),
-    /// Holds member connections for `rooms` and `archive` and runs their steps on command
-    /// (started by the tool, one per worker process).
+    /// Holds member connections for `rooms`, `archive` and `scale` and runs their steps on
+    /// command (started by the tool, one per worker process).
     #[command(hide = true)]
     RoomWorker(members::WorkerArgs),
 }
@@ -133,6 +138,7 @@ fn main() -> anyhow::Result<()> {
         Command::Rooms(plan) => (plan, Scenarios::only(|s| s.rooms = true)),
         Command::SioRelay(plan) => (plan, Scenarios::only(|s| s.sio_relay = true)),
         Command::Archive(plan) => (plan, Scenarios::only(|s| s.archive = true)),
+        Command::Scale(plan) => (plan, Scenarios::only(|s| s.scale = true)),
     };
     let plan = if plan.quick { plan.quick() } else { plan };
     let setups = if !cli.servers.urls.is_empty() {
@@ -148,6 +154,8 @@ fn main() -> anyhow::Result<()> {
             Setup::Redis2,
             Setup::Redis2Pg,
         ]
+    } else if which.scale {
+        vec![Setup::Redis4]
     } else {
         vec![Setup::Raw, Setup::Memory, Setup::Redis1, Setup::Redis2]
     };
@@ -175,6 +183,7 @@ impl Scenarios {
             rooms: false,
             sio_relay: true,
             archive: true,
+            scale: false,
         }
     }
 

@@ -3,7 +3,8 @@
 //! presence group and the Socket.IO relay pick their own setups (see `presence`, `sio_relay`);
 //! `rooms` runs on the setups given (by default one Redis and a Redis Cluster, see `rooms`);
 //! the archive scenario runs when a setup with the archive is among them (see `archive`), and
-//! every setup with the archive ends with its rows counted against the messages accepted.
+//! every setup with the archive ends with its rows counted against the messages accepted;
+//! `scale` runs on the setups given (by default four nodes on one Redis, see `scale`).
 
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use crate::cluster::{Cluster, ServerOpts, Setup};
 use crate::fanout::{self, Shape, Step};
 use crate::idle::{self, IdleOpts};
 use crate::report::{self, Table, count, ms, ratio};
-use crate::{archive, churn, machine, presence, rooms, sio_relay};
+use crate::{archive, churn, machine, presence, rooms, scale, sio_relay};
 
 /// Sizes, rates and durations of a run.
 #[derive(Clone, Debug, clap::Args)]
@@ -152,6 +153,27 @@ pub struct Plan {
     /// when publishing stops.
     #[arg(long, default_value_t = 2.0)]
     pub archive_lag_secs: f64,
+    /// scale: members on each node, all in one room (each node holds a file per member: keep
+    /// it under the open-file limit).
+    #[arg(long, default_value_t = 19_000)]
+    pub scale_members: usize,
+    /// scale: members that publish (the first ones, spread over the nodes; the total rate is
+    /// shared between them).
+    #[arg(long, default_value_t = 8)]
+    pub scale_publishers: usize,
+    /// scale: steady steps, total messages per second into the room (deliveries = this ×
+    /// members), one step of --secs each.
+    #[arg(long, value_delimiter = ',', default_value = "5,20")]
+    pub scale_rates: Vec<f64>,
+    /// scale: the ramp's first rate, messages per second (default: the last steady rate ×
+    /// --factor); then as max-rate: × --factor each --step-secs, up to --max-steps, until p99
+    /// passes --p99-limit-ms or a message is lost.
+    #[arg(long)]
+    pub scale_start_rate: Option<f64>,
+    /// scale: one member in this many on each node records latency; every member counts
+    /// losses and duplicates of every message.
+    #[arg(long, default_value_t = 8)]
+    pub scale_latency_every: usize,
 }
 
 impl Plan {
@@ -198,6 +220,11 @@ impl Plan {
             archive_rates: vec![500.0, 1000.0],
             archive_secs: 1.0,
             archive_lag_secs: self.archive_lag_secs,
+            scale_members: 250,
+            scale_publishers: 4,
+            scale_rates: vec![5.0, 20.0],
+            scale_start_rate: None,
+            scale_latency_every: 2,
         }
     }
 }
@@ -213,6 +240,7 @@ pub struct Scenarios {
     pub rooms: bool,
     pub sio_relay: bool,
     pub archive: bool,
+    pub scale: bool,
 }
 
 impl Scenarios {
@@ -226,6 +254,7 @@ impl Scenarios {
             self.presence,
             self.rooms,
             self.sio_relay,
+            self.scale,
         ];
         self.archive && !others.contains(&true)
     }
@@ -257,6 +286,11 @@ pub async fn run(
     }
     if which.rooms {
         let (text, ok) = rooms::run(plan, opts, setups).await?;
+        out.push_str(&text);
+        clean &= ok;
+    }
+    if which.scale {
+        let (text, ok) = scale::run(plan, opts, setups).await?;
         out.push_str(&text);
         clean &= ok;
     }

@@ -1,5 +1,5 @@
 //! Member connections held by worker processes of the tool, for the scenarios with more
-//! connections than one process may hold files (`rooms`, `archive`). A [`Layout`]
+//! connections than one process may hold files (`rooms`, `archive`, `scale`). A [`Layout`]
 //! numbers them: connection g is member g mod M of room g / M (rooms `rm0`, `rm1`, …, M
 //! members each), on node (room + member) mod nodes, so every room has members on every node;
 //! the first P members of each room also publish. Each worker process (`room-worker`, see
@@ -30,7 +30,7 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
 pub use worker::{WorkerArgs, worker};
 
-use crate::cluster::{Cluster, Cpu, Usage};
+use crate::cluster::{Cluster, Cpu, Usage, rss_kib};
 use crate::fanout::Step;
 use crate::track::histogram;
 
@@ -80,6 +80,27 @@ impl Layout {
     /// `nodes` consecutive connections' turns, so that every node has its share.
     fn samples_latency(&self, g: usize, nodes: usize) -> bool {
         (g / nodes.max(1)).is_multiple_of(self.latency_every.max(1))
+    }
+
+    /// Connections on each of `nodes` nodes.
+    pub fn per_node(&self, nodes: usize) -> Vec<usize> {
+        let mut counts = vec![0; nodes.max(1)];
+        for g in 0..self.connections() {
+            counts[self.node_of(g, nodes)] += 1;
+        }
+        counts
+    }
+
+    /// The most connections any one (source address, node) pair carries: each pair has only
+    /// the machine's ephemeral port range.
+    pub fn busiest_pair(&self, nodes: usize) -> usize {
+        let mut counts = HashMap::new();
+        for g in 0..self.connections() {
+            *counts
+                .entry((g % self.sources.max(1), self.node_of(g, nodes)))
+                .or_insert(0) += 1;
+        }
+        counts.into_values().max().unwrap_or(0)
     }
 
     /// The connections of each worker process: consecutive ranges as even as can be, each at
@@ -204,7 +225,11 @@ pub struct Opened {
     pub secs: f64,
     /// From the start of each connect to its `joined`, µs.
     pub connect: Histogram<u64>,
+    /// CPU meanwhile.
+    pub cpu: Cpu,
     pub processes: usize,
+    /// Resident memory of the worker processes together once every member has joined, KiB.
+    pub workers_rss_kib: u64,
 }
 
 /// One step over every worker.
@@ -212,6 +237,8 @@ pub struct Measured {
     pub step: Step,
     /// CPU of each node, each redis-server, the generator and the rest of the machine.
     pub cpu: Cpu,
+    /// Resident memory of each node at the end of the step, KiB.
+    pub rss_kib: Vec<u64>,
 }
 
 /// The worker processes of one setup, killed when dropped.
@@ -252,6 +279,7 @@ impl Workers {
             });
         }
         let mut workers = Workers { procs, layout };
+        let usage = Usage::take(cluster, &workers.generator_pids());
         let mut connect = histogram();
         let (mut failed, mut first_error) = (0, None);
         for worker in &mut workers.procs {
@@ -276,7 +304,9 @@ impl Workers {
         let opened = Opened {
             secs: started.elapsed().as_secs_f64(),
             connect,
+            cpu: usage.since(),
             processes: workers.procs.len(),
+            workers_rss_kib: workers.procs.iter().map(|w| rss_kib(w.pid)).sum(),
         };
         Ok((workers, opened))
     }
@@ -345,6 +375,7 @@ impl Workers {
             .hear_all(Duration::from_secs_f64(drain_secs + 30.0))
             .await?;
         let cpu = usage.since();
+        let rss_kib = cluster.node_pids().iter().map(|&p| rss_kib(p)).collect();
         let mut step = Step::new(rate, layout.all_publishers(), layout.connections());
         step.sent = per_room.iter().sum();
         step.server_cpu = cpu.nodes.iter().sum();
@@ -353,7 +384,7 @@ impl Workers {
         step.generator_cpu = cpu.generator;
         step.other_cpu = cpu.other;
         add_up(&mut step, &reports, secs);
-        Ok(Measured { step, cpu })
+        Ok(Measured { step, cpu, rss_kib })
     }
 
     /// Closes the workers' standard input (they close their connections and exit) and waits
@@ -396,7 +427,7 @@ mod tests {
     }
 
     #[test]
-    fn one_big_room_is_split_over_workers() {
+    fn one_big_room_is_split_over_workers_and_spread_over_nodes() {
         // 4 nodes × 19,000 members in one room, at most 9,000 connections per worker.
         let l = layout(1, 76_000, 9000);
         let ranges = l.ranges();
@@ -404,6 +435,9 @@ mod tests {
         assert!(ranges.iter().all(|r| r.len() <= 9000));
         assert_eq!(ranges.iter().map(Range::len).sum::<usize>(), 76_000);
         assert!(ranges.windows(2).all(|w| w[0].end == w[1].start));
+        assert_eq!(l.per_node(4), [19_000; 4]);
+        // 16 sources, 4 nodes: each source reaches one node.
+        assert_eq!(l.busiest_pair(4), 4750);
     }
 
     #[test]
