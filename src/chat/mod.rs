@@ -15,7 +15,8 @@ pub(crate) mod rate;
 mod search;
 
 use std::marker::PhantomData;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use tokio::time::Instant;
@@ -83,8 +84,9 @@ pub(crate) struct Chat<P: Protocol> {
     node: Arc<Node>,
     conn: ConnId,
     outbox: Arc<Outbox>,
-    /// Sends in flight, and the replies queued behind them.
-    pipeline: Pipeline<P>,
+    /// Sends in flight, and the replies queued behind them: made on the first `send` (or
+    /// when a protocol asks for it), so that a connection that only reads holds none.
+    pipeline: OnceLock<Pipeline<P>>,
     /// Set once the user is known: the first room (the user is in `rooms`).
     first_room: Option<RoomName>,
     /// The rooms the user's token grants.
@@ -116,7 +118,7 @@ impl<P: Protocol> Chat<P> {
                 rooms: Vec::new(),
                 read_only: Vec::new(),
             },
-            pipeline: Pipeline::new(node.clone(), outbox.clone()),
+            pipeline: OnceLock::new(),
             node,
             conn,
             outbox,
@@ -196,7 +198,11 @@ impl<P: Protocol> Chat<P> {
     /// push means the connection is closing (nobody reads it) or just overflowed (counted as
     /// the slow consumer it is).
     pub(crate) fn push(&self, frame: Bytes) {
-        self.pipeline.reply(frame);
+        match self.pipeline.get() {
+            Some(pipeline) => pipeline.reply(frame),
+            // No send was ever made: none is owed an answer.
+            None => self.push_now(frame),
+        }
     }
 
     /// Queues `frame` for the client now, ahead of any answer still owed: for control frames
@@ -207,21 +213,40 @@ impl<P: Protocol> Chat<P> {
         }
     }
 
-    /// The connection's sends in flight: a clone waits for room or for them to be answered
-    /// without the chat state.
+    /// The connection's sends in flight (made now if none was): a clone waits for room or
+    /// for them to be answered without the chat state. Its bounds are the node's limits as
+    /// they are when it is made.
     pub(crate) fn pipeline(&self) -> &Pipeline<P> {
-        &self.pipeline
+        self.pipeline
+            .get_or_init(|| Pipeline::new(self.node.clone(), self.outbox.clone()))
+    }
+
+    /// Ready while the connection may read another request (see [`Pipeline::poll_room`]).
+    pub(crate) fn poll_room(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.pipeline
+            .get()
+            .map_or(Poll::Ready(()), |pipeline| pipeline.poll_room(cx))
     }
 
     /// Resolves once every send so far is answered: requests other than `send` wait for it,
     /// so that they are answered, and take effect, after the sends before them.
     pub(crate) async fn drained(&self) {
-        self.pipeline.drained().await;
+        if let Some(pipeline) = self.pipeline.get() {
+            pipeline.drained().await;
+        }
     }
 
     /// Answers a `send` that could not be decoded, with `err`, in its turn.
     pub(crate) fn refuse_send(&self, tag: P::SendTag, err: ProtocolError) {
-        self.pipeline.refuse(tag, err);
+        match self.pipeline.get() {
+            Some(pipeline) => pipeline.refuse(tag, err),
+            None => {
+                self.node.metrics.error(err.code);
+                if let Some(frame) = P::sent(tag, Err(err)) {
+                    self.push_now(frame);
+                }
+            }
+        }
     }
 
     /// Takes a token for a join, leave or history request, or says why not.
@@ -268,8 +293,8 @@ impl<P: Protocol> Chat<P> {
         tag: P::SendTag,
     ) {
         match self.check_send(room, text, reference) {
-            Ok(envelope) => self.pipeline.send(envelope, tag),
-            Err(e) => self.pipeline.refuse(tag, e),
+            Ok(envelope) => self.pipeline().send(envelope, tag),
+            Err(e) => self.refuse_send(tag, e),
         }
     }
 

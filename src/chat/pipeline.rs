@@ -49,7 +49,7 @@ struct Shared<P: Protocol> {
     node: Arc<Node>,
     outbox: Arc<Outbox>,
     /// `limits.publishes_in_flight` and `limits.publish_bytes_in_flight` when the
-    /// connection opened.
+    /// connection's first send was made (see [`Chat::pipeline`](super::Chat::pipeline)).
     max_owed: usize,
     max_bytes: usize,
     state: Mutex<State<P>>,

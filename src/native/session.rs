@@ -145,7 +145,7 @@ impl Session {
     /// Ready while the connection may read another request (see
     /// [`Pipeline::poll_room`](crate::chat::Pipeline::poll_room)).
     pub(super) fn poll_room(&self, cx: &mut Context<'_>) -> Poll<()> {
-        self.chat.pipeline().poll_room(cx)
+        self.chat.poll_room(cx)
     }
 
     /// Resolves once every send so far is answered.
