@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::cluster::{Cluster, ServerOpts, Setup, http_get};
+use crate::cluster::{Cluster, Protocol, ServerOpts, Setup, http_get};
 use crate::fanout::Step;
 use crate::members::{Layout, Workers};
 use crate::report::{Table, count, ms, optional_cpu, percentiles};
@@ -346,8 +346,9 @@ fn step_row(setup: Setup, s: &Step, a: Option<&ArchiveStep>, why: &str) -> Vec<S
     row
 }
 
-/// Runs the scenario on `setups` (the raw relay left out), adding each archive's check to
-/// `checks`; its tables, and whether nothing was duplicated or missing from the archive.
+/// Runs the scenario on `setups` (the raw relay and the Socket.IO setups left out), adding
+/// each archive's check to `checks`; its tables, and whether nothing was duplicated or
+/// missing from the archive.
 pub async fn run(
     plan: &Plan,
     opts: &ServerOpts,
@@ -364,7 +365,8 @@ pub async fn run(
     };
     let (mut best, mut steps) = tables(plan);
     let mut clean = true;
-    for &setup in setups.iter().filter(|s| **s != Setup::Raw) {
+    let native = |s: &&Setup| **s != Setup::Raw && s.protocol() == Protocol::Native;
+    for &setup in setups.iter().filter(native) {
         eprintln!("archive on {setup}");
         let cluster = Cluster::start(setup, opts).await?;
         let (mut workers, _) = Workers::spawn(&cluster, layout).await?;

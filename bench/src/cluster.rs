@@ -37,8 +37,72 @@ pub enum Setup {
     Cluster4,
     /// Two scalechat nodes on one Redis, archiving into a PostgreSQL of the tool's own.
     Redis2Pg,
+    /// One scalechat node, embedded transport, Socket.IO members.
+    MemorySio,
+    /// One scalechat node on Redis, Socket.IO members.
+    Redis1Sio,
+    /// Two scalechat nodes on one Redis, Socket.IO members.
+    Redis2Sio,
+    /// One socketioxide node (scalechat-sioxide), Socket.IO members: the peer.
+    Sioxide1,
+    /// Two socketioxide nodes sharing rooms through one Redis with socketioxide-redis.
+    Sioxide2,
     /// The nodes given with --url (not started by the tool).
     External,
+}
+
+/// What the members of a setup speak.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// scalechat's native protocol on `/ws` (the raw relay speaks it too).
+    Native,
+    /// Socket.IO v4 on the WebSocket transport (`/socket.io/?EIO=4&transport=websocket`).
+    SocketIo,
+}
+
+impl Setup {
+    /// What its members speak.
+    pub fn protocol(self) -> Protocol {
+        match self {
+            Setup::MemorySio
+            | Setup::Redis1Sio
+            | Setup::Redis2Sio
+            | Setup::Sioxide1
+            | Setup::Sioxide2 => Protocol::SocketIo,
+            _ => Protocol::Native,
+        }
+    }
+
+    /// The setup a Socket.IO setup is compared with: scalechat's native members on the same
+    /// servers, and for socketioxide, scalechat's Socket.IO on as many nodes.
+    pub fn compared_with(self) -> Option<Setup> {
+        match self {
+            Setup::MemorySio => Some(Setup::Memory),
+            Setup::Redis1Sio => Some(Setup::Redis1),
+            Setup::Redis2Sio => Some(Setup::Redis2),
+            Setup::Sioxide1 => Some(Setup::MemorySio),
+            Setup::Sioxide2 => Some(Setup::Redis2Sio),
+            _ => None,
+        }
+    }
+
+    /// The scalechat servers a setup starts (itself for a native setup); `None` for the
+    /// others.
+    fn scalechat(self) -> Option<Setup> {
+        match self {
+            Setup::Memory
+            | Setup::MemoryPg
+            | Setup::Redis1
+            | Setup::Redis2
+            | Setup::Redis2Pg
+            | Setup::Redis4
+            | Setup::Cluster4 => Some(self),
+            Setup::MemorySio => Some(Setup::Memory),
+            Setup::Redis1Sio => Some(Setup::Redis1),
+            Setup::Redis2Sio => Some(Setup::Redis2),
+            Setup::Raw | Setup::Sioxide1 | Setup::Sioxide2 | Setup::External => None,
+        }
+    }
 }
 
 impl fmt::Display for Setup {
@@ -52,6 +116,11 @@ impl fmt::Display for Setup {
             Setup::Redis4 => "redis 4 nodes",
             Setup::Cluster4 => "cluster 4 nodes, 3 shards",
             Setup::Redis2Pg => "redis 2 nodes + pg",
+            Setup::MemorySio => "memory 1 node, socket.io",
+            Setup::Redis1Sio => "redis 1 node, socket.io",
+            Setup::Redis2Sio => "redis 2 nodes, socket.io",
+            Setup::Sioxide1 => "socketioxide 1 node",
+            Setup::Sioxide2 => "socketioxide 2 nodes, redis",
             Setup::External => "external",
         })
     }
@@ -70,6 +139,10 @@ pub struct ServerOpts {
     /// The scalechat binary (default: `scalechat` next to this program).
     #[arg(long, global = true)]
     pub server_bin: Option<PathBuf>,
+    /// The socketioxide peer of the `sioxide1` and `sioxide2` setups (default:
+    /// `scalechat-sioxide` next to this program; `cargo build --release -p scalechat-sioxide`).
+    #[arg(long, global = true)]
+    pub sioxide_bin: Option<PathBuf>,
     /// The redis-server binary.
     #[arg(long, global = true, default_value = "redis-server")]
     pub redis_bin: String,
@@ -180,13 +253,33 @@ impl Cluster {
                 cluster.spawn_node(cmd, port, &log)?;
                 wait_listening(cluster.nodes[0].addr).await?;
             }
+            Setup::Sioxide1 | Setup::Sioxide2 => {
+                let redis = match setup {
+                    Setup::Sioxide2 => Some(cluster.spawn_redis(opts).await?),
+                    _ => None,
+                };
+                let count = if redis.is_some() { 2 } else { 1 };
+                for i in 0..count {
+                    let port = free_port()?;
+                    let log = opts.log_dir.join(format!("sioxide-{i}.log"));
+                    let cmd = sioxide_command(opts, port, redis)?;
+                    cluster.spawn_node(cmd, port, &log)?;
+                }
+                for node in &cluster.nodes {
+                    wait_listening(node.addr).await?;
+                }
+            }
             Setup::Memory
             | Setup::MemoryPg
             | Setup::Redis1
             | Setup::Redis2
             | Setup::Redis2Pg
             | Setup::Redis4
-            | Setup::Cluster4 => {
+            | Setup::Cluster4
+            | Setup::MemorySio
+            | Setup::Redis1Sio
+            | Setup::Redis2Sio => {
+                let setup = setup.scalechat().unwrap_or(setup);
                 if setup.archives() {
                     let pg = Postgres::start(opts).await?;
                     cluster.node_env.push(("DATABASE_URL".into(), pg.url()));
@@ -469,7 +562,7 @@ impl Cluster {
     /// refusal and publish-error counters), and warning or error lines in their logs.
     pub async fn trouble(&self) -> String {
         let mut out = Vec::new();
-        if self.setup != Setup::Raw {
+        if self.setup.scalechat().is_some() {
             for (i, node) in self.nodes.iter().enumerate() {
                 if let Ok(text) = http_get(node.addr, "/metrics").await {
                     for line in text.lines().filter(|l| is_trouble(l)) {
@@ -678,6 +771,29 @@ fn scalechat_command(
             .env("SCALECHAT_REDIS__HOST", seeds),
         Backplane::Memory => cmd.env("SCALECHAT_TRANSPORT", "memory"),
     };
+    Ok(cmd)
+}
+
+/// The socketioxide peer on 127.0.0.1:`port`, on the in-memory adapter or on the Redis at
+/// `redis`, with a client's queue as long as the scalechat nodes'.
+fn sioxide_command(opts: &ServerOpts, port: u16, redis: Option<u16>) -> anyhow::Result<Command> {
+    let bin = match &opts.sioxide_bin {
+        Some(bin) => bin.clone(),
+        None => std::env::current_exe()?.with_file_name("scalechat-sioxide"),
+    };
+    let Ok(bin) = std::fs::canonicalize(&bin) else {
+        bail!(
+            "{} not found: cargo build --release -p scalechat-sioxide",
+            bin.display()
+        );
+    };
+    let mut cmd = Command::new(bin);
+    cmd.current_dir(&opts.log_dir).env_remove("RUST_LOG");
+    cmd.args(["--port", &port.to_string()]);
+    cmd.args(["--max-queued-packets", &opts.max_queued_frames.to_string()]);
+    if let Some(redis) = redis {
+        cmd.args(["--redis", &format!("redis://127.0.0.1:{redis}")]);
+    }
     Ok(cmd)
 }
 

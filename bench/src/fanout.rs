@@ -1,8 +1,10 @@
 //! Fan-out load: N members in one room, the first P of them also publishing at a set total
 //! rate. Each member is one task that reads with one reusable buffer; publishers write the
-//! messages due every millisecond in one write. A step runs the load at one rate, drains, and
-//! measures deliveries per second, loss, duplicates, latency and CPU; `max-rate` is a series of
-//! steps.
+//! messages due every millisecond in one write. Members speak the setup's protocol: native
+//! (`send`, `message` frames) or Socket.IO on the WebSocket transport (`event:message`,
+//! `message` events), with the same message text. A step runs the load at one rate, drains,
+//! and measures deliveries per second, loss, duplicates, latency and CPU; `max-rate` is a
+//! series of steps.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -16,11 +18,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{Semaphore, oneshot};
 use tokio::task::JoinSet;
 
-use crate::cluster::{Cluster, CpuSample, MachineSample};
+use crate::cluster::{Cluster, CpuSample, MachineSample, Protocol};
+use crate::sio;
 use crate::track::{Receiver, encode_send, histogram, now_ns};
-use crate::ws::{self, FrameReader, OP_PING, Target};
-
-const OP_PONG: u8 = 0xA;
+use crate::ws::{self, FrameReader, OP_PING, OP_PONG, OP_TEXT, Target};
 
 /// How long a drain waits with no delivery arriving before it gives up.
 const STALL: Duration = Duration::from_secs(2);
@@ -57,6 +58,7 @@ pub struct Load {
 /// Opens every member connection (publishers first) and waits for each one's `joined`.
 pub async fn connect(cluster: &Cluster, shape: &Shape) -> anyhow::Result<Load> {
     let nodes = cluster.nodes.len();
+    let protocol = cluster.setup.protocol();
     let publisher_nodes: Vec<usize> = (0..shape.publishers).map(|p| p % nodes).collect();
     let publishers: Vec<Arc<Publisher>> = (0..shape.publishers)
         .map(|_| Arc::new(Publisher::default()))
@@ -67,9 +69,14 @@ pub async fn connect(cluster: &Cluster, shape: &Shape) -> anyhow::Result<Load> {
     let mut ready = Vec::new();
     for i in 0..shape.members {
         let node = i % nodes;
+        let name = format!("m{i}");
+        let path = match protocol {
+            Protocol::Native => format!("/ws?room={}&name={name}", shape.room),
+            Protocol::SocketIo => sio::websocket_path(&shape.room, &name),
+        };
         let target = Target {
             addr: cluster.nodes[node].addr,
-            path: format!("/ws?room={}&name=m{i}", shape.room),
+            path,
         };
         let state = Arc::new(Mutex::new(Receiver::new(node, publisher_nodes.clone())));
         receivers.push(state.clone());
@@ -82,6 +89,7 @@ pub async fn connect(cluster: &Cluster, shape: &Shape) -> anyhow::Result<Load> {
             state,
             publisher,
             room: shape.room.clone(),
+            protocol,
         };
         tasks.spawn(member.run(gate.clone(), tx));
     }
@@ -112,6 +120,7 @@ struct Member {
     state: Arc<Mutex<Receiver>>,
     publisher: Option<(u32, Arc<Publisher>)>,
     room: String,
+    protocol: Protocol,
 }
 
 impl Member {
@@ -120,7 +129,13 @@ impl Member {
         let joined = async {
             let _permit = gate.acquire().await?;
             let mut stream = ws::connect(&self.target, self.source, &mut reader).await?;
-            ws::wait_joined(&mut stream, &mut reader, Duration::from_secs(30)).await?;
+            let timeout = Duration::from_secs(30);
+            match self.protocol {
+                Protocol::Native => ws::wait_joined(&mut stream, &mut reader, timeout).await?,
+                Protocol::SocketIo => {
+                    sio::connect_websocket(&mut stream, &mut reader, timeout).await?
+                }
+            }
             ws::stamp_arrivals(&stream);
             anyhow::Ok(stream)
         };
@@ -148,8 +163,11 @@ impl Member {
                     let now = now_ns();
                     let arrived = stamp.unwrap_or(now).min(now);
                     let mut state = self.state.lock().expect("receiver lock");
-                    reader.parse(|op, payload| match op {
-                        OP_PING => ws::encode_client_frame(&mut out, OP_PONG, payload),
+                    reader.parse(|op, payload| match (op, self.protocol) {
+                        (OP_PING, _) => ws::encode_client_frame(&mut out, OP_PONG, payload),
+                        (OP_TEXT, Protocol::SocketIo) => {
+                            sio_packet(&mut state, payload, now, arrived, &mut out)
+                        }
                         _ => state.frame(op, payload, now, arrived),
                     });
                     if state.close_code.is_some() {
@@ -158,7 +176,7 @@ impl Member {
                 }
                 _ = tick.tick(), if self.publisher.is_some() => {
                     if let Some((id, publisher)) = &self.publisher {
-                        schedule.due(*id, publisher, &self.room, &mut out);
+                        schedule.due(*id, publisher, &self.room, self.protocol, &mut out);
                     }
                 }
             }
@@ -173,6 +191,18 @@ impl Member {
     }
 }
 
+/// Handles one Socket.IO packet read at `now` that reached the socket at `arrived`: a
+/// delivery, an error, or an Engine.IO ping, answered in `out`.
+fn sio_packet(state: &mut Receiver, packet: &[u8], now: u64, arrived: u64, out: &mut Vec<u8>) {
+    if packet == b"2" {
+        ws::encode_client_frame(out, OP_TEXT, b"3");
+    } else if let Some(d) = sio::delivery(packet) {
+        state.delivered(&d, now, arrived);
+    } else if let Some(code) = sio::error_code(packet) {
+        state.error(code);
+    }
+}
+
 /// A publisher's position in its current rate period.
 #[derive(Default)]
 struct Schedule {
@@ -182,8 +212,16 @@ struct Schedule {
 }
 
 impl Schedule {
-    /// Appends the `send` frames due by now to `out`.
-    fn due(&mut self, id: u32, publisher: &Publisher, room: &str, out: &mut Vec<u8>) {
+    /// Appends the frames (`send`, or `event:message` emits in `room`, the first room of a
+    /// Socket.IO member) due by now to `out`.
+    fn due(
+        &mut self,
+        id: u32,
+        publisher: &Publisher,
+        room: &str,
+        protocol: Protocol,
+        out: &mut Vec<u8>,
+    ) {
         let now = now_ns();
         let epoch = publisher.epoch.load(Ordering::Acquire);
         if epoch != self.epoch {
@@ -205,7 +243,10 @@ impl Schedule {
         };
         for _ in self.sent..due {
             let seq = publisher.sent.load(Ordering::Relaxed);
-            encode_send(out, room, id, seq, now_ns());
+            match protocol {
+                Protocol::Native => encode_send(out, room, id, seq, now_ns()),
+                Protocol::SocketIo => sio::encode_emit_frame(out, id, seq, now_ns()),
+            }
             publisher.sent.store(seq + 1, Ordering::Release);
         }
         self.sent = self.sent.max(due);

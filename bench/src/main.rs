@@ -1,11 +1,12 @@
-//! scalechat-bench: a load generator for scalechat's native protocol (and Socket.IO). It starts
+//! scalechat-bench: a load generator for scalechat's native protocol and Socket.IO. It starts
 //! the servers itself (scalechat nodes on the embedded transport or on a Redis or Redis Cluster
-//! of its own, with or without a PostgreSQL archive of its own, and a raw-TCP relay as the
-//! ceiling) or drives running nodes given with `--url`, and reports idle memory and CPU, fan-out
-//! throughput and latency, the highest sustained rate, connection churn, the cost of presence
-//! (who is in a room), many rooms on one Redis against a Redis Cluster, one room of tens of
-//! thousands of members over several nodes, what relaying a Socket.IO session's requests
-//! between nodes costs, and the PostgreSQL archive's sustained write rate.
+//! of its own, with or without a PostgreSQL archive of its own, a raw-TCP relay as the ceiling,
+//! and socketioxide nodes as a Socket.IO peer) or drives running nodes given with `--url`, and
+//! reports idle memory and CPU, fan-out throughput and latency (native and Socket.IO members
+//! side by side), the highest sustained rate, connection churn, the cost of presence (who is
+//! in a room), many rooms on one Redis against a Redis Cluster, one room of tens of thousands
+//! of members over several nodes, what relaying a Socket.IO session's requests between nodes
+//! costs, and the PostgreSQL archive's sustained write rate.
 //! See BENCHMARKS.md.
 
 mod archive;
@@ -44,8 +45,10 @@ struct Cli {
     #[command(flatten)]
     servers: ServerOpts,
     /// Setups to run, in order (the raw-TCP ceiling first, so the others read as ratios).
-    /// Default: raw,memory,redis1,redis2; for `rooms`, redis4,cluster4; for `scale`, redis4;
-    /// for `archive`, memory,memory-pg,redis2,redis2-pg.
+    /// Default: raw,memory,redis1,redis2 (with --quick also memory-sio); for `rooms`,
+    /// redis4,cluster4; for `scale`, redis4; for `archive`, memory,memory-pg,redis2,redis2-pg.
+    /// The Socket.IO setups (memory-sio, redis1-sio, redis2-sio: scalechat with Socket.IO
+    /// members; sioxide1, sioxide2: the socketioxide peer) run fan-out and max-rate only.
     #[arg(long, global = true, value_delimiter = ',')]
     setups: Option<Vec<Setup>>,
     /// Also write the report to this file.
@@ -156,6 +159,15 @@ fn main() -> anyhow::Result<()> {
         ]
     } else if which.scale {
         vec![Setup::Redis4]
+    } else if plan.quick {
+        // The Socket.IO fan-out costs the quick run a few seconds and smoke-tests its path.
+        vec![
+            Setup::Raw,
+            Setup::Memory,
+            Setup::MemorySio,
+            Setup::Redis1,
+            Setup::Redis2,
+        ]
     } else {
         vec![Setup::Raw, Setup::Memory, Setup::Redis1, Setup::Redis2]
     };

@@ -1,6 +1,7 @@
 //! A small Socket.IO client for the scenarios: Engine.IO v4 long-polling (the handshake, `GET`
 //! and `POST`) over keep-alive HTTP/1.1 connections written by hand, the upgrade to WebSocket
-//! (`2probe`, `3probe`, `5`) on the native client's frame code, Socket.IO CONNECT, emitting
+//! (`2probe`, `3probe`, `5`) on the native client's frame code, a session opened on the
+//! WebSocket transport alone (the fan-out's members), Socket.IO CONNECT, emitting
 //! `event:message` with the bench marker, and finding a delivery in a `message` event. Any
 //! request may go to any node: the one that owns the session, or another that relays it.
 //!
@@ -10,6 +11,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::LazyLock;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use memchr::memmem::{self, Finder};
@@ -17,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::track::{Delivery, now_ns, push_marker};
-use crate::ws::{self, FrameReader, OP_CLOSE, OP_TEXT, Target};
+use crate::ws::{self, FrameReader, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, Target};
 
 /// The Engine.IO record separator between packets of one polling payload.
 const SEPARATOR: u8 = 0x1e;
@@ -327,6 +329,64 @@ impl WebSocket {
     }
 }
 
+/// The path and query of a session opened on the WebSocket transport alone, in `room` as
+/// `name` (both query parameters scalechat reads at the handshake).
+pub fn websocket_path(room: &str, name: &str) -> String {
+    format!("/socket.io/?EIO=4&transport=websocket&room={room}&name={name}")
+}
+
+/// On a WebSocket session whose opening handshake is done ([`ws::connect`] to
+/// [`websocket_path`]): waits for the open packet, sends CONNECT (`40`, no auth) and waits for
+/// its answer and for the event `joined`, in either order, answering pings meanwhile. What
+/// the server sent after them stays in `reader`.
+pub async fn connect_websocket(
+    stream: &mut TcpStream,
+    reader: &mut FrameReader,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let wait = async {
+        let (mut opened, mut sent, mut connected, mut joined) = (false, false, false, false);
+        let mut out = Vec::new();
+        loop {
+            let mut refused = None;
+            let mut closed = None;
+            reader.parse(|op, payload| match (op, payload) {
+                (OP_TEXT, [b'0', ..]) => opened = true,
+                (OP_TEXT, [b'4', b'0', ..]) => connected = true,
+                (OP_TEXT, [b'4', b'4', ..]) => refused = Some(lossy(payload)),
+                (OP_TEXT, b"2") => ws::encode_client_frame(&mut out, OP_TEXT, b"3"),
+                (OP_TEXT, p) if p.starts_with(b"42[\"joined\"") => joined = true,
+                (OP_PING, p) => ws::encode_client_frame(&mut out, OP_PONG, p),
+                (OP_CLOSE, p) => closed = Some(ws::close_code(p)),
+                _ => {}
+            });
+            if let Some(refusal) = refused {
+                bail!("CONNECT refused: {refusal}");
+            }
+            if let Some(code) = closed {
+                bail!("closed with {code} before joined");
+            }
+            if opened && !sent {
+                ws::encode_client_frame(&mut out, OP_TEXT, b"40");
+                sent = true;
+            }
+            if !out.is_empty() {
+                stream.write_all(&out).await?;
+                out.clear();
+            }
+            if connected && joined {
+                return Ok(());
+            }
+            if reader.fill(stream).await? == 0 {
+                bail!("connection closed before joined");
+            }
+        }
+    };
+    tokio::time::timeout(timeout, wait)
+        .await
+        .context("no joined in time")?
+}
+
 /// The packets of a polling payload.
 pub fn packets(payload: &[u8]) -> impl Iterator<Item = &[u8]> {
     payload
@@ -339,6 +399,29 @@ pub fn encode_emit(out: &mut Vec<u8>, publisher: u32, seq: u64, sent_ns: u64) {
     out.extend_from_slice(b"42[\"event:message\",{\"message\":\"");
     push_marker(out, publisher, seq, sent_ns);
     out.extend_from_slice(b"\"}]");
+}
+
+/// Appends the masked WebSocket frame of the packet of [`encode_emit`] to `out`.
+pub fn encode_emit_frame(out: &mut Vec<u8>, publisher: u32, seq: u64, sent_ns: u64) {
+    let mut packet = Vec::with_capacity(96);
+    encode_emit(&mut packet, publisher, seq, sent_ns);
+    ws::encode_client_frame(out, OP_TEXT, &packet);
+}
+
+/// What a packet that is no delivery tells of trouble: the `code` of an event `error`
+/// (`42["error",{"code":…}]`), `disconnect` for a DISCONNECT from the server (`41`),
+/// `connect_error` for a refused CONNECT (`44`).
+pub fn error_code(packet: &[u8]) -> Option<String> {
+    match packet {
+        [b'4', b'1', ..] => Some("disconnect".into()),
+        [b'4', b'4', ..] => Some("connect_error".into()),
+        p if p.starts_with(b"42[\"error\",") => {
+            let at = memmem::find(p, b"\"code\":\"")? + 8;
+            let len = memchr::memchr(b'"', &p[at..])?;
+            Some(lossy(&p[at..at + len]))
+        }
+        _ => None,
+    }
 }
 
 /// The bench marker in a `message` event (`42["message","{…\"message\":\"B…\"…}",offset]`);
@@ -391,6 +474,14 @@ mod tests {
         assert_eq!(delivery(br#"42["joined",{"room":"r","online":1}]"#), None);
         let plain = br#"42["message","{\"type\":\"message\",\"message\":\"hello\"}","r:e:6"]"#;
         assert_eq!(delivery(plain), None);
+    }
+
+    #[test]
+    fn reads_what_went_wrong() {
+        let error = br#"42["error",{"code":"rate_limited","message":"slow down"}]"#;
+        assert_eq!(error_code(error).as_deref(), Some("rate_limited"));
+        assert_eq!(error_code(b"41").as_deref(), Some("disconnect"));
+        assert_eq!(error_code(br#"42["joined",{"room":"r"}]"#), None);
     }
 
     #[test]

@@ -1,14 +1,17 @@
 //! The scenarios run side by side: each one on every setup in turn (raw-TCP ceiling first, so
 //! the others read as ratios to it), a fresh set of servers for each, results as tables. The
-//! presence group and the Socket.IO relay pick their own setups (see `presence`, `sio_relay`);
-//! `rooms` runs on the setups given (by default one Redis and a Redis Cluster, see `rooms`);
-//! the archive scenario runs when a setup with the archive is among them (see `archive`), and
-//! every setup with the archive ends with its rows counted against the messages accepted;
-//! `scale` runs on the setups given (by default four nodes on one Redis, see `scale`).
+//! Socket.IO setups (scalechat's Socket.IO path, and socketioxide as its peer) run fan-out and
+//! max-rate, with a table of ratios to what each is compared with. The presence group and the
+//! Socket.IO relay pick their own setups (see `presence`, `sio_relay`); `rooms` runs on the
+//! setups given (by default one Redis and a Redis Cluster, see `rooms`); the archive scenario
+//! runs when a setup with the archive is among them (see `archive`), and every setup with the
+//! archive ends with its rows counted against the messages accepted; `scale` runs on the
+//! setups given (by default four nodes on one Redis, see `scale`). `rooms` and `scale` drive
+//! native members only.
 
 use std::time::Duration;
 
-use crate::cluster::{Cluster, ServerOpts, Setup};
+use crate::cluster::{Cluster, Protocol, ServerOpts, Setup};
 use crate::fanout::{self, Shape, Step};
 use crate::idle::{self, IdleOpts};
 use crate::report::{self, Table, count, ms, ratio};
@@ -267,6 +270,11 @@ pub async fn run(
     setups: &[Setup],
     which: Scenarios,
 ) -> anyhow::Result<(String, bool)> {
+    if (which.rooms || which.scale)
+        && let Some(setup) = setups.iter().find(|s| s.protocol() == Protocol::SocketIo)
+    {
+        anyhow::bail!("rooms and scale drive native members only: {setup} is a Socket.IO setup");
+    }
     let mut out = machine::describe();
     let mut clean = true;
     let mut checks = archive::tally_table();
@@ -395,8 +403,10 @@ async fn fanout_group(
     let mut steps = Table::new("max-rate: every step", report::STEP_HEADER);
     let (mut raw_fan, mut raw_fan_many, mut raw_best) = (None, None, None);
     let mut clean = true;
+    let mut summaries = Vec::new();
     for &setup in setups {
         eprintln!("fan-out on {setup}");
+        let mut summary = Summary::default();
         let cluster = Cluster::start(setup, opts).await?;
         let load = fanout::connect(&cluster, &shape).await?;
         load.step(&cluster, (plan.latency_rate, few), 0.5, 2.0)
@@ -419,11 +429,17 @@ async fn fanout_group(
                 .step(&cluster, small_step, plan.secs, plan.drain_secs)
                 .await;
             clean &= s.lost() == 0 && s.duplicates == 0;
+            summary.small = Some(Figures::of(&s, 0.5));
             steady_small.push(report::step_row(setup, &s, None, ""));
             drop(small_load);
-            for (publishers, table, raw) in [
-                (few, &mut fan, &mut raw_fan),
-                (many, &mut fan_many, &mut raw_fan_many),
+            for (publishers, table, raw, figures) in [
+                (few, &mut fan, &mut raw_fan, &mut summary.fan),
+                (
+                    many,
+                    &mut fan_many,
+                    &mut raw_fan_many,
+                    &mut summary.fan_many,
+                ),
             ] {
                 let s = load
                     .step(
@@ -434,6 +450,7 @@ async fn fanout_group(
                     )
                     .await;
                 clean &= s.lost() == 0 && s.duplicates == 0;
+                *figures = Some(Figures::of(&s, 0.99));
                 if setup == Setup::Raw {
                     *raw = Some(s.deliveries_per_sec);
                 }
@@ -463,6 +480,7 @@ async fn fanout_group(
                 rate *= plan.factor;
             }
             let best_rate = top.as_ref().map_or(0.0, |s| s.deliveries_per_sec);
+            summary.best = Some(best_rate);
             if setup == Setup::Raw {
                 raw_best = Some(best_rate);
             }
@@ -497,6 +515,7 @@ async fn fanout_group(
         }
         drop(load);
         drop(cluster);
+        summaries.push((setup, summary));
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let mut text = String::new();
@@ -513,7 +532,123 @@ async fn fanout_group(
             text.push('\n');
         }
     }
+    if let Some(table) = comparison(&summaries, few, many) {
+        text.push_str(&table.markdown());
+        text.push_str(COMPARISON_NOTE);
+    }
     Ok((text, clean))
+}
+
+/// A step's figures that the comparison table sets side by side.
+#[derive(Clone, Copy)]
+struct Figures {
+    deliveries_per_sec: f64,
+    /// Latency at the quantile asked for, µs.
+    latency_us: u64,
+    server_cpu: f64,
+}
+
+impl Figures {
+    fn of(s: &Step, quantile: f64) -> Figures {
+        Figures {
+            deliveries_per_sec: s.deliveries_per_sec,
+            latency_us: s.latency.value_at_quantile(quantile),
+            server_cpu: s.server_cpu,
+        }
+    }
+}
+
+/// One setup's run, for the comparison table.
+#[derive(Default)]
+struct Summary {
+    /// The steady small-room step, latency p50.
+    small: Option<Figures>,
+    /// The fan-out steps from few and from many publishers, latency p99.
+    fan: Option<Figures>,
+    fan_many: Option<Figures>,
+    /// max-rate's best deliveries/s.
+    best: Option<f64>,
+}
+
+const COMPARISON_NOTE: &str = "\nEach figure is the setup's divided by the one it is compared \
+with, in the same run: under 1 for deliveries/s, over 1 for latency and server CPU, is worse. \
+Server CPU compares the work per delivery only where both delivered the rate offered \
+(deliveries/s × 1.00).\n\n";
+
+/// Each Socket.IO setup against the one it is compared with (see [`Setup::compared_with`]),
+/// where both ran; `None` when none did.
+fn comparison(summaries: &[(Setup, Summary)], few: usize, many: usize) -> Option<Table> {
+    let find = |setup: Setup| summaries.iter().find(|(s, _)| *s == setup).map(|(_, r)| r);
+    let pairs: Vec<(Setup, Setup, &Summary, &Summary)> = summaries
+        .iter()
+        .filter_map(|(setup, summary)| {
+            let other = setup.compared_with()?;
+            Some((*setup, other, summary, find(other)?))
+        })
+        .collect();
+    if pairs.is_empty() {
+        return None;
+    }
+    let fan = |n: usize| format!("fan-out, {n} publishers");
+    let mut table = Table::new(
+        "Socket.IO against native, and socketioxide against scalechat's Socket.IO: ratios",
+        &[
+            "setup",
+            "compared with",
+            "small room p50 ×",
+            &format!("{}: deliveries/s ×", fan(few)),
+            &format!("{}: p99 ×", fan(few)),
+            &format!("{}: server CPU ×", fan(few)),
+            &format!("{}: deliveries/s ×", fan(many)),
+            &format!("{}: p99 ×", fan(many)),
+            &format!("{}: server CPU ×", fan(many)),
+            "max-rate best ×",
+        ],
+    );
+    for (setup, other, a, b) in pairs {
+        let mut row = vec![setup.to_string(), other.to_string()];
+        row.push(latency_ratio(a.small, b.small));
+        for (x, y) in [(a.fan, b.fan), (a.fan_many, b.fan_many)] {
+            match (x, y) {
+                (Some(x), Some(y)) => {
+                    row.push(ratio(x.deliveries_per_sec, Some(y.deliveries_per_sec)));
+                    row.push(latency_ratio(Some(x), Some(y)));
+                    row.push(ratio(x.server_cpu, Some(y.server_cpu)));
+                }
+                _ => row.extend(["-".into(), "-".into(), "-".into()]),
+            }
+        }
+        row.push(match (a.best, b.best) {
+            (Some(x), y) => ratio(x, y),
+            _ => "-".into(),
+        });
+        table.push(row);
+    }
+    Some(table)
+}
+
+fn latency_ratio(x: Option<Figures>, y: Option<Figures>) -> String {
+    match (x, y) {
+        (Some(x), Some(y)) => ratio(x.latency_us as f64, Some(y.latency_us as f64)),
+        _ => "-".into(),
+    }
+}
+
+/// The setups churn and idle run on (they drive native members only), and a note naming the
+/// Socket.IO setups left out, if any.
+fn native_only(setups: &[Setup]) -> (Vec<Setup>, String) {
+    let (native, sio): (Vec<Setup>, Vec<Setup>) = setups
+        .iter()
+        .partition(|s| s.protocol() == Protocol::Native);
+    if sio.is_empty() {
+        return (native, String::new());
+    }
+    let names: Vec<String> = sio.iter().map(Setup::to_string).collect();
+    let note = format!(
+        "Not run on {}: Socket.IO setups run fan-out and max-rate only.\n\n",
+        names.join(", ")
+    );
+    (native, note)
 }
 
 /// Why a max-rate step does not count as sustained; empty when it does.
@@ -545,7 +680,8 @@ async fn churn_group(plan: &Plan, opts: &ServerOpts, setups: &[Setup]) -> anyhow
         report::CHURN_HEADER,
     );
     let mut raw = None;
-    for &setup in setups {
+    let (setups, note) = native_only(setups);
+    for setup in setups {
         eprintln!("churn on {setup}");
         let cluster = Cluster::start(setup, opts).await?;
         let c = churn::run(
@@ -563,7 +699,7 @@ async fn churn_group(plan: &Plan, opts: &ServerOpts, setups: &[Setup]) -> anyhow
         // Let the connections' TIME_WAIT and the servers' exits settle before the next one.
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    Ok(table.markdown() + "\n")
+    Ok(table.markdown() + "\n" + &note)
 }
 
 async fn idle_group(plan: &Plan, opts: &ServerOpts, setups: &[Setup]) -> anyhow::Result<String> {
@@ -574,9 +710,10 @@ async fn idle_group(plan: &Plan, opts: &ServerOpts, setups: &[Setup]) -> anyhow:
         ),
         report::IDLE_HEADER,
     );
+    let (setups, note) = native_only(setups);
     for &conns in &plan.conns {
         let mut raw = None;
-        for &setup in setups {
+        for &setup in &setups {
             eprintln!("idle {conns} on {setup}");
             let cluster = Cluster::start(setup, opts).await?;
             let idle_opts = IdleOpts {
@@ -595,5 +732,5 @@ async fn idle_group(plan: &Plan, opts: &ServerOpts, setups: &[Setup]) -> anyhow:
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
-    Ok(table.markdown() + "\n")
+    Ok(table.markdown() + "\n" + &note)
 }

@@ -178,22 +178,32 @@ impl Receiver {
             return;
         }
         if let Some(d) = parse_delivery(payload) {
-            let Some(seqs) = self.seqs.get_mut(d.publisher as usize) else {
-                return;
-            };
-            seqs.see(d.seq);
-            self.deliveries += 1;
-            self.last_delivery_ns = now;
-            let read_us = now.saturating_sub(d.sent_ns) / 1000;
-            self.read_latency.saturating_record(read_us.max(1));
-            let us = arrived.saturating_sub(d.sent_ns) / 1000;
-            self.latency.saturating_record(us.max(1));
-            if self.publisher_nodes[d.publisher as usize] != self.node {
-                self.cross_latency.saturating_record(us.max(1));
-            }
+            self.delivered(&d, now, arrived);
         } else if let Some(code) = error_code(payload) {
-            *self.errors.entry(code).or_default() += 1;
+            self.error(code);
         }
+    }
+
+    /// Counts delivery `d`, read at `now`, which reached the socket at `arrived`.
+    pub fn delivered(&mut self, d: &Delivery, now: u64, arrived: u64) {
+        let Some(seqs) = self.seqs.get_mut(d.publisher as usize) else {
+            return;
+        };
+        seqs.see(d.seq);
+        self.deliveries += 1;
+        self.last_delivery_ns = now;
+        let read_us = now.saturating_sub(d.sent_ns) / 1000;
+        self.read_latency.saturating_record(read_us.max(1));
+        let us = arrived.saturating_sub(d.sent_ns) / 1000;
+        self.latency.saturating_record(us.max(1));
+        if self.publisher_nodes[d.publisher as usize] != self.node {
+            self.cross_latency.saturating_record(us.max(1));
+        }
+    }
+
+    /// Counts an error the server reported, by its code.
+    pub fn error(&mut self, code: String) {
+        *self.errors.entry(code).or_default() += 1;
     }
 
     /// Unique messages received from each publisher so far.

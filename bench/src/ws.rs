@@ -15,6 +15,7 @@ use tokio::net::{TcpSocket, TcpStream};
 pub const OP_TEXT: u8 = 0x1;
 pub const OP_CLOSE: u8 = 0x8;
 pub const OP_PING: u8 = 0x9;
+pub const OP_PONG: u8 = 0xA;
 
 /// Where to connect: a scalechat node (or the raw relay, which speaks the same handshake).
 #[derive(Clone, Debug)]
