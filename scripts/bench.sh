@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds scalechat and scalechat-bench in release mode and runs the benchmark suite: every
 # scenario (fan-out, steady latency, max-rate, churn, idle) on the raw-TCP ceiling, one node
-# on the embedded transport, and one and two nodes on a Redis of the tool's own, then the
+# on the embedded transport, and one and two nodes on a Redis of the tool's own (with --quick,
+# also the fan-out and max-rate with Socket.IO members on the embedded node), then the
 # presence group (churn with redis.presence on and off, a join storm into a 10,000-member
 # room, presence pages of a 19,000-member room) and the Socket.IO relay (a session's requests
 # sent to its own node or relayed by another). Prints the result tables (Markdown) and
@@ -39,6 +40,11 @@
 #                               and 20 msg/s, then a ramp (add --quick for 250 per node, or
 #                               e.g. --scale-members 2000 --setups redis2); results in
 #                               target/scale-results.md
+#   scripts/bench.sh --setups raw,memory,memory-sio,sioxide1,redis2,redis2-sio,sioxide2
+#                               native and Socket.IO members side by side, and socketioxide
+#                               (one node, and two on Redis) as the Socket.IO peer: fan-out and
+#                               max-rate on every setup, churn and idle on the native ones, and
+#                               a table of ratios (Socket.IO / native, socketioxide / scalechat)
 #   scripts/bench.sh ARGS...    any scalechat-bench suite arguments (see --help)
 #
 # Exits non-zero when a message was lost or duplicated at a rate the servers sustain.
@@ -52,7 +58,12 @@ if [[ " $* " == *" --archive "* || "$*" == *-pg* ]] &&
     ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null && ! command -v initdb >/dev/null; then
     apt-get update -qq && apt-get install -y -qq postgresql
 fi
-cargo build --release --locked --workspace
+cargo build --release --locked -p scalechat -p scalechat-bench
+# The socketioxide peer only when a setup needs it, and on its own: its dependencies stay out
+# of the other two builds (and out of the quick run's time).
+if [[ " $* " == *sioxide* ]]; then
+    cargo build --release --locked -p scalechat-sioxide
+fi
 target="${CARGO_TARGET_DIR:-target}"
 if [[ "${1:-}" == "--soak" ]]; then
     shift
