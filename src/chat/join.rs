@@ -154,16 +154,23 @@ impl<P: Protocol> Chat<P> {
             self.rooms.read_only.push(room.clone());
         }
         subscription.joined();
-        let online = if membership.user_first_or_last {
-            node.transport.presence_joined(&room, &user).await
-        } else {
-            node.transport.online(&room)
+        // The presence write and the history read are independent round trips (on Redis):
+        // made together, a join with presence costs about what one without it does.
+        let online = async {
+            if membership.user_first_or_last {
+                node.transport.presence_joined(&room, &user).await
+            } else {
+                node.transport.online(&room)
+            }
         };
-        let snapshot = if history {
-            Some(node.snapshot(&room, since.as_ref()).await)
-        } else {
-            None
+        let snapshot = async {
+            if history {
+                Some(node.snapshot(&room, since.as_ref()).await)
+            } else {
+                None
+            }
         };
+        let (online, snapshot) = tokio::join!(online, snapshot);
         let joined = |history| Joined {
             room: &room,
             online,
