@@ -12,9 +12,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use redis::{AsyncConnectionConfig, Client, RedisError, Script};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -33,18 +36,21 @@ const BLOCK: Duration = Duration::from_secs(1);
 /// How often pending entries of other consumers are looked for.
 const CLAIM_EVERY: Duration = Duration::from_secs(10);
 
-/// Counts the entries trimmed from the stream (by the publisher's `MAXLEN`) before the group
-/// read them, and moves the group's count of entries read past them, so each loss is counted
-/// once, by one node. Returns the count, or -1 when Redis cannot tell how many. KEYS: the
-/// stream. ARGV: the group.
+/// Reads up to ARGV[3] new entries for consumer ARGV[2] of group ARGV[1] (`XREADGROUP >`),
+/// after counting the entries trimmed from the stream (by the publisher's `MAXLEN`) before the
+/// group read them and moving the group's count of entries read past them, so each loss is
+/// counted once, by one node. Both in one script: entries trimmed between a check and a read
+/// would be skipped by the read and never counted. KEYS: the stream. Returns the count (-1 when
+/// Redis cannot tell how many), the stream's last id, and the entries read.
 ///
 /// Trimming removes entries from the head: the undelivered entries can have lost some only
 /// when the group's last delivered id is older than the stream's first entry; then every entry
 /// left is undelivered, and the rest of `entries-added - entries-read` was trimmed. A group
 /// that has read nothing yet (last delivered `0-0`) has no `entries-read` in Redis 7: every
 /// entry added and gone was trimmed unread, `entries-added - length` (none, when the entries
-/// are simply waiting for their first read).
-const TRIMMED_LUA: &str = r"
+/// are simply waiting for their first read). Redis before 7.0 does not count entries added:
+/// nothing is counted there.
+const READ_LUA: &str = r"
 local function field(list, name)
   for i = 1, #list, 2 do
     if list[i] == name then return list[i + 1] end
@@ -58,27 +64,33 @@ local function older(a, b)
   return am < bm or (am == bm and as < bs)
 end
 local info = redis.call('XINFO', 'STREAM', KEYS[1])
-local first = field(info, 'first-entry')
-if not first then return 0 end
-local added = field(info, 'entries-added')
-local length = field(info, 'length')
-for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-  if field(group, 'name') == ARGV[1] then
-    local last = field(group, 'last-delivered-id')
-    if not older(last, first[1]) then return 0 end
-    local read = field(group, 'entries-read')
-    local trimmed = -1
-    if read then
-      trimmed = added - read - length
-    elseif last == '0-0' then
-      trimmed = added - length
+local function trimmed()
+  local first = field(info, 'first-entry')
+  local added = field(info, 'entries-added')
+  if not first or not added then return 0 end
+  local length = field(info, 'length')
+  for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+    if field(group, 'name') == ARGV[1] then
+      local last = field(group, 'last-delivered-id')
+      if not older(last, first[1]) then return 0 end
+      local read = field(group, 'entries-read')
+      local count = -1
+      if read then
+        count = added - read - length
+      elseif last == '0-0' then
+        count = added - length
+      end
+      if count == 0 then return 0 end
+      redis.call('XGROUP', 'SETID', KEYS[1], ARGV[1], last, 'ENTRIESREAD', added - length)
+      return count
     end
-    if trimmed == 0 then return 0 end
-    redis.call('XGROUP', 'SETID', KEYS[1], ARGV[1], last, 'ENTRIESREAD', added - length)
-    return trimmed
   end
+  return 0
 end
-return 0
+local count = trimmed()
+local entries = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3], 'STREAMS', KEYS[1], '>')
+if not entries then entries = {} end
+return {count, field(info, 'last-generated-id'), entries}
 ";
 
 /// Where the archive reads from on Redis.
@@ -128,6 +140,11 @@ async fn run(shared: Arc<Shared>, source: StreamSource, shutdown: CancellationTo
 }
 
 /// Reads and archives until `shutdown` (`Ok`) or a Redis error.
+///
+/// Reading and writing overlap: while up to `archive.pool_size` batches are being written
+/// (each on its own pooled PostgreSQL connection), the next is read, as the embedded
+/// transport's writer does. Entries read are acknowledged batch by batch as each commits; a
+/// batch still in flight when the node stops stays pending in Redis for the next reader.
 async fn consume(
     shared: &Shared,
     source: &StreamSource,
@@ -137,7 +154,13 @@ async fn consume(
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(shared.timeout))
         .set_response_timeout(Some(BLOCK + shared.timeout));
+    // Blocking reads on one connection, acknowledgements on another: an `XACK` must not wait
+    // behind a read that waits for new entries.
     let mut conn = source
+        .client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?;
+    let acks = source
         .client
         .get_multiplexed_async_connection_with_config(&config)
         .await?;
@@ -145,45 +168,101 @@ async fn consume(
     if std::mem::take(failing) {
         info!(key = %source.key, "archive stream: Redis is back");
     }
-    // Our own pending entries first: read before a restart, never acknowledged.
+    // Our own pending entries first: read before a restart, never acknowledged. One batch at
+    // a time: reading pending entries again returns those not yet acknowledged.
     loop {
-        let entries = read(&mut conn, source, "0", shared.config.batch_max_messages).await?;
+        let entries = read_pending(&mut conn, source, shared.config.batch_max_messages).await?;
         if entries.is_empty() {
             break;
         }
-        if !archive(shared, &mut conn, &source.key, &entries, shutdown).await? {
+        let batch = decode(&entries);
+        let oldest = batch.iter().map(|m| m.ts()).min();
+        set_lag(shared, oldest);
+        if !archive(shared, acks.clone(), &source.key, entries, batch, shutdown).await? {
             return Ok(());
         }
+        set_lag(shared, None);
     }
-    let mut next_claim = tokio::time::Instant::now();
-    while !shutdown.is_cancelled() {
-        if tokio::time::Instant::now() >= next_claim {
-            next_claim += CLAIM_EVERY;
-            let claimed = claim(&mut conn, source, shared.config.batch_max_messages).await?;
-            if !archive(shared, &mut conn, &source.key, &claimed, shutdown).await? {
-                return Ok(());
+    let depth = shared.config.pool_size.max(1);
+    // One batch read ahead while `depth` are written.
+    let (batches, mut next) = mpsc::channel::<Vec<StreamId>>(1);
+    let reader = async move {
+        let mut next_claim = tokio::time::Instant::now();
+        while !shutdown.is_cancelled() {
+            if tokio::time::Instant::now() >= next_claim {
+                next_claim += CLAIM_EVERY;
+                let claimed = claim(&mut conn, source, shared.config.batch_max_messages).await?;
+                if !claimed.is_empty() && batches.send(claimed).await.is_err() {
+                    break;
+                }
+            }
+            let (entries, last) =
+                read_new(&mut conn, source, shared, shared.config.batch_max_messages).await?;
+            if entries.is_empty() {
+                wait_for_new(&mut conn, source, &last).await?;
+            } else if batches.send(entries).await.is_err() {
+                break;
             }
         }
-        trimmed(&mut conn, source, shared).await;
-        let entries = read(&mut conn, source, ">", shared.config.batch_max_messages).await?;
-        if !archive(shared, &mut conn, &source.key, &entries, shutdown).await? {
-            return Ok(());
+        Ok::<(), RedisError>(())
+    };
+    let writer = async move {
+        let mut writes = FuturesUnordered::new();
+        let mut reading = true;
+        // (batch number, messages, oldest timestamp) of each batch read and not yet written.
+        let mut held: Vec<(u64, usize, u64)> = Vec::new();
+        let mut batch_no = 0u64;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                Some((no, written)) = writes.next(), if !writes.is_empty() => {
+                    held.retain(|&(n, _, _)| n != no);
+                    if !written? {
+                        return Ok(());
+                    }
+                }
+                batch = next.recv(), if reading && writes.len() < depth => match batch {
+                    Some(entries) => {
+                        let batch = decode(&entries);
+                        batch_no += 1;
+                        let oldest = batch.iter().map(|m| m.ts()).min().unwrap_or_else(now_ms);
+                        held.push((batch_no, entries.len(), oldest));
+                        let no = batch_no;
+                        let write = archive(shared, acks.clone(), &source.key, entries, batch, shutdown);
+                        writes.push(async move { (no, write.await) });
+                    }
+                    None => reading = false,
+                },
+                _ = tick.tick(), if reading || !writes.is_empty() => {}
+                else => return Ok::<(), RedisError>(()),
+            }
+            // Queue depth and lag on `/metrics`: what this node read and has not yet written.
+            let messages: usize = held.iter().map(|&(_, count, _)| count).sum();
+            shared.metrics.archive.queue_messages.set(messages as u64);
+            set_lag(shared, held.iter().map(|&(_, _, ts)| ts).min());
         }
-    }
-    Ok(())
+    };
+    tokio::try_join!(reader, writer).map(|_| ())
 }
 
-/// Looks for entries trimmed before the group read them; counts and logs them. A Redis older
-/// than 7.0 cannot tell (the check fails) and nothing is counted.
-async fn trimmed(conn: &mut MultiplexedConnection, source: &StreamSource, shared: &Shared) {
-    let result: Result<i64, RedisError> = Script::new(TRIMMED_LUA)
+/// Reads new entries with [`READ_LUA`]; counts and logs the entries it found trimmed before
+/// the group read them. Returns the entries and the stream's last id.
+async fn read_new(
+    conn: &mut MultiplexedConnection,
+    source: &StreamSource,
+    shared: &Shared,
+    count: usize,
+) -> Result<(Vec<StreamId>, String), RedisError> {
+    let (trimmed, last, reply): (i64, String, redis::Value) = Script::new(READ_LUA)
         .key(&source.key)
         .arg(GROUP)
+        .arg(&source.consumer)
+        .arg(count)
         .invoke_async(conn)
-        .await;
-    match result {
-        Ok(0) => {}
-        Ok(n) if n > 0 => {
+        .await?;
+    match trimmed {
+        0 => {}
+        n if n > 0 => {
             shared.metrics.archive.missed_total.add(n as u64);
             warn!(
                 count = n,
@@ -192,13 +271,39 @@ async fn trimmed(conn: &mut MultiplexedConnection, source: &StreamSource, shared
                  read them (PostgreSQL was down longer than archive.queue_max_messages lasts)"
             );
         }
-        Ok(_) => warn!(
+        _ => warn!(
             key = %source.key,
             "messages lost to the archive: trimmed from the archive stream before any node read \
              them; Redis cannot tell how many"
         ),
-        Err(e) => tracing::debug!(error = %e, "archive stream: trimmed entries not checked"),
     }
+    let entries = match reply {
+        redis::Value::Array(ref items) if items.is_empty() => Vec::new(),
+        reply => {
+            let reply: StreamReadReply = redis::from_redis_value(reply)?;
+            reply.keys.into_iter().flat_map(|k| k.ids).collect()
+        }
+    };
+    Ok((entries, last))
+}
+
+/// Waits, up to [`BLOCK`], until the stream has an entry after `last` (without reading it).
+async fn wait_for_new(
+    conn: &mut MultiplexedConnection,
+    source: &StreamSource,
+    last: &str,
+) -> Result<(), RedisError> {
+    let _: redis::Value = redis::cmd("XREAD")
+        .arg("COUNT")
+        .arg(1)
+        .arg("BLOCK")
+        .arg(BLOCK.as_millis() as u64)
+        .arg("STREAMS")
+        .arg(&source.key)
+        .arg(last)
+        .query_async(conn)
+        .await?;
+    Ok(())
 }
 
 /// Creates the group (reading from the stream's start) and the stream, unless they exist.
@@ -217,24 +322,23 @@ async fn create_group(conn: &mut MultiplexedConnection, key: &str) -> Result<(),
     }
 }
 
-/// `XREADGROUP` from `id` (`>`: new entries, waiting up to [`BLOCK`]; `0`: our pending ones).
-async fn read(
+/// `XREADGROUP` from `0`: this consumer's pending entries (read before, never acknowledged).
+async fn read_pending(
     conn: &mut MultiplexedConnection,
     source: &StreamSource,
-    id: &str,
     count: usize,
 ) -> Result<Vec<StreamId>, RedisError> {
-    let mut cmd = redis::cmd("XREADGROUP");
-    cmd.arg("GROUP")
+    let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+        .arg("GROUP")
         .arg(GROUP)
         .arg(&source.consumer)
         .arg("COUNT")
-        .arg(count);
-    if id == ">" {
-        cmd.arg("BLOCK").arg(BLOCK.as_millis() as u64);
-    }
-    cmd.arg("STREAMS").arg(&source.key).arg(id);
-    let reply: Option<StreamReadReply> = cmd.query_async(conn).await?;
+        .arg(count)
+        .arg("STREAMS")
+        .arg(&source.key)
+        .arg("0")
+        .query_async(conn)
+        .await?;
     Ok(reply
         .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect())
         .unwrap_or_default())
@@ -259,19 +363,16 @@ async fn claim(
     Ok(reply.claimed)
 }
 
-/// Writes `entries` until committed, then acknowledges them; `false` when shut down first
-/// (they stay pending, for this node's next start or another node).
-async fn archive(
-    shared: &Shared,
-    conn: &mut MultiplexedConnection,
-    key: &str,
-    entries: &[StreamId],
-    shutdown: &CancellationToken,
-) -> Result<bool, RedisError> {
-    if entries.is_empty() {
-        return Ok(true);
-    }
-    let batch: Vec<Arc<Message>> = entries
+/// The archive's lag on `/metrics`: the age of the oldest message read and not yet written.
+fn set_lag(shared: &Shared, oldest: Option<u64>) {
+    let lag = oldest.map_or(0, |ts| now_ms().saturating_sub(ts));
+    shared.metrics.archive.lag_ms.set(lag);
+}
+
+/// An entry's message, decoded for writing; entries that do not decode are skipped (logged)
+/// and acknowledged with the batch.
+fn decode(entries: &[StreamId]) -> Vec<Arc<Message>> {
+    entries
         .iter()
         .filter_map(|entry| {
             let json: Vec<u8> = entry.get(FIELD)?;
@@ -283,12 +384,25 @@ async fn archive(
                 }
             }
         })
-        .collect();
+        .collect()
+}
+
+/// Writes `entries` until committed, then acknowledges them; `false` when shut down first
+/// (they stay pending, for this node's next start or another node).
+async fn archive(
+    shared: &Shared,
+    mut conn: MultiplexedConnection,
+    key: &str,
+    entries: Vec<StreamId>,
+    batch: Vec<Arc<Message>>,
+    shutdown: &CancellationToken,
+) -> Result<bool, RedisError> {
+    if entries.is_empty() {
+        return Ok(true);
+    }
     let m = &shared.metrics.archive;
     let mut backoff = Backoff::new();
     while !batch.is_empty() {
-        let oldest = batch.iter().map(|m| m.ts()).min().unwrap_or(0);
-        m.lag_ms.set(now_ms().saturating_sub(oldest));
         match insert(shared, &batch).await {
             Ok(inserted) => {
                 super::writer::committed(shared, batch.len(), inserted);
@@ -304,13 +418,12 @@ async fn archive(
             }
         }
     }
-    m.lag_ms.set(0);
     let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
     redis::cmd("XACK")
         .arg(key)
         .arg(GROUP)
         .arg(&ids)
-        .query_async::<()>(conn)
+        .query_async::<()>(&mut conn)
         .await?;
     Ok(true)
 }
