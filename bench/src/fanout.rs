@@ -1,6 +1,7 @@
 //! Fan-out load: N members in one room, the first P of them also publishing at a set total
 //! rate. Each member is one task that reads with one reusable buffer; publishers write the
-//! messages due every millisecond in one write. Members speak the setup's protocol: native
+//! messages due every millisecond in one write, their sends spread evenly over each interval
+//! rather than all at the same instants. Members speak the setup's protocol: native
 //! (`send`, `message` frames) or Socket.IO on the WebSocket transport (`event:message`,
 //! `message` events), with the same message text. A step runs the load at one rate, drains,
 //! and measures deliveries per second, loss, duplicates, latency and CPU; `max-rate` is a
@@ -44,6 +45,10 @@ pub struct Publisher {
     epoch: AtomicU64,
     /// How long the current rate lasts, in nanoseconds from the publisher's first tick.
     period_ns: AtomicU64,
+    /// Where this publisher's sends fall within its interval (`1 / rate`), in millionths of
+    /// it: publisher i of k sends at `(n + i / k) / rate`, so the room gets one message every
+    /// `1 / (k × rate)` rather than a burst of k at once every `1 / rate`.
+    offset_ppm: AtomicU64,
     /// Messages sent so far (the next sequence number).
     sent: AtomicU64,
 }
@@ -233,14 +238,8 @@ impl Schedule {
         }
         let rate = publisher.rate_milli.load(Ordering::Acquire) as f64 / 1000.0;
         let period = publisher.period_ns.load(Ordering::Acquire);
-        // Messages are due at 0, 1/rate, 2/rate, … before the end of the period: T × rate
-        // messages in a period of T seconds.
-        let elapsed = (now - self.start_ns).min(period.saturating_sub(1));
-        let due = if rate > 0.0 {
-            (elapsed as f64 * 1e-9 * rate) as u64 + 1
-        } else {
-            0
-        };
+        let offset = publisher.offset_ppm.load(Ordering::Acquire) as f64 / 1e6;
+        let due = due_count(now - self.start_ns, period, rate, offset);
         for _ in self.sent..due {
             let seq = publisher.sent.load(Ordering::Relaxed);
             match protocol {
@@ -251,6 +250,17 @@ impl Schedule {
         }
         self.sent = self.sent.max(due);
     }
+}
+
+/// How many messages of a publisher sending `rate` per second for `period_ns`, at `offset`
+/// (0 to 1) of its interval, are due `elapsed_ns` into the period: message n is due at
+/// `(n + offset) / rate`, before the end of the period, so T × rate messages in T seconds.
+fn due_count(elapsed_ns: u64, period_ns: u64, rate: f64, offset: f64) -> u64 {
+    if rate <= 0.0 {
+        return 0;
+    }
+    let elapsed = elapsed_ns.min(period_ns.saturating_sub(1)) as f64 / 1e9;
+    (elapsed * rate + 1.0 - offset.clamp(0.0, 1.0)).max(0.0) as u64
 }
 
 /// What one step measured.
@@ -366,7 +376,7 @@ impl Load {
     }
 
     /// Shares `total` messages per second between the first `publishers` publishers (the
-    /// others stay silent) for `secs`.
+    /// others stay silent) for `secs`, their sends spread evenly over each interval.
     fn set_rate(&self, total: f64, secs: f64, publishers: usize) {
         let k = publishers.clamp(1, self.publishers.len().max(1));
         for (i, p) in self.publishers.iter().enumerate() {
@@ -374,6 +384,8 @@ impl Load {
             p.rate_milli
                 .store((each * 1000.0) as u64, Ordering::Release);
             p.period_ns.store((secs * 1e9) as u64, Ordering::Release);
+            let offset = if i < k { i as f64 / k as f64 } else { 0.0 };
+            p.offset_ppm.store((offset * 1e6) as u64, Ordering::Release);
             p.epoch.fetch_add(1, Ordering::AcqRel);
         }
     }
@@ -454,5 +466,43 @@ impl Load {
         let secs = ((last - start) as f64 * 1e-9).max(secs);
         step.deliveries_per_sec = (after.deliveries - before.deliveries) as f64 / secs;
         step
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEC: u64 = 1_000_000_000;
+
+    #[test]
+    fn a_publisher_sends_rate_times_period_messages() {
+        assert_eq!(due_count(0, SEC, 4.0, 0.0), 1);
+        assert_eq!(due_count(SEC / 4, SEC, 4.0, 0.0), 2);
+        assert_eq!(due_count(10 * SEC, SEC, 4.0, 0.0), 4);
+        assert_eq!(due_count(10 * SEC, SEC, 4.0, 0.5), 4);
+        assert_eq!(
+            due_count(10 * SEC, SEC, 4.0, 0.0),
+            due_count(SEC, SEC, 4.0, 0.99)
+        );
+        assert_eq!(due_count(0, SEC, 0.0, 0.0), 0);
+    }
+
+    #[test]
+    fn publishers_take_turns_instead_of_sending_at_once() {
+        // Four publishers at 1 msg/s each: one message every 250 ms, not four every second.
+        let offsets = [0.0, 0.25, 0.5, 0.75];
+        let due_at = |ms: u64| -> u64 {
+            offsets
+                .iter()
+                .map(|&o| due_count(ms * 1_000_000, 10 * SEC, 1.0, o))
+                .sum()
+        };
+        assert_eq!(due_at(0), 1);
+        assert_eq!(due_at(249), 1);
+        assert_eq!(due_at(250), 2);
+        assert_eq!(due_at(500), 3);
+        assert_eq!(due_at(999), 4);
+        assert_eq!(due_at(1000), 5);
     }
 }

@@ -124,6 +124,8 @@ where
                 continue;
             }
         };
+        // As scalechat does: each event is a small frame written on its own, which Nagle's
+        // algorithm would hold until the previous one is acknowledged.
         let _ = stream.set_nodelay(true);
         let svc = svc.clone();
         tokio::spawn(async move {
