@@ -460,6 +460,53 @@ async fn a_redis_outage_answers_each_send_in_flight_in_turn() {
 }
 
 #[tokio::test]
+async fn sends_that_time_out_are_logged_at_warn_once_for_many() {
+    let redis = Redis::start(None).await;
+    let path = std::env::temp_dir().join(format!(
+        "scalechat-timeouts-{}-{}.log",
+        std::process::id(),
+        redis.port
+    ));
+    let log = std::fs::File::create(&path).unwrap();
+    let env = [("SCALECHAT_REDIS__PUBLISH_TIMEOUT_MS", "300")];
+    let node = Node::spawn_logged("node-a", redis.port, &env, log);
+    let addr = node.addr;
+    within(WAIT, "node ready", || async move {
+        readyz(addr).await == Some(200)
+    })
+    .await;
+    let mut ann = node.client("name=ann").await;
+    // Redis holds every write for longer than the node waits: each send times out.
+    pause_writes(&redis, 3_000).await;
+    for n in 1..=3 {
+        ann.say("general", &format!("m{n}"), &format!("r{n}")).await;
+    }
+    for n in 1..=3 {
+        let error = ann.expect("error").await;
+        assert_eq!(error["code"], "unavailable", "{error}");
+        assert_eq!(error["ref"], format!("r{n}"), "{error}");
+    }
+    let text = || std::fs::read_to_string(&path).unwrap_or_default();
+    within(WAIT, "a warning for the timeouts", || async {
+        text().contains("redis calls got no answer in time")
+    })
+    .await;
+    let log = text();
+    let _ = std::fs::remove_file(&path);
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("redis calls got no answer in time"))
+        .collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "one line for three timeouts within 10 s:\n{log}"
+    );
+    assert!(lines[0].contains("WARN"), "{log}");
+    assert!(lines[0].contains("timeout_ms=300"), "{log}");
+}
+
+#[tokio::test]
 async fn a_client_closing_with_sends_in_flight_gets_their_acks_and_its_messages_are_delivered() {
     let redis = Redis::start(None).await;
     let a = patient_node("node-a", &redis, "5000", &[]).await;

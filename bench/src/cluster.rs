@@ -610,6 +610,10 @@ fn is_trouble(line: &str) -> bool {
         "scalechat_publish_errors_total",
         "scalechat_connections_refused_total",
         "scalechat_backplane_reconnects_total",
+        // A gap in a room's ids on a node's subscriber, and what the history filled of it.
+        "scalechat_backplane_gaps_total",
+        "scalechat_backplane_gaps_healed_total",
+        "scalechat_backplane_messages_healed_total",
         "scalechat_archive_write_errors_total",
         "scalechat_archive_dropped_total",
         "scalechat_archive_missed_total",

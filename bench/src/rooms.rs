@@ -100,6 +100,10 @@ pub async fn run(
                 .step(&cluster, rate, plan.step_secs, plan.drain_secs)
                 .await?;
             clean &= s.step.duplicates == 0;
+            let what = s.accounting.describe();
+            if !what.is_empty() {
+                notes.push(format!("{setup} {} msg/s: {what}", count(rate)));
+            }
             let failed = failure(&s.step, plan.p99_limit_ms);
             steps.push(step_row(setup, &s, layout.members, &failed));
             if !failed.is_empty() {

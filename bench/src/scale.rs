@@ -17,6 +17,9 @@ use crate::members::{IN_FLIGHT, Layout, Measured, Opened, Workers};
 use crate::report::{Table, count, ms, percentiles};
 use crate::suite::{Plan, failure};
 
+/// How long after the last step the workers look for its late deliveries.
+const SETTLE_LATE_SECS: f64 = 10.0;
+
 /// Files a node or a worker process needs besides its connections (listener, Redis, logs,
 /// epoll and the like).
 const FILE_MARGIN: usize = 64;
@@ -151,11 +154,13 @@ impl Run<'_> {
         let first = plan.scale_rates.first().copied().unwrap_or(1.0).max(0.1);
         let warm_secs = (plan.scale_publishers.max(1) as f64 / first).clamp(0.5, 5.0);
         let warm = workers.step(self.cluster, first, warm_secs, 2.0).await?;
+        self.account(report, "warm-up", &warm);
         let mut clean = warm.step.duplicates == 0;
         for &rate in &plan.scale_rates {
             let s = workers
                 .step(self.cluster, rate, plan.secs, plan.drain_secs)
                 .await?;
+            self.account(report, "steady", &s);
             clean &= s.step.lost() == 0 && s.step.duplicates == 0;
             let failed = failure(&s.step, plan.p99_limit_ms);
             report
@@ -170,6 +175,7 @@ impl Run<'_> {
             let s = workers
                 .step(self.cluster, rate, plan.step_secs, plan.drain_secs)
                 .await?;
+            self.account(report, "ramp", &s);
             clean &= s.step.duplicates == 0;
             let failed = failure(&s.step, plan.p99_limit_ms);
             report
@@ -182,11 +188,35 @@ impl Run<'_> {
             top = Some(s);
             rate *= plan.factor;
         }
+        // What the last steps counted lost and arrives later is late, not lost.
+        let late = workers.late(self.cluster, SETTLE_LATE_SECS).await?;
+        if late > 0 {
+            report.notes.push(format!(
+                "{}: {late} deliveries of the last steps arrived within {SETTLE_LATE_SECS} s after \
+                 them: late, not lost",
+                self.setup
+            ));
+        }
         let trouble = self.cluster.trouble().await;
         report
             .best
             .push(best_row(self.setup, top.as_ref(), why, trouble));
         Ok(clean)
+    }
+}
+
+impl Run<'_> {
+    /// A note naming what became of the step's messages that did not reach every member,
+    /// the sends the server refused and the late deliveries, if any.
+    fn account(&self, report: &mut Report, kind: &str, s: &Measured) {
+        let what = s.accounting.describe();
+        if !what.is_empty() {
+            report.notes.push(format!(
+                "{} {kind} {} msg/s: {what}",
+                self.setup,
+                count(s.step.rate)
+            ));
+        }
     }
 }
 

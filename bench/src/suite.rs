@@ -48,7 +48,9 @@ pub struct Plan {
     #[arg(long, default_value_t = 10.0)]
     pub secs: f64,
     /// Seconds a step waits at most for the last deliveries (it stops earlier once nothing
-    /// has arrived for 2 s); what has not arrived by then counts as lost.
+    /// has arrived for 2 s, or 5 s in the scenarios with worker processes); what has not
+    /// arrived by then counts as lost (those scenarios then report what arrives later as
+    /// late).
     #[arg(long, default_value_t = 60.0)]
     pub drain_secs: f64,
     /// max-rate: the first step's total messages per second.

@@ -129,6 +129,22 @@ impl Seqs {
     fn unique(&self) -> u64 {
         self.next - self.missing.len() as u64
     }
+
+    /// How many of the messages `start..end` arrived.
+    pub fn seen_in(&self, start: u64, end: u64) -> u64 {
+        let below = self.next.clamp(start, end.max(start));
+        let gaps = self.missing.range(start..below).count() as u64;
+        below - start - gaps
+    }
+
+    /// The messages of `start..end` that have not arrived, in order.
+    pub fn missing_in(&self, start: u64, end: u64) -> impl Iterator<Item = u64> + '_ {
+        let below = self.next.clamp(start, end.max(start));
+        self.missing
+            .range(start..below)
+            .copied()
+            .chain(below..end.max(start))
+    }
 }
 
 /// Everything one receiving connection saw.
@@ -247,6 +263,23 @@ mod tests {
         assert_eq!(s.unique(), 5);
         assert_eq!(s.duplicates, 1);
         assert_eq!(s.missing.len(), 1);
+    }
+
+    #[test]
+    fn counts_what_arrived_of_a_range_of_messages() {
+        let mut s = Seqs::default();
+        for seq in [0, 1, 3, 5, 6] {
+            s.see(seq);
+        }
+        // Seen 0, 1, 3, 5, 6; missing 2 and 4; nothing from 7 on yet.
+        assert_eq!(s.seen_in(0, 7), 5);
+        assert_eq!(s.seen_in(2, 5), 1);
+        assert_eq!(s.seen_in(5, 10), 2);
+        assert_eq!(s.seen_in(8, 10), 0);
+        assert_eq!(s.seen_in(4, 4), 0);
+        assert_eq!(s.missing_in(0, 9).collect::<Vec<_>>(), [2, 4, 7, 8]);
+        assert_eq!(s.missing_in(3, 4).count(), 0);
+        assert_eq!(s.missing_in(9, 9).count(), 0);
     }
 
     #[test]

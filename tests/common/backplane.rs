@@ -131,12 +131,33 @@ impl Node {
         Node::spawn_with(name, redis.port, password, &[])
     }
 
+    /// A node of Redis at `redis_port`, with `extra` environment, writing its log (warnings
+    /// and errors) to `log`.
+    pub fn spawn_logged(
+        name: &str,
+        redis_port: u16,
+        extra: &[(&str, &str)],
+        log: std::fs::File,
+    ) -> Node {
+        Node::spawn_to(name, redis_port, None, extra, Stdio::from(log))
+    }
+
     /// A node of Redis at `redis_port`, with `extra` environment.
     pub fn spawn_with(
         name: &str,
         redis_port: u16,
         password: Option<&str>,
         extra: &[(&str, &str)],
+    ) -> Node {
+        Node::spawn_to(name, redis_port, password, extra, Stdio::inherit())
+    }
+
+    fn spawn_to(
+        name: &str,
+        redis_port: u16,
+        password: Option<&str>,
+        extra: &[(&str, &str)],
+        stderr: Stdio,
     ) -> Node {
         let port = free_port();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_scalechat"));
@@ -155,6 +176,7 @@ impl Node {
             .envs(extra.iter().copied())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
+            .stderr(stderr)
             .kill_on_drop(true);
         if let Some(pw) = password {
             cmd.env("REDIS_PASSWORD", pw);

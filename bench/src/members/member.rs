@@ -1,8 +1,11 @@
 //! One member connection of a `room-worker`: opens it (timing the connect to `joined`),
-//! then reads every frame, checking each delivery against the publisher's sequence numbers
-//! (loss and duplicates) and, if it is one of the sampled members, recording its latency;
-//! answers pings; a publishing member also sends on the worker's orders.
+//! then reads every frame, noting each delivery's sequence number among the publisher's (the
+//! worker counts losses by them) and counting duplicates, and, if it is one of the sampled
+//! members, recording its latency; answers pings; a publishing member also sends on the
+//! worker's orders and matches each answer (`ack` or `error`, which come in the order of the
+//! sends) to its send, so that a refused send is known by its number.
 
+use std::collections::VecDeque;
 use std::io;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -15,7 +18,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, watch};
 
 use super::worker::{Latencies, Phase, Shared};
-use crate::track::{Seqs, encode_send, error_code, now_ns, parse_delivery};
+use super::{MessageId, Refusal};
+use crate::track::{encode_send, error_code, now_ns, parse_delivery};
 use crate::ws::{self, FrameReader, OP_CLOSE, OP_PING, OP_TEXT, Target};
 
 const OP_PONG: u8 = 0xA;
@@ -26,8 +30,9 @@ const OP_PONG: u8 = 0xA;
 pub(super) struct Sender {
     /// The publisher's number in its room (the `B<id>.` of its messages).
     pub(super) id: u32,
-    /// Its room's counter in [`Shared::sent`].
-    pub(super) room_slot: usize,
+    pub(super) room: usize,
+    /// Its counter in [`Shared::next_seq`].
+    pub(super) slot: usize,
     pub(super) offset: f64,
     /// The next sequence number (over all phases).
     pub(super) seq: u64,
@@ -47,27 +52,28 @@ impl Sender {
         (at < self.phase.period_ns).then_some(self.phase.start_ns + at)
     }
 
-    /// Appends the `send` frames due by now to `out`, each stamped with the time it is
-    /// written.
-    fn write_due(&mut self, room: &str, out: &mut Vec<u8>, shared: &Shared) {
+    /// Appends the `send` frames due by now to the connection's, each stamped with the time
+    /// it is written, and notes that each is owed an answer.
+    fn write_due(&mut self, room: &str, conn: &mut Conn, shared: &Shared) {
         let now = now_ns();
         while let Some(due) = self.due_ns()
             && due <= now
         {
-            encode_send(out, room, self.id, self.seq, now_ns());
+            encode_send(&mut conn.out, room, self.id, self.seq, now_ns());
+            conn.unanswered.push_back(self.seq);
             self.seq += 1;
             self.k += 1;
-            shared.sent[self.room_slot].fetch_add(1, Ordering::AcqRel);
+            shared.next_seq[self.slot].store(self.seq, Ordering::Release);
         }
     }
 }
 
 pub(super) struct Member {
+    /// The connection's number in its worker (from the worker's first).
+    pub(super) index: usize,
     pub(super) target: Target,
     pub(super) source: IpAddr,
     pub(super) room: String,
-    /// Publishers in the room.
-    pub(super) publishers: usize,
     /// Which of the worker's latency histograms this member records into.
     pub(super) shard: usize,
     /// Whether this member records latency (every member counts losses and duplicates).
@@ -114,8 +120,9 @@ impl Member {
         let mut conn = Conn {
             stream,
             reader,
-            seqs: vec![Seqs::default(); self.publishers],
             out: Vec::new(),
+            publisher: self.sender.as_ref().map(|s| (s.room, s.id)),
+            unanswered: VecDeque::new(),
         };
         match self.sender.take() {
             Some(sender) => self.publish(&mut conn, sender).await,
@@ -141,7 +148,7 @@ impl Member {
                     true
                 }
                 _ = tokio::time::sleep_until(wake), if due.is_some() => {
-                    sender.write_due(&self.room, &mut conn.out, &self.shared);
+                    sender.write_due(&self.room, conn, &self.shared);
                     true
                 }
             };
@@ -152,14 +159,17 @@ impl Member {
     }
 }
 
-/// One member's connection and what it has seen.
+/// One member's connection. The sequence numbers it has seen from each publisher of its
+/// room are in [`Shared::seqs`], where the worker counts them.
 struct Conn {
     stream: TcpStream,
     reader: FrameReader,
-    /// Sequence numbers seen from each publisher of the room.
-    seqs: Vec<Seqs>,
     /// Frames to write (pongs, sends).
     out: Vec<u8>,
+    /// A publishing member's room and number.
+    publisher: Option<(usize, u32)>,
+    /// Its sends not answered yet, oldest first (their sequence numbers).
+    unanswered: VecDeque<u64>,
 }
 
 impl Conn {
@@ -179,12 +189,15 @@ impl Conn {
         let (mut new, mut repeated) = (0u64, 0u64);
         let mut closed = None;
         let mut latencies = None;
-        let (seqs, out) = (&mut self.seqs, &mut self.out);
+        let mut seqs = shared.seqs[member.index].lock().expect("seqs lock");
+        let (out, unanswered, publisher) = (&mut self.out, &mut self.unanswered, self.publisher);
         self.reader.parse(|op, payload| match op {
             OP_PING => ws::encode_client_frame(out, OP_PONG, payload),
             OP_CLOSE => closed = Some(ws::close_code(payload)),
             OP_TEXT => {
-                if let Some(d) = parse_delivery(payload) {
+                if payload.starts_with(b"{\"type\":\"ack\"") {
+                    unanswered.pop_front();
+                } else if let Some(d) = parse_delivery(payload) {
                     let Some(seen) = seqs.get_mut(d.publisher as usize) else {
                         return;
                     };
@@ -203,6 +216,21 @@ impl Conn {
                     l.latency.saturating_record(us(arrived));
                     l.read.saturating_record(us(now));
                 } else if let Some(code) = error_code(payload) {
+                    // Every request of the tool is a send: an error answers the oldest one.
+                    if let (Some((room, publisher)), Some(seq)) =
+                        (publisher, unanswered.pop_front())
+                    {
+                        let message = MessageId {
+                            room,
+                            publisher,
+                            seq,
+                        };
+                        let refusal = Refusal {
+                            message,
+                            code: code.clone(),
+                        };
+                        shared.refused.lock().expect("refused lock").push(refusal);
+                    }
                     *shared
                         .errors
                         .lock()
@@ -214,8 +242,8 @@ impl Conn {
             _ => {}
         });
         drop(latencies);
+        drop(seqs);
         if new + repeated > 0 {
-            shared.unique.fetch_add(new, Ordering::AcqRel);
             shared.duplicates.fetch_add(repeated, Ordering::AcqRel);
             shared
                 .deliveries
@@ -256,7 +284,8 @@ mod tests {
         for offset in [0.0, 0.25, 0.5, 0.75] {
             let mut s = Sender {
                 id: 0,
-                room_slot: 0,
+                room: 0,
+                slot: 0,
                 offset,
                 seq: 0,
                 k: 0,

@@ -7,11 +7,17 @@
 //! is split over several of them.
 //!
 //! A step is two orders to every worker, one JSON line each on its standard input: `publish`
-//! (a rate per publisher, for some seconds), answered with what its publishers sent into each
-//! room; then `drain`, carrying the deliveries its members are due (each room's messages, from
-//! whichever worker sent them, times its members in that room here), answered once they have
-//! arrived, or the drain gave up, with its counters and latency histograms as (value, count)
-//! pairs. The tool adds the answers up.
+//! (a rate per publisher, for some seconds), answered with the sequence numbers each of its
+//! publishers sent (every message belongs to exactly one step); then `drain`, carrying every
+//! publisher's numbers of the step, answered once each of its members has every message of
+//! its room's publishers in them, or the drain gave up, with its counters and latency
+//! histograms as (value, count) pairs. A worker counts the step's messages by their numbers,
+//! not by what arrived meanwhile: a delivery of an earlier step that comes late is counted as
+//! late, never as one of this step's. Its answer names the messages some of its members lack
+//! (and on which node those members are), and the sends its publishers had refused (the
+//! server's `error` for them, in the order they were sent). The tool adds the answers up: a
+//! send answered with an error is owed to nobody (`unavailable` may still be delivered), so
+//! it leaves the expected deliveries and its deliveries are reported on their own.
 
 mod member;
 mod worker;
@@ -134,14 +140,76 @@ impl Layout {
     }
 }
 
+/// The messages one publisher sent in one step: its sequence numbers `start..end`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub(super) struct Numbers {
+    pub(super) room: usize,
+    /// The publisher's number in its room (the `B<publisher>.` of its messages).
+    pub(super) publisher: u32,
+    pub(super) start: u64,
+    pub(super) end: u64,
+}
+
+impl Numbers {
+    fn len(&self) -> u64 {
+        self.end.saturating_sub(self.start)
+    }
+
+    fn contains(&self, room: usize, publisher: u32, seq: u64) -> bool {
+        self.room == room && self.publisher == publisher && (self.start..self.end).contains(&seq)
+    }
+}
+
+/// One message: room, publisher, sequence number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct MessageId {
+    pub room: usize,
+    pub publisher: u32,
+    pub seq: u64,
+}
+
+impl std::fmt::Display for MessageId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}/B{}.{}",
+            room_name(self.room),
+            self.publisher,
+            self.seq
+        )
+    }
+}
+
+/// A message of the step some members of a worker did not get.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(super) struct Missing {
+    pub(super) message: MessageId,
+    /// Members without it, by node.
+    pub(super) per_node: Vec<u64>,
+    /// The first of them (its connection number).
+    pub(super) first_member: usize,
+}
+
+/// A send the server answered with an error.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(super) struct Refusal {
+    pub(super) message: MessageId,
+    pub(super) code: String,
+}
+
 /// An order to a worker.
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "order", rename_all = "snake_case")]
 enum Order {
     /// Publish `rate` messages per second from each publisher for `secs`.
     Publish { rate: f64, secs: f64 },
-    /// Wait for `expected` more unique deliveries, at most `max_secs`.
-    Drain { expected: u64, max_secs: f64 },
+    /// Wait until the worker's members have the messages of `numbers` (`expected`
+    /// deliveries), at most `max_secs`.
+    Drain {
+        expected: u64,
+        numbers: Vec<Numbers>,
+        max_secs: f64,
+    },
 }
 
 /// A worker's answer once its connections are open.
@@ -154,17 +222,27 @@ struct Ready {
     connect: Vec<(u64, u64)>,
 }
 
-/// A worker's answer to `publish`: (room, messages sent into it) for the rooms it sent into.
+/// A worker's answer to `publish`: the numbers of the messages each of its publishers sent
+/// since the step before (those that sent any).
 #[derive(Serialize, Deserialize)]
 struct Sent {
-    rooms: Vec<(usize, u64)>,
+    numbers: Vec<Numbers>,
 }
 
 /// A worker's answer to `drain`.
 #[derive(Serialize, Deserialize)]
 struct Report {
     expected: u64,
+    /// Deliveries of the step's messages that arrived (each member, each message once).
     unique: u64,
+    /// The step's messages some members lack, at most [`worker::MISSING_LISTED`] of them.
+    missing: Vec<Missing>,
+    /// Whether `missing` lists every message some member lacks.
+    missing_complete: bool,
+    /// Deliveries of earlier steps' messages that arrived after their step's answer.
+    late: u64,
+    /// Sends of this worker's publishers answered with an error since the last answer.
+    refused: Vec<Refusal>,
     duplicates: u64,
     deliveries: u64,
     start_ns: u64,
@@ -193,14 +271,153 @@ fn add_pairs(h: &mut Histogram<u64>, pairs: &[(u64, u64)]) {
     }
 }
 
-/// Adds the workers' reports of a step of `secs` into `step`.
-fn add_up(step: &mut Step, reports: &[Report], secs: f64) {
+/// A message some members did not get, over every worker.
+#[derive(Clone, Debug)]
+pub struct Lacked {
+    pub message: MessageId,
+    /// Members without it, by node.
+    pub per_node: Vec<u64>,
+    /// The first of them (its connection number).
+    pub first_member: usize,
+}
+
+impl Lacked {
+    pub fn members(&self) -> u64 {
+        self.per_node.iter().sum()
+    }
+}
+
+/// A send answered with an error, and how many members got it all the same.
+#[derive(Clone, Debug)]
+pub struct Refused {
+    pub message: MessageId,
+    pub code: String,
+    /// Whether it was sent in this step (else in an earlier one, answered only now).
+    pub this_step: bool,
+    /// Members that got it (of those in its room), when `this_step`.
+    pub delivered: u64,
+    pub members: u64,
+}
+
+/// What became of each message of a step, beyond the counts.
+#[derive(Clone, Debug, Default)]
+pub struct Accounting {
+    /// Messages owed (not refused) that some members did not get, by message.
+    pub lacked: Vec<Lacked>,
+    /// Whether `lacked` names every such message (the workers list a bounded number each).
+    pub lacked_complete: bool,
+    /// Sends answered with an error, with what was delivered of them; they are not part
+    /// of the step's expected deliveries.
+    pub refused: Vec<Refused>,
+    /// Deliveries of earlier steps' messages that arrived during this step, after their
+    /// step had counted them lost.
+    pub late: u64,
+}
+
+impl Accounting {
+    /// What a reader needs to attribute a loss, in words; empty when there is nothing to say.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if !self.lacked.is_empty() {
+            let shown: Vec<String> = self
+                .lacked
+                .iter()
+                .take(8)
+                .map(|l| {
+                    let by_node: Vec<String> = l.per_node.iter().map(u64::to_string).collect();
+                    format!(
+                        "{} by {} members (per node {}; first: member {})",
+                        l.message,
+                        l.members(),
+                        by_node.join(" / "),
+                        l.first_member
+                    )
+                })
+                .collect();
+            let more = self.lacked.len().saturating_sub(shown.len());
+            parts.push(format!(
+                "{} message(s) not delivered to every member{}: {}{}",
+                self.lacked.len(),
+                if self.lacked_complete {
+                    ""
+                } else {
+                    " (at least)"
+                },
+                shown.join("; "),
+                if more > 0 {
+                    format!("; and {more} more")
+                } else {
+                    String::new()
+                }
+            ));
+        }
+        for r in &self.refused {
+            if r.this_step {
+                parts.push(format!(
+                    "{} answered `{}`, delivered to {} of {} members{}",
+                    r.message,
+                    r.code,
+                    r.delivered,
+                    r.members,
+                    if r.delivered == 0 || r.delivered == r.members {
+                        ""
+                    } else {
+                        " (partly!)"
+                    }
+                ));
+            } else {
+                parts.push(format!(
+                    "{} (an earlier step's) answered `{}` only now",
+                    r.message, r.code
+                ));
+            }
+        }
+        if self.late > 0 {
+            parts.push(format!(
+                "{} deliveries of earlier steps arrived late, during this step",
+                self.late
+            ));
+        }
+        parts.join("; ")
+    }
+}
+
+/// Adds the workers' reports of a step of `secs` into `step`; `numbers` are the step's
+/// messages and `members` the members of each room. Returns what became of the messages
+/// that did not reach everyone.
+fn add_up(
+    step: &mut Step,
+    reports: &[Report],
+    secs: f64,
+    numbers: &[Numbers],
+    members: usize,
+) -> Accounting {
     let start = reports.iter().map(|r| r.start_ns).min().unwrap_or(0);
     let mut last = start;
     let mut deliveries = 0;
+    let mut lacked: std::collections::BTreeMap<MessageId, Lacked> = Default::default();
+    let mut accounting = Accounting {
+        lacked_complete: true,
+        ..Accounting::default()
+    };
+    let mut refused = Vec::new();
     for r in reports {
         step.expected += r.expected;
         step.unique += r.unique;
+        accounting.late += r.late;
+        accounting.lacked_complete &= r.missing_complete;
+        for m in &r.missing {
+            let entry = lacked.entry(m.message).or_insert_with(|| Lacked {
+                message: m.message,
+                per_node: vec![0; m.per_node.len()],
+                first_member: m.first_member,
+            });
+            for (n, count) in entry.per_node.iter_mut().zip(&m.per_node) {
+                *n += count;
+            }
+            entry.first_member = entry.first_member.min(m.first_member);
+        }
+        refused.extend(r.refused.iter().cloned());
         step.duplicates += r.duplicates;
         deliveries += r.deliveries;
         last = last.max(r.last_delivery_ns);
@@ -217,6 +434,31 @@ fn add_up(step: &mut Step, reports: &[Report], secs: f64) {
     // From the first worker's start to the last delivery, at least the step's length.
     let secs = (last.saturating_sub(start) as f64 * 1e-9).max(secs);
     step.deliveries_per_sec = deliveries as f64 / secs;
+    // A refused send is owed to nobody: out of the expected deliveries, and what was
+    // delivered of it out of the unique ones.
+    for refusal in refused {
+        let m = refusal.message;
+        let this_step = numbers
+            .iter()
+            .any(|n| n.contains(m.room, m.publisher, m.seq));
+        let members = members as u64;
+        let mut delivered = 0;
+        if this_step {
+            let lacking = lacked.remove(&m).map_or(0, |l| l.members());
+            delivered = members.saturating_sub(lacking);
+            step.expected = step.expected.saturating_sub(members);
+            step.unique = step.unique.saturating_sub(delivered);
+        }
+        accounting.refused.push(Refused {
+            message: m,
+            code: refusal.code,
+            this_step,
+            delivered,
+            members,
+        });
+    }
+    accounting.lacked = lacked.into_values().collect();
+    accounting
 }
 
 /// How the connections opened.
@@ -235,6 +477,8 @@ pub struct Opened {
 /// One step over every worker.
 pub struct Measured {
     pub step: Step,
+    /// The messages that did not reach everyone, sends refused, late deliveries.
+    pub accounting: Accounting,
     /// CPU of each node, each redis-server, the generator and the rest of the machine.
     pub cpu: Cpu,
     /// Resident memory of each node at the end of the step, KiB.
@@ -362,12 +606,16 @@ impl Workers {
         self.tell_all(|_| Order::Publish { rate: each, secs })
             .await?;
         let sent: Vec<Sent> = self.hear_all(Duration::from_secs_f64(secs + 30.0)).await?;
+        let numbers: Vec<Numbers> = sent.into_iter().flat_map(|s| s.numbers).collect();
         let mut per_room = vec![0u64; layout.rooms];
-        for (room, n) in sent.iter().flat_map(|s| &s.rooms) {
-            per_room[*room] += n;
+        for n in &numbers {
+            if let Some(sent) = per_room.get_mut(n.room) {
+                *sent += n.len();
+            }
         }
         self.tell_all(|w| Order::Drain {
             expected: layout.due(&w.range, &per_room),
+            numbers: numbers.clone(),
             max_secs: drain_secs,
         })
         .await?;
@@ -383,8 +631,22 @@ impl Workers {
         step.pg_cpu = cpu.pg;
         step.generator_cpu = cpu.generator;
         step.other_cpu = cpu.other;
-        add_up(&mut step, &reports, secs);
-        Ok(Measured { step, cpu, rss_kib })
+        let accounting = add_up(&mut step, &reports, secs, &numbers, layout.members);
+        Ok(Measured {
+            step,
+            accounting,
+            cpu,
+            rss_kib,
+        })
+    }
+
+    /// Waits `secs`, then counts the deliveries of earlier steps' messages that arrived after
+    /// their step's answer and were not counted late by a step since (a step with nothing
+    /// sent): what the last steps counted lost may only have been late.
+    pub async fn late(&mut self, cluster: &Cluster, secs: f64) -> anyhow::Result<u64> {
+        tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+        let last = self.step(cluster, 0.0, 0.0, 0.0).await?;
+        Ok(last.accounting.late)
     }
 
     /// Closes the workers' standard input (they close their connections and exit) and waits
@@ -452,6 +714,113 @@ mod tests {
         assert_eq!(l.due(&ranges[1], &sent), 4 * 5 + 2 * 100);
         let total: u64 = ranges.iter().map(|r| l.due(r, &sent)).sum();
         assert_eq!(total, 10 * (5 + 100 + 1000));
+    }
+
+    fn report(expected: u64, unique: u64, missing: Vec<Missing>, refused: Vec<Refusal>) -> Report {
+        Report {
+            expected,
+            unique,
+            missing,
+            missing_complete: true,
+            late: 3,
+            refused,
+            duplicates: 0,
+            deliveries: unique,
+            start_ns: 0,
+            last_delivery_ns: 0,
+            latency: Vec::new(),
+            read_latency: Vec::new(),
+            disconnected: 0,
+            errors: HashMap::new(),
+            close_codes: HashMap::new(),
+        }
+    }
+
+    fn message(publisher: u32, seq: u64) -> MessageId {
+        MessageId {
+            room: 0,
+            publisher,
+            seq,
+        }
+    }
+
+    #[test]
+    fn a_refused_send_is_owed_to_nobody_and_what_it_reached_is_told() {
+        // One room of 10 members over two workers (6 + 4), two nodes; publishers 0 and 1 sent
+        // seqs 0-4 each: 100 deliveries due. Message 0.3 was answered `unavailable` and
+        // reached 4 members; 1.2 was acked and missed by 3 members; the rest arrived.
+        let numbers = [
+            Numbers {
+                room: 0,
+                publisher: 0,
+                start: 0,
+                end: 5,
+            },
+            Numbers {
+                room: 0,
+                publisher: 1,
+                start: 0,
+                end: 5,
+            },
+        ];
+        let missing = |m, per_node: Vec<u64>, first_member| Missing {
+            message: m,
+            per_node,
+            first_member,
+        };
+        let refusal = |m| Refusal {
+            message: m,
+            code: "unavailable".into(),
+        };
+        let reports = [
+            report(
+                60,
+                60 - 4 - 2,
+                vec![
+                    missing(message(0, 3), vec![2, 2], 1),
+                    missing(message(1, 2), vec![0, 2], 3),
+                ],
+                vec![refusal(message(0, 3)), refusal(message(1, 9))],
+            ),
+            report(
+                40,
+                40 - 2 - 1,
+                vec![
+                    missing(message(0, 3), vec![1, 1], 7),
+                    missing(message(1, 2), vec![1, 0], 6),
+                ],
+                Vec::new(),
+            ),
+        ];
+        let mut step = Step::new(1.0, 2, 10);
+        let accounting = add_up(&mut step, &reports, 1.0, &numbers, 10);
+        // 0.3 is not owed: 90 due, of which 87 arrived (1.2 missed by 3).
+        assert_eq!((step.expected, step.unique, step.lost()), (90, 87, 3));
+        assert_eq!(accounting.lacked.len(), 1);
+        assert_eq!(accounting.lacked[0].message, message(1, 2));
+        assert_eq!(accounting.lacked[0].per_node, [1, 2]);
+        assert_eq!(accounting.lacked[0].first_member, 3);
+        assert_eq!(accounting.refused.len(), 2);
+        let r = &accounting.refused[0];
+        assert_eq!((r.this_step, r.delivered, r.members), (true, 4, 10));
+        // A refusal of an earlier step's send changes nothing of this one.
+        assert!(!accounting.refused[1].this_step);
+        assert_eq!(accounting.late, 6);
+        let told = accounting.describe();
+        assert!(
+            told.contains("rm0/B1.2 by 3 members (per node 1 / 2; first: member 3)"),
+            "{told}"
+        );
+        assert!(
+            told.contains(
+                "rm0/B0.3 answered `unavailable`, delivered to 4 of 10 members (partly!)"
+            ),
+            "{told}"
+        );
+        assert!(
+            told.contains("6 deliveries of earlier steps arrived late"),
+            "{told}"
+        );
     }
 
     #[test]

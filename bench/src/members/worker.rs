@@ -1,9 +1,10 @@
 //! The `room-worker` process: opens its range of the member connections of a [`Layout`],
 //! reports when they are all open (with each one's connect time), then runs the orders it
 //! reads on its standard input, one JSON line each, and answers each with one JSON line on its
-//! standard output: `publish` (its publishers send at a rate for a while; answered with what
-//! they sent into each room) and `drain` (wait for the deliveries its members are due; answered
-//! with its counters and latency histograms). It closes everything when standard input closes.
+//! standard output: `publish` (its publishers send at a rate for a while; answered with the
+//! sequence numbers each sent) and `drain` (wait until its members have the step's messages;
+//! answered with its counters, the messages some members lack, the sends refused, and latency
+//! histograms). It closes everything when standard input closes.
 
 use std::collections::HashMap;
 use std::io;
@@ -18,12 +19,23 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{Semaphore, watch};
 
 use super::member::{Member, Sender};
-use super::{IN_FLIGHT, Layout, Order, Ready, Report, Sent, pairs, room_name};
-use crate::track::{histogram, now_ns};
+use super::{
+    IN_FLIGHT, Layout, MessageId, Missing, Numbers, Order, Ready, Refusal, Report, Sent, pairs,
+    room_name,
+};
+use crate::track::{Seqs, histogram, now_ns};
 use crate::ws::{self, Target};
 
-/// How long a drain waits with no delivery arriving before it gives up.
-const STALL: Duration = Duration::from_secs(2);
+/// How long a drain waits with no delivery arriving before it gives up: that long by the
+/// clock and in checks made (a worker that was not scheduled for a while has not read what
+/// arrived meanwhile).
+const STALL: Duration = Duration::from_secs(5);
+
+/// How often a drain counts what its members have.
+const CHECK: Duration = Duration::from_millis(50);
+
+/// Messages a worker lists, at most, of those some of its members lack.
+pub(super) const MISSING_LISTED: usize = 1000;
 
 /// Latency histograms per worker, each shared by the connections whose index has its number
 /// modulo this (one histogram per connection would cost 40 KiB each).
@@ -112,9 +124,14 @@ pub(super) struct Shared {
     pub(super) connect: Mutex<Histogram<u64>>,
     /// The first room any of this worker's connections is in.
     pub(super) first_room: usize,
-    /// Messages sent into each room (from `first_room` on) by this worker's publishers.
-    pub(super) sent: Vec<AtomicU64>,
-    pub(super) unique: AtomicU64,
+    /// The next sequence number of each publisher of each room (from `first_room` on,
+    /// `publishers` per room).
+    pub(super) next_seq: Vec<AtomicU64>,
+    /// The sequence numbers each member has seen from each publisher of its room, by
+    /// connection (from the worker's first).
+    pub(super) seqs: Vec<Mutex<Vec<Seqs>>>,
+    /// Sends answered with an error, not reported yet.
+    pub(super) refused: Mutex<Vec<Refusal>>,
     pub(super) duplicates: AtomicU64,
     pub(super) deliveries: AtomicU64,
     pub(super) last_delivery_ns: AtomicU64,
@@ -132,15 +149,18 @@ pub(super) struct Latencies {
 }
 
 impl Shared {
-    fn new(first_room: usize, rooms: usize) -> Shared {
+    fn new(first_room: usize, rooms: usize, connections: usize, publishers: usize) -> Shared {
         Shared {
             joined: AtomicUsize::new(0),
             failed: AtomicUsize::new(0),
             first_error: Mutex::new(None),
             connect: Mutex::new(histogram()),
             first_room,
-            sent: (0..rooms).map(|_| AtomicU64::new(0)).collect(),
-            unique: AtomicU64::new(0),
+            next_seq: (0..rooms * publishers).map(|_| AtomicU64::new(0)).collect(),
+            seqs: (0..connections)
+                .map(|_| Mutex::new(vec![Seqs::default(); publishers]))
+                .collect(),
+            refused: Mutex::new(Vec::new()),
             duplicates: AtomicU64::new(0),
             deliveries: AtomicU64::new(0),
             last_delivery_ns: AtomicU64::new(0),
@@ -170,7 +190,12 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     let range = args.first..args.first + args.count;
     let first_room = range.start / layout.members;
     let last_room = (range.end - 1) / layout.members;
-    let shared = Arc::new(Shared::new(first_room, last_room + 1 - first_room));
+    let shared = Arc::new(Shared::new(
+        first_room,
+        last_room + 1 - first_room,
+        range.len(),
+        layout.publishers,
+    ));
     let (orders, phase) = watch::channel(Phase::default());
     let mut tasks = spawn_members(&args, &shared, &phase);
     let total = range.len();
@@ -184,7 +209,14 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         connect: pairs(&shared.connect.lock().expect("connect lock")),
     };
     answer(serde_json::to_string(&ready)?).await?;
-    serve(&shared, &orders).await?;
+    let mut accounts = Accounts {
+        layout,
+        first: range.start,
+        nodes: args.addrs.len(),
+        numbered: vec![0; shared.next_seq.len()],
+        earlier: Vec::new(),
+    };
+    serve(&shared, &orders, &mut accounts).await?;
     tasks.shutdown().await;
     Ok(())
 }
@@ -204,7 +236,8 @@ fn spawn_members(
         let (room, j) = (g / layout.members, g % layout.members);
         let sender = (j < layout.publishers).then(|| Sender {
             id: j as u32,
-            room_slot: room - shared.first_room,
+            room,
+            slot: (room - shared.first_room) * layout.publishers + j,
             offset: (room * layout.publishers + j) as f64 / all_publishers,
             seq: 0,
             k: 0,
@@ -213,13 +246,13 @@ fn spawn_members(
         });
         let name = room_name(room);
         let member = Member {
+            index: g - args.first,
             target: Target {
                 addr: args.addrs[layout.node_of(g, args.addrs.len())],
                 path: format!("/ws?room={name}&name=u{room}-{j}"),
             },
             source: ws::source_addr(g, layout.sources),
             room: name,
-            publishers: layout.publishers,
             shard: g % SHARDS,
             samples_latency: layout.samples_latency(g, args.addrs.len()),
             sender,
@@ -230,8 +263,26 @@ fn spawn_members(
     tasks
 }
 
+/// What a worker keeps between steps to number and count them.
+struct Accounts {
+    layout: Layout,
+    /// The worker's first connection.
+    first: usize,
+    nodes: usize,
+    /// Each publisher's next sequence number at the end of the last step's publishing: the
+    /// next step's messages start there.
+    numbered: Vec<u64>,
+    /// Each earlier step whose messages had not all arrived when it was answered: its
+    /// messages, the deliveries of them counted so far and those due, to count the late ones.
+    earlier: Vec<(Vec<Numbers>, u64, u64)>,
+}
+
 /// Answers each [`Order`] line on standard input until it closes.
-async fn serve(shared: &Shared, orders: &watch::Sender<Phase>) -> anyhow::Result<()> {
+async fn serve(
+    shared: &Shared,
+    orders: &watch::Sender<Phase>,
+    accounts: &mut Accounts,
+) -> anyhow::Result<()> {
     let mut commands = BufReader::new(tokio::io::stdin()).lines();
     let mut begun = None;
     while let Some(line) = commands.next_line().await? {
@@ -239,13 +290,17 @@ async fn serve(shared: &Shared, orders: &watch::Sender<Phase>) -> anyhow::Result
             .with_context(|| format!("room-worker: unexpected order {line:?}"))?;
         let reply = match order {
             Order::Publish { rate, secs } => {
-                let (step, sent) = publish(shared, orders, rate, secs).await;
+                let (step, sent) = publish(shared, orders, accounts, rate, secs).await;
                 begun = Some(step);
                 serde_json::to_string(&sent)?
             }
-            Order::Drain { expected, max_secs } => {
+            Order::Drain {
+                expected,
+                numbers,
+                max_secs,
+            } => {
                 let step = begun.take().context("room-worker: drain before publish")?;
-                let report = finish(shared, step, expected, max_secs).await;
+                let report = finish(shared, accounts, step, expected, numbers, max_secs).await;
                 serde_json::to_string(&report)?
             }
         };
@@ -263,25 +318,21 @@ async fn answer(line: String) -> io::Result<()> {
 
 /// Where a step began: the worker's counters then, and the time.
 struct Begun {
-    unique: u64,
     duplicates: u64,
     deliveries: u64,
     start_ns: u64,
 }
 
 /// The first half of a step: resets the latency histograms, publishes at `rate` messages per
-/// second from each publisher for `secs`, and tells what was sent into each room.
+/// second from each publisher for `secs`, and tells the numbers each publisher sent since the
+/// last step (a send written after that step's count belongs to this one).
 async fn publish(
     shared: &Shared,
     orders: &watch::Sender<Phase>,
+    accounts: &mut Accounts,
     rate: f64,
     secs: f64,
 ) -> (Begun, Sent) {
-    let sent_before: Vec<u64> = shared
-        .sent
-        .iter()
-        .map(|n| n.load(Ordering::Acquire))
-        .collect();
     for l in &shared.latencies {
         let mut l = l.lock().expect("latency lock");
         l.latency.reset();
@@ -289,7 +340,6 @@ async fn publish(
     }
     shared.errors.lock().expect("errors lock").clear();
     let begun = Begun {
-        unique: shared.unique.load(Ordering::Acquire),
         duplicates: shared.duplicates.load(Ordering::Acquire),
         deliveries: shared.deliveries.load(Ordering::Acquire),
         start_ns: now_ns(),
@@ -304,21 +354,134 @@ async fn publish(
     tokio::time::sleep(Duration::from_secs_f64(secs) + Duration::from_millis(50)).await;
     orders.send_replace(Phase::default());
     tokio::time::sleep(Duration::from_millis(5)).await;
-    let rooms = shared
-        .sent
+    let publishers = accounts.layout.publishers;
+    let mut numbers = Vec::new();
+    for (slot, (next, numbered)) in shared
+        .next_seq
         .iter()
-        .zip(sent_before)
+        .zip(&mut accounts.numbered)
         .enumerate()
-        .map(|(i, (n, before))| (shared.first_room + i, n.load(Ordering::Acquire) - before))
-        .filter(|&(_, n)| n > 0)
-        .collect();
-    (begun, Sent { rooms })
+    {
+        let end = next.load(Ordering::Acquire);
+        if end > *numbered {
+            numbers.push(Numbers {
+                room: shared.first_room + slot / publishers,
+                publisher: (slot % publishers) as u32,
+                start: *numbered,
+                end,
+            });
+            *numbered = end;
+        }
+    }
+    (begun, Sent { numbers })
 }
 
-/// The second half of a step: waits until `expected` more unique deliveries have arrived (or
-/// nothing has arrived for [`STALL`], or `max_secs` have passed) and reports.
-async fn finish(shared: &Shared, begun: Begun, expected: u64, max_secs: f64) -> Report {
-    drain(shared, begun.unique + expected, max_secs).await;
+/// The messages of `numbers`, by room.
+fn by_room(numbers: &[Numbers]) -> HashMap<usize, Vec<Numbers>> {
+    let mut rooms: HashMap<usize, Vec<Numbers>> = HashMap::new();
+    for n in numbers {
+        rooms.entry(n.room).or_default().push(*n);
+    }
+    rooms
+}
+
+/// Deliveries of the messages of `rooms` (see [`by_room`]) the worker's members have.
+fn seen(shared: &Shared, accounts: &Accounts, rooms: &HashMap<usize, Vec<Numbers>>) -> u64 {
+    let m = accounts.layout.members;
+    let mut total = 0;
+    for (i, seqs) in shared.seqs.iter().enumerate() {
+        let Some(numbers) = rooms.get(&((accounts.first + i) / m)) else {
+            continue;
+        };
+        let seqs = seqs.lock().expect("seqs lock");
+        for n in numbers {
+            if let Some(s) = seqs.get(n.publisher as usize) {
+                total += s.seen_in(n.start, n.end);
+            }
+        }
+    }
+    total
+}
+
+/// The messages of `rooms` some of the worker's members lack (at most [`MISSING_LISTED`]),
+/// and whether that is all of them.
+fn missing(
+    shared: &Shared,
+    accounts: &Accounts,
+    rooms: &HashMap<usize, Vec<Numbers>>,
+) -> (Vec<Missing>, bool) {
+    let m = accounts.layout.members;
+    let mut lacked: HashMap<MessageId, Missing> = HashMap::new();
+    let mut complete = true;
+    for (i, seqs) in shared.seqs.iter().enumerate() {
+        let g = accounts.first + i;
+        let Some(numbers) = rooms.get(&(g / m)) else {
+            continue;
+        };
+        let node = accounts.layout.node_of(g, accounts.nodes);
+        let seqs = seqs.lock().expect("seqs lock");
+        for n in numbers {
+            let Some(s) = seqs.get(n.publisher as usize) else {
+                continue;
+            };
+            for seq in s.missing_in(n.start, n.end) {
+                let message = MessageId {
+                    room: n.room,
+                    publisher: n.publisher,
+                    seq,
+                };
+                if !lacked.contains_key(&message) && lacked.len() >= MISSING_LISTED {
+                    complete = false;
+                    continue;
+                }
+                let entry = lacked.entry(message).or_insert_with(|| Missing {
+                    message,
+                    per_node: vec![0; accounts.nodes],
+                    first_member: g,
+                });
+                if let Some(count) = entry.per_node.get_mut(node) {
+                    *count += 1;
+                }
+            }
+        }
+    }
+    let mut listed: Vec<Missing> = lacked.into_values().collect();
+    listed.sort_by_key(|l| l.message);
+    (listed, complete)
+}
+
+/// The second half of a step: waits until the members have the messages of `numbers`
+/// (`expected` deliveries), or nothing has arrived for [`STALL`], or `max_secs` have passed,
+/// and reports.
+async fn finish(
+    shared: &Shared,
+    accounts: &mut Accounts,
+    begun: Begun,
+    expected: u64,
+    numbers: Vec<Numbers>,
+    max_secs: f64,
+) -> Report {
+    let rooms = by_room(&numbers);
+    let unique = drain(shared, accounts, &rooms, expected, max_secs).await;
+    let (missing, missing_complete) = if unique < expected {
+        missing(shared, accounts, &rooms)
+    } else {
+        (Vec::new(), true)
+    };
+    let mut late = 0;
+    let mut earlier = std::mem::take(&mut accounts.earlier);
+    for (numbers, counted, _) in &mut earlier {
+        let now = seen(shared, accounts, &by_room(numbers));
+        late += now.saturating_sub(*counted);
+        *counted = now;
+    }
+    // Once all of a step's messages arrived, none can come late.
+    earlier.retain(|(_, counted, due)| counted < due);
+    if unique < expected {
+        earlier.push((numbers, unique, expected));
+    }
+    accounts.earlier = earlier;
+    let refused = std::mem::take(&mut *shared.refused.lock().expect("refused lock"));
     let (mut latency, mut read) = (histogram(), histogram());
     for l in &shared.latencies {
         let l = l.lock().expect("latency lock");
@@ -327,7 +490,11 @@ async fn finish(shared: &Shared, begun: Begun, expected: u64, max_secs: f64) -> 
     }
     Report {
         expected,
-        unique: shared.unique.load(Ordering::Acquire) - begun.unique,
+        unique,
+        missing,
+        missing_complete,
+        late,
+        refused,
         duplicates: shared.duplicates.load(Ordering::Acquire) - begun.duplicates,
         deliveries: shared.deliveries.load(Ordering::Acquire) - begun.deliveries,
         start_ns: begun.start_ns,
@@ -340,19 +507,35 @@ async fn finish(shared: &Shared, begun: Begun, expected: u64, max_secs: f64) -> 
     }
 }
 
-/// Waits until `target` unique deliveries have arrived, or nothing has arrived for [`STALL`],
-/// or `max_secs` have passed.
-async fn drain(shared: &Shared, target: u64, max_secs: f64) {
+/// Waits until the members have `expected` deliveries of the messages of `rooms`, or nothing
+/// has arrived for [`STALL`] (by the clock and in checks), or `max_secs` have passed; what
+/// they have.
+async fn drain(
+    shared: &Shared,
+    accounts: &Accounts,
+    rooms: &HashMap<usize, Vec<Numbers>>,
+    expected: u64,
+    max_secs: f64,
+) -> u64 {
     let until = now_ns() + (max_secs * 1e9) as u64;
-    let mut seen = shared.deliveries.load(Ordering::Acquire);
-    let mut moved = now_ns();
-    while shared.unique.load(Ordering::Acquire) < target && now_ns() < until {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let now = shared.deliveries.load(Ordering::Acquire);
-        if now != seen {
-            (seen, moved) = (now, now_ns());
-        } else if now_ns() - moved > STALL.as_nanos() as u64 {
-            return;
+    let quiet_checks = STALL.as_nanos() / CHECK.as_nanos();
+    let mut deliveries = shared.deliveries.load(Ordering::Acquire);
+    let mut have = seen(shared, accounts, rooms);
+    let (mut moved, mut quiet) = (now_ns(), 0);
+    while have < expected && now_ns() < until {
+        tokio::time::sleep(CHECK).await;
+        let (now, now_have) = (
+            shared.deliveries.load(Ordering::Acquire),
+            seen(shared, accounts, rooms),
+        );
+        if now != deliveries || now_have != have {
+            (deliveries, have, moved, quiet) = (now, now_have, now_ns(), 0);
+        } else {
+            quiet += 1;
+            if quiet >= quiet_checks && now_ns() - moved > STALL.as_nanos() as u64 {
+                break;
+            }
         }
     }
+    have
 }

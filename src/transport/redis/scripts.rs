@@ -13,6 +13,7 @@
 //! sentinel modes keep the names without braces.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use redis::cluster_async::ClusterConnection;
@@ -172,6 +173,52 @@ pub(super) struct Scripts {
     sharded: bool,
     /// Entries the archive stream keeps at most (about); 0 when the archive is off.
     archive_cap: usize,
+    /// Calls that got no answer in time, logged at most once per [`TIMEOUT_LOG_EVERY`].
+    timeouts: TimeoutLog,
+}
+
+/// How often a node logs that Redis calls timed out, at most.
+const TIMEOUT_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Counts calls that timed out and logs them at warn, at most once per
+/// [`TIMEOUT_LOG_EVERY`] with how many there were since the last line: each is a request
+/// answered `unavailable` (a send that may still be delivered), which an outage or a stalled
+/// node makes by the thousand.
+#[derive(Default)]
+struct TimeoutLog {
+    /// Timed out since the last line.
+    unlogged: AtomicU64,
+    /// When the next line may be written, ms since the Unix epoch.
+    next_ms: AtomicU64,
+}
+
+impl TimeoutLog {
+    fn note(&self, timeout: Duration, error: &str) {
+        self.unlogged.fetch_add(1, Ordering::AcqRel);
+        let now = crate::hub::now_ms();
+        let next = self.next_ms.load(Ordering::Acquire);
+        if now < next
+            || self
+                .next_ms
+                .compare_exchange(
+                    next,
+                    now + TIMEOUT_LOG_EVERY.as_millis() as u64,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_err()
+        {
+            return;
+        }
+        let timed_out = self.unlogged.swap(0, Ordering::AcqRel);
+        warn!(
+            timed_out,
+            timeout_ms = timeout.as_millis() as u64,
+            %error,
+            "redis calls got no answer in time: answered `unavailable` (a send may still be \
+             delivered) and the publisher connection replaced"
+        );
+    }
 }
 
 impl Scripts {
@@ -203,6 +250,7 @@ impl Scripts {
             } else {
                 archive_cap
             },
+            timeouts: TimeoutLog::default(),
         })
     }
 
@@ -447,6 +495,7 @@ impl Scripts {
                 // Only a command that never reached Redis is known not to have run.
                 if e.is_timeout() || (e.is_io_error() && !e.is_connection_refusal()) {
                     if e.is_timeout() {
+                        self.timeouts.note(self.publish_timeout, &e.to_string());
                         self.replace_publisher();
                     }
                     Err(TransportError::Timeout(format!("redis: {e}")))
@@ -455,11 +504,13 @@ impl Scripts {
                 }
             }
             Err(_) => {
-                self.replace_publisher();
-                Err(TransportError::Timeout(format!(
+                let error = format!(
                     "redis did not answer within {} ms",
                     self.publish_timeout.as_millis()
-                )))
+                );
+                self.timeouts.note(self.publish_timeout, &error);
+                self.replace_publisher();
+                Err(TransportError::Timeout(error))
             }
         }
     }
