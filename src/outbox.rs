@@ -54,19 +54,23 @@ pub struct Outbox {
     /// Set by a wake not yet seen by the waiter.
     signalled: AtomicBool,
     max_frames: usize,
-    /// `u32`, like the byte counts, so that an outbox and its `Arc` counts take 160 bytes,
+    /// `u32`, like the byte counts, so that an outbox and its `Arc` counts take 128 bytes,
     /// a size class of the allocator, in every connection.
     max_bytes: u32,
 }
 
 #[derive(Debug)]
 struct State {
+    /// The frames to write, then, once the connection is closing, the close frame (queued
+    /// behind them rather than kept aside: a field of its own would take 32 bytes of every
+    /// connection).
     frames: VecDeque<Bytes>,
-    /// Bytes of `frames` plus `in_flight`; at most `max_bytes`.
+    /// Bytes of `frames` (the close frame aside) plus `in_flight`; at most `max_bytes`.
     bytes: u32,
     /// Bytes of the batch the writer took last: written once it takes again.
     in_flight: u32,
-    close: Option<Bytes>,
+    /// Closing: nothing more is queued, and the last of `frames`, if any, is the close frame
+    /// (it leaves last).
     closed: bool,
     /// Who waits for the queue to drain to half its bounds ([`Outbox::wait_room`]).
     room_waiter: Option<Waker>,
@@ -87,7 +91,6 @@ impl Outbox {
                 frames: VecDeque::with_capacity(INITIAL_SLOTS),
                 bytes: 0,
                 in_flight: 0,
-                close: None,
                 closed: false,
                 room_waiter: None,
             }),
@@ -117,7 +120,9 @@ impl Outbox {
         {
             state.frames.clear();
             state.bytes = state.in_flight;
-            state.close = Some(ws::close(close_code::SLOW_CONSUMER, "slow consumer"));
+            state
+                .frames
+                .push_back(ws::close(close_code::SLOW_CONSUMER, "slow consumer"));
             state.closed = true;
             let waiter = state.room_waiter.take();
             drop(state);
@@ -148,7 +153,7 @@ impl Outbox {
             state.frames.clear();
             state.bytes = state.in_flight;
         }
-        state.close = Some(ws::close(code, reason));
+        state.frames.push_back(ws::close(code, reason));
         state.closed = true;
         let waiter = state.room_waiter.take();
         drop(state);
@@ -169,6 +174,11 @@ impl Outbox {
         state.bytes -= state.in_flight;
         state.in_flight = state.bytes;
         let waiter = state.room_waiter.take();
+        let close = if state.closed {
+            state.frames.pop_back()
+        } else {
+            None
+        };
         let next = if !state.frames.is_empty() {
             std::mem::swap(&mut state.frames, batch);
             if state.frames.capacity() < INITIAL_SLOTS {
@@ -176,8 +186,10 @@ impl Outbox {
                 // the writer's side, so that deliveries never allocate.
                 state.frames.reserve(INITIAL_SLOTS);
             }
+            // The close frame stays queued, behind the batch.
+            state.frames.extend(close);
             Next::Frames
-        } else if let Some(close) = state.close.take() {
+        } else if let Some(close) = close {
             Next::Close(close)
         } else {
             Next::Empty
@@ -220,8 +232,10 @@ impl Outbox {
         state.bytes -= state.in_flight;
         state.in_flight = 0;
         let waiter = state.room_waiter.take();
-        let next = if !state.frames.is_empty() {
-            let n = max.min(state.frames.len());
+        // Closing, the last frame is the close frame: it goes once the others have.
+        let frames = state.frames.len() - usize::from(state.closed && !state.frames.is_empty());
+        let next = if frames > 0 {
+            let n = max.min(frames);
             let mut taken = 0;
             state.frames.drain(..n).for_each(|frame| {
                 taken += frame.len() as u32;
@@ -229,8 +243,8 @@ impl Outbox {
             });
             state.in_flight = taken;
             Next::Frames
-        } else if let Some(close) = state.close.take() {
-            Next::Close(close)
+        } else if let Some(close) = state.frames.pop_front() {
+            Next::Close(close) // the queue is closed and holds nothing else
         } else {
             if state.frames.capacity() > INITIAL_SLOTS {
                 state.frames = VecDeque::with_capacity(INITIAL_SLOTS);
@@ -269,9 +283,10 @@ impl Outbox {
         self.waker.wake();
     }
 
-    /// Frames queued now.
+    /// Frames queued now (the close frame aside).
     pub fn len(&self) -> usize {
-        self.lock().frames.len()
+        let state = self.lock();
+        state.frames.len() - usize::from(state.closed && !state.frames.is_empty())
     }
 
     /// The most frames this outbox holds before the connection counts as a slow consumer.

@@ -33,6 +33,9 @@ pub(crate) struct Api {
     keys: Vec<Vec<u8>>,
     /// One bucket per key, in the order of `keys`.
     buckets: Mutex<Vec<TokenBucket>>,
+    /// The rate and burst of each key's bucket.
+    requests_per_second: f64,
+    request_burst: u32,
     max_body_bytes: usize,
 }
 
@@ -90,11 +93,13 @@ impl Api {
             .collect();
         let buckets = keys
             .iter()
-            .map(|_| TokenBucket::new(config.requests_per_second, config.request_burst))
+            .map(|_| TokenBucket::new(config.request_burst))
             .collect();
         Self {
             keys,
             buckets: Mutex::new(buckets),
+            requests_per_second: config.requests_per_second,
+            request_burst: config.request_burst,
             max_body_bytes: config.max_body_bytes,
         }
     }
@@ -147,7 +152,7 @@ impl Api {
         }
         let index = found.ok_or_else(unauthorized)?;
         let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
-        if buckets[index].take(Instant::now()) {
+        if buckets[index].take(Instant::now(), self.requests_per_second, self.request_burst) {
             Ok(())
         } else {
             Err(ApiError::new(

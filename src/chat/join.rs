@@ -149,10 +149,13 @@ impl<P: Protocol> Chat<P> {
             presence,
         };
         let membership = node.hub.join_staged(&room, &joiner, &staging);
-        self.rooms.rooms.push(room.clone());
-        if mode == Mode::ReadOnly {
-            self.rooms.read_only.push(room.clone());
+        // The hub's copy of the name: the one the request came with is freed once the join
+        // ends, rather than held by every member.
+        let room = node.hub.name(room.as_str()).unwrap_or(room);
+        if self.first_room.as_ref() == Some(&room) {
+            self.first_room = Some(room.clone());
         }
+        self.rooms.join(room.clone(), mode == Mode::ReadOnly);
         subscription.joined();
         // The presence write and the history read are independent round trips (on Redis):
         // made together, a join with presence costs about what one without it does.

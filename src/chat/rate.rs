@@ -2,38 +2,30 @@
 
 use tokio::time::Instant;
 
-/// A rate limit: `rate` tokens a second, at most `burst` saved up.
+/// A rate limit's state: the tokens saved up. The rate and the burst are the caller's, given
+/// to each [`TokenBucket::take`] (every connection holds two buckets, and their limits are
+/// the node's), so a change of either applies from the next take.
 #[derive(Debug)]
 pub(crate) struct TokenBucket {
-    rate: f64,
-    burst: f64,
     tokens: f64,
     last: Instant,
 }
 
 impl TokenBucket {
-    /// A full bucket: `burst` tokens, refilled at `rate` a second.
-    pub(crate) fn new(rate: f64, burst: u32) -> Self {
+    /// A full bucket of `burst` tokens.
+    pub(crate) fn new(burst: u32) -> Self {
         Self {
-            rate,
-            burst: f64::from(burst),
             tokens: f64::from(burst),
             last: Instant::now(),
         }
     }
 
-    /// Changes the rate and burst, keeping the tokens saved up (at most the new burst).
-    pub(crate) fn reconfigure(&mut self, rate: f64, burst: u32) {
-        self.rate = rate;
-        self.burst = f64::from(burst);
-        self.tokens = self.tokens.min(self.burst);
-    }
-
-    /// Takes a token as of `now`; `false` when none is left.
-    pub(crate) fn take(&mut self, now: Instant) -> bool {
+    /// Takes a token as of `now`, refilled at `rate` a second up to `burst`; `false` when
+    /// none is left.
+    pub(crate) fn take(&mut self, now: Instant, rate: f64, burst: u32) -> bool {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.tokens = (self.tokens + elapsed * rate).min(f64::from(burst));
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
@@ -50,13 +42,13 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn token_bucket_allows_a_burst_then_the_rate() {
-        let mut bucket = TokenBucket::new(2.0, 3);
+        let mut bucket = TokenBucket::new(3);
         let now = Instant::now();
-        assert!((0..3).all(|_| bucket.take(now)));
-        assert!(!bucket.take(now));
-        assert!(bucket.take(now + Duration::from_millis(500)));
-        assert!(!bucket.take(now + Duration::from_millis(600)));
-        assert!((0..3).all(|_| bucket.take(now + Duration::from_secs(60))));
-        assert!(!bucket.take(now + Duration::from_secs(60)));
+        assert!((0..3).all(|_| bucket.take(now, 2.0, 3)));
+        assert!(!bucket.take(now, 2.0, 3));
+        assert!(bucket.take(now + Duration::from_millis(500), 2.0, 3));
+        assert!(!bucket.take(now + Duration::from_millis(600), 2.0, 3));
+        assert!((0..3).all(|_| bucket.take(now + Duration::from_secs(60), 2.0, 3)));
+        assert!(!bucket.take(now + Duration::from_secs(60), 2.0, 3));
     }
 }

@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::reader::{FrameReader, ReadError};
@@ -58,11 +59,12 @@ pub(crate) fn peer_close(payload: &[u8]) -> ReadEnd {
 /// reset, which discards whatever the peer has not read yet, the close frame included, and
 /// the client sees 1006 instead of the code. Lingering holds nothing the connection did not
 /// already hold (its socket, its slot, freed when it ends) and a small read buffer.
-pub(crate) async fn linger<W: AsyncWrite + Unpin>(reader: &mut FrameReader<'_>, socket: &mut W) {
-    if socket.shutdown().await.is_err() {
+pub(crate) async fn linger(reader: &mut FrameReader, socket: &mut TcpStream) {
+    let (read, mut write) = socket.split();
+    if write.shutdown().await.is_err() {
         return; // the connection is gone: nothing can reach the peer any more
     }
-    match tokio::time::timeout(LINGER_TIME, reader.discard(LINGER_BYTES)).await {
+    match tokio::time::timeout(LINGER_TIME, reader.discard(read, LINGER_BYTES)).await {
         Ok(Ok(n)) if n < LINGER_BYTES => {}
         Ok(Ok(_)) => debug!("closing connection kept sending; reset"),
         Ok(Err(e)) => debug!(error = %e, "read failed while closing"),

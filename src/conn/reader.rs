@@ -10,8 +10,8 @@
 use std::io;
 use std::task::{Context, Poll, ready};
 
-use tokio::io::{AsyncReadExt, ReadBuf};
-use tokio::net::tcp::ReadHalf;
+use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
+use tokio::net::TcpStream;
 
 use crate::protocol::frame::{Decoded, Decoder, FrameError, Opcode};
 
@@ -47,28 +47,29 @@ struct Ready {
     opcode: Opcode,
     /// Header bytes: at most 14.
     payload_offset: u8,
-    frame_len: usize,
+    /// At most `max_frame_bytes` (16 MiB) and its header.
+    frame_len: u32,
 }
 
-/// Reads client frames from a socket's read half.
+/// Reads client frames from a socket, which its owner lends to each call: the connection
+/// that owns the socket owns the reader too, and its writer writes to the same socket.
 #[derive(Debug)]
-pub(crate) struct FrameReader<'a> {
-    stream: ReadHalf<'a>,
+pub(crate) struct FrameReader {
     /// Received bytes not yet consumed start at `start` (the frame last handed out ends
-    /// there); empty, without capacity, when idle.
+    /// there); empty, without capacity, when idle. It holds at most one frame and what was
+    /// read past it, so `u32` offsets will do.
     buf: Vec<u8>,
-    start: usize,
+    start: u32,
     decoder: Decoder,
     /// The frame at `start`, found by `poll_ready` and not yet handed out.
     ready: Option<Ready>,
 }
 
-impl<'a> FrameReader<'a> {
-    /// A reader of `stream` starting with `early`, the bytes read past the handshake (copied),
-    /// refusing a frame, or a fragmented message in total, above `max_frame_bytes`.
-    pub(crate) fn new(stream: ReadHalf<'a>, early: &[u8], max_frame_bytes: usize) -> Self {
+impl FrameReader {
+    /// A reader starting with `early`, the bytes read past the handshake (copied), refusing a
+    /// frame, or a fragmented message in total, above `max_frame_bytes`.
+    pub(crate) fn new(early: &[u8], max_frame_bytes: usize) -> Self {
         Self {
-            stream,
             buf: early.to_vec(),
             start: 0,
             decoder: Decoder::new(max_frame_bytes),
@@ -82,33 +83,38 @@ impl<'a> FrameReader<'a> {
         self.buf.capacity()
     }
 
-    /// The next frame. Cancel-safe: bytes read stay in the reader until a frame is returned.
-    pub async fn next(&mut self) -> Result<Frame<'_>, ReadError> {
-        std::future::poll_fn(|cx| self.poll_ready(cx)).await?;
+    /// The next frame from `stream`. Cancel-safe: bytes read stay in the reader until a frame
+    /// is returned.
+    pub async fn next(&mut self, stream: &TcpStream) -> Result<Frame<'_>, ReadError> {
+        std::future::poll_fn(|cx| self.poll_ready(stream, cx)).await?;
         Ok(self.ready_frame())
     }
 
     /// Ready once a whole frame (or an error) is waiting; [`FrameReader::ready_frame`] then
     /// hands the frame out. Reads what the socket has; with nothing to read, registers for the
     /// socket's readiness and holds no buffer.
-    pub fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ReadError>> {
+    pub fn poll_ready(
+        &mut self,
+        stream: &TcpStream,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), ReadError>> {
         loop {
-            if self.start == self.buf.len() {
+            if self.start as usize == self.buf.len() {
                 // Everything consumed: free the buffer before waiting for the next bytes.
                 self.buf = Vec::new();
                 self.start = 0;
             }
-            match self.decoder.decode(&mut self.buf[self.start..])? {
+            match self.decoder.decode(&mut self.buf[self.start as usize..])? {
                 Decoded::Frame(header) => {
                     self.ready = Some(Ready {
                         fin: header.fin,
                         opcode: header.opcode,
                         payload_offset: header.payload_offset as u8,
-                        frame_len: header.frame_len(),
+                        frame_len: header.frame_len() as u32,
                     });
                     return Poll::Ready(Ok(()));
                 }
-                Decoded::Incomplete { frame_len } => ready!(self.poll_fill(frame_len, cx))?,
+                Decoded::Incomplete { frame_len } => ready!(self.poll_fill(stream, frame_len, cx))?,
             }
         }
     }
@@ -120,23 +126,27 @@ impl<'a> FrameReader<'a> {
     /// When `poll_ready` did not just return `Ready(Ok(()))`.
     pub fn ready_frame(&mut self) -> Frame<'_> {
         let ready = self.ready.take().expect("poll_ready found a frame");
-        let at = self.start;
+        let at = self.start as usize;
         self.start += ready.frame_len;
         Frame {
             fin: ready.fin,
             opcode: ready.opcode,
-            payload: &self.buf[at + usize::from(ready.payload_offset)..at + ready.frame_len],
+            payload: &self.buf[at + usize::from(ready.payload_offset)..self.start as usize],
         }
     }
 
     /// Reads and discards what the peer sends until it closes its side, or until `max_bytes`
     /// were discarded; returns how many. For a closing connection: frames no longer matter,
     /// and input left unread when the socket closes would make the kernel reset the connection.
-    pub async fn discard(&mut self, max_bytes: u64) -> io::Result<u64> {
+    pub async fn discard(
+        &mut self,
+        stream: impl AsyncRead + Unpin,
+        max_bytes: u64,
+    ) -> io::Result<u64> {
         self.buf = Vec::new();
         self.start = 0;
         self.ready = None;
-        let mut rest = (&mut self.stream).take(max_bytes);
+        let mut rest = stream.take(max_bytes);
         tokio::io::copy(&mut rest, &mut tokio::io::sink()).await
     }
 
@@ -144,19 +154,20 @@ impl<'a> FrameReader<'a> {
     /// `Pending` while nothing is there, holding no buffer if it held none.
     fn poll_fill(
         &mut self,
+        stream: &TcpStream,
         frame_len: Option<usize>,
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<()>> {
         if self.start > 0 {
-            self.buf.drain(..self.start);
+            self.buf.drain(..self.start as usize);
             self.start = 0;
         }
         let missing = frame_len.map_or(0, |len| len.saturating_sub(self.buf.len()));
         loop {
-            ready!(poll_readable(&mut self.stream, cx))?;
+            ready!(poll_readable(stream, cx))?;
             // Only now, with bytes waiting, is there a buffer to read them into.
             self.buf.reserve_exact(missing.max(READ_CHUNK));
-            match self.stream.try_read_buf(&mut self.buf) {
+            match stream.try_read_buf(&mut self.buf) {
                 Ok(0) => return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into())),
                 Ok(_) => return Poll::Ready(Ok(())),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -172,11 +183,11 @@ impl<'a> FrameReader<'a> {
 
 /// Ready when the stream has bytes to read (or has ended), without reading them.
 ///
-/// A one-byte peek rather than `ReadHalf::readable`: polling the socket this way stores this
+/// A one-byte peek rather than `TcpStream::readable`: polling the socket this way stores this
 /// task's waker in the socket's read slot, which drops the waker hyper left there while it
 /// served the handshake. That stale waker would keep hyper's finished connection task
 /// allocated for the whole life of the connection.
-fn poll_readable(stream: &mut ReadHalf<'_>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+fn poll_readable(stream: &TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
     let mut byte = [0; 1];
     stream
         .poll_peek(cx, &mut ReadBuf::new(&mut byte))
@@ -227,17 +238,16 @@ mod tests {
 
     #[tokio::test]
     async fn early_bytes_come_first_and_the_buffer_is_freed_when_consumed() {
-        let (mut client, mut server) = pair().await;
-        let (read, _write) = server.split();
+        let (mut client, server) = pair().await;
         let mut early = frame(true, 0x1, b"early");
         early.extend_from_slice(&frame(true, 0x1, b"split")[..3]);
-        let mut reader = FrameReader::new(read, &early, 1024);
-        assert_eq!(reader.next().await.unwrap().payload, b"early");
+        let mut reader = FrameReader::new(&early, 1024);
+        assert_eq!(reader.next(&server).await.unwrap().payload, b"early");
         client
             .write_all(&frame(true, 0x1, b"split")[3..])
             .await
             .unwrap();
-        assert_eq!(reader.next().await.unwrap().payload, b"split");
+        assert_eq!(reader.next(&server).await.unwrap().payload, b"split");
 
         // A frame in many small writes, then two in one.
         let bytes = frame(true, 0x9, &[7; 100]);
@@ -251,31 +261,34 @@ mod tests {
             client.write_all(&two).await.unwrap();
         };
         let reads = async {
-            let ping = reader.next().await.unwrap();
+            let ping = reader.next(&server).await.unwrap();
             assert_eq!((ping.opcode, ping.payload), (Opcode::Ping, &[7; 100][..]));
-            assert_eq!(reader.next().await.unwrap().payload, b"a");
-            let last = reader.next().await.unwrap();
+            assert_eq!(reader.next(&server).await.unwrap().payload, b"a");
+            let last = reader.next(&server).await.unwrap();
             assert_eq!((last.opcode, last.fin), (Opcode::Continuation, true));
         };
         tokio::join!(writes, reads);
         // Idle again: the next read waits with nothing allocated.
-        let waiting = tokio::time::timeout(std::time::Duration::from_millis(20), reader.next());
+        let waiting =
+            tokio::time::timeout(std::time::Duration::from_millis(20), reader.next(&server));
         assert!(waiting.await.is_err());
         assert_eq!(reader.buffered_capacity(), 0);
         drop(client);
-        assert!(matches!(reader.next().await, Err(ReadError::Gone(_))));
+        assert!(matches!(
+            reader.next(&server).await,
+            Err(ReadError::Gone(_))
+        ));
     }
 
     #[tokio::test]
     async fn a_broken_rule_is_a_protocol_error() {
-        let (mut client, mut server) = pair().await;
-        let (read, _write) = server.split();
-        let mut reader = FrameReader::new(read, &[], 1024);
+        let (mut client, server) = pair().await;
+        let mut reader = FrameReader::new(&[], 1024);
         client
             .write_all(&frame(true, 0x0, b"orphan"))
             .await
             .unwrap();
-        let Err(ReadError::Protocol(e)) = reader.next().await else {
+        let Err(ReadError::Protocol(e)) = reader.next(&server).await else {
             panic!("expected a protocol error");
         };
         assert_eq!(e.code, 1002);

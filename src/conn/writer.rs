@@ -3,7 +3,6 @@
 //! and sends the close frame. Nothing else writes to the socket. When the peer was last heard
 //! from, and when to ping it, is kept in [`liveness`].
 
-use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -65,16 +64,20 @@ pub(crate) struct Writer {
     /// Frames the socket did not take at once, a ping or the close frame; empty, without
     /// storage, while the socket keeps up (frames taken from the outbox are written from the
     /// stack).
-    batch: VecDeque<Bytes>,
+    batch: Vec<Bytes>,
     /// The batch ends with the close frame.
     closing: bool,
     /// The ping went unanswered: the peer will not answer the close either.
     peer_gone: bool,
-    /// The deadline the ticker will wake this writer at.
-    wake_at: Option<Instant>,
-    /// Since when the socket has refused the batch.
-    blocked_since: Option<Instant>,
+    /// The deadline the ticker will wake this writer at, or [`NEVER`] (times are on the
+    /// connection's [`Liveness`] clock).
+    wake_at: u64,
+    /// Since when the socket has refused the batch, or [`NEVER`].
+    blocked_since: u64,
 }
+
+/// No time: no wake asked of the ticker, or a socket not refusing the batch.
+const NEVER: u64 = u64::MAX;
 
 impl Writer {
     /// A writer draining `outbox`, with the ping and stall limits of `limits`.
@@ -84,13 +87,12 @@ impl Writer {
             pinger: Pinger::new(
                 Duration::from_secs(limits.ping_interval_secs),
                 Duration::from_secs(limits.ping_timeout_secs),
-                Instant::now(),
             ),
-            batch: VecDeque::new(),
+            batch: Vec::new(),
             closing: false,
             peer_gone: false,
-            wake_at: None,
-            blocked_since: None,
+            wake_at: NEVER,
+            blocked_since: NEVER,
         }
     }
 
@@ -119,8 +121,8 @@ impl Writer {
                     self.outbox
                         .close(close_code::GOING_AWAY, "server shutting down", true);
                 }
-                match self.pinger.poll(Instant::now(), liveness) {
-                    Ping::Send => self.batch.push_back(ws::ping(b"")),
+                match self.pinger.poll(liveness.ms(Instant::now()), liveness) {
+                    Ping::Send => self.batch.push(ws::ping(b"")),
                     Ping::TimedOut => {
                         self.peer_gone = true;
                         self.outbox
@@ -137,17 +139,18 @@ impl Writer {
                                 node.metrics
                                     .close_code(u16::from_be_bytes([code[0], code[1]]));
                             }
-                            self.batch.push_back(frame);
+                            self.batch.push(frame);
                             self.closing = true;
                         }
                         Taken::Empty => {
                             // Idle: no batch storage; the queue keeps its slots, so deliveries
                             // never allocate, and neither does the next round.
-                            self.batch = VecDeque::new();
+                            self.batch = Vec::new();
                             let deadline = self.pinger.deadline();
-                            if self.wake_at != Some(deadline) {
-                                node.ticker.wake_at(deadline, &self.outbox);
-                                self.wake_at = Some(deadline);
+                            if self.wake_at != deadline {
+                                let at = liveness.instant(deadline);
+                                node.ticker.wake_at(at, &self.outbox);
+                                self.wake_at = deadline;
                             }
                             ready!(self.outbox.poll_wait(cx));
                             continue;
@@ -161,18 +164,20 @@ impl Writer {
                     return Poll::Ready(WriteEnd::Failed(io::ErrorKind::WriteZero.into()));
                 }
                 Poll::Ready(Ok(written)) => {
-                    self.blocked_since = None;
+                    self.blocked_since = NEVER;
                     node.metrics.bytes_out_total.add(written as u64);
                     consume(&mut self.batch, written);
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(WriteEnd::Failed(e)),
                 Poll::Pending => {
-                    let now = Instant::now();
-                    let since = *self.blocked_since.get_or_insert_with(|| {
-                        node.ticker.wake_at(now + self.pinger.timeout, &self.outbox);
-                        now
-                    });
-                    if now.saturating_duration_since(since) >= self.pinger.timeout {
+                    let now = liveness.ms(Instant::now());
+                    let timeout = self.pinger.timeout_ms();
+                    if self.blocked_since == NEVER {
+                        self.blocked_since = now;
+                        let at = liveness.instant(now + timeout);
+                        node.ticker.wake_at(at, &self.outbox);
+                    }
+                    if now.saturating_sub(self.blocked_since) >= timeout {
                         let stalled =
                             io::Error::new(io::ErrorKind::TimedOut, "peer stopped reading");
                         return Poll::Ready(WriteEnd::Failed(stalled));
@@ -211,7 +216,7 @@ impl Writer {
         let written = match write_vectored(socket, frames.iter(), cx) {
             Poll::Ready(Ok(0)) => return Taken::Failed(io::ErrorKind::WriteZero.into()),
             Poll::Ready(Ok(written)) => {
-                self.blocked_since = None;
+                self.blocked_since = NEVER;
                 node.metrics.bytes_out_total.add(written as u64);
                 written
             }
@@ -268,20 +273,11 @@ fn unwritten(frames: &mut [Bytes], mut n: usize) -> &mut [Bytes] {
     &mut frames[at..]
 }
 
-/// Drops the first `n` written bytes from the front of `batch`.
-fn consume(batch: &mut VecDeque<Bytes>, mut n: usize) {
-    while n > 0 {
-        let Some(front) = batch.front_mut() else {
-            return;
-        };
-        if front.len() <= n {
-            n -= front.len();
-            batch.pop_front();
-        } else {
-            front.advance(n);
-            n = 0;
-        }
-    }
+/// Drops the first `n` written bytes from the front of `batch` (at most [`MAX_IOV`] frames:
+/// what follows them moves up, a few pointers).
+fn consume(batch: &mut Vec<Bytes>, n: usize) {
+    let written = batch.len() - unwritten(batch, n).len();
+    batch.drain(..written);
 }
 
 #[cfg(test)]
@@ -290,7 +286,7 @@ mod tests {
 
     #[test]
     fn consume_advances_across_frames() {
-        let mut batch = VecDeque::from([Bytes::from_static(b"abc"), Bytes::from_static(b"defg")]);
+        let mut batch = vec![Bytes::from_static(b"abc"), Bytes::from_static(b"defg")];
         consume(&mut batch, 5);
         assert_eq!(batch, [&b"fg"[..]]);
         consume(&mut batch, 2);

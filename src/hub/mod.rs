@@ -224,6 +224,14 @@ impl Hub {
         })
     }
 
+    /// The hub's own copy of `room`'s name, while it has local members: a member keeps this
+    /// one rather than the copy it parsed from its request, so the name is held once.
+    pub(crate) fn name(&self, room: &str) -> Option<RoomName> {
+        self.read()
+            .get_key_value(room)
+            .map(|(name, _)| name.clone())
+    }
+
     /// Local members (connections) of `room`.
     pub fn members(&self, room: &str) -> usize {
         self.read().get(room).map_or(0, |r| r.members.len())

@@ -1,10 +1,10 @@
 //! The native protocol at `/ws` (and the echo endpoint): one WebSocket connection from the
 //! upgrade to the closed socket. [`session`] handles its requests.
 //!
-//! The socket is split: this reader (frames from [`FrameReader`], which holds no buffer while
-//! the connection is idle) and the [`writer`](crate::conn::writer), the only code that
-//! writes. Both run in the connection's one task. Replies and chat messages reach the writer
-//! through the connection's [`Outbox`].
+//! The connection owns its socket and lends it to its reader (frames from [`FrameReader`],
+//! which holds no buffer while the connection is idle) and to the
+//! [`writer`](crate::conn::writer), the only code that writes. Both run in the connection's
+//! one task. Replies and chat messages reach the writer through the connection's [`Outbox`].
 
 mod session;
 
@@ -14,7 +14,6 @@ use std::task::{Context, Poll, ready};
 use bytes::Bytes;
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
-use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tracing::{debug, error};
 
@@ -51,75 +50,42 @@ pub(crate) struct Params {
 }
 
 /// Runs one connection from the completed upgrade to the closed socket.
+///
+/// The future is allocated whole for every connection and idle connections are the many, so
+/// it holds little besides the [`Connection`] while the connection is open: the connection is
+/// built in a plain function, so its parts are no part of this state machine, and whatever a
+/// session needs only briefly (joining, handling a request, the close handshake) is boxed
+/// while it runs. An async block rather than an async fn: an async fn would keep its
+/// arguments twice, as given and as moved into its body.
 pub(crate) fn run(
     node: Arc<Node>,
     upgrade: OnUpgrade,
     params: Params,
     slot: ConnSlot,
 ) -> impl Future<Output = ()> {
-    // An async fn keeps its arguments for its whole life: boxed, `params` costs a pointer
-    // there rather than its size, in every connection's task.
-    serve(node, upgrade, Box::new(params), slot)
+    let mut start = Box::new(Start { upgrade, params });
+    async move {
+        // Awaited on its own: no part of building the connection waits with it.
+        let upgraded = (&mut start.upgrade).await;
+        let Some(mut conn) = Connection::open(&node, upgraded, start) else {
+            return;
+        };
+        let _open = OpenSession::new(&node.metrics);
+        let end = std::future::poll_fn(|cx| conn.poll(&node, cx)).await;
+        // The close handshake, boxed: its timer need not be part of every idle connection's
+        // task.
+        let closing = Box::pin(tokio::time::timeout(CLOSE_TIMEOUT, conn.close(end, &node)));
+        let _ = closing.await;
+        drop(slot); // held to the end
+    }
 }
 
-/// [`run`] itself. Its future is allocated whole for every connection and idle connections
-/// are the many, so it holds only the [`Connection`] state machine while the connection is
-/// open; whatever a session needs only briefly (joining, handling a request, the close
-/// handshake) is boxed while it runs.
-async fn serve(node: Arc<Node>, upgrade: OnUpgrade, params: Box<Params>, _slot: ConnSlot) {
-    let upgraded = match upgrade.await {
-        Ok(upgraded) => upgraded,
-        Err(e) => {
-            debug!(error = %e, "websocket upgrade did not complete");
-            return;
-        }
-    };
-    let Some((mut stream, early)) = take_stream(upgraded) else {
-        error!("upgraded connection is not a TCP stream");
-        return;
-    };
-    let _open = OpenSession::new(&node.metrics);
-    let (read_half, mut write_half) = stream.split();
-    // Frame size, queue and ping limits are fixed for the connection's life; the message
-    // limits follow a reload (see `Session::refresh_limits`).
-    let limits = node.live();
-    let reader = FrameReader::new(read_half, &early, limits.limits.max_frame_bytes);
-    // Copied into the reader: hyper's read buffer is freed now.
-    drop(early);
-    let id = node.next_conn_id();
-    let outbox = Arc::new(Outbox::new(
-        limits.limits.max_queued_frames,
-        limits.limits.max_queued_bytes,
-    ));
-    let writer = Writer::new(outbox.clone(), &limits.limits);
-    drop(limits);
-    // Moved out in a block of its own, so the box is freed now rather than at the end.
-    let mut params = {
-        let boxed = params;
-        *boxed
-    };
-    let since = params.since.take();
-    let mut session = Session::new(node.clone(), id, params, outbox);
-    let mut conn = Connection {
-        // Greets the client and joins its first room while the writer already runs.
-        handling: Some(Box::pin(async move {
-            session.start(since).await;
-            session
-        })),
-        session: None,
-        reader,
-        writer,
-        liveness: Liveness::new(),
-        message: Assembler::default(),
-        binary: false,
-    };
-    let end = std::future::poll_fn(|cx| conn.poll(&mut write_half, &node, cx)).await;
-    // The close handshake, boxed: its timer need not be part of every idle connection's task.
-    let closing = Box::pin(tokio::time::timeout(
-        CLOSE_TIMEOUT,
-        conn.close(id, end, &mut write_half, &node),
-    ));
-    let _ = closing.await;
+/// What a connection starts from, boxed: a pointer in its task rather than their size, freed
+/// once the connection is built.
+struct Start {
+    /// Resolves once hyper has sent the 101 response.
+    upgrade: OnUpgrade,
+    params: Params,
 }
 
 /// How the open phase of a connection ended: the client's side, or the writer's.
@@ -133,31 +99,83 @@ enum OpenEnd {
 /// then the client's next frames. Frames are read only while no request is in progress and
 /// the session's sends in flight leave room, so a client's requests are handled in order,
 /// `send`s while earlier ones are still being published; the writer runs all along.
-struct Connection<'a> {
+struct Connection {
+    /// The socket: read by `reader`, written by `writer` alone.
+    stream: TcpStream,
+    id: ConnId,
     /// The session, while no request holds it.
     session: Option<Session>,
     /// The request in progress (or the first join), owning the session until it is done.
     handling: Option<Handling>,
-    reader: FrameReader<'a>,
+    reader: FrameReader,
     writer: Writer,
     liveness: Liveness,
-    /// The fragmented message being received.
+    /// The fragmented message being received (whether it is binary, the session knows).
     message: Assembler,
-    /// Whether that message is binary (the decoder has checked the order).
-    binary: bool,
 }
 
 /// Frames handled in one poll before the task yields to others.
 const FRAMES_PER_POLL: usize = 32;
 
-impl Connection<'_> {
-    fn poll<W: AsyncWrite + Unpin>(
-        &mut self,
-        socket: &mut W,
-        node: &Node,
-        cx: &mut Context<'_>,
-    ) -> Poll<OpenEnd> {
+impl Connection {
+    /// The connection of an `upgraded` request asking for `params`, its session greeting the
+    /// client and joining its first room as soon as it is polled; `None` when the upgrade
+    /// failed. A plain function: nothing it builds the connection from stays in the
+    /// connection's task.
+    #[expect(
+        clippy::boxed_local,
+        reason = "`run` keeps what it captured to its end: a box moved in here is freed now"
+    )]
+    fn open(
+        node: &Arc<Node>,
+        upgraded: hyper::Result<Upgraded>,
+        start: Box<Start>,
+    ) -> Option<Self> {
+        let upgraded = match upgraded {
+            Ok(upgraded) => upgraded,
+            Err(e) => {
+                debug!(error = %e, "websocket upgrade did not complete");
+                return None;
+            }
+        };
+        let Some((stream, early)) = take_stream(upgraded) else {
+            error!("upgraded connection is not a TCP stream");
+            return None;
+        };
+        // Frame size, queue and ping limits are fixed for the connection's life; the message
+        // limits follow a reload (see `Chat::live`).
+        let live = node.live();
+        let limits = &live.limits;
+        // Copies `early`: hyper's read buffer is freed with it.
+        let reader = FrameReader::new(&early, limits.max_frame_bytes);
+        let id = node.next_conn_id();
+        let outbox = Arc::new(Outbox::new(
+            limits.max_queued_frames,
+            limits.max_queued_bytes,
+        ));
+        let writer = Writer::new(outbox.clone(), limits);
+        let Start { mut params, .. } = *start;
+        let since = params.since.take();
+        let mut session = Session::new(node.clone(), id, params, outbox);
+        Some(Self {
+            stream,
+            id,
+            // Greets the client and joins its first room while the writer already runs.
+            handling: Some(Box::pin(async move {
+                session.start(since).await;
+                session
+            })),
+            session: None,
+            reader,
+            writer,
+            liveness: Liveness::new(),
+            message: Assembler::default(),
+        })
+    }
+
+    fn poll(&mut self, node: &Node, cx: &mut Context<'_>) -> Poll<OpenEnd> {
         for _ in 0..FRAMES_PER_POLL {
+            let socket = &mut self.stream;
             if let Poll::Ready(end) = self.writer.poll(socket, &self.liveness, node, cx) {
                 return Poll::Ready(OpenEnd::Write(end));
             }
@@ -169,7 +187,7 @@ impl Connection<'_> {
             if let Some(session) = &self.session {
                 ready!(session.poll_room(cx));
             }
-            if let Err(e) = ready!(self.reader.poll_ready(cx)) {
+            if let Err(e) = ready!(self.reader.poll_ready(&self.stream, cx)) {
                 return Poll::Ready(OpenEnd::Read(read_error(e)));
             }
             self.liveness.touch();
@@ -188,7 +206,6 @@ impl Connection<'_> {
             handling,
             reader,
             message,
-            binary,
             ..
         } = self;
         let frame = reader.ready_frame();
@@ -209,10 +226,11 @@ impl Connection<'_> {
             }
             Opcode::Text | Opcode::Binary | Opcode::Continuation => {
                 if frame.opcode != Opcode::Continuation {
-                    *binary = frame.opcode == Opcode::Binary;
+                    session.binary = frame.opcode == Opcode::Binary;
                 }
+                let binary = session.binary;
                 if let Some(whole) = message.push(frame.payload, frame.fin) {
-                    *handling = Session::message(slot, *binary, &whole);
+                    *handling = Session::message(slot, binary, &whole);
                 }
             }
         }
@@ -221,17 +239,12 @@ impl Connection<'_> {
 
     /// The close handshake after `end`: the close frame out, then a [`linger`] until the peer
     /// closes too.
-    async fn close<W: AsyncWrite + Unpin>(
-        &mut self,
-        id: ConnId,
-        end: OpenEnd,
-        socket: &mut W,
-        node: &Node,
-    ) {
+    async fn close(&mut self, end: OpenEnd, node: &Node) {
+        let id = self.id;
         debug!(conn = %id, ?end, "connection ending");
         let end = match end {
             // Sends in flight are answered before the close frame, the writer going on.
-            OpenEnd::Read(ReadEnd::Close(..)) => match self.drain(socket, node).await {
+            OpenEnd::Read(ReadEnd::Close(..)) => match self.drain(node).await {
                 Some(written) => OpenEnd::Write(written),
                 None => end,
             },
@@ -240,11 +253,16 @@ impl Connection<'_> {
         match end {
             OpenEnd::Read(ReadEnd::Close(code, reason)) => {
                 self.writer.outbox().close(code, reason, true);
-                let writing =
-                    std::future::poll_fn(|cx| self.writer.poll(socket, &self.liveness, node, cx));
+                let Self {
+                    stream,
+                    writer,
+                    liveness,
+                    ..
+                } = self;
+                let writing = std::future::poll_fn(|cx| writer.poll(stream, liveness, node, cx));
                 match writing.await {
                     WriteEnd::Failed(e) => debug!(error = %e, "write failed while closing"),
-                    WriteEnd::Closed { .. } => linger(&mut self.reader, socket).await,
+                    WriteEnd::Closed { .. } => linger(&mut self.reader, &mut self.stream).await,
                 }
             }
             OpenEnd::Read(ReadEnd::Gone) => {}
@@ -255,7 +273,7 @@ impl Connection<'_> {
                     self.session = Some(handling.await);
                 }
                 if await_peer {
-                    linger(&mut self.reader, socket).await;
+                    linger(&mut self.reader, &mut self.stream).await;
                 }
             }
         }
@@ -264,12 +282,9 @@ impl Connection<'_> {
 
     /// Waits until the session's sends in flight are answered while the writer goes on;
     /// `Some` if the writer ended first.
-    async fn drain<W: AsyncWrite + Unpin>(
-        &mut self,
-        socket: &mut W,
-        node: &Node,
-    ) -> Option<WriteEnd> {
+    async fn drain(&mut self, node: &Node) -> Option<WriteEnd> {
         let Self {
+            stream: socket,
             session,
             writer,
             liveness,
@@ -294,4 +309,31 @@ impl Connection<'_> {
 fn take_stream(upgraded: Upgraded) -> Option<(TcpStream, Bytes)> {
     let parts = upgraded.downcast::<TokioIo<TcpStream>>().ok()?;
     Some((parts.io.into_inner(), parts.read_buf))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of what `f` returns, without calling it.
+    fn output_size<A, B, C, D, R>(_: &impl FnOnce(A, B, C, D) -> R) -> usize {
+        size_of::<R>()
+    }
+
+    #[test]
+    fn a_connection_task_stays_small() {
+        let task = output_size(&run);
+        println!(
+            "connection future: {task} bytes; Connection {}, Session {}, reader {}, writer {}",
+            size_of::<Connection>(),
+            size_of::<Session>(),
+            size_of::<FrameReader>(),
+            size_of::<Writer>(),
+        );
+        // Every connection's task holds this future, with the task tracker's token and the
+        // runtime's header, scheduler, id and trailer (112 bytes), in a multiple of 128
+        // bytes: up to 528 bytes it is a 640-byte task (1,152 when it held the session's
+        // parts twice, its timers as `Instant`s and its arguments twice).
+        assert!(task <= 528, "the connection future takes {task} bytes");
+    }
 }

@@ -82,27 +82,28 @@ impl Protocol for Native {
 pub(super) type Handling = Pin<Box<dyn Future<Output = Session> + Send>>;
 
 /// The reader side of a connection: the user's chat state, or the echo endpoint.
+/// The user's name and first room are the chat state's (see [`Chat::user`]).
 pub(super) struct Session {
     chat: Chat<Native>,
-    name: Arc<str>,
-    first_room: RoomName,
     /// Send the first room's presence events.
     presence: bool,
     /// Serving the echo endpoint.
     pub(super) echo: bool,
+    /// The fragmented message being received is binary (the decoder has checked the order;
+    /// only the echo endpoint takes binary messages). Kept here rather than in the
+    /// connection, in what would be the session's padding.
+    pub(super) binary: bool,
 }
 
 impl Session {
     pub(super) fn new(node: Arc<Node>, conn: ConnId, params: Params, outbox: Arc<Outbox>) -> Self {
         let mut chat = Chat::new(node, conn, outbox);
-        let name: Arc<str> = params.name.into();
-        chat.sign_in(name.clone(), params.room.clone(), params.grant);
+        chat.sign_in(params.name.into(), params.room, params.grant);
         Self {
             chat,
-            name,
-            first_room: params.room,
             presence: params.presence,
             echo: params.echo,
+            binary: false,
         }
     }
 
@@ -111,17 +112,21 @@ impl Session {
         if self.echo {
             return;
         }
+        let Some((name, first_room)) = self.chat.user() else {
+            return; // signed in when made
+        };
+        let first_room = first_room.clone();
         let welcome = Reply::Welcome {
             conn: &self.chat.conn().to_string(),
-            name: &self.name,
+            name,
             node: &self.chat.node().id,
-            rooms: std::slice::from_ref(&self.first_room),
+            rooms: std::slice::from_ref(&first_room),
         };
         self.reply(welcome.frame());
         let joined = self
             .chat
             .join_first(Join {
-                room: RoomRef::Named(self.first_room.clone()),
+                room: RoomRef::Named(first_room),
                 since,
                 history: true,
                 presence: self.presence,

@@ -45,10 +45,15 @@ pub enum Mode {
     ReadOnly,
 }
 
-/// The rooms a token grants: `None` when it lists none.
+/// The rooms a token grants: `None` when it lists none, as most connections' tokens do (or
+/// they have none). Boxed: every connection holds a grant for its whole life.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Grant {
-    rooms: Option<Vec<RoomPattern>>,
+pub struct Grant(Option<Box<Listed>>);
+
+/// The rooms a token lists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Listed {
+    rooms: Vec<RoomPattern>,
     read_only: Vec<RoomPattern>,
 }
 
@@ -68,23 +73,21 @@ impl Grant {
                 })
                 .collect::<Result<Vec<_>, _>>()
         };
-        let listed = rooms.is_some() || read_only.is_some();
-        Ok(Self {
-            rooms: if listed {
-                Some(parse(rooms.unwrap_or_default(), "rooms")?)
-            } else {
-                None
-            },
+        if rooms.is_none() && read_only.is_none() {
+            return Ok(Self(None));
+        }
+        Ok(Self(Some(Box::new(Listed {
+            rooms: parse(rooms.unwrap_or_default(), "rooms")?,
             read_only: parse(read_only.unwrap_or_default(), "read_only_rooms")?,
-        })
+        }))))
     }
 
     /// What the token says of `room`: `None` when it lists no rooms.
     fn decide(&self, room: &RoomName) -> Option<Option<Mode>> {
-        let rooms = self.rooms.as_ref()?;
-        Some(if rooms.iter().any(|p| p.matches(room)) {
+        let listed = self.0.as_deref()?;
+        Some(if listed.rooms.iter().any(|p| p.matches(room)) {
             Some(Mode::ReadWrite)
-        } else if self.read_only.iter().any(|p| p.matches(room)) {
+        } else if listed.read_only.iter().any(|p| p.matches(room)) {
             Some(Mode::ReadOnly)
         } else {
             None

@@ -152,3 +152,38 @@ async fn waiting_for_room_is_woken_by_the_writer_draining_or_a_close() {
     assert!(outbox.lock().room_waiter.is_none(), "the waiter was woken");
     assert!(poll!(&mut room).is_ready());
 }
+
+#[test]
+fn the_writer_takes_the_close_frame_after_the_queue() {
+    let outbox = Outbox::new(8, 1 << 20);
+    for frame in [&b"a"[..], b"b", b"c"] {
+        outbox.push(Bytes::from_static(frame)).unwrap();
+    }
+    outbox.close(close_code::GOING_AWAY, "bye", true);
+    assert_eq!(outbox.len(), 3);
+    let mut taken = Vec::new();
+    assert!(matches!(
+        outbox.take_up_to(2, |f| taken.push(f)),
+        Next::Frames
+    ));
+    assert!(matches!(
+        outbox.take_up_to(2, |f| taken.push(f)),
+        Next::Frames
+    ));
+    assert_eq!(taken, [&b"a"[..], b"b", b"c"]);
+    let Next::Close(frame) = outbox.take_up_to(2, |f| taken.push(f)) else {
+        panic!("expected a close");
+    };
+    assert_eq!(&frame[2..4], &close_code::GOING_AWAY.to_be_bytes());
+    assert!(matches!(
+        outbox.take_up_to(2, |f| taken.push(f)),
+        Next::Empty
+    ));
+    assert_eq!(taken.len(), 3);
+}
+
+#[test]
+fn an_outbox_fits_a_128_byte_allocation() {
+    // With its `Arc`'s two counts: every connection holds one.
+    assert!(size_of::<Outbox>() <= 112, "{} bytes", size_of::<Outbox>());
+}

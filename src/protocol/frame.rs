@@ -240,7 +240,8 @@ impl Utf8 {
 /// The data message in progress, when it came in fragments.
 #[derive(Debug)]
 struct Fragmented {
-    len: usize,
+    /// At most `max_frame_bytes`.
+    len: u32,
     /// `None` for a binary message.
     utf8: Option<Utf8>,
 }
@@ -259,12 +260,39 @@ pub enum Decoded {
 
 /// Decodes a connection's client frames one at a time and checks the rules that span them:
 /// fragments in order, a message's total size, UTF-8 of text, close payloads.
+///
+/// Kept small (28 bytes): every connection's reader holds one.
 #[derive(Debug)]
 pub struct Decoder {
-    max_frame_bytes: usize,
+    /// At most 16 MiB (`limits.max_frame_bytes`), so frame and message lengths fit a `u32`.
+    max_frame_bytes: u32,
     /// The header of the frame whose payload is still arriving (already checked).
-    header: Option<Header>,
+    header: Option<Pending>,
     message: Option<Fragmented>,
+}
+
+/// A checked [`Header`] kept while its payload arrives, in 12 bytes rather than 24.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    fin: bool,
+    opcode: Opcode,
+    mask: [u8; 4],
+    /// At most 14.
+    payload_offset: u8,
+    /// At most `max_frame_bytes`.
+    payload_len: u32,
+}
+
+impl Pending {
+    fn header(self) -> Header {
+        Header {
+            fin: self.fin,
+            opcode: self.opcode,
+            mask: self.mask,
+            payload_offset: usize::from(self.payload_offset),
+            payload_len: self.payload_len as usize,
+        }
+    }
 }
 
 impl Decoder {
@@ -272,7 +300,7 @@ impl Decoder {
     /// (`limits.max_frame_bytes`) with 1009.
     pub fn new(max_frame_bytes: usize) -> Self {
         Self {
-            max_frame_bytes,
+            max_frame_bytes: u32::try_from(max_frame_bytes).unwrap_or(u32::MAX),
             header: None,
             message: None,
         }
@@ -283,11 +311,18 @@ impl Decoder {
     /// [`Decoded::Incomplete`] it calls again with the same bytes and more.
     pub fn decode(&mut self, buf: &mut [u8]) -> Result<Decoded, FrameError> {
         let header = match self.header {
-            Some(header) => header,
-            None => match parse_header(buf, self.max_frame_bytes)? {
+            Some(pending) => pending.header(),
+            None => match parse_header(buf, self.max_frame_bytes as usize)? {
                 Some(header) => {
                     self.check_sequence(&header)?;
-                    self.header = Some(header);
+                    // Header bytes are at most 14, and the payload at most `max_frame_bytes`.
+                    self.header = Some(Pending {
+                        fin: header.fin,
+                        opcode: header.opcode,
+                        mask: header.mask,
+                        payload_offset: header.payload_offset as u8,
+                        payload_len: header.payload_len as u32,
+                    });
                     header
                 }
                 None => return Ok(Decoded::Incomplete { frame_len: None }),
@@ -312,7 +347,7 @@ impl Decoder {
             }
             (Opcode::Continuation, None) => Err(protocol("continuation frame without a message")),
             (Opcode::Continuation, Some(message)) => {
-                message.len += header.payload_len;
+                message.len = message.len.saturating_add(header.payload_len as u32);
                 if message.len > self.max_frame_bytes {
                     return Err(TOO_BIG);
                 }
@@ -320,7 +355,7 @@ impl Decoder {
             }
             (Opcode::Text | Opcode::Binary, None) if !header.fin => {
                 self.message = Some(Fragmented {
-                    len: header.payload_len,
+                    len: header.payload_len as u32,
                     utf8: text.then(Utf8::default),
                 });
                 Ok(())

@@ -15,7 +15,7 @@ use hyper::Request;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::debug;
 
@@ -74,11 +74,10 @@ async fn run(node: Arc<Node>, session: Arc<EngineSession>, upgrade: OnUpgrade, p
         }
         return;
     };
-    let (read_half, mut write_half) = stream.split();
-    let mut reader = FrameReader::new(read_half, &early, session.max_payload);
+    let mut reader = FrameReader::new(&early, session.max_payload);
     drop(early);
     if probe {
-        let upgraded = probe_upgrade(&mut reader, &mut write_half, &session).await;
+        let upgraded = probe_upgrade(&mut reader, &mut stream, &session).await;
         session.finish_upgrade(upgraded);
         if !upgraded {
             return; // the session goes on polling
@@ -86,7 +85,8 @@ async fn run(node: Arc<Node>, session: Arc<EngineSession>, upgrade: OnUpgrade, p
     }
     let liveness = Liveness::new();
     let closed = {
-        let reading = read_loop(&session, &mut reader, &liveness);
+        let (read_half, mut write_half) = stream.split();
+        let reading = read_loop(&session, &mut reader, read_half.as_ref(), &liveness);
         let writing = writer::run(&mut write_half, &session.outbox, &liveness, &node);
         tokio::pin!(reading, writing);
         tokio::select! {
@@ -116,7 +116,7 @@ async fn run(node: Arc<Node>, session: Arc<EngineSession>, upgrade: OnUpgrade, p
     session.end();
     if closed {
         // The close frame is out: the peer gets it even while it is still sending.
-        linger(&mut reader, &mut write_half).await;
+        linger(&mut reader, &mut stream).await;
     }
 }
 
@@ -130,15 +130,15 @@ async fn accept(upgrade: OnUpgrade) -> Option<(TcpStream, Bytes)> {
 
 /// Runs the probe: `2probe` → `3probe` (and a noop for the pending poll), then `5`. Returns
 /// whether the client upgraded. Nothing else runs on the socket meanwhile.
-async fn probe_upgrade<W: AsyncWrite + Unpin>(
-    reader: &mut FrameReader<'_>,
-    write: &mut W,
+async fn probe_upgrade(
+    reader: &mut FrameReader,
+    stream: &mut TcpStream,
     session: &EngineSession,
 ) -> bool {
     let deadline = tokio::time::Instant::now() + UPGRADE_TIMEOUT;
     let mut probed = false;
     loop {
-        let read = tokio::time::timeout_at(deadline, reader.next()).await;
+        let read = tokio::time::timeout_at(deadline, reader.next(stream)).await;
         let Ok(Ok(frame)) = read else {
             return false;
         };
@@ -155,7 +155,7 @@ async fn probe_upgrade<W: AsyncWrite + Unpin>(
             (Opcode::Text, true, b"5", true) => return true,
             _ => return false,
         };
-        let sent = tokio::time::timeout_at(deadline, write.write_all(&reply)).await;
+        let sent = tokio::time::timeout_at(deadline, stream.write_all(&reply)).await;
         if !matches!(sent, Ok(Ok(()))) {
             return false;
         }
@@ -164,7 +164,8 @@ async fn probe_upgrade<W: AsyncWrite + Unpin>(
 
 async fn read_loop(
     session: &EngineSession,
-    reader: &mut FrameReader<'_>,
+    reader: &mut FrameReader,
+    stream: &TcpStream,
     liveness: &Liveness,
 ) -> ReadEnd {
     let mut message = Assembler::default();
@@ -172,7 +173,7 @@ async fn read_loop(
         // With as many messages in flight as allowed, nothing more is read until one is
         // answered.
         session.sends.room().await;
-        let frame = match reader.next().await {
+        let frame = match reader.next(stream).await {
             Ok(frame) => frame,
             Err(e) => return read_error(e),
         };
