@@ -99,8 +99,12 @@ return changes
 /// Most (user, count) triples one script call carries.
 const SYNC_CHUNK: usize = 500;
 
-/// Most presence writes in flight at once.
-const WRITES_IN_FLIGHT: usize = 4;
+/// Most presence writes in flight at once. A mark that finds them all taken waits for one
+/// to be answered before its write starts: under connection churn on a busy machine, with 4
+/// a join's mark waited 0.8–1.1 ms on average (2–3.5 ms at the 90th percentile) before its
+/// write went out, with 16 about 0.6 ms (1.4 ms). Each is one small script on the
+/// multiplexed connection; the marks made while all are taken still go out in one.
+const WRITES_IN_FLIGHT: usize = 16;
 
 /// How long a join waits for its presence to be written before answering anyway.
 const JOIN_WAIT: Duration = Duration::from_secs(2);
