@@ -621,3 +621,41 @@ impl RedisTransport {
 fn bad_cursor() -> TransportError {
     TransportError::BadRequest("`cursor` must be one a presence page returned".into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sync() -> PresenceSync {
+        PresenceSync::new(true, "n1", Duration::from_secs(30))
+    }
+
+    #[test]
+    fn a_write_wakes_only_the_joins_it_covers() {
+        let sync = sync();
+        let room = RoomName::new("dev").expect("room name");
+        let mut first = sync.mark_waiting(&room, &"ann".into());
+        let mut second = sync.mark_waiting(&room, &"bob".into());
+        sync.written(1);
+        assert!(first.try_recv().is_ok());
+        assert!(matches!(
+            second.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        ));
+        sync.written(2);
+        assert!(second.try_recv().is_ok());
+    }
+
+    #[test]
+    fn joins_that_stopped_waiting_are_swept() {
+        let sync = sync();
+        let room = RoomName::new("dev").expect("room name");
+        let user: Arc<str> = "ann".into();
+        for _ in 0..10 * WAITERS_SWEPT_FROM {
+            drop(sync.mark_waiting(&room, &user));
+        }
+        let _waiting = sync.mark_waiting(&room, &user);
+        let dirty = sync.dirty.lock().expect("dirty lock");
+        assert!(dirty.waiters.len() <= WAITERS_SWEPT_FROM + 1);
+    }
+}
