@@ -496,6 +496,10 @@ pub struct RedisConfig {
     pub unsubscribe_linger_secs: u64,
     /// Seconds between heartbeat `PING`s on the subscriber connection.
     pub heartbeat_secs: u64,
+    /// How far behind, in milliseconds, the subscriber may fall (the age of its backlog, as a
+    /// probe the node publishes to itself measures it) before its connection is dropped,
+    /// re-established and healed from the history.
+    pub subscriber_lag_max_ms: u64,
     /// Keep each subscribed room's newest `rooms.history_on_join` messages in memory and
     /// answer joins and short reconnects from them, without a Redis round trip.
     pub local_history: bool,
@@ -582,6 +586,7 @@ impl Default for RedisConfig {
             publish_timeout_ms: 2000,
             unsubscribe_linger_secs: 5,
             heartbeat_secs: 5,
+            subscriber_lag_max_ms: 5000,
             local_history: true,
             mode: RedisMode::Standalone,
             sentinels: Vec::new(),
@@ -1220,6 +1225,11 @@ impl Config {
             "must be at least 1",
         );
         check(
+            (1..=600_000).contains(&r.subscriber_lag_max_ms),
+            "redis.subscriber_lag_max_ms",
+            "must be from 1 to 600000",
+        );
+        check(
             r.mode != RedisMode::Sentinel
                 || (!r.sentinels.is_empty() && r.sentinels.iter().all(|s| host_port(s).is_some())),
             "redis.sentinels",
@@ -1651,6 +1661,20 @@ mod tests {
             found[0].starts_with("limits.publishes_in_flight:"),
             "{found:?}"
         );
+    }
+
+    #[test]
+    fn the_subscriber_lag_bound_is_checked() {
+        for bad in ["0", "600001"] {
+            let found = problems(&format!("[redis]\nsubscriber_lag_max_ms = {bad}"));
+            assert_eq!(found.len(), 1, "{found:?}");
+            assert!(
+                found[0].starts_with("redis.subscriber_lag_max_ms:"),
+                "{found:?}"
+            );
+        }
+        assert!(problems("[redis]\nsubscriber_lag_max_ms = 1").is_empty());
+        assert_eq!(Config::default().redis.subscriber_lag_max_ms, 5000);
     }
 
     #[test]

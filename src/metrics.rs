@@ -238,6 +238,9 @@ pub struct Metrics {
     pub duplicate_sends_total: Counter,
     /// `send`s read from clients and not answered yet, over every connection.
     pub publishes_in_flight: Gauge,
+    /// Times the subscriber fell further behind than `redis.subscriber_lag_max_ms` and
+    /// dropped its connection.
+    pub backplane_lag_cuts_total: Counter,
     /// Gaps in a room's ids seen on the backplane (a lost message or subscription).
     pub backplane_gaps_total: Counter,
     /// Gaps filled completely from the room's history.
@@ -402,6 +405,7 @@ impl Metrics {
             publish_errors_total: Counter::default(),
             duplicate_sends_total: Counter::default(),
             publishes_in_flight: Gauge::default(),
+            backplane_lag_cuts_total: Counter::default(),
             backplane_gaps_total: Counter::default(),
             backplane_gaps_healed_total: Counter::default(),
             backplane_messages_healed_total: Counter::default(),
@@ -492,6 +496,12 @@ impl Metrics {
             "publishes_in_flight",
             "Sends read from clients and not answered yet",
             metrics.publishes_in_flight.0.clone(),
+        );
+        registry.register(
+            "backplane_lag_cuts",
+            "Times the subscriber fell further behind than redis.subscriber_lag_max_ms and \
+             dropped its connection",
+            metrics.backplane_lag_cuts_total.0.clone(),
         );
         registry.register(
             "backplane_gaps",
@@ -646,8 +656,8 @@ mod tests {
                 );
             }
         }
-        // 28, and the archive's 12.
-        assert_eq!(families.len(), 41, "{families:?}");
+        // 30, and the archive's 12.
+        assert_eq!(families.len(), 42, "{families:?}");
         assert!(text.ends_with('\n'));
         assert!(!text.contains("# EOF"), "0.0.4 text has no EOF marker");
         for line in text.lines().filter(|l| l.starts_with("# HELP ")) {

@@ -966,6 +966,64 @@ async fn a_slow_narrow_redis_path_delays_but_keeps_order() {
     );
 }
 
+/// `name` from the node at `addr`'s `/metrics`.
+async fn metric(addr: SocketAddr, name: &str) -> u64 {
+    let (_, text) = http_get(addr, "/metrics", &[]).await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing"))
+}
+
+#[tokio::test]
+async fn a_subscriber_that_falls_behind_is_cut_and_healed_from_the_history() {
+    let redis = Redis::start(None).await;
+    let proxy = FaultProxy::start(redis.port).await;
+    // Node a may fall 300 ms behind; its heartbeat stays out of the way (its PING's answer
+    // would wait behind the same backlog).
+    let a_node = Node::spawn_with(
+        "node-a",
+        proxy.port,
+        None,
+        &[
+            ("SCALECHAT_REDIS__SUBSCRIBER_LAG_MAX_MS", "300"),
+            ("SCALECHAT_REDIS__HEARTBEAT_SECS", "60"),
+        ],
+    );
+    let b_node = Node::spawn("node-b", &redis, None);
+    wait_ready(&a_node, 200, "node a ready").await;
+    wait_ready(&b_node, 200, "node b ready").await;
+    let mut reader = a_node.client("name=reader").await;
+    let mut sender = b_node.client("name=sender").await;
+    sender.say_acked("before", 3).await;
+    assert_eq!(ids(&messages(&mut reader, 3).await), [1, 2, 3]);
+    assert_eq!(
+        metric(a_node.addr, "scalechat_backplane_lag_cuts_total").await,
+        0
+    );
+
+    // Node a's path from Redis carries 20 kB/s: a burst of about 200 kB takes it some ten
+    // seconds, however fast the machine, and node a's probes wait behind it.
+    proxy.set(Fault::Rate(20_000));
+    let text = "x".repeat(2000);
+    sender.say_repeated_acked(&text, 100).await;
+    let addr = a_node.addr;
+    eventually_async("node a cuts its lagging subscriber", || async move {
+        metric(addr, "scalechat_backplane_lag_cuts_total").await >= 1
+    })
+    .await;
+
+    proxy.set(Fault::Pass);
+    wait_ready(&a_node, 200, "node a reconnects").await;
+    sender.say_acked("after", 2).await;
+    // Every message once, in order: what the cut connection held came from the history.
+    let got = messages(&mut reader, 102).await;
+    assert_eq!(ids(&got), (4..=105).collect::<Vec<_>>());
+    assert_eq!(got[101]["message"], "after1");
+    sender.say_acked("last", 1).await;
+    assert_eq!(reader.expect_chat().await["id"], 106, "nothing twice");
+    assert!(metric(addr, "scalechat_backplane_gaps_healed_total").await >= 1);
+}
+
 /// Keys in `redis`'s database.
 /// The keys in Redis but those of the running nodes themselves (presence registry, address).
 async fn keys(redis: &Redis) -> Vec<String> {
@@ -1069,4 +1127,56 @@ async fn a_join_cancelled_while_subscribing_leaves_no_subscription() {
     .await;
     assert_eq!(redis.numsub("kept").await, 1);
     drop(live);
+}
+
+#[tokio::test]
+async fn a_frozen_node_drops_the_backlog_it_reads_in_and_heals_from_the_history() {
+    const BURST: usize = 8000;
+    let redis = Redis::start(None).await;
+    // Redis's own limit on a subscriber's output would cut node a while it is frozen; the
+    // node's bound is what is tested here.
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("client-output-buffer-limit")
+        .arg("pubsub 0 0 0")
+        .query_async(&mut redis.conn().await)
+        .await
+        .unwrap();
+    // Room for the whole burst in the history and in the clients' queues.
+    let history = (BURST + 100).to_string();
+    let roomy = [
+        ("SCALECHAT_ROOMS__HISTORY_SIZE", history.as_str()),
+        ("SCALECHAT_LIMITS__MAX_QUEUED_FRAMES", "100000"),
+        ("SCALECHAT_LIMITS__MAX_QUEUED_BYTES", "268435456"),
+    ];
+    let lagging = [
+        ("SCALECHAT_REDIS__SUBSCRIBER_LAG_MAX_MS", "20"),
+        ("SCALECHAT_REDIS__HEARTBEAT_SECS", "60"),
+    ];
+    let a_node = Node::spawn_with("node-a", redis.port, None, &[&roomy[..], &lagging].concat());
+    let b_node = Node::spawn_with("node-b", redis.port, None, &roomy);
+    wait_ready(&a_node, 200, "node a ready").await;
+    wait_ready(&b_node, 200, "node b ready").await;
+    let mut reader = a_node.client("name=reader").await;
+    let mut sender = b_node.client("name=sender").await;
+    sender.say_acked("before", 3).await;
+    assert_eq!(ids(&messages(&mut reader, 3).await), [1, 2, 3]);
+
+    // Node a is frozen (as if starved of CPU) while about 32 MB are published to it; once it
+    // runs again the redis crate reads them all in at once, far faster than the subscriber
+    // decodes and delivers them (thousands of messages against a 20 ms bound).
+    let pid = a_node.child.id().unwrap();
+    common::send_signal(pid, "-STOP");
+    sender.say_repeated_acked(&"x".repeat(3900), BURST).await;
+    common::send_signal(pid, "-CONT");
+    let got = messages(&mut reader, BURST).await;
+    assert_eq!(ids(&got), (4..=BURST as u64 + 3).collect::<Vec<_>>());
+    sender.say_acked("last", 1).await;
+    assert_eq!(reader.expect_chat().await["id"], BURST + 4, "nothing twice");
+    let cuts = metric(a_node.addr, "scalechat_backplane_lag_cuts_total").await;
+    let healed = metric(a_node.addr, "scalechat_backplane_messages_healed_total").await;
+    println!("{cuts} cuts, {healed} of {BURST} messages healed from the history");
+    assert!(cuts >= 1);
+    // What the dropped connection held came from the history instead.
+    assert!(healed > 0);
 }

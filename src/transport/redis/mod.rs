@@ -19,7 +19,8 @@
 //! `subscriptions` (which rooms the node wants and has), `subscriber` (the subscriber task:
 //! reconnect, reconcile, receive), `recent` (per room, the last id delivered and the newest
 //! messages), `heal` (filling gaps from the history), `connect` (client, sentinels, backoff,
-//! outages), `sentinel` (listening for failovers).
+//! outages), `sentinel` (listening for failovers), `probe` (bounding the subscriber's
+//! backlog by its age).
 //! This file holds the transport's state and the calls the rest of the server makes.
 
 mod connect;
@@ -27,6 +28,7 @@ mod control;
 mod feed;
 mod heal;
 mod presence;
+mod probe;
 mod publisher;
 mod recent;
 mod scripts;
@@ -69,6 +71,8 @@ pub struct RedisTransport {
     /// Opens the archive stream consumer's connection (standalone mode, archive on).
     archive_client: Option<redis::Client>,
     heartbeat: Duration,
+    /// `redis.subscriber_lag_max_ms`: how far behind the subscriber may fall.
+    lag_max: Duration,
     policy: RoomsConfig,
     /// Per room: the epoch and last id this node delivered, to find gaps, and the newest
     /// messages, to answer joins.
@@ -101,6 +105,8 @@ pub struct RedisTransport {
     presence_channel: String,
     /// `{prefix}:control`, where requests for every node go out.
     control_channel: String,
+    /// `{prefix}:probe:{node}`, where this node measures its subscriber's backlog.
+    probe_channel: String,
     /// `server.internal_addr`: where other nodes reach this one.
     internal_addr: String,
     /// Where this node reports the messages it published and the presence changes its
@@ -162,6 +168,7 @@ impl RedisTransport {
             scripts,
             archive_client,
             heartbeat: Duration::from_secs(config.heartbeat_secs),
+            lag_max: Duration::from_millis(config.subscriber_lag_max_ms),
             policy: policy.clone(),
             streams: Mutex::new(HashMap::new()),
             delivering: Mutex::new(()),
@@ -183,6 +190,7 @@ impl RedisTransport {
             metrics,
             presence_channel: format!("{}:presence", config.channel_prefix),
             control_channel: format!("{}:control", config.channel_prefix),
+            probe_channel: format!("{}:probe:{node}", config.channel_prefix),
             internal_addr: internal_addr.to_owned(),
             // A room's presence keys carry no hash tag (they would land on several shards)
             // and are found by scanning a prefix: in cluster mode each node reports its own

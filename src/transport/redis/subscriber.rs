@@ -2,8 +2,9 @@
 //! and the task that runs it for the life of the process. It connects, checks the publisher,
 //! subscribes, heals what was missed while it was away and then receives, copying each
 //! payload once into a WebSocket frame for the hub, so Redis never has to buffer for us. It
-//! reconciles the subscriptions when a join or leave asks and once a second, and sends a
-//! heartbeat `PING`; when the connection drops or stalls the node keeps its clients, says not
+//! reconciles the subscriptions when a join or leave asks and once a second, sends a
+//! heartbeat `PING`, and probes how far behind its channels it is (see `probe`); when the
+//! connection drops, stalls or falls too far behind, the node keeps its clients, says not
 //! ready, and reconnects with capped exponential backoff and jitter. In sentinel mode each
 //! connect asks the sentinels for the master first; a new one is logged and counted as a
 //! failover, and the publisher follows it.
@@ -18,6 +19,7 @@ use tracing::{debug, info, warn};
 
 use super::connect::Locator;
 use super::feed::{Feed, Incoming, connect_cluster};
+use super::probe::Prober;
 
 use super::RedisTransport;
 use super::connect::{
@@ -45,6 +47,7 @@ impl RedisTransport {
                             let global = vec![
                                 self.presence_channel().to_owned(),
                                 self.control_channel().to_owned(),
+                                self.probe_channel.clone(),
                             ];
                             match feed.subscribe_global(global).await {
                                 Ok(()) => self.reconcile(&mut feed).await,
@@ -96,7 +99,8 @@ impl RedisTransport {
     /// asked and once a second (for lingering rooms); every `redis.heartbeat_secs` sends a
     /// `PING` on the subscriber connection and gives it up when no answer comes within
     /// `redis.publish_timeout_ms`, so a stalled or half-open connection is noticed even when
-    /// no message is due.
+    /// no message is due; and probes how far behind the subscriber is (see `probe`), giving
+    /// the connection up past `redis.subscriber_lag_max_ms`.
     async fn receive(
         &self,
         feed: &mut Feed,
@@ -105,9 +109,15 @@ impl RedisTransport {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut heartbeat = tokio::time::interval(self.heartbeat);
         heartbeat.reset();
+        let mut prober = Prober::new(self);
         loop {
             tokio::select! {
                 incoming = feed.next() => match incoming {
+                    Incoming::Message(msg) if msg.get_channel_name() == self.probe_channel => {
+                        if let Some(e) = prober.arrived(msg.get_payload_bytes()) {
+                            return e;
+                        }
+                    }
                     Incoming::Message(msg) if msg.get_channel_name() == self.presence_channel() => {
                         self.heard(msg.get_payload_bytes());
                     }
@@ -123,6 +133,7 @@ impl RedisTransport {
                     Incoming::Closed => return closed_error(),
                 },
                 _ = switches.changed() => return master_switched_error(),
+                e = prober.run() => return e,
                 _ = self.reconcile_needed.notified() => {
                     if let Err(e) = self.reconcile(feed).await {
                         return e;
