@@ -17,7 +17,7 @@ use futures_util::stream::FuturesUnordered;
 use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use redis::{AsyncConnectionConfig, Client, RedisError, Script};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -141,9 +141,10 @@ async fn run(shared: Arc<Shared>, source: StreamSource, shutdown: CancellationTo
 
 /// Reads and archives until `shutdown` (`Ok`) or a Redis error.
 ///
-/// Reading and writing overlap: while up to `archive.pool_size` batches are being written
-/// (each on its own pooled PostgreSQL connection), the next is read, as the embedded
-/// transport's writer does. Entries read are acknowledged batch by batch as each commits; a
+/// While the archive keeps up, one batch is written at a time and the next read takes what
+/// arrived meanwhile; once it falls behind (reads fill batches), up to `archive.pool_size`
+/// batches are written at once (each on its own pooled PostgreSQL connection) while the next
+/// is read, as the embedded transport's writer does. Entries read are acknowledged batch by batch as each commits; a
 /// batch still in flight when the node stops stays pending in Redis for the next reader.
 async fn consume(
     shared: &Shared,
@@ -184,24 +185,46 @@ async fn consume(
         set_lag(shared, None);
     }
     let depth = shared.config.pool_size.max(1);
-    // One batch read ahead while `depth` are written.
+    let batch_max = shared.config.batch_max_messages;
+    // Batches handed to the writer and not yet written.
+    let in_flight = watch::Sender::new(0usize);
+    let in_flight = &in_flight;
     let (batches, mut next) = mpsc::channel::<Vec<StreamId>>(1);
     let reader = async move {
         let mut next_claim = tokio::time::Instant::now();
+        let mut writes = in_flight.subscribe();
+        let mut behind = false;
         while !shutdown.is_cancelled() {
             if tokio::time::Instant::now() >= next_claim {
                 next_claim += CLAIM_EVERY;
-                let claimed = claim(&mut conn, source, shared.config.batch_max_messages).await?;
-                if !claimed.is_empty() && batches.send(claimed).await.is_err() {
-                    break;
+                let claimed = claim(&mut conn, source, batch_max).await?;
+                if !claimed.is_empty() {
+                    in_flight.send_modify(|n| *n += 1);
+                    if batches.send(claimed).await.is_err() {
+                        break;
+                    }
                 }
             }
-            let (entries, last) =
-                read_new(&mut conn, source, shared, shared.config.batch_max_messages).await?;
+            // Reads run ahead of the writes only while the archive is behind (the last read
+            // filled a batch). Otherwise the next read waits for the write in flight, so what
+            // arrives meanwhile makes one batch: one transaction for many messages.
+            tokio::select! {
+                waited = writes.wait_for(|&n| n == 0 || (behind && n < depth)) => {
+                    if waited.is_err() {
+                        break;
+                    }
+                }
+                () = shutdown.cancelled() => break,
+            }
+            let (entries, last) = read_new(&mut conn, source, shared, batch_max).await?;
+            behind = entries.len() >= batch_max;
             if entries.is_empty() {
                 wait_for_new(&mut conn, source, &last).await?;
-            } else if batches.send(entries).await.is_err() {
-                break;
+            } else {
+                in_flight.send_modify(|n| *n += 1);
+                if batches.send(entries).await.is_err() {
+                    break;
+                }
             }
         }
         Ok::<(), RedisError>(())
@@ -217,6 +240,7 @@ async fn consume(
             tokio::select! {
                 Some((no, written)) = writes.next(), if !writes.is_empty() => {
                     held.retain(|&(n, _, _)| n != no);
+                    in_flight.send_modify(|n| *n = n.saturating_sub(1));
                     if !written? {
                         return Ok(());
                     }
