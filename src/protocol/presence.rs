@@ -93,7 +93,7 @@ pub fn event_frame<T: Serialize>(
 }
 
 /// A change of one user's presence in a room, as one node tells the others (the JSON the
-/// Redis presence script publishes).
+/// Redis presence script publishes: an array of these, one message per script run).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct Change {
     /// The room.
@@ -110,9 +110,19 @@ pub struct Change {
 }
 
 impl Change {
-    /// Decodes a change as the presence script publishes it.
-    pub fn decode(json: &[u8]) -> Result<Self, serde_json::Error> {
-        serde_json::from_slice(json)
+    /// Decodes the changes one presence script run published: an array of changes, or one
+    /// change on its own.
+    pub fn decode_all(json: &[u8]) -> Result<Vec<Self>, serde_json::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Published {
+            Many(Vec<Change>),
+            One(Change),
+        }
+        Ok(match serde_json::from_slice(json)? {
+            Published::Many(changes) => changes,
+            Published::One(change) => vec![change],
+        })
     }
 }
 
@@ -164,14 +174,27 @@ mod tests {
     }
 
     #[test]
-    fn a_change_decodes_from_the_scripts_json() {
-        let change =
-            Change::decode(br#"{"room":"dev","user":"ann","joined":true,"since":5,"online":3}"#)
-                .unwrap();
+    fn changes_decode_from_the_scripts_json() {
+        let one = br#"{"room":"dev","user":"ann","joined":true,"since":5,"online":3}"#;
+        let changes = Change::decode_all(one).unwrap();
         assert_eq!(
-            (change.user.as_str(), change.joined, change.online),
-            ("ann", true, 3)
+            changes
+                .iter()
+                .map(|c| (c.user.as_str(), c.joined, c.online))
+                .collect::<Vec<_>>(),
+            [("ann", true, 3)]
         );
-        assert!(Change::decode(br#"{"room":"dev"}"#).is_err());
+        let many = br#"[{"room":"dev","user":"ann","joined":true,"since":5,"online":3},
+            {"room":"dev","user":"bob","joined":false,"online":2}]"#;
+        let changes = Change::decode_all(many).unwrap();
+        assert_eq!(
+            changes
+                .iter()
+                .map(|c| (c.user.as_str(), c.joined, c.since, c.online))
+                .collect::<Vec<_>>(),
+            [("ann", true, 5, 3), ("bob", false, 0, 2)]
+        );
+        assert!(Change::decode_all(br#"{"room":"dev"}"#).is_err());
+        assert!(Change::decode_all(br#"[{"room":"dev"}]"#).is_err());
     }
 }

@@ -36,10 +36,14 @@ use crate::webhooks::{Event, EventKind};
 /// lists the room among the node's rooms while the node has users in it.
 /// KEYS: pres, pres-since, pres-node, presence-rooms (of this node). ARGV: channel, room,
 /// `1` when the node has users in the room (else `0`), then (user, count, since) triples.
-/// Returns the users in the room and the changes it published.
+/// Returns the users in the room and the changes it published: one JSON array of changes,
+/// published once per call (`false` when nothing changed).
+///
+/// A user is a field of `pres` exactly while their count over every node is above zero, so
+/// the room's count is read once and follows the changes rather than being read for each.
 const SYNC_LUA: &str = r"
-local online = 0
 local changes = {}
+local online = redis.call('HLEN', KEYS[1])
 if ARGV[3] == '1' then
   redis.call('SADD', KEYS[4], ARGV[2])
 else
@@ -56,27 +60,29 @@ for i = 4, #ARGV, 3 do
       redis.call('HDEL', KEYS[1], user)
       if total - delta > 0 then
         redis.call('HDEL', KEYS[2], user)
-        online = redis.call('HLEN', KEYS[1])
-        local change = cjson.encode({room = ARGV[2], user = user, joined = false, online = online})
-        redis.call('PUBLISH', ARGV[1], change)
-        table.insert(changes, change)
+        online = online - 1
+        table.insert(changes, {room = ARGV[2], user = user, joined = false, online = online})
       end
     elseif total == delta then
-      redis.call('HSET', KEYS[2], user, since)
-      online = redis.call('HLEN', KEYS[1])
-      local change = cjson.encode({room = ARGV[2], user = user, joined = true, since = since, online = online})
-      redis.call('PUBLISH', ARGV[1], change)
-      table.insert(changes, change)
+      redis.call('HSET', KEYS[2], user, ARGV[i + 2])
+      online = online + 1
+      table.insert(changes, {room = ARGV[2], user = user, joined = true, since = since, online = online})
     end
   end
 end
-return {redis.call('HLEN', KEYS[1]), changes}
+if #changes == 0 then
+  return {online, false}
+end
+local published = cjson.encode(changes)
+redis.call('PUBLISH', ARGV[1], published)
+return {online, published}
 ";
 
 /// Removes a stopped node's share of a room. KEYS: pres, pres-since, pres-node (of that
-/// node). ARGV: channel, room. Returns the changes it published.
+/// node). ARGV: channel, room. Returns the changes it published, as [`SYNC_LUA`] does.
 const REAP_LUA: &str = r"
 local changes = {}
+local online = redis.call('HLEN', KEYS[1])
 local entries = redis.call('HGETALL', KEYS[3])
 for i = 1, #entries, 2 do
   local user, count = entries[i], tonumber(entries[i + 1])
@@ -85,15 +91,18 @@ for i = 1, #entries, 2 do
     redis.call('HDEL', KEYS[1], user)
     if total + count > 0 then
       redis.call('HDEL', KEYS[2], user)
-      local online = redis.call('HLEN', KEYS[1])
-      local change = cjson.encode({room = ARGV[2], user = user, joined = false, online = online})
-      redis.call('PUBLISH', ARGV[1], change)
-      table.insert(changes, change)
+      online = online - 1
+      table.insert(changes, {room = ARGV[2], user = user, joined = false, online = online})
     end
   end
 end
 redis.call('DEL', KEYS[3])
-return changes
+if #changes == 0 then
+  return false
+end
+local published = cjson.encode(changes)
+redis.call('PUBLISH', ARGV[1], published)
+return published
 ";
 
 /// Most (user, count) triples one script call carries.
@@ -463,10 +472,10 @@ impl RedisTransport {
                     .arg(local.map_or(0, |l| l.connections))
                     .arg(local.map_or(now, |l| l.since));
             }
-            let changes: Vec<Vec<u8>>;
+            let changes: Option<Vec<u8>>;
             (online, changes) = self.scripts.run(call).await?;
             self.metrics.presence_writes_total.inc();
-            self.report(&changes);
+            self.report(changes.as_deref());
         }
         let mut known = self.presence.online();
         if self.hub.members(name) > 0 {
@@ -542,8 +551,8 @@ impl RedisTransport {
                 .key(self.presence_key("pres-node", &format!("{room}:{node}")))
                 .arg(self.presence_channel())
                 .arg(room);
-            let changes: Vec<Vec<u8>> = self.scripts.run(call).await?;
-            self.report(&changes);
+            let changes: Option<Vec<u8>> = self.scripts.run(call).await?;
+            self.report(changes.as_deref());
         }
         let mut forget = redis::cmd("DEL");
         forget.arg(&rooms_key);
@@ -553,7 +562,7 @@ impl RedisTransport {
     /// Reports the changes this node's script made to the webhooks: each change is made (and
     /// so reported) by exactly one script run. A room whose users went from none to one was
     /// occupied, from one to none vacated.
-    fn report(&self, changes: &[Vec<u8>]) {
+    fn report(&self, changes: Option<&[u8]>) {
         let webhooks = &self.webhooks;
         let wanted = [
             EventKind::RoomOccupied,
@@ -561,11 +570,16 @@ impl RedisTransport {
             EventKind::MemberLeft,
             EventKind::RoomVacated,
         ];
-        if changes.is_empty() || !wanted.into_iter().any(|kind| webhooks.wants(kind)) {
+        let Some(changes) = changes else { return };
+        if !wanted.into_iter().any(|kind| webhooks.wants(kind)) {
             return;
         }
+        let changes = match Change::decode_all(changes) {
+            Ok(changes) => changes,
+            Err(e) => return warn!(error = %e, "the presence script answered malformed changes"),
+        };
         let now = now_ms();
-        for change in changes.iter().filter_map(|c| Change::decode(c).ok()) {
+        for change in changes {
             let room = change.room.as_str();
             if change.joined {
                 if change.online == 1 && webhooks.wants(EventKind::RoomOccupied) {
@@ -591,30 +605,32 @@ impl RedisTransport {
         }
     }
 
-    /// A change on the presence channel (which the subscriber connection listens to): the
-    /// changes of rooms with local members go to the hub.
+    /// Changes heard on the presence channel (which the subscriber connection listens to),
+    /// one script run's: the changes of rooms with local members go to the hub.
     pub(super) fn heard(&self, payload: &[u8]) {
-        let change = match Change::decode(payload) {
-            Ok(change) => change,
-            Err(e) => return warn!(error = %e, "the presence channel carried a malformed change"),
+        let changes = match Change::decode_all(payload) {
+            Ok(changes) => changes,
+            Err(e) => return warn!(error = %e, "the presence channel carried malformed changes"),
         };
-        let Ok(room) = RoomName::new(&change.room) else {
-            return;
-        };
-        if self.hub.members(room.as_str()) == 0 {
-            return;
-        }
-        self.presence.online().insert(room.clone(), change.online);
-        let user: Arc<str> = change.user.into();
-        let hub_change = if change.joined {
-            HubChange::Joined {
-                user,
-                since: change.since,
+        for change in changes {
+            let Ok(room) = RoomName::new(&change.room) else {
+                continue;
+            };
+            if self.hub.members(room.as_str()) == 0 {
+                continue;
             }
-        } else {
-            HubChange::Left { user }
-        };
-        self.hub.record_presence(&room, hub_change, change.online);
+            self.presence.online().insert(room.clone(), change.online);
+            let user: Arc<str> = change.user.into();
+            let hub_change = if change.joined {
+                HubChange::Joined {
+                    user,
+                    since: change.since,
+                }
+            } else {
+                HubChange::Left { user }
+            };
+            self.hub.record_presence(&room, hub_change, change.online);
+        }
     }
 }
 
