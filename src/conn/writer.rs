@@ -102,7 +102,7 @@ impl Writer {
     }
 
     /// Writes what there is to write; `Ready` once the close frame is sent or the socket
-    /// failed or stalled. `node` gives the shutdown token, the ticker and the metrics.
+    /// failed or stalled. `node` gives the ticker (and the shutdown through it) and the metrics.
     pub(crate) fn poll<W: AsyncWrite + Unpin>(
         &mut self,
         socket: &mut W,
@@ -110,6 +110,10 @@ impl Writer {
         node: &Node,
         cx: &mut Context<'_>,
     ) -> Poll<WriteEnd> {
+        // The shutdown and the ping schedule are looked at once per wake, not once per batch
+        // written: a busy writer drains several batches per wake, and whatever a deadline or
+        // the shutdown asks for comes with a wake of its own (the ticker's).
+        let mut looked = false;
         loop {
             if self.batch.is_empty() {
                 if self.closing {
@@ -117,18 +121,21 @@ impl Writer {
                         await_peer: !self.peer_gone,
                     });
                 }
-                if node.shutdown.is_cancelled() {
-                    self.outbox
-                        .close(close_code::GOING_AWAY, "server shutting down", true);
-                }
-                match self.pinger.poll(liveness.ms(Instant::now()), liveness) {
-                    Ping::Send => self.batch.push(ws::ping(b"")),
-                    Ping::TimedOut => {
-                        self.peer_gone = true;
+                if !looked {
+                    looked = true;
+                    if node.ticker.stopped() {
                         self.outbox
-                            .close(close_code::PING_TIMEOUT, "ping timeout", false);
+                            .close(close_code::GOING_AWAY, "server shutting down", true);
                     }
-                    Ping::Wait => {}
+                    match self.pinger.poll(liveness.ms(Instant::now()), liveness) {
+                        Ping::Send => self.batch.push(ws::ping(b"")),
+                        Ping::TimedOut => {
+                            self.peer_gone = true;
+                            self.outbox
+                                .close(close_code::PING_TIMEOUT, "ping timeout", false);
+                        }
+                        Ping::Wait => {}
+                    }
                 }
                 if self.batch.is_empty() {
                     match self.take_and_write(socket, node, cx) {
@@ -153,6 +160,7 @@ impl Writer {
                                 self.wake_at = deadline;
                             }
                             ready!(self.outbox.poll_wait(cx));
+                            looked = false; // a wake, maybe the ticker's: look again
                             continue;
                         }
                         Taken::Failed(e) => return Poll::Ready(WriteEnd::Failed(e)),
@@ -185,6 +193,7 @@ impl Writer {
                     // Registers for the ticker's wake. A wake for queued frames is spent here,
                     // which loses nothing: the queue is taken whole once the batch is out.
                     if self.outbox.poll_wait(cx).is_ready() {
+                        looked = false;
                         continue; // the stall deadline may have come: look again
                     }
                     return Poll::Pending;

@@ -61,6 +61,12 @@ impl Ticker {
         outbox.wake();
     }
 
+    /// Whether the node is shutting down: set before the ticker wakes every connection
+    /// for the shutdown, so a writer woken by it sees it.
+    pub(crate) fn stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
+
     /// Entries waiting now (stale ones included, until their tick passes).
     #[cfg(test)]
     fn pending(&self) -> usize {
