@@ -113,16 +113,13 @@ impl Change {
     /// Decodes the changes one presence script run published: an array of changes, or one
     /// change on its own.
     pub fn decode_all(json: &[u8]) -> Result<Vec<Self>, serde_json::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Published {
-            Many(Vec<Change>),
-            One(Change),
+        // Told apart by the first byte rather than by an untagged enum, which would parse
+        // every message twice (into a generic value first).
+        if json.trim_ascii_start().starts_with(b"[") {
+            serde_json::from_slice(json)
+        } else {
+            serde_json::from_slice(json).map(|change| vec![change])
         }
-        Ok(match serde_json::from_slice(json)? {
-            Published::Many(changes) => changes,
-            Published::One(change) => vec![change],
-        })
     }
 }
 

@@ -612,13 +612,17 @@ impl RedisTransport {
             Ok(changes) => changes,
             Err(e) => return warn!(error = %e, "the presence channel carried malformed changes"),
         };
+        // A script run's changes are of one room: it is looked up once.
+        let mut room: Option<RoomName> = None;
         for change in changes {
-            let Ok(room) = RoomName::new(&change.room) else {
+            if room.as_ref().is_none_or(|r| r.as_str() != change.room) {
+                room = RoomName::new(&change.room)
+                    .ok()
+                    .filter(|r| self.hub.members(r.as_str()) > 0);
+            }
+            let Some(room) = &room else {
                 continue;
             };
-            if self.hub.members(room.as_str()) == 0 {
-                continue;
-            }
             self.presence.online().insert(room.clone(), change.online);
             let user: Arc<str> = change.user.into();
             let hub_change = if change.joined {
@@ -629,7 +633,7 @@ impl RedisTransport {
             } else {
                 HubChange::Left { user }
             };
-            self.hub.record_presence(&room, hub_change, change.online);
+            self.hub.record_presence(room, hub_change, change.online);
         }
     }
 }
