@@ -562,7 +562,7 @@ const STREAM: &str = "scalechat:archive";
 
 fn stream_source(redis: &Redis, consumer: &str) -> archive::stream::StreamSource {
     archive::stream::StreamSource {
-        client: redis.client(),
+        server: Box::new(redis.client()),
         key: STREAM.into(),
         consumer: consumer.into(),
     }
