@@ -128,6 +128,28 @@ async fn check_config_takes_database_url_and_masks_its_password() {
 }
 
 #[tokio::test]
+async fn check_config_takes_the_archive_in_sentinel_mode_and_refuses_it_in_cluster_mode() {
+    let url = ("DATABASE_URL", "postgres://chat@db.example.com/chat");
+    let redis = ("SCALECHAT_TRANSPORT", "redis");
+    let sentinel = [
+        url,
+        redis,
+        ("SCALECHAT_REDIS__MODE", "sentinel"),
+        ("REDIS_SENTINELS", "127.0.0.1:26379"),
+        ("REDIS_MASTER_NAME", "mymaster"),
+    ];
+    let (code, _, err) = scalechat(&["check-config"], &sentinel).await;
+    assert_eq!(code, 0, "{err}");
+    let cluster = [url, redis, ("SCALECHAT_REDIS__MODE", "cluster")];
+    let (code, _, err) = scalechat(&["check-config"], &cluster).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("archive.url:") && err.contains("cluster"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
 async fn a_malformed_database_url_is_refused_naming_the_key() {
     for url in ["db.example.com", "postgres://chat:hunter2@db:port/chat"] {
         let (code, out, err) = scalechat(&["check-config"], &[("DATABASE_URL", url)]).await;
