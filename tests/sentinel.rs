@@ -593,9 +593,17 @@ async fn the_archive_follows_the_master_through_a_failover_and_keeps_every_acked
     // A master demoted while it runs (`SENTINEL FAILOVER`) is left too: the archive goes on
     // on the next master.
     let demoted = topology.master_port().await.unwrap();
-    let _: Option<String> = topology.sentinels[0]
-        .query(redis::cmd("SENTINEL").arg("FAILOVER").arg("mymaster"))
-        .await;
+    // Refused (`NOGOODSLAVE`) until the sentinels see a replica in sync with this master.
+    within(RESUME_WITHIN, "a sentinel starts a failover", || {
+        let sentinel = &topology.sentinels[0];
+        async move {
+            let started: Option<String> = sentinel
+                .query(redis::cmd("SENTINEL").arg("FAILOVER").arg("mymaster"))
+                .await;
+            started.is_some()
+        }
+    })
+    .await;
     within(
         RESUME_WITHIN,
         "the sentinels promote another master",
