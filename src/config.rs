@@ -1308,10 +1308,11 @@ impl Config {
         check(
             !a.enabled()
                 || self.transport != TransportKind::Redis
-                || self.redis.mode == RedisMode::Standalone,
+                || self.redis.mode != RedisMode::Cluster,
             "archive.url",
-            "the archive serves the embedded transport and redis.mode = \"standalone\" only \
-             (its stream is one key, which Cluster shards and Sentinel failovers do not follow yet)",
+            "the archive does not serve redis.mode = \"cluster\" (its stream is one key, on one \
+             shard, which the publish scripts on the rooms' shards cannot write to); use \
+             \"standalone\" or \"sentinel\"",
         );
         check(
             (1..=64).contains(&a.pool_size),
@@ -1741,9 +1742,16 @@ mod tests {
                        [archive]\nurl = \"postgres://u@h/db\"";
         let found = problems(cluster);
         assert!(
-            found.iter().any(|p| p.starts_with("archive.url:")),
+            found
+                .iter()
+                .any(|p| p.starts_with("archive.url:") && p.contains("cluster")),
             "{found:?}"
         );
+        // Sentinel mode's consumer follows the master: the archive is accepted there.
+        let sentinel = "transport = \"redis\"\n[redis]\nmode = \"sentinel\"\n\
+                        sentinels = [\"h:26379\"]\nmaster_name = \"m\"\n\
+                        [archive]\nurl = \"postgres://u@h/db\"";
+        assert_eq!(problems(sentinel), Vec::<String>::new());
     }
 
     #[test]

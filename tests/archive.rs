@@ -128,6 +128,28 @@ async fn check_config_takes_database_url_and_masks_its_password() {
 }
 
 #[tokio::test]
+async fn check_config_takes_the_archive_in_sentinel_mode_and_refuses_it_in_cluster_mode() {
+    let url = ("DATABASE_URL", "postgres://chat@db.example.com/chat");
+    let redis = ("SCALECHAT_TRANSPORT", "redis");
+    let sentinel = [
+        url,
+        redis,
+        ("SCALECHAT_REDIS__MODE", "sentinel"),
+        ("REDIS_SENTINELS", "127.0.0.1:26379"),
+        ("REDIS_MASTER_NAME", "mymaster"),
+    ];
+    let (code, _, err) = scalechat(&["check-config"], &sentinel).await;
+    assert_eq!(code, 0, "{err}");
+    let cluster = [url, redis, ("SCALECHAT_REDIS__MODE", "cluster")];
+    let (code, _, err) = scalechat(&["check-config"], &cluster).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("archive.url:") && err.contains("cluster"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
 async fn a_malformed_database_url_is_refused_naming_the_key() {
     for url in ["db.example.com", "postgres://chat:hunter2@db:port/chat"] {
         let (code, out, err) = scalechat(&["check-config"], &[("DATABASE_URL", url)]).await;
@@ -208,6 +230,11 @@ async fn batches_are_idempotent_one_row_per_message() {
     let m = &running.metrics.archive;
     assert_eq!(m.messages_written_total.get(), 2000);
     assert_eq!(m.duplicates_total.get(), 2000);
+    assert_eq!(
+        m.missed_total.get(),
+        0,
+        "a message written twice is not lost"
+    );
     assert!(
         m.batches_total.get() >= 2 * 2000 / 64,
         "{}",
@@ -219,6 +246,49 @@ async fn batches_are_idempotent_one_row_per_message() {
         "{text}"
     );
     assert!(text.contains("scalechat_archive_up 1"), "{text}");
+}
+
+#[tokio::test]
+async fn a_message_whose_id_is_archived_for_another_is_counted_as_missed() {
+    let pg = Postgres::start().await;
+    let running = spawn(&settings(&pg.url()));
+    // A failover lost the message with id 2 after the archive had it; the new master gave
+    // id 2 again, to another message.
+    for (id, text) in [(1, "one"), (2, "lost by redis"), (3, "three")] {
+        assert!(
+            running
+                .archive
+                .offer(&message("general", "e1", id, 1_000 + id, text))
+        );
+    }
+    running.settled().await;
+    for (id, text) in [(2, "sent after the failover"), (3, "three")] {
+        assert!(
+            running
+                .archive
+                .offer(&message("general", "e1", id, 1_010 + id, text))
+        );
+    }
+    assert!(
+        running
+            .archive
+            .offer(&message("general", "e1", 3, 1_003, "three"))
+    );
+    running.settled().await;
+    let m = &running.metrics.archive;
+    assert_eq!(
+        m.missed_total.get(),
+        2,
+        "id 2 and the second id 3 have other messages"
+    );
+    assert_eq!(rows(&pg).await, 3);
+    let kept = pg
+        .query_i64(
+            "postgres",
+            "SELECT count(*) FROM scalechat_messages WHERE id = 2 AND text = 'lost by redis'",
+        )
+        .await;
+    assert_eq!(kept, 1, "the first message with the id stays");
 }
 
 #[tokio::test]
@@ -562,7 +632,7 @@ const STREAM: &str = "scalechat:archive";
 
 fn stream_source(redis: &Redis, consumer: &str) -> archive::stream::StreamSource {
     archive::stream::StreamSource {
-        client: redis.client(),
+        server: Box::new(redis.client()),
         key: STREAM.into(),
         consumer: consumer.into(),
     }

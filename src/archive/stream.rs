@@ -8,11 +8,17 @@
 //!
 //! While PostgreSQL is down the consumer stops reading and retries its batch: the stream,
 //! bounded in Redis by the publish script's `MAXLEN`, is the queue.
+//!
+//! The stream lives on the master: the one server, or in sentinel mode whichever master the
+//! sentinels name, asked again at every (re)connect ([`Locate`]). After a failover the
+//! consumer reconnects to the new master and goes on there: the group, its pending entries
+//! and the stream are replicated, as far as the replica had them.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
@@ -93,16 +99,41 @@ if not entries then entries = {} end
 return {count, field(info, 'last-generated-id'), entries}
 ";
 
+/// Finds the server that holds the stream now: the one server, or the master the sentinels
+/// name. Asked at every (re)connect of the consumer, so a consumer whose connection failed
+/// (its master died, or was demoted by a failover) finds the new master.
+pub trait Locate: Send + Sync {
+    /// A client of the master (the consumer opens its own connections from it).
+    fn master(&mut self) -> BoxFuture<'_, Result<Client, RedisError>>;
+}
+
+/// One fixed server (`redis.mode = "standalone"`).
+impl Locate for Client {
+    fn master(&mut self) -> BoxFuture<'_, Result<Client, RedisError>> {
+        let client = self.clone();
+        Box::pin(async move { Ok(client) })
+    }
+}
+
 /// Where the archive reads from on Redis.
-#[derive(Debug, Clone)]
 pub struct StreamSource {
-    /// Opens the consumer's own connection (its blocking reads must not hold up others).
-    pub client: Client,
+    /// Finds the master, where the consumer opens its own connections (its blocking reads
+    /// must not hold up others).
+    pub server: Box<dyn Locate>,
     /// The stream's key.
     pub key: String,
     /// This node's consumer name in the group: stable across restarts of the node, so that
     /// it reads back its own pending entries first.
     pub consumer: String,
+}
+
+impl std::fmt::Debug for StreamSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamSource")
+            .field("key", &self.key)
+            .field("consumer", &self.consumer)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Archive {
@@ -112,7 +143,7 @@ impl Archive {
     }
 }
 
-async fn run(shared: Arc<Shared>, source: StreamSource, shutdown: CancellationToken) {
+async fn run(shared: Arc<Shared>, mut source: StreamSource, shutdown: CancellationToken) {
     // Nothing is read before the writer has the schema ready.
     let mut ready = shared.schema_ready.subscribe();
     tokio::select! {
@@ -122,11 +153,26 @@ async fn run(shared: Arc<Shared>, source: StreamSource, shutdown: CancellationTo
     }
     let mut backoff = Backoff::new();
     let mut failing = false;
+    // The master read last, `host:port`, to log a move to another one.
+    let mut reading: Option<String> = None;
     loop {
-        match consume(&shared, &source, &shutdown, &mut failing).await {
+        let consumed = match source.server.master().await {
+            Ok(client) => {
+                let address = client.get_connection_info().addr().to_string();
+                if reading.as_ref().is_some_and(|old| *old != address) {
+                    info!(key = %source.key, to = %address, "archive stream: reading from the new redis master");
+                }
+                reading = Some(address);
+                consume(&shared, &client, &source, &shutdown, &mut failing).await
+            }
+            Err(e) => Err(e),
+        };
+        match consumed {
             Ok(()) => return,
             Err(e) => {
                 if !failing {
+                    // It had connected: a new outage (or a failover) starts a new backoff.
+                    backoff = Backoff::new();
                     warn!(error = %e, key = %source.key, "archive stream: Redis failed; retrying");
                     failing = true;
                 }
@@ -148,6 +194,7 @@ async fn run(shared: Arc<Shared>, source: StreamSource, shutdown: CancellationTo
 /// batch still in flight when the node stops stays pending in Redis for the next reader.
 async fn consume(
     shared: &Shared,
+    client: &Client,
     source: &StreamSource,
     shutdown: &CancellationToken,
     failing: &mut bool,
@@ -157,12 +204,10 @@ async fn consume(
         .set_response_timeout(Some(BLOCK + shared.timeout));
     // Blocking reads on one connection, acknowledgements on another: an `XACK` must not wait
     // behind a read that waits for new entries.
-    let mut conn = source
-        .client
+    let mut conn = client
         .get_multiplexed_async_connection_with_config(&config)
         .await?;
-    let acks = source
-        .client
+    let acks = client
         .get_multiplexed_async_connection_with_config(&config)
         .await?;
     create_group(&mut conn, &source.key).await?;

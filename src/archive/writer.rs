@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::{ArchiveError, Shared, schema};
 use crate::protocol::message::Message;
@@ -19,6 +19,16 @@ use crate::protocol::message::Message;
 const INSERT: &str = "INSERT INTO scalechat_messages (room, epoch, id, ts, \"user\", text) \
     SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::text[]) \
     ON CONFLICT DO NOTHING";
+
+/// Of a batch (the same arrays), the messages whose room, epoch and id the archive holds for
+/// another message (another user, time or text): an id Redis gave twice, after a failover
+/// lost the first message that had it. Asked only when a batch inserted fewer rows than it
+/// had messages (a retry, a message read twice, or this).
+const COLLISIONS: &str = "SELECT count(*) FROM scalechat_messages m \
+    JOIN UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::text[]) \
+    AS b(room, epoch, id, ts, \"user\", text) \
+    ON m.room = b.room AND m.epoch = b.epoch AND m.id = b.id \
+    WHERE m.ts <> b.ts OR m.\"user\" <> b.\"user\" OR m.text <> b.text";
 
 /// The first retry's wait; it doubles up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -238,6 +248,7 @@ async fn flush(shared: &Shared) {
 }
 
 /// Writes one batch in one statement; returns the rows inserted (the rest were there).
+/// Messages whose key the archive holds for another message are counted as missed.
 pub(super) async fn insert(shared: &Shared, batch: &[Arc<Message>]) -> Result<u64, ArchiveError> {
     let write = async {
         let client = shared
@@ -252,15 +263,32 @@ pub(super) async fn insert(shared: &Shared, batch: &[Arc<Message>]) -> Result<u6
         let ts: Vec<i64> = batch.iter().map(|m| to_i64(m.ts())).collect();
         let users: Vec<&str> = batch.iter().map(|m| m.user()).collect();
         let texts: Vec<Cow<'_, str>> = batch.iter().map(|m| storable(m.text())).collect();
-        Ok::<u64, ArchiveError>(
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
+            [&rooms, &epochs, &ids, &ts, &users, &texts];
+        let inserted = client.execute(&statement, &params).await?;
+        let collided = if inserted < batch.len() as u64 {
+            let statement = client.prepare_cached(COLLISIONS).await?;
             client
-                .execute(&statement, &[&rooms, &epochs, &ids, &ts, &users, &texts])
-                .await?,
-        )
+                .query_one(&statement, &params)
+                .await?
+                .get::<_, i64>(0)
+        } else {
+            0
+        };
+        Ok::<_, ArchiveError>((inserted, collided))
     };
-    tokio::time::timeout(shared.timeout, write)
+    let (inserted, collided) = tokio::time::timeout(shared.timeout, write)
         .await
-        .unwrap_or(Err(ArchiveError::Timeout(shared.timeout)))
+        .unwrap_or(Err(ArchiveError::Timeout(shared.timeout)))?;
+    if collided > 0 {
+        shared.metrics.archive.missed_total.add(collided as u64);
+        warn!(
+            count = collided,
+            "messages lost to the archive: their room, epoch and id are archived for another \
+             message (an id Redis gave again after a failover lost the message that had it)"
+        );
+    }
+    Ok(inserted)
 }
 
 /// Ids and times fit in 63 bits; a larger value (never assigned) is stored as the largest.

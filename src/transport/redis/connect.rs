@@ -146,6 +146,14 @@ impl Locator {
     }
 }
 
+/// The archive stream's consumer finds the master as the subscriber does, through a locator of
+/// its own (asked at each of its reconnects).
+impl crate::archive::stream::Locate for Locator {
+    fn master(&mut self) -> futures_util::future::BoxFuture<'_, Result<Client, RedisError>> {
+        Box::pin(async move { Locator::master(self).await.map(|m| m.client) })
+    }
+}
+
 /// Refuses a server that standalone mode cannot use, saying what to configure: a replica
 /// (read-only), a sentinel, or a Redis Cluster node. A server that does not let this user ask
 /// (`ROLE` or `INFO` refused by an ACL) is taken as it is.

@@ -13,7 +13,9 @@
 //! In sentinel mode the master is whichever the sentinels name: the subscriber asks them at
 //! every (re)connect, moves the publisher there when it changed, and drops its connection
 //! when a sentinel announces `+switch-master`, so a failover is a reconnect like any other,
-//! healed from the history.
+//! healed from the history. The archive stream's consumer has a locator of its own and asks
+//! the sentinels whenever its connection fails (a failover kills the clients of a demoted
+//! master, and a replica refuses the consumer's writes).
 //!
 //! The parts: `scripts` (the Lua scripts, the keys they use, the publisher connection),
 //! `subscriptions` (which rooms the node wants and has), `subscriber` (the subscriber task:
@@ -68,8 +70,9 @@ pub struct RedisTransport {
     hub: Arc<Hub>,
     /// The scripts, run on the publisher connection.
     scripts: Scripts,
-    /// Opens the archive stream consumer's connection (standalone mode, archive on).
-    archive_client: Option<redis::Client>,
+    /// Finds the master for the archive stream's consumer (archive on, standalone or
+    /// sentinel mode); taken by [`RedisTransport::archive_source`].
+    archive_locator: Mutex<Option<Locator>>,
     heartbeat: Duration,
     /// `redis.subscriber_lag_max_ms`: how far behind the subscriber may fall.
     lag_max: Duration,
@@ -160,13 +163,19 @@ impl RedisTransport {
             Locator::Fixed(client) => Some(client.clone()),
             Locator::Sentinel { .. } | Locator::Cluster(_) => None,
         };
-        // The archive stream's consumer reads the one server (standalone mode only).
-        let archive_client = fixed.clone().filter(|_| archive_cap > 0);
+        // The archive stream's consumer reads the master (not in cluster mode, where the
+        // archive is refused): its own locator, so it asks the sentinels at its own reconnects.
+        let archive_locator = match config.mode {
+            RedisMode::Standalone | RedisMode::Sentinel if archive_cap > 0 => {
+                Some(Locator::new(config).map_err(unavailable)?)
+            }
+            _ => None,
+        };
         let scripts = Scripts::new(fixed, config, policy, archive_cap).map_err(unavailable)?;
         let transport = Arc::new(Self {
             hub,
             scripts,
-            archive_client,
+            archive_locator: Mutex::new(archive_locator),
             heartbeat: Duration::from_secs(config.heartbeat_secs),
             lag_max: Duration::from_millis(config.subscriber_lag_max_ms),
             policy: policy.clone(),
@@ -212,13 +221,19 @@ impl RedisTransport {
         Ok(transport)
     }
 
-    /// Where the archive reads this deployment's messages: the archive stream, through a
-    /// connection of its own, as consumer `node` (stable across restarts when
-    /// `server.node_id` is set). `None` without the archive, and in Sentinel and Cluster
-    /// modes, which the archive does not serve (refused by the configuration's checks).
+    /// Where the archive reads this deployment's messages: the archive stream on the master
+    /// (in sentinel mode the one the sentinels name, asked again at each reconnect), through
+    /// connections of its own, as consumer `node` (stable across restarts when
+    /// `server.node_id` is set). `None` without the archive, in cluster mode, which the
+    /// archive does not serve (refused by the configuration's checks), and once taken.
     pub fn archive_source(&self, node: &str) -> Option<StreamSource> {
+        let locator = self
+            .archive_locator
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()?;
         Some(StreamSource {
-            client: self.archive_client.clone()?,
+            server: Box::new(locator),
             key: self.scripts.archive_key(),
             consumer: node.to_owned(),
         })
