@@ -3,6 +3,7 @@
 //! and sends the close frame. Nothing else writes to the socket. When the peer was last heard
 //! from, and when to ping it, is kept in [`liveness`].
 
+use std::cell::Cell;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -202,43 +203,57 @@ impl Writer {
         }
     }
 
-    /// Takes up to [`MAX_IOV`] queued frames and writes them from the stack: the batch gets
-    /// storage only for what the socket does not take at once, so writing to a connection
-    /// that keeps up allocates nothing.
+    /// Takes up to [`MAX_IOV`] queued frames and writes them from the runtime thread's
+    /// scratch list: the batch gets storage only for what the socket does not take at once,
+    /// so writing to a connection that keeps up allocates nothing. (The list is the thread's
+    /// rather than an array on the stack, which would be filled and dropped whole, all
+    /// [`MAX_IOV`] frames of it, however few were taken.)
     fn take_and_write<W: AsyncWrite + Unpin>(
         &mut self,
         socket: &mut W,
         node: &Node,
         cx: &mut Context<'_>,
     ) -> Taken {
-        let mut frames = [const { Bytes::new() }; MAX_IOV];
-        let mut n = 0;
-        match self.outbox.take_up_to(MAX_IOV, |frame| {
-            frames[n] = frame;
-            n += 1;
-        }) {
-            Next::Frames => {}
-            Next::Close(frame) => return Taken::Close(frame),
-            Next::Empty => return Taken::Empty,
-        }
-        let frames = &mut frames[..n];
-        let written = match write_vectored(socket, frames.iter(), cx) {
-            Poll::Ready(Ok(0)) => return Taken::Failed(io::ErrorKind::WriteZero.into()),
-            Poll::Ready(Ok(written)) => {
-                self.blocked_since = NEVER;
-                node.metrics.bytes_out_total.add(written as u64);
-                written
+        let mut frames = SCRATCH.take();
+        frames.reserve(MAX_IOV);
+        let taken = self.outbox.take_up_to(MAX_IOV, |frame| frames.push(frame));
+        let taken = match taken {
+            Next::Frames => {
+                let written = match write_vectored(socket, frames.iter(), cx) {
+                    Poll::Ready(Ok(0)) => Err(io::ErrorKind::WriteZero.into()),
+                    Poll::Ready(Ok(written)) => {
+                        self.blocked_since = NEVER;
+                        node.metrics.bytes_out_total.add(written as u64);
+                        Ok(written)
+                    }
+                    Poll::Ready(Err(e)) => Err(e),
+                    // The batch is written again at once and handles the wait.
+                    Poll::Pending => Ok(0),
+                };
+                match written {
+                    Ok(written) => {
+                        let rest = unwritten(&mut frames, written);
+                        if !rest.is_empty() {
+                            self.batch.extend(rest.iter_mut().map(std::mem::take));
+                        }
+                        Taken::Written
+                    }
+                    Err(e) => Taken::Failed(e),
+                }
             }
-            Poll::Ready(Err(e)) => return Taken::Failed(e),
-            // The batch is written again at once and handles the wait.
-            Poll::Pending => 0,
+            Next::Close(frame) => Taken::Close(frame),
+            Next::Empty => Taken::Empty,
         };
-        let rest = unwritten(frames, written);
-        if !rest.is_empty() {
-            self.batch.extend(rest.iter_mut().map(std::mem::take));
-        }
-        Taken::Written
+        frames.clear();
+        SCRATCH.set(frames);
+        taken
     }
+}
+
+thread_local! {
+    /// Each runtime thread's list of the frames a writer took, written and then cleared
+    /// within one poll.
+    static SCRATCH: Cell<Vec<Bytes>> = const { Cell::new(Vec::new()) };
 }
 
 /// What [`Writer::take_and_write`] did.
