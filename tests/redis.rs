@@ -1090,6 +1090,25 @@ async fn connections(addr: SocketAddr) -> Option<u64> {
 }
 
 #[tokio::test]
+async fn the_greeting_leaves_with_the_first_rooms_answer() {
+    let redis = Redis::start(None).await;
+    let proxy = FaultProxy::start(redis.port).await;
+    let node = Node::spawn_with("node-greet", proxy.port, None, &[]);
+    wait_ready(&node, 200, "node ready").await;
+    // Every exchange with Redis now takes 100 ms more, so the first room's answer (its
+    // presence written, its history read) comes well after the handshake.
+    proxy.set(Fault::Delay(Duration::from_millis(100)));
+    let mut ann = RawClient::connect(node.addr, "/ws?name=ann&room=greet").await;
+    let (_, welcome) = ann.recv_frame().await.expect("welcome");
+    assert!(String::from_utf8_lossy(&welcome).contains(r#""type":"welcome""#));
+    // The greeting waited for the answer: both came in the same read.
+    let (_, joined) = ann.read_along().expect("joined read along with welcome");
+    let joined: Value = serde_json::from_slice(&joined).unwrap();
+    assert_eq!(joined["type"], "joined", "{joined}");
+    assert_eq!(joined["online"], 1, "{joined}");
+}
+
+#[tokio::test]
 async fn a_join_cancelled_while_subscribing_leaves_no_subscription() {
     let mut redis = Redis::start(None).await;
     let node = Node::spawn_with(
@@ -1104,12 +1123,16 @@ async fn a_join_cancelled_while_subscribing_leaves_no_subscription() {
     wait_ready(&node, 200, "node ready").await;
     redis.kill().await;
     wait_ready(&node, 503, "node sees redis gone").await;
-    // The join of the first room waits for a subscription that cannot come yet. The client
-    // vanishes meanwhile (a reset); the node's next write, its ping a second later, fails
+    // The join of the first room waits for a subscription that cannot come yet, and the
+    // greeting waits with its answer: the session's first frame is its ping, a second in.
+    // The client vanishes then (a reset); the node's next write, the following ping, fails
     // and the session ends mid-join.
     let mut gone = RawClient::connect(node.addr, "/ws?name=gone&room=abandoned").await;
-    let (_, welcome) = gone.recv_frame().await.expect("welcome");
-    assert!(String::from_utf8_lossy(&welcome).contains("welcome"));
+    let (opcode, _) = gone.recv_frame().await.expect("a ping");
+    assert_eq!(
+        opcode, 0x9,
+        "a ping while the join waits, before any other frame"
+    );
     gone.stream.set_zero_linger().unwrap();
     drop(gone);
     let addr = node.addr;

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use tracing::warn;
 
 use super::{Chat, Protocol, unavailable};
@@ -80,16 +81,32 @@ impl<P: Protocol> Chat<P> {
     /// duplicates, the rest follow the history.
     pub(crate) async fn join(&mut self, join: Join) -> Result<Entered, ProtocolError> {
         self.take_request()?;
-        self.join_room(join).await
+        self.join_room(join, &mut None).await
     }
 
     /// [`Chat::join`] for the room a connection opens with, which takes no request token:
-    /// the connection's admission counted it.
-    pub(crate) async fn join_first(&mut self, join: Join) -> Result<Entered, ProtocolError> {
-        self.join_room(join).await
+    /// the connection's admission counted it. `greeting`, when given, is queued ahead of
+    /// everything the join sends, once its answer is ready: the two leave in one write, so a
+    /// client reads one segment rather than two while the join waits for Redis.
+    pub(crate) async fn join_first(
+        &mut self,
+        join: Join,
+        greeting: Option<Bytes>,
+    ) -> Result<Entered, ProtocolError> {
+        let mut greeting = greeting;
+        let entered = self.join_room(join, &mut greeting).await;
+        // Refused before its answer was ready: the greeting goes ahead of the error.
+        if let Some(frame) = greeting {
+            self.push(frame);
+        }
+        entered
     }
 
-    async fn join_room(&mut self, join: Join) -> Result<Entered, ProtocolError> {
+    async fn join_room(
+        &mut self,
+        join: Join,
+        greeting: &mut Option<Bytes>,
+    ) -> Result<Entered, ProtocolError> {
         let Join {
             room,
             since,
@@ -115,6 +132,9 @@ impl<P: Protocol> Chat<P> {
         if self.rooms.rooms.contains(&room) {
             // Already in: the live stream is running, so there is no history to add.
             let online = node.transport.online(&room);
+            if let Some(frame) = greeting.take() {
+                self.push(frame);
+            }
             if let Some(frame) = P::already_joined(&room, online) {
                 self.push(frame);
             }
@@ -182,6 +202,9 @@ impl<P: Protocol> Chat<P> {
             direct: direct.as_deref(),
             read_only: mode == Mode::ReadOnly,
         };
+        if let Some(frame) = greeting.take() {
+            self.push(frame);
+        }
         match &snapshot {
             None => self.push(P::joined(&joined(None))),
             Some(Ok(s)) => {

@@ -122,16 +122,15 @@ impl Session {
             node: &self.chat.node().id,
             rooms: std::slice::from_ref(&first_room),
         };
-        self.reply(welcome.frame());
-        let joined = self
-            .chat
-            .join_first(Join {
-                room: RoomRef::Named(first_room),
-                since,
-                history: true,
-                presence: self.presence,
-            })
-            .await;
+        let greeting = welcome.frame();
+        let join = Join {
+            room: RoomRef::Named(first_room),
+            since,
+            history: true,
+            presence: self.presence,
+        };
+        // Sent with the first room's answer, in one write.
+        let joined = self.chat.join_first(join, Some(greeting)).await;
         if let Err(e) = joined {
             self.refuse(&e);
         }

@@ -123,7 +123,7 @@ impl Client {
                 since,
                 presence,
             };
-            match self.chat.join_first(join).await {
+            match self.chat.join_first(join, None).await {
                 Ok(entered) => recovered &= entered.recovered != Some(false),
                 Err(e) => {
                     recovered = false;

@@ -414,6 +414,14 @@ impl RawClient {
         RawClient { stream, buf }
     }
 
+    /// The next frame if it has already been read (with an earlier one), without reading.
+    #[allow(dead_code)] // not every test binary uses it
+    pub fn read_along(&mut self) -> Option<(u8, Vec<u8>)> {
+        let (opcode, payload, used) = parse_frame(&self.buf)?;
+        self.buf.drain(..used);
+        Some((opcode, payload))
+    }
+
     /// Writes one masked frame.
     pub async fn send_frame(&mut self, fin: bool, opcode: u8, payload: &[u8]) {
         self.stream
