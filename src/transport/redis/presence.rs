@@ -50,12 +50,16 @@ else
   redis.call('SREM', KEYS[4], ARGV[2])
 end
 for i = 4, #ARGV, 3 do
-  local user, count, since = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-  local old = tonumber(redis.call('HGET', KEYS[3], user) or '0')
+  local user, count = ARGV[i], tonumber(ARGV[i + 1])
+  local held = redis.call('HGET', KEYS[3], user)
+  local old = tonumber(held or '0')
   local delta = count - old
   if delta ~= 0 then
-    if count > 0 then redis.call('HSET', KEYS[3], user, count) else redis.call('HDEL', KEYS[3], user) end
-    local total = redis.call('HINCRBY', KEYS[1], user, delta)
+    -- The arguments' own strings where they say it, rather than numbers formatted again.
+    local by = delta
+    if old == 0 then by = ARGV[i + 1] elseif count == 0 then by = '-' .. held end
+    if count > 0 then redis.call('HSET', KEYS[3], user, ARGV[i + 1]) else redis.call('HDEL', KEYS[3], user) end
+    local total = redis.call('HINCRBY', KEYS[1], user, by)
     if total <= 0 then
       redis.call('HDEL', KEYS[1], user)
       if total - delta > 0 then
@@ -66,7 +70,7 @@ for i = 4, #ARGV, 3 do
     elseif total == delta then
       redis.call('HSET', KEYS[2], user, ARGV[i + 2])
       online = online + 1
-      table.insert(changes, {room = ARGV[2], user = user, joined = true, since = since, online = online})
+      table.insert(changes, {room = ARGV[2], user = user, joined = true, since = tonumber(ARGV[i + 2]), online = online})
     end
   end
 end
