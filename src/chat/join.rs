@@ -91,9 +91,8 @@ impl<P: Protocol> Chat<P> {
     pub(crate) async fn join_first(
         &mut self,
         join: Join,
-        greeting: Option<Bytes>,
+        mut greeting: Option<Bytes>,
     ) -> Result<Entered, ProtocolError> {
-        let mut greeting = greeting;
         let entered = self.join_room(join, &mut greeting).await;
         // Refused before its answer was ready: the greeting goes ahead of the error.
         if let Some(frame) = greeting {

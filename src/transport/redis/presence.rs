@@ -616,19 +616,24 @@ impl RedisTransport {
             Ok(changes) => changes,
             Err(e) => return warn!(error = %e, "the presence channel carried malformed changes"),
         };
-        // A script run's changes are of one room: it is looked up once.
-        let mut room: Option<RoomName> = None;
-        for change in changes {
-            if room.as_ref().is_none_or(|r| r.as_str() != change.room) {
-                room = RoomName::new(&change.room)
+        // A script run's changes are of one room: it is looked up once, and a room without
+        // local members is skipped whole.
+        let mut current: Option<(&str, Option<RoomName>)> = None;
+        for change in &changes {
+            if current
+                .as_ref()
+                .is_none_or(|(name, _)| *name != change.room)
+            {
+                let local = RoomName::new(&change.room)
                     .ok()
                     .filter(|r| self.hub.members(r.as_str()) > 0);
+                current = Some((&change.room, local));
             }
-            let Some(room) = &room else {
+            let Some((_, Some(room))) = &current else {
                 continue;
             };
             self.presence.online().insert(room.clone(), change.online);
-            let user: Arc<str> = change.user.into();
+            let user: Arc<str> = change.user.as_str().into();
             let hub_change = if change.joined {
                 HubChange::Joined {
                     user,
