@@ -302,6 +302,11 @@ impl Hub {
         self.read().keys().cloned().collect()
     }
 
+    /// A local member of `room` asked for presence events.
+    pub(crate) fn presence_watched(&self, room: &str) -> bool {
+        self.read().get(room).is_some_and(|r| r.watchers > 0)
+    }
+
     /// Records a change of `room`'s members (after which `online` users are in it), for the
     /// next [`Hub::flush_presence`]; ignored where no local member asked for presence events.
     pub(crate) fn record_presence(&self, room: &RoomName, change: Change, online: usize) {

@@ -92,34 +92,132 @@ pub fn event_frame<T: Serialize>(
     }
 }
 
-/// A change of one user's presence in a room, as one node tells the others (the JSON the
-/// Redis presence script publishes: an array of these, one message per script run).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+/// A change of one user's presence in a room, as one node tells the others.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {
-    /// The room.
-    pub room: String,
     /// The user.
     pub user: String,
     /// `true`: their first connection entered; `false`: their last one left.
     pub joined: bool,
     /// When they entered (joins only).
-    #[serde(default)]
     pub since: u64,
     /// Users in the room after the change.
     pub online: usize,
 }
 
-impl Change {
-    /// Decodes the changes one presence script run published: an array of changes, or one
-    /// change on its own.
-    pub fn decode_all(json: &[u8]) -> Result<Vec<Self>, serde_json::Error> {
-        // Told apart by the first byte rather than by an untagged enum, which would parse
-        // every message twice (into a generic value first).
-        if json.trim_ascii_start().starts_with(b"[") {
+/// The changes of one room that one presence script run published, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Changes {
+    /// The room.
+    pub room: String,
+    /// Its changes; never empty.
+    pub changes: Vec<Change>,
+}
+
+/// A presence message that is not one a presence script publishes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Malformed(&'static str);
+
+impl std::fmt::Display for Malformed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "malformed presence changes: {}", self.0)
+    }
+}
+
+impl std::error::Error for Malformed {}
+
+/// The JSON form of a change, which nodes of earlier versions publish (one change, or an
+/// array of them).
+#[derive(Deserialize)]
+struct JsonChange {
+    room: String,
+    user: String,
+    joined: bool,
+    #[serde(default)]
+    since: u64,
+    online: usize,
+}
+
+impl Changes {
+    /// Decodes what one presence script run published: the room on the first line, then a
+    /// line per change, `+user<TAB>since<TAB>online` for a join, `-user<TAB>online` for a
+    /// departure. (User names hold no control characters, room names no tab or newline.)
+    /// The JSON that earlier versions publish is read as well.
+    pub fn decode(payload: &[u8]) -> Result<Vec<Self>, Malformed> {
+        if matches!(payload.trim_ascii_start().first(), Some(b'[' | b'{')) {
+            return Self::decode_json(payload);
+        }
+        let text = std::str::from_utf8(payload).map_err(|_| Malformed("not UTF-8"))?;
+        let mut lines = text.split('\n');
+        let room = lines
+            .next()
+            .filter(|r| !r.is_empty())
+            .ok_or(Malformed("no room"))?;
+        let changes = lines
+            .map(Self::decode_line)
+            .collect::<Result<Vec<_>, _>>()?;
+        if changes.is_empty() {
+            return Err(Malformed("no change"));
+        }
+        Ok(vec![Self {
+            room: room.to_owned(),
+            changes,
+        }])
+    }
+
+    fn decode_line(line: &str) -> Result<Change, Malformed> {
+        fn number<T: std::str::FromStr>(field: Option<&str>) -> Result<T, Malformed> {
+            field
+                .and_then(|f| f.parse().ok())
+                .ok_or(Malformed("bad number"))
+        }
+        let (joined, rest) = match line.as_bytes().first() {
+            Some(b'+') => (true, &line[1..]),
+            Some(b'-') => (false, &line[1..]),
+            _ => return Err(Malformed("a change is neither + nor -")),
+        };
+        let mut fields = rest.split('\t');
+        let user = fields
+            .next()
+            .filter(|u| !u.is_empty())
+            .ok_or(Malformed("no user"))?;
+        let since = if joined { number(fields.next())? } else { 0 };
+        let online = number(fields.next())?;
+        if fields.next().is_some() {
+            return Err(Malformed("too many fields"));
+        }
+        Ok(Change {
+            user: user.to_owned(),
+            joined,
+            since,
+            online,
+        })
+    }
+
+    fn decode_json(json: &[u8]) -> Result<Vec<Self>, Malformed> {
+        let all: Vec<JsonChange> = if json.trim_ascii_start().starts_with(b"[") {
             serde_json::from_slice(json)
         } else {
             serde_json::from_slice(json).map(|change| vec![change])
         }
+        .map_err(|_| Malformed("bad JSON"))?;
+        let mut runs: Vec<Self> = Vec::new();
+        for c in all {
+            let change = Change {
+                user: c.user,
+                joined: c.joined,
+                since: c.since,
+                online: c.online,
+            };
+            match runs.last_mut() {
+                Some(run) if run.room == c.room => run.changes.push(change),
+                _ => runs.push(Self {
+                    room: c.room,
+                    changes: vec![change],
+                }),
+            }
+        }
+        Ok(runs)
     }
 }
 
@@ -170,28 +268,73 @@ mod tests {
         );
     }
 
+    fn summary(runs: &[Changes]) -> Vec<(&str, &str, bool, u64, usize)> {
+        runs.iter()
+            .flat_map(|r| {
+                r.changes.iter().map(|c| {
+                    (
+                        r.room.as_str(),
+                        c.user.as_str(),
+                        c.joined,
+                        c.since,
+                        c.online,
+                    )
+                })
+            })
+            .collect()
+    }
+
     #[test]
-    fn changes_decode_from_the_scripts_json() {
-        let one = br#"{"room":"dev","user":"ann","joined":true,"since":5,"online":3}"#;
-        let changes = Change::decode_all(one).unwrap();
+    fn changes_decode_from_the_scripts_lines() {
+        let runs = Changes::decode(b"dev\n+ann\t5\t3\n-bob \"b\"\t2").unwrap();
         assert_eq!(
-            changes
-                .iter()
-                .map(|c| (c.user.as_str(), c.joined, c.online))
-                .collect::<Vec<_>>(),
-            [("ann", true, 3)]
+            summary(&runs),
+            [
+                ("dev", "ann", true, 5, 3),
+                ("dev", "bob \"b\"", false, 0, 2)
+            ]
+        );
+        for bad in [
+            &b""[..],
+            b"dev",
+            b"dev\n",
+            b"dev\n*ann\t1",
+            b"dev\n+ann\t1",
+            b"dev\n+\t5\t1",
+            b"dev\n-ann\tx",
+            b"dev\n-ann\t1\t2",
+            b"dev\n+ann\t5\t-1",
+            b"\xff\n-ann\t1",
+        ] {
+            assert!(
+                Changes::decode(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn changes_of_earlier_versions_decode_from_json() {
+        let one = br#"{"room":"dev","user":"ann","joined":true,"since":5,"online":3}"#;
+        assert_eq!(
+            summary(&Changes::decode(one).unwrap()),
+            [("dev", "ann", true, 5, 3)]
         );
         let many = br#"[{"room":"dev","user":"ann","joined":true,"since":5,"online":3},
-            {"room":"dev","user":"bob","joined":false,"online":2}]"#;
-        let changes = Change::decode_all(many).unwrap();
+            {"room":"dev","user":"bob","joined":false,"online":2},
+            {"room":"ops","user":"cy","joined":false,"online":0}]"#;
+        let runs = Changes::decode(many).unwrap();
+        assert_eq!(runs.len(), 2);
         assert_eq!(
-            changes
-                .iter()
-                .map(|c| (c.user.as_str(), c.joined, c.since, c.online))
-                .collect::<Vec<_>>(),
-            [("ann", true, 5, 3), ("bob", false, 0, 2)]
+            summary(&runs),
+            [
+                ("dev", "ann", true, 5, 3),
+                ("dev", "bob", false, 0, 2),
+                ("ops", "cy", false, 0, 0)
+            ]
         );
-        assert!(Change::decode_all(br#"{"room":"dev"}"#).is_err());
-        assert!(Change::decode_all(br#"[{"room":"dev"}]"#).is_err());
+        assert!(Changes::decode(br#"{"room":"dev"}"#).is_err());
+        assert!(Changes::decode(br#"[{"room":"dev"}]"#).is_err());
     }
 }

@@ -28,64 +28,101 @@ use super::RedisTransport;
 use super::connect::Backoff;
 use crate::hub::{Change as HubChange, now_ms};
 use crate::protocol::RoomName;
-use crate::protocol::presence::{Change, MAX_CURSOR_LEN, Member, Page};
+use crate::protocol::presence::{Changes, MAX_CURSOR_LEN, Member, Page};
 use crate::transport::{RoomList, TransportError, local_presence};
 use crate::webhooks::{Event, EventKind};
 
 /// Sets this node's connections of users in a room; publishes the changes of who is in it;
 /// lists the room among the node's rooms while the node has users in it.
 /// KEYS: pres, pres-since, pres-node, presence-rooms (of this node). ARGV: channel, room,
-/// `1` when the node has users in the room (else `0`), then (user, count, since) triples.
-/// Returns the users in the room and the changes it published: one JSON array of changes,
-/// published once per call (`false` when nothing changed).
+/// `1` when the node has users in the room (else `0`), `1` to have the changes answered
+/// (else `0`), then (user, count, since) triples, each user at most once, numbers in decimal.
+/// Returns the users in the room and the changes it published, once per call, in the form
+/// [`Changes::decode`] reads (`false` when nothing changed or they were not asked for).
 ///
 /// A user is a field of `pres` exactly while their count over every node is above zero, so
 /// the room's count is read once and follows the changes rather than being read for each.
+/// Each hash is read once and written at most twice per call (`HMGET`, then one `HSET` and
+/// one `HDEL`), whatever the number of users, and the arguments' strings are passed on
+/// rather than turned into numbers and back: under churn a call carries tens of users, and
+/// Redis spends its time on the script's own work as much as on the commands.
 const SYNC_LUA: &str = r"
-local changes = {}
 local online = redis.call('HLEN', KEYS[1])
 if ARGV[3] == '1' then
   redis.call('SADD', KEYS[4], ARGV[2])
 else
   redis.call('SREM', KEYS[4], ARGV[2])
 end
-for i = 4, #ARGV, 3 do
-  local user, count = ARGV[i], tonumber(ARGV[i + 1])
-  local held = redis.call('HGET', KEYS[3], user)
-  local old = tonumber(held or '0')
-  local delta = count - old
-  if delta ~= 0 then
-    -- The arguments' own strings where they say it, rather than numbers formatted again.
-    local by = delta
-    if old == 0 then by = ARGV[i + 1] elseif count == 0 then by = '-' .. held end
-    if count > 0 then redis.call('HSET', KEYS[3], user, ARGV[i + 1]) else redis.call('HDEL', KEYS[3], user) end
-    local total = redis.call('HINCRBY', KEYS[1], user, by)
-    if total <= 0 then
-      redis.call('HDEL', KEYS[1], user)
-      if total - delta > 0 then
-        redis.call('HDEL', KEYS[2], user)
-        online = online - 1
-        table.insert(changes, {room = ARGV[2], user = user, joined = false, online = online})
-      end
-    elseif total == delta then
-      redis.call('HSET', KEYS[2], user, ARGV[i + 2])
+if #ARGV < 5 then
+  return {online, false}
+end
+local users = {}
+for i = 5, #ARGV, 3 do users[#users + 1] = ARGV[i] end
+local held = redis.call('HMGET', KEYS[3], unpack(users))
+local node_set, node_del, moved, deltas, sinces = {}, {}, {}, {}, {}
+for j = 1, #users do
+  local count, old = ARGV[3 + 3 * j], held[j] or '0'
+  if count ~= old then
+    if count ~= '0' then
+      node_set[#node_set + 1] = users[j]
+      node_set[#node_set + 1] = count
+    else
+      node_del[#node_del + 1] = users[j]
+    end
+    moved[#moved + 1] = users[j]
+    deltas[#deltas + 1] = tonumber(count) - tonumber(old)
+    sinces[#sinces + 1] = ARGV[4 + 3 * j]
+  end
+end
+if #moved == 0 then
+  return {online, false}
+end
+if #node_set > 0 then redis.call('HSET', KEYS[3], unpack(node_set)) end
+if #node_del > 0 then redis.call('HDEL', KEYS[3], unpack(node_del)) end
+local totals = redis.call('HMGET', KEYS[1], unpack(moved))
+local pres_set, pres_del, since_set, since_del = {}, {}, {}, {}
+local out = {ARGV[2]}
+for k = 1, #moved do
+  local user = moved[k]
+  local before = tonumber(totals[k] or '0')
+  local total = before + deltas[k]
+  if total > 0 then
+    pres_set[#pres_set + 1] = user
+    pres_set[#pres_set + 1] = total
+    if before <= 0 then
       online = online + 1
-      table.insert(changes, {room = ARGV[2], user = user, joined = true, since = tonumber(ARGV[i + 2]), online = online})
+      since_set[#since_set + 1] = user
+      since_set[#since_set + 1] = sinces[k]
+      out[#out + 1] = '+' .. user .. '\t' .. sinces[k] .. '\t' .. online
+    end
+  else
+    if totals[k] then pres_del[#pres_del + 1] = user end
+    if before > 0 then
+      online = online - 1
+      since_del[#since_del + 1] = user
+      out[#out + 1] = '-' .. user .. '\t' .. online
     end
   end
 end
-if #changes == 0 then
+if #pres_set > 0 then redis.call('HSET', KEYS[1], unpack(pres_set)) end
+if #pres_del > 0 then redis.call('HDEL', KEYS[1], unpack(pres_del)) end
+if #since_set > 0 then redis.call('HSET', KEYS[2], unpack(since_set)) end
+if #since_del > 0 then redis.call('HDEL', KEYS[2], unpack(since_del)) end
+if #out == 1 then
   return {online, false}
 end
-local published = cjson.encode(changes)
+local published = table.concat(out, '\n')
 redis.call('PUBLISH', ARGV[1], published)
-return {online, published}
+if ARGV[4] == '1' then
+  return {online, published}
+end
+return {online, false}
 ";
 
 /// Removes a stopped node's share of a room. KEYS: pres, pres-since, pres-node (of that
 /// node). ARGV: channel, room. Returns the changes it published, as [`SYNC_LUA`] does.
 const REAP_LUA: &str = r"
-local changes = {}
+local out = {ARGV[2]}
 local online = redis.call('HLEN', KEYS[1])
 local entries = redis.call('HGETALL', KEYS[3])
 for i = 1, #entries, 2 do
@@ -96,15 +133,15 @@ for i = 1, #entries, 2 do
     if total + count > 0 then
       redis.call('HDEL', KEYS[2], user)
       online = online - 1
-      table.insert(changes, {room = ARGV[2], user = user, joined = false, online = online})
+      out[#out + 1] = '-' .. user .. '\t' .. online
     end
   end
 end
 redis.call('DEL', KEYS[3])
-if #changes == 0 then
+if #out == 1 then
   return false
 end
-local published = cjson.encode(changes)
+local published = table.concat(out, '\n')
 redis.call('PUBLISH', ARGV[1], published)
 return published
 ";
@@ -458,6 +495,8 @@ impl RedisTransport {
         } else {
             "0"
         };
+        // The changes come back only for the webhooks; the hubs hear them on the channel.
+        let answer = self.reports_changes();
         let mut online = 0;
         for chunk in users.chunks(SYNC_CHUNK) {
             let mut call = self
@@ -469,7 +508,8 @@ impl RedisTransport {
                 .key(&rooms_key)
                 .arg(self.presence_channel())
                 .arg(name)
-                .arg(listed);
+                .arg(listed)
+                .arg(if answer { "1" } else { "0" });
             for user in chunk {
                 let local = self.hub.local_user(name, user);
                 call.arg(user.as_ref())
@@ -563,86 +603,94 @@ impl RedisTransport {
         self.scripts.query::<()>(&forget).await
     }
 
+    /// A webhook wants presence changes.
+    fn reports_changes(&self) -> bool {
+        [
+            EventKind::RoomOccupied,
+            EventKind::MemberJoined,
+            EventKind::MemberLeft,
+            EventKind::RoomVacated,
+        ]
+        .into_iter()
+        .any(|kind| self.webhooks.wants(kind))
+    }
+
     /// Reports the changes this node's script made to the webhooks: each change is made (and
     /// so reported) by exactly one script run. A room whose users went from none to one was
     /// occupied, from one to none vacated.
     fn report(&self, changes: Option<&[u8]>) {
         let webhooks = &self.webhooks;
-        let wanted = [
-            EventKind::RoomOccupied,
-            EventKind::MemberJoined,
-            EventKind::MemberLeft,
-            EventKind::RoomVacated,
-        ];
         let Some(changes) = changes else { return };
-        if !wanted.into_iter().any(|kind| webhooks.wants(kind)) {
+        if !self.reports_changes() {
             return;
         }
-        let changes = match Change::decode_all(changes) {
-            Ok(changes) => changes,
+        let runs = match Changes::decode(changes) {
+            Ok(runs) => runs,
             Err(e) => return warn!(error = %e, "the presence script answered malformed changes"),
         };
         let now = now_ms();
-        for change in changes {
-            let room = change.room.as_str();
-            if change.joined {
-                if change.online == 1 && webhooks.wants(EventKind::RoomOccupied) {
-                    webhooks.emit(Event::room(EventKind::RoomOccupied, room, now));
-                }
-                if webhooks.wants(EventKind::MemberJoined) {
-                    let user = &change.user;
-                    let event =
-                        Event::member(EventKind::MemberJoined, room, user, now, change.online);
-                    webhooks.emit(event);
-                }
-            } else {
-                if webhooks.wants(EventKind::MemberLeft) {
-                    let user = &change.user;
-                    let event =
-                        Event::member(EventKind::MemberLeft, room, user, now, change.online);
-                    webhooks.emit(event);
-                }
-                if change.online == 0 && webhooks.wants(EventKind::RoomVacated) {
-                    webhooks.emit(Event::room(EventKind::RoomVacated, room, now));
+        for run in &runs {
+            let room = run.room.as_str();
+            for change in &run.changes {
+                if change.joined {
+                    if change.online == 1 && webhooks.wants(EventKind::RoomOccupied) {
+                        webhooks.emit(Event::room(EventKind::RoomOccupied, room, now));
+                    }
+                    if webhooks.wants(EventKind::MemberJoined) {
+                        let user = &change.user;
+                        let event =
+                            Event::member(EventKind::MemberJoined, room, user, now, change.online);
+                        webhooks.emit(event);
+                    }
+                } else {
+                    if webhooks.wants(EventKind::MemberLeft) {
+                        let user = &change.user;
+                        let event =
+                            Event::member(EventKind::MemberLeft, room, user, now, change.online);
+                        webhooks.emit(event);
+                    }
+                    if change.online == 0 && webhooks.wants(EventKind::RoomVacated) {
+                        webhooks.emit(Event::room(EventKind::RoomVacated, room, now));
+                    }
                 }
             }
         }
     }
 
     /// Changes heard on the presence channel (which the subscriber connection listens to),
-    /// one script run's: the changes of rooms with local members go to the hub.
+    /// one script run's: those of rooms with local members go to the hub (and are made into
+    /// events only where a local member asked for them).
     pub(super) fn heard(&self, payload: &[u8]) {
-        let changes = match Change::decode_all(payload) {
-            Ok(changes) => changes,
+        let runs = match Changes::decode(payload) {
+            Ok(runs) => runs,
             Err(e) => return warn!(error = %e, "the presence channel carried malformed changes"),
         };
-        // A script run's changes are of one room: it is looked up once, and a room without
-        // local members is skipped whole.
-        let mut current: Option<(&str, Option<RoomName>)> = None;
-        for change in &changes {
-            if current
-                .as_ref()
-                .is_none_or(|(name, _)| *name != change.room)
-            {
-                let local = RoomName::new(&change.room)
-                    .ok()
-                    .filter(|r| self.hub.members(r.as_str()) > 0);
-                current = Some((&change.room, local));
-            }
-            let Some((_, Some(room))) = &current else {
+        for run in runs {
+            let Some(room) = RoomName::new(&run.room)
+                .ok()
+                .filter(|r| self.hub.members(r.as_str()) > 0)
+            else {
                 continue;
             };
-            self.presence.online().insert(room.clone(), change.online);
-            let user: Arc<str> = change.user.as_str().into();
-            let hub_change = if change.joined {
-                HubChange::Joined {
-                    user,
-                    since: change.since,
-                }
-            } else {
-                HubChange::Left { user }
+            let Some(last) = run.changes.last() else {
+                continue;
             };
-            self.hub.record_presence(room, hub_change, change.online);
+            self.presence.online().insert(room.clone(), last.online);
+            if !self.hub.presence_watched(room.as_str()) {
+                continue;
+            }
+            for change in run.changes {
+                let user: Arc<str> = change.user.into();
+                let hub_change = if change.joined {
+                    HubChange::Joined {
+                        user,
+                        since: change.since,
+                    }
+                } else {
+                    HubChange::Left { user }
+                };
+                self.hub.record_presence(&room, hub_change, change.online);
+            }
         }
     }
 }
