@@ -26,6 +26,53 @@ async fn query<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> Option<
     cmd.query_async(&mut conn).await.ok()
 }
 
+/// One cluster-enabled `redis-server` on free ports (client and bus), answering. Ports are
+/// found free, released and then bound by the server, so another process may take one in
+/// between: a server that exits at once is started again on other ports.
+async fn start_node(dir: &std::path::Path) -> (u16, Child) {
+    for _ in 0..5 {
+        let port = free_port();
+        let data = dir.join(port.to_string());
+        std::fs::create_dir_all(&data).unwrap();
+        let mut child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--cluster-enabled",
+                "yes",
+            ])
+            .args([
+                "--cluster-node-timeout",
+                "1000",
+                "--repl-diskless-sync-delay",
+                "0",
+            ])
+            // A free bus port of its own: the default, port + 10000, may be taken or beyond
+            // 65535.
+            .args(["--cluster-port", &free_port().to_string()])
+            .arg("--dir")
+            .arg(&data)
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server is installed");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                return (port, child);
+            }
+            if child.try_wait().expect("redis-server's status").is_some() {
+                break; // a port was taken: other ports
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    panic!("no cluster-enabled redis-server answered after five starts");
+}
+
 /// Cluster-enabled servers: three masters with their replicas.
 struct Cluster {
     ports: Vec<u16>,
@@ -45,42 +92,12 @@ impl Cluster {
             std::process::id(),
             free_port()
         ));
-        let ports: Vec<u16> = (0..3 * (1 + replicas)).map(|_| free_port()).collect();
+        let mut ports = Vec::new();
         let mut children = Vec::new();
-        for port in &ports {
-            let data = dir.join(port.to_string());
-            std::fs::create_dir_all(&data).unwrap();
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args([
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--cluster-enabled",
-                    "yes",
-                ])
-                .args([
-                    "--cluster-node-timeout",
-                    "1000",
-                    "--repl-diskless-sync-delay",
-                    "0",
-                ])
-                // A free bus port of its own: the default, port + 10000, may be taken or
-                // beyond 65535.
-                .args(["--cluster-port", &free_port().to_string()])
-                .arg("--dir")
-                .arg(&data)
-                .stdout(Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .expect("redis-server is installed");
+        for _ in 0..3 * (1 + replicas) {
+            let (port, child) = start_node(&dir).await;
+            ports.push(port);
             children.push(Some(child));
-            let port = *port;
-            within(Duration::from_secs(10), "redis answers", || async move {
-                TcpStream::connect(("127.0.0.1", port)).await.is_ok()
-            })
-            .await;
         }
         let created = Command::new("redis-cli")
             .arg("--cluster")
