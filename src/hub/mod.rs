@@ -310,7 +310,7 @@ impl Hub {
     /// Records a change of `room`'s members (after which `online` users are in it), for the
     /// next [`Hub::flush_presence`]; ignored where no local member asked for presence events.
     pub(crate) fn record_presence(&self, room: &RoomName, change: Change, online: usize) {
-        if self.read().get(room).is_some_and(|r| r.watchers > 0) {
+        if self.presence_watched(room.as_str()) {
             self.presence.record(room, change, online);
         }
     }

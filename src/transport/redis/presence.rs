@@ -28,7 +28,7 @@ use super::RedisTransport;
 use super::connect::Backoff;
 use crate::hub::{Change as HubChange, now_ms};
 use crate::protocol::RoomName;
-use crate::protocol::presence::{Changes, MAX_CURSOR_LEN, Member, Page};
+use crate::protocol::presence::{Change, Changes, MAX_CURSOR_LEN, Member, Page};
 use crate::transport::{RoomList, TransportError, local_presence};
 use crate::webhooks::{Event, EventKind};
 
@@ -619,7 +619,6 @@ impl RedisTransport {
     /// so reported) by exactly one script run. A room whose users went from none to one was
     /// occupied, from one to none vacated.
     fn report(&self, changes: Option<&[u8]>) {
-        let webhooks = &self.webhooks;
         let Some(changes) = changes else { return };
         if !self.reports_changes() {
             return;
@@ -630,29 +629,31 @@ impl RedisTransport {
         };
         let now = now_ms();
         for run in &runs {
-            let room = run.room.as_str();
             for change in &run.changes {
-                if change.joined {
-                    if change.online == 1 && webhooks.wants(EventKind::RoomOccupied) {
-                        webhooks.emit(Event::room(EventKind::RoomOccupied, room, now));
-                    }
-                    if webhooks.wants(EventKind::MemberJoined) {
-                        let user = &change.user;
-                        let event =
-                            Event::member(EventKind::MemberJoined, room, user, now, change.online);
-                        webhooks.emit(event);
-                    }
-                } else {
-                    if webhooks.wants(EventKind::MemberLeft) {
-                        let user = &change.user;
-                        let event =
-                            Event::member(EventKind::MemberLeft, room, user, now, change.online);
-                        webhooks.emit(event);
-                    }
-                    if change.online == 0 && webhooks.wants(EventKind::RoomVacated) {
-                        webhooks.emit(Event::room(EventKind::RoomVacated, room, now));
-                    }
-                }
+                self.report_change(&run.room, change, now);
+            }
+        }
+    }
+
+    /// The webhook events of one change of `room`.
+    fn report_change(&self, room: &str, change: &Change, now: u64) {
+        let webhooks = &self.webhooks;
+        let user = &change.user;
+        if change.joined {
+            if change.online == 1 && webhooks.wants(EventKind::RoomOccupied) {
+                webhooks.emit(Event::room(EventKind::RoomOccupied, room, now));
+            }
+            if webhooks.wants(EventKind::MemberJoined) {
+                let event = Event::member(EventKind::MemberJoined, room, user, now, change.online);
+                webhooks.emit(event);
+            }
+        } else {
+            if webhooks.wants(EventKind::MemberLeft) {
+                let event = Event::member(EventKind::MemberLeft, room, user, now, change.online);
+                webhooks.emit(event);
+            }
+            if change.online == 0 && webhooks.wants(EventKind::RoomVacated) {
+                webhooks.emit(Event::room(EventKind::RoomVacated, room, now));
             }
         }
     }
