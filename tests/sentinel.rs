@@ -239,6 +239,18 @@ impl Node {
         )
     }
 
+    /// Two archiving nodes (`node-a`, `node-b`), both ready.
+    async fn archiving_pair(sentinels: &str, wait_replicas: u32, url: &str) -> [Node; 2] {
+        let nodes = [
+            Node::archiving("node-a", sentinels, wait_replicas, url),
+            Node::archiving("node-b", sentinels, wait_replicas, url),
+        ];
+        for node in &nodes {
+            node.ready(Duration::from_secs(10)).await;
+        }
+        nodes
+    }
+
     /// A node in standalone mode, of the server at `redis_port`.
     fn standalone(name: &str, redis_port: u16) -> Node {
         Node::spawn_with(
@@ -524,13 +536,7 @@ async fn two_nodes_in_sentinel_mode_archive_every_acked_message_once() {
     let topology = Topology::start(&ports).await;
     let sentinels = Topology::addresses(&ports);
     let url = pg.url();
-    let nodes = [
-        Node::archiving("node-a", &sentinels, 0, &url),
-        Node::archiving("node-b", &sentinels, 0, &url),
-    ];
-    for node in &nodes {
-        node.ready(Duration::from_secs(10)).await;
-    }
+    let nodes = Node::archiving_pair(&sentinels, 0, &url).await;
     let mut ann = nodes[0].client("ann").await;
     let mut bob = nodes[1].client("bob").await;
     ann.say_acked("a", 50).await;
@@ -554,13 +560,7 @@ async fn the_archive_follows_the_master_through_a_failover_and_keeps_every_acked
     let url = pg.url();
     // `wait_replicas = 1`: an ack means a replica has the message, so the failover keeps
     // every acked one (docs/redis.md); the archive must then have each of them once.
-    let nodes = [
-        Node::archiving("node-a", &sentinels, 1, &url),
-        Node::archiving("node-b", &sentinels, 1, &url),
-    ];
-    for node in &nodes {
-        node.ready(Duration::from_secs(10)).await;
-    }
+    let nodes = Node::archiving_pair(&sentinels, 1, &url).await;
     let mut ann = nodes[0].client("ann").await;
     let mut bob = nodes[1].client("bob").await;
     let mut texts = Vec::new();
